@@ -1,0 +1,210 @@
+//! The messages a balancer exchanges with the controller, as JSON over the balancer's admin HTTP port.
+//!
+//! The controller pushes a [`BalancerConfig`] (`PUT /api/v1/balancers/{service}/config`) and reads
+//! a [`StatsReport`] since a cursor (`GET /api/v1/balancers/{service}/stats?since=CURSOR`).
+//! These types are the contract between `proxy/` and `src/`; both sides use this very module.
+
+use serde::{Deserialize, Serialize};
+
+/// Admin path of a balancer's config, for `service`.
+pub fn config_path(service: &str) -> String {
+    format!("/api/v1/balancers/{service}/config")
+}
+
+/// Admin path of a balancer's stats, for `service`, since `cursor` (0 = from the start).
+pub fn stats_path(service: &str, cursor: u64) -> String {
+    format!("/api/v1/balancers/{service}/stats?since={cursor}")
+}
+
+/// Which configuration a machine is in: serving callers, or receiving mirrored copies only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolRole {
+    Active,
+    Simulation,
+}
+
+impl PoolRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolRole::Active => "active",
+            PoolRole::Simulation => "simulation",
+        }
+    }
+}
+
+impl std::fmt::Display for PoolRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One machine behind a balancer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineEntry {
+    pub id: String,
+    /// Software version the machine runs, e.g. "v1".
+    pub version: String,
+    /// `host:port` of the machine's HTTP listener.
+    pub address: String,
+    /// Relative share of new sessions/jobs, 1..=1000 (0 is refused: remove the machine instead).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    pub config: PoolRole,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// The whole desired state of one balancer. Replaces the previous one atomically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerConfig {
+    pub service: String,
+    /// Monotonic config version; a push with a version lower than the running one is refused
+    /// and a push of the running version is an idempotent no-op.
+    pub version: u64,
+    /// Fraction of jobs copied to the simulation pool, 0.0..=1.0.
+    #[serde(default = "default_mirror_fraction")]
+    pub mirror_fraction: f64,
+    /// Compare a digest of the answers' bodies as well as their status.
+    #[serde(default)]
+    pub compare_body: bool,
+    /// How long a removed machine that still holds sessions is kept for them.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    pub machines: Vec<MachineEntry>,
+}
+
+fn default_mirror_fraction() -> f64 {
+    1.0
+}
+
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
+
+/// How one job (or one mirrored copy) ended, as seen by the balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// 4xx answer.
+    ClientError,
+    /// 5xx answer.
+    ServerError,
+    Timeout,
+    ConnectFailure,
+}
+
+impl Outcome {
+    pub fn is_ok(self) -> bool {
+        matches!(self, Outcome::Ok)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientError => "client_error",
+            Outcome::ServerError => "server_error",
+            Outcome::Timeout => "timeout",
+            Outcome::ConnectFailure => "connect_failure",
+        }
+    }
+}
+
+/// Outcome counters of one series.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeCounts {
+    pub ok: u64,
+    pub client_error: u64,
+    pub server_error: u64,
+    pub timeout: u64,
+    pub connect_failure: u64,
+}
+
+/// Latency and outcomes of one (version, configuration) of the service, over the stats window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesStats {
+    pub version: String,
+    pub config: PoolRole,
+    pub outcomes: OutcomeCounts,
+    /// Latency in microseconds: an HdrHistogram, V2 serialization (uncompressed), base64.
+    pub histogram: String,
+}
+
+/// One side of a mirrored job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobObservation {
+    pub machine: String,
+    pub version: String,
+    pub latency_us: u64,
+    pub outcome: Outcome,
+    /// HTTP status, when an answer came.
+    pub status: Option<u16>,
+}
+
+/// A job served by the active pool and its mirrored copy: the same input, the same moment.
+/// A job copied to several simulation versions (v2, and a v1 A/A control) yields one pair each,
+/// with the same `job`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPair {
+    /// Balancer-local job number, increasing in arrival order.
+    pub job: u64,
+    pub session: Option<String>,
+    pub active: JobObservation,
+    pub simulation: JobObservation,
+    /// Status equal (and body digest equal, when the config asks for it).
+    pub matched: bool,
+}
+
+/// Whether a machine takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineState {
+    Serving,
+    /// Removed from the config, kept only for the sessions it still holds.
+    Draining,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineStatus {
+    pub id: String,
+    pub version: String,
+    pub config: PoolRole,
+    pub state: MachineState,
+    /// Sustained sessions currently pinned to the machine.
+    pub sessions: u64,
+}
+
+/// Everything measured since a cursor. Reading with `since = report.cursor` next time gives the
+/// following window with nothing lost and nothing counted twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub service: String,
+    /// Version of the running config.
+    pub config_version: u64,
+    /// Pass as `since` on the next read.
+    pub cursor: u64,
+    pub series: Vec<SeriesStats>,
+    pub pairs: Vec<JobPair>,
+    /// Pairs the balancer no longer held for this window (retention overflow); 0 when lossless.
+    pub pairs_lost: u64,
+    /// Mirror copies dropped (queue full) in the window.
+    pub mirror_dropped: u64,
+    pub machines: Vec<MachineStatus>,
+}
+
+/// Answer to a config push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushAck {
+    pub service: String,
+    pub version: u64,
+}
+
+/// Error body of every admin error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

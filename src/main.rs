@@ -1,0 +1,71 @@
+//! `understudy`: the controller, its admin client, the scenario runner and the offline judge.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "understudy",
+    version,
+    about = "Blue-green rollout and canary simulation controller"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Play scenarios/demo.toml: a whole telephony cluster on loopback, a release, a verdict.
+    Demo(understudy::scenario::DemoArgs),
+    /// Scenario files.
+    #[command(subcommand)]
+    Scenario(understudy::scenario::ScenarioCommand),
+    /// Validate a cluster or scenario file and print the release order.
+    Check(understudy::cli::CheckArgs),
+    /// Run the controller and its admin endpoint.
+    Controller(understudy::cli::ControllerArgs),
+    /// Show services and rollouts (admin endpoint client).
+    Status(understudy::cli::StatusArgs),
+    /// Start a release, or show its plan with --dry-run.
+    Release(understudy::cli::ReleaseArgs),
+    /// Approve a rollout that awaits approval.
+    Approve(understudy::cli::RolloutIdArgs),
+    /// Abort a rollout.
+    Abort(understudy::cli::RolloutIdArgs),
+    /// Roll a rollout back.
+    Rollback(understudy::cli::RolloutIdArgs),
+    /// Judge recorded mirrored-job pairs exactly as the live controller would.
+    Judge(understudy::judge_cli::JudgeArgs),
+    /// Run the judge's self-test battery (A/A and known regressions).
+    JudgeBench(understudy::judge_cli::JudgeBenchArgs),
+    /// Predict, from observed transition counts, the probability of ending in each failure state.
+    Predict(understudy::predict_cli::PredictArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    understudy::telemetry::init();
+    let code = match cli.command {
+        Command::Demo(args) => understudy::scenario::demo(args),
+        Command::Scenario(cmd) => understudy::scenario::command(cmd),
+        Command::Check(args) => understudy::cli::check(args),
+        Command::Controller(args) => understudy::cli::controller(args),
+        Command::Status(args) => understudy::cli::status(args),
+        Command::Release(args) => understudy::cli::release(args),
+        Command::Approve(args) => {
+            understudy::cli::rollout_action(args, understudy::cli::Action::Approve)
+        }
+        Command::Abort(args) => {
+            understudy::cli::rollout_action(args, understudy::cli::Action::Abort)
+        }
+        Command::Rollback(args) => {
+            understudy::cli::rollout_action(args, understudy::cli::Action::Rollback)
+        }
+        Command::Judge(args) => understudy::judge_cli::judge(args),
+        Command::JudgeBench(args) => understudy::judge_cli::judge_bench(args),
+        Command::Predict(args) => understudy::predict_cli::predict(args),
+    };
+    ExitCode::from(code)
+}
