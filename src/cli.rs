@@ -1,41 +1,528 @@
-//! PLACEHOLDER written by the lead: the controller helper owns this file and replaces it.
+//! The controller's subcommands: `check`, `controller`, and the admin endpoint's client
+//! (`status`, `release`, `approve`, `abort`, `rollback`). Each returns the exit code:
+//! 0 done, 1 refused (or the endpoint could not be reached), 2 bad use / invalid input.
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::client::{AdminClient, ClientError};
+use crate::cluster::{self, Cluster, ConfigError};
+use crate::controller::{
+    self, ControllerConfig, ReleaseAnswer, RolloutDetail, RolloutView, ServiceView,
+};
+use crate::table;
+
+const DEFAULT_URL: &str = "http://127.0.0.1:7070";
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
+    /// Cluster or scenario file (TOML).
     pub file: PathBuf,
 }
+
 #[derive(clap::Args, Debug)]
 pub struct ControllerArgs {
+    /// Cluster file (TOML) with its [controller] table.
     #[arg(long)]
     pub config: PathBuf,
 }
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EndpointArgs {
+    /// Base URL of the controller's admin endpoint.
+    #[arg(long, env = "UNDERSTUDY_URL", default_value = DEFAULT_URL)]
+    pub url: String,
+}
+
 #[derive(clap::Args, Debug)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
+    /// Refresh until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, default_value_t = 2.0)]
+    pub interval: f64,
+}
+
 #[derive(clap::Args, Debug)]
-pub struct ReleaseArgs {}
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
+    /// SERVICE=VERSION, one or more.
+    #[arg(required = true)]
+    pub services: Vec<String>,
+    /// Show the plan, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: plan from this cluster file (declared versions) instead of asking the controller.
+    #[arg(long, requires = "dry_run")]
+    pub config: Option<PathBuf>,
+    /// When a service fails, roll back what already joined, in reverse dependency order.
+    #[arg(long)]
+    pub rollback_on_failure: bool,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct RolloutIdArgs {
+    /// Rollout id (see `understudy status`).
     pub id: String,
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
 }
+
 #[derive(Debug, Clone, Copy)]
 pub enum Action {
     Approve,
     Abort,
     Rollback,
 }
-pub fn check(_: CheckArgs) -> u8 {
-    2
+
+impl Action {
+    fn path(self) -> &'static str {
+        match self {
+            Action::Approve => "approve",
+            Action::Abort => "abort",
+            Action::Rollback => "rollback",
+        }
+    }
 }
-pub fn controller(_: ControllerArgs) -> u8 {
-    2
+
+/// What `check` prints for a valid cluster: counts and the release order in waves.
+pub fn describe_cluster(cluster: &Cluster) -> String {
+    let mut out = format!(
+        "valid: {} services, {} machines\nrelease order:\n",
+        cluster.services.len(),
+        cluster.machines.len()
+    );
+    for (i, wave) in cluster.release_waves().iter().enumerate() {
+        out.push_str(&format!("  {}. {}\n", i + 1, wave.join(", ")));
+    }
+    out
 }
-pub fn status(_: StatusArgs) -> u8 {
-    2
+
+/// Validates a cluster file; the text to print or the error naming file, line and field.
+pub fn check_cluster_file(file: &std::path::Path) -> Result<String, ConfigError> {
+    cluster::load_file(file).map(|c| describe_cluster(&c))
 }
-pub fn release(_: ReleaseArgs) -> u8 {
-    2
+
+/// Validates a cluster or a scenario file (one with a `[scenario]` table).
+pub fn check_file(file: &std::path::Path) -> Result<String, ConfigError> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: name.clone(),
+        source,
+    })?;
+    if crate::scenario::is_scenario(&text) {
+        crate::scenario::check_text(&name, &text)
+    } else {
+        cluster::parse(&name, &text).map(|c| describe_cluster(&c))
+    }
 }
-pub fn rollout_action(_: RolloutIdArgs, _: Action) -> u8 {
-    2
+
+pub fn check(args: CheckArgs) -> u8 {
+    match check_file(&args.file) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("invalid: {e}");
+            2
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+pub fn controller(args: ControllerArgs) -> u8 {
+    let cluster = match cluster::load_file(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid: {e}");
+            return 2;
+        }
+    };
+    let token = std::env::var("UNDERSTUDY_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| cluster.controller.token.clone())
+        .unwrap_or_default();
+    let config = ControllerConfig::from_cluster(cluster, token);
+    let Some(rt) = runtime() else { return 2 };
+    rt.block_on(async {
+        let handle = match controller::start(config).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("controller: {e}");
+                return 2;
+            }
+        };
+        println!("admin endpoint: {}", handle.admin_url());
+        let _ = tokio::signal::ctrl_c().await;
+        handle.shutdown().await;
+        0
+    })
+}
+
+fn admin(endpoint: &EndpointArgs) -> Result<AdminClient, u8> {
+    let token = std::env::var("UNDERSTUDY_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    AdminClient::new(&endpoint.url, token).map_err(|e| {
+        eprintln!("{e}");
+        2
+    })
+}
+
+/// Exit code of a client error: a 400 is bad use (2), anything else refused or not done (1).
+fn failure(e: &ClientError) -> u8 {
+    eprintln!("error: {e}");
+    match e {
+        ClientError::Refused { status: 400, .. } | ClientError::BadUrl { .. } => 2,
+        _ => 1,
+    }
+}
+
+fn phase_cell(r: &RolloutView) -> String {
+    match r.step {
+        Some(step) => format!("{}[{}]", r.phase, step),
+        None => r.phase.clone(),
+    }
+}
+
+fn verdict_cells(r: &RolloutView) -> [String; 4] {
+    let v = r.verdict.as_ref();
+    let decision = v
+        .and_then(|v| v.get("decision"))
+        .and_then(|d| d.as_str())
+        .unwrap_or("-")
+        .to_string();
+    let n = &r.numbers;
+    let jobs = n.get("jobs").and_then(|j| j.as_u64()).unwrap_or(0);
+    let p99 = |side: &str| {
+        n.get(side)
+            .and_then(|s| s.get("p99_us"))
+            .and_then(|p| p.as_f64())
+            .unwrap_or(0.0)
+    };
+    let err = |side: &str| {
+        n.get(side)
+            .and_then(|s| s.get("error_rate"))
+            .and_then(|p| p.as_f64())
+            .unwrap_or(0.0)
+    };
+    [
+        decision,
+        jobs.to_string(),
+        format!("{:.0}/{:.0}", p99("v1"), p99("v2")),
+        format!("{:.2}%/{:.2}%", err("v1") * 100.0, err("v2") * 100.0),
+    ]
+}
+
+pub fn rollouts_table(rollouts: &[RolloutView]) -> String {
+    let mut rows = vec![[
+        "id",
+        "release",
+        "service",
+        "from",
+        "to",
+        "phase",
+        "verdict",
+        "jobs",
+        "p99 us v1/v2",
+        "errors v1/v2",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for r in rollouts {
+        let [decision, jobs, p99, errors] = verdict_cells(r);
+        rows.push(vec![
+            r.id.to_string(),
+            r.release.to_string(),
+            r.service.clone(),
+            r.from_version.clone(),
+            r.to_version.clone(),
+            phase_cell(r),
+            decision,
+            jobs,
+            p99,
+            errors,
+        ]);
+    }
+    table::render(&rows)
+}
+
+fn services_table(services: &[ServiceView]) -> String {
+    let mut rows = vec![[
+        "service",
+        "version",
+        "versions",
+        "depends on",
+        "approval",
+        "rollout",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for s in services {
+        rows.push(vec![
+            s.name.clone(),
+            s.version.clone(),
+            s.versions.join(","),
+            if s.depends_on.is_empty() {
+                "-".to_string()
+            } else {
+                s.depends_on.join(",")
+            },
+            if s.requires_approval { "yes" } else { "no" }.to_string(),
+            match (&s.rollout, &s.phase) {
+                (Some(id), Some(phase)) => format!("{id} ({phase})"),
+                _ => "-".to_string(),
+            },
+        ]);
+    }
+    table::render(&rows)
+}
+
+async fn status_once(client: &AdminClient) -> Result<String, ClientError> {
+    let services: Vec<ServiceView> = client.get("/api/v1/services").await?;
+    let rollouts: Vec<RolloutView> = client.get("/api/v1/rollouts").await?;
+    Ok(format!(
+        "SERVICES\n{}\nROLLOUTS\n{}",
+        services_table(&services),
+        rollouts_table(&rollouts)
+    ))
+}
+
+pub fn status(args: StatusArgs) -> u8 {
+    let client = match admin(&args.endpoint) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !(args.interval.is_finite() && args.interval > 0.0) {
+        eprintln!("--interval must be a positive number of seconds");
+        return 2;
+    }
+    let Some(rt) = runtime() else { return 2 };
+    rt.block_on(async {
+        loop {
+            match status_once(&client).await {
+                Ok(text) => {
+                    if args.watch {
+                        // Clear the screen and go home, like watch(1).
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{text}");
+                }
+                Err(e) => {
+                    if !args.watch {
+                        return failure(&e);
+                    }
+                    eprintln!("error: {e}");
+                }
+            }
+            if !args.watch {
+                return 0;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs_f64(args.interval)) => {}
+                _ = tokio::signal::ctrl_c() => return 0,
+            }
+        }
+    })
+}
+
+/// Parses `SERVICE=VERSION` arguments.
+pub fn parse_release_targets(items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let (service, version) = item
+            .split_once('=')
+            .filter(|(s, v)| !s.is_empty() && !v.is_empty())
+            .ok_or_else(|| format!("`{item}`: expected SERVICE=VERSION"))?;
+        if out
+            .insert(service.to_string(), version.to_string())
+            .is_some()
+        {
+            return Err(format!("service `{service}` named twice"));
+        }
+    }
+    Ok(out)
+}
+
+pub fn plan_table(answer: &ReleaseAnswer) -> String {
+    let mut rows = vec![["wave", "service", "from", "to", "after"]
+        .map(String::from)
+        .to_vec()];
+    for line in &answer.plan {
+        rows.push(vec![
+            line.wave.to_string(),
+            line.service.clone(),
+            line.from_version.clone(),
+            line.to_version.clone(),
+            if line.after.is_empty() {
+                "-".to_string()
+            } else {
+                line.after.join(",")
+            },
+        ]);
+    }
+    table::render(&rows)
+}
+
+pub fn release(args: ReleaseArgs) -> u8 {
+    let services = match parse_release_targets(&args.services) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    if let Some(file) = &args.config {
+        return offline_plan(file, &services);
+    }
+    let client = match admin(&args.endpoint) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let body = serde_json::json!({
+        "services": services,
+        "rollback_on_failure": args.rollback_on_failure,
+        "dry_run": args.dry_run,
+    });
+    let Some(rt) = runtime() else { return 2 };
+    rt.block_on(async {
+        match client
+            .post::<ReleaseAnswer>("/api/v1/releases", &body)
+            .await
+        {
+            Ok(answer) => {
+                match answer.release {
+                    Some(id) => println!("release {id} started"),
+                    None => println!("plan (dry run, nothing changed)"),
+                }
+                print!("{}", plan_table(&answer));
+                if !answer.rollouts.is_empty() {
+                    println!();
+                    print!("{}", rollouts_table(&answer.rollouts));
+                }
+                0
+            }
+            Err(e) => failure(&e),
+        }
+    })
+}
+
+/// The plan of a release from a cluster file alone, against the versions the file declares active.
+pub fn plan_from_file(
+    file: &std::path::Path,
+    services: &BTreeMap<String, String>,
+) -> Result<ReleaseAnswer, String> {
+    let cluster = cluster::load_file(file).map_err(|e| e.to_string())?;
+    let current: BTreeMap<String, String> = cluster
+        .services
+        .values()
+        .map(|s| (s.name.clone(), s.declared_version.clone()))
+        .collect();
+    let plan =
+        crate::plan::Plan::for_release(&cluster, &current, services).map_err(|e| e.to_string())?;
+    Ok(ReleaseAnswer {
+        release: None,
+        dry_run: true,
+        plan: plan
+            .entries
+            .into_iter()
+            .map(|e| crate::controller::PlanLine {
+                wave: e.wave,
+                from_version: current.get(&e.service).cloned().unwrap_or_default(),
+                service: e.service,
+                to_version: e.version,
+                after: e.after,
+            })
+            .collect(),
+        rollouts: Vec::new(),
+    })
+}
+
+fn offline_plan(file: &std::path::Path, services: &BTreeMap<String, String>) -> u8 {
+    match plan_from_file(file, services) {
+        Ok(answer) => {
+            println!("plan (dry run from {}, nothing changed)", file.display());
+            print!("{}", plan_table(&answer));
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
+}
+
+pub fn rollout_action(args: RolloutIdArgs, action: Action) -> u8 {
+    if args.id.parse::<i64>().is_err() {
+        eprintln!("error: rollout id `{}` is not a number", args.id);
+        return 2;
+    }
+    let client = match admin(&args.endpoint) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(rt) = runtime() else { return 2 };
+    let path = format!("/api/v1/rollouts/{}/{}", args.id, action.path());
+    rt.block_on(async {
+        match client
+            .post::<RolloutDetail>(&path, &serde_json::json!({}))
+            .await
+        {
+            Ok(detail) => {
+                print!("{}", rollouts_table(std::slice::from_ref(&detail.rollout)));
+                0
+            }
+            Err(e) => failure(&e),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_targets() {
+        let parsed = parse_release_targets(&["db=v2".into(), "media=v3".into()]).unwrap();
+        assert_eq!(parsed["db"], "v2");
+        assert_eq!(parsed["media"], "v3");
+        assert!(parse_release_targets(&["db".into()]).is_err());
+        assert!(parse_release_targets(&["db=v2".into(), "db=v3".into()]).is_err());
+        assert!(parse_release_targets(&["=v2".into()]).is_err());
+    }
+
+    #[test]
+    fn check_prints_order_and_refuses_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, crate::cluster::tests::SAMPLE).unwrap();
+        let text = check_cluster_file(&good).unwrap();
+        assert!(text.contains("1. db, media"), "{text}");
+        assert!(text.contains("3. edge"), "{text}");
+        assert_eq!(check(CheckArgs { file: good }), 0);
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[services.a]\nfoo = 1\n").unwrap();
+        let err = check_cluster_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad.toml:2") && err.contains("foo"), "{err}");
+        assert_eq!(check(CheckArgs { file: bad }), 2);
+    }
 }

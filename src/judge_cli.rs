@@ -1,15 +1,521 @@
-//! PLACEHOLDER written by the lead: the judge helper owns this file and replaces it.
-use std::path::PathBuf;
+//! `understudy judge` (offline judging of recorded pairs) and `understudy judge-bench` (the judge's
+//! self-test battery). Both use the very `understudy_judge::Judge` the live controller uses.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Deserialize;
+use understudy_judge::bench::{run_battery, BatteryConfig, Family, FamilyFigures};
+use understudy_judge::{Condition, Judge, PairSample, Verdict};
 
 #[derive(clap::Args, Debug)]
 pub struct JudgeArgs {
+    /// CSV of mirrored-job pairs in arrival order: header `v1_latency_us,v1_ok,v2_latency_us,v2_ok`
+    /// and optionally `match` (ok and match are 1 or 0).
     pub pairs: PathBuf,
+    /// A joining condition in TOML (the fields of a cluster file's `[services.NAME.condition]`
+    /// table, at top level or under `[condition]`); default: the built-in default condition.
+    #[arg(long, value_name = "FILE")]
+    pub condition: Option<PathBuf>,
+    /// Print the verdict as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
+
 #[derive(clap::Args, Debug)]
-pub struct JudgeBenchArgs {}
-pub fn judge(_: JudgeArgs) -> u8 {
-    2
+pub struct JudgeBenchArgs {
+    /// Seeded runs per family (A/A and each regression family).
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+    /// Write the figures as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Pairs per run at most.
+    #[arg(long, default_value_t = 60_000)]
+    pub budget: u64,
+    /// Base seed of the runs.
+    #[arg(long, default_value_t = 2026)]
+    pub seed: u64,
+    /// Worker threads (default: the machine's parallelism).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
-pub fn judge_bench(_: JudgeBenchArgs) -> u8 {
-    2
+
+/// Why a pairs or condition file was refused; the message names the file, line and column.
+#[derive(Debug, thiserror::Error)]
+pub enum JudgeInputError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Condition { path: String, message: String },
+    #[error("{path}: line 1: {message}")]
+    Header { path: String, message: String },
+    #[error("{path}: line {line}: {message}")]
+    Row {
+        path: String,
+        line: u64,
+        message: String,
+    },
+}
+
+const REQUIRED_COLUMNS: [&str; 4] = ["v1_latency_us", "v1_ok", "v2_latency_us", "v2_ok"];
+const MATCH_COLUMN: &str = "match";
+
+/// Column positions of the pairs file, found by name in its header.
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    v1_latency_us: usize,
+    v1_ok: usize,
+    v2_latency_us: usize,
+    v2_ok: usize,
+    matched: Option<usize>,
+}
+
+impl Columns {
+    fn from_header(header: &csv::StringRecord) -> Result<Columns, String> {
+        let mut positions: [Option<usize>; 5] = [None; 5];
+        for (index, name) in header.iter().enumerate() {
+            let slot = REQUIRED_COLUMNS
+                .iter()
+                .chain(std::iter::once(&MATCH_COLUMN))
+                .position(|known| *known == name)
+                .ok_or_else(|| {
+                    format!(
+                        "column {}: unknown column `{name}` (expected {} and optionally `{MATCH_COLUMN}`)",
+                        index + 1,
+                        REQUIRED_COLUMNS.join(",")
+                    )
+                })?;
+            if positions[slot].replace(index).is_some() {
+                return Err(format!(
+                    "column {}: column `{name}` appears twice",
+                    index + 1
+                ));
+            }
+        }
+        let required = |slot: usize| {
+            positions[slot].ok_or_else(|| format!("missing column `{}`", REQUIRED_COLUMNS[slot]))
+        };
+        Ok(Columns {
+            v1_latency_us: required(0)?,
+            v1_ok: required(1)?,
+            v2_latency_us: required(2)?,
+            v2_ok: required(3)?,
+            matched: positions[4],
+        })
+    }
+
+    fn parse(&self, record: &csv::StringRecord) -> Result<PairSample, String> {
+        let field = |index: usize, name: &str| {
+            record
+                .get(index)
+                .ok_or_else(|| format!("column {} (`{name}`): missing value", index + 1))
+        };
+        let latency = |index: usize, name: &str| -> Result<u64, String> {
+            let text = field(index, name)?;
+            text.parse::<u64>().map_err(|_| {
+                format!(
+                    "column {} (`{name}`): `{text}` is not a latency in whole microseconds",
+                    index + 1
+                )
+            })
+        };
+        let flag = |index: usize, name: &str| -> Result<bool, String> {
+            match field(index, name)? {
+                "1" => Ok(true),
+                "0" => Ok(false),
+                other => Err(format!(
+                    "column {} (`{name}`): expected 1 or 0, found `{other}`",
+                    index + 1
+                )),
+            }
+        };
+        if record.len() != self.width() {
+            return Err(format!(
+                "{} fields, the header has {}",
+                record.len(),
+                self.width()
+            ));
+        }
+        Ok(PairSample {
+            v1_latency_us: latency(self.v1_latency_us, "v1_latency_us")?,
+            v1_ok: flag(self.v1_ok, "v1_ok")?,
+            v2_latency_us: latency(self.v2_latency_us, "v2_latency_us")?,
+            v2_ok: flag(self.v2_ok, "v2_ok")?,
+            matched: self
+                .matched
+                .map(|index| flag(index, MATCH_COLUMN))
+                .transpose()?,
+        })
+    }
+
+    fn width(&self) -> usize {
+        4 + usize::from(self.matched.is_some())
+    }
+}
+
+/// A condition file: the condition's fields at top level, or under a `[condition]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrappedCondition {
+    condition: Condition,
+}
+
+pub fn load_condition(path: &Path) -> Result<Condition, JudgeInputError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| JudgeInputError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let wrapped = toml::from_str::<toml::Table>(&text)
+        .map(|table| table.len() == 1 && table.get("condition").is_some_and(|v| v.is_table()))
+        .unwrap_or(false);
+    let condition = if wrapped {
+        toml::from_str::<WrappedCondition>(&text).map(|w| w.condition)
+    } else {
+        toml::from_str::<Condition>(&text)
+    }
+    .map_err(|e| JudgeInputError::Condition {
+        path: shown.clone(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    condition
+        .validate()
+        .map_err(|e| JudgeInputError::Condition {
+            path: shown,
+            message: e.to_string(),
+        })?;
+    Ok(condition)
+}
+
+/// The outcome of judging a pairs file.
+#[derive(Debug, Clone)]
+pub struct OfflineVerdict {
+    pub verdict: Verdict,
+    /// Rows read when the verdict was reached (all rows when it never became final).
+    pub jobs_used: u64,
+}
+
+/// Feeds the rows of a pairs CSV, in order, to one `Judge`, stopping at the first final verdict.
+pub fn judge_pairs(
+    reader: impl Read,
+    shown_path: &str,
+    condition: Condition,
+) -> Result<OfflineVerdict, JudgeInputError> {
+    let mut csv_reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(reader);
+    let row_error = |line: u64, message: String| JudgeInputError::Row {
+        path: shown_path.to_string(),
+        line,
+        message,
+    };
+    let header = csv_reader
+        .headers()
+        .map_err(|e| JudgeInputError::Header {
+            path: shown_path.to_string(),
+            message: e.to_string(),
+        })?
+        .clone();
+    let columns = Columns::from_header(&header).map_err(|message| JudgeInputError::Header {
+        path: shown_path.to_string(),
+        message,
+    })?;
+    let mut judge = Judge::new(condition);
+    let mut rows = 0u64;
+    let mut record = csv::StringRecord::new();
+    loop {
+        let more = csv_reader.read_record(&mut record).map_err(|e| {
+            let line = e.position().map(|p| p.line()).unwrap_or(rows + 2);
+            row_error(line, e.to_string())
+        })?;
+        if !more {
+            break;
+        }
+        let line = record.position().map(|p| p.line()).unwrap_or(rows + 2);
+        let pair = columns.parse(&record).map_err(|m| row_error(line, m))?;
+        rows += 1;
+        judge.observe(&pair);
+        if judge.is_final() {
+            break;
+        }
+    }
+    Ok(OfflineVerdict {
+        verdict: judge.verdict(),
+        jobs_used: rows,
+    })
+}
+
+pub fn judge(args: JudgeArgs) -> u8 {
+    match run_judge(&args) {
+        Ok(output) => {
+            println!("{output}");
+            0
+        }
+        Err(error) => {
+            eprintln!("understudy judge: {error}");
+            2
+        }
+    }
+}
+
+fn run_judge(args: &JudgeArgs) -> Result<String, JudgeInputError> {
+    let condition = match &args.condition {
+        Some(path) => load_condition(path)?,
+        None => Condition::default(),
+    };
+    let shown = args.pairs.display().to_string();
+    let file = std::fs::File::open(&args.pairs).map_err(|source| JudgeInputError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let result = judge_pairs(std::io::BufReader::new(file), &shown, condition)?;
+    Ok(if args.json {
+        let json = serde_json::json!({
+            "verdict": result.verdict.decision.as_str(),
+            "jobs_used": result.jobs_used,
+            "hard": result.verdict.hard,
+            "rule": result.verdict.rule,
+            "details": result.verdict.details,
+        });
+        serde_json::to_string_pretty(&json).expect("verdict serializes")
+    } else {
+        render_verdict(&result)
+    })
+}
+
+fn render_verdict(result: &OfflineVerdict) -> String {
+    let verdict = &result.verdict;
+    let details = &verdict.details;
+    let number = |value: &serde_json::Value| value.as_f64().unwrap_or(f64::NAN);
+    let mut out = format!(
+        "verdict: {}{}\njobs used: {}\nrule: {}\n",
+        verdict.decision.as_str(),
+        if verdict.hard { " (hard)" } else { "" },
+        result.jobs_used,
+        verdict.rule
+    );
+    out.push_str(&format!(
+        "\n{:<8} {:>10} {:>10} {:>7} {:>6} {:>16} {:>9} {:>9}\n",
+        "latency", "v1 us", "v2 us", "ratio", "limit", "ratio 99% CI", "fail ev", "pass ev"
+    ));
+    if let Some(latency) = details["latency"].as_object() {
+        let mut rows: Vec<_> = latency.iter().collect();
+        rows.sort_by(|a, b| number(&a.1["quantile"]).total_cmp(&number(&b.1["quantile"])));
+        for (name, row) in rows {
+            let judged = row["judged"].as_bool().unwrap_or(false);
+            out.push_str(&format!(
+                "{:<8} {:>10.0} {:>10.0} {:>7.3} {:>6.2} {:>7.3}..{:<7.3} {:>9} {:>9}\n",
+                name,
+                number(&row["v1_us"]),
+                number(&row["v2_us"]),
+                number(&row["ratio"]),
+                number(&row["max_ratio"]),
+                number(&row["ratio_interval"][0]),
+                number(&row["ratio_interval"][1]),
+                if judged {
+                    format!("{:.3}", number(&row["test"]["fail_evidence"]))
+                } else {
+                    "-".to_string()
+                },
+                if judged {
+                    format!("{:.3}", number(&row["test"]["pass_evidence"]))
+                } else {
+                    format!("<{}", row["floor_jobs"])
+                },
+            ));
+        }
+    }
+    let errors = &details["errors"];
+    out.push_str(&format!(
+        "\nerrors: v1 {:.3}%  v2 {:.3}%  (v1 ok/v2 error {}, v1 error/v2 ok {})  increase {:.3} points, \
+         interval {:.3}..{:.3}, margin {:.3}\n",
+        number(&errors["v1_rate"]) * 100.0,
+        number(&errors["v2_rate"]) * 100.0,
+        errors["v1_ok_v2_error"],
+        errors["v1_error_v2_ok"],
+        number(&errors["increase"]["estimate"]) * 100.0,
+        number(&errors["increase"]["interval"][0]) * 100.0,
+        number(&errors["increase"]["interval"][1]) * 100.0,
+        number(&errors["increase"]["margin"]) * 100.0,
+    ));
+    let mismatches = &details["mismatches"];
+    out.push_str(&format!(
+        "mismatches: {} of {} compared ({:.3}%), margin {:.3}%\n",
+        mismatches["mismatched"],
+        mismatches["compared"],
+        number(&mismatches["rate"]) * 100.0,
+        number(&mismatches["test"]["margin"]) * 100.0,
+    ));
+    out.push_str(&format!(
+        "false-fail rate {} (per test {:.5}), false-pass rate {}",
+        details["false_fail_rate"],
+        number(&details["per_test_false_fail_rate"]),
+        details["false_pass_rate"]
+    ));
+    out
+}
+
+pub fn judge_bench(args: JudgeBenchArgs) -> u8 {
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let config = BatteryConfig {
+        runs: args.runs.max(1),
+        budget_jobs: args.budget.max(1),
+        seed: args.seed,
+        ..BatteryConfig::default()
+    };
+    let started = Instant::now();
+    let figures = run_battery(&config, &Family::ALL, threads);
+    let elapsed = started.elapsed();
+    println!("{}", render_bench(&config, &figures, elapsed.as_secs_f64()));
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "runs_per_family": config.runs,
+            "budget_jobs": config.budget_jobs,
+            "seed": config.seed,
+            "seconds": elapsed.as_secs_f64(),
+            "condition": config.condition,
+            "families": figures,
+        });
+        let text = serde_json::to_string_pretty(&json).expect("figures serialize");
+        if let Err(error) = std::fs::write(path, text) {
+            eprintln!("understudy judge-bench: {}: {error}", path.display());
+            return 2;
+        }
+    }
+    0
+}
+
+fn render_bench(config: &BatteryConfig, figures: &[FamilyFigures], seconds: f64) -> String {
+    let jobs = |value: Option<u64>| value.map_or("-".to_string(), |v| v.to_string());
+    let mut out = format!(
+        "judge-bench: {} runs per family, at most {} pairs per run, seed {}, {:.1} s\n\
+         fails = rollbacks (false rollbacks for A/A, detections otherwise); jobs = pairs fed until \
+         the right decision (pass for A/A, fail otherwise)\n\n\
+         | family | judge | fails | passes | undecided | median jobs | p90 jobs |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        config.runs, config.budget_jobs, config.seed, seconds,
+    );
+    for family in figures {
+        for (judge, f) in [
+            ("paired sequential", &family.paired),
+            ("unpaired Mann-Whitney", &family.unpaired),
+            ("paired, pairing broken", &family.pairing_broken),
+        ] {
+            out.push_str(&format!(
+                "| {} | {} | {}/{} | {} | {} | {} | {} |\n",
+                family.name,
+                judge,
+                f.fails,
+                f.runs,
+                f.passes,
+                f.undecided,
+                jobs(f.median_jobs),
+                jobs(f.p90_jobs)
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use understudy_judge::Decision;
+
+    fn judge_text(text: &str) -> Result<OfflineVerdict, JudgeInputError> {
+        judge_pairs(text.as_bytes(), "pairs.csv", Condition::default())
+    }
+
+    #[test]
+    fn bad_cells_name_the_line_and_column() {
+        let text = "v1_latency_us,v1_ok,v2_latency_us,v2_ok\n1000,1,1100,1\n1000,yes,1100,1\n";
+        let message = judge_text(text).unwrap_err().to_string();
+        assert!(message.contains("pairs.csv: line 3"), "{message}");
+        assert!(message.contains("column 2 (`v1_ok`)"), "{message}");
+        let text = "v1_latency_us,v1_ok,v2_latency_us,v2_ok,match\n1000,1,-5,1,1\n";
+        let message = judge_text(text).unwrap_err().to_string();
+        assert!(
+            message.contains("line 2") && message.contains("v2_latency_us"),
+            "{message}"
+        );
+        let text = "v1_latency_us,v1_ok,v2_latency_us,v2_ok\n1000,1,1100\n";
+        let message = judge_text(text).unwrap_err().to_string();
+        assert!(message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn bad_headers_are_refused_by_name() {
+        let message = judge_text("v1_latency_us,v1_ok,v2_latency,v2_ok\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("line 1") && message.contains("`v2_latency`"),
+            "{message}"
+        );
+        let message = judge_text("v1_latency_us,v1_ok,v2_ok\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("missing column `v2_latency_us`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn stops_at_the_first_final_verdict() {
+        let mut text = String::from("v2_ok,v2_latency_us,v1_ok,v1_latency_us,match\n");
+        for row in 0..20_000 {
+            // v2 fails every other job: a hard failure soon after warm-up and the minimum.
+            text.push_str(&format!("{},1000,1,1000,1\n", row % 2));
+        }
+        let result = judge_text(&text).unwrap();
+        assert_eq!(result.verdict.decision, Decision::Fail);
+        assert!(result.verdict.hard);
+        assert!(result.jobs_used < 1_000, "{}", result.jobs_used);
+        assert_eq!(result.jobs_used, result.verdict.jobs);
+    }
+
+    #[test]
+    fn short_file_is_not_enough_data_with_all_rows_used() {
+        let mut text = String::from("v1_latency_us,v1_ok,v2_latency_us,v2_ok\n");
+        for _ in 0..100 {
+            text.push_str("1000,1,5000,0\n");
+        }
+        let result = judge_text(&text).unwrap();
+        assert_eq!(result.verdict.decision, Decision::NotEnoughData);
+        assert_eq!(result.jobs_used, 100);
+    }
+
+    #[test]
+    fn condition_files_take_both_forms_and_name_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let flat = dir.path().join("flat.toml");
+        std::fs::write(&flat, "min_jobs = 50\nwarmup_jobs = 0\n").unwrap();
+        assert_eq!(load_condition(&flat).unwrap().min_jobs, 50);
+        let wrapped = dir.path().join("wrapped.toml");
+        std::fs::write(&wrapped, "[condition]\nmin_jobs = 70\n").unwrap();
+        assert_eq!(load_condition(&wrapped).unwrap().min_jobs, 70);
+        let unknown = dir.path().join("unknown.toml");
+        std::fs::write(&unknown, "min_jobs = 50\nmax_ratio = 2\n").unwrap();
+        let message = load_condition(&unknown).unwrap_err().to_string();
+        assert!(
+            message.contains("max_ratio") && message.contains("line 2"),
+            "{message}"
+        );
+        let invalid = dir.path().join("invalid.toml");
+        std::fs::write(&invalid, "false_fail_rate = 2.0\n").unwrap();
+        let message = load_condition(&invalid).unwrap_err().to_string();
+        assert!(message.contains("false_fail_rate"), "{message}");
+    }
 }

@@ -1,8 +1,18 @@
 //! Understudy's controller: cluster model, release plans, rollouts, admin endpoint, scenario runner.
 //! See ARCHITECTURE.md for how the parts fit.
 
+pub mod admin;
+pub mod balancer;
 pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod controller;
 pub mod judge_cli;
+pub mod metrics;
+pub mod plan;
 pub mod predict_cli;
+pub mod rollout;
 pub mod scenario;
+pub mod store;
+pub mod table;
 pub mod telemetry;

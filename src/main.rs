@@ -46,7 +46,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    understudy::telemetry::init();
+    let filter = match cli.command {
+        Command::Controller(_) => understudy::telemetry::SERVER_FILTER,
+        _ => understudy::telemetry::QUIET_FILTER,
+    };
+    understudy::telemetry::init(filter);
     let code = match cli.command {
         Command::Demo(args) => understudy::scenario::demo(args),
         Command::Scenario(cmd) => understudy::scenario::command(cmd),

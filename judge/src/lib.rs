@@ -1,9 +1,27 @@
 //! The judge: decides from mirrored job pairs whether v2 may join (the joining condition).
 //!
-//! PUBLIC API SKELETON fixed by the lead so the controller can build against it; the judge
-//! helper fills in the bodies and may ADD items, but keeps these names and signatures.
+//! Every mirrored job ran on v1 (active) and v2 (simulation) at the same moment with the same
+//! input, so the judge works on *pairs*: per pair it forms bounded statistics whose mean says how
+//! much worse v2 is (error difference, mismatch, tail exceedance difference at a scaled v1
+//! quantile), and tests each with a pair of sequential tests by betting (see [`sequential`]).
+//! The verdict is valid however often it is looked at: a v2 that meets the condition is rolled
+//! back with probability at most `false_fail_rate`, a v2 that breaks it passes with probability at
+//! most `false_pass_rate`. See docs/judge.md for the statistics and the condition's TOML form.
 
+pub mod bench;
+mod condition;
+pub mod sequential;
+pub mod unpaired;
+pub mod window;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+
+pub use condition::{Condition, ConditionError, LatencyLimit};
+use sequential::{Evidence, MarginReport, MarginTest};
+pub use window::{judge_window, QuantileComparison, WindowOutcomes, WindowVerdict};
 
 /// One mirrored job: the active (v1) answer and the simulation (v2 or A/A control) answer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -16,33 +34,6 @@ pub struct PairSample {
     pub matched: Option<bool>,
 }
 
-/// The joining condition, in the TOML form used in cluster and scenario files
-/// (`[services.NAME.condition]` or a file given to `understudy judge --condition`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Condition {
-    // fields defined by the judge helper; every field has a serde default
-}
-
-impl Default for Condition {
-    fn default() -> Self {
-        todo!()
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ConditionError {
-    #[error("condition field `{field}`: {reason}")]
-    Invalid { field: &'static str, reason: String },
-}
-
-impl Condition {
-    /// Checks ranges and coherence; the error names the field.
-    pub fn validate(&self) -> Result<(), ConditionError> {
-        todo!()
-    }
-}
-
 /// What the judge concludes at a given moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,6 +44,17 @@ pub enum Decision {
     Fail,
     /// Not enough evidence yet either way; never a failure.
     NotEnoughData,
+}
+
+impl Decision {
+    /// The name used in JSON and tables: `pass`, `fail`, `not_enough_data`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decision::Pass => "pass",
+            Decision::Fail => "fail",
+            Decision::NotEnoughData => "not_enough_data",
+        }
+    }
 }
 
 /// A decision with the numbers behind it (serialized into the API, metrics and reports).
@@ -69,30 +71,728 @@ pub struct Verdict {
     pub details: serde_json::Value,
 }
 
+/// Latencies are recorded up to an hour; two significant digits keep quantile look-ups cheap.
+const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
+const HISTOGRAM_SIGFIG: u8 = 2;
+/// Paired ratios v2/v1 are recorded in thousandths.
+const RATIO_SCALE: f64 = 1000.0;
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, HISTOGRAM_SIGFIG)
+        .expect("static histogram bounds are valid")
+}
+
+/// One metric's statistic, optionally differenced against the A/A control stream: the i-th v2
+/// value is paired with the i-th control value, and the test sees `v2 - control`.
+#[derive(Debug, Clone)]
+struct ControlledStream {
+    test: MarginTest,
+    differenced: bool,
+    pending_v2: VecDeque<f64>,
+    pending_control: VecDeque<f64>,
+    control_count: u64,
+    control_sum: f64,
+}
+
+impl ControlledStream {
+    /// `low`/`high` bound the per-pair statistic; differencing doubles the range.
+    fn new(condition: &Condition, margin: f64, low: f64, high: f64, fail_alpha: f64) -> Self {
+        let differenced = condition.require_control;
+        let (low, high) = if differenced {
+            (low - high, high - low)
+        } else {
+            (low, high)
+        };
+        ControlledStream {
+            test: MarginTest::new(
+                margin,
+                low,
+                high,
+                fail_alpha,
+                condition.false_pass_rate,
+                condition.false_fail_rate,
+            ),
+            differenced,
+            pending_v2: VecDeque::new(),
+            pending_control: VecDeque::new(),
+            control_count: 0,
+            control_sum: 0.0,
+        }
+    }
+
+    fn push_v2(&mut self, x: f64) {
+        if !self.differenced {
+            self.test.observe(x);
+        } else if let Some(control) = self.pending_control.pop_front() {
+            self.test.observe(x - control);
+        } else {
+            self.pending_v2.push_back(x);
+        }
+    }
+
+    fn push_control(&mut self, x: f64) {
+        self.control_count += 1;
+        self.control_sum += x;
+        if !self.differenced {
+            return;
+        }
+        if let Some(v2) = self.pending_v2.pop_front() {
+            self.test.observe(v2 - x);
+        } else {
+            self.pending_control.push_back(x);
+        }
+    }
+
+    fn control_mean(&self) -> Option<f64> {
+        (self.control_count > 0).then(|| self.control_sum / self.control_count as f64)
+    }
+}
+
+/// The paired tail test for one quantile q with limit r: at the threshold c = r x (v1's q-quantile
+/// so far), each pair gives `[v2 > c] - [r x v1 > c]`, whose mean is positive exactly when v2's
+/// quantile at that level is more than r times v1's. Jobs slow on both versions cancel out.
+#[derive(Debug, Clone)]
+struct LatencyTest {
+    limit: LatencyLimit,
+    name: String,
+    floor_jobs: u64,
+    threshold_us: f64,
+    stream: ControlledStream,
+    v2_only_exceed: u64,
+    v1_only_exceed: u64,
+}
+
+impl LatencyTest {
+    fn indicator(&self, pair: &PairSample) -> (f64, bool, bool) {
+        let v2_exceeds = pair.v2_latency_us as f64 > self.threshold_us;
+        // `>=` on v1's side: with tied (bucketed, integer) latencies an exact copy of v1 then
+        // counts as "not worse", and the statistic's mean can only err towards v1.
+        let v1_exceeds = pair.v1_latency_us as f64 * self.limit.max_ratio >= self.threshold_us;
+        (
+            f64::from(u8::from(v2_exceeds)) - f64::from(u8::from(v1_exceeds)),
+            v1_exceeds,
+            v2_exceeds,
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct OutcomeCounts {
+    v1_errors: u64,
+    v2_errors: u64,
+    v1_ok_v2_error: u64,
+    v1_error_v2_ok: u64,
+    compared: u64,
+    mismatched: u64,
+}
+
+impl OutcomeCounts {
+    fn add(&mut self, pair: &PairSample) {
+        self.v1_errors += u64::from(!pair.v1_ok);
+        self.v2_errors += u64::from(!pair.v2_ok);
+        self.v1_ok_v2_error += u64::from(pair.v1_ok && !pair.v2_ok);
+        self.v1_error_v2_ok += u64::from(!pair.v1_ok && pair.v2_ok);
+        if let Some(matched) = pair.matched {
+            self.compared += 1;
+            self.mismatched += u64::from(!matched);
+        }
+    }
+}
+
 /// Sequential judge fed pairs in arrival order.
 #[derive(Debug, Clone)]
-pub struct Judge {}
+pub struct Judge {
+    condition: Condition,
+    per_test_false_fail_rate: f64,
+    jobs: u64,
+    judged_jobs: u64,
+    control_jobs: u64,
+    judged_control_jobs: u64,
+    /// Every v1 latency, warm-up included: v1 is warm, and its quantiles set the thresholds.
+    v1_thresholds_source: Histogram<u64>,
+    next_threshold_refresh: u64,
+    v1_judged: Histogram<u64>,
+    v2_judged: Histogram<u64>,
+    control_judged: Histogram<u64>,
+    paired_ratio: Histogram<u64>,
+    counts: OutcomeCounts,
+    control_counts: OutcomeCounts,
+    errors: ControlledStream,
+    hard_errors: ControlledStream,
+    mismatches: ControlledStream,
+    /// Sign test of v2 against `max_paired_ratio` x v1 on each job: its mean is positive exactly
+    /// when the median per-job ratio v2/v1 exceeds the limit.
+    paired_shift: ControlledStream,
+    latency: Vec<LatencyTest>,
+    consecutive_passes: u32,
+    final_verdict: Option<Verdict>,
+}
 
 impl Judge {
+    /// A judge for `condition`, which should have been validated (`Condition::validate`); an
+    /// invalid condition still judges, with its values clamped by the statistics.
     pub fn new(condition: Condition) -> Self {
-        let _ = condition;
-        todo!()
+        // Any failing test rolls back, so the false-fail budget is split among them (Bonferroni);
+        // a pass needs every pass test, so each may use the whole false-pass budget.
+        let fail_capable_tests = 4 + condition.latency.len();
+        let per_test_false_fail_rate = condition.false_fail_rate / fail_capable_tests as f64;
+        let errors = ControlledStream::new(
+            &condition,
+            condition.max_error_rate_increase,
+            -1.0,
+            1.0,
+            per_test_false_fail_rate,
+        );
+        let hard_errors = ControlledStream::new(
+            &condition,
+            condition.hard_error_rate_increase,
+            -1.0,
+            1.0,
+            per_test_false_fail_rate,
+        );
+        let mismatches = ControlledStream::new(
+            &condition,
+            condition.max_mismatch_rate,
+            0.0,
+            1.0,
+            per_test_false_fail_rate,
+        );
+        let paired_shift =
+            ControlledStream::new(&condition, 0.0, -1.0, 1.0, per_test_false_fail_rate);
+        let latency = condition
+            .latency
+            .iter()
+            .map(|limit| LatencyTest {
+                limit: limit.clone(),
+                name: limit.name(),
+                floor_jobs: limit
+                    .floor_jobs(condition.min_tail_exceedances)
+                    .max(condition.min_jobs),
+                threshold_us: f64::INFINITY,
+                stream: ControlledStream::new(&condition, 0.0, -1.0, 1.0, per_test_false_fail_rate),
+                v2_only_exceed: 0,
+                v1_only_exceed: 0,
+            })
+            .collect();
+        Judge {
+            per_test_false_fail_rate,
+            jobs: 0,
+            judged_jobs: 0,
+            control_jobs: 0,
+            judged_control_jobs: 0,
+            // Finer buckets (0.1%) here: the thresholds decide, the other histograms only report.
+            v1_thresholds_source: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
+                .expect("static histogram bounds are valid"),
+            next_threshold_refresh: 1,
+            v1_judged: latency_histogram(),
+            v2_judged: latency_histogram(),
+            control_judged: latency_histogram(),
+            paired_ratio: latency_histogram(),
+            counts: OutcomeCounts::default(),
+            control_counts: OutcomeCounts::default(),
+            errors,
+            hard_errors,
+            mismatches,
+            paired_shift,
+            latency,
+            consecutive_passes: 0,
+            final_verdict: None,
+            condition,
+        }
+    }
+
+    pub fn condition(&self) -> &Condition {
+        &self.condition
+    }
+
+    /// Pairs fed so far (warm-up included).
+    pub fn jobs(&self) -> u64 {
+        self.jobs
+    }
+
+    /// Whether Pass or Fail has been reached (it never changes afterwards).
+    pub fn is_final(&self) -> bool {
+        self.final_verdict.is_some()
     }
 
     /// Feeds one v1-active / v2-simulation pair.
     pub fn observe(&mut self, pair: &PairSample) {
-        let _ = pair;
-        todo!()
+        if self.final_verdict.is_some() {
+            return;
+        }
+        self.jobs += 1;
+        self.v1_thresholds_source
+            .saturating_record(pair.v1_latency_us.max(1));
+        if self.jobs >= self.next_threshold_refresh {
+            self.refresh_thresholds();
+        }
+        if self.jobs <= self.condition.warmup_jobs {
+            return;
+        }
+        self.judged_jobs += 1;
+        self.v1_judged.saturating_record(pair.v1_latency_us.max(1));
+        self.v2_judged.saturating_record(pair.v2_latency_us.max(1));
+        let ratio = pair.v2_latency_us.max(1) as f64 / pair.v1_latency_us.max(1) as f64;
+        self.paired_ratio
+            .saturating_record(((ratio * RATIO_SCALE).round() as u64).max(1));
+        self.counts.add(pair);
+
+        let error_increase = f64::from(u8::from(!pair.v2_ok)) - f64::from(u8::from(!pair.v1_ok));
+        self.errors.push_v2(error_increase);
+        self.hard_errors.push_v2(error_increase);
+        if let Some(matched) = pair.matched {
+            self.mismatches.push_v2(f64::from(u8::from(!matched)));
+        }
+        self.paired_shift
+            .push_v2(paired_sign(pair, self.condition.max_paired_ratio));
+        let judged = self.judged_jobs;
+        for test in &mut self.latency {
+            if judged > test.floor_jobs {
+                let (x, v1_exceeds, v2_exceeds) = test.indicator(pair);
+                test.v1_only_exceed += u64::from(v1_exceeds && !v2_exceeds);
+                test.v2_only_exceed += u64::from(v2_exceeds && !v1_exceeds);
+                test.stream.push_v2(x);
+            }
+        }
+        self.decide();
     }
 
     /// Feeds one v1-active / v1-simulation pair (A/A control, the noise baseline).
     pub fn observe_control(&mut self, pair: &PairSample) {
-        let _ = pair;
-        todo!()
+        if self.final_verdict.is_some() {
+            return;
+        }
+        self.control_jobs += 1;
+        if self.control_jobs <= self.condition.warmup_jobs {
+            return;
+        }
+        self.judged_control_jobs += 1;
+        self.control_judged
+            .saturating_record(pair.v2_latency_us.max(1));
+        self.control_counts.add(pair);
+        let error_increase = f64::from(u8::from(!pair.v2_ok)) - f64::from(u8::from(!pair.v1_ok));
+        self.errors.push_control(error_increase);
+        self.hard_errors.push_control(error_increase);
+        if let Some(matched) = pair.matched {
+            self.mismatches.push_control(f64::from(u8::from(!matched)));
+        }
+        self.paired_shift
+            .push_control(paired_sign(pair, self.condition.max_paired_ratio));
+        let judged = self.judged_control_jobs;
+        for test in &mut self.latency {
+            if judged > test.floor_jobs && test.threshold_us.is_finite() {
+                let (x, _, _) = test.indicator(pair);
+                test.stream.push_control(x);
+            }
+        }
+        // A control pair can complete a differenced observation, so it may decide too.
+        if self.condition.require_control {
+            self.decide();
+        }
     }
 
     /// The current verdict; once Pass or Fail is reached it stays (the decision is final).
     pub fn verdict(&self) -> Verdict {
-        todo!()
+        if let Some(verdict) = &self.final_verdict {
+            return verdict.clone();
+        }
+        Verdict {
+            decision: Decision::NotEnoughData,
+            hard: false,
+            rule: self.waiting_reason(),
+            jobs: self.jobs,
+            details: self.details(),
+        }
+    }
+
+    /// Thresholds move on a geometric schedule (every 1/16 more pairs, at least every 32), so
+    /// the quantile look-ups cost O(1) amortised per pair. A threshold depends on past pairs
+    /// only, which keeps each bet predictable and the tests valid.
+    fn refresh_thresholds(&mut self) {
+        for test in &mut self.latency {
+            // The bucket's lowest value: a v1 job at the quantile then counts as reaching it,
+            // so even a bounded, bucketed sample shows v1's side of the tail.
+            let source = &self.v1_thresholds_source;
+            let v1_quantile =
+                source.lowest_equivalent(source.value_at_quantile(test.limit.quantile)) as f64;
+            test.threshold_us = test.limit.max_ratio * v1_quantile;
+        }
+        self.next_threshold_refresh = self.jobs + (self.jobs / 16).max(32);
+    }
+
+    fn failing_reason(&self) -> Option<(bool, String)> {
+        if self.hard_errors.test.evidence() == Evidence::Fail {
+            let report = self.hard_errors.test.report();
+            return Some((
+                true,
+                format!(
+                    "hard failure: v2's error rate is more than {:.2} points above {} \
+                     (estimated increase {:.2} points, evidence {:.0} >= {:.0})",
+                    report.margin * 100.0,
+                    self.baseline_name(),
+                    report.estimate * 100.0,
+                    report.fail_evidence,
+                    report.fail_threshold
+                ),
+            ));
+        }
+        if self.errors.test.evidence() == Evidence::Fail {
+            let report = self.errors.test.report();
+            return Some((
+                false,
+                format!(
+                    "errors: v2's error rate is more than {:.2} points above {} \
+                     (estimated increase {:.2} points, evidence {:.0} >= {:.0})",
+                    report.margin * 100.0,
+                    self.baseline_name(),
+                    report.estimate * 100.0,
+                    report.fail_evidence,
+                    report.fail_threshold
+                ),
+            ));
+        }
+        if self.mismatches.test.evidence() == Evidence::Fail {
+            let report = self.mismatches.test.report();
+            return Some((
+                false,
+                format!(
+                    "mismatches: v2's answers differ from v1's in more than {:.2}% of jobs \
+                     (estimated {:.2}%, evidence {:.0} >= {:.0})",
+                    report.margin * 100.0,
+                    report.estimate * 100.0,
+                    report.fail_evidence,
+                    report.fail_threshold
+                ),
+            ));
+        }
+        if self.paired_shift.test.evidence() == Evidence::Fail {
+            let report = self.paired_shift.test.report();
+            return Some((
+                false,
+                format!(
+                    "paired shift: on the same jobs v2 is typically more than {:.2} x slower than \
+                     {} (v2 beyond the limit in {:.1}% more jobs than below it, evidence {:.0} >= {:.0})",
+                    self.condition.max_paired_ratio,
+                    if self.condition.require_control { "the control" } else { "v1" },
+                    report.estimate * 100.0,
+                    report.fail_evidence,
+                    report.fail_threshold
+                ),
+            ));
+        }
+        self.latency.iter().find_map(|test| {
+            (test.stream.test.evidence() == Evidence::Fail).then(|| {
+                let report = test.stream.test.report();
+                (
+                    false,
+                    format!(
+                        "latency {}: v2's {} is more than {:.2} x {}'s (v2 beyond {:.0} us in \
+                         {} more pairs than v1 scaled, evidence {:.0} >= {:.0})",
+                        test.name,
+                        test.name,
+                        test.limit.max_ratio,
+                        self.baseline_name(),
+                        test.threshold_us,
+                        test.v2_only_exceed as i64 - test.v1_only_exceed as i64,
+                        report.fail_evidence,
+                        report.fail_threshold
+                    ),
+                )
+            })
+        })
+    }
+
+    fn baseline_name(&self) -> &'static str {
+        if self.condition.require_control {
+            "the A/A control's"
+        } else {
+            "v1's"
+        }
+    }
+
+    /// Whether every test currently shows v2 within its limit.
+    fn all_within_limits(&self) -> bool {
+        let stream_passes = |stream: &ControlledStream| stream.test.evidence() == Evidence::Pass;
+        let no_answers_compared = self.counts.compared == 0 && self.control_counts.compared == 0;
+        let mismatches_pass = no_answers_compared || stream_passes(&self.mismatches);
+        stream_passes(&self.errors)
+            && mismatches_pass
+            && stream_passes(&self.paired_shift)
+            && self.latency.iter().all(|test| stream_passes(&test.stream))
+    }
+
+    /// The one place a decision is taken (and made final).
+    fn decide(&mut self) {
+        if self.final_verdict.is_some() || self.judged_jobs < self.condition.min_jobs {
+            return;
+        }
+        if let Some((hard, rule)) = self.failing_reason() {
+            self.conclude(Decision::Fail, hard, format!("fail: {rule}"));
+            return;
+        }
+        if self.judged_jobs % self.condition.window_jobs != 0 {
+            return;
+        }
+        if self.all_within_limits() {
+            self.consecutive_passes += 1;
+        } else {
+            self.consecutive_passes = 0;
+        }
+        if self.consecutive_passes >= self.condition.consecutive_passes {
+            let rule = format!(
+                "pass: every test ({} latency quantiles, paired shift, errors, mismatches) showed v2 within its \
+                 limit at {} consecutive window ends of {} jobs",
+                self.latency.len(),
+                self.consecutive_passes,
+                self.condition.window_jobs
+            );
+            self.conclude(Decision::Pass, false, rule);
+        }
+    }
+
+    fn conclude(&mut self, decision: Decision, hard: bool, rule: String) {
+        self.final_verdict = Some(Verdict {
+            decision,
+            hard,
+            rule,
+            jobs: self.jobs,
+            details: self.details(),
+        });
+    }
+
+    fn waiting_reason(&self) -> String {
+        if self.jobs <= self.condition.warmup_jobs {
+            return format!(
+                "not enough data: warming up ({} of {} warm-up jobs)",
+                self.jobs, self.condition.warmup_jobs
+            );
+        }
+        if self.judged_jobs < self.condition.min_jobs {
+            return format!(
+                "not enough data: {} of {} minimum jobs after warm-up",
+                self.judged_jobs, self.condition.min_jobs
+            );
+        }
+        if self.condition.require_control && self.judged_control_jobs == 0 {
+            return "not enough data: the condition requires an A/A control and none was observed"
+                .to_string();
+        }
+        let mut waiting = Vec::new();
+        for test in &self.latency {
+            if self.judged_jobs <= test.floor_jobs {
+                waiting.push(format!("{} (needs {} jobs)", test.name, test.floor_jobs));
+            } else if test.stream.test.evidence() != Evidence::Pass {
+                waiting.push(test.name.clone());
+            }
+        }
+        if self.paired_shift.test.evidence() != Evidence::Pass {
+            waiting.push("paired shift".to_string());
+        }
+        if self.errors.test.evidence() != Evidence::Pass {
+            waiting.push("errors".to_string());
+        }
+        if self.counts.compared > 0 && self.mismatches.test.evidence() != Evidence::Pass {
+            waiting.push("mismatches".to_string());
+        }
+        if waiting.is_empty() {
+            format!(
+                "not enough data: every test within limits, {} of {} consecutive window ends",
+                self.consecutive_passes, self.condition.consecutive_passes
+            )
+        } else {
+            format!(
+                "not enough data: evidence still open for {}",
+                waiting.join(", ")
+            )
+        }
+    }
+
+    fn details(&self) -> serde_json::Value {
+        let latency: BTreeMap<String, LatencyDetails> = self
+            .latency
+            .iter()
+            .map(|test| {
+                let q = test.limit.quantile;
+                let v1 = quantile_with_interval(&self.v1_judged, q);
+                let v2 = quantile_with_interval(&self.v2_judged, q);
+                let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+                (
+                    test.name.clone(),
+                    LatencyDetails {
+                        quantile: q,
+                        max_ratio: test.limit.max_ratio,
+                        floor_jobs: test.floor_jobs,
+                        judged: self.judged_jobs > test.floor_jobs,
+                        v1_us: v1.0,
+                        v2_us: v2.0,
+                        ratio: ratio(v2.0, v1.0),
+                        ratio_interval: [ratio(v2.1, v1.2), ratio(v2.2, v1.1)],
+                        control_us: (self.judged_control_jobs > 0)
+                            .then(|| self.control_judged.value_at_quantile(q) as f64),
+                        threshold_us: test.threshold_us.is_finite().then_some(test.threshold_us),
+                        v2_only_exceed: test.v2_only_exceed,
+                        v1_only_exceed: test.v1_only_exceed,
+                        control_exceedance_difference: test.stream.control_mean(),
+                        test: test.stream.test.report(),
+                    },
+                )
+            })
+            .collect();
+        let rate = |count: u64, total: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                count as f64 / total as f64
+            }
+        };
+        let paired_ratio = if self.paired_ratio.is_empty() {
+            None
+        } else {
+            Some(PairedRatio {
+                p10: self.paired_ratio.value_at_quantile(0.1) as f64 / RATIO_SCALE,
+                p50: self.paired_ratio.value_at_quantile(0.5) as f64 / RATIO_SCALE,
+                p90: self.paired_ratio.value_at_quantile(0.9) as f64 / RATIO_SCALE,
+                max_ratio: self.condition.max_paired_ratio,
+                test: self.paired_shift.test.report(),
+            })
+        };
+        let details = Details {
+            jobs: self.jobs,
+            judged_jobs: self.judged_jobs,
+            warmup_jobs: self.condition.warmup_jobs,
+            min_jobs: self.condition.min_jobs,
+            control_jobs: self.control_jobs,
+            require_control: self.condition.require_control,
+            false_fail_rate: self.condition.false_fail_rate,
+            false_pass_rate: self.condition.false_pass_rate,
+            per_test_false_fail_rate: self.per_test_false_fail_rate,
+            window_jobs: self.condition.window_jobs,
+            consecutive_passes: self.consecutive_passes,
+            consecutive_passes_needed: self.condition.consecutive_passes,
+            errors: ErrorDetails {
+                v1_errors: self.counts.v1_errors,
+                v2_errors: self.counts.v2_errors,
+                v1_ok_v2_error: self.counts.v1_ok_v2_error,
+                v1_error_v2_ok: self.counts.v1_error_v2_ok,
+                v1_rate: rate(self.counts.v1_errors, self.judged_jobs),
+                v2_rate: rate(self.counts.v2_errors, self.judged_jobs),
+                control_rate: (self.judged_control_jobs > 0)
+                    .then(|| rate(self.control_counts.v2_errors, self.judged_control_jobs)),
+                increase: self.errors.test.report(),
+                hard: self.hard_errors.test.report(),
+            },
+            mismatches: MismatchDetails {
+                compared: self.counts.compared,
+                mismatched: self.counts.mismatched,
+                rate: rate(self.counts.mismatched, self.counts.compared),
+                control_rate: (self.control_counts.compared > 0)
+                    .then(|| rate(self.control_counts.mismatched, self.control_counts.compared)),
+                test: self.mismatches.test.report(),
+            },
+            latency,
+            paired_ratio,
+        };
+        serde_json::to_value(details).expect("details serialize to JSON")
     }
 }
+
+/// A quantile's estimate and a distribution-free 99% interval from order statistics (pointwise:
+/// for explanation, not for the decision).
+fn quantile_with_interval(histogram: &Histogram<u64>, quantile: f64) -> (f64, f64, f64) {
+    if histogram.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let n = histogram.len() as f64;
+    let spread = 2.576 * (quantile * (1.0 - quantile) / n).sqrt();
+    let at = |q: f64| histogram.value_at_quantile(q.clamp(0.0, 1.0)) as f64;
+    (at(quantile), at(quantile - spread), at(quantile + spread))
+}
+
+#[derive(Serialize)]
+struct Details {
+    jobs: u64,
+    judged_jobs: u64,
+    warmup_jobs: u64,
+    min_jobs: u64,
+    control_jobs: u64,
+    require_control: bool,
+    false_fail_rate: f64,
+    false_pass_rate: f64,
+    per_test_false_fail_rate: f64,
+    window_jobs: u64,
+    consecutive_passes: u32,
+    consecutive_passes_needed: u32,
+    errors: ErrorDetails,
+    mismatches: MismatchDetails,
+    latency: BTreeMap<String, LatencyDetails>,
+    paired_ratio: Option<PairedRatio>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetails {
+    v1_errors: u64,
+    v2_errors: u64,
+    v1_ok_v2_error: u64,
+    v1_error_v2_ok: u64,
+    v1_rate: f64,
+    v2_rate: f64,
+    control_rate: Option<f64>,
+    /// Test of the paired error increase (v2 error - v1 error per pair) against the margin.
+    increase: MarginReport,
+    /// The same statistic against the hard-failure margin.
+    hard: MarginReport,
+}
+
+#[derive(Serialize)]
+struct MismatchDetails {
+    compared: u64,
+    mismatched: u64,
+    rate: f64,
+    control_rate: Option<f64>,
+    test: MarginReport,
+}
+
+#[derive(Serialize)]
+struct LatencyDetails {
+    quantile: f64,
+    max_ratio: f64,
+    floor_jobs: u64,
+    judged: bool,
+    v1_us: f64,
+    v2_us: f64,
+    ratio: f64,
+    ratio_interval: [f64; 2],
+    control_us: Option<f64>,
+    threshold_us: Option<f64>,
+    v2_only_exceed: u64,
+    v1_only_exceed: u64,
+    control_exceedance_difference: Option<f64>,
+    test: MarginReport,
+}
+
+/// Quantiles of the per-job ratio v2/v1: the paired shift (p50 is the typical per-job slowdown).
+#[derive(Serialize)]
+struct PairedRatio {
+    p10: f64,
+    p50: f64,
+    p90: f64,
+    max_ratio: f64,
+    /// The sign test: `sign(v2 - max_ratio x v1)` per job against 0.
+    test: MarginReport,
+}
+
+/// `+1` when v2 is slower than `max_ratio` x v1 on this job, `-1` when faster, `0` on a tie.
+fn paired_sign(pair: &PairSample, max_ratio: f64) -> f64 {
+    let scaled_v1 = pair.v1_latency_us as f64 * max_ratio;
+    let v2 = pair.v2_latency_us as f64;
+    if v2 > scaled_v1 {
+        1.0
+    } else if v2 < scaled_v1 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,26 @@
+//! Understudy's load generator and simulated telephony machines.
+//!
+//! - [`run_load`]: open-loop (or closed-loop) traffic from a [`LoadSpec`], latency measured from
+//!   each job's intended send time into HDR histograms, returning a [`LoadReport`].
+//! - [`spawn_machine`]: an HTTP server playing one machine of a service at a version, described
+//!   by a [`MachineSpec`] (latency, errors, faults, dependencies, side effects).
+//! - [`schedule`]: the pure, seeded job schedule both are built on.
 
+pub mod load;
+pub mod machine;
+pub mod schedule;
+pub mod spec;
+
+pub use load::{
+    run_load, session_id, KindReport, LatencySummary, LoadError, LoadReport, LoadSpec, Mode,
+    Progress, SessionCounts, SESSION_EVENT_HEADER, SESSION_HEADER,
+};
+pub use machine::{
+    spawn_machine, FaultSpec, FaultTrigger, LatencyCreepSpec, MachineError, MachineHandle,
+    MachineSpec, MachineStats, SlowStartSpec, TailSpec, SIMULATION_HEADER,
+};
+pub use schedule::{
+    Arrivals, JobKind, JobStep, MixSpec, PlannedJob, ProfileSpec, RateCurve, Schedule,
+    SchedulePlan, SessionRef, SessionShapeSpec, StepSpec,
+};
+pub use spec::{Delay, DelaySpec, SpecError};

@@ -1,1 +1,424 @@
+//! Understudy's per-service balancer, on pingora.
+//!
+//! Each balancer serves one service: callers' jobs go to the service's *active* machines (weighted,
+//! sticky by `x-session-id`); a copy of each job (or of a fraction) goes to one machine of each
+//! *simulation* version, with `x-understudy-simulation: 1`, and its answer is recorded and
+//! discarded. Latencies and outcomes are kept per (version, config) as HDR histograms and as job
+//! pairs, which the controller reads through the admin endpoint since a cursor.
+//!
+//! [`spawn`] starts a set of balancers (one listener each) and their shared admin endpoint.
+
 pub mod wire;
+
+mod admin;
+mod config;
+mod metrics;
+mod mirror;
+mod pool;
+mod proxy;
+mod service;
+mod stats;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::IntoRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{
+    ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
+use pingora::services::Service as PingoraService;
+
+pub use config::{BalancerSpec, ConfigError, ProcessConfig, WEIGHT_RANGE};
+pub use mirror::SIMULATION_HEADER;
+pub use proxy::{SESSION_END_HEADER, SESSION_HEADER};
+pub use service::PushError;
+pub use stats::{decode_histogram, encode_histogram, CursorError};
+
+/// Why balancers could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start {what}: {source}")]
+    Start {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Process-level tunables (not part of the config the controller pushes).
+#[derive(Debug, Clone)]
+pub struct SpawnOptions {
+    /// Worker threads of the pingora runtime serving callers' jobs.
+    pub threads: usize,
+    /// Worker threads of the runtime that sends mirrored copies.
+    pub mirror_threads: usize,
+    /// Copies waiting to be sent; a copy that finds the queue full is dropped and counted.
+    pub mirror_queue: usize,
+    /// Copies in flight at once.
+    pub mirror_concurrency: usize,
+    /// A copy without a complete answer after this long counts as a timeout.
+    pub mirror_timeout: Duration,
+    /// Jobs whose body is larger than this are not copied (counted as dropped).
+    pub mirror_body_limit: usize,
+    /// Connect timeout towards machines (active and simulation).
+    pub connect_timeout: Duration,
+    /// Read/write timeout towards active machines.
+    pub upstream_timeout: Duration,
+    /// A session with no job for this long is forgotten (its pin released).
+    pub session_idle: Duration,
+    /// Stats windows kept for readers with an older cursor.
+    pub stats_windows: usize,
+    /// Job pairs kept until read; older ones are counted in `pairs_lost`.
+    pub pair_retention: usize,
+}
+
+impl Default for SpawnOptions {
+    fn default() -> Self {
+        SpawnOptions {
+            threads: 1,
+            mirror_threads: 1,
+            mirror_queue: 4096,
+            mirror_concurrency: 512,
+            mirror_timeout: Duration::from_secs(5),
+            mirror_body_limit: 1 << 20,
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(30),
+            session_idle: Duration::from_secs(60),
+            stats_windows: 4096,
+            pair_retention: 200_000,
+        }
+    }
+}
+
+/// A running set of balancers. Dropping it shuts them down too.
+pub struct RunningBalancers {
+    admin_addr: SocketAddr,
+    listen: HashMap<String, SocketAddr>,
+    stop: Option<Stop>,
+}
+
+struct Stop {
+    pingora_stop: tokio::sync::oneshot::Sender<()>,
+    pingora_thread: JoinHandle<()>,
+    admin_task: tokio::task::JoinHandle<()>,
+    admin_closed: std::sync::mpsc::Receiver<()>,
+    runtimes: Vec<tokio::runtime::Runtime>,
+}
+
+impl RunningBalancers {
+    /// Where the admin endpoint listens (the real port when 0 was asked).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Where the balancer of `service` listens.
+    pub fn listen_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.listen.get(service).copied()
+    }
+
+    /// Every balancer's listen address, by service.
+    pub fn listen_addrs(&self) -> &HashMap<String, SocketAddr> {
+        &self.listen
+    }
+
+    /// Stops at once (jobs in flight are cut). Returns once every listener is closed.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        let Some(stop) = self.stop.take() else {
+            return;
+        };
+        let _ = stop.pingora_stop.send(());
+        let _ = stop.pingora_thread.join();
+        stop.admin_task.abort();
+        // The admin task owns a guard that reports when its listener was dropped.
+        let _ = stop.admin_closed.recv_timeout(Duration::from_secs(2));
+        for runtime in stop.runtimes {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for RunningBalancers {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// Starts the balancers of `cfg` with default [`SpawnOptions`].
+pub fn spawn(cfg: ProcessConfig) -> Result<RunningBalancers, ProxyError> {
+    spawn_with(cfg, SpawnOptions::default())
+}
+
+/// Starts the balancers of `cfg`. Everything is validated and every socket bound before anything
+/// runs, so an error leaves nothing behind. Callable from inside a tokio runtime.
+pub fn spawn_with(
+    cfg: ProcessConfig,
+    options: SpawnOptions,
+) -> Result<RunningBalancers, ProxyError> {
+    let configs = cfg.validate()?;
+
+    // Bound here, with std, so that port 0 is resolved before pingora starts and bind errors
+    // reach the caller; pingora then serves these very sockets (see `BalancerListeners`).
+    let bind = |addr: SocketAddr, what: String| {
+        let listener = TcpListener::bind(addr).map_err(|source| ProxyError::Bind {
+            addr,
+            what: what.clone(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ProxyError::Bind { addr, what, source })?;
+        Ok::<_, ProxyError>(listener)
+    };
+    let admin_listener = bind(cfg.admin, "admin endpoint".into())?;
+    let admin_addr = local_addr(&admin_listener, cfg.admin)?;
+    let mut balancer_listeners = Vec::new();
+    let mut listen = HashMap::new();
+    for spec in &cfg.balancers {
+        let listener = bind(spec.listen, format!("balancer of {}", spec.config.service))?;
+        listen.insert(
+            spec.config.service.clone(),
+            local_addr(&listener, spec.listen)?,
+        );
+        balancer_listeners.push(listener);
+    }
+
+    let runtime = |name: &'static str, threads: usize| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .map_err(|source| ProxyError::Start { what: name, source })
+    };
+    let mirror_runtime = runtime("understudy-mirror", options.mirror_threads)?;
+    let admin_runtime = runtime("understudy-admin", 1)?;
+
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let mirror = mirror::Mirror::start(
+        mirror_runtime.handle(),
+        mirror::MirrorLimits {
+            queue: options.mirror_queue,
+            concurrency: options.mirror_concurrency,
+            timeout: options.mirror_timeout,
+            connect_timeout: options.connect_timeout,
+        },
+    );
+    let limits = service::DataPlaneLimits {
+        connect_timeout: options.connect_timeout,
+        upstream_timeout: options.upstream_timeout,
+        mirror_body_limit: options.mirror_body_limit,
+    };
+    let mut services = HashMap::new();
+    let mut apps = Vec::new();
+    for (valid, listener) in configs.into_iter().zip(balancer_listeners) {
+        let stats = Arc::new(stats::Stats::new(
+            valid.service.clone(),
+            metrics.clone(),
+            stats::Retention {
+                epochs: options.stats_windows.max(1),
+                pairs: options.pair_retention.max(1),
+            },
+        ));
+        let service = Arc::new(service::Service::new(
+            valid,
+            &metrics,
+            stats,
+            mirror.clone(),
+            limits,
+        ));
+        services.insert(service.name.to_string(), service.clone());
+        apps.push((listener, service));
+    }
+
+    // Sessions idle out and drains end on a timer, on the admin runtime.
+    {
+        let services: Vec<Arc<service::Service>> = services.values().cloned().collect();
+        let idle = options.session_idle;
+        admin_runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let now = std::time::Instant::now();
+                for s in &services {
+                    s.router.sweep(now, idle);
+                }
+            }
+        });
+    }
+
+    let (admin_closed_tx, admin_closed) = std::sync::mpsc::channel();
+    let admin_state = Arc::new(admin::AdminState {
+        services: services.clone(),
+        listen: listen.clone(),
+        metrics,
+    });
+    let admin_listener = {
+        let _enter = admin_runtime.enter();
+        tokio::net::TcpListener::from_std(admin_listener).map_err(|source| ProxyError::Start {
+            what: "admin endpoint",
+            source,
+        })?
+    };
+    let admin_task = admin_runtime.spawn(async move {
+        let _report_closed = NotifyOnDrop(admin_closed_tx);
+        if let Err(e) = axum::serve(admin_listener, admin::router(admin_state)).await {
+            tracing::error!("admin endpoint stopped: {e}");
+        }
+    });
+
+    let conf = ServerConf {
+        threads: options.threads.max(1),
+        // Shutdown is always fast (see `StopSignal`); no grace period if it ever were graceful.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let server_conf = server.configuration.clone();
+    let entries = apps
+        .into_iter()
+        .map(|(listener, service)| {
+            let address = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let name = format!("balancer {}", service.name);
+            let mut pingora_service = pingora::proxy::http_proxy_service_with_name(
+                &server_conf,
+                proxy::Balancer { service },
+                &name,
+            );
+            pingora_service.add_tcp(&address);
+            (address, listener, pingora_service)
+        })
+        .collect();
+    server.add_service(BalancerListeners {
+        name: "understudy".into(),
+        entries,
+    });
+    let (pingora_stop, stop_rx) = tokio::sync::oneshot::channel();
+    let pingora_thread = std::thread::Builder::new()
+        .name("understudy-pingora".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(StopSignal(tokio::sync::Mutex::new(Some(stop_rx)))),
+            })
+        })
+        .map_err(|source| ProxyError::Start {
+            what: "pingora server thread",
+            source,
+        })?;
+
+    Ok(RunningBalancers {
+        admin_addr,
+        listen,
+        stop: Some(Stop {
+            pingora_stop,
+            pingora_thread,
+            admin_task,
+            admin_closed,
+            runtimes: vec![admin_runtime, mirror_runtime],
+        }),
+    })
+}
+
+fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, ProxyError> {
+    listener.local_addr().map_err(|source| ProxyError::Bind {
+        addr: asked,
+        what: "reading the bound address".into(),
+        source,
+    })
+}
+
+struct NotifyOnDrop(std::sync::mpsc::Sender<()>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// Pingora's shutdown trigger: fast shutdown when `RunningBalancers` stops (or is dropped).
+struct StopSignal(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        if let Some(rx) = self.0.lock().await.take() {
+            // A dropped sender also means stop.
+            let _ = rx.await;
+        }
+        ShutdownSignal::FastShutdown
+    }
+}
+
+type BalancerService = pingora::services::listening::Service<pingora::proxy::HttpProxy<proxy::Balancer>>;
+
+/// Serves already-bound listeners through pingora's own listening services (one per balancer,
+/// all on one runtime). Pingora binds from an address string and keeps the bound port to itself,
+/// but it takes over a listening socket found in its fd table under that address (the mechanism
+/// of its zero-downtime upgrade). So `spawn` binds with std (port 0 resolved, bind errors reported
+/// before anything starts) and this service puts each socket in the table under its exact
+/// address before starting pingora's service: pingora then accepts on our socket, with its own
+/// accept path (buffers, nodelay, keep-alive).
+struct BalancerListeners {
+    name: String,
+    entries: Vec<(String, TcpListener, BalancerService)>,
+}
+
+#[async_trait]
+impl PingoraService for BalancerListeners {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        // pingora's server always hands its fd table to services on unix.
+        let Some(fds) = fds else {
+            tracing::error!("pingora gave no listen fd table; balancers cannot serve");
+            return;
+        };
+        let mut services = Vec::new();
+        for (address, listener, service) in self.entries.drain(..) {
+            fds.lock().add(address, listener.into_raw_fd());
+            services.push(service);
+        }
+        let mut running = Vec::new();
+        for mut service in services {
+            let (fds, shutdown) = (fds.clone(), shutdown.clone());
+            running.push(tokio::spawn(async move {
+                service
+                    .start_service(Some(fds), shutdown, listeners_per_fd)
+                    .await
+            }));
+        }
+        for handle in running {
+            if let Err(e) = handle.await {
+                tracing::error!("balancer listener stopped: {e}");
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,267 @@
+//! Controller benchmark: release plan of a 200-service cluster, and verdicts over 1M mirrored jobs
+//! (the judge alone, and the controller's whole path: stats read, SQLite, judge, restart replay).
+//!
+//! `cargo run --release -p understudy --example bench_controller [-- --jobs N --runs N]`
+//! Figures are recorded in docs/bench-controller.md.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use understudy::balancer::FakeBalancer;
+use understudy::cluster;
+use understudy::controller::{Core, ReleaseRequest};
+use understudy::plan::Plan;
+use understudy::store::Store;
+use understudy_judge::{Condition, Judge, PairSample};
+use understudy_proxy::wire::{JobObservation, JobPair, Outcome};
+
+struct Args {
+    jobs: u64,
+    runs: usize,
+    services: usize,
+}
+
+fn args() -> Args {
+    let mut out = Args {
+        jobs: 1_000_000,
+        runs: 20,
+        services: 200,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().and_then(|v| v.parse::<u64>().ok());
+        match (flag.as_str(), value) {
+            ("--jobs", Some(v)) => out.jobs = v,
+            ("--runs", Some(v)) => out.runs = v.max(1) as usize,
+            ("--services", Some(v)) => out.services = v.max(2) as usize,
+            _ => {
+                eprintln!("usage: bench_controller [--jobs N] [--runs N] [--services N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    out
+}
+
+/// A seeded random DAG: service i depends on up to 3 services of lower index.
+fn cluster_text(services: usize, seed: u64) -> String {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut text = String::from("[controller]\ntick_ms = 100\n");
+    for i in 0..services {
+        let deps: Vec<String> = if i == 0 {
+            Vec::new()
+        } else {
+            let n = rng.gen_range(0..=3.min(i));
+            let mut d: Vec<usize> = (0..n).map(|_| rng.gen_range(0..i)).collect();
+            d.sort_unstable();
+            d.dedup();
+            d.iter().map(|j| format!("\"s{j:03}\"")).collect()
+        };
+        text.push_str(&format!(
+            "[services.s{i:03}]\ndepends_on = [{}]\nbalancer = \"http://127.0.0.1:9\"\n",
+            deps.join(", ")
+        ));
+    }
+    for i in 0..services {
+        for (version, config) in [("v1", "active"), ("v2", "simulation")] {
+            text.push_str(&format!(
+                "[[machines]]\nid = \"s{i:03}-{version}\"\nservice = \"s{i:03}\"\nversion = \"{version}\"\naddress = \"127.0.0.1:{}\"\nconfig = \"{config}\"\n",
+                10_000 + i
+            ));
+        }
+    }
+    text
+}
+
+fn summary(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let median = samples[samples.len() / 2];
+    format!(
+        "median {:.3} ms, min {:.3} ms, max {:.3} ms ({} runs)",
+        median.as_secs_f64() * 1e3,
+        samples[0].as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3,
+        samples.len()
+    )
+}
+
+fn latency(rng: &mut StdRng) -> u64 {
+    let u: f64 = rng.gen_range(0.0001..1.0);
+    (2_000.0 * (-u.ln()).powf(0.7) + 500.0) as u64
+}
+
+/// v2 exactly at the default p50/p99 limit (10% slower on every job): the hardest case to decide.
+fn borderline(rng: &mut StdRng) -> PairSample {
+    let l = latency(rng);
+    PairSample {
+        v1_latency_us: l,
+        v1_ok: true,
+        v2_latency_us: l * 11 / 10,
+        v2_ok: true,
+        matched: Some(true),
+    }
+}
+
+fn bench_plan(a: &Args) {
+    let text = cluster_text(a.services, 42);
+    let mut parse = Vec::new();
+    let mut plan = Vec::new();
+    let mut waves = 0;
+    for _ in 0..a.runs {
+        let t = Instant::now();
+        let c = cluster::parse("bench.toml", &text).expect("valid");
+        parse.push(t.elapsed());
+        let all: BTreeMap<String, String> = c
+            .services
+            .keys()
+            .map(|s| (s.clone(), "v2".to_string()))
+            .collect();
+        let t = Instant::now();
+        let p = Plan::build(&c, &all).expect("plan");
+        plan.push(t.elapsed());
+        waves = p.waves().len();
+    }
+    println!(
+        "plan, {} services ({} waves): parse+validate+cycle check {}",
+        a.services,
+        waves,
+        summary(parse)
+    );
+    println!(
+        "plan, {} services: plan of a release of all {}",
+        a.services,
+        summary(plan)
+    );
+}
+
+fn bench_judge(a: &Args) {
+    let mut rng = StdRng::seed_from_u64(5);
+    let pairs: Vec<PairSample> = (0..a.jobs).map(|_| borderline(&mut rng)).collect();
+    let t = Instant::now();
+    let mut judge = Judge::new(Condition::default());
+    let mut decided_at = None;
+    for p in &pairs {
+        judge.observe(p);
+        if decided_at.is_none() && judge.is_final() {
+            decided_at = Some(judge.jobs());
+        }
+    }
+    let verdict = judge.verdict();
+    let elapsed = t.elapsed();
+    println!(
+        "judge alone, {} borderline pairs: {:.1} ms ({:.0} ns/pair), verdict {} after {} jobs",
+        a.jobs,
+        elapsed.as_secs_f64() * 1e3,
+        elapsed.as_nanos() as f64 / a.jobs as f64,
+        verdict.decision.as_str(),
+        decided_at.map_or("(none)".to_string(), |j| j.to_string())
+    );
+}
+
+fn job_pairs(rng: &mut StdRng, first: u64, n: u64) -> Vec<JobPair> {
+    (0..n)
+        .map(|i| {
+            let p = borderline(rng);
+            let obs = |machine: &str, version: &str, latency_us: u64| JobObservation {
+                machine: machine.to_string(),
+                version: version.to_string(),
+                latency_us,
+                outcome: Outcome::Ok,
+                status: Some(200),
+            };
+            JobPair {
+                job: first + i,
+                session: None,
+                active: obs("s000-v1", "v1", p.v1_latency_us),
+                simulation: obs("s000-v2", "v2", p.v2_latency_us),
+                matched: true,
+            }
+        })
+        .collect()
+}
+
+async fn bench_controller_path(a: &Args) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("bench.db");
+    // A condition that never decides, so every one of the jobs goes the whole way.
+    let text = cluster_text(2, 1).replace(
+        "[controller]\ntick_ms = 100\n",
+        "[controller]\ntick_ms = 100\n[defaults.condition]\nfalse_fail_rate = 0.000001\nfalse_pass_rate = 0.000001\n",
+    );
+    let cluster = cluster::parse("bench.toml", &text).expect("valid");
+    let fake = Arc::new(FakeBalancer::new());
+    let core = Core::open(
+        cluster.clone(),
+        Store::open(&db).expect("store"),
+        fake.clone(),
+        "t".into(),
+    )
+    .expect("core");
+    core.release(&ReleaseRequest {
+        services: BTreeMap::from([("s000".to_string(), "v2".to_string())]),
+        ..ReleaseRequest::default()
+    })
+    .expect("release");
+    core.tick().await;
+    let mut rng = StdRng::seed_from_u64(9);
+    let batch = 10_000.min(a.jobs);
+    let mut fed = 0;
+    let mut busy = Duration::ZERO;
+    while fed < a.jobs {
+        let n = batch.min(a.jobs - fed);
+        fake.add_pairs("s000", job_pairs(&mut rng, fed + 1, n));
+        let t = Instant::now();
+        core.tick().await;
+        busy += t.elapsed();
+        fed += n;
+    }
+    let rollout = core
+        .rollouts()
+        .into_iter()
+        .find(|r| r.service == "s000")
+        .expect("rollout");
+    println!(
+        "controller path, {} pairs in ticks of {}: {:.1} ms ({:.0} ns/pair: stats, SQLite, judge), phase {}, verdict jobs {}",
+        fed,
+        batch,
+        busy.as_secs_f64() * 1e3,
+        busy.as_nanos() as f64 / fed as f64,
+        rollout.phase,
+        rollout.numbers["jobs"]
+    );
+    drop(core);
+    let t = Instant::now();
+    let core =
+        Core::open(cluster, Store::open(&db).expect("store"), fake, "t".into()).expect("core");
+    let elapsed = t.elapsed();
+    let r = core
+        .rollouts()
+        .into_iter()
+        .find(|r| r.service == "s000")
+        .expect("rollout");
+    println!(
+        "restart: reopen and replay {} recorded pairs into the judge: {:.1} ms ({})",
+        r.numbers["jobs"],
+        elapsed.as_secs_f64() * 1e3,
+        r.phase
+    );
+    let t = Instant::now();
+    let csv = core.pairs_csv(r.id, false).expect("csv");
+    println!(
+        "pairs.csv of {} rows: {:.1} ms, {} bytes",
+        csv.lines().count() - 1,
+        t.elapsed().as_secs_f64() * 1e3,
+        csv.len()
+    );
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let a = args();
+    bench_plan(&a);
+    bench_judge(&a);
+    bench_controller_path(&a).await;
+}

@@ -1,0 +1,424 @@
+//! The self-test battery: seeded A/A and A/B cases replayed as job pairs from a latency model,
+//! fed through the same [`Judge`] the controller uses, and through the unpaired yardstick.
+//!
+//! The model: each job has its own difficulty (a lognormal body, plus a Pareto-heavy tail for a
+//! few jobs) that both versions share, since both ran the same input; each machine adds its own
+//! multiplicative noise and rare stalls (GC, scheduling); the fresh v2 machine is slower for its
+//! first jobs (warm-up); errors are partly caused by the input (both fail) and partly by the
+//! machine (independent); answers differ at a tiny nondeterministic rate.
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, Exp, LogNormal, Pareto};
+use serde::Serialize;
+
+use crate::unpaired::UnpairedJudge;
+use crate::{Condition, Decision, Judge, PairSample};
+
+/// The parameters of the job-pair model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyModel {
+    pub median_us: f64,
+    /// Spread of the shared difficulty (log scale).
+    pub difficulty_sigma: f64,
+    /// Share of jobs with a heavy-tailed difficulty multiplier, and that tail's Pareto shape.
+    pub heavy_share: f64,
+    pub heavy_shape: f64,
+    /// Each machine's own noise on top of the difficulty (log scale).
+    pub machine_noise_sigma: f64,
+    /// Each machine's chance of a stall on a job and the stall's mean length.
+    pub stall_probability: f64,
+    pub stall_mean_us: f64,
+    /// v2's warm-up: extra slowdown factor at the first job, decaying over this many jobs.
+    pub warmup_slowdown: f64,
+    pub warmup_decay_jobs: f64,
+    /// Errors caused by the input (both versions fail) and by the machine (each independently).
+    pub input_error_rate: f64,
+    pub machine_error_rate: f64,
+    /// Answers that differ though both versions are correct (timestamps, ordering).
+    pub nondeterministic_mismatch_rate: f64,
+}
+
+impl Default for LatencyModel {
+    fn default() -> Self {
+        LatencyModel {
+            median_us: 2_000.0,
+            difficulty_sigma: 0.6,
+            heavy_share: 0.01,
+            heavy_shape: 1.8,
+            machine_noise_sigma: 0.12,
+            stall_probability: 0.002,
+            stall_mean_us: 8_000.0,
+            warmup_slowdown: 0.8,
+            warmup_decay_jobs: 80.0,
+            input_error_rate: 0.007,
+            machine_error_rate: 0.003,
+            nondeterministic_mismatch_rate: 0.0005,
+        }
+    }
+}
+
+/// What v2 does differently from v1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// v2 is v1 (a clean release): any failure is a false rollback.
+    AA,
+    /// Every job 20% slower.
+    P50Slower,
+    /// The slowest 5% of jobs 20% slower: p99 +20%, p50 unchanged.
+    P99Slower,
+    /// The slowest 0.2% of jobs 3x slower: p99.9 x3, p50 and p99 unchanged.
+    TailOnly,
+    /// One more point of errors (machine-caused).
+    Errors,
+    /// 2% of answers differ from v1's.
+    Mismatches,
+}
+
+impl Family {
+    pub const ALL: [Family; 6] = [
+        Family::AA,
+        Family::P50Slower,
+        Family::P99Slower,
+        Family::TailOnly,
+        Family::Errors,
+        Family::Mismatches,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::AA => "A/A",
+            Family::P50Slower => "p50 +20%",
+            Family::P99Slower => "p99 +20%",
+            Family::TailOnly => "tail-only p99.9 x3",
+            Family::Errors => "errors +1 point",
+            Family::Mismatches => "mismatches 2%",
+        }
+    }
+
+    pub fn is_regression(&self) -> bool {
+        *self != Family::AA
+    }
+}
+
+/// Difficulty cut-offs of the model, measured once from a large seeded sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DifficultyCuts {
+    pub p95: f64,
+    pub p998: f64,
+}
+
+impl LatencyModel {
+    fn difficulty(&self, rng: &mut StdRng) -> f64 {
+        let body = LogNormal::new(self.median_us.ln(), self.difficulty_sigma)
+            .expect("valid lognormal")
+            .sample(rng);
+        if rng.gen_bool(self.heavy_share) {
+            body * Pareto::new(1.0, self.heavy_shape)
+                .expect("valid pareto")
+                .sample(rng)
+        } else {
+            body
+        }
+    }
+
+    pub fn cuts(&self) -> DifficultyCuts {
+        let mut rng = StdRng::seed_from_u64(0x5eed_cafe);
+        let mut sample: Vec<f64> = (0..200_000).map(|_| self.difficulty(&mut rng)).collect();
+        sample.sort_unstable_by(f64::total_cmp);
+        let at = |q: f64| sample[((sample.len() as f64 * q) as usize).min(sample.len() - 1)];
+        DifficultyCuts {
+            p95: at(0.95),
+            p998: at(0.998),
+        }
+    }
+}
+
+/// An endless seeded stream of job pairs for one family.
+pub struct PairStream<'a> {
+    model: &'a LatencyModel,
+    cuts: &'a DifficultyCuts,
+    family: Family,
+    rng: StdRng,
+    job: u64,
+    noise: LogNormal<f64>,
+    stall: Exp<f64>,
+}
+
+impl<'a> PairStream<'a> {
+    pub fn new(
+        model: &'a LatencyModel,
+        cuts: &'a DifficultyCuts,
+        family: Family,
+        seed: u64,
+    ) -> Self {
+        PairStream {
+            model,
+            cuts,
+            family,
+            rng: StdRng::seed_from_u64(seed),
+            job: 0,
+            noise: LogNormal::new(0.0, model.machine_noise_sigma).expect("valid noise"),
+            stall: Exp::new(1.0 / model.stall_mean_us).expect("valid stall"),
+        }
+    }
+
+    fn machine_latency(&mut self, difficulty: f64) -> f64 {
+        let mut latency = difficulty * self.noise.sample(&mut self.rng);
+        if self.rng.gen_bool(self.model.stall_probability) {
+            latency += self.stall.sample(&mut self.rng);
+        }
+        latency
+    }
+
+    pub fn next_pair(&mut self) -> PairSample {
+        let model = self.model;
+        let difficulty = model.difficulty(&mut self.rng);
+        let v1 = self.machine_latency(difficulty);
+        let warmup =
+            1.0 + model.warmup_slowdown * (-(self.job as f64) / model.warmup_decay_jobs).exp();
+        let regression = match self.family {
+            Family::P50Slower => 1.2,
+            Family::P99Slower if difficulty > self.cuts.p95 => 1.2,
+            Family::TailOnly if difficulty > self.cuts.p998 => 3.0,
+            _ => 1.0,
+        };
+        let v2 = self.machine_latency(difficulty) * warmup * regression;
+        let input_error = self.rng.gen_bool(model.input_error_rate);
+        let v1_ok = !(input_error || self.rng.gen_bool(model.machine_error_rate));
+        let extra_errors = if self.family == Family::Errors {
+            0.01
+        } else {
+            0.0
+        };
+        let v2_ok = !(input_error || self.rng.gen_bool(model.machine_error_rate + extra_errors));
+        let mismatch_rate = model.nondeterministic_mismatch_rate
+            + if self.family == Family::Mismatches {
+                0.02
+            } else {
+                0.0
+            };
+        let matched = !self.rng.gen_bool(mismatch_rate);
+        self.job += 1;
+        PairSample {
+            v1_latency_us: v1.round().max(1.0) as u64,
+            v1_ok,
+            v2_latency_us: v2.round().max(1.0) as u64,
+            v2_ok,
+            matched: Some(matched),
+        }
+    }
+}
+
+/// One run's outcome for one judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RunOutcome {
+    pub decision: Decision,
+    /// Pairs fed when the decision was reached (the budget when undecided).
+    pub jobs: u64,
+}
+
+/// Totals for one family and one judge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JudgeFigures {
+    pub runs: usize,
+    pub fails: usize,
+    pub passes: usize,
+    pub undecided: usize,
+    /// Fails among runs: the false rollback rate for A/A, the detection rate otherwise.
+    pub fail_rate: f64,
+    /// Jobs needed by the runs that reached the family's right decision (fail for a regression,
+    /// pass for A/A).
+    pub median_jobs: Option<u64>,
+    pub p90_jobs: Option<u64>,
+}
+
+impl JudgeFigures {
+    fn from_outcomes(family: Family, outcomes: &[RunOutcome]) -> Self {
+        let count = |decision| outcomes.iter().filter(|o| o.decision == decision).count();
+        let right = if family.is_regression() {
+            Decision::Fail
+        } else {
+            Decision::Pass
+        };
+        let mut jobs: Vec<u64> = outcomes
+            .iter()
+            .filter(|o| o.decision == right)
+            .map(|o| o.jobs)
+            .collect();
+        jobs.sort_unstable();
+        let at = |q: f64| {
+            (!jobs.is_empty())
+                .then(|| jobs[((jobs.len() as f64 * q).ceil() as usize).clamp(1, jobs.len()) - 1])
+        };
+        JudgeFigures {
+            runs: outcomes.len(),
+            fails: count(Decision::Fail),
+            passes: count(Decision::Pass),
+            undecided: count(Decision::NotEnoughData),
+            fail_rate: count(Decision::Fail) as f64 / outcomes.len().max(1) as f64,
+            median_jobs: at(0.5),
+            p90_jobs: at(0.9),
+        }
+    }
+}
+
+/// One family's figures for each judge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FamilyFigures {
+    pub family: Family,
+    pub name: &'static str,
+    pub paired: JudgeFigures,
+    pub unpaired: JudgeFigures,
+    /// The paired judge fed pairs whose v2 half comes from the previous job: same marginals,
+    /// no shared difficulty. Shows what the pairing itself is worth.
+    pub pairing_broken: JudgeFigures,
+}
+
+/// One run's outcome for each judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaseOutcome {
+    pub paired: RunOutcome,
+    pub unpaired: RunOutcome,
+    pub pairing_broken: RunOutcome,
+}
+
+/// The battery's settings.
+#[derive(Debug, Clone)]
+pub struct BatteryConfig {
+    pub runs: usize,
+    /// Pairs per run at most; a judge still undecided then counts as undecided.
+    pub budget_jobs: u64,
+    pub seed: u64,
+    pub condition: Condition,
+    pub model: LatencyModel,
+}
+
+impl Default for BatteryConfig {
+    fn default() -> Self {
+        BatteryConfig {
+            runs: 50,
+            budget_jobs: 60_000,
+            seed: 2026,
+            condition: Condition::default(),
+            model: LatencyModel::default(),
+        }
+    }
+}
+
+/// Runs one seeded case through every judge until all decided or the budget is spent.
+pub fn run_case(
+    config: &BatteryConfig,
+    cuts: &DifficultyCuts,
+    family: Family,
+    seed: u64,
+) -> CaseOutcome {
+    let mut stream = PairStream::new(&config.model, cuts, family, seed);
+    let mut paired = Judge::new(config.condition.clone());
+    let mut broken = Judge::new(config.condition.clone());
+    let unpaired_budget = config
+        .budget_jobs
+        .saturating_sub(config.condition.warmup_jobs);
+    let mut unpaired = UnpairedJudge::new(config.condition.clone(), unpaired_budget);
+    let mut previous: Option<PairSample> = None;
+    let final_outcome = |judge: &Judge| {
+        judge.is_final().then(|| {
+            let verdict = judge.verdict();
+            RunOutcome {
+                decision: verdict.decision,
+                jobs: verdict.jobs,
+            }
+        })
+    };
+    for _ in 0..config.budget_jobs {
+        let pair = stream.next_pair();
+        paired.observe(&pair);
+        unpaired.observe(&pair);
+        // v1 of this job with v2 of the previous job (the first job keeps its own pair).
+        let shifted = previous.map_or(pair, |earlier| PairSample {
+            v2_latency_us: earlier.v2_latency_us,
+            v2_ok: earlier.v2_ok,
+            matched: earlier.matched,
+            ..pair
+        });
+        broken.observe(&shifted);
+        previous = Some(pair);
+        if paired.is_final() && broken.is_final() && unpaired.outcome().is_some() {
+            break;
+        }
+    }
+    let undecided = RunOutcome {
+        decision: Decision::NotEnoughData,
+        jobs: config.budget_jobs,
+    };
+    CaseOutcome {
+        paired: final_outcome(&paired).unwrap_or(undecided),
+        unpaired: unpaired
+            .outcome()
+            .map(|(decision, jobs)| RunOutcome { decision, jobs })
+            .unwrap_or(undecided),
+        pairing_broken: final_outcome(&broken).unwrap_or(undecided),
+    }
+}
+
+/// Runs every family `config.runs` times, spread over `threads` threads; deterministic for a
+/// given seed whatever the thread count.
+pub fn run_battery(
+    config: &BatteryConfig,
+    families: &[Family],
+    threads: usize,
+) -> Vec<FamilyFigures> {
+    let cuts = config.model.cuts();
+    let cases: Vec<(usize, Family, u64)> = families
+        .iter()
+        .enumerate()
+        .flat_map(|(family_index, &family)| {
+            (0..config.runs).map(move |run| {
+                let seed = config
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((family_index * 100_000 + run) as u64);
+                (family_index, family, seed)
+            })
+        })
+        .collect();
+    let threads = threads.max(1);
+    let mut results: Vec<Option<CaseOutcome>> = vec![None; cases.len()];
+    std::thread::scope(|scope| {
+        let chunks = results.chunks_mut(cases.len().div_ceil(threads).max(1));
+        for (chunk_index, chunk) in chunks.enumerate() {
+            let cases = &cases;
+            let cuts = &cuts;
+            let start = chunk_index * cases.len().div_ceil(threads).max(1);
+            scope.spawn(move || {
+                for (offset, slot) in chunk.iter_mut().enumerate() {
+                    let (_, family, seed) = cases[start + offset];
+                    *slot = Some(run_case(config, cuts, family, seed));
+                }
+            });
+        }
+    });
+    families
+        .iter()
+        .enumerate()
+        .map(|(family_index, &family)| {
+            let outcomes: Vec<&CaseOutcome> = cases
+                .iter()
+                .zip(&results)
+                .filter(|((index, _, _), _)| *index == family_index)
+                .map(|(_, result)| result.as_ref().expect("every case ran"))
+                .collect();
+            let figures = |pick: fn(&CaseOutcome) -> RunOutcome| {
+                let picked: Vec<RunOutcome> = outcomes.iter().map(|o| pick(o)).collect();
+                JudgeFigures::from_outcomes(family, &picked)
+            };
+            FamilyFigures {
+                family,
+                name: family.name(),
+                paired: figures(|o| o.paired),
+                unpaired: figures(|o| o.unpaired),
+                pairing_broken: figures(|o| o.pairing_broken),
+            }
+        })
+        .collect()
+}

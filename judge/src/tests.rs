@@ -1,0 +1,289 @@
+use super::*;
+use crate::bench::{Family, LatencyModel, PairStream};
+
+fn run(condition: &Condition, family: Family, seed: u64, budget: u64) -> Verdict {
+    let model = LatencyModel::default();
+    let cuts = model.cuts();
+    let mut stream = PairStream::new(&model, &cuts, family, seed);
+    let mut judge = Judge::new(condition.clone());
+    for _ in 0..budget {
+        judge.observe(&stream.next_pair());
+        if judge.is_final() {
+            break;
+        }
+    }
+    judge.verdict()
+}
+
+fn pair(v1_latency_us: u64, v1_ok: bool, v2_latency_us: u64, v2_ok: bool) -> PairSample {
+    PairSample {
+        v1_latency_us,
+        v1_ok,
+        v2_latency_us,
+        v2_ok,
+        matched: None,
+    }
+}
+
+#[test]
+fn seeded_a_a_never_fails_and_passes() {
+    let condition = Condition::default();
+    let mut passes = 0;
+    for seed in 0..12 {
+        let verdict = run(&condition, Family::AA, seed, 60_000);
+        assert_ne!(
+            verdict.decision,
+            Decision::Fail,
+            "seed {seed}: {}",
+            verdict.rule
+        );
+        passes += usize::from(verdict.decision == Decision::Pass);
+    }
+    assert!(passes >= 11, "only {passes} of 12 clean runs passed");
+}
+
+#[test]
+fn known_regressions_fail() {
+    let condition = Condition::default();
+    for family in [
+        Family::P50Slower,
+        Family::P99Slower,
+        Family::TailOnly,
+        Family::Errors,
+        Family::Mismatches,
+    ] {
+        for seed in 0..3 {
+            let verdict = run(&condition, family, seed, 60_000);
+            assert_eq!(
+                verdict.decision,
+                Decision::Fail,
+                "{} seed {seed}: {}",
+                family.name(),
+                verdict.rule
+            );
+        }
+    }
+}
+
+#[test]
+fn tail_only_regression_is_caught_by_the_tail_and_not_before_its_floor() {
+    let verdict = run(&Condition::default(), Family::TailOnly, 11, 60_000);
+    assert_eq!(verdict.decision, Decision::Fail, "{}", verdict.rule);
+    assert!(verdict.rule.contains("p99.9"), "{}", verdict.rule);
+    let floor = verdict.details["latency"]["p99.9"]["floor_jobs"]
+        .as_u64()
+        .unwrap();
+    assert!(verdict.jobs > floor + Condition::default().warmup_jobs);
+}
+
+#[test]
+fn too_few_jobs_is_not_enough_data_even_when_v2_is_terrible() {
+    let condition = Condition::default();
+    let mut judge = Judge::new(condition.clone());
+    let jobs = condition.warmup_jobs + condition.min_jobs - 1;
+    for _ in 0..jobs {
+        judge.observe(&pair(1_000, true, 50_000, false));
+    }
+    let verdict = judge.verdict();
+    assert_eq!(verdict.decision, Decision::NotEnoughData);
+    assert!(
+        verdict.rule.starts_with("not enough data"),
+        "{}",
+        verdict.rule
+    );
+    assert_eq!(verdict.jobs, jobs);
+}
+
+#[test]
+fn clear_regression_stops_early_as_a_hard_failure_and_stays_final() {
+    let condition = Condition {
+        warmup_jobs: 0,
+        ..Condition::default()
+    };
+    let mut judge = Judge::new(condition.clone());
+    let mut fed = 0;
+    while !judge.is_final() && fed < 10_000 {
+        // Half of v2's answers are errors.
+        judge.observe(&pair(1_000, true, 1_000, fed % 2 == 0));
+        fed += 1;
+    }
+    let verdict = judge.verdict();
+    assert_eq!(verdict.decision, Decision::Fail, "{}", verdict.rule);
+    assert!(verdict.hard, "{}", verdict.rule);
+    assert!(
+        verdict.jobs <= condition.min_jobs + 50,
+        "needed {} jobs",
+        verdict.jobs
+    );
+    // Later perfect pairs change nothing: the decision is final.
+    for _ in 0..5_000 {
+        judge.observe(&pair(1_000, true, 900, true));
+    }
+    assert_eq!(judge.verdict(), verdict);
+}
+
+#[test]
+fn pass_is_final_too() {
+    let verdict_before = run(&Condition::default(), Family::AA, 3, 40_000);
+    assert_eq!(
+        verdict_before.decision,
+        Decision::Pass,
+        "{}",
+        verdict_before.rule
+    );
+    let model = LatencyModel::default();
+    let cuts = model.cuts();
+    let mut stream = PairStream::new(&model, &cuts, Family::AA, 3);
+    let mut judge = Judge::new(Condition::default());
+    while !judge.is_final() {
+        judge.observe(&stream.next_pair());
+    }
+    for _ in 0..2_000 {
+        judge.observe(&pair(1_000, true, 100_000, false));
+    }
+    assert_eq!(judge.verdict(), verdict_before);
+}
+
+#[test]
+fn pass_waits_for_consecutive_windows() {
+    let condition = Condition {
+        warmup_jobs: 0,
+        ..Condition::default()
+    };
+    let verdict = {
+        let mut judge = Judge::new(condition.clone());
+        // v2 answers each job exactly as fast as v1; latencies spread over a decade.
+        for n in 0..50_000u64 {
+            let latency = 1_000 + (n * 7919) % 9_000;
+            judge.observe(&pair(latency, true, latency, true));
+            if judge.is_final() {
+                break;
+            }
+        }
+        judge.verdict()
+    };
+    assert_eq!(verdict.decision, Decision::Pass, "{}", verdict.rule);
+    assert_eq!(verdict.jobs % condition.window_jobs, 0);
+    assert_eq!(
+        verdict.details["consecutive_passes"].as_u64(),
+        Some(u64::from(condition.consecutive_passes))
+    );
+}
+
+#[test]
+fn a_a_control_absorbs_the_simulation_configurations_own_slowdown() {
+    // Machines in simulation configuration are 15% slower whatever the version (e.g. a slower
+    // pool); v2 itself is no slower than v1. Without the control the judge must blame v2; with
+    // the control it must not.
+    let job_pairs = |seed: u64| {
+        let model = LatencyModel::default();
+        let cuts = model.cuts();
+        let mut v2_stream = PairStream::new(&model, &cuts, Family::AA, seed);
+        let mut control_stream = PairStream::new(&model, &cuts, Family::AA, seed + 1000);
+        let slow = |mut p: PairSample| {
+            p.v2_latency_us = p.v2_latency_us * 115 / 100;
+            p
+        };
+        (0..40_000)
+            .map(|_| {
+                (
+                    slow(v2_stream.next_pair()),
+                    slow(control_stream.next_pair()),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let pairs = job_pairs(5);
+    let mut without_control = Judge::new(Condition::default());
+    let mut with_control = Judge::new(Condition {
+        require_control: true,
+        ..Condition::default()
+    });
+    for (v2_pair, control_pair) in &pairs {
+        without_control.observe(v2_pair);
+        with_control.observe(v2_pair);
+        with_control.observe_control(control_pair);
+    }
+    assert_eq!(without_control.verdict().decision, Decision::Fail);
+    let verdict = with_control.verdict();
+    assert_ne!(verdict.decision, Decision::Fail, "{}", verdict.rule);
+}
+
+#[test]
+fn required_control_without_control_pairs_never_decides() {
+    let condition = Condition {
+        require_control: true,
+        warmup_jobs: 0,
+        ..Condition::default()
+    };
+    let mut judge = Judge::new(condition);
+    for n in 0..5_000u64 {
+        judge.observe(&pair(1_000 + n % 13, true, 1_000 + n % 13, true));
+    }
+    let verdict = judge.verdict();
+    assert_eq!(verdict.decision, Decision::NotEnoughData);
+    assert!(verdict.rule.contains("control"), "{}", verdict.rule);
+}
+
+#[test]
+fn details_carry_stable_keys() {
+    let verdict = run(&Condition::default(), Family::Errors, 1, 60_000);
+    let details = &verdict.details;
+    for key in [
+        "jobs",
+        "judged_jobs",
+        "errors",
+        "mismatches",
+        "latency",
+        "paired_ratio",
+        "false_fail_rate",
+        "per_test_false_fail_rate",
+    ] {
+        assert!(details.get(key).is_some(), "missing {key}: {details}");
+    }
+    let increase = &details["errors"]["increase"];
+    for key in [
+        "estimate",
+        "interval",
+        "margin",
+        "fail_evidence",
+        "fail_threshold",
+        "evidence",
+    ] {
+        assert!(increase.get(key).is_some(), "missing errors.increase.{key}");
+    }
+    for quantile in ["p50", "p99", "p99.9"] {
+        let latency = &details["latency"][quantile];
+        for key in [
+            "v1_us",
+            "v2_us",
+            "ratio",
+            "ratio_interval",
+            "judged",
+            "test",
+        ] {
+            assert!(
+                latency.get(key).is_some(),
+                "missing latency.{quantile}.{key}"
+            );
+        }
+    }
+    assert_eq!(details["errors"]["increase"]["evidence"], "fail");
+}
+
+#[test]
+fn battery_is_deterministic_and_compares_three_judges() {
+    let config = crate::bench::BatteryConfig {
+        runs: 2,
+        budget_jobs: 3_000,
+        ..Default::default()
+    };
+    let families = [Family::P50Slower, Family::Mismatches];
+    let one_thread = crate::bench::run_battery(&config, &families, 1);
+    let two_threads = crate::bench::run_battery(&config, &families, 2);
+    assert_eq!(one_thread, two_threads);
+    let p50 = &one_thread[0];
+    assert_eq!(p50.paired.fails, 2, "{p50:?}");
+    assert_eq!(p50.unpaired.runs, 2);
+    assert_eq!(p50.pairing_broken.runs, 2);
+}

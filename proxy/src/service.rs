@@ -1,0 +1,127 @@
+//! One balancer's shared state (routing, stats, mirror) and the config push that changes it.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntGauge};
+
+use crate::config::{ConfigError, ValidConfig};
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::pool::{Router, Table};
+use crate::stats::Stats;
+use crate::wire::{BalancerConfig, StatsReport};
+
+/// Tunables of the data plane that are not part of the pushed config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DataPlaneLimits {
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub mirror_body_limit: usize,
+}
+
+/// Result of a config push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PushResult {
+    Applied,
+    /// Same version as the running one: nothing changed.
+    AlreadyRunning,
+}
+
+/// Why a push was refused; the running config is unchanged in every case.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PushError {
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    #[error("config is for service {pushed:?}, this balancer serves {serving:?}")]
+    WrongService { pushed: String, serving: String },
+    #[error("config version {pushed} is older than the running version {running}")]
+    Stale { pushed: u64, running: u64 },
+}
+
+pub(crate) struct Service {
+    pub name: Arc<str>,
+    pub router: Router,
+    pub stats: Arc<Stats>,
+    pub mirror: Mirror,
+    pub limits: DataPlaneLimits,
+    pub jobs: AtomicU64,
+    pub refused_no_simulation: IntCounter,
+    config_version: IntGauge,
+    /// Serializes pushes so that the version check and the swap are one step.
+    push: Mutex<()>,
+}
+
+impl Service {
+    pub(crate) fn new(
+        config: ValidConfig,
+        metrics: &Arc<Metrics>,
+        stats: Arc<Stats>,
+        mirror: Mirror,
+        limits: DataPlaneLimits,
+    ) -> Self {
+        let name = config.service.clone();
+        let config_version = metrics.config_version(&name);
+        config_version.set(config.version as i64);
+        let table = Table::new(config, &stats);
+        Service {
+            refused_no_simulation: metrics.refused(&name, "no_simulation_machine"),
+            name,
+            router: Router::new(table),
+            stats,
+            mirror,
+            limits,
+            jobs: AtomicU64::new(0),
+            config_version,
+            push: Mutex::new(()),
+        }
+    }
+
+    /// Validates and applies a pushed config atomically: in-flight jobs finish on the machine
+    /// they were sent to; new jobs see the whole new config.
+    pub(crate) fn push(&self, config: &BalancerConfig) -> Result<PushResult, PushError> {
+        let valid = ValidConfig::new(config)?;
+        if *valid.service != *self.name {
+            return Err(PushError::WrongService {
+                pushed: config.service.clone(),
+                serving: self.name.to_string(),
+            });
+        }
+        let _one_at_a_time = self.push.lock().expect("push lock");
+        let running = self.router.table().config.version;
+        if valid.version < running {
+            return Err(PushError::Stale {
+                pushed: valid.version,
+                running,
+            });
+        }
+        if valid.version == running {
+            return Ok(PushResult::AlreadyRunning);
+        }
+        let version = valid.version;
+        self.router
+            .swap(Table::new(valid, &self.stats), Instant::now());
+        self.config_version.set(version as i64);
+        Ok(PushResult::Applied)
+    }
+
+    pub(crate) fn running_config(&self) -> BalancerConfig {
+        self.router.table().config.raw.clone()
+    }
+
+    pub(crate) fn report(&self, since: u64) -> Result<StatsReport, crate::stats::CursorError> {
+        let config_version = self.router.table().config.version;
+        let window = self.stats.read_since(since)?;
+        Ok(StatsReport {
+            service: self.name.to_string(),
+            config_version,
+            cursor: window.cursor,
+            series: window.series,
+            pairs: window.pairs,
+            pairs_lost: window.pairs_lost,
+            mirror_dropped: window.mirror_dropped,
+            machines: self.router.machine_status(),
+        })
+    }
+}

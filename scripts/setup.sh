@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what building and testing Understudy needs on a bare Debian machine, and nothing by hand:
+# - cmake: pingora's build compiles C code with it;
+# - promtool (Debian's `prometheus`): tests check every /metrics page with `promtool check metrics`.
+# Benchmarks install their own extra tools (nginx, wrk) in bench/*.sh.
+# Idempotent: it installs only what is missing.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "setup: installing ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is not installed (install Rust with rustup)" >&2; exit 1; }
+echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'))"

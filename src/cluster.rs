@@ -1,0 +1,859 @@
+//! The cluster model: services, their dependencies, machines, balancers and joining conditions.
+//!
+//! [`ClusterSpec`] is the TOML form (standalone in a cluster file, or the same tables embedded in a
+//! scenario file); [`Cluster::from_spec`] validates it into typed values. Every error names the file,
+//! the line and the field; a dependency cycle names the services on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use understudy_judge::Condition;
+use understudy_proxy::wire::PoolRole;
+
+/// Whole cluster file. A scenario file may embed [`ServiceSpec`], [`MachineSpec`], [`DefaultsSpec`] and
+/// [`ControllerSpec`] under the same keys and assemble a `ClusterSpec` itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    #[serde(default)]
+    pub controller: ControllerSpec,
+    #[serde(default)]
+    pub defaults: DefaultsSpec,
+    #[serde(default)]
+    pub services: BTreeMap<String, Spanned<ServiceSpec>>,
+    #[serde(default)]
+    pub machines: Vec<Spanned<MachineSpec>>,
+}
+
+/// `[controller]`: where the controller listens and keeps its state.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerSpec {
+    /// `host:port` of the admin endpoint (default 127.0.0.1:7070).
+    pub admin_addr: Option<Spanned<String>>,
+    /// SQLite file (default `understudy.db` beside the working directory).
+    pub database: Option<PathBuf>,
+    /// Admin bearer token; `UNDERSTUDY_TOKEN` overrides it.
+    pub token: Option<String>,
+    /// Reconcile period in milliseconds (default 500).
+    pub tick_ms: Option<Spanned<u64>>,
+}
+
+/// `[defaults]`: what a service does not say itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSpec {
+    pub requires_approval: Option<bool>,
+    pub join_steps: Option<Spanned<Vec<u32>>>,
+    pub join_step_ms: Option<u64>,
+    pub simulation_timeout_ms: Option<u64>,
+    pub mirror_fraction: Option<Spanned<f64>>,
+    pub compare_body: Option<bool>,
+    pub drain_timeout_ms: Option<u64>,
+    pub condition: Option<Spanned<Condition>>,
+}
+
+/// `[services.NAME]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Services this one calls: they are released before it.
+    #[serde(default)]
+    pub depends_on: Vec<Spanned<String>>,
+    /// Base URL of the balancer admin port fronting this service (`http://127.0.0.1:9100`).
+    /// May be left out in a scenario file and set once the balancer is up.
+    pub balancer: Option<String>,
+    pub requires_approval: Option<bool>,
+    /// v2's share of new sessions, in percent, at each joining step (each below 100).
+    pub join_steps: Option<Spanned<Vec<u32>>>,
+    /// How long each joining step is held.
+    pub join_step_ms: Option<u64>,
+    /// Give up (roll back) when the judge still lacks data after this long; none by default.
+    pub simulation_timeout_ms: Option<u64>,
+    pub mirror_fraction: Option<Spanned<f64>>,
+    pub compare_body: Option<bool>,
+    pub drain_timeout_ms: Option<u64>,
+    pub condition: Option<Spanned<Condition>>,
+}
+
+/// `[[machines]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSpec {
+    pub id: Spanned<String>,
+    pub service: Spanned<String>,
+    pub version: Spanned<String>,
+    pub address: Spanned<String>,
+    /// `active` serves callers; `simulation` receives mirrored copies only. A simulation machine of the
+    /// service's current version is an A/A control; one of another version is a release candidate.
+    pub config: PoolRole,
+    pub weight: Option<Spanned<u32>>,
+}
+
+/// How a service's rollout proceeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutPolicy {
+    pub requires_approval: bool,
+    /// v2 share in percent per joining step; empty = one step at the declared weights.
+    pub join_steps: Vec<u32>,
+    pub join_step: Duration,
+    pub simulation_timeout: Option<Duration>,
+}
+
+impl RolloutPolicy {
+    /// Number of joining steps (at least one).
+    pub fn step_count(&self) -> u32 {
+        self.join_steps.len().max(1) as u32
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub depends_on: Vec<String>,
+    pub balancer: Option<String>,
+    pub policy: RolloutPolicy,
+    pub condition: Condition,
+    pub mirror_fraction: f64,
+    pub compare_body: bool,
+    pub drain_timeout: Duration,
+    /// Version of the active machines declared in the file.
+    pub declared_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    pub id: String,
+    pub service: String,
+    pub version: String,
+    pub address: String,
+    pub weight: u32,
+    pub config: PoolRole,
+}
+
+/// Controller settings with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControllerSettings {
+    pub admin_addr: std::net::SocketAddr,
+    pub database: PathBuf,
+    pub token: Option<String>,
+    pub tick: Duration,
+}
+
+/// A validated cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub controller: ControllerSettings,
+    pub services: BTreeMap<String, Service>,
+    pub machines: Vec<Machine>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: field `{field}`: {reason}")]
+    Invalid {
+        file: String,
+        line: usize,
+        field: String,
+        reason: String,
+    },
+    #[error("{file}: dependency cycle between services: {}", services.join(" -> "))]
+    Cycle { file: String, services: Vec<String> },
+}
+
+/// Where a spec came from, to name file and line in errors.
+#[derive(Debug, Clone)]
+pub struct Source<'a> {
+    pub file: &'a str,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    /// 1-based line of a byte offset.
+    pub fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid(
+        &self,
+        offset: usize,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: self.line_of(offset),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Turns a toml parse/deserialize error into one naming file, line and field.
+    pub fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
+        let offset = err.span().map(|s| s.start).unwrap_or(0);
+        let line = self.line_of(offset);
+        let field = field_at_line(self.text, line).unwrap_or_else(|| "(document)".to_string());
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line,
+            field,
+            reason: err.message().to_string(),
+        }
+    }
+}
+
+/// The key assigned on a line (`key = ...`) or the table a header names (`[a.b]`).
+fn field_at_line(text: &str, line: usize) -> Option<String> {
+    let raw = text.lines().nth(line.checked_sub(1)?)?.trim();
+    if let Some(header) = raw.strip_prefix('[') {
+        return Some(
+            header
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    }
+    let (key, _) = raw.split_once('=')?;
+    Some(key.trim().to_string())
+}
+
+/// Reads and validates a cluster file.
+pub fn load_file(path: &Path) -> Result<Cluster, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses and validates cluster TOML text; `file` names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<Cluster, ConfigError> {
+    let source = Source { file, text };
+    let spec: ClusterSpec = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
+    Cluster::from_spec(spec, &source)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+const NAME_RULE: &str = "must be 1-64 characters of a-z, 0-9, '-' or '_'";
+
+impl Cluster {
+    /// Validates a spec; `source` names the file and locates lines (spans refer to its text).
+    pub fn from_spec(spec: ClusterSpec, source: &Source<'_>) -> Result<Cluster, ConfigError> {
+        let controller = controller_settings(&spec.controller, source)?;
+        let defaults = &spec.defaults;
+        if let Some(c) = &defaults.condition {
+            c.get_ref()
+                .validate()
+                .map_err(|e| source.invalid(c.span().start, "defaults.condition", e.to_string()))?;
+        }
+        if spec.services.is_empty() {
+            return Err(source.invalid(0, "services", "at least one service is required"));
+        }
+
+        // Versions of the active machines per service, checked below once machines are read.
+        let mut machines = Vec::with_capacity(spec.machines.len());
+        let mut ids = BTreeSet::new();
+        for (index, m) in spec.machines.iter().enumerate() {
+            let at = |s: &Spanned<String>| s.span().start;
+            let m = m.get_ref();
+            let field = |name: &str| format!("machines[{index}].{name}");
+            if !valid_name(m.id.get_ref()) {
+                return Err(source.invalid(at(&m.id), field("id"), NAME_RULE));
+            }
+            if !ids.insert(m.id.get_ref().clone()) {
+                return Err(source.invalid(
+                    at(&m.id),
+                    field("id"),
+                    format!("machine `{}` is declared twice", m.id.get_ref()),
+                ));
+            }
+            if !spec.services.contains_key(m.service.get_ref()) {
+                return Err(source.invalid(
+                    at(&m.service),
+                    field("service"),
+                    format!("unknown service `{}`", m.service.get_ref()),
+                ));
+            }
+            if !valid_name(m.version.get_ref()) {
+                return Err(source.invalid(at(&m.version), field("version"), NAME_RULE));
+            }
+            if m.address.get_ref().parse::<std::net::SocketAddr>().is_err()
+                && !m.address.get_ref().contains(':')
+            {
+                return Err(source.invalid(at(&m.address), field("address"), "expected host:port"));
+            }
+            let weight = match &m.weight {
+                Some(w) if !(1..=1000).contains(w.get_ref()) => {
+                    return Err(source.invalid(
+                        w.span().start,
+                        field("weight"),
+                        "must be within 1..=1000",
+                    ))
+                }
+                Some(w) => *w.get_ref(),
+                None => 100,
+            };
+            machines.push(Machine {
+                id: m.id.get_ref().clone(),
+                service: m.service.get_ref().clone(),
+                version: m.version.get_ref().clone(),
+                address: m.address.get_ref().clone(),
+                weight,
+                config: m.config,
+            });
+        }
+
+        let mut services = BTreeMap::new();
+        let mut deferred: Option<ConfigError> = None;
+        for (name, spanned) in &spec.services {
+            let at = spanned.span().start;
+            let s = spanned.get_ref();
+            if !valid_name(name) {
+                return Err(source.invalid(at, format!("services.{name}"), NAME_RULE));
+            }
+            let mut depends_on = Vec::new();
+            for dep in &s.depends_on {
+                let dep_name = dep.get_ref();
+                if !spec.services.contains_key(dep_name) {
+                    return Err(source.invalid(
+                        dep.span().start,
+                        format!("services.{name}.depends_on"),
+                        format!("unknown service `{dep_name}`"),
+                    ));
+                }
+                if dep_name == name {
+                    return Err(ConfigError::Cycle {
+                        file: source.file.to_string(),
+                        services: vec![name.clone(), name.clone()],
+                    });
+                }
+                if !depends_on.contains(dep_name) {
+                    depends_on.push(dep_name.clone());
+                }
+            }
+            let join_steps_spec = s.join_steps.as_ref().or(defaults.join_steps.as_ref());
+            let join_steps = match join_steps_spec {
+                Some(steps) => {
+                    let list = steps.get_ref();
+                    let increasing = list.windows(2).all(|w| w[0] < w[1]);
+                    if list.iter().any(|p| *p == 0 || *p >= 100) || !increasing {
+                        return Err(source.invalid(
+                            steps.span().start,
+                            format!("services.{name}.join_steps"),
+                            "percentages must increase strictly, each within 1..=99",
+                        ));
+                    }
+                    list.clone()
+                }
+                None => Vec::new(),
+            };
+            let mirror_fraction = match s
+                .mirror_fraction
+                .as_ref()
+                .or(defaults.mirror_fraction.as_ref())
+            {
+                Some(f) if !(0.0..=1.0).contains(f.get_ref()) || *f.get_ref() == 0.0 => {
+                    return Err(source.invalid(
+                        f.span().start,
+                        format!("services.{name}.mirror_fraction"),
+                        "must be within (0, 1]",
+                    ))
+                }
+                Some(f) => *f.get_ref(),
+                None => 1.0,
+            };
+            let condition = match s.condition.as_ref().or(defaults.condition.as_ref()) {
+                Some(c) => {
+                    c.get_ref().validate().map_err(|e| {
+                        source.invalid(
+                            c.span().start,
+                            format!("services.{name}.condition"),
+                            e.to_string(),
+                        )
+                    })?;
+                    c.get_ref().clone()
+                }
+                None => Condition::default(),
+            };
+            if let Some(url) = &s.balancer {
+                check_balancer_url(url).map_err(|reason| {
+                    source.invalid(at, format!("services.{name}.balancer"), reason)
+                })?;
+            }
+            let own: Vec<&Machine> = machines.iter().filter(|m| &m.service == name).collect();
+            let active_versions: BTreeSet<&str> = own
+                .iter()
+                .filter(|m| m.config == PoolRole::Active)
+                .map(|m| m.version.as_str())
+                .collect();
+            // Reported after the cycle check: a cycle is the more fundamental error.
+            let declared_version = match active_versions.len() {
+                1 => active_versions
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+                0 => {
+                    deferred.get_or_insert(source.invalid(
+                        at,
+                        format!("services.{name}"),
+                        "needs at least one machine with config = \"active\"",
+                    ));
+                    String::new()
+                }
+                _ => {
+                    deferred.get_or_insert(source.invalid(
+                        at,
+                        format!("services.{name}"),
+                        format!(
+                            "active machines run several versions ({}): the active configuration must run one",
+                            active_versions.into_iter().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                    String::new()
+                }
+            };
+            services.insert(
+                name.clone(),
+                Service {
+                    name: name.clone(),
+                    depends_on,
+                    balancer: s.balancer.clone(),
+                    policy: RolloutPolicy {
+                        requires_approval: s
+                            .requires_approval
+                            .or(defaults.requires_approval)
+                            .unwrap_or(false),
+                        join_steps,
+                        join_step: Duration::from_millis(
+                            s.join_step_ms.or(defaults.join_step_ms).unwrap_or(1_000),
+                        ),
+                        simulation_timeout: s
+                            .simulation_timeout_ms
+                            .or(defaults.simulation_timeout_ms)
+                            .map(Duration::from_millis),
+                    },
+                    condition,
+                    mirror_fraction,
+                    compare_body: s.compare_body.or(defaults.compare_body).unwrap_or(false),
+                    drain_timeout: Duration::from_millis(
+                        s.drain_timeout_ms
+                            .or(defaults.drain_timeout_ms)
+                            .unwrap_or(30_000),
+                    ),
+                    declared_version,
+                },
+            );
+        }
+        let cluster = Cluster {
+            controller,
+            services,
+            machines,
+        };
+        if let Some(cycle) = cluster.find_cycle() {
+            return Err(ConfigError::Cycle {
+                file: source.file.to_string(),
+                services: cycle,
+            });
+        }
+        match deferred {
+            Some(error) => Err(error),
+            None => Ok(cluster),
+        }
+    }
+
+    /// Sets the admin URL of the balancer fronting `service` (scenario runner, after balancers start).
+    pub fn set_balancer_url(&mut self, service: &str, url: &str) -> Result<(), String> {
+        check_balancer_url(url)?;
+        let entry = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| format!("unknown service `{service}`"))?;
+        entry.balancer = Some(url.trim_end_matches('/').to_string());
+        Ok(())
+    }
+
+    pub fn machines_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Machine> + 'a {
+        self.machines.iter().filter(move |m| m.service == service)
+    }
+
+    /// Versions a service's machines run.
+    pub fn versions_of(&self, service: &str) -> BTreeSet<String> {
+        self.machines_of(service)
+            .map(|m| m.version.clone())
+            .collect()
+    }
+
+    /// A dependency cycle, as the services along it (first repeated at the end), if any.
+    pub fn find_cycle(&self) -> Option<Vec<String>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            OnPath,
+            Done,
+        }
+        let mut marks: BTreeMap<&str, Mark> = self
+            .services
+            .keys()
+            .map(|k| (k.as_str(), Mark::New))
+            .collect();
+        // Iterative depth-first search: 200+ services must not risk the stack.
+        for start in self.services.keys() {
+            if marks[start.as_str()] != Mark::New {
+                continue;
+            }
+            let mut path: Vec<(&str, usize)> = vec![(start.as_str(), 0)];
+            marks.insert(start.as_str(), Mark::OnPath);
+            while let Some((node, next)) = path.last().copied() {
+                let deps = &self.services[node].depends_on;
+                if next < deps.len() {
+                    if let Some(top) = path.last_mut() {
+                        top.1 += 1;
+                    }
+                    let dep = deps[next].as_str();
+                    match marks[dep] {
+                        Mark::New => {
+                            marks.insert(dep, Mark::OnPath);
+                            path.push((dep, 0));
+                        }
+                        Mark::OnPath => {
+                            let from = path.iter().position(|(n, _)| *n == dep).unwrap_or(0);
+                            let mut cycle: Vec<String> =
+                                path[from..].iter().map(|(n, _)| n.to_string()).collect();
+                            cycle.push(dep.to_string());
+                            return Some(cycle);
+                        }
+                        Mark::Done => {}
+                    }
+                } else {
+                    marks.insert(node, Mark::Done);
+                    path.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// Release order of every service: waves of services whose dependencies are all in earlier waves.
+    pub fn release_waves(&self) -> Vec<Vec<String>> {
+        let all: BTreeMap<String, String> = self
+            .services
+            .values()
+            .map(|s| (s.name.clone(), s.declared_version.clone()))
+            .collect();
+        match crate::plan::Plan::build(self, &all) {
+            Ok(plan) => plan.waves(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn check_balancer_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("not a URL ({e}): expected http://host:port"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err("expected http://host:port".to_string());
+    }
+    Ok(())
+}
+
+fn controller_settings(
+    spec: &ControllerSpec,
+    source: &Source<'_>,
+) -> Result<ControllerSettings, ConfigError> {
+    let admin_addr = match &spec.admin_addr {
+        Some(a) => a.get_ref().parse().map_err(|e| {
+            source.invalid(
+                a.span().start,
+                "controller.admin_addr",
+                format!("expected ip:port: {e}"),
+            )
+        })?,
+        None => std::net::SocketAddr::from(([127, 0, 0, 1], 7070)),
+    };
+    let tick = match &spec.tick_ms {
+        Some(t) if *t.get_ref() == 0 || *t.get_ref() > 60_000 => {
+            return Err(source.invalid(
+                t.span().start,
+                "controller.tick_ms",
+                "must be within 1..=60000",
+            ))
+        }
+        Some(t) => Duration::from_millis(*t.get_ref()),
+        None => Duration::from_millis(500),
+    };
+    Ok(ControllerSettings {
+        admin_addr,
+        database: spec
+            .database
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("understudy.db")),
+        token: spec.token.clone(),
+        tick,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small cluster: edge -> router -> media, router -> db.
+    pub(crate) const SAMPLE: &str = r#"
+[controller]
+tick_ms = 100
+
+[defaults]
+join_step_ms = 200
+
+[services.edge]
+depends_on = ["router"]
+balancer = "http://127.0.0.1:9001"
+
+[services.router]
+depends_on = ["media", "db"]
+requires_approval = true
+balancer = "http://127.0.0.1:9001"
+
+[services.media]
+balancer = "http://127.0.0.1:9001"
+join_steps = [10, 50]
+
+[services.db]
+balancer = "http://127.0.0.1:9001"
+
+[[machines]]
+id = "edge-1"
+service = "edge"
+version = "v1"
+address = "127.0.0.1:8001"
+config = "active"
+
+[[machines]]
+id = "edge-2"
+service = "edge"
+version = "v2"
+address = "127.0.0.1:8002"
+config = "simulation"
+
+[[machines]]
+id = "router-1"
+service = "router"
+version = "v1"
+address = "127.0.0.1:8011"
+config = "active"
+
+[[machines]]
+id = "router-2"
+service = "router"
+version = "v2"
+address = "127.0.0.1:8012"
+config = "simulation"
+
+[[machines]]
+id = "media-1"
+service = "media"
+version = "v1"
+address = "127.0.0.1:8021"
+config = "active"
+
+[[machines]]
+id = "media-c"
+service = "media"
+version = "v1"
+address = "127.0.0.1:8023"
+config = "simulation"
+
+[[machines]]
+id = "media-2"
+service = "media"
+version = "v2"
+address = "127.0.0.1:8022"
+config = "simulation"
+
+[[machines]]
+id = "db-1"
+service = "db"
+version = "v1"
+address = "127.0.0.1:8031"
+config = "active"
+
+[[machines]]
+id = "db-2"
+service = "db"
+version = "v2"
+address = "127.0.0.1:8032"
+config = "simulation"
+"#;
+
+    #[test]
+    fn sample_is_valid() {
+        let cluster = parse("sample.toml", SAMPLE).expect("valid");
+        assert_eq!(cluster.services.len(), 4);
+        assert_eq!(cluster.services["media"].policy.join_steps, vec![10, 50]);
+        assert!(cluster.services["router"].policy.requires_approval);
+        assert_eq!(cluster.services["db"].declared_version, "v1");
+        assert_eq!(cluster.controller.tick, Duration::from_millis(100));
+        assert_eq!(
+            cluster.release_waves(),
+            vec![
+                vec!["db".to_string(), "media".to_string()],
+                vec!["router".to_string()],
+                vec!["edge".to_string()]
+            ]
+        );
+    }
+
+    fn error_of(text: &str) -> ConfigError {
+        parse("bad.toml", text).expect_err("must be refused")
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let text = SAMPLE.replace("requires_approval = true", "requires_aproval = true");
+        let err = error_of(&text);
+        let line = text
+            .lines()
+            .position(|l| l.contains("requires_aproval"))
+            .unwrap()
+            + 1;
+        match &err {
+            ConfigError::Invalid {
+                file,
+                line: l,
+                field,
+                reason,
+            } => {
+                assert_eq!(file, "bad.toml");
+                assert_eq!(*l, line);
+                assert_eq!(field, "requires_aproval");
+                assert!(reason.contains("unknown field"), "{reason}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(err.to_string().starts_with(&format!("bad.toml:{line}:")));
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_field() {
+        let text = SAMPLE.replacen("join_step_ms = 200", "join_step_ms = \"fast\"", 1);
+        match error_of(&text) {
+            ConfigError::Invalid { line, field, .. } => {
+                assert_eq!(field, "join_step_ms");
+                assert_eq!(line, 6);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_dependency_names_line_and_field() {
+        let text = SAMPLE.replace(r#"depends_on = ["router"]"#, r#"depends_on = ["routr"]"#);
+        match error_of(&text) {
+            ConfigError::Invalid {
+                line,
+                field,
+                reason,
+                ..
+            } => {
+                assert_eq!(field, "services.edge.depends_on");
+                assert_eq!(line, 9);
+                assert!(reason.contains("routr"));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn bad_weight_and_unknown_machine_service() {
+        let text = SAMPLE.replacen(
+            "config = \"active\"\n",
+            "config = \"active\"\nweight = 0\n",
+            1,
+        );
+        match error_of(&text) {
+            ConfigError::Invalid { field, line, .. } => {
+                assert_eq!(field, "machines[0].weight");
+                let expected = text.lines().position(|l| l == "weight = 0").unwrap() + 1;
+                assert_eq!(line, expected);
+            }
+            other => panic!("unexpected {other}"),
+        }
+        let text = SAMPLE.replacen("service = \"db\"", "service = \"dbx\"", 1);
+        assert!(error_of(&text)
+            .to_string()
+            .contains("unknown service `dbx`"));
+    }
+
+    #[test]
+    fn cycle_is_refused_with_its_services_named() {
+        let text = SAMPLE.replace(
+            "[services.db]\n",
+            "[services.db]\ndepends_on = [\"edge\"]\n",
+        );
+        match error_of(&text) {
+            ConfigError::Cycle { services, .. } => {
+                assert_eq!(services.first(), services.last());
+                for name in ["edge", "router", "db"] {
+                    assert!(services.iter().any(|s| s == name), "{services:?}");
+                }
+                assert!(!services.iter().any(|s| s == "media"));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn service_without_active_machine_is_refused() {
+        let text = SAMPLE.replacen(
+            "id = \"db-1\"\nservice = \"db\"\nversion = \"v1\"\naddress = \"127.0.0.1:8031\"\nconfig = \"active\"",
+            "id = \"db-1\"\nservice = \"db\"\nversion = \"v1\"\naddress = \"127.0.0.1:8031\"\nconfig = \"simulation\"",
+            1,
+        );
+        let err = error_of(&text).to_string();
+        assert!(
+            err.contains("services.db") && err.contains("active"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn balancer_url_set_programmatically() {
+        let text = SAMPLE.replace("balancer = \"http://127.0.0.1:9001\"\n", "");
+        let mut cluster = parse("c.toml", &text).expect("valid without balancers");
+        assert!(cluster.services["db"].balancer.is_none());
+        cluster
+            .set_balancer_url("db", "http://127.0.0.1:4567/")
+            .expect("set");
+        assert_eq!(
+            cluster.services["db"].balancer.as_deref(),
+            Some("http://127.0.0.1:4567")
+        );
+        assert!(cluster
+            .set_balancer_url("nope", "http://127.0.0.1:1")
+            .is_err());
+        assert!(cluster.set_balancer_url("db", "ftp://x").is_err());
+    }
+}

@@ -1,0 +1,1992 @@
+//! The controller: holds the cluster's state, runs releases through their rollouts, reconciles
+//! the balancers, and serves the admin endpoint.
+//!
+//! Memory is a cache of the SQLite store: every change is committed first (a transition together
+//! with the balancer config it implies), then acted on (config pushed). On start the state is read
+//! back and every balancer gets its last committed config again (same version: a no-op for a
+//! balancer that already runs it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use understudy_judge::{Decision, Judge, PairSample, Verdict};
+use understudy_proxy::wire::{
+    BalancerConfig, JobPair, MachineEntry, MachineStatus, PoolRole, SeriesStats, StatsReport,
+};
+
+use crate::balancer::{BalancerClient, BalancerError, HttpBalancerClient};
+use crate::cluster::{Cluster, Service};
+use crate::metrics::Metrics;
+use crate::plan::{Plan, PlanError};
+use crate::rollout::{transition, Actor, Event, Phase, TransitionError};
+use crate::store::{self, MachineRole, Store, StoreError, StoredPair, TransitionRecord};
+
+/// Everything the controller needs to run.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub cluster: Cluster,
+    /// SQLite file; created when missing. `:memory:` keeps the state in memory (lost on exit).
+    pub database: PathBuf,
+    /// Admin endpoint address; port 0 picks a free one (see [`ControllerHandle::admin_addr`]).
+    pub admin_addr: SocketAddr,
+    /// Bearer token for mutating admin calls.
+    pub token: String,
+    /// Reconcile period.
+    pub tick: Duration,
+}
+
+impl ControllerConfig {
+    /// Takes address, database and tick from the cluster's `[controller]` table.
+    pub fn from_cluster(cluster: Cluster, token: String) -> ControllerConfig {
+        ControllerConfig {
+            database: cluster.controller.database.clone(),
+            admin_addr: cluster.controller.admin_addr,
+            tick: cluster.controller.tick,
+            cluster,
+            token,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("service `{0}` has no balancer URL (set `balancer` in its table)")]
+    NoBalancer(String),
+    #[error("the admin token is empty: set it in [controller] token or UNDERSTUDY_TOKEN")]
+    NoToken,
+    #[error("the database does not fit the cluster file: {0}")]
+    Inconsistent(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Why an admin request was refused; maps onto an HTTP status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for RequestError {
+    fn from(e: StoreError) -> Self {
+        RequestError::Internal(e.to_string())
+    }
+}
+
+/// Wall-clock milliseconds that advance with tokio's clock (so a paused test clock drives them too).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base_ms: u64,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let base_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Clock {
+            base_ms,
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Display numbers of the pairs a rollout compared (the judge keeps the statistics that decide).
+#[derive(Debug, Clone)]
+pub struct PairNumbers {
+    v1: Histogram<u64>,
+    v2: Histogram<u64>,
+    pub jobs: u64,
+    pub v1_errors: u64,
+    pub v2_errors: u64,
+    pub compared: u64,
+    pub mismatches: u64,
+    pub control_jobs: u64,
+    pub control_errors: u64,
+}
+
+impl Default for PairNumbers {
+    fn default() -> Self {
+        // Fixed bounds (1 µs .. 1 h): `saturating_record` clamps rather than resizes.
+        let histogram = || {
+            Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+                .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+        };
+        PairNumbers {
+            v1: histogram(),
+            v2: histogram(),
+            jobs: 0,
+            v1_errors: 0,
+            v2_errors: 0,
+            compared: 0,
+            mismatches: 0,
+            control_jobs: 0,
+            control_errors: 0,
+        }
+    }
+}
+
+impl PairNumbers {
+    pub fn record(&mut self, pair: &StoredPair) {
+        let s = &pair.sample;
+        if pair.control {
+            self.control_jobs += 1;
+            self.control_errors += u64::from(!s.v2_ok);
+            return;
+        }
+        self.jobs += 1;
+        self.v1.saturating_record(s.v1_latency_us);
+        self.v2.saturating_record(s.v2_latency_us);
+        self.v1_errors += u64::from(!s.v1_ok);
+        self.v2_errors += u64::from(!s.v2_ok);
+        if let Some(matched) = s.matched {
+            self.compared += 1;
+            self.mismatches += u64::from(!matched);
+        }
+    }
+
+    fn ratio(part: u64, whole: u64) -> f64 {
+        if whole == 0 {
+            0.0
+        } else {
+            part as f64 / whole as f64
+        }
+    }
+
+    /// Quantile in seconds of v1 (`false`) or v2 (`true`).
+    pub fn quantile_seconds(&self, v2: bool, q: f64) -> f64 {
+        let h = if v2 { &self.v2 } else { &self.v1 };
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(q) as f64 / 1e6
+        }
+    }
+
+    pub fn error_rate(&self, v2: bool) -> f64 {
+        Self::ratio(if v2 { self.v2_errors } else { self.v1_errors }, self.jobs)
+    }
+
+    pub fn mismatch_rate(&self) -> f64 {
+        Self::ratio(self.mismatches, self.compared)
+    }
+
+    pub fn summary(&self) -> serde_json::Value {
+        let side = |v2: bool| {
+            serde_json::json!({
+                "p50_us": (self.quantile_seconds(v2, 0.5) * 1e6).round(),
+                "p99_us": (self.quantile_seconds(v2, 0.99) * 1e6).round(),
+                "p999_us": (self.quantile_seconds(v2, 0.999) * 1e6).round(),
+                "error_rate": self.error_rate(v2),
+                "errors": if v2 { self.v2_errors } else { self.v1_errors },
+            })
+        };
+        serde_json::json!({
+            "jobs": self.jobs,
+            "v1": side(false),
+            "v2": side(true),
+            "compared": self.compared,
+            "mismatch_rate": self.mismatch_rate(),
+            "control_jobs": self.control_jobs,
+            "control_error_rate": Self::ratio(self.control_errors, self.control_jobs),
+        })
+    }
+}
+
+struct RolloutState {
+    id: i64,
+    release: i64,
+    service: String,
+    from_version: String,
+    to_version: String,
+    after: Vec<String>,
+    phase: Phase,
+    entered_ms: u64,
+    created_ms: u64,
+    machines_before: BTreeMap<String, MachineRole>,
+    transitions: Vec<TransitionRecord>,
+    verdict: Option<serde_json::Value>,
+    /// Present while the rollout may still be judged.
+    judge: Option<Judge>,
+    numbers: PairNumbers,
+    next_seq: u64,
+    /// Callers' jobs per version while v2 is active (joining, retiring), for the live guard.
+    live: LiveCounts,
+}
+
+/// Outcomes of callers' jobs (active configuration) per side, from the balancer's series.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LiveCounts {
+    pub v1_jobs: u64,
+    pub v1_errors: u64,
+    pub v2_jobs: u64,
+    pub v2_errors: u64,
+}
+
+impl LiveCounts {
+    /// v2's error rate above v1's, once v2 served `min_jobs` jobs.
+    fn excess_error_rate(&self, min_jobs: u64) -> Option<(f64, f64)> {
+        if self.v2_jobs < min_jobs.max(1) {
+            return None;
+        }
+        let v2 = self.v2_errors as f64 / self.v2_jobs as f64;
+        let v1 = if self.v1_jobs == 0 {
+            0.0
+        } else {
+            self.v1_errors as f64 / self.v1_jobs as f64
+        };
+        Some((v1, v2))
+    }
+}
+
+struct ReleaseState {
+    id: i64,
+    created_ms: u64,
+    rollback_on_failure: bool,
+    /// Rollout ids in plan order.
+    rollouts: Vec<i64>,
+}
+
+#[derive(Default)]
+struct ServiceState {
+    version: String,
+    cursor: u64,
+    /// Last committed config (the one to run).
+    desired: Option<BalancerConfig>,
+    /// Version the balancer acknowledged since this controller started.
+    acked: Option<u64>,
+    last_push_error: Option<String>,
+    last_push_ms: Option<u64>,
+    last_stats: Option<StatsView>,
+    last_stats_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct StatsView {
+    at_ms: u64,
+    config_version: u64,
+    cursor: u64,
+    machines: Vec<MachineStatus>,
+    pairs_lost: u64,
+    mirror_dropped: u64,
+}
+
+struct State {
+    cluster: Cluster,
+    store: Store,
+    services: BTreeMap<String, ServiceState>,
+    rollouts: BTreeMap<i64, RolloutState>,
+    releases: BTreeMap<i64, ReleaseState>,
+    roles: BTreeMap<String, MachineRole>,
+}
+
+/// The controller proper, shared by the reconcile loop and the admin endpoint.
+pub struct Core {
+    state: Mutex<State>,
+    client: Arc<dyn BalancerClient>,
+    pub(crate) metrics: Metrics,
+    clock: Clock,
+    token: String,
+    wake: Notify,
+}
+
+/// A release request (`POST /api/v1/releases`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// service -> version.
+    pub services: BTreeMap<String, String>,
+    /// When a service fails, roll back what already joined, in reverse dependency order.
+    #[serde(default)]
+    pub rollback_on_failure: bool,
+    /// Only show the plan.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseAnswer {
+    pub release: Option<i64>,
+    pub dry_run: bool,
+    pub plan: Vec<PlanLine>,
+    pub rollouts: Vec<RolloutView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanLine {
+    pub wave: usize,
+    pub service: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub after: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub id: i64,
+    pub release: i64,
+    pub service: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub phase: String,
+    /// Joining step (0-based) while joining.
+    pub step: Option<u32>,
+    pub entered_ms: u64,
+    pub created_ms: u64,
+    pub after: Vec<String>,
+    pub requires_approval: bool,
+    /// Latest verdict with the numbers behind it.
+    pub verdict: Option<serde_json::Value>,
+    /// Display numbers of the pairs compared so far.
+    pub numbers: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutDetail {
+    #[serde(flatten)]
+    pub rollout: RolloutView,
+    pub transitions: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseView {
+    pub id: i64,
+    pub created_ms: u64,
+    pub rollback_on_failure: bool,
+    pub finished: bool,
+    /// Rollout ids in plan order.
+    pub rollouts: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub version: String,
+    pub depends_on: Vec<String>,
+    pub versions: Vec<String>,
+    pub requires_approval: bool,
+    pub balancer: Option<String>,
+    /// The unfinished rollout of the service, if any.
+    pub rollout: Option<i64>,
+    pub phase: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineView {
+    pub id: String,
+    pub service: String,
+    pub version: String,
+    pub address: String,
+    pub weight: u32,
+    pub role: MachineRole,
+    /// Configuration in the service's current balancer config, if it is in it.
+    pub config: Option<PoolRole>,
+    pub history: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BalancerView {
+    pub service: String,
+    pub url: Option<String>,
+    pub desired_version: Option<u64>,
+    pub acked_version: Option<u64>,
+    pub in_sync: bool,
+    pub last_push_ms: Option<u64>,
+    pub last_push_error: Option<String>,
+    pub cursor: u64,
+    pub last_stats: Option<serde_json::Value>,
+    pub last_stats_error: Option<String>,
+    pub config: Option<BalancerConfig>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves memory possibly ahead of nothing: the store is the
+    // truth and memory is only changed after a commit, so the data is still usable.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The balancer config a service should run, given machine roles and its unfinished rollout.
+fn desired_machines(
+    cluster: &Cluster,
+    service: &Service,
+    roles: &BTreeMap<String, MachineRole>,
+    rollout: Option<(Phase, &str)>,
+) -> Vec<MachineEntry> {
+    let entry = |m: &crate::cluster::Machine, weight: u32, config: PoolRole| MachineEntry {
+        id: m.id.clone(),
+        version: m.version.clone(),
+        address: m.address.clone(),
+        weight: weight.clamp(1, 1000),
+        config,
+    };
+    let scaled = |w: u32, percent: u32| ((w * percent + 50) / 100).max(1);
+    let mut out = Vec::new();
+    for m in cluster.machines_of(&service.name) {
+        let role = roles.get(&m.id).copied().unwrap_or(MachineRole::Retired);
+        let candidate = |to: &str| role.is_candidate() && m.version == to;
+        match rollout {
+            Some((Phase::Simulating | Phase::Judged { .. } | Phase::AwaitingApproval, to)) => {
+                match role {
+                    MachineRole::Active => out.push(entry(m, m.weight, PoolRole::Active)),
+                    MachineRole::Control => out.push(entry(m, m.weight, PoolRole::Simulation)),
+                    _ if candidate(to) => out.push(entry(m, m.weight, PoolRole::Simulation)),
+                    _ => {}
+                }
+            }
+            Some((Phase::Joining { step }, to)) => {
+                let share = service.policy.join_steps.get(step as usize).copied();
+                if role == MachineRole::Active {
+                    let w = share.map_or(m.weight, |p| scaled(m.weight, 100 - p));
+                    out.push(entry(m, w, PoolRole::Active));
+                } else if candidate(to) {
+                    let w = share.map_or(m.weight, |p| scaled(m.weight, p));
+                    out.push(entry(m, w, PoolRole::Active));
+                }
+            }
+            Some((Phase::Retiring, to)) => {
+                if candidate(to) {
+                    out.push(entry(m, m.weight, PoolRole::Active));
+                }
+            }
+            _ => {
+                if role == MachineRole::Active {
+                    out.push(entry(m, m.weight, PoolRole::Active));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl State {
+    fn service(&self, name: &str) -> &Service {
+        &self.cluster.services[name]
+    }
+
+    /// The service's unfinished rollout.
+    fn open_rollout(&self, service: &str) -> Option<&RolloutState> {
+        self.rollouts
+            .values()
+            .rev()
+            .find(|r| r.service == service && !r.phase.is_finished())
+    }
+
+    fn release_finished(&self, release: &ReleaseState) -> bool {
+        let phases: Vec<Phase> = release
+            .rollouts
+            .iter()
+            .map(|id| self.rollouts[id].phase)
+            .collect();
+        let all_finished = phases.iter().all(|p| p.is_finished());
+        let unwinding = release.rollback_on_failure && phases.iter().any(|p| p.is_failed());
+        all_finished && !(unwinding && phases.contains(&Phase::Complete))
+    }
+
+    /// Services taking part in an unfinished release.
+    fn busy_services(&self) -> BTreeSet<String> {
+        self.releases
+            .values()
+            .filter(|r| !self.release_finished(r))
+            .flat_map(|r| {
+                r.rollouts
+                    .iter()
+                    .map(|id| self.rollouts[id].service.clone())
+            })
+            .collect()
+    }
+
+    /// Computes the config for `service` under `roles` and `rollout`; returns it with a new version
+    /// when it differs from the committed one.
+    fn next_config(
+        &self,
+        service: &str,
+        roles: &BTreeMap<String, MachineRole>,
+        rollout: Option<(Phase, &str)>,
+    ) -> Option<BalancerConfig> {
+        let spec = self.service(service);
+        let machines = desired_machines(&self.cluster, spec, roles, rollout);
+        let current = self.services.get(service).and_then(|s| s.desired.as_ref());
+        let candidate = BalancerConfig {
+            service: service.to_string(),
+            version: current.map_or(1, |c| c.version + 1),
+            mirror_fraction: spec.mirror_fraction,
+            compare_body: spec.compare_body,
+            drain_timeout_ms: spec.drain_timeout.as_millis() as u64,
+            machines,
+        };
+        match current {
+            Some(c)
+                if BalancerConfig {
+                    version: c.version,
+                    ..candidate.clone()
+                } == *c =>
+            {
+                None
+            }
+            _ => Some(candidate),
+        }
+    }
+}
+
+impl Core {
+    /// Opens the store, records the cluster's services and machines it does not know yet, and
+    /// reads back every rollout where it stood.
+    pub fn open(
+        cluster: Cluster,
+        store: Store,
+        client: Arc<dyn BalancerClient>,
+        token: String,
+    ) -> Result<Core, ControllerError> {
+        let clock = Clock::new();
+        let metrics = Metrics::new()?;
+        let mut state = State {
+            cluster,
+            store,
+            services: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
+            releases: BTreeMap::new(),
+            roles: BTreeMap::new(),
+        };
+        let now = clock.now_ms();
+        let known = state.store.machine_roles()?;
+        let cluster = state.cluster.clone();
+        state.store.write(|tx| {
+            for service in cluster.services.values() {
+                store::upsert_service(tx, &service.name, &service.declared_version)?;
+            }
+            for m in &cluster.machines {
+                if known.contains_key(&m.id) {
+                    continue;
+                }
+                let declared = &cluster.services[&m.service].declared_version;
+                let role = match m.config {
+                    PoolRole::Active => MachineRole::Active,
+                    PoolRole::Simulation if &m.version == declared => MachineRole::Control,
+                    PoolRole::Simulation => MachineRole::Standby,
+                };
+                store::set_machine_role(
+                    tx,
+                    &m.id,
+                    &m.service,
+                    &m.version,
+                    role,
+                    now,
+                    None,
+                    "declared in the cluster file",
+                )?;
+            }
+            Ok(())
+        })?;
+        state.roles = state.store.machine_roles()?;
+        for row in state.store.services()? {
+            if !state.cluster.services.contains_key(&row.name) {
+                continue;
+            }
+            metrics.register_service(&row.name);
+            state.services.insert(
+                row.name.clone(),
+                ServiceState {
+                    version: row.version,
+                    cursor: row.stats_cursor,
+                    desired: row.config,
+                    ..ServiceState::default()
+                },
+            );
+        }
+        for row in state.store.releases()? {
+            state.releases.insert(
+                row.id,
+                ReleaseState {
+                    id: row.id,
+                    created_ms: row.created_ms,
+                    rollback_on_failure: row.rollback_on_failure,
+                    rollouts: Vec::new(),
+                },
+            );
+        }
+        for row in state.store.rollouts()? {
+            if !row.phase.is_finished() && !state.cluster.services.contains_key(&row.service) {
+                return Err(ControllerError::Inconsistent(format!(
+                    "rollout {} of service `{}` is unfinished, and the cluster no longer declares `{}`",
+                    row.id, row.service, row.service
+                )));
+            }
+            let open = !row.phase.is_finished();
+            let mut judge = None;
+            let mut numbers = PairNumbers::default();
+            let mut next_seq = 0;
+            if open {
+                // Replaying the recorded pairs in order rebuilds the judge exactly as it stood.
+                let condition = state
+                    .cluster
+                    .services
+                    .get(&row.service)
+                    .map(|s| s.condition.clone())
+                    .unwrap_or_default();
+                let mut j = Judge::new(condition);
+                for pair in state.store.pairs(row.id)? {
+                    feed(&mut j, &pair);
+                    numbers.record(&pair);
+                    next_seq += 1;
+                }
+                judge = Some(j);
+            }
+            let transitions = state.store.transitions(row.id)?;
+            for t in &transitions {
+                metrics
+                    .transitions
+                    .with_label_values(&[&row.service, &t.source_phase(), &t.target_phase()])
+                    .inc();
+            }
+            metrics.set_phase(&row.service, row.id, row.phase.name());
+            if let Some(release) = state.releases.get_mut(&row.release) {
+                release.rollouts.push(row.id);
+            }
+            state.rollouts.insert(
+                row.id,
+                RolloutState {
+                    id: row.id,
+                    release: row.release,
+                    service: row.service,
+                    from_version: row.from_version,
+                    to_version: row.to_version,
+                    after: row.after,
+                    phase: row.phase,
+                    entered_ms: row.entered_ms,
+                    created_ms: row.created_ms,
+                    machines_before: row.machines_before,
+                    transitions,
+                    verdict: row.verdict,
+                    judge,
+                    numbers,
+                    next_seq,
+                    live: LiveCounts::default(),
+                },
+            );
+        }
+        let core = Core {
+            state: Mutex::new(state),
+            client,
+            metrics,
+            clock,
+            token,
+            wake: Notify::new(),
+        };
+        core.commit_configs()?;
+        Ok(core)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Asks the reconcile loop to run now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Commits a new config version for every service whose config differs from what it should be.
+    fn commit_configs(&self) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        let names: Vec<String> = state.cluster.services.keys().cloned().collect();
+        for name in names {
+            let rollout = state
+                .open_rollout(&name)
+                .map(|r| (r.phase, r.to_version.clone()));
+            let next = state.next_config(
+                &name,
+                &state.roles,
+                rollout.as_ref().map(|(p, v)| (*p, v.as_str())),
+            );
+            if let Some(config) = next {
+                state.store.write(|tx| store::set_config(tx, &config))?;
+                if let Some(s) = state.services.get_mut(&name) {
+                    s.desired = Some(config);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Performs one transition: decided by [`transition`], committed with its consequences (machine
+    /// roles, service version, balancer config), then applied to memory. The push follows later.
+    fn apply(
+        &self,
+        state: &mut State,
+        rollout_id: i64,
+        event: Event,
+        cause: &str,
+        actor: Actor,
+        details: serde_json::Value,
+    ) -> Result<Phase, ApplyError> {
+        let now = self.clock.now_ms();
+        let r = state
+            .rollouts
+            .get(&rollout_id)
+            .ok_or(ApplyError::NotFound(rollout_id))?;
+        let service = r.service.clone();
+        let policy = state.service(&service).policy.clone();
+        let from = r.phase;
+        let to = transition(from, event, &policy)?;
+
+        // Consequences on machine roles and the service's version.
+        let mut roles = state.roles.clone();
+        let mut role_changes: Vec<(String, MachineRole)> = Vec::new();
+        let mut new_version = None;
+        if to == Phase::Complete {
+            for m in state.cluster.machines_of(&service) {
+                let role = roles.get(&m.id).copied().unwrap_or(MachineRole::Retired);
+                let next = if m.version == r.to_version && role.is_candidate() {
+                    MachineRole::Active
+                } else if matches!(role, MachineRole::Active | MachineRole::Control) {
+                    MachineRole::Retired
+                } else {
+                    role
+                };
+                if next != role {
+                    role_changes.push((m.id.clone(), next));
+                }
+            }
+            new_version = Some(r.to_version.clone());
+        }
+        if to == Phase::RolledBack && from == Phase::Complete {
+            for (id, before) in &r.machines_before {
+                if roles.get(id) != Some(before) {
+                    role_changes.push((id.clone(), *before));
+                }
+            }
+            new_version = Some(r.from_version.clone());
+        }
+        for (id, role) in &role_changes {
+            roles.insert(id.clone(), *role);
+        }
+        let to_version = r.to_version.clone();
+        let open_after = (!to.is_finished()).then_some((to, to_version.as_str()));
+        let config = state.next_config(&service, &roles, open_after);
+        let record = TransitionRecord {
+            at_ms: now,
+            from: from.to_string(),
+            to: to.to_string(),
+            cause: cause.to_string(),
+            actor,
+            details,
+        };
+        let machines: BTreeMap<String, (String, String)> = state
+            .cluster
+            .machines_of(&service)
+            .map(|m| (m.id.clone(), (m.service.clone(), m.version.clone())))
+            .collect();
+        state.store.write(|tx| {
+            store::record_transition(tx, rollout_id, from, to, &record)?;
+            for (id, role) in &role_changes {
+                // A machine the cluster file no longer declares has no balancer entry to change.
+                let Some((svc, version)) = machines.get(id) else {
+                    continue;
+                };
+                store::set_machine_role(tx, id, svc, version, *role, now, Some(rollout_id), cause)?;
+            }
+            if let Some(v) = &new_version {
+                store::set_service_version(tx, &service, v)?;
+            }
+            if let Some(c) = &config {
+                store::set_config(tx, c)?;
+            }
+            Ok(())
+        })?;
+
+        // Committed: now memory follows.
+        state.roles = roles;
+        let s = state.services.entry(service.clone()).or_default();
+        if let Some(v) = new_version {
+            s.version = v;
+        }
+        if let Some(c) = config {
+            s.desired = Some(c);
+        }
+        if let Some(r) = state.rollouts.get_mut(&rollout_id) {
+            r.phase = to;
+            r.entered_ms = now;
+            r.transitions.push(record);
+            if to != Phase::Simulating && !matches!(to, Phase::Pending) {
+                r.judge = None;
+            }
+        }
+        self.metrics.set_phase(&service, rollout_id, to.name());
+        self.metrics
+            .transitions
+            .with_label_values(&[&service, from.name(), to.name()])
+            .inc();
+        tracing::info!(rollout = rollout_id, %service, %from, %to, cause, actor = actor.as_str(), "transition");
+        Ok(to)
+    }
+
+    /// Moves every release forward as far as it can go now: dependencies, timers, unwinding.
+    fn advance(&self, state: &mut State) {
+        // Each pass may enable more moves (a chain unwinding); the bound is the number of rollouts.
+        for _ in 0..=state.rollouts.len() {
+            if !self.advance_once(state) {
+                break;
+            }
+        }
+    }
+
+    fn advance_once(&self, state: &mut State) -> bool {
+        let now = self.clock.now_ms();
+        let mut moves: Vec<(i64, Event, String)> = Vec::new();
+        for release in state.releases.values() {
+            if state.release_finished(release) {
+                continue;
+            }
+            let phase_of = |service: &str| {
+                release
+                    .rollouts
+                    .iter()
+                    .map(|id| &state.rollouts[id])
+                    .find(|r| r.service == service)
+                    .map(|r| r.phase)
+            };
+            // A dependency's balancer must run its new config before dependents move.
+            let synced = |service: &str| {
+                state
+                    .services
+                    .get(service)
+                    .is_some_and(|s| s.desired.as_ref().map(|c| c.version) == s.acked)
+            };
+            let failed: Vec<&str> = release
+                .rollouts
+                .iter()
+                .map(|id| &state.rollouts[id])
+                .filter(|r| r.phase.is_failed())
+                .map(|r| r.service.as_str())
+                .collect();
+            if release.rollback_on_failure && !failed.is_empty() {
+                // Unwind in reverse dependency order: a rollout goes once its dependents are out.
+                for id in release.rollouts.iter().rev() {
+                    let r = &state.rollouts[id];
+                    if r.phase.is_failed() {
+                        continue;
+                    }
+                    if r.phase == Phase::Complete {
+                        let newest = state
+                            .rollouts
+                            .values()
+                            .rev()
+                            .find(|o| o.service == r.service)
+                            .map(|o| o.id);
+                        if newest != Some(r.id) {
+                            continue;
+                        }
+                    }
+                    let dependents_out = release
+                        .rollouts
+                        .iter()
+                        .map(|d| &state.rollouts[d])
+                        .filter(|d| d.after.contains(&r.service))
+                        .all(|d| d.phase.is_failed());
+                    if dependents_out {
+                        moves.push((
+                            r.id,
+                            Event::Rollback,
+                            format!(
+                                "release {} rolling back: {} failed",
+                                release.id,
+                                failed.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                continue;
+            }
+            for id in &release.rollouts {
+                let r = &state.rollouts[id];
+                let Some(spec) = state.cluster.services.get(&r.service) else {
+                    continue;
+                };
+                let policy = &spec.policy;
+                let in_phase_ms = now.saturating_sub(r.entered_ms);
+                match r.phase {
+                    Phase::Pending => {
+                        let dep_failed = r
+                            .after
+                            .iter()
+                            .find(|d| phase_of(d).is_some_and(|p| p.is_failed()));
+                        if let Some(dep) = dep_failed {
+                            moves.push((
+                                r.id,
+                                Event::DependencyFailed,
+                                format!("dependency {dep} did not join"),
+                            ));
+                        } else if r
+                            .after
+                            .iter()
+                            .all(|d| phase_of(d).is_none_or(|p| p.has_joined()) && synced(d))
+                        {
+                            let cause = if r.after.is_empty() {
+                                "no dependency in the release".to_string()
+                            } else {
+                                format!("dependencies joined: {}", r.after.join(", "))
+                            };
+                            moves.push((r.id, Event::DependenciesJoined, cause));
+                        }
+                    }
+                    Phase::Simulating => {
+                        if let Some(limit) = policy.simulation_timeout {
+                            if in_phase_ms >= limit.as_millis() as u64 {
+                                moves.push((
+                                    r.id,
+                                    Event::SimulationTimedOut,
+                                    format!(
+                                        "not enough data after {} ms of simulation",
+                                        limit.as_millis()
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    Phase::Judged { passed } => {
+                        let cause = match (passed, policy.requires_approval) {
+                            (false, _) => "the joining condition failed",
+                            (true, true) => "passed; the service asks for ops approval",
+                            (true, false) => "passed",
+                        };
+                        moves.push((r.id, Event::Route, cause.to_string()));
+                    }
+                    Phase::Joining { step }
+                        if in_phase_ms >= policy.join_step.as_millis() as u64 =>
+                    {
+                        moves.push((
+                            r.id,
+                            Event::StepHeld,
+                            format!(
+                                "joining step {step} held {} ms",
+                                policy.join_step.as_millis()
+                            ),
+                        ));
+                    }
+                    Phase::Retiring => {
+                        let s = &state.services[&r.service];
+                        let desired = s.desired.as_ref().map_or(0, |c| c.version);
+                        let drained = s.last_stats.as_ref().is_some_and(|st| {
+                            st.config_version >= desired
+                                && !st.machines.iter().any(|m| m.version == r.from_version)
+                        });
+                        let timeout = spec.drain_timeout.as_millis() as u64;
+                        if drained {
+                            moves.push((
+                                r.id,
+                                Event::Drained,
+                                format!("no {} machine left on the balancer", r.from_version),
+                            ));
+                        } else if in_phase_ms >= timeout {
+                            moves.push((
+                                r.id,
+                                Event::Drained,
+                                format!("drain timeout of {timeout} ms passed"),
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut moved = false;
+        for (id, event, cause) in moves {
+            // A move computed above may no longer apply after an earlier one in this pass.
+            match self.apply(
+                state,
+                id,
+                event,
+                &cause,
+                Actor::Controller,
+                serde_json::json!({}),
+            ) {
+                Ok(_) => moved = true,
+                Err(ApplyError::Transition(e)) => tracing::debug!(rollout = id, "skipped: {e}"),
+                Err(e) => {
+                    tracing::error!(rollout = id, "transition not committed: {e}");
+                    return false;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Takes in one stats report: records the pairs of the service's simulating rollout, advances
+    /// the cursor, feeds the judge, and moves the rollout when the judge decided.
+    fn take_stats(&self, state: &mut State, report: StatsReport) -> Result<(), ApplyError> {
+        let service = report.service.clone();
+        let now = self.clock.now_ms();
+        let simulating = state
+            .open_rollout(&service)
+            .filter(|r| r.phase == Phase::Simulating)
+            .map(|r| {
+                (
+                    r.id,
+                    r.from_version.clone(),
+                    r.to_version.clone(),
+                    r.next_seq,
+                )
+            });
+        let mut pairs = Vec::new();
+        if let Some((_, from, to, _)) = &simulating {
+            pairs = report
+                .pairs
+                .iter()
+                .filter_map(|p| stored_pair(p, from, to))
+                .collect();
+        }
+        let mut verdict_json = None;
+        let mut decided = None;
+        if let Some((id, _, _, _)) = &simulating {
+            if let Some(r) = state.rollouts.get_mut(id) {
+                if let Some(judge) = r.judge.as_mut() {
+                    for p in &pairs {
+                        feed(judge, p);
+                    }
+                    if !pairs.is_empty() || r.verdict.is_none() {
+                        let mut numbers = r.numbers.clone();
+                        for p in &pairs {
+                            numbers.record(p);
+                        }
+                        let verdict = judge.verdict();
+                        let json = verdict_json_of(&verdict, &numbers);
+                        if verdict.decision != Decision::NotEnoughData {
+                            decided = Some(verdict);
+                        }
+                        verdict_json = Some(json);
+                    }
+                }
+            }
+        }
+        let cursor = report.cursor;
+        let unchanged = state.services.get(&service).map(|s| s.cursor) == Some(cursor);
+        // An idle balancer's report changes nothing worth a write.
+        if !(unchanged && pairs.is_empty() && verdict_json.is_none()) {
+            state.store.write(|tx| {
+                if let Some((id, _, _, seq)) = &simulating {
+                    store::insert_pairs(tx, *id, *seq, &pairs)?;
+                    if let Some(v) = &verdict_json {
+                        store::set_verdict(tx, *id, v)?;
+                    }
+                }
+                store::set_cursor(tx, &service, cursor)
+            })?;
+        }
+        if let Some((id, _, _, _)) = &simulating {
+            if let Some(r) = state.rollouts.get_mut(id) {
+                for p in &pairs {
+                    r.numbers.record(p);
+                }
+                r.next_seq += pairs.len() as u64;
+                if let Some(v) = verdict_json.clone() {
+                    r.verdict = Some(v);
+                }
+                self.publish_verdict(r);
+            }
+        }
+        let guard = self.live_guard(state, &report.series, &service);
+        if let Some(s) = state.services.get_mut(&service) {
+            s.cursor = cursor;
+            s.last_stats = Some(StatsView {
+                at_ms: now,
+                config_version: report.config_version,
+                cursor,
+                machines: report.machines,
+                pairs_lost: report.pairs_lost,
+                mirror_dropped: report.mirror_dropped,
+            });
+            s.last_stats_error = None;
+        }
+        if let (Some((id, _, _, _)), Some(verdict)) = (simulating, decided) {
+            let cause = format!("judge: {} ({})", verdict.decision.as_str(), verdict.rule);
+            let details = verdict_json.unwrap_or_default();
+            self.apply(
+                state,
+                id,
+                Event::Verdict {
+                    decision: verdict.decision,
+                    hard: verdict.hard,
+                },
+                &cause,
+                Actor::Controller,
+                details,
+            )?;
+        }
+        if let Some((id, cause, details)) = guard {
+            self.apply(
+                state,
+                id,
+                Event::Rollback,
+                &cause,
+                Actor::Controller,
+                details,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// While v2 serves callers (joining, retiring), counts callers' outcomes per version; a v2
+    /// whose error rate exceeds v1's by the condition's hard margin is pulled (the judge decided
+    /// on mirrored copies; this catches what only real traffic shows).
+    fn live_guard(
+        &self,
+        state: &mut State,
+        series: &[SeriesStats],
+        service: &str,
+    ) -> Option<(i64, String, serde_json::Value)> {
+        let condition = state.cluster.services.get(service)?.condition.clone();
+        let id = state
+            .open_rollout(service)
+            .filter(|r| matches!(r.phase, Phase::Joining { .. } | Phase::Retiring))?
+            .id;
+        let r = state.rollouts.get_mut(&id)?;
+        for s in series.iter().filter(|s| s.config == PoolRole::Active) {
+            let o = &s.outcomes;
+            let total = o.ok + o.client_error + o.server_error + o.timeout + o.connect_failure;
+            if s.version == r.to_version {
+                r.live.v2_jobs += total;
+                r.live.v2_errors += total - o.ok;
+            } else if s.version == r.from_version {
+                r.live.v1_jobs += total;
+                r.live.v1_errors += total - o.ok;
+            }
+        }
+        let (v1, v2) = r.live.excess_error_rate(condition.min_jobs)?;
+        if v2 - v1 <= condition.hard_error_rate_increase {
+            return None;
+        }
+        let cause = format!(
+            "live guard: callers saw {:.2}% errors on {} against {:.2}% on {} (hard margin {:.2} points)",
+            v2 * 100.0,
+            r.to_version,
+            v1 * 100.0,
+            r.from_version,
+            condition.hard_error_rate_increase * 100.0
+        );
+        Some((id, cause, serde_json::to_value(r.live).unwrap_or_default()))
+    }
+
+    fn publish_verdict(&self, r: &RolloutState) {
+        let id = r.id.to_string();
+        let labels = |version: &str, config: &str, q: &str| {
+            [
+                r.service.clone(),
+                id.clone(),
+                version.to_string(),
+                config.to_string(),
+                q.to_string(),
+            ]
+        };
+        for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+            let l = labels(&r.from_version, "active", name);
+            self.metrics
+                .verdict_latency
+                .with_label_values(&l.each_ref().map(String::as_str))
+                .set(r.numbers.quantile_seconds(false, q));
+            let l = labels(&r.to_version, "simulation", name);
+            self.metrics
+                .verdict_latency
+                .with_label_values(&l.each_ref().map(String::as_str))
+                .set(r.numbers.quantile_seconds(true, q));
+        }
+        self.metrics
+            .verdict_error_ratio
+            .with_label_values(&[&r.service, &id, &r.from_version, "active"])
+            .set(r.numbers.error_rate(false));
+        self.metrics
+            .verdict_error_ratio
+            .with_label_values(&[&r.service, &id, &r.to_version, "simulation"])
+            .set(r.numbers.error_rate(true));
+        self.metrics
+            .verdict_jobs
+            .with_label_values(&[&r.service, &id])
+            .set(r.numbers.jobs as i64);
+        self.metrics
+            .verdict_mismatch_ratio
+            .with_label_values(&[&r.service, &id])
+            .set(r.numbers.mismatch_rate());
+        let decision = r
+            .verdict
+            .as_ref()
+            .and_then(|v| v.get("decision"))
+            .and_then(|d| d.as_str())
+            .unwrap_or("not_enough_data");
+        for name in ["pass", "fail", "not_enough_data"] {
+            self.metrics
+                .verdict_decision
+                .with_label_values(&[&r.service, &id, name])
+                .set(i64::from(name == decision));
+        }
+    }
+
+    /// One reconcile round: read stats, move rollouts, push what changed.
+    pub async fn tick(&self) {
+        let targets: Vec<(String, String, u64)> = {
+            let state = lock(&self.state);
+            state
+                .cluster
+                .services
+                .values()
+                .filter_map(|s| {
+                    let url = s.balancer.clone()?;
+                    Some((
+                        s.name.clone(),
+                        url,
+                        state.services.get(&s.name).map_or(0, |x| x.cursor),
+                    ))
+                })
+                .collect()
+        };
+        let mut reads = tokio::task::JoinSet::new();
+        for (service, url, cursor) in targets {
+            let client = self.client.clone();
+            reads.spawn(async move {
+                let result = client.stats(&url, &service, cursor).await;
+                (service, cursor, result)
+            });
+        }
+        let mut reports = Vec::new();
+        while let Some(joined) = reads.join_next().await {
+            if let Ok(r) = joined {
+                reports.push(r);
+            }
+        }
+        reports.sort_by(|a, b| a.0.cmp(&b.0));
+        {
+            let mut state = lock(&self.state);
+            for (service, cursor, result) in reports {
+                match result {
+                    Ok(report) => {
+                        // A read based on a cursor that moved meanwhile would count pairs twice.
+                        if state.services.get(&service).map(|s| s.cursor) != Some(cursor) {
+                            continue;
+                        }
+                        if report.service != service {
+                            tracing::warn!(%service, other = %report.service, "stats of another service ignored");
+                            continue;
+                        }
+                        if let Err(e) = self.take_stats(&mut state, report) {
+                            tracing::error!(%service, "stats not recorded: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .stats_failures
+                            .with_label_values(&[&service])
+                            .inc();
+                        if let Some(s) = state.services.get_mut(&service) {
+                            s.last_stats_error = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            self.advance(&mut state);
+        }
+        self.push_pending().await;
+    }
+
+    /// Pushes every committed config the balancer has not acknowledged, in release order.
+    async fn push_pending(&self) {
+        let pushes: Vec<(String, String, BalancerConfig)> = {
+            let state = lock(&self.state);
+            let mut order: Vec<(u64, String, String, BalancerConfig)> = state
+                .services
+                .iter()
+                .filter_map(|(name, s)| {
+                    let desired = s.desired.as_ref()?;
+                    if s.acked == Some(desired.version) {
+                        return None;
+                    }
+                    let url = state.cluster.services.get(name)?.balancer.clone()?;
+                    // The service whose rollout moved last goes last: dependencies first.
+                    let moved_at = state
+                        .rollouts
+                        .values()
+                        .filter(|r| &r.service == name)
+                        .map(|r| r.entered_ms)
+                        .max()
+                        .unwrap_or(0);
+                    Some((moved_at, name.clone(), url, desired.clone()))
+                })
+                .collect();
+            order.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            order.into_iter().map(|(_, n, u, c)| (n, u, c)).collect()
+        };
+        for (service, url, config) in pushes {
+            let started = std::time::Instant::now();
+            let result = self.client.push(&url, &config).await;
+            self.metrics
+                .push_seconds
+                .with_label_values(&[&service])
+                .observe(started.elapsed().as_secs_f64());
+            let mut state = lock(&self.state);
+            let now = self.clock.now_ms();
+            match result {
+                Ok(ack) if ack.version == config.version => {
+                    if let Some(s) = state.services.get_mut(&service) {
+                        s.acked = Some(ack.version);
+                        s.last_push_error = None;
+                        s.last_push_ms = Some(now);
+                    }
+                }
+                Ok(ack) => {
+                    self.metrics
+                        .push_failures
+                        .with_label_values(&[&service])
+                        .inc();
+                    if let Some(s) = state.services.get_mut(&service) {
+                        s.last_push_error = Some(format!(
+                            "acknowledged version {} instead of {}",
+                            ack.version, config.version
+                        ));
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .push_failures
+                        .with_label_values(&[&service])
+                        .inc();
+                    let stale = matches!(e, BalancerError::Stale { .. });
+                    if let Some(s) = state.services.get_mut(&service) {
+                        // Retried every tick: log when the failure starts or changes, not each time.
+                        let message = e.to_string();
+                        if s.last_push_error.as_deref() != Some(message.as_str()) {
+                            tracing::warn!(%service, "push of config {} failed: {message}", config.version);
+                        }
+                        s.last_push_error = Some(message);
+                    }
+                    if stale {
+                        // The balancer runs a newer version (a lost database): move past it.
+                        let running = state
+                            .services
+                            .get(&service)
+                            .and_then(|s| s.last_stats.as_ref())
+                            .map_or(0, |st| st.config_version);
+                        let bumped = BalancerConfig {
+                            version: running.max(config.version) + 1,
+                            ..config.clone()
+                        };
+                        if state
+                            .store
+                            .write(|tx| store::set_config(tx, &bumped))
+                            .is_ok()
+                        {
+                            if let Some(s) = state.services.get_mut(&service) {
+                                if s.desired.as_ref().map(|d| d.version) == Some(config.version) {
+                                    s.desired = Some(bumped);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- admin operations ----
+
+    pub fn release(&self, request: &ReleaseRequest) -> Result<ReleaseAnswer, RequestError> {
+        let mut state = lock(&self.state);
+        let current: BTreeMap<String, String> = state
+            .services
+            .iter()
+            .map(|(k, v)| (k.clone(), v.version.clone()))
+            .collect();
+        let plan =
+            Plan::for_release(&state.cluster, &current, &request.services).map_err(
+                |e| match e {
+                    PlanError::AlreadyRunning { .. } => RequestError::Conflict(e.to_string()),
+                    other => RequestError::BadRequest(other.to_string()),
+                },
+            )?;
+        for (service, version) in &request.services {
+            let available = state.cluster.machines_of(service).any(|m| {
+                &m.version == version && state.roles.get(&m.id).is_some_and(|r| r.is_candidate())
+            });
+            if !available {
+                return Err(RequestError::BadRequest(format!(
+                    "service `{service}` has no machine of version `{version}` outside the active configuration"
+                )));
+            }
+        }
+        let busy = state.busy_services();
+        let clashing: Vec<&String> = request
+            .services
+            .keys()
+            .filter(|s| busy.contains(*s))
+            .collect();
+        if !clashing.is_empty() {
+            return Err(RequestError::Conflict(format!(
+                "already in a release that has not finished: {}",
+                clashing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let lines: Vec<PlanLine> = plan
+            .entries
+            .iter()
+            .map(|e| PlanLine {
+                wave: e.wave,
+                service: e.service.clone(),
+                from_version: current.get(&e.service).cloned().unwrap_or_default(),
+                to_version: e.version.clone(),
+                after: e.after.clone(),
+            })
+            .collect();
+        if request.dry_run {
+            return Ok(ReleaseAnswer {
+                release: None,
+                dry_run: true,
+                plan: lines,
+                rollouts: Vec::new(),
+            });
+        }
+        let now = self.clock.now_ms();
+        let roles = state.roles.clone();
+        let cluster = state.cluster.clone();
+        let (release_id, ids) = state.store.write(|tx| {
+            let release = store::insert_release(tx, now, request.rollback_on_failure)?;
+            let mut ids = Vec::new();
+            for line in &lines {
+                let before: BTreeMap<String, MachineRole> = cluster
+                    .machines_of(&line.service)
+                    .filter_map(|m| roles.get(&m.id).map(|r| (m.id.clone(), *r)))
+                    .collect();
+                ids.push(store::insert_rollout(
+                    tx,
+                    release,
+                    &line.service,
+                    &line.from_version,
+                    &line.to_version,
+                    &line.after,
+                    now,
+                    &before,
+                )?);
+            }
+            Ok((release, ids))
+        })?;
+        for (line, id) in lines.iter().zip(&ids) {
+            let condition = state.service(&line.service).condition.clone();
+            let before = cluster
+                .machines_of(&line.service)
+                .filter_map(|m| roles.get(&m.id).map(|r| (m.id.clone(), *r)))
+                .collect();
+            state.rollouts.insert(
+                *id,
+                RolloutState {
+                    id: *id,
+                    release: release_id,
+                    service: line.service.clone(),
+                    from_version: line.from_version.clone(),
+                    to_version: line.to_version.clone(),
+                    after: line.after.clone(),
+                    phase: Phase::Pending,
+                    entered_ms: now,
+                    created_ms: now,
+                    machines_before: before,
+                    transitions: Vec::new(),
+                    verdict: None,
+                    judge: Some(Judge::new(condition)),
+                    numbers: PairNumbers::default(),
+                    next_seq: 0,
+                    live: LiveCounts::default(),
+                },
+            );
+            self.metrics.set_phase(&line.service, *id, "pending");
+        }
+        state.releases.insert(
+            release_id,
+            ReleaseState {
+                id: release_id,
+                created_ms: now,
+                rollback_on_failure: request.rollback_on_failure,
+                rollouts: ids.clone(),
+            },
+        );
+        let rollouts = ids
+            .iter()
+            .map(|id| view(&state, &state.rollouts[id]))
+            .collect();
+        drop(state);
+        self.wake();
+        tracing::info!(release = release_id, "release started");
+        Ok(ReleaseAnswer {
+            release: Some(release_id),
+            dry_run: false,
+            plan: lines,
+            rollouts,
+        })
+    }
+
+    /// Ops action on a rollout: approve, abort or rollback.
+    pub fn act(&self, rollout: i64, action: OpsAction) -> Result<RolloutDetail, RequestError> {
+        let mut state = lock(&self.state);
+        let r = state
+            .rollouts
+            .get(&rollout)
+            .ok_or_else(|| RequestError::NotFound(format!("no rollout {rollout}")))?;
+        if action == OpsAction::Rollback && r.phase == Phase::Complete {
+            let newest = state
+                .rollouts
+                .values()
+                .rev()
+                .find(|o| o.service == r.service)
+                .map(|o| o.id);
+            if newest != Some(rollout) {
+                return Err(RequestError::Conflict(format!(
+                    "rollout {rollout} was followed by a newer rollout of {}",
+                    r.service
+                )));
+            }
+        }
+        let (event, cause) = match action {
+            OpsAction::Approve => (Event::Approve, "approved by ops"),
+            OpsAction::Abort => (Event::Abort, "aborted by ops"),
+            OpsAction::Rollback => (Event::Rollback, "rolled back by ops"),
+        };
+        match self.apply(
+            &mut state,
+            rollout,
+            event,
+            cause,
+            Actor::Ops,
+            serde_json::json!({}),
+        ) {
+            Ok(_) => {}
+            Err(ApplyError::Transition(e)) => {
+                return Err(RequestError::Conflict(format!(
+                    "rollout {rollout} is {}: cannot {}",
+                    e.from,
+                    action.as_str()
+                )))
+            }
+            Err(ApplyError::NotFound(_)) => {
+                return Err(RequestError::NotFound(format!("no rollout {rollout}")))
+            }
+            Err(ApplyError::Store(e)) => return Err(e.into()),
+        }
+        self.advance(&mut state);
+        let detail = detail(&state, &state.rollouts[&rollout]);
+        drop(state);
+        self.wake();
+        Ok(detail)
+    }
+
+    // ---- reads ----
+
+    pub fn rollouts(&self) -> Vec<RolloutView> {
+        let state = lock(&self.state);
+        state.rollouts.values().map(|r| view(&state, r)).collect()
+    }
+
+    pub fn releases(&self) -> Vec<ReleaseView> {
+        let state = lock(&self.state);
+        state
+            .releases
+            .values()
+            .map(|r| ReleaseView {
+                id: r.id,
+                created_ms: r.created_ms,
+                rollback_on_failure: r.rollback_on_failure,
+                finished: state.release_finished(r),
+                rollouts: r.rollouts.clone(),
+            })
+            .collect()
+    }
+
+    pub fn rollout(&self, id: i64) -> Option<RolloutDetail> {
+        let state = lock(&self.state);
+        state.rollouts.get(&id).map(|r| detail(&state, r))
+    }
+
+    pub fn services(&self) -> Vec<ServiceView> {
+        let state = lock(&self.state);
+        state
+            .cluster
+            .services
+            .values()
+            .map(|s| {
+                let open = state.open_rollout(&s.name);
+                ServiceView {
+                    name: s.name.clone(),
+                    version: state
+                        .services
+                        .get(&s.name)
+                        .map(|x| x.version.clone())
+                        .unwrap_or_default(),
+                    depends_on: s.depends_on.clone(),
+                    versions: state.cluster.versions_of(&s.name).into_iter().collect(),
+                    requires_approval: s.policy.requires_approval,
+                    balancer: s.balancer.clone(),
+                    rollout: open.map(|r| r.id),
+                    phase: open.map(|r| r.phase.name().to_string()),
+                }
+            })
+            .collect()
+    }
+
+    pub fn machines(&self) -> Result<Vec<MachineView>, RequestError> {
+        let state = lock(&self.state);
+        let mut out = Vec::new();
+        for m in &state.cluster.machines {
+            let config = state
+                .services
+                .get(&m.service)
+                .and_then(|s| s.desired.as_ref())
+                .and_then(|c| c.machines.iter().find(|e| e.id == m.id))
+                .map(|e| e.config);
+            let history = state
+                .store
+                .machine_history(&m.id)?
+                .into_iter()
+                .map(|h| serde_json::to_value(h).unwrap_or_default())
+                .collect();
+            out.push(MachineView {
+                id: m.id.clone(),
+                service: m.service.clone(),
+                version: m.version.clone(),
+                address: m.address.clone(),
+                weight: m.weight,
+                role: state
+                    .roles
+                    .get(&m.id)
+                    .copied()
+                    .unwrap_or(MachineRole::Retired),
+                config,
+                history,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn balancers(&self) -> Vec<BalancerView> {
+        let state = lock(&self.state);
+        state
+            .cluster
+            .services
+            .values()
+            .map(|svc| {
+                let s = state.services.get(&svc.name);
+                let desired = s.and_then(|s| s.desired.as_ref());
+                BalancerView {
+                    service: svc.name.clone(),
+                    url: svc.balancer.clone(),
+                    desired_version: desired.map(|c| c.version),
+                    acked_version: s.and_then(|s| s.acked),
+                    in_sync: desired.map(|c| c.version) == s.and_then(|s| s.acked),
+                    last_push_ms: s.and_then(|s| s.last_push_ms),
+                    last_push_error: s.and_then(|s| s.last_push_error.clone()),
+                    cursor: s.map_or(0, |s| s.cursor),
+                    last_stats: s
+                        .and_then(|s| s.last_stats.as_ref())
+                        .map(|st| serde_json::to_value(st).unwrap_or_default()),
+                    last_stats_error: s.and_then(|s| s.last_stats_error.clone()),
+                    config: desired.cloned(),
+                }
+            })
+            .collect()
+    }
+
+    /// The rollout's recorded v1/v2 pairs (or its A/A control pairs) as CSV, in arrival order.
+    pub fn pairs_csv(&self, id: i64, control: bool) -> Result<String, RequestError> {
+        let state = lock(&self.state);
+        if !state.rollouts.contains_key(&id) {
+            return Err(RequestError::NotFound(format!("no rollout {id}")));
+        }
+        let pairs = state.store.pairs(id)?;
+        let mut out = String::from("v1_latency_us,v1_ok,v2_latency_us,v2_ok,match\n");
+        for p in pairs.iter().filter(|p| p.control == control) {
+            let s = &p.sample;
+            let matched = match s.matched {
+                Some(m) => u8::from(m).to_string(),
+                None => String::new(),
+            };
+            out.push_str(&format!(
+                "{},{},{},{},{}\n",
+                s.v1_latency_us,
+                u8::from(s.v1_ok),
+                s.v2_latency_us,
+                u8::from(s.v2_ok),
+                matched
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsAction {
+    Approve,
+    Abort,
+    Rollback,
+}
+
+impl OpsAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpsAction::Approve => "approve",
+            OpsAction::Abort => "abort",
+            OpsAction::Rollback => "rollback",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error("no rollout {0}")]
+    NotFound(i64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl TransitionRecord {
+    fn source_phase(&self) -> String {
+        phase_name_of(&self.from)
+    }
+    fn target_phase(&self) -> String {
+        phase_name_of(&self.to)
+    }
+}
+
+/// `joining[1]` -> `joining`, `judged(pass)` -> `judged`.
+fn phase_name_of(display: &str) -> String {
+    display
+        .split(['[', '('])
+        .next()
+        .unwrap_or(display)
+        .to_string()
+}
+
+fn feed(judge: &mut Judge, pair: &StoredPair) {
+    if pair.control {
+        judge.observe_control(&pair.sample);
+    } else {
+        judge.observe(&pair.sample);
+    }
+}
+
+/// A balancer pair as recorded for a rollout from `from` to `to`: v1-active/v2-simulation, or the
+/// v1-active/v1-simulation control; anything else is not this rollout's.
+fn stored_pair(pair: &JobPair, from: &str, to: &str) -> Option<StoredPair> {
+    if pair.active.version != from {
+        return None;
+    }
+    let control = if pair.simulation.version == to {
+        false
+    } else if pair.simulation.version == from {
+        true
+    } else {
+        return None;
+    };
+    Some(StoredPair {
+        control,
+        sample: PairSample {
+            v1_latency_us: pair.active.latency_us,
+            v1_ok: pair.active.outcome.is_ok(),
+            v2_latency_us: pair.simulation.latency_us,
+            v2_ok: pair.simulation.outcome.is_ok(),
+            matched: Some(pair.matched),
+        },
+    })
+}
+
+fn verdict_json_of(verdict: &Verdict, numbers: &PairNumbers) -> serde_json::Value {
+    let mut json = serde_json::to_value(verdict).unwrap_or_default();
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("numbers".to_string(), numbers.summary());
+    }
+    json
+}
+
+fn view(state: &State, r: &RolloutState) -> RolloutView {
+    RolloutView {
+        id: r.id,
+        release: r.release,
+        service: r.service.clone(),
+        from_version: r.from_version.clone(),
+        to_version: r.to_version.clone(),
+        phase: r.phase.name().to_string(),
+        step: match r.phase {
+            Phase::Joining { step } => Some(step),
+            _ => None,
+        },
+        entered_ms: r.entered_ms,
+        created_ms: r.created_ms,
+        after: r.after.clone(),
+        requires_approval: state
+            .cluster
+            .services
+            .get(&r.service)
+            .is_some_and(|s| s.policy.requires_approval),
+        verdict: r.verdict.clone(),
+        numbers: r.numbers.summary(),
+    }
+}
+
+fn detail(state: &State, r: &RolloutState) -> RolloutDetail {
+    RolloutDetail {
+        rollout: view(state, r),
+        transitions: r
+            .transitions
+            .iter()
+            .map(|t| serde_json::to_value(t).unwrap_or_default())
+            .collect(),
+    }
+}
+
+/// A running controller: reconcile loop and admin endpoint.
+pub struct ControllerHandle {
+    admin_addr: SocketAddr,
+    core: Arc<Core>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControllerHandle {
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// `http://ADDR`, the base URL of the admin endpoint.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Stops the loop and the endpoint and waits for both.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts the controller with the HTTP balancer client.
+pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, ControllerError> {
+    start_with_client(config, Arc::new(HttpBalancerClient::default())).await
+}
+
+/// Starts the controller with a given balancer client (tests use [`crate::balancer::FakeBalancer`]).
+pub async fn start_with_client(
+    config: ControllerConfig,
+    client: Arc<dyn BalancerClient>,
+) -> Result<ControllerHandle, ControllerError> {
+    if config.token.is_empty() {
+        return Err(ControllerError::NoToken);
+    }
+    if let Some(s) = config
+        .cluster
+        .services
+        .values()
+        .find(|s| s.balancer.is_none())
+    {
+        return Err(ControllerError::NoBalancer(s.name.clone()));
+    }
+    let store = if config.database.as_os_str() == ":memory:" {
+        Store::open_in_memory()?
+    } else {
+        Store::open(&config.database)?
+    };
+    let core = Arc::new(Core::open(config.cluster, store, client, config.token)?);
+    let listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| ControllerError::Bind {
+            addr: config.admin_addr,
+            source,
+        })?;
+    let admin_addr = listener
+        .local_addr()
+        .map_err(|source| ControllerError::Bind {
+            addr: config.admin_addr,
+            source,
+        })?;
+    let (shutdown, watcher) = watch::channel(false);
+    let loop_core = core.clone();
+    let mut loop_stop = watcher.clone();
+    let tick = config.tick;
+    let reconcile = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = loop_core.wake.notified() => {}
+                _ = loop_stop.changed() => break,
+            }
+            loop_core.tick().await;
+        }
+    });
+    let router = crate::admin::router(core.clone());
+    let mut http_stop = watcher;
+    let server = tokio::spawn(async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.changed().await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("admin endpoint stopped: {e}");
+        }
+    });
+    tracing::info!(%admin_addr, "controller started");
+    Ok(ControllerHandle {
+        admin_addr,
+        core,
+        shutdown,
+        tasks: vec![reconcile, server],
+    })
+}
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

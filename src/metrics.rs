@@ -1,0 +1,148 @@
+//! The controller's Prometheus metrics (names per CONTRACT.md; base units, `_total` counters).
+
+use prometheus::{
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::rollout::PHASE_NAMES;
+
+pub struct Metrics {
+    registry: Registry,
+    pub rollout_phase: IntGaugeVec,
+    pub transitions: CounterVec,
+    pub push_seconds: HistogramVec,
+    pub push_failures: CounterVec,
+    pub stats_failures: CounterVec,
+    pub verdict_latency: GaugeVec,
+    pub verdict_error_ratio: GaugeVec,
+    pub verdict_jobs: IntGaugeVec,
+    pub verdict_mismatch_ratio: GaugeVec,
+    pub verdict_decision: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let rollout_phase = IntGaugeVec::new(
+            Opts::new(
+                "understudy_rollout_phase",
+                "1 for the phase a rollout is in, 0 for the others.",
+            ),
+            &["service", "rollout", "phase"],
+        )?;
+        let transitions = CounterVec::new(
+            Opts::new(
+                "understudy_rollout_transitions_total",
+                "Rollout transitions performed.",
+            ),
+            &["service", "from", "to"],
+        )?;
+        let push_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "understudy_balancer_push_seconds",
+                "Time to push a config to a balancer and get its answer.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["service"],
+        )?;
+        let push_failures = CounterVec::new(
+            Opts::new(
+                "understudy_balancer_push_failures_total",
+                "Config pushes a balancer did not acknowledge.",
+            ),
+            &["service"],
+        )?;
+        let stats_failures = CounterVec::new(
+            Opts::new(
+                "understudy_balancer_stats_failures_total",
+                "Stats reads from a balancer that failed.",
+            ),
+            &["service"],
+        )?;
+        let verdict_latency = GaugeVec::new(
+            Opts::new(
+                "understudy_verdict_latency_seconds",
+                "Latency percentile (p50, p99, p99.9) of the mirrored jobs a rollout compared, per version and configuration.",
+            ),
+            // Not `quantile`: that label is reserved for summaries.
+            &["service", "rollout", "version", "config", "percentile"],
+        )?;
+        let verdict_error_ratio = GaugeVec::new(
+            Opts::new(
+                "understudy_verdict_error_ratio",
+                "Share of the compared jobs that failed, per version and configuration.",
+            ),
+            &["service", "rollout", "version", "config"],
+        )?;
+        let verdict_jobs = IntGaugeVec::new(
+            Opts::new(
+                "understudy_verdict_jobs",
+                "Mirrored job pairs behind a rollout's latest verdict.",
+            ),
+            &["service", "rollout"],
+        )?;
+        let verdict_mismatch_ratio = GaugeVec::new(
+            Opts::new(
+                "understudy_verdict_mismatch_ratio",
+                "Share of compared pairs whose answers differed.",
+            ),
+            &["service", "rollout"],
+        )?;
+        let verdict_decision = IntGaugeVec::new(
+            Opts::new(
+                "understudy_verdict_decision",
+                "1 for a rollout's current judge decision (pass, fail, not_enough_data).",
+            ),
+            &["service", "rollout", "decision"],
+        )?;
+        registry.register(Box::new(rollout_phase.clone()))?;
+        registry.register(Box::new(transitions.clone()))?;
+        registry.register(Box::new(push_seconds.clone()))?;
+        registry.register(Box::new(push_failures.clone()))?;
+        registry.register(Box::new(stats_failures.clone()))?;
+        registry.register(Box::new(verdict_latency.clone()))?;
+        registry.register(Box::new(verdict_error_ratio.clone()))?;
+        registry.register(Box::new(verdict_jobs.clone()))?;
+        registry.register(Box::new(verdict_mismatch_ratio.clone()))?;
+        registry.register(Box::new(verdict_decision.clone()))?;
+        Ok(Metrics {
+            registry,
+            rollout_phase,
+            transitions,
+            push_seconds,
+            push_failures,
+            stats_failures,
+            verdict_latency,
+            verdict_error_ratio,
+            verdict_jobs,
+            verdict_mismatch_ratio,
+            verdict_decision,
+        })
+    }
+
+    /// Sets the phase gauge of a rollout: 1 for `phase`, 0 for the others.
+    pub fn set_phase(&self, service: &str, rollout: i64, phase: &str) {
+        let id = rollout.to_string();
+        for name in PHASE_NAMES {
+            self.rollout_phase
+                .with_label_values(&[service, &id, name])
+                .set(i64::from(name == phase));
+        }
+    }
+
+    /// Zero counters for every service, so dashboards see them before the first failure.
+    pub fn register_service(&self, service: &str) {
+        self.push_failures.with_label_values(&[service]);
+        self.stats_failures.with_label_values(&[service]);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // The text encoder only fails on a broken writer; a Vec never is.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}

@@ -1,0 +1,126 @@
+//! The scenario report: `--json` output (see CONTRACT.md) and the verdict table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use understudy_loadgen::LoadReport;
+
+use super::spec::Expected;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    pub scenario: String,
+    /// Every outcome as expected, no caller hurt, no simulation side effect.
+    pub passed: bool,
+    /// Why `passed` is false, one line per reason.
+    pub failures: Vec<String>,
+    pub services: BTreeMap<String, ServiceReport>,
+    /// Services in the order their balancers took v2 into the active configuration.
+    pub release_order: Vec<String>,
+    pub active_jobs: ActiveJobs,
+    pub dropped_sessions: u64,
+    pub simulation_side_effects: u64,
+    pub ops: Vec<OpsRecord>,
+    /// The load generator's own report.
+    pub load: Option<LoadReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceReport {
+    pub outcome: Expected,
+    pub expected: Expected,
+    /// The rollout's last phase (none when it never started).
+    pub phase: Option<String>,
+    pub jobs_compared: u64,
+    /// The judge's last verdict with the numbers behind it.
+    pub verdict: serde_json::Value,
+    /// Quantiles and rates of both versions over every compared job.
+    pub numbers: serde_json::Value,
+}
+
+/// Jobs as the callers saw them.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ActiveJobs {
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpsRecord {
+    pub action: String,
+    pub service: String,
+    pub at_s: f64,
+    pub accepted: bool,
+    pub error: Option<String>,
+}
+
+impl ScenarioReport {
+    /// The verdict table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<14} {:<12} {:<12} {:>8} {:>10} {:>10} {:>9} {:>9}  rule",
+            "service", "expected", "outcome", "jobs", "v1 p99", "v2 p99", "v1 err", "v2 err"
+        );
+        for (name, s) in &self.services {
+            let side = |v: &str, key: &str| s.numbers.get(v).and_then(|n| n.get(key)).cloned();
+            let us = |v: Option<serde_json::Value>| {
+                v.and_then(|v| v.as_f64())
+                    .map_or_else(|| "-".to_string(), |us| format!("{:.2}ms", us / 1e3))
+            };
+            let rate = |v: Option<serde_json::Value>| {
+                v.and_then(|v| v.as_f64())
+                    .map_or_else(|| "-".to_string(), |r| format!("{:.2}%", r * 100.0))
+            };
+            let rule = s
+                .verdict
+                .get("rule")
+                .and_then(|r| r.as_str())
+                .unwrap_or("-");
+            let mark = if s.outcome == s.expected {
+                ""
+            } else {
+                "  <-- unexpected"
+            };
+            let _ = writeln!(
+                out,
+                "{:<14} {:<12} {:<12} {:>8} {:>10} {:>10} {:>9} {:>9}  {rule}{mark}",
+                name,
+                s.expected.as_str(),
+                s.outcome.as_str(),
+                s.jobs_compared,
+                us(side("v1", "p99_us")),
+                us(side("v2", "p99_us")),
+                rate(side("v1", "error_rate")),
+                rate(side("v2", "error_rate")),
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "release order     {}", self.release_order.join(" -> "));
+        let _ = writeln!(
+            out,
+            "callers           {} sent, {} ok, {} errors; {} sessions dropped",
+            self.active_jobs.sent,
+            self.active_jobs.ok,
+            self.active_jobs.errors,
+            self.dropped_sessions
+        );
+        let _ = writeln!(
+            out,
+            "simulation        {} side effects performed for mirrored jobs",
+            self.simulation_side_effects
+        );
+        if self.passed {
+            let _ = writeln!(out, "RESULT            as expected");
+        } else {
+            let _ = writeln!(out, "RESULT            NOT as expected:");
+            for f in &self.failures {
+                let _ = writeln!(out, "  - {f}");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,486 @@
+//! Plays a scenario on loopback: machines, balancers and the controller in this process, the
+//! load generator against the entry service's balancer, the release and ops calls through the
+//! admin endpoint, exactly as an operator would send them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use understudy_loadgen::{run_load, spawn_machine, LoadReport, MachineHandle};
+use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
+use understudy_proxy::{BalancerSpec, ProcessConfig, RunningBalancers};
+
+use super::report::{ActiveJobs, OpsRecord, ScenarioReport, ServiceReport};
+use super::spec::{Expected, OpsTrigger, Scenario};
+use crate::client::{AdminClient, ClientError};
+use crate::cluster::Cluster;
+use crate::controller::{self, ControllerConfig, ControllerHandle, RolloutDetail, RolloutView};
+
+const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
+/// How often the runner looks at the rollouts.
+const WATCH_PERIOD: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("machine `{id}` could not start: {reason}")]
+    Machine { id: String, reason: String },
+    #[error("balancers could not start: {0}")]
+    Balancers(String),
+    #[error("controller could not start: {0}")]
+    Controller(String),
+    #[error("scenario cluster is invalid once addresses are known: {0}")]
+    Cluster(String),
+    #[error("admin endpoint refused the release: {0}")]
+    Release(ClientError),
+    #[error("cannot create a state directory: {0}")]
+    StateDir(std::io::Error),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Keep the cluster up this long after the verdict.
+    pub linger: Option<Duration>,
+    /// Print progress lines.
+    pub verbose: bool,
+}
+
+/// Everything started for a run, stopped in reverse order.
+struct Running {
+    machines: BTreeMap<String, MachineHandle>,
+    balancers: RunningBalancers,
+    controller: ControllerHandle,
+    _state_dir: tempfile::TempDir,
+}
+
+macro_rules! say {
+    ($opts:expr, $($arg:tt)*) => {
+        if $opts.verbose {
+            println!($($arg)*);
+        }
+    };
+}
+
+pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<ScenarioReport, RunError> {
+    let token = std::env::var("UNDERSTUDY_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(generate_token);
+    let started = start_cluster(scenario, &token).await?;
+    let admin = format!("http://{}", started.controller.admin_addr());
+    say!(
+        opts,
+        "scenario   {}: {}",
+        scenario.name,
+        scenario.description
+    );
+    say!(opts, "admin      {admin}   (token: {token})");
+    say!(opts, "metrics    {admin}/metrics");
+    let balancer_metrics = format!("http://{}/metrics", started.balancers.admin_addr());
+    for service in scenario.cluster.services.keys() {
+        let listen = started
+            .balancers
+            .listen_addr(service)
+            .expect("started above");
+        say!(
+            opts,
+            "balancer   {service:<12} jobs http://{listen}   metrics {balancer_metrics}"
+        );
+    }
+
+    let client = AdminClient::new(&admin, Some(token.clone())).expect("controller URL is valid");
+    let entry = started
+        .balancers
+        .listen_addr(&scenario.entry)
+        .expect("entry service has a balancer");
+    let result = drive(scenario, opts, &client, entry).await;
+    let machine_stats: Vec<_> = started.machines.values().map(|m| m.stats()).collect();
+
+    if let Some(linger) = opts.linger {
+        say!(
+            opts,
+            "lingering {}s: the cluster stays up at the URLs above",
+            linger.as_secs()
+        );
+        tokio::time::sleep(linger).await;
+    }
+    stop_cluster(started).await;
+
+    let (load, rollouts, ops, release_error) = result;
+    if let Some(error) = release_error {
+        return Err(RunError::Release(error));
+    }
+    Ok(build_report(scenario, load, &rollouts, ops, &machine_stats))
+}
+
+async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunError> {
+    let any: SocketAddr = LOOPBACK_ANY_PORT.parse().expect("valid address");
+    let mut machines = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
+    for plan in &scenario.machines {
+        let handle = spawn_machine(plan.behaviour.clone(), any)
+            .await
+            .map_err(|e| RunError::Machine {
+                id: plan.id.clone(),
+                reason: e.to_string(),
+            })?;
+        addresses.insert(plan.id.clone(), handle.addr().to_string());
+        machines.insert(plan.id.clone(), handle);
+    }
+    let mut cluster = scenario
+        .cluster_with_addresses(&addresses)
+        .map_err(|e| RunError::Cluster(e.to_string()))?;
+
+    let balancers = understudy_proxy::spawn(ProcessConfig {
+        admin: any,
+        balancers: cluster
+            .services
+            .keys()
+            .map(|service| BalancerSpec {
+                listen: any,
+                config: initial_balancer_config(&cluster, service),
+            })
+            .collect(),
+    })
+    .map_err(|e| RunError::Balancers(e.to_string()))?;
+
+    for plan in &scenario.machines {
+        let dependencies = plan.behaviour.dependencies.iter().map(|dep| {
+            let addr = balancers
+                .listen_addr(dep)
+                .expect("every service has a balancer");
+            (dep.clone(), addr)
+        });
+        machines[&plan.id]
+            .set_dependencies(dependencies)
+            .map_err(|e| RunError::Machine {
+                id: plan.id.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let balancer_url = format!("http://{}", balancers.admin_addr());
+    let services: Vec<String> = cluster.services.keys().cloned().collect();
+    for service in &services {
+        cluster
+            .set_balancer_url(service, &balancer_url)
+            .map_err(RunError::Cluster)?;
+    }
+
+    let state_dir = tempfile::tempdir().map_err(RunError::StateDir)?;
+    let config = ControllerConfig {
+        tick: cluster.controller.tick,
+        database: state_dir.path().join("understudy.db"),
+        admin_addr: any,
+        token: token.to_string(),
+        cluster,
+    };
+    let controller = controller::start(config)
+        .await
+        .map_err(|e| RunError::Controller(e.to_string()))?;
+    Ok(Running {
+        machines,
+        balancers,
+        controller,
+        _state_dir: state_dir,
+    })
+}
+
+/// The balancer's config before the controller takes over: the declared active machines, at
+/// version 0 so that the controller's first push (version 1 and up) replaces it.
+fn initial_balancer_config(cluster: &Cluster, service: &str) -> BalancerConfig {
+    let spec = &cluster.services[service];
+    BalancerConfig {
+        service: service.to_string(),
+        version: 0,
+        mirror_fraction: spec.mirror_fraction,
+        compare_body: spec.compare_body,
+        drain_timeout_ms: spec.drain_timeout.as_millis() as u64,
+        machines: cluster
+            .machines_of(service)
+            .filter(|m| m.config == PoolRole::Active)
+            .map(|m| MachineEntry {
+                id: m.id.clone(),
+                version: m.version.clone(),
+                address: m.address.clone(),
+                weight: m.weight,
+                config: PoolRole::Active,
+            })
+            .collect(),
+    }
+}
+
+async fn stop_cluster(cluster: Running) {
+    cluster.controller.shutdown().await;
+    let balancers = cluster.balancers;
+    // Pingora's shutdown joins its own thread: keep it off the async workers.
+    let _ = tokio::task::spawn_blocking(move || balancers.shutdown()).await;
+    for (_, machine) in cluster.machines {
+        machine.shutdown().await;
+    }
+}
+
+type DriveResult = (
+    Option<LoadReport>,
+    Vec<RolloutDetail>,
+    Vec<OpsRecord>,
+    Option<ClientError>,
+);
+
+async fn drive(
+    scenario: &Scenario,
+    opts: &RunOptions,
+    client: &AdminClient,
+    entry: SocketAddr,
+) -> DriveResult {
+    let start = Instant::now();
+    let deadline = start + scenario.timeout;
+    let verbose = opts.verbose;
+    let mut load = tokio::spawn(run_load(scenario.load.clone(), entry, move |p| {
+        if verbose {
+            println!("load       {p}");
+        }
+    }));
+
+    tokio::time::sleep_until(start + scenario.release_at).await;
+    let body = serde_json::json!({
+        "services": scenario.release,
+        "rollback_on_failure": scenario.rollback_on_failure,
+    });
+    let release_started = Instant::now();
+    let answer: crate::controller::ReleaseAnswer =
+        match client.post("/api/v1/releases", &body).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                load.abort();
+                return (None, Vec::new(), Vec::new(), Some(e));
+            }
+        };
+    let release_id = answer.release;
+    say!(
+        opts,
+        "release    #{} started: {}",
+        release_id.unwrap_or(0),
+        describe(&scenario.release)
+    );
+
+    let mut fired = vec![false; scenario.ops.len()];
+    let mut ops_records = Vec::new();
+    let mut phases: BTreeMap<String, String> = BTreeMap::new();
+    let mut load_report = None;
+    let mut rollouts: Vec<RolloutView> = Vec::new();
+    loop {
+        if load_report.is_none() && load.is_finished() {
+            load_report = (&mut load).await.ok().and_then(Result::ok);
+        }
+        if let Ok(all) = client.get::<Vec<RolloutView>>("/api/v1/rollouts").await {
+            rollouts = all
+                .into_iter()
+                .filter(|r| Some(r.release) == release_id)
+                .collect();
+        }
+        for r in &rollouts {
+            let before = phases.insert(r.service.clone(), r.phase.clone());
+            if before.as_deref() != Some(r.phase.as_str()) {
+                say!(
+                    opts,
+                    "rollout    t={:>5.1}s {:<12} {} -> {}",
+                    start.elapsed().as_secs_f64(),
+                    r.service,
+                    before.as_deref().unwrap_or("-"),
+                    r.phase
+                );
+            }
+        }
+        for (index, step) in scenario.ops.iter().enumerate() {
+            if fired[index] {
+                continue;
+            }
+            let Some(rollout) = rollouts.iter().find(|r| r.service == step.service) else {
+                continue;
+            };
+            let due = match &step.trigger {
+                OpsTrigger::After(after) => release_started.elapsed() >= *after,
+                OpsTrigger::Phase(phase) => &rollout.phase == phase,
+            };
+            if !due {
+                continue;
+            }
+            fired[index] = true;
+            let path = format!("/api/v1/rollouts/{}/{}", rollout.id, step.action.as_str());
+            let result = client
+                .post::<serde_json::Value>(&path, &serde_json::json!({}))
+                .await;
+            say!(
+                opts,
+                "ops        t={:>5.1}s {} {} (rollout {}): {}",
+                start.elapsed().as_secs_f64(),
+                step.action.as_str(),
+                step.service,
+                rollout.id,
+                match &result {
+                    Ok(_) => "accepted".to_string(),
+                    Err(e) => format!("refused: {e}"),
+                }
+            );
+            ops_records.push(OpsRecord {
+                action: step.action.as_str().to_string(),
+                service: step.service.clone(),
+                at_s: start.elapsed().as_secs_f64(),
+                accepted: result.is_ok(),
+                error: result.err().map(|e| e.to_string()),
+            });
+        }
+        let settled = !rollouts.is_empty()
+            && rollouts
+                .iter()
+                .all(|r| Expected::of_phase(&r.phase) != Expected::Pending);
+        if (settled && load_report.is_some()) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(WATCH_PERIOD).await;
+    }
+    if load_report.is_none() {
+        say!(
+            opts,
+            "timeout    the scenario's {}s ran out",
+            scenario.timeout.as_secs()
+        );
+        load.abort();
+    }
+    let mut details = Vec::with_capacity(rollouts.len());
+    for r in &rollouts {
+        if let Ok(d) = client
+            .get::<RolloutDetail>(&format!("/api/v1/rollouts/{}", r.id))
+            .await
+        {
+            details.push(d);
+        }
+    }
+    (load_report, details, ops_records, None)
+}
+
+fn describe(release: &BTreeMap<String, String>) -> String {
+    release
+        .iter()
+        .map(|(s, v)| format!("{s}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn build_report(
+    scenario: &Scenario,
+    load: Option<LoadReport>,
+    rollouts: &[RolloutDetail],
+    ops: Vec<OpsRecord>,
+    machine_stats: &[understudy_loadgen::MachineStats],
+) -> ScenarioReport {
+    let mut services = BTreeMap::new();
+    for (service, expected) in &scenario.expect {
+        let rollout = rollouts.iter().find(|r| &r.rollout.service == service);
+        let outcome = rollout.map_or(Expected::Pending, |r| Expected::of_phase(&r.rollout.phase));
+        let verdict = rollout
+            .and_then(|r| r.rollout.verdict.clone())
+            .unwrap_or(serde_json::Value::Null);
+        let numbers = rollout.map_or(serde_json::Value::Null, |r| r.rollout.numbers.clone());
+        let jobs_compared = verdict
+            .get("jobs")
+            .and_then(serde_json::Value::as_u64)
+            .or_else(|| numbers.get("jobs").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0);
+        services.insert(
+            service.clone(),
+            ServiceReport {
+                outcome,
+                expected: *expected,
+                phase: rollout.map(|r| r.rollout.phase.clone()),
+                jobs_compared,
+                verdict,
+                numbers,
+            },
+        );
+    }
+    let release_order = joining_order(rollouts);
+    let active_jobs = load
+        .as_ref()
+        .map_or_else(ActiveJobs::default, |l| ActiveJobs {
+            sent: l.sent,
+            ok: l.ok,
+            errors: l.errors,
+        });
+    let dropped_sessions = load.as_ref().map_or(0, LoadReport::dropped_sessions);
+    let simulation_side_effects = machine_stats
+        .iter()
+        .map(|m| m.simulation_side_effects)
+        .sum();
+    let mut failures = Vec::new();
+    for (name, s) in &services {
+        if s.outcome != s.expected {
+            failures.push(format!(
+                "{name}: expected {}, got {}",
+                s.expected.as_str(),
+                s.outcome.as_str()
+            ));
+        }
+    }
+    if load.is_none() {
+        failures.push("the load did not finish before the scenario's timeout".to_string());
+    }
+    if active_jobs.errors > scenario.max_active_errors {
+        failures.push(format!(
+            "callers saw {} errors (at most {} allowed)",
+            active_jobs.errors, scenario.max_active_errors
+        ));
+    }
+    if dropped_sessions > scenario.max_dropped_sessions {
+        failures.push(format!(
+            "{dropped_sessions} sessions dropped (at most {} allowed)",
+            scenario.max_dropped_sessions
+        ));
+    }
+    if simulation_side_effects > 0 {
+        failures.push(format!(
+            "{simulation_side_effects} side effects performed for simulation jobs"
+        ));
+    }
+    ScenarioReport {
+        scenario: scenario.name.clone(),
+        passed: failures.is_empty(),
+        failures,
+        services,
+        release_order,
+        active_jobs,
+        dropped_sessions,
+        simulation_side_effects,
+        ops,
+        load,
+    }
+}
+
+/// Services in the order their balancers took v2 into the active configuration.
+fn joining_order(rollouts: &[RolloutDetail]) -> Vec<String> {
+    let mut joined: Vec<(u64, i64, String)> = rollouts
+        .iter()
+        .filter_map(|r| {
+            let at = r.transitions.iter().find_map(|t| {
+                let to = t.get("to")?.as_str()?;
+                to.starts_with("joining")
+                    .then(|| t.get("at_ms").and_then(serde_json::Value::as_u64))
+                    .flatten()
+            })?;
+            Some((at, r.rollout.id, r.rollout.service.clone()))
+        })
+        .collect();
+    joined.sort();
+    let mut seen = BTreeSet::new();
+    joined
+        .into_iter()
+        .filter(|(_, _, s)| seen.insert(s.clone()))
+        .map(|(_, _, s)| s)
+        .collect()
+}
+
+fn generate_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,552 @@
+//! The scenario file: a whole cluster (the controller's own tables), how each machine behaves,
+//! the load, the release, what ops do and when, and the outcome expected for each service.
+//! Validated as a whole before anything starts; errors name the file, the line and the field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use understudy_loadgen::{LoadSpec, MachineSpec as Behaviour};
+use understudy_proxy::wire::PoolRole;
+
+use crate::cluster::{
+    self, Cluster, ClusterSpec, ConfigError, ControllerSpec, DefaultsSpec, ServiceSpec, Source,
+};
+
+/// Address given to machines while the file is only being checked; the runner replaces it with
+/// the address each machine really listens on.
+const PLACEHOLDER_ADDRESS: &str = "127.0.0.1:9";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScenarioFile {
+    scenario: Spanned<MetaSpec>,
+    #[serde(default)]
+    controller: ControllerSpec,
+    #[serde(default)]
+    defaults: DefaultsSpec,
+    services: BTreeMap<String, Spanned<ServiceSpec>>,
+    machines: Vec<Spanned<MachineEntry>>,
+    #[serde(default)]
+    behaviours: BTreeMap<String, Spanned<toml::Table>>,
+    load: Spanned<LoadSpec>,
+    release: Spanned<ReleaseSpec>,
+    #[serde(default)]
+    ops: Vec<Spanned<OpsSpec>>,
+    expect: BTreeMap<String, Spanned<Expected>>,
+}
+
+/// `[scenario]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetaSpec {
+    name: String,
+    #[serde(default)]
+    description: String,
+    /// The service callers send their jobs to (through its balancer).
+    entry: String,
+    /// Hard bound on the whole run, load included.
+    #[serde(default = "default_timeout_s")]
+    timeout_s: f64,
+    /// Errors callers may see; 0 by default: a release must not hurt a single caller.
+    #[serde(default)]
+    max_active_errors: u64,
+    #[serde(default)]
+    max_dropped_sessions: u64,
+}
+
+fn default_timeout_s() -> f64 {
+    60.0
+}
+
+/// `[[machines]]`: like a cluster file's machines, without an address (each machine gets an
+/// ephemeral port) and with the name of its behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineEntry {
+    id: Spanned<String>,
+    service: Spanned<String>,
+    version: Spanned<String>,
+    config: PoolRole,
+    weight: Option<Spanned<u32>>,
+    /// Key into `[behaviours]`; none = answers at once, never fails.
+    behaviour: Option<Spanned<String>>,
+}
+
+/// `[release]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseSpec {
+    /// Seconds after the load starts.
+    #[serde(default = "default_release_at")]
+    at_s: f64,
+    /// service -> version.
+    services: BTreeMap<String, String>,
+    #[serde(default)]
+    rollback_on_failure: bool,
+}
+
+fn default_release_at() -> f64 {
+    1.0
+}
+
+/// `[[ops]]`: an approval, abort or rollback sent to the admin endpoint, at a time after the
+/// release starts or as soon as the service's rollout reaches a phase.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpsSpec {
+    action: OpsKind,
+    service: String,
+    at_s: Option<f64>,
+    when_phase: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpsKind {
+    Approve,
+    Abort,
+    Rollback,
+}
+
+impl OpsKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpsKind::Approve => "approve",
+            OpsKind::Abort => "abort",
+            OpsKind::Rollback => "rollback",
+        }
+    }
+}
+
+/// What a service's rollout ends as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expected {
+    Promoted,
+    RolledBack,
+    Aborted,
+    Pending,
+}
+
+impl Expected {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expected::Promoted => "promoted",
+            Expected::RolledBack => "rolled_back",
+            Expected::Aborted => "aborted",
+            Expected::Pending => "pending",
+        }
+    }
+
+    /// The outcome a rollout phase stands for (phases not final are `pending`).
+    pub fn of_phase(phase: &str) -> Expected {
+        match phase {
+            "complete" => Expected::Promoted,
+            "rolled_back" => Expected::RolledBack,
+            "aborted" => Expected::Aborted,
+            _ => Expected::Pending,
+        }
+    }
+}
+
+/// When an ops step fires.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpsTrigger {
+    /// This long after the release was started.
+    After(Duration),
+    /// As soon as the service's rollout is in this phase.
+    Phase(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpsStep {
+    pub action: OpsKind,
+    pub service: String,
+    pub trigger: OpsTrigger,
+}
+
+/// One machine to start.
+#[derive(Debug, Clone)]
+pub struct MachinePlan {
+    pub id: String,
+    pub service: String,
+    pub version: String,
+    pub config: PoolRole,
+    pub weight: Option<u32>,
+    pub behaviour: Behaviour,
+}
+
+/// A validated scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub entry: String,
+    pub timeout: Duration,
+    pub max_active_errors: u64,
+    pub max_dropped_sessions: u64,
+    pub machines: Vec<MachinePlan>,
+    pub load: LoadSpec,
+    pub release_at: Duration,
+    pub release: BTreeMap<String, String>,
+    pub rollback_on_failure: bool,
+    pub ops: Vec<OpsStep>,
+    pub expect: BTreeMap<String, Expected>,
+    /// The cluster as validated with placeholder addresses (release order, checks).
+    pub cluster: Cluster,
+    file: String,
+    text: String,
+}
+
+impl Scenario {
+    /// The cluster with each machine at the address it really listens on.
+    pub fn cluster_with_addresses(
+        &self,
+        addresses: &BTreeMap<String, String>,
+    ) -> Result<Cluster, ConfigError> {
+        let source = Source {
+            file: &self.file,
+            text: &self.text,
+        };
+        let file: ScenarioFile = toml::from_str(&self.text).map_err(|e| source.toml_error(&e))?;
+        cluster_spec(file, addresses).and_then(|spec| Cluster::from_spec(spec, &source))
+    }
+}
+
+/// Whether a TOML text is a scenario (it has a `[scenario]` table) rather than a cluster file.
+pub fn is_scenario(text: &str) -> bool {
+    text.parse::<toml::Table>()
+        .map(|t| t.contains_key("scenario"))
+        .unwrap_or(false)
+}
+
+pub fn load_file(path: &Path) -> Result<Scenario, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses and validates a scenario; nothing is started.
+pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
+    let source = Source { file, text };
+    let raw: ScenarioFile = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
+    let invalid = |offset: usize, field: String, reason: String| ConfigError::Invalid {
+        file: file.to_string(),
+        line: source.line_of(offset),
+        field,
+        reason,
+    };
+
+    let meta_at = raw.scenario.span().start;
+    let meta = raw.scenario.get_ref().clone();
+    if meta.name.trim().is_empty() {
+        return Err(invalid(
+            meta_at,
+            "scenario.name".into(),
+            "must not be empty".into(),
+        ));
+    }
+    if !raw.services.contains_key(&meta.entry) {
+        return Err(invalid(
+            meta_at,
+            "scenario.entry".into(),
+            format!("unknown service `{}`", meta.entry),
+        ));
+    }
+    if !(meta.timeout_s.is_finite() && meta.timeout_s > 0.0 && meta.timeout_s <= 3600.0) {
+        return Err(invalid(
+            meta_at,
+            "scenario.timeout_s".into(),
+            format!("must be within (0, 3600], got {}", meta.timeout_s),
+        ));
+    }
+
+    let load_at = raw.load.span().start;
+    let load = raw.load.get_ref().clone();
+    load.plan()
+        .map_err(|e| invalid(load_at, format!("load.{}", e.field), e.problem))?;
+
+    let mut machines = Vec::with_capacity(raw.machines.len());
+    let mut used_behaviours = BTreeSet::new();
+    for (index, entry) in raw.machines.iter().enumerate() {
+        let m = entry.get_ref();
+        let service = m.service.get_ref();
+        let depends_on: Vec<String> = raw
+            .services
+            .get(service)
+            .map(|s| {
+                s.get_ref()
+                    .depends_on
+                    .iter()
+                    .map(|d| d.get_ref().clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let behaviour = match &m.behaviour {
+            None => {
+                let mut b = Behaviour::new(service.clone(), m.version.get_ref().clone());
+                b.dependencies = depends_on;
+                b
+            }
+            Some(name) => {
+                let table = raw.behaviours.get(name.get_ref()).ok_or_else(|| {
+                    invalid(
+                        name.span().start,
+                        format!("machines[{index}].behaviour"),
+                        format!(
+                            "no behaviour `{}` in [behaviours] (known: {})",
+                            name.get_ref(),
+                            raw.behaviours
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )
+                })?;
+                used_behaviours.insert(name.get_ref().clone());
+                behaviour_for(table, service, m.version.get_ref(), index, depends_on).map_err(
+                    |(field, reason)| {
+                        let path = if field.is_empty() {
+                            format!("behaviours.{}", name.get_ref())
+                        } else {
+                            format!("behaviours.{}.{field}", name.get_ref())
+                        };
+                        invalid(table.span().start, path, reason)
+                    },
+                )?
+            }
+        };
+        machines.push(MachinePlan {
+            id: m.id.get_ref().clone(),
+            service: service.clone(),
+            version: m.version.get_ref().clone(),
+            config: m.config,
+            weight: m.weight.as_ref().map(|w| *w.get_ref()),
+            behaviour,
+        });
+    }
+    if let Some((name, table)) = raw
+        .behaviours
+        .iter()
+        .find(|(name, _)| !used_behaviours.contains(*name))
+    {
+        return Err(invalid(
+            table.span().start,
+            format!("behaviours.{name}"),
+            "no machine uses this behaviour".into(),
+        ));
+    }
+
+    let release_at_offset = raw.release.span().start;
+    let release = raw.release.get_ref().clone();
+    if !(release.at_s.is_finite() && release.at_s >= 0.0 && release.at_s < meta.timeout_s) {
+        return Err(invalid(
+            release_at_offset,
+            "release.at_s".into(),
+            format!(
+                "must be within [0, scenario.timeout_s), got {}",
+                release.at_s
+            ),
+        ));
+    }
+    if release.services.is_empty() {
+        return Err(invalid(
+            release_at_offset,
+            "release.services".into(),
+            "name at least one service = version".into(),
+        ));
+    }
+    for (service, version) in &release.services {
+        let known = raw.machines.iter().any(|m| {
+            m.get_ref().service.get_ref() == service && m.get_ref().version.get_ref() == version
+        });
+        if !known {
+            return Err(invalid(
+                release_at_offset,
+                format!("release.services.{service}"),
+                format!("no machine of service `{service}` runs version `{version}`"),
+            ));
+        }
+    }
+
+    let mut ops = Vec::with_capacity(raw.ops.len());
+    for (index, step) in raw.ops.iter().enumerate() {
+        let at = step.span().start;
+        let s = step.get_ref();
+        if !release.services.contains_key(&s.service) {
+            return Err(invalid(
+                at,
+                format!("ops[{index}].service"),
+                format!("`{}` is not in the release", s.service),
+            ));
+        }
+        let trigger = match (s.at_s, &s.when_phase) {
+            (Some(t), None) if t.is_finite() && t >= 0.0 => {
+                OpsTrigger::After(Duration::from_secs_f64(t))
+            }
+            (Some(t), None) => {
+                return Err(invalid(
+                    at,
+                    format!("ops[{index}].at_s"),
+                    format!("must be a non-negative number, got {t}"),
+                ))
+            }
+            (None, Some(phase)) if crate::rollout::PHASE_NAMES.contains(&phase.as_str()) => {
+                OpsTrigger::Phase(phase.clone())
+            }
+            (None, Some(phase)) => {
+                return Err(invalid(
+                    at,
+                    format!("ops[{index}].when_phase"),
+                    format!(
+                        "unknown phase `{phase}` (one of {})",
+                        crate::rollout::PHASE_NAMES.join(", ")
+                    ),
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    at,
+                    format!("ops[{index}]"),
+                    "give exactly one of at_s or when_phase".into(),
+                ))
+            }
+        };
+        ops.push(OpsStep {
+            action: s.action,
+            service: s.service.clone(),
+            trigger,
+        });
+    }
+
+    let mut expect = BTreeMap::new();
+    for (service, outcome) in &raw.expect {
+        if !release.services.contains_key(service) {
+            return Err(invalid(
+                outcome.span().start,
+                format!("expect.{service}"),
+                format!("`{service}` is not in the release"),
+            ));
+        }
+        expect.insert(service.clone(), *outcome.get_ref());
+    }
+    if let Some(missing) = release.services.keys().find(|s| !expect.contains_key(*s)) {
+        return Err(invalid(
+            release_at_offset,
+            format!("expect.{missing}"),
+            "every released service needs an expected outcome".into(),
+        ));
+    }
+
+    let cluster = {
+        let placeholders = raw
+            .machines
+            .iter()
+            .map(|m| {
+                (
+                    m.get_ref().id.get_ref().clone(),
+                    PLACEHOLDER_ADDRESS.to_string(),
+                )
+            })
+            .collect();
+        Cluster::from_spec(cluster_spec(raw, &placeholders)?, &source)?
+    };
+
+    Ok(Scenario {
+        name: meta.name,
+        description: meta.description,
+        entry: meta.entry,
+        timeout: Duration::from_secs_f64(meta.timeout_s),
+        max_active_errors: meta.max_active_errors,
+        max_dropped_sessions: meta.max_dropped_sessions,
+        machines,
+        load,
+        release_at: Duration::from_secs_f64(release.at_s),
+        release: release.services,
+        rollback_on_failure: release.rollback_on_failure,
+        ops,
+        expect,
+        cluster,
+        file: file.to_string(),
+        text: text.to_string(),
+    })
+}
+
+/// A machine behaviour from its `[behaviours.NAME]` table: service, version and dependencies come
+/// from the machine and the cluster, so a table need not repeat them; the seed differs per machine.
+fn behaviour_for(
+    table: &Spanned<toml::Table>,
+    service: &str,
+    version: &str,
+    index: usize,
+    depends_on: Vec<String>,
+) -> Result<Behaviour, (String, String)> {
+    let mut table = table.get_ref().clone();
+    for reserved in ["service", "version", "dependencies"] {
+        if table.contains_key(reserved) {
+            return Err((
+                reserved.to_string(),
+                "is taken from the machine and its service; remove it here".to_string(),
+            ));
+        }
+    }
+    table.insert("service".into(), service.into());
+    table.insert("version".into(), version.into());
+    let seed = table
+        .get("seed")
+        .and_then(toml::Value::as_integer)
+        .unwrap_or(0)
+        .wrapping_add(index as i64 * 7919);
+    table.insert("seed".into(), toml::Value::Integer(seed));
+    let mut behaviour: Behaviour = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| (String::new(), e.message().to_string()))
+        .map_err(|(f, m)| (f, m.trim_end().to_string()))?;
+    behaviour.dependencies = depends_on;
+    behaviour
+        .validate()
+        .map_err(|e| (e.field.clone(), e.problem.clone()))?;
+    Ok(behaviour)
+}
+
+fn cluster_spec(
+    raw: ScenarioFile,
+    addresses: &BTreeMap<String, String>,
+) -> Result<ClusterSpec, ConfigError> {
+    let machines = raw
+        .machines
+        .into_iter()
+        .map(|entry| {
+            let span = entry.span();
+            let m = entry.into_inner();
+            let address = addresses
+                .get(m.id.get_ref())
+                .cloned()
+                .unwrap_or_else(|| PLACEHOLDER_ADDRESS.to_string());
+            Spanned::new(
+                span.clone(),
+                cluster::MachineSpec {
+                    id: m.id,
+                    service: m.service,
+                    version: m.version,
+                    address: Spanned::new(span, address),
+                    config: m.config,
+                    weight: m.weight,
+                },
+            )
+        })
+        .collect();
+    Ok(ClusterSpec {
+        controller: raw.controller,
+        defaults: raw.defaults,
+        services: raw.services,
+        machines,
+    })
+}
