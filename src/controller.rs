@@ -438,7 +438,24 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Whether the service's own rollout is being judged: only then does its balancer copy callers'
+/// jobs to the simulation pool (otherwise copies would cost capacity and judge nothing).
+fn is_judging(rollout: Option<(Phase, &str)>) -> bool {
+    matches!(
+        rollout,
+        Some((
+            Phase::Simulating | Phase::Judged { .. } | Phase::AwaitingApproval,
+            _
+        ))
+    )
+}
+
 /// The balancer config a service should run, given machine roles and its unfinished rollout.
+///
+/// Control machines (the serving version, simulation configuration) are in the simulation pool at
+/// all times: besides being the A/A control of the service's own rollouts, they answer the
+/// simulation jobs (`x-understudy-simulation: 1`) that a v2 judged upstream sends to this
+/// service, which the balancer never gives to an active machine.
 fn desired_machines(
     cluster: &Cluster,
     service: &Service,
@@ -457,11 +474,14 @@ fn desired_machines(
     for m in cluster.machines_of(&service.name) {
         let role = roles.get(&m.id).copied().unwrap_or(MachineRole::Retired);
         let candidate = |to: &str| role.is_candidate() && m.version == to;
+        if role == MachineRole::Control {
+            out.push(entry(m, m.weight, PoolRole::Simulation));
+            continue;
+        }
         match rollout {
             Some((Phase::Simulating | Phase::Judged { .. } | Phase::AwaitingApproval, to)) => {
                 match role {
                     MachineRole::Active => out.push(entry(m, m.weight, PoolRole::Active)),
-                    MachineRole::Control => out.push(entry(m, m.weight, PoolRole::Simulation)),
                     _ if candidate(to) => out.push(entry(m, m.weight, PoolRole::Simulation)),
                     _ => {}
                 }
@@ -542,7 +562,11 @@ impl State {
         let candidate = BalancerConfig {
             service: service.to_string(),
             version: current.map_or(1, |c| c.version + 1),
-            mirror_fraction: spec.mirror_fraction,
+            mirror_fraction: if is_judging(rollout) {
+                spec.mirror_fraction
+            } else {
+                0.0
+            },
             compare_body: spec.compare_body,
             drain_timeout_ms: spec.drain_timeout.as_millis() as u64,
             machines,
@@ -644,25 +668,26 @@ impl Core {
                     row.id, row.service, row.service
                 )));
             }
-            let open = !row.phase.is_finished();
-            let mut judge = None;
+            // Replaying the recorded pairs in order rebuilds the display numbers of every rollout
+            // (finished ones are shown too) and the judge of an unfinished one exactly as it stood.
+            let mut judge = (!row.phase.is_finished()).then(|| {
+                Judge::new(
+                    state
+                        .cluster
+                        .services
+                        .get(&row.service)
+                        .map(|s| s.condition.clone())
+                        .unwrap_or_default(),
+                )
+            });
             let mut numbers = PairNumbers::default();
             let mut next_seq = 0;
-            if open {
-                // Replaying the recorded pairs in order rebuilds the judge exactly as it stood.
-                let condition = state
-                    .cluster
-                    .services
-                    .get(&row.service)
-                    .map(|s| s.condition.clone())
-                    .unwrap_or_default();
-                let mut j = Judge::new(condition);
-                for pair in state.store.pairs(row.id)? {
-                    feed(&mut j, &pair);
-                    numbers.record(&pair);
-                    next_seq += 1;
+            for pair in state.store.pairs(row.id)? {
+                if let Some(j) = judge.as_mut() {
+                    feed(j, &pair);
                 }
-                judge = Some(j);
+                numbers.record(&pair);
+                next_seq += 1;
             }
             let transitions = state.store.transitions(row.id)?;
             for t in &transitions {
@@ -773,9 +798,10 @@ impl Core {
         if to == Phase::Complete {
             for m in state.cluster.machines_of(&service) {
                 let role = roles.get(&m.id).copied().unwrap_or(MachineRole::Retired);
+                // A control stays: it keeps answering simulation jobs from services above.
                 let next = if m.version == r.to_version && role.is_candidate() {
                     MachineRole::Active
-                } else if matches!(role, MachineRole::Active | MachineRole::Control) {
+                } else if role == MachineRole::Active {
                     MachineRole::Retired
                 } else {
                     role
@@ -1003,9 +1029,13 @@ impl Core {
                     Phase::Retiring => {
                         let s = &state.services[&r.service];
                         let desired = s.desired.as_ref().map_or(0, |c| c.version);
+                        // Only v1's active machines drain: a v1 control stays in the
+                        // simulation pool for good.
                         let drained = s.last_stats.as_ref().is_some_and(|st| {
                             st.config_version >= desired
-                                && !st.machines.iter().any(|m| m.version == r.from_version)
+                                && !st.machines.iter().any(|m| {
+                                    m.version == r.from_version && m.config == PoolRole::Active
+                                })
                         });
                         let timeout = spec.drain_timeout.as_millis() as u64;
                         if drained {
@@ -1099,7 +1129,7 @@ impl Core {
         let unchanged = state.services.get(&service).map(|s| s.cursor) == Some(cursor);
         // An idle balancer's report changes nothing worth a write.
         if !(unchanged && pairs.is_empty() && verdict_json.is_none()) {
-            state.store.write(|tx| {
+            let written = state.store.write(|tx| {
                 if let Some((id, _, _, seq)) = &simulating {
                     store::insert_pairs(tx, *id, *seq, &pairs)?;
                     if let Some(v) = &verdict_json {
@@ -1107,7 +1137,15 @@ impl Core {
                     }
                 }
                 store::set_cursor(tx, &service, cursor)
-            })?;
+            });
+            if let Err(e) = written {
+                // The judge took in pairs the store did not: the same pairs come again on the
+                // next read, so the judge goes back to what was committed.
+                if let Some((id, _, _, _)) = &simulating {
+                    Self::rebuild_judge(state, *id);
+                }
+                return Err(e.into());
+            }
         }
         if let Some((id, _, _, _)) = &simulating {
             if let Some(r) = state.rollouts.get_mut(id) {
@@ -1160,6 +1198,31 @@ impl Core {
             )?;
         }
         Ok(())
+    }
+
+    /// Replays a rollout's committed pairs into a fresh judge.
+    fn rebuild_judge(state: &mut State, id: i64) {
+        let Some(r) = state.rollouts.get(&id) else {
+            return;
+        };
+        let condition = state
+            .cluster
+            .services
+            .get(&r.service)
+            .map(|s| s.condition.clone())
+            .unwrap_or_default();
+        match state.store.pairs(id) {
+            Ok(pairs) => {
+                let mut judge = Judge::new(condition);
+                for pair in &pairs {
+                    feed(&mut judge, pair);
+                }
+                if let Some(r) = state.rollouts.get_mut(&id) {
+                    r.judge = Some(judge);
+                }
+            }
+            Err(e) => tracing::error!(rollout = id, "judge not rebuilt: {e}"),
+        }
     }
 
     /// While v2 serves callers (joining, retiring), counts callers' outcomes per version; a v2

@@ -173,12 +173,24 @@ async fn whole_release_in_dependency_order() {
     let mut rng = StdRng::seed_from_u64(7);
     let mut job = 1;
 
-    // Startup pushes every balancer its resting config: v1 active only.
+    // Startup pushes every balancer its resting config: v1 active, the v1 control in the
+    // simulation pool (for simulation jobs from services above), nothing mirrored.
     core.tick().await;
     let rest = fake.config("media").expect("pushed");
     assert_eq!(rest.version, 1);
-    assert_eq!(rest.machines.len(), 1);
-    assert_eq!(rest.machines[0].id, "media-1");
+    let places: Vec<(&str, PoolRole)> = rest
+        .machines
+        .iter()
+        .map(|m| (m.id.as_str(), m.config))
+        .collect();
+    assert_eq!(
+        places,
+        [
+            ("media-1", PoolRole::Active),
+            ("media-c", PoolRole::Simulation)
+        ]
+    );
+    assert_eq!(rest.mirror_fraction, 0.0);
 
     let answer = core
         .release(&release_of(
@@ -208,7 +220,14 @@ async fn whole_release_in_dependency_order() {
     };
     assert_eq!(weight(&step0, "media-1"), Some(90));
     assert_eq!(weight(&step0, "media-2"), Some(10));
-    assert!(step0.machines.iter().all(|m| m.config == PoolRole::Active));
+    assert!(step0
+        .machines
+        .iter()
+        .all(|m| (m.config == PoolRole::Active) == (m.id != "media-c")));
+    assert_eq!(
+        step0.mirror_fraction, 0.0,
+        "nothing is judged while joining"
+    );
 
     // The step is held for join_step_ms (200) before the next.
     tokio::time::advance(Duration::from_millis(150)).await;
@@ -225,8 +244,13 @@ async fn whole_release_in_dependency_order() {
     core.tick().await;
     assert_eq!(phase(&core, "media"), "retiring");
     let retiring = fake.config("media").unwrap();
-    assert_eq!(retiring.machines.len(), 1);
-    assert_eq!(retiring.machines[0].id, "media-2");
+    let active: Vec<&str> = retiring
+        .machines
+        .iter()
+        .filter(|m| m.config == PoolRole::Active)
+        .map(|m| m.id.as_str())
+        .collect();
+    assert_eq!(active, ["media-2"]);
     core.tick().await;
     assert_eq!(phase(&core, "media"), "retiring", "v1 still drains");
     // db (no steps) joined meanwhile; router waited for both and starts once v2 serves alone in each.
@@ -288,7 +312,9 @@ async fn whole_release_in_dependency_order() {
     let m = |id: &str| machines.iter().find(|m| m.id == id).unwrap().clone();
     assert_eq!(m("media-2").role, MachineRole::Active);
     assert_eq!(m("media-1").role, MachineRole::Retired);
-    assert_eq!(m("media-c").role, MachineRole::Retired);
+    // The control stays in the simulation pool after its service's release.
+    assert_eq!(m("media-c").role, MachineRole::Control);
+    assert_eq!(m("media-c").config, Some(PoolRole::Simulation));
     assert_eq!(m("media-1").history.len(), 2);
     let services = core.services();
     assert!(services
@@ -418,7 +444,7 @@ async fn failure_unwinds_joined_services_in_reverse_order() {
     assert_eq!(db_after.machines[0].id, "db-1");
     let media = rig.fake.config("media").unwrap();
     let ids: Vec<&str> = media.machines.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, vec!["media-1"]);
+    assert_eq!(ids, vec!["media-1", "media-c"]);
     // Reverse order: router first, then its dependencies.
     let at = |s: &str| {
         core.rollout(rollout_id(&core, s))
@@ -823,4 +849,235 @@ async fn live_guard_pulls_a_v2_that_fails_callers_while_joining() {
     let config = rig.fake.config("db").unwrap();
     assert_eq!(config.machines.len(), 1);
     assert_eq!(config.machines[0].id, "db-1");
+}
+
+/// Pairs whose v1 and v2 latencies are `latencies` (µs), v1 active and v2 simulating.
+fn pairs_with_latencies(first: u64, latencies: &[u64], from: &str, to: &str) -> Vec<JobPair> {
+    let obs = |machine: &str, version: &str, latency_us: u64| JobObservation {
+        machine: machine.to_string(),
+        version: version.to_string(),
+        latency_us,
+        outcome: Outcome::Ok,
+        status: Some(200),
+    };
+    latencies
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| JobPair {
+            job: first + i as u64,
+            session: None,
+            active: obs("a", from, l),
+            simulation: obs("s", to, l),
+            matched: true,
+        })
+        .collect()
+}
+
+/// The nearest-rank quantile of the `column`-th field of a pairs.csv, computed independently of
+/// the controller's histograms.
+fn csv_quantile(csv: &str, column: usize, q: f64) -> f64 {
+    let mut values: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|line| line.split(',').nth(column).unwrap().parse().unwrap())
+        .collect();
+    values.sort_unstable();
+    let rank = ((q * values.len() as f64).ceil() as usize).max(1);
+    values[rank - 1] as f64
+}
+
+fn assert_numbers_follow_pairs(numbers: &serde_json::Value, csv: &str) {
+    let rows = csv.lines().count() as u64 - 1;
+    assert!(rows > 0);
+    assert_eq!(numbers["jobs"], rows, "{numbers}");
+    for (side, column) in [("v1", 0), ("v2", 2)] {
+        for (key, q) in [("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)] {
+            let shown = numbers[side][key].as_f64().unwrap();
+            let expected = csv_quantile(csv, column, q);
+            // Three significant digits of the histogram: within 0.1%.
+            assert!(
+                (shown - expected).abs() <= expected * 0.001 + 1.0,
+                "{side} {key}: shown {shown}, pairs.csv says {expected}: {numbers}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn display_numbers_follow_the_recorded_pairs_live_and_after_restart() {
+    let rig = Rig::new(SAMPLE);
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut job = 1;
+    let (id, live) = {
+        let core = rig.open();
+        core.release(&release_of(&[("media", "v2")], false))
+            .unwrap();
+        core.tick().await;
+        // Latencies of a loaded telephony service: 5-37 ms.
+        for _ in 0..200 {
+            if phase(&core, "media") != "simulating" {
+                break;
+            }
+            let latencies: Vec<u64> = (0..500).map(|_| rng.gen_range(5_000..37_000)).collect();
+            rig.fake
+                .add_pairs("media", pairs_with_latencies(job, &latencies, "v1", "v2"));
+            job += 500;
+            core.tick().await;
+        }
+        assert_eq!(phase(&core, "media"), "joining[0]");
+        let id = rollout_id(&core, "media");
+        let csv = core.pairs_csv(id, false).unwrap();
+        let live = core.rollout(id).unwrap().rollout.numbers;
+        assert_numbers_follow_pairs(&live, &csv);
+        // The verdict keeps the same numbers as the view.
+        let verdict = core.rollout(id).unwrap().rollout.verdict.unwrap();
+        assert_eq!(verdict["numbers"], live);
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_millis(210)).await;
+            core.tick().await;
+        }
+        assert_eq!(phase(&core, "media"), "complete");
+        assert_eq!(core.rollout(id).unwrap().rollout.numbers, live);
+        (id, live)
+    };
+    // A restarted controller shows the finished rollout's numbers as they were.
+    let core = rig.open();
+    let csv = core.pairs_csv(id, false).unwrap();
+    let restored = core.rollout(id).unwrap().rollout.numbers;
+    assert_numbers_follow_pairs(&restored, &csv);
+    assert_eq!(restored, live);
+}
+
+#[tokio::test(start_paused = true)]
+async fn controls_answer_simulation_jobs_at_all_times_and_copies_flow_only_while_judged() {
+    let text = SAMPLE.replace(
+        "join_steps = [10, 50]",
+        "join_steps = [10, 50]\nmirror_fraction = 0.25",
+    );
+    let rig = Rig::new(&text);
+    let core = rig.open();
+    let mut rng = StdRng::seed_from_u64(19);
+    let mut job = 1;
+    let places = |service: &str| -> (Vec<(String, PoolRole)>, f64) {
+        let config = rig.fake.config(service).expect("pushed");
+        let places = config
+            .machines
+            .iter()
+            .map(|m| (m.id.clone(), m.config))
+            .collect();
+        (places, config.mirror_fraction)
+    };
+    let at = |id: &str, config: PoolRole| (id.to_string(), config);
+
+    // Outside any rollout: the control answers upstream simulation jobs; no copies are made; the
+    // standby v2 stays out.
+    core.tick().await;
+    assert_eq!(
+        places("media"),
+        (
+            vec![
+                at("media-1", PoolRole::Active),
+                at("media-c", PoolRole::Simulation)
+            ],
+            0.0
+        )
+    );
+
+    // A release of a service above (router) leaves media's pool as it is.
+    core.release(&release_of(&[("router", "v2")], false))
+        .unwrap();
+    core.tick().await;
+    assert_eq!(phase(&core, "router"), "simulating");
+    assert_eq!(places("media").1, 0.0);
+    assert!(places("media")
+        .0
+        .contains(&at("media-c", PoolRole::Simulation)));
+    core.act(rollout_id(&core, "router"), OpsAction::Abort)
+        .unwrap();
+    core.tick().await;
+
+    // Its own simulation: v2 joins the pool and the configured fraction is copied.
+    core.release(&release_of(&[("media", "v2")], false))
+        .unwrap();
+    core.tick().await;
+    assert_eq!(phase(&core, "media"), "simulating");
+    assert_eq!(
+        places("media"),
+        (
+            vec![
+                at("media-1", PoolRole::Active),
+                at("media-c", PoolRole::Simulation),
+                at("media-2", PoolRole::Simulation)
+            ],
+            0.25
+        )
+    );
+
+    judge_until_decided(&core, &rig.fake, &["media"], &mut rng, &mut job).await;
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_millis(210)).await;
+        core.tick().await;
+    }
+    // Completed (without waiting for the drain timeout: the control in the simulation pool is
+    // not a v1 machine left to drain): the control is still in the pool, copies stop.
+    assert_eq!(phase(&core, "media"), "complete");
+    assert_eq!(
+        places("media"),
+        (
+            vec![
+                at("media-c", PoolRole::Simulation),
+                at("media-2", PoolRole::Active)
+            ],
+            0.0
+        )
+    );
+    let machines = core.machines().unwrap();
+    let control = machines.iter().find(|m| m.id == "media-c").unwrap();
+    assert_eq!(control.role, MachineRole::Control);
+
+    // And a restarted controller keeps it there.
+    drop(core);
+    let core = rig.open();
+    core.tick().await;
+    assert!(places("media")
+        .0
+        .contains(&at("media-c", PoolRole::Simulation)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pairs_the_store_refused_are_not_counted_twice_by_the_judge() {
+    let rig = Rig::new(SAMPLE);
+    let core = rig.open();
+    let mut rng = StdRng::seed_from_u64(23);
+    core.release(&release_of(&[("media", "v2")], false))
+        .unwrap();
+    core.tick().await;
+    let id = rollout_id(&core, "media");
+    rig.fake.add_pairs(
+        "media",
+        identical_pairs(&mut rng, 1, 100, "v1", "v2", false),
+    );
+    core.tick().await;
+    let judged = |core: &Core| core.rollout(id).unwrap().rollout.verdict.unwrap()["jobs"].clone();
+    assert_eq!(judged(&core), 100);
+
+    // The next batch cannot be committed (a failing disk, simulated by a trigger from a second
+    // connection); the balancer hands the same pairs again on the next read.
+    let other = rusqlite::Connection::open(rig.dir.path().join("state.db")).unwrap();
+    other
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON pairs BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+        )
+        .unwrap();
+    rig.fake.add_pairs(
+        "media",
+        identical_pairs(&mut rng, 101, 50, "v1", "v2", false),
+    );
+    core.tick().await;
+    assert_eq!(core.pairs_csv(id, false).unwrap().lines().count(), 101);
+    other.execute_batch("DROP TRIGGER refuse;").unwrap();
+    core.tick().await;
+    assert_eq!(core.pairs_csv(id, false).unwrap().lines().count(), 151);
+    assert_eq!(judged(&core), 150, "each pair judged once");
+    assert_eq!(core.rollout(id).unwrap().rollout.numbers["jobs"], 150);
 }

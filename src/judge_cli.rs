@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use understudy_judge::bench::{run_battery, BatteryConfig, Family, FamilyFigures};
-use understudy_judge::{Condition, Judge, PairSample, Verdict};
+use understudy_judge::{Condition, Decision, Judge, PairSample, Verdict};
 
 #[derive(clap::Args, Debug)]
 pub struct JudgeArgs {
@@ -277,17 +277,36 @@ fn run_judge(args: &JudgeArgs) -> Result<String, JudgeInputError> {
     })?;
     let result = judge_pairs(std::io::BufReader::new(file), &shown, condition)?;
     Ok(if args.json {
-        let json = serde_json::json!({
-            "verdict": result.verdict.decision.as_str(),
-            "jobs_used": result.jobs_used,
-            "hard": result.verdict.hard,
-            "rule": result.verdict.rule,
-            "details": result.verdict.details,
-        });
-        serde_json::to_string_pretty(&json).expect("verdict serializes")
+        let output = JudgeOutput {
+            verdict: result.verdict.decision,
+            jobs_used: result.jobs_used,
+            hard: result.verdict.hard,
+            rule: &result.verdict.rule,
+            details: &result.verdict.details,
+        };
+        serde_json::to_string_pretty(&output).expect("verdict serializes")
     } else {
         render_verdict(&result)
     })
+}
+
+/// `understudy judge --json` output (CONTRACT.md: at least `verdict` and `jobs_used`).
+#[derive(serde::Serialize)]
+struct JudgeOutput<'a> {
+    verdict: Decision,
+    jobs_used: u64,
+    hard: bool,
+    rule: &'a str,
+    details: &'a serde_json::Value,
+}
+
+/// Evidence (a wealth) in a table cell: plain when small, scientific when large.
+fn evidence_cell(value: f64) -> String {
+    if value < 1e4 {
+        format!("{value:.3}")
+    } else {
+        format!("{value:.1e}")
+    }
 }
 
 fn render_verdict(result: &OfflineVerdict) -> String {
@@ -320,17 +339,31 @@ fn render_verdict(result: &OfflineVerdict) -> String {
                 number(&row["ratio_interval"][0]),
                 number(&row["ratio_interval"][1]),
                 if judged {
-                    format!("{:.3}", number(&row["test"]["fail_evidence"]))
+                    evidence_cell(number(&row["test"]["fail_evidence"]))
                 } else {
                     "-".to_string()
                 },
                 if judged {
-                    format!("{:.3}", number(&row["test"]["pass_evidence"]))
+                    evidence_cell(number(&row["test"]["pass_evidence"]))
                 } else {
                     format!("<{}", row["floor_jobs"])
                 },
             ));
         }
+    }
+    let paired = &details["paired_ratio"];
+    if paired.is_object() {
+        out.push_str(&format!(
+            "{:<8} per-job ratio v2/v1: p10 {:.3}, median {:.3} (limit {:.2}), p90 {:.3}; \
+             fail ev {}, pass ev {}\n",
+            "shift",
+            number(&paired["p10"]),
+            number(&paired["p50"]),
+            number(&paired["max_ratio"]),
+            number(&paired["p90"]),
+            evidence_cell(number(&paired["test"]["fail_evidence"])),
+            evidence_cell(number(&paired["test"]["pass_evidence"])),
+        ));
     }
     let errors = &details["errors"];
     out.push_str(&format!(
@@ -400,8 +433,8 @@ fn render_bench(config: &BatteryConfig, figures: &[FamilyFigures], seconds: f64)
     let jobs = |value: Option<u64>| value.map_or("-".to_string(), |v| v.to_string());
     let mut out = format!(
         "judge-bench: {} runs per family, at most {} pairs per run, seed {}, {:.1} s\n\
-         fails = rollbacks (false rollbacks for A/A, detections otherwise); jobs = pairs fed until \
-         the right decision (pass for A/A, fail otherwise)\n\n\
+         fails = rollbacks (false rollbacks for A/A and at the limit, detections otherwise); jobs = \
+         pairs fed until the right decision (pass for A/A, fail for a regression)\n\n\
          | family | judge | fails | passes | undecided | median jobs | p90 jobs |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
         config.runs, config.budget_jobs, config.seed, seconds,
@@ -431,7 +464,6 @@ fn render_bench(config: &BatteryConfig, figures: &[FamilyFigures], seconds: f64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use understudy_judge::Decision;
 
     fn judge_text(text: &str) -> Result<OfflineVerdict, JudgeInputError> {
         judge_pairs(text.as_bytes(), "pairs.csv", Condition::default())

@@ -34,7 +34,9 @@ pub enum StoreError {
 pub enum MachineRole {
     /// Serves callers (active configuration).
     Active,
-    /// Runs the serving version in the simulation pool: the A/A control during a rollout.
+    /// In the simulation pool at all times (declared there at the service's version): answers
+    /// simulation jobs from services above, and is the A/A control of rollouts from its version.
+    /// A release of its service leaves it a control.
     Control,
     /// Runs another version, waiting for a release (simulation pool while one simulates it).
     Standby,

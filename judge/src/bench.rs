@@ -73,11 +73,16 @@ pub enum Family {
     Errors,
     /// 2% of answers differ from v1's.
     Mismatches,
+    /// v2 exactly at the default limits: 10% slower on every job (paired shift and p50 at their
+    /// limit) and half a point more errors (at the margin). The hardest case for false
+    /// rollbacks: any failure here counts against the stated false-fail rate.
+    AtTheLimit,
 }
 
 impl Family {
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::AA,
+        Family::AtTheLimit,
         Family::P50Slower,
         Family::P99Slower,
         Family::TailOnly,
@@ -93,11 +98,13 @@ impl Family {
             Family::TailOnly => "tail-only p99.9 x3",
             Family::Errors => "errors +1 point",
             Family::Mismatches => "mismatches 2%",
+            Family::AtTheLimit => "at the limit",
         }
     }
 
+    /// Whether the right decision is a rollback (a regression beyond the condition).
     pub fn is_regression(&self) -> bool {
-        *self != Family::AA
+        !matches!(self, Family::AA | Family::AtTheLimit)
     }
 }
 
@@ -179,6 +186,7 @@ impl<'a> PairStream<'a> {
             1.0 + model.warmup_slowdown * (-(self.job as f64) / model.warmup_decay_jobs).exp();
         let regression = match self.family {
             Family::P50Slower => 1.2,
+            Family::AtTheLimit => 1.1,
             Family::P99Slower if difficulty > self.cuts.p95 => 1.2,
             Family::TailOnly if difficulty > self.cuts.p998 => 3.0,
             _ => 1.0,
@@ -186,10 +194,10 @@ impl<'a> PairStream<'a> {
         let v2 = self.machine_latency(difficulty) * warmup * regression;
         let input_error = self.rng.gen_bool(model.input_error_rate);
         let v1_ok = !(input_error || self.rng.gen_bool(model.machine_error_rate));
-        let extra_errors = if self.family == Family::Errors {
-            0.01
-        } else {
-            0.0
+        let extra_errors = match self.family {
+            Family::Errors => 0.01,
+            Family::AtTheLimit => 0.005,
+            _ => 0.0,
         };
         let v2_ok = !(input_error || self.rng.gen_bool(model.machine_error_rate + extra_errors));
         let mismatch_rate = model.nondeterministic_mismatch_rate

@@ -261,7 +261,8 @@ mod tests {
 
     #[test]
     fn validation_errors_name_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Condition)>)> = vec![
+        type Spoil = Box<dyn Fn(&mut Condition)>;
+        let cases: Vec<(&str, Spoil)> = vec![
             ("min_jobs", Box::new(|c| c.min_jobs = 0)),
             (
                 "max_paired_ratio",

@@ -126,7 +126,7 @@ impl ControlledStream {
         } else if let Some(control) = self.pending_control.pop_front() {
             self.test.observe(x - control);
         } else {
-            self.pending_v2.push_back(x);
+            push_bounded(&mut self.pending_v2, x);
         }
     }
 
@@ -139,13 +139,25 @@ impl ControlledStream {
         if let Some(v2) = self.pending_v2.pop_front() {
             self.test.observe(v2 - x);
         } else {
-            self.pending_control.push_back(x);
+            push_bounded(&mut self.pending_control, x);
         }
     }
 
     fn control_mean(&self) -> Option<f64> {
         (self.control_count > 0).then(|| self.control_sum / self.control_count as f64)
     }
+}
+
+/// Unmatched values kept while one stream (v2 or control) runs ahead of the other.
+const MAX_PENDING: usize = 65_536;
+
+/// Keeps memory bounded when one stream stalls: the oldest unmatched value is dropped. Which
+/// values get matched depends only on arrival order, never on their values, so the tests stay valid.
+fn push_bounded(queue: &mut VecDeque<f64>, x: f64) {
+    if queue.len() == MAX_PENDING {
+        queue.pop_front();
+    }
+    queue.push_back(x);
 }
 
 /// The paired tail test for one quantile q with limit r: at the threshold c = r x (v1's q-quantile
@@ -211,6 +223,11 @@ pub struct Judge {
     /// Every v1 latency, warm-up included: v1 is warm, and its quantiles set the thresholds.
     v1_thresholds_source: Histogram<u64>,
     next_threshold_refresh: u64,
+    /// With a required control: the control's latencies and per-job ratios (control / v1), whose
+    /// quantiles replace v1's as the reference.
+    control_thresholds_source: Histogram<u64>,
+    control_ratio_source: Histogram<u64>,
+    control_median_ratio: f64,
     v1_judged: Histogram<u64>,
     v2_judged: Histogram<u64>,
     control_judged: Histogram<u64>,
@@ -257,19 +274,37 @@ impl Judge {
             1.0,
             per_test_false_fail_rate,
         );
-        let paired_shift =
-            ControlledStream::new(&condition, 0.0, -1.0, 1.0, per_test_false_fail_rate);
+        // Latency statistics against a control compare v2 with the control directly: each side
+        // is an indicator in [0, 1] (see `observe_control`); without one they are in [-1, 1].
+        let (side_low, side_high) = if condition.require_control {
+            (0.0, 1.0)
+        } else {
+            (-1.0, 1.0)
+        };
+        let paired_shift = ControlledStream::new(
+            &condition,
+            0.0,
+            side_low,
+            side_high,
+            per_test_false_fail_rate,
+        );
         let latency = condition
             .latency
             .iter()
             .map(|limit| LatencyTest {
                 limit: limit.clone(),
                 name: limit.name(),
-                floor_jobs: limit
-                    .floor_jobs(condition.min_tail_exceedances)
-                    .max(condition.min_jobs),
+                // Decisions wait for `min_jobs` anyway; the floor only keeps a tail test from
+                // betting before enough jobs reach that far into the tail.
+                floor_jobs: limit.floor_jobs(condition.min_tail_exceedances),
                 threshold_us: f64::INFINITY,
-                stream: ControlledStream::new(&condition, 0.0, -1.0, 1.0, per_test_false_fail_rate),
+                stream: ControlledStream::new(
+                    &condition,
+                    0.0,
+                    side_low,
+                    side_high,
+                    per_test_false_fail_rate,
+                ),
                 v2_only_exceed: 0,
                 v1_only_exceed: 0,
             })
@@ -284,6 +319,11 @@ impl Judge {
             v1_thresholds_source: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
                 .expect("static histogram bounds are valid"),
             next_threshold_refresh: 1,
+            control_thresholds_source: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
+                .expect("static histogram bounds are valid"),
+            control_ratio_source: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
+                .expect("static histogram bounds are valid"),
+            control_median_ratio: f64::INFINITY,
             v1_judged: latency_histogram(),
             v2_judged: latency_histogram(),
             control_judged: latency_histogram(),
@@ -343,15 +383,29 @@ impl Judge {
         if let Some(matched) = pair.matched {
             self.mismatches.push_v2(f64::from(u8::from(!matched)));
         }
-        self.paired_shift
-            .push_v2(paired_sign(pair, self.condition.max_paired_ratio));
+        let max_paired_ratio = self.condition.max_paired_ratio;
+        if !self.condition.require_control {
+            self.paired_shift
+                .push_v2(paired_sign(pair, max_paired_ratio));
+        } else if self.control_median_ratio.is_finite() {
+            // v2's per-job ratio beyond r x the control's median per-job ratio.
+            let beyond = ratio > max_paired_ratio * self.control_median_ratio;
+            self.paired_shift.push_v2(f64::from(u8::from(beyond)));
+        }
         let judged = self.judged_jobs;
+        let require_control = self.condition.require_control;
         for test in &mut self.latency {
-            if judged > test.floor_jobs {
+            if judged > test.floor_jobs && test.threshold_us.is_finite() {
                 let (x, v1_exceeds, v2_exceeds) = test.indicator(pair);
                 test.v1_only_exceed += u64::from(v1_exceeds && !v2_exceeds);
                 test.v2_only_exceed += u64::from(v2_exceeds && !v1_exceeds);
-                test.stream.push_v2(x);
+                if require_control {
+                    // Against the control the threshold is r x the control's quantile, and the
+                    // control supplies the other side of the statistic.
+                    test.stream.push_v2(f64::from(u8::from(v2_exceeds)));
+                } else {
+                    test.stream.push_v2(x);
+                }
             }
         }
         self.decide();
@@ -376,13 +430,36 @@ impl Judge {
         if let Some(matched) = pair.matched {
             self.mismatches.push_control(f64::from(u8::from(!matched)));
         }
-        self.paired_shift
-            .push_control(paired_sign(pair, self.condition.max_paired_ratio));
+        let ratio = pair.v2_latency_us.max(1) as f64 / pair.v1_latency_us.max(1) as f64;
+        self.control_thresholds_source
+            .saturating_record(pair.v2_latency_us.max(1));
+        self.control_ratio_source
+            .saturating_record(((ratio * RATIO_SCALE).round() as u64).max(1));
+        let max_paired_ratio = self.condition.max_paired_ratio;
+        if !self.condition.require_control {
+            // Only summarised (the noise baseline in the details).
+            self.paired_shift
+                .push_control(paired_sign(pair, max_paired_ratio));
+        } else if self.control_median_ratio.is_finite() {
+            // The control's side: its per-job ratio at or beyond its own median, the level the
+            // v2 side is compared at (times r).
+            let at_or_beyond = ratio >= self.control_median_ratio;
+            self.paired_shift
+                .push_control(f64::from(u8::from(at_or_beyond)));
+        }
         let judged = self.judged_control_jobs;
+        let require_control = self.condition.require_control;
         for test in &mut self.latency {
             if judged > test.floor_jobs && test.threshold_us.is_finite() {
-                let (x, _, _) = test.indicator(pair);
-                test.stream.push_control(x);
+                if require_control {
+                    // The control scaled by r reaching the threshold r x (control's quantile).
+                    let reaches =
+                        pair.v2_latency_us as f64 * test.limit.max_ratio >= test.threshold_us;
+                    test.stream.push_control(f64::from(u8::from(reaches)));
+                } else {
+                    let (x, _, _) = test.indicator(pair);
+                    test.stream.push_control(x);
+                }
             }
         }
         // A control pair can complete a differenced observation, so it may decide too.
@@ -409,14 +486,28 @@ impl Judge {
     /// the quantile look-ups cost O(1) amortised per pair. A threshold depends on past pairs
     /// only, which keeps each bet predictable and the tests valid.
     fn refresh_thresholds(&mut self) {
+        // The reference is v1-active, or with a required control the control (v1 in simulation).
+        let source = if self.condition.require_control {
+            &self.control_thresholds_source
+        } else {
+            &self.v1_thresholds_source
+        };
         for test in &mut self.latency {
-            // The bucket's lowest value: a v1 job at the quantile then counts as reaching it,
-            // so even a bounded, bucketed sample shows v1's side of the tail.
-            let source = &self.v1_thresholds_source;
-            let v1_quantile =
-                source.lowest_equivalent(source.value_at_quantile(test.limit.quantile)) as f64;
-            test.threshold_us = test.limit.max_ratio * v1_quantile;
+            // The bucket's lowest value: a reference job at the quantile then counts as reaching
+            // it, so even a bounded, bucketed sample shows the reference's side of the tail.
+            test.threshold_us = if source.is_empty() {
+                f64::INFINITY
+            } else {
+                let quantile = source.value_at_quantile(test.limit.quantile);
+                test.limit.max_ratio * source.lowest_equivalent(quantile) as f64
+            };
         }
+        let ratios = &self.control_ratio_source;
+        self.control_median_ratio = if ratios.is_empty() {
+            f64::INFINITY
+        } else {
+            ratios.lowest_equivalent(ratios.value_at_quantile(0.5)) as f64 / RATIO_SCALE
+        };
         self.next_threshold_refresh = self.jobs + (self.jobs / 16).max(32);
     }
 
@@ -427,11 +518,11 @@ impl Judge {
                 true,
                 format!(
                     "hard failure: v2's error rate is more than {:.2} points above {} \
-                     (estimated increase {:.2} points, evidence {:.0} >= {:.0})",
+                     (estimated increase {:.2} points, evidence {} >= {:.0})",
                     report.margin * 100.0,
                     self.baseline_name(),
                     report.estimate * 100.0,
-                    report.fail_evidence,
+                    evidence_text(report.fail_evidence),
                     report.fail_threshold
                 ),
             ));
@@ -442,11 +533,11 @@ impl Judge {
                 false,
                 format!(
                     "errors: v2's error rate is more than {:.2} points above {} \
-                     (estimated increase {:.2} points, evidence {:.0} >= {:.0})",
+                     (estimated increase {:.2} points, evidence {} >= {:.0})",
                     report.margin * 100.0,
                     self.baseline_name(),
                     report.estimate * 100.0,
-                    report.fail_evidence,
+                    evidence_text(report.fail_evidence),
                     report.fail_threshold
                 ),
             ));
@@ -457,10 +548,10 @@ impl Judge {
                 false,
                 format!(
                     "mismatches: v2's answers differ from v1's in more than {:.2}% of jobs \
-                     (estimated {:.2}%, evidence {:.0} >= {:.0})",
+                     (estimated {:.2}%, evidence {} >= {:.0})",
                     report.margin * 100.0,
                     report.estimate * 100.0,
-                    report.fail_evidence,
+                    evidence_text(report.fail_evidence),
                     report.fail_threshold
                 ),
             ));
@@ -471,11 +562,11 @@ impl Judge {
                 false,
                 format!(
                     "paired shift: on the same jobs v2 is typically more than {:.2} x slower than \
-                     {} (v2 beyond the limit in {:.1}% more jobs than below it, evidence {:.0} >= {:.0})",
+                     {} (v2 beyond the limit in {:.1}% more jobs than below it, evidence {} >= {:.0})",
                     self.condition.max_paired_ratio,
                     if self.condition.require_control { "the control" } else { "v1" },
                     report.estimate * 100.0,
-                    report.fail_evidence,
+                    evidence_text(report.fail_evidence),
                     report.fail_threshold
                 ),
             ));
@@ -487,14 +578,14 @@ impl Judge {
                     false,
                     format!(
                         "latency {}: v2's {} is more than {:.2} x {}'s (v2 beyond {:.0} us in \
-                         {} more pairs than v1 scaled, evidence {:.0} >= {:.0})",
+                         {} more pairs than v1 scaled, evidence {} >= {:.0})",
                         test.name,
                         test.name,
                         test.limit.max_ratio,
                         self.baseline_name(),
                         test.threshold_us,
                         test.v2_only_exceed as i64 - test.v1_only_exceed as i64,
-                        report.fail_evidence,
+                        evidence_text(report.fail_evidence),
                         report.fail_threshold
                     ),
                 )
@@ -530,7 +621,7 @@ impl Judge {
             self.conclude(Decision::Fail, hard, format!("fail: {rule}"));
             return;
         }
-        if self.judged_jobs % self.condition.window_jobs != 0 {
+        if !self.judged_jobs.is_multiple_of(self.condition.window_jobs) {
             return;
         }
         if self.all_within_limits() {
@@ -693,6 +784,15 @@ impl Judge {
             paired_ratio,
         };
         serde_json::to_value(details).expect("details serialize to JSON")
+    }
+}
+
+/// A wealth for a rule text: whole numbers when small, scientific notation when large.
+fn evidence_text(value: f64) -> String {
+    if value < 1e6 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1e}")
     }
 }
 

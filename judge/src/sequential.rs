@@ -138,6 +138,14 @@ impl ConfidenceSequence {
     }
 }
 
+/// Reported wealths are capped: past any threshold the exact (possibly astronomical) figure says
+/// nothing more, and JSON has no infinity.
+pub const REPORTED_EVIDENCE_CAP: f64 = 1e12;
+
+fn reported_evidence(log_wealth: f64) -> f64 {
+    log_wealth.min(REPORTED_EVIDENCE_CAP.ln()).exp()
+}
+
 /// Where one metric's evidence stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -171,10 +179,11 @@ pub struct MarginReport {
     /// Always-valid interval for the mean at the overall false-fail level.
     pub interval: [f64; 2],
     pub margin: f64,
-    /// Wealth of the bet that v2 breaks the margin (fails at `fail_threshold`).
+    /// Wealth of the bet that v2 breaks the margin (fails at `fail_threshold`), capped at
+    /// `REPORTED_EVIDENCE_CAP`.
     pub fail_evidence: f64,
     pub fail_threshold: f64,
-    /// Wealth of the bet that v2 is within the margin (passes at `pass_threshold`).
+    /// Wealth of the bet that v2 is within the margin (passes at `pass_threshold`), capped.
     pub pass_evidence: f64,
     pub pass_threshold: f64,
     pub evidence: Evidence,
@@ -238,9 +247,9 @@ impl MarginTest {
             },
             interval: [low, high],
             margin: self.fail_test.margin,
-            fail_evidence: self.fail_test.log_wealth.exp(),
+            fail_evidence: reported_evidence(self.fail_test.log_wealth),
             fail_threshold: self.log_fail_threshold.exp(),
-            pass_evidence: self.pass_test.log_wealth.exp(),
+            pass_evidence: reported_evidence(self.pass_test.log_wealth),
             pass_threshold: self.log_pass_threshold.exp(),
             evidence: self.evidence(),
         }

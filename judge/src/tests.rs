@@ -207,6 +207,22 @@ fn a_a_control_absorbs_the_simulation_configurations_own_slowdown() {
     assert_eq!(without_control.verdict().decision, Decision::Fail);
     let verdict = with_control.verdict();
     assert_ne!(verdict.decision, Decision::Fail, "{}", verdict.rule);
+
+    // A v2 30% slower than the (equally slow) control still fails against it.
+    let mut regressed = Judge::new(Condition {
+        require_control: true,
+        ..Condition::default()
+    });
+    for (v2_pair, control_pair) in &pairs {
+        let slower = PairSample {
+            v2_latency_us: v2_pair.v2_latency_us * 13 / 10,
+            ..*v2_pair
+        };
+        regressed.observe(&slower);
+        regressed.observe_control(control_pair);
+    }
+    let verdict = regressed.verdict();
+    assert_eq!(verdict.decision, Decision::Fail, "{}", verdict.rule);
 }
 
 #[test]
@@ -286,4 +302,26 @@ fn battery_is_deterministic_and_compares_three_judges() {
     assert_eq!(p50.paired.fails, 2, "{p50:?}");
     assert_eq!(p50.unpaired.runs, 2);
     assert_eq!(p50.pairing_broken.runs, 2);
+}
+
+#[test]
+fn a_a_with_a_required_control_passes() {
+    let model = LatencyModel::default();
+    let cuts = model.cuts();
+    let mut v2_stream = PairStream::new(&model, &cuts, Family::AA, 40);
+    let mut control_stream = PairStream::new(&model, &cuts, Family::AA, 41);
+    let mut judge = Judge::new(Condition {
+        require_control: true,
+        ..Condition::default()
+    });
+    for _ in 0..60_000 {
+        judge.observe(&v2_stream.next_pair());
+        judge.observe_control(&control_stream.next_pair());
+        if judge.is_final() {
+            break;
+        }
+    }
+    let verdict = judge.verdict();
+    assert_eq!(verdict.decision, Decision::Pass, "{}", verdict.rule);
+    assert!(verdict.details["errors"]["control_rate"].is_number());
 }

@@ -1,6 +1,6 @@
 //! An unpaired, Kayenta-like judge used only as a yardstick in the self-test battery: it ignores
 //! that v1 and v2 ran the same jobs and compares the two latency samples with a one-sided
-//! Mann-Whitney U test and the error and mismatch rates with two-proportion z-tests, at a few
+//! Mann-Whitney U test (v2 divided by the median's allowed ratio, as an allowed effect size) and the error and mismatch rates with two-proportion z-tests, at a few
 //! looks on a doubling schedule. Its false-fail budget is split over looks and tests (Bonferroni)
 //! so that it gets the same error guarantee as the paired judge; it passes when the job budget
 //! ends without a failure, as a fixed-duration canary analysis does.
@@ -145,7 +145,20 @@ impl UnpairedJudge {
 
     fn look(&mut self, last: bool) {
         let judged = self.v1_latency.len() as u64;
-        let latency_p = mann_whitney_greater(&self.v1_latency, &self.v2_latency);
+        // Like Kayenta's allowed effect size: v2 is compared after dividing by the median's
+        // allowed ratio, so a v2 exactly at the limit is the null, not a regression.
+        let allowed_ratio = self
+            .condition
+            .latency
+            .iter()
+            .find(|limit| limit.quantile == 0.5)
+            .map_or(self.condition.max_paired_ratio, |limit| limit.max_ratio);
+        let v2_scaled: Vec<u64> = self
+            .v2_latency
+            .iter()
+            .map(|&v| (v as f64 / allowed_ratio).round() as u64)
+            .collect();
+        let latency_p = mann_whitney_greater(&self.v1_latency, &v2_scaled);
         let error_p = proportion_increase_p_value(
             self.v1_errors,
             judged,

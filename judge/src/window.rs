@@ -336,4 +336,31 @@ mod tests {
             result.verdict.rule
         );
     }
+
+    #[test]
+    fn million_job_histograms_judge_like_small_ones() {
+        let values = latencies(10_000, 6);
+        let mut v1 = histogram(values.iter().copied());
+        let mut v2 = histogram(values.iter().map(|v| v * 13 / 10));
+        // Scale the counts to 1M jobs: the verdict depends on the shape, not the volume.
+        for value in &values {
+            v1.saturating_record_n((*value).max(1), 99);
+            v2.saturating_record_n((value * 13 / 10).max(1), 99);
+        }
+        assert_eq!(v1.len(), 1_000_000);
+        let result = judge_window(
+            &Condition::default(),
+            &v1,
+            &v2,
+            outcomes(1_000_000, 10_000),
+            outcomes(1_000_000, 10_000),
+        );
+        assert_eq!(
+            result.verdict.decision,
+            Decision::Fail,
+            "{}",
+            result.verdict.rule
+        );
+        assert!(result.quantiles.iter().all(|q| q.judged));
+    }
 }

@@ -17,14 +17,16 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
-use std::task::{Context, Poll};
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 
 /// Header naming the session a job belongs to (see CONTRACT.md).
 pub const SESSION_HEADER: &str = "x-session-id";
@@ -193,8 +195,8 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
 }
 
-/// What one connection worker measured. Each worker owns one, so its lock is uncontended except
-/// when progress is read.
+/// What the workers measured. One for the whole run: a few histograms stay hot in cache, where
+/// one set per connection would not (each is ~190 KB).
 struct Tally {
     sent: [u64; 3],
     ok: [u64; 3],
@@ -222,8 +224,18 @@ impl Tally {
         }
     }
 
-    fn record(&mut self, kind: JobKind, latency: Duration, outcome: Result<(), ErrorClass>) {
+    fn record(
+        &mut self,
+        kind: JobKind,
+        send_lag: Duration,
+        sent_at: Instant,
+        latency: Duration,
+        outcome: Result<(), ErrorClass>,
+    ) {
         let k = kind.index();
+        self.sent[k] += 1;
+        self.send_lag.saturating_record(micros(send_lag).max(1));
+        self.last_send = Some(self.last_send.map_or(sent_at, |last| last.max(sent_at)));
         let us = micros(latency).max(1);
         self.latency[k].saturating_record(us);
         self.window.saturating_record(us);
@@ -489,8 +501,8 @@ impl fmt::Display for LoadReport {
     }
 }
 
-/// A job handed to a connection worker, with the instant it was meant to leave.
-struct Queued {
+/// A job taken by a connection worker, with the instant it was meant to leave.
+struct DueJob {
     job: PlannedJob,
     intended: Instant,
 }
@@ -500,7 +512,9 @@ struct Shared {
     host: HeaderValue,
     seed: u64,
     timeout: Duration,
-    tallies: Vec<Mutex<Tally>>,
+    /// Jobs handed to a connection (the tally counts them when answered).
+    sent: AtomicU64,
+    tally: Mutex<Tally>,
     sessions: Mutex<SessionBook>,
 }
 
@@ -553,7 +567,9 @@ async fn connect(target: SocketAddr, timeout: Duration) -> Result<Conn, ErrorCla
         .map_err(|_| ErrorClass::Connect)?
         .map_err(|_| ErrorClass::Connect)?;
     stream.set_nodelay(true).map_err(|_| ErrorClass::Connect)?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|_| ErrorClass::Connect)?;
     Ok(Conn {
@@ -604,20 +620,17 @@ async fn exchange(
     let c = conn.as_mut().expect("just connected");
     let sender = &mut c.sender;
     let work = async move {
-        sender
-            .ready()
-            .await
-            .map_err(|_| ErrorClass::Connection)?;
+        sender.ready().await.map_err(|_| ErrorClass::Connection)?;
         let response = sender
             .send_request(request)
             .await
             .map_err(|_| ErrorClass::Connection)?;
         let status = response.status();
-        response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|_| ErrorClass::Connection)?;
+        // Read the answer to its end, dropping the bytes: nothing needs them kept.
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.map_err(|_| ErrorClass::Connection)?;
+        }
         Ok(status)
     };
     // `work` borrows the sender while the driver is polled: split borrows of one struct.
@@ -625,24 +638,61 @@ async fn exchange(
     drive(driver, work).await
 }
 
-async fn run_job(shared: &Shared, worker: usize, conn: &mut Option<Conn>, queued: Queued) {
-    let request = build_request(shared, &queued.job);
-    let sent_at = Instant::now();
-    {
-        let mut tally = shared.tallies[worker].lock().expect("tally lock");
-        tally.sent[queued.job.kind.index()] += 1;
-        tally
-            .send_lag
-            .saturating_record(micros(sent_at.saturating_duration_since(queued.intended)).max(1));
-        tally.last_send = Some(sent_at);
+/// A worker's job timeout. Re-arming a timer for every job costs a timer-wheel insert and removal
+/// each; instead one timer stays armed at or before the current job's deadline and is moved
+/// forward only when it fires early, about once per `timeout` rather than once per job.
+struct Watchdog {
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Watchdog {
+    fn new(timeout: Duration) -> Self {
+        Watchdog {
+            timer: Box::pin(sleep_until(Instant::now() + timeout)),
+        }
     }
-    let outcome = match tokio::time::timeout(shared.timeout, exchange(shared, conn, request)).await
+
+    /// Runs `work`, or gives None once `deadline` has passed. Every deadline handed in must be no
+    /// earlier than the previous one (jobs of a worker start in order), so the armed timer never
+    /// lies beyond the current deadline.
+    async fn run<T>(&mut self, deadline: Instant, work: impl Future<Output = T>) -> Option<T> {
+        let mut work = pin!(work);
+        let timer = &mut self.timer;
+        poll_fn(|cx| {
+            if let Poll::Ready(result) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
+            }
+            while timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    return Poll::Ready(None);
+                }
+                timer.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+async fn run_job(
+    shared: &Shared,
+    conn: &mut Option<Conn>,
+    watchdog: &mut Watchdog,
+    due: DueJob,
+    sent_at: Instant,
+) {
+    let request = build_request(shared, &due.job);
+    shared.sent.fetch_add(1, Ordering::Relaxed);
+    let deadline = sent_at + shared.timeout;
+    let outcome = match watchdog
+        .run(deadline, exchange(shared, conn, request))
+        .await
     {
-        Ok(Ok(status)) if status.is_client_error() => Err(ErrorClass::Http4xx),
-        Ok(Ok(status)) if status.is_server_error() => Err(ErrorClass::Http5xx),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(class)) => Err(class),
-        Err(_) => Err(ErrorClass::Timeout),
+        Some(Ok(status)) if status.is_client_error() => Err(ErrorClass::Http4xx),
+        Some(Ok(status)) if status.is_server_error() => Err(ErrorClass::Http5xx),
+        Some(Ok(_)) => Ok(()),
+        Some(Err(class)) => Err(class),
+        None => Err(ErrorClass::Timeout),
     };
     if matches!(
         outcome,
@@ -651,82 +701,107 @@ async fn run_job(shared: &Shared, worker: usize, conn: &mut Option<Conn>, queued
         // The connection may be stuck mid-answer: start the next job on a fresh one.
         *conn = None;
     }
-    let latency = Instant::now().saturating_duration_since(queued.intended);
-    shared.tallies[worker]
-        .lock()
-        .expect("tally lock")
-        .record(queued.job.kind, latency, outcome);
-    if queued.job.session.is_some() {
+    let latency = Instant::now().saturating_duration_since(due.intended);
+    shared.tally.lock().expect("tally lock").record(
+        due.job.kind,
+        sent_at.saturating_duration_since(due.intended),
+        sent_at,
+        latency,
+        outcome,
+    );
+    if due.job.session.is_some() {
         shared
             .sessions
             .lock()
             .expect("session lock")
-            .record(&queued.job, outcome.is_ok());
+            .record(&due.job, outcome.is_ok());
     }
 }
 
-/// Where a worker takes its jobs from.
-enum JobSource {
-    /// Open loop: the dispatcher's queue, jobs stamped with their intended time.
-    Queue(async_channel::Receiver<Queued>),
-    /// Closed loop: straight from the schedule, until the deadline.
-    Schedule {
-        schedule: Arc<Mutex<Schedule>>,
-        run_for: Duration,
-    },
+/// How a worker paces the jobs it takes from the shared schedule.
+#[derive(Clone, Copy)]
+enum Pacing {
+    /// Open loop: each job leaves at its intended time (at once when already late).
+    Open,
+    /// Closed loop: back to back until `run_for` has passed.
+    Closed { run_for: Duration },
 }
 
+/// A connection worker. Workers take jobs from the one schedule in order, so a job is taken as
+/// soon as a connection is free; when none is, the job waits in the schedule and is late, and its
+/// latency still counts from its intended time. No dispatcher task, no queue: nothing is handed
+/// between tasks and at most one job per connection is taken ahead.
 async fn worker(
     shared: Arc<Shared>,
-    index: usize,
-    source: JobSource,
+    schedule: Arc<Mutex<Schedule>>,
+    pacing: Pacing,
     ready: Arc<tokio::sync::Barrier>,
+    mut start: watch::Receiver<Option<Instant>>,
 ) {
     // Connect before the clock starts so set-up cost is not charged to the first jobs.
     let mut conn = connect(shared.target, shared.timeout).await.ok();
+    let mut watchdog = Watchdog::new(shared.timeout);
     ready.wait().await;
-    match source {
-        JobSource::Queue(rx) => {
-            while let Ok(queued) = rx.recv().await {
-                run_job(&shared, index, &mut conn, queued).await;
-            }
+    let Ok(start) = start
+        .wait_for(Option::is_some)
+        .await
+        .map(|s| s.expect("is some"))
+    else {
+        return;
+    };
+    let deadline = match pacing {
+        Pacing::Open => None,
+        Pacing::Closed { run_for } => Some(start + run_for),
+    };
+    loop {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break;
         }
-        JobSource::Schedule { schedule, run_for } => {
-            let deadline = Instant::now() + run_for;
-            loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
+        let Some(job) = schedule.lock().expect("schedule lock").next() else {
+            break;
+        };
+        let (intended, sent_at) = match pacing {
+            Pacing::Open => {
+                let intended = start + job.at;
+                // A timer costs a registration: skip it when the job is already due.
+                if now < intended {
+                    sleep_until(intended).await;
+                    (intended, Instant::now())
+                } else {
+                    (intended, now)
                 }
-                let Some(job) = schedule.lock().expect("schedule lock").next() else {
-                    break;
-                };
-                run_job(&shared, index, &mut conn, Queued { job, intended: now }).await;
             }
-        }
+            // Closed loop: the job is meant to leave now, and does.
+            Pacing::Closed { .. } => (now, now),
+        };
+        run_job(
+            &shared,
+            &mut conn,
+            &mut watchdog,
+            DueJob { job, intended },
+            sent_at,
+        )
+        .await;
     }
 }
 
 /// Reads a progress sample; resets the per-interval window.
 fn sample_progress(shared: &Shared, start: Instant, window: Duration) -> Progress {
-    let mut merged = new_histogram();
-    let (mut sent, mut ok, mut errors, mut window_errors) = (0, 0, 0, 0);
-    for tally in &shared.tallies {
-        let mut t = tally.lock().expect("tally lock");
-        sent += t.sent.iter().sum::<u64>();
-        ok += t.ok.iter().sum::<u64>();
-        errors += t.errors.iter().sum::<u64>();
-        window_errors += t.window_errors;
-        merged.add(&t.window).expect("same histogram bounds");
-        t.window.reset();
-        t.window_errors = 0;
-    }
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let mut t = shared.tally.lock().expect("tally lock");
+    let ok = t.ok.iter().sum::<u64>();
+    let errors = t.errors.iter().sum::<u64>();
+    let window_errors = std::mem::take(&mut t.window_errors);
+    let merged = t.window.clone();
+    t.window.reset();
+    drop(t);
     Progress {
         elapsed_s: start.elapsed().as_secs_f64(),
         sent,
         ok,
         errors,
-        in_flight: sent - ok - errors,
+        in_flight: sent.saturating_sub(ok + errors),
         rate: merged.len() as f64 / window.as_secs_f64(),
         p50_us: merged.value_at_quantile(0.5),
         p99_us: merged.value_at_quantile(0.99),
@@ -748,7 +823,8 @@ pub async fn run_load(
         host: HeaderValue::from_str(&target.to_string()).expect("socket address is a valid header"),
         seed: spec.seed,
         timeout: Duration::from_millis(spec.timeout_ms),
-        tallies: (0..connections).map(|_| Mutex::new(Tally::new())).collect(),
+        sent: AtomicU64::new(0),
+        tally: Mutex::new(Tally::new()),
         sessions: Mutex::new(SessionBook::default()),
     });
     let interval = Duration::from_millis(spec.progress_interval_ms);
@@ -756,93 +832,36 @@ pub async fn run_load(
     let mut workers = JoinSet::new();
     let schedule = plan.iter();
 
-    let start;
-    match spec.mode {
-        Mode::Open => {
-            // Bounded so memory stays flat when the target stalls; a job that waits here is late
-            // and its latency still counts from its intended time.
-            let (tx, rx) = async_channel::bounded::<Queued>(connections.max(1024));
-            for i in 0..connections {
-                workers.spawn(worker(
-                    shared.clone(),
-                    i,
-                    JobSource::Queue(rx.clone()),
-                    ready.clone(),
-                ));
-            }
-            drop(rx);
-            ready.wait().await;
-            start = Instant::now();
-            let mut next_progress = start + interval;
-            for job in schedule {
-                let intended = start + job.at;
-                while next_progress <= intended {
-                    sleep_until(next_progress).await;
-                    progress(&sample_progress(&shared, start, interval));
-                    next_progress += interval;
-                }
-                // Timers cost a registration each: skip them when the job is already due.
-                if Instant::now() < intended {
-                    sleep_until(intended).await;
-                }
-                let queued = match tx.try_send(Queued { job, intended }) {
-                    Ok(()) => continue,
-                    Err(async_channel::TrySendError::Full(queued)) => queued,
-                    Err(async_channel::TrySendError::Closed(_)) => {
-                        unreachable!("workers hold the receiver until the queue closes")
-                    }
-                };
-                // Every connection is busy and the queue is full: wait, still reporting progress.
-                let send = tx.send(queued);
-                tokio::pin!(send);
-                loop {
-                    tokio::select! {
-                        biased;
-                        sent = &mut send => {
-                            sent.expect("workers hold the receiver until the queue closes");
-                            break;
-                        }
-                        _ = sleep_until(next_progress) => {
-                            progress(&sample_progress(&shared, start, interval));
-                            next_progress += interval;
-                        }
-                    }
-                }
-            }
-            drop(tx);
-            wait_for_workers(
-                &mut workers,
-                &shared,
-                start,
-                interval,
-                next_progress,
-                &mut progress,
-            )
-            .await;
-        }
-        Mode::Closed => {
-            let schedule_shared = Arc::new(Mutex::new(schedule));
-            for i in 0..connections {
-                let source = JobSource::Schedule {
-                    schedule: schedule_shared.clone(),
-                    run_for: Duration::from_secs_f64(spec.duration_s),
-                };
-                workers.spawn(worker(shared.clone(), i, source, ready.clone()));
-            }
-            ready.wait().await;
-            start = Instant::now();
-            let next_progress = start + interval;
-            wait_for_workers(
-                &mut workers,
-                &shared,
-                start,
-                interval,
-                next_progress,
-                &mut progress,
-            )
-            .await;
-        }
+    let pacing = match spec.mode {
+        Mode::Open => Pacing::Open,
+        Mode::Closed => Pacing::Closed {
+            run_for: Duration::from_secs_f64(spec.duration_s),
+        },
+    };
+    let schedule = Arc::new(Mutex::new(schedule));
+    let (start_tx, start_rx) = watch::channel(None);
+    for _ in 0..connections {
+        workers.spawn(worker(
+            shared.clone(),
+            schedule.clone(),
+            pacing,
+            ready.clone(),
+            start_rx.clone(),
+        ));
     }
+    // Every connection is open: start the clock.
+    ready.wait().await;
+    let start = Instant::now();
+    start_tx.send_replace(Some(start));
+    wait_for_workers(
+        &mut workers,
+        &shared,
+        start,
+        interval,
+        start + interval,
+        &mut progress,
+    )
+    .await;
     Ok(build_report(&spec, &shared, start))
 }
 
@@ -876,8 +895,8 @@ fn build_report(spec: &LoadSpec, shared: &Shared, start: Instant) -> LoadReport 
     let mut kind_latency = [new_histogram(), new_histogram(), new_histogram()];
     let mut classes = [0u64; 5];
     let mut last_send = start;
-    for tally in &shared.tallies {
-        let t = tally.lock().expect("tally lock");
+    {
+        let t = shared.tally.lock().expect("tally lock");
         for k in 0..3 {
             kinds[k].sent += t.sent[k];
             kinds[k].ok += t.ok[k];
@@ -972,6 +991,45 @@ mod tests {
                 max_length_ms: 1_000,
             },
         }
+    }
+
+    #[test]
+    fn a_run_can_be_spawned_on_a_multi_thread_runtime() {
+        fn assert_send<T: Send + 'static>(_: &T) {}
+        let mut lines = Vec::new();
+        let run = run_load(spec(1.0, 1.0), local(), move |p| lines.push(p.to_string()));
+        assert_send(&run);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_times_out_each_job_at_its_own_deadline() {
+        let timeout = Duration::from_secs(5);
+        let mut watchdog = Watchdog::new(timeout);
+        let start = Instant::now();
+        // A job answered in time.
+        let answered = watchdog
+            .run(start + timeout, async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                7
+            })
+            .await;
+        assert_eq!(answered, Some(7));
+        // The next job starts at 1 s: the timer armed for 5 s fires early, is moved to 6 s.
+        let sent = Instant::now();
+        let hung = watchdog
+            .run(sent + timeout, std::future::pending::<()>())
+            .await;
+        assert_eq!(hung, None);
+        assert_eq!(Instant::now() - start, Duration::from_secs(6));
+        // After a long idle spell the elapsed timer is re-armed, not taken for a timeout.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let sent = Instant::now();
+        let answered = watchdog
+            .run(sent + timeout, async {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            })
+            .await;
+        assert_eq!(answered, Some(()));
     }
 
     #[tokio::test]

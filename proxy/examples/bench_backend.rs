@@ -33,14 +33,16 @@ fn main() {
             };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
-                    // Read the body to the end, as a real machine would.
-                    let _ = req.into_body().collect().await;
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
-                });
+                let service = service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        // Read the body to the end, as a real machine would.
+                        let _ = req.into_body().collect().await;
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;

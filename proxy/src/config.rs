@@ -38,8 +38,12 @@ impl ProcessConfig {
     }
 
     /// Checks every balancer config and the process-wide constraints (distinct services,
-    /// distinct fixed listen addresses).
-    pub fn validate(&self) -> Result<Vec<ValidConfig>, ConfigError> {
+    /// distinct fixed listen addresses), as `spawn` does before starting anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validated().map(|_| ())
+    }
+
+    pub(crate) fn validated(&self) -> Result<Vec<ValidConfig>, ConfigError> {
         let mut services = HashSet::new();
         let mut listens = HashSet::new();
         let mut valid = Vec::with_capacity(self.balancers.len());
@@ -99,7 +103,7 @@ impl ConfigError {
 
 /// One machine after validation.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ValidMachine {
+pub(crate) struct ValidMachine {
     pub id: Arc<str>,
     pub version: Arc<str>,
     pub address: SocketAddr,
@@ -110,7 +114,7 @@ pub struct ValidMachine {
 /// A [`BalancerConfig`] that passed every check; the raw form is kept for idempotent re-pushes and
 /// for `GET .../config`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ValidConfig {
+pub(crate) struct ValidConfig {
     pub raw: BalancerConfig,
     pub service: Arc<str>,
     pub version: u64,
@@ -121,7 +125,7 @@ pub struct ValidConfig {
 }
 
 impl ValidConfig {
-    pub fn new(config: &BalancerConfig) -> Result<Self, ConfigError> {
+    pub(crate) fn new(config: &BalancerConfig) -> Result<Self, ConfigError> {
         if config.service.trim().is_empty() || config.service.contains('/') {
             return Err(ConfigError::invalid(
                 "service",

@@ -35,7 +35,7 @@ use pingora::services::Service as PingoraService;
 
 pub use config::{BalancerSpec, ConfigError, ProcessConfig, WEIGHT_RANGE};
 pub use mirror::SIMULATION_HEADER;
-pub use proxy::{SESSION_END_HEADER, SESSION_HEADER};
+pub use proxy::{SESSION_EVENT_HEADER, SESSION_HEADER};
 pub use service::PushError;
 pub use stats::{decode_histogram, encode_histogram, CursorError};
 
@@ -76,7 +76,7 @@ pub struct SpawnOptions {
     pub mirror_body_limit: usize,
     /// Connect timeout towards machines (active and simulation).
     pub connect_timeout: Duration,
-    /// Read/write timeout towards active machines.
+    /// Read timeout towards active machines (no answer data for this long: `timeout`).
     pub upstream_timeout: Duration,
     /// A session with no job for this long is forgotten (its pin released).
     pub session_idle: Duration,
@@ -116,7 +116,7 @@ struct Stop {
     pingora_thread: JoinHandle<()>,
     admin_task: tokio::task::JoinHandle<()>,
     admin_closed: std::sync::mpsc::Receiver<()>,
-    runtimes: Vec<tokio::runtime::Runtime>,
+    runtimes: Vec<BackgroundRuntime>,
 }
 
 impl RunningBalancers {
@@ -149,9 +149,7 @@ impl RunningBalancers {
         stop.admin_task.abort();
         // The admin task owns a guard that reports when its listener was dropped.
         let _ = stop.admin_closed.recv_timeout(Duration::from_secs(2));
-        for runtime in stop.runtimes {
-            runtime.shutdown_background();
-        }
+        drop(stop.runtimes);
     }
 }
 
@@ -172,7 +170,7 @@ pub fn spawn_with(
     cfg: ProcessConfig,
     options: SpawnOptions,
 ) -> Result<RunningBalancers, ProxyError> {
-    let configs = cfg.validate()?;
+    let configs = cfg.validated()?;
 
     // Bound here, with std, so that port 0 is resolved before pingora starts and bind errors
     // reach the caller; pingora then serves these very sockets (see `BalancerListeners`).
@@ -206,6 +204,7 @@ pub fn spawn_with(
             .thread_name(name)
             .enable_all()
             .build()
+            .map(|r| BackgroundRuntime(Some(r)))
             .map_err(|source| ProxyError::Start { what: name, source })
     };
     let mirror_runtime = runtime("understudy-mirror", options.mirror_threads)?;
@@ -348,6 +347,25 @@ fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, P
     })
 }
 
+/// A runtime of our own threads. Dropped without blocking, so that `spawn` failing half-way or
+/// `shutdown` is fine inside the caller's async context (tokio panics on a blocking drop there).
+struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for BackgroundRuntime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("runtime present until drop")
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 struct NotifyOnDrop(std::sync::mpsc::Sender<()>);
 
 impl Drop for NotifyOnDrop {
@@ -370,7 +388,8 @@ impl ShutdownSignalWatch for StopSignal {
     }
 }
 
-type BalancerService = pingora::services::listening::Service<pingora::proxy::HttpProxy<proxy::Balancer>>;
+type BalancerService =
+    pingora::services::listening::Service<pingora::proxy::HttpProxy<proxy::Balancer>>;
 
 /// Serves already-bound listeners through pingora's own listening services (one per balancer,
 /// all on one runtime). Pingora binds from an address string and keeps the bound port to itself,

@@ -8,6 +8,11 @@ use std::time::Duration;
 use clap::Parser;
 use understudy_proxy::{spawn_with, ProcessConfig, SpawnOptions};
 
+// The data plane allocates per job (headers, buffers); mimalloc measured faster than glibc's
+// malloc here (see docs/bench-balancer.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -23,8 +23,9 @@ use crate::wire::{JobObservation, Outcome};
 
 /// Header naming a sustained session (a call, a stream).
 pub const SESSION_HEADER: &str = "x-session-id";
-/// Header marking a session's last job (a call's tear-down): the pin is released after it.
-pub const SESSION_END_HEADER: &str = "x-session-end";
+/// Header marking a session's first (`start`) and last (`end`) job, as the load generator sends
+/// it; after an `end` job the session's pins are released.
+pub const SESSION_EVENT_HEADER: &str = "x-session-event";
 
 /// How long `logging` waits for the rest of a request body it must copy after the active
 /// connect failed (the body hook never ran then).
@@ -177,7 +178,7 @@ impl ProxyHttp for Balancer {
     async fn request_filter(&self, session: &mut Session, ctx: &mut JobCtx) -> Result<bool> {
         ctx.start = Instant::now();
         ctx.session = header_str(session, SESSION_HEADER).map(str::to_owned);
-        let ends_session = header_str(session, SESSION_END_HEADER).is_some_and(|v| v == "1");
+        let ends_session = header_str(session, SESSION_EVENT_HEADER).is_some_and(|v| v == "end");
         if session.req_header().headers.contains_key(SIMULATION_HEADER) {
             // Simulation traffic (a copy made upstream of us) must never reach an active machine.
             let machine = self.service.router.route_simulation_only(
@@ -242,9 +243,10 @@ impl ProxyHttp for Balancer {
         let mut peer = HttpPeer::new(machine.address, false, String::new());
         let limits = &self.service.limits;
         peer.options.connection_timeout = Some(limits.connect_timeout);
+        // A hung machine shows as a read timeout. No write timeout and no idle timeout on pooled
+        // connections: each would arm a timer per job (a pooled connection the machine closes
+        // is noticed and dropped by the pool anyway).
         peer.options.read_timeout = Some(limits.upstream_timeout);
-        peer.options.write_timeout = Some(limits.upstream_timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
     }
 

@@ -1,0 +1,107 @@
+//! The `understudy-proxy` binary: reads its TOML, serves, refuses a bad file with exit code 2.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_understudy-proxy");
+
+#[tokio::test]
+async fn serves_the_balancers_of_its_config_file() {
+    let v1 = Machine::start("v1", Behaviour::Echo).await;
+    let mut file = tempfile_in_target("good.toml");
+    write!(
+        file.1,
+        r#"
+admin = "127.0.0.1:0"
+[[balancers]]
+listen = "127.0.0.1:0"
+[balancers.config]
+service = "media"
+version = 1
+[[balancers.config.machines]]
+id = "a"
+version = "v1"
+address = "{}"
+config = "active"
+"#,
+        v1.addr
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", file.0.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let admin_line = lines.next().unwrap().unwrap();
+    let balancer_line = lines.next().unwrap().unwrap();
+    assert!(
+        admin_line.starts_with("admin http://127.0.0.1:"),
+        "{admin_line}"
+    );
+    let listen = balancer_line
+        .strip_prefix("balancer media listening on ")
+        .unwrap_or_else(|| panic!("{balancer_line}"));
+    let answer = Http::new()
+        .job(listen.parse().unwrap(), None, "hello")
+        .await;
+    assert_eq!(answer.body, "v1:hello");
+    // SIGTERM: a clean exit.
+    kill_term(child.id());
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_file(&file.0);
+}
+
+#[test]
+fn a_bad_file_exits_2_naming_the_field() {
+    let mut file = tempfile_in_target("bad.toml");
+    write!(
+        file.1,
+        r#"
+admin = "127.0.0.1:0"
+[[balancers]]
+listen = "127.0.0.1:0"
+[balancers.config]
+service = "media"
+version = 1
+[[balancers.config.machines]]
+id = "a"
+version = "v1"
+address = "127.0.0.1:9"
+weight = 0
+config = "active"
+"#
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", file.0.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("balancers[0].config.machines[0].weight"),
+        "{err}"
+    );
+}
+
+/// A file under the target dir, unique per test (no tempfile crate in this package).
+fn tempfile_in_target(name: &str) -> (std::path::PathBuf, std::fs::File) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("understudy-proxy-{}-{name}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    (path, file)
+}
+
+fn kill_term(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
