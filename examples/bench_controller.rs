@@ -2,7 +2,7 @@
 //! (the judge alone, and the controller's whole path: stats read, SQLite, judge, restart replay).
 //!
 //! `cargo run --release -p understudy --example bench_controller [-- --jobs N --runs N]`
-//! Figures are recorded in docs/bench-controller.md.
+//! Figures are recorded in docs/benchmarks.md (controller section).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -12,7 +12,9 @@ use understudy::scenario::{self, Expected, RunOptions, ScenarioReport};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn play(file: &str) -> ScenarioReport {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(file);
     let scenario = scenario::spec::load_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
     play_scenario(&scenario)
 }
@@ -56,7 +58,10 @@ fn median_regression_is_rolled_back() {
     let report = play("p50-regression.toml");
     assert_callers_unhurt_and_as_expected(&report);
     assert_eq!(outcome(&report, "media"), Expected::RolledBack);
-    assert!(report.release_order.is_empty(), "a rolled-back v2 never joins");
+    assert!(
+        report.release_order.is_empty(),
+        "a rolled-back v2 never joins"
+    );
 }
 
 #[test]
@@ -126,7 +131,11 @@ fn manual_approval_through_the_endpoint_promotes() {
     assert_callers_unhurt_and_as_expected(&report);
     assert_eq!(outcome(&report, "media"), Expected::Promoted);
     assert_eq!(report.ops.len(), 1);
-    assert!(report.ops[0].accepted, "approval refused: {:?}", report.ops[0]);
+    assert!(
+        report.ops[0].accepted,
+        "approval refused: {:?}",
+        report.ops[0]
+    );
 }
 
 #[test]

@@ -577,7 +577,7 @@ impl Judge {
                 (
                     false,
                     format!(
-                        "latency {}: v2's {} is more than {:.2} x {}'s (v2 beyond {:.0} us in \
+                        "latency {}: v2's {} is more than {:.2} x {} (v2 beyond {:.0} us in \
                          {} more pairs than v1 scaled, evidence {} >= {:.0})",
                         test.name,
                         test.name,

@@ -9,7 +9,7 @@ use clap::Parser;
 use understudy_proxy::{spawn_with, ProcessConfig, SpawnOptions};
 
 // The data plane allocates per job (headers, buffers); mimalloc measured faster than glibc's
-// malloc here (see docs/bench-balancer.md).
+// malloc here (see docs/benchmarks.md, balancer section).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
