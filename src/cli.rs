@@ -110,11 +110,7 @@ pub fn check_cluster_file(file: &std::path::Path) -> Result<String, ConfigError>
 
 /// Validates a cluster or a scenario file (one with a `[scenario]` table).
 pub fn check_file(file: &std::path::Path) -> Result<String, ConfigError> {
-    let name = file.display().to_string();
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-        file: name.clone(),
-        source,
-    })?;
+    let (name, text) = cluster::read_file(file)?;
     if crate::scenario::is_scenario(&text) {
         crate::scenario::check_text(&name, &text)
     } else {

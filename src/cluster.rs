@@ -233,12 +233,18 @@ fn field_at_line(text: &str, line: usize) -> Option<String> {
 
 /// Reads and validates a cluster file.
 pub fn load_file(path: &Path) -> Result<Cluster, ConfigError> {
+    let (file, text) = read_file(path)?;
+    parse(&file, &text)
+}
+
+/// A config file's name (for errors) and text.
+pub fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: file.clone(),
         source,
     })?;
-    parse(&file, &text)
+    Ok((file, text))
 }
 
 /// Parses and validates cluster TOML text; `file` names it in errors.

@@ -46,7 +46,7 @@ struct MetaSpec {
     #[serde(default)]
     description: String,
     /// The service callers send their jobs to (through its balancer).
-    entry: String,
+    entry: Spanned<String>,
     /// Hard bound on the whole run, load included.
     #[serde(default = "default_timeout_s")]
     timeout_s: f64,
@@ -212,7 +212,7 @@ impl Scenario {
             text: &self.text,
         };
         let file: ScenarioFile = toml::from_str(&self.text).map_err(|e| source.toml_error(&e))?;
-        cluster_spec(file, addresses).and_then(|spec| Cluster::from_spec(spec, &source))
+        Cluster::from_spec(cluster_spec(file, addresses), &source)
     }
 }
 
@@ -224,11 +224,7 @@ pub fn is_scenario(text: &str) -> bool {
 }
 
 pub fn load_file(path: &Path) -> Result<Scenario, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
+    let (file, text) = cluster::read_file(path)?;
     parse(&file, &text)
 }
 
@@ -252,11 +248,11 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
             "must not be empty".into(),
         ));
     }
-    if !raw.services.contains_key(&meta.entry) {
+    if !raw.services.contains_key(meta.entry.get_ref()) {
         return Err(invalid(
-            meta_at,
+            meta.entry.span().start,
             "scenario.entry".into(),
-            format!("unknown service `{}`", meta.entry),
+            format!("unknown service `{}`", meta.entry.get_ref()),
         ));
     }
     if !(meta.timeout_s.is_finite() && meta.timeout_s > 0.0 && meta.timeout_s <= 3600.0) {
@@ -456,13 +452,13 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
                 )
             })
             .collect();
-        Cluster::from_spec(cluster_spec(raw, &placeholders)?, &source)?
+        Cluster::from_spec(cluster_spec(raw, &placeholders), &source)?
     };
 
     Ok(Scenario {
         name: meta.name,
         description: meta.description,
-        entry: meta.entry,
+        entry: meta.entry.into_inner(),
         timeout: Duration::from_secs_f64(meta.timeout_s),
         max_active_errors: meta.max_active_errors,
         max_dropped_sessions: meta.max_dropped_sessions,
@@ -516,10 +512,7 @@ fn behaviour_for(
     Ok(behaviour)
 }
 
-fn cluster_spec(
-    raw: ScenarioFile,
-    addresses: &BTreeMap<String, String>,
-) -> Result<ClusterSpec, ConfigError> {
+fn cluster_spec(raw: ScenarioFile, addresses: &BTreeMap<String, String>) -> ClusterSpec {
     let machines = raw
         .machines
         .into_iter()
@@ -543,10 +536,146 @@ fn cluster_spec(
             )
         })
         .collect();
-    Ok(ClusterSpec {
+    ClusterSpec {
         controller: raw.controller,
         defaults: raw.defaults,
         services: raw.services,
         machines,
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[scenario]
+name = "t"
+entry = "router"
+
+[services.router]
+depends_on = ["media"]
+
+[services.media]
+
+[[machines]]
+id = "router-1"
+service = "router"
+version = "v1"
+config = "active"
+
+[[machines]]
+id = "media-1"
+service = "media"
+version = "v1"
+config = "active"
+behaviour = "slow"
+
+[[machines]]
+id = "media-2"
+service = "media"
+version = "v2"
+config = "simulation"
+behaviour = "slow"
+
+[behaviours.slow]
+latency = { kind = "constant", ms = 5.0 }
+
+[load]
+rate = 10
+duration_s = 2
+
+[release]
+services = { media = "v2" }
+
+[expect]
+media = "promoted"
+"#;
+
+    fn error_of(text: &str) -> String {
+        parse("s.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_valid_scenario_becomes_machines_with_behaviours_and_dependencies() {
+        let s = parse("s.toml", MINIMAL).unwrap();
+        assert_eq!(s.entry, "router");
+        assert_eq!(s.machines.len(), 3);
+        let router = &s.machines[0];
+        assert_eq!(router.behaviour.dependencies, ["media"]);
+        let media = &s.machines[1];
+        assert_eq!(
+            (
+                media.behaviour.service.as_str(),
+                media.behaviour.version.as_str()
+            ),
+            ("media", "v1")
+        );
+        assert_ne!(
+            s.machines[1].behaviour.seed, s.machines[2].behaviour.seed,
+            "machines get their own seeds"
+        );
+        assert_eq!(s.expect["media"], Expected::Promoted);
+        assert_eq!(s.release_at, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_cluster_takes_the_real_addresses() {
+        let s = parse("s.toml", MINIMAL).unwrap();
+        let addresses = [
+            ("router-1", "127.0.0.1:4001"),
+            ("media-1", "127.0.0.1:4002"),
+            ("media-2", "127.0.0.1:4003"),
+        ]
+        .into_iter()
+        .map(|(id, a)| (id.to_string(), a.to_string()))
+        .collect();
+        let cluster = s.cluster_with_addresses(&addresses).unwrap();
+        let media2 = cluster.machines.iter().find(|m| m.id == "media-2").unwrap();
+        assert_eq!(media2.address, "127.0.0.1:4003");
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field() {
+        let bad_entry = MINIMAL.replace("entry = \"router\"", "entry = \"nowhere\"");
+        assert_eq!(
+            error_of(&bad_entry),
+            "s.toml:4: field `scenario.entry`: unknown service `nowhere`"
+        );
+        let unknown_behaviour = MINIMAL.replacen("behaviour = \"slow\"", "behaviour = \"fast\"", 1);
+        assert!(error_of(&unknown_behaviour).contains("machines[1].behaviour"));
+        let bad_behaviour = MINIMAL.replace("ms = 5.0", "ms = -1.0");
+        assert!(
+            error_of(&bad_behaviour).contains("behaviours.slow.latency.ms"),
+            "{}",
+            error_of(&bad_behaviour)
+        );
+        let reserved = MINIMAL.replace("[behaviours.slow]", "[behaviours.slow]\nservice = \"x\"");
+        assert!(error_of(&reserved).contains("behaviours.slow.service"));
+        let unknown_key = MINIMAL.replace("[load]", "[load]\nspeed = 3");
+        assert!(error_of(&unknown_key).contains("speed"));
+        let bad_version = MINIMAL.replace("media = \"v2\" }", "media = \"v9\" }");
+        assert!(error_of(&bad_version).contains("release.services.media"));
+        let no_expect = MINIMAL.replace("media = \"promoted\"", "");
+        assert!(error_of(&no_expect).contains("expect.media"));
+    }
+
+    #[test]
+    fn an_ops_step_takes_exactly_one_trigger() {
+        let both = format!("{MINIMAL}\n[[ops]]\naction = \"approve\"\nservice = \"media\"\nat_s = 1.0\nwhen_phase = \"simulating\"\n");
+        assert!(error_of(&both).contains("exactly one of at_s or when_phase"));
+        let bad_phase = format!(
+            "{MINIMAL}\n[[ops]]\naction = \"abort\"\nservice = \"media\"\nwhen_phase = \"later\"\n"
+        );
+        assert!(error_of(&bad_phase).contains("ops[0].when_phase"));
+        let fine = format!("{MINIMAL}\n[[ops]]\naction = \"abort\"\nservice = \"media\"\nwhen_phase = \"simulating\"\n");
+        let s = parse("s.toml", &fine).unwrap();
+        assert_eq!(s.ops[0].trigger, OpsTrigger::Phase("simulating".into()));
+    }
+
+    #[test]
+    fn scenario_files_are_told_from_cluster_files() {
+        assert!(is_scenario(MINIMAL));
+        assert!(!is_scenario("[services.a]\n"));
+    }
 }
