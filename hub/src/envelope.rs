@@ -1,0 +1,875 @@
+//! Signed envelopes: every hub message names its sender, a per-sender sequence number, a topic and a
+//! JSON payload, and carries an HMAC-SHA256 over a canonical encoding of those four.
+//!
+//! Canonical form (the bytes the MAC covers), see [`canonical_bytes`]:
+//! `"understudy-hub/v1" 0x00` then, for each of sender, seq (ASCII decimal), topic and the payload
+//! as canonical JSON (object keys sorted recursively, no whitespace), its length as a big-endian
+//! u64 followed by its bytes. Length prefixes make the encoding unambiguous without escaping; the
+//! canonical JSON makes it independent of key order and spacing on the wire.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use prometheus::{IntCounterVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const DOMAIN: &[u8] = b"understudy-hub/v1\0";
+/// Shortest secret accepted: 128 bits.
+pub const MIN_KEY_BYTES: usize = 16;
+const MAX_NAME_BYTES: usize = 128;
+
+/// A message on the hub. `signature` is base64 of the HMAC-SHA256 of [`canonical_bytes`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub sender: String,
+    pub seq: u64,
+    pub topic: String,
+    pub payload: serde_json::Value,
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+impl Envelope {
+    /// A top-level string field of the payload (`service`, `role`, `status`), used by filters.
+    pub fn payload_str(&self, field: &str) -> Option<&str> {
+        self.payload.get(field).and_then(|v| v.as_str())
+    }
+}
+
+/// The bytes the signature covers (see the module doc).
+pub fn canonical_bytes(
+    sender: &str,
+    seq: u64,
+    topic: &str,
+    payload: &serde_json::Value,
+) -> Vec<u8> {
+    let mut json = String::new();
+    write_canonical_json(payload, &mut json);
+    let seq = seq.to_string();
+    let mut out = Vec::with_capacity(DOMAIN.len() + 32 + sender.len() + topic.len() + json.len());
+    out.extend_from_slice(DOMAIN);
+    for part in [
+        sender.as_bytes(),
+        seq.as_bytes(),
+        topic.as_bytes(),
+        json.as_bytes(),
+    ] {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// JSON with object keys sorted at every level and no whitespace; strings and numbers as
+/// serde_json prints them (so the form does not depend on serde_json's `preserve_order` feature).
+fn write_canonical_json(value: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical_json(&map[key], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// A sender's secret. Never printed: `Debug` shows only its length.
+#[derive(Clone)]
+pub struct SecretKey(Vec<u8>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("key is {0} bytes, at least {MIN_KEY_BYTES} are needed")]
+    TooShort(usize),
+    #[error("key is not valid base64")]
+    NotBase64,
+    #[error("sender id {0:?} is invalid: 1..=128 bytes of [A-Za-z0-9._:-]")]
+    BadSender(String),
+}
+
+impl SecretKey {
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Result<SecretKey, KeyError> {
+        let bytes = bytes.into();
+        if bytes.len() < MIN_KEY_BYTES {
+            return Err(KeyError::TooShort(bytes.len()));
+        }
+        Ok(SecretKey(bytes))
+    }
+
+    /// A fresh 256-bit key from the OS's generator, for a machine or balancer at registration.
+    pub fn generate() -> SecretKey {
+        use rand::RngCore;
+        let mut bytes = vec![0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        SecretKey(bytes)
+    }
+
+    /// A key as written in config files and registration answers: standard base64.
+    pub fn from_base64(text: &str) -> Result<SecretKey, KeyError> {
+        let bytes = BASE64
+            .decode(text.trim())
+            .map_err(|_| KeyError::NotBase64)?;
+        SecretKey::from_bytes(bytes)
+    }
+
+    /// Base64 of the key, for handing it to a machine at registration. Callers must not log it.
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(&self.0)
+    }
+
+    fn mac(&self, message: &[u8]) -> [u8; 32] {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(message);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey(<redacted, {} bytes>)", self.0.len())
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Signs messages of one sender with strictly increasing sequence numbers.
+#[derive(Debug)]
+pub struct Signer {
+    sender: String,
+    key: SecretKey,
+    next_seq: u64,
+}
+
+impl Signer {
+    /// Starts the sequence at the wall clock in microseconds, so a sender that restarts keeps
+    /// numbering above what the verifier last saw from it (unless it sends > 1e6 messages/s).
+    pub fn new(sender: &str, key: SecretKey) -> Result<Signer, KeyError> {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Signer::starting_at(sender, key, micros.max(1))
+    }
+
+    pub fn starting_at(sender: &str, key: SecretKey, first_seq: u64) -> Result<Signer, KeyError> {
+        if !valid_name(sender) {
+            return Err(KeyError::BadSender(sender.to_string()));
+        }
+        Ok(Signer {
+            sender: sender.to_string(),
+            key,
+            next_seq: first_seq,
+        })
+    }
+
+    pub fn sender(&self) -> &str {
+        &self.sender
+    }
+
+    /// Switches to a rotated key; the sequence goes on.
+    pub fn rotate(&mut self, key: SecretKey) {
+        self.key = key;
+    }
+
+    /// A single-use token for `GET /api/v1/hub/subscribe` when the hub asks subscribers to
+    /// authenticate: base64 of an envelope on topic `hub.subscribe`.
+    pub fn subscribe_token(&mut self) -> String {
+        let envelope = self.sign(crate::http::SUBSCRIBE_TOPIC, serde_json::json!({}));
+        BASE64.encode(serde_json::to_vec(&envelope).expect("an envelope serializes"))
+    }
+
+    pub fn sign(&mut self, topic: &str, payload: serde_json::Value) -> Envelope {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mac = self
+            .key
+            .mac(&canonical_bytes(&self.sender, seq, topic, &payload));
+        Envelope {
+            sender: self.sender.clone(),
+            seq,
+            topic: topic.to_string(),
+            payload,
+            signature: Some(BASE64.encode(mac)),
+        }
+    }
+}
+
+/// Each sender's keys. Rotation: [`Keyring::rotate`] installs a new key; the previous one stays
+/// valid until the first message verified under the new key, or until `grace` has passed,
+/// whichever comes first. This lets in-flight messages land while capping how long a possibly
+/// leaked key stays useful.
+#[derive(Debug, Default)]
+pub struct Keyring {
+    senders: HashMap<String, SenderKeys>,
+}
+
+#[derive(Debug)]
+struct SenderKeys {
+    current: SecretKey,
+    previous: Option<(SecretKey, Instant)>,
+}
+
+/// Which key verified a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyUsed {
+    Current,
+    Previous,
+}
+
+impl Keyring {
+    pub fn new() -> Keyring {
+        Keyring::default()
+    }
+
+    /// Registers `sender` with `key`, replacing any key it had (a re-registration, not a rotation:
+    /// the old key stops working at once).
+    pub fn insert(&mut self, sender: &str, key: SecretKey) -> Result<(), KeyError> {
+        if !valid_name(sender) {
+            return Err(KeyError::BadSender(sender.to_string()));
+        }
+        self.senders.insert(
+            sender.to_string(),
+            SenderKeys {
+                current: key,
+                previous: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Rotates `sender` to `key`; the old key is accepted until `now + grace` or the first
+    /// message under the new key. Returns false when the sender is unknown.
+    pub fn rotate(&mut self, sender: &str, key: SecretKey, grace: Duration, now: Instant) -> bool {
+        match self.senders.get_mut(sender) {
+            Some(keys) => {
+                let old = std::mem::replace(&mut keys.current, key);
+                keys.previous = Some((old, now + grace));
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn remove(&mut self, sender: &str) -> bool {
+        self.senders.remove(sender).is_some()
+    }
+
+    pub fn contains(&self, sender: &str) -> bool {
+        self.senders.contains_key(sender)
+    }
+
+    /// Checks `mac` for `message` under the sender's keys; `None` when the sender is unknown.
+    fn check(
+        &mut self,
+        sender: &str,
+        message: &[u8],
+        mac: &[u8],
+        now: Instant,
+    ) -> Option<Option<KeyUsed>> {
+        let keys = self.senders.get_mut(sender)?;
+        if bool::from(keys.current.mac(message).ct_eq(mac)) {
+            return Some(Some(KeyUsed::Current));
+        }
+        if let Some((old, until)) = &keys.previous {
+            if now < *until && bool::from(old.mac(message).ct_eq(mac)) {
+                return Some(Some(KeyUsed::Previous));
+            }
+        }
+        Some(None)
+    }
+
+    fn retire_previous(&mut self, sender: &str) {
+        if let Some(keys) = self.senders.get_mut(sender) {
+            keys.previous = None;
+        }
+    }
+}
+
+/// Why a message was refused. Each has its own label in `understudy_hub_rejected_total{reason}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("oversized: at least {size} bytes, the limit is {limit}")]
+    Oversized { size: usize, limit: usize },
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("unsigned: the message carries no signature")]
+    Unsigned,
+    #[error("unknown sender {0:?}")]
+    UnknownSender(String),
+    #[error("bad signature from {0:?}")]
+    BadSignature(String),
+    #[error("replayed: {sender:?} already sent seq {seq}")]
+    Replayed { sender: String, seq: u64 },
+    #[error("out of order: {sender:?} sent seq {seq} after {last}")]
+    OutOfOrder { sender: String, seq: u64, last: u64 },
+    #[error("forbidden: {sender:?} may not publish on topic {topic:?}")]
+    ForbiddenTopic { sender: String, topic: String },
+}
+
+impl Rejection {
+    /// The metric label and the `reason` of JSON errors.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Oversized { .. } => "oversized",
+            Rejection::Malformed(_) => "malformed",
+            Rejection::Unsigned => "unsigned",
+            Rejection::UnknownSender(_) => "unknown_sender",
+            Rejection::BadSignature(_) => "bad_signature",
+            Rejection::Replayed { .. } => "replayed",
+            Rejection::OutOfOrder { .. } => "out_of_order",
+            Rejection::ForbiddenTopic { .. } => "forbidden_topic",
+        }
+    }
+
+    pub const ALL_REASONS: [&'static str; 8] = [
+        "oversized",
+        "malformed",
+        "unsigned",
+        "unknown_sender",
+        "bad_signature",
+        "replayed",
+        "out_of_order",
+        "forbidden_topic",
+    ];
+}
+
+/// How many recent sequence numbers per sender are remembered to tell a replay (a number already
+/// accepted) from a message that arrived late (a number never seen, below the last one).
+const SEQ_WINDOW: u64 = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct SeqState {
+    last: u64,
+    /// Bit i set: `last - i` was accepted.
+    accepted: u64,
+}
+
+/// Verifies raw messages: size, form, signature, sequence; counts every refusal by reason.
+/// Sequence rule: each sender's seq must be strictly greater than the last accepted one. A seq
+/// equal to one accepted in the last 64 is `replayed`; any other seq at or below the last is
+/// `out_of_order` (beyond the window a replay is reported as out of order: both are refused).
+#[derive(Debug)]
+pub struct Verifier {
+    keyring: Keyring,
+    seqs: HashMap<String, SeqState>,
+    max_bytes: usize,
+    rejected: IntCounterVec,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("registering hub metric {name}: {source}")]
+    Register {
+        name: &'static str,
+        source: prometheus::Error,
+    },
+}
+
+pub(crate) fn register_counter_vec(
+    registry: &Registry,
+    name: &'static str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    let counter = IntCounterVec::new(Opts::new(name, help), labels)
+        .map_err(|source| MetricsError::Register { name, source })?;
+    registry
+        .register(Box::new(counter.clone()))
+        .map_err(|source| MetricsError::Register { name, source })?;
+    Ok(counter)
+}
+
+impl Verifier {
+    /// Registers `understudy_hub_rejected_total{reason}` in `registry` (every reason at 0).
+    pub fn new(
+        keyring: Keyring,
+        max_bytes: usize,
+        registry: &Registry,
+    ) -> Result<Verifier, MetricsError> {
+        let rejected = register_counter_vec(
+            registry,
+            "understudy_hub_rejected_total",
+            "Hub messages refused, by reason",
+            &["reason"],
+        )?;
+        for reason in Rejection::ALL_REASONS {
+            rejected.with_label_values(&[reason]);
+        }
+        Ok(Verifier {
+            keyring,
+            seqs: HashMap::new(),
+            max_bytes,
+            rejected,
+        })
+    }
+
+    pub fn keyring_mut(&mut self) -> &mut Keyring {
+        &mut self.keyring
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Registers (or re-registers) a sender; its sequence starts afresh.
+    pub fn register(&mut self, sender: &str, key: SecretKey) -> Result<(), KeyError> {
+        self.keyring.insert(sender, key)?;
+        self.seqs.remove(sender);
+        Ok(())
+    }
+
+    /// Counts a refusal decided outside the verifier (e.g. a body too large to read whole).
+    pub fn count(&self, rejection: &Rejection) {
+        self.rejected.with_label_values(&[rejection.reason()]).inc();
+    }
+
+    /// Verifies one message as received on the wire.
+    pub fn verify_bytes(&mut self, raw: &[u8], now: Instant) -> Result<Envelope, Rejection> {
+        let result = self.check_bytes(raw, now);
+        if let Err(rejection) = &result {
+            self.count(rejection);
+        }
+        result
+    }
+
+    /// Verifies an already-decoded envelope (e.g. from a NATS message).
+    pub fn verify(&mut self, envelope: Envelope, now: Instant) -> Result<Envelope, Rejection> {
+        let result = self.check_envelope(envelope, now);
+        if let Err(rejection) = &result {
+            self.count(rejection);
+        }
+        result
+    }
+
+    fn check_bytes(&mut self, raw: &[u8], now: Instant) -> Result<Envelope, Rejection> {
+        if raw.len() > self.max_bytes {
+            return Err(Rejection::Oversized {
+                size: raw.len(),
+                limit: self.max_bytes,
+            });
+        }
+        let envelope: Envelope =
+            serde_json::from_slice(raw).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        self.check_envelope(envelope, now)
+    }
+
+    fn check_envelope(&mut self, envelope: Envelope, now: Instant) -> Result<Envelope, Rejection> {
+        if !valid_name(&envelope.sender) {
+            return Err(Rejection::Malformed(format!(
+                "sender {:?} is not 1..=128 bytes of [A-Za-z0-9._:-]",
+                envelope.sender
+            )));
+        }
+        if !valid_name(&envelope.topic) {
+            return Err(Rejection::Malformed(format!(
+                "topic {:?} is not 1..=128 bytes of [A-Za-z0-9._:-]",
+                envelope.topic
+            )));
+        }
+        let Some(signature) = envelope.signature.as_deref().filter(|s| !s.is_empty()) else {
+            return Err(Rejection::Unsigned);
+        };
+        let mac = BASE64
+            .decode(signature)
+            .map_err(|_| Rejection::Malformed("signature is not base64".into()))?;
+        let message = canonical_bytes(
+            &envelope.sender,
+            envelope.seq,
+            &envelope.topic,
+            &envelope.payload,
+        );
+        let used = match self.keyring.check(&envelope.sender, &message, &mac, now) {
+            None => return Err(Rejection::UnknownSender(envelope.sender)),
+            Some(None) => return Err(Rejection::BadSignature(envelope.sender)),
+            Some(Some(used)) => used,
+        };
+        self.accept_seq(&envelope.sender, envelope.seq)?;
+        if used == KeyUsed::Current {
+            self.keyring.retire_previous(&envelope.sender);
+        }
+        Ok(envelope)
+    }
+
+    fn accept_seq(&mut self, sender: &str, seq: u64) -> Result<(), Rejection> {
+        match self.seqs.get_mut(sender) {
+            None => {
+                self.seqs.insert(
+                    sender.to_string(),
+                    SeqState {
+                        last: seq,
+                        accepted: 1,
+                    },
+                );
+                Ok(())
+            }
+            Some(state) if seq > state.last => {
+                let shift = seq - state.last;
+                state.accepted = if shift >= SEQ_WINDOW {
+                    1
+                } else {
+                    (state.accepted << shift) | 1
+                };
+                state.last = seq;
+                Ok(())
+            }
+            Some(state) => {
+                let behind = state.last - seq;
+                if behind < SEQ_WINDOW && state.accepted & (1 << behind) != 0 {
+                    Err(Rejection::Replayed {
+                        sender: sender.to_string(),
+                        seq,
+                    })
+                } else {
+                    Err(Rejection::OutOfOrder {
+                        sender: sender.to_string(),
+                        seq,
+                        last: state.last,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// For balancers: accepts only messages signed by the controller, on the config topic, and
+/// decodes their payload. A balancer applies a config only when this returns it.
+#[derive(Debug)]
+pub struct ControllerVerifier {
+    controller_id: String,
+    verifier: Verifier,
+}
+
+/// Topic of configs the controller pushes to balancers.
+pub const CONFIG_TOPIC: &str = "control.balancer-config";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigRejection {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("config payload does not decode: {0}")]
+    Payload(serde_json::Error),
+}
+
+impl ControllerVerifier {
+    pub fn new(
+        controller_id: &str,
+        controller_key: SecretKey,
+        max_bytes: usize,
+        registry: &Registry,
+    ) -> Result<ControllerVerifier, ControllerVerifierError> {
+        let mut keyring = Keyring::new();
+        keyring.insert(controller_id, controller_key)?;
+        Ok(ControllerVerifier {
+            controller_id: controller_id.to_string(),
+            verifier: Verifier::new(keyring, max_bytes, registry)?,
+        })
+    }
+
+    /// Rotation of the controller's key, as announced to the balancer out of band.
+    pub fn rotate(&mut self, key: SecretKey, grace: Duration, now: Instant) {
+        let id = self.controller_id.clone();
+        self.verifier.keyring_mut().rotate(&id, key, grace, now);
+    }
+
+    /// Verifies a raw config message and decodes its payload as `T` (e.g. the wire's
+    /// `BalancerConfig`).
+    pub fn verify_config<T: serde::de::DeserializeOwned>(
+        &mut self,
+        raw: &[u8],
+        now: Instant,
+    ) -> Result<T, ConfigRejection> {
+        let envelope = self.verifier.verify_bytes(raw, now)?;
+        // The keyring holds only the controller, so the sender is the controller here.
+        if envelope.topic != CONFIG_TOPIC {
+            let rejection = Rejection::ForbiddenTopic {
+                sender: envelope.sender,
+                topic: envelope.topic,
+            };
+            self.verifier.count(&rejection);
+            return Err(rejection.into());
+        }
+        serde_json::from_value(envelope.payload).map_err(ConfigRejection::Payload)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerVerifierError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(byte: u8) -> SecretKey {
+        SecretKey::from_bytes(vec![byte; 32]).unwrap()
+    }
+
+    fn verifier_with(sender: &str, k: SecretKey) -> (Verifier, Registry) {
+        let registry = Registry::new();
+        let mut ring = Keyring::new();
+        ring.insert(sender, k).unwrap();
+        (Verifier::new(ring, 4096, &registry).unwrap(), registry)
+    }
+
+    fn rejected(registry: &Registry, reason: &str) -> u64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "understudy_hub_rejected_total")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == reason))
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    fn bytes(e: &Envelope) -> Vec<u8> {
+        serde_json::to_vec(e).unwrap()
+    }
+
+    #[test]
+    fn canonical_form_ignores_key_order_and_spacing() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":[1,2],"x":"s"}}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{ "a" : { "x":"s", "y":[1, 2] }, "b": 1 }"#).unwrap();
+        assert_eq!(
+            canonical_bytes("m1", 7, "t", &a),
+            canonical_bytes("m1", 7, "t", &b)
+        );
+        let mut json = String::new();
+        write_canonical_json(&a, &mut json);
+        assert_eq!(json, r#"{"a":{"x":"s","y":[1,2]},"b":1}"#);
+        // Length prefixes: moving a byte between fields changes the encoding.
+        assert_ne!(
+            canonical_bytes("m1", 7, "t", &a),
+            canonical_bytes("m", 17, "t", &a)
+        );
+    }
+
+    #[test]
+    fn signed_message_verifies_and_reordered_json_still_verifies() {
+        let mut signer = Signer::starting_at("m1", key(1), 1).unwrap();
+        let (mut verifier, _) = verifier_with("m1", key(1));
+        let env = signer.sign("state", json!({"service": "media", "status": "running"}));
+        let sig = env.signature.clone().unwrap();
+        let raw = format!(
+            r#"{{"signature":"{sig}","payload":{{"status":"running","service":"media"}},"topic":"state","seq":1,"sender":"m1"}}"#
+        );
+        let got = verifier
+            .verify_bytes(raw.as_bytes(), Instant::now())
+            .unwrap();
+        assert_eq!(got.payload_str("service"), Some("media"));
+    }
+
+    #[test]
+    fn each_rejection_has_its_reason_and_is_counted() {
+        let now = Instant::now();
+        let mut signer = Signer::starting_at("m1", key(1), 10).unwrap();
+        let (mut verifier, registry) = verifier_with("m1", key(1));
+
+        let big = signer.sign("state", json!({ "blob": "x".repeat(5000) }));
+        let r = verifier.verify_bytes(&bytes(&big), now).unwrap_err();
+        assert_eq!(r.reason(), "oversized");
+
+        let r = verifier.verify_bytes(b"{not json", now).unwrap_err();
+        assert_eq!(r.reason(), "malformed");
+        let r = verifier
+            .verify_bytes(
+                br#"{"sender":"m1","seq":1,"topic":"t","payload":1,"extra":2}"#,
+                now,
+            )
+            .unwrap_err();
+        assert_eq!(r.reason(), "malformed");
+
+        let mut unsigned = signer.sign("state", json!({}));
+        unsigned.signature = None;
+        assert_eq!(
+            verifier.verify_bytes(&bytes(&unsigned), now).unwrap_err(),
+            Rejection::Unsigned
+        );
+
+        let mut stranger = Signer::starting_at("m9", key(1), 1).unwrap();
+        let r = verifier.verify_bytes(&bytes(&stranger.sign("state", json!({}))), now);
+        assert_eq!(r.unwrap_err().reason(), "unknown_sender");
+
+        let mut forger = Signer::starting_at("m1", key(2), 100).unwrap();
+        let r = verifier.verify_bytes(&bytes(&forger.sign("state", json!({}))), now);
+        assert_eq!(r.unwrap_err().reason(), "bad_signature");
+
+        let mut tampered = signer.sign("state", json!({"status": "running"}));
+        tampered.payload = json!({"status": "down"});
+        let r = verifier.verify_bytes(&bytes(&tampered), now);
+        assert_eq!(r.unwrap_err().reason(), "bad_signature");
+
+        let first = signer.sign("state", json!({"n": 1}));
+        let second = signer.sign("state", json!({"n": 2}));
+        let third = signer.sign("state", json!({"n": 3}));
+        verifier.verify_bytes(&bytes(&first), now).unwrap();
+        verifier.verify_bytes(&bytes(&third), now).unwrap();
+        let r = verifier.verify_bytes(&bytes(&third), now).unwrap_err();
+        assert_eq!(r.reason(), "replayed");
+        let r = verifier.verify_bytes(&bytes(&first), now).unwrap_err();
+        assert_eq!(r.reason(), "replayed");
+        let r = verifier.verify_bytes(&bytes(&second), now).unwrap_err();
+        assert_eq!(r.reason(), "out_of_order");
+
+        for (reason, n) in [
+            ("oversized", 1),
+            ("malformed", 2),
+            ("unsigned", 1),
+            ("unknown_sender", 1),
+            ("bad_signature", 2),
+            ("replayed", 2),
+            ("out_of_order", 1),
+        ] {
+            assert_eq!(rejected(&registry, reason), n, "{reason}");
+        }
+    }
+
+    #[test]
+    fn rotation_accepts_old_key_until_first_new_message() {
+        let start = Instant::now();
+        let (mut verifier, _) = verifier_with("m1", key(1));
+        let mut old = Signer::starting_at("m1", key(1), 1).unwrap();
+        let in_flight = old.sign("state", json!({"n": 1}));
+        verifier
+            .keyring_mut()
+            .rotate("m1", key(2), Duration::from_secs(60), start);
+        verifier.verify_bytes(&bytes(&in_flight), start).unwrap();
+        old.rotate(key(2));
+        verifier
+            .verify_bytes(&bytes(&old.sign("state", json!({"n": 2}))), start)
+            .unwrap();
+        // The new key has been used: the old one is retired.
+        let mut stale = Signer::starting_at("m1", key(1), 50).unwrap();
+        let r = verifier.verify_bytes(&bytes(&stale.sign("state", json!({}))), start);
+        assert_eq!(r.unwrap_err().reason(), "bad_signature");
+    }
+
+    #[test]
+    fn rotation_grace_period_ends() {
+        let start = Instant::now();
+        let (mut verifier, _) = verifier_with("m1", key(1));
+        verifier
+            .keyring_mut()
+            .rotate("m1", key(2), Duration::from_secs(5), start);
+        let mut old = Signer::starting_at("m1", key(1), 1).unwrap();
+        verifier
+            .verify_bytes(
+                &bytes(&old.sign("s", json!({}))),
+                start + Duration::from_secs(4),
+            )
+            .unwrap();
+        let r = verifier.verify_bytes(
+            &bytes(&old.sign("s", json!({}))),
+            start + Duration::from_secs(5),
+        );
+        assert_eq!(r.unwrap_err().reason(), "bad_signature");
+    }
+
+    #[test]
+    fn keys_are_never_printed() {
+        let k = SecretKey::from_base64("c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0").unwrap();
+        let mut ring = Keyring::new();
+        ring.insert("m1", k.clone()).unwrap();
+        let signer = Signer::starting_at("m1", k.clone(), 1).unwrap();
+        let shown = format!("{k:?} {ring:?} {signer:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(shown.contains("redacted"));
+        assert_eq!(
+            SecretKey::from_bytes(vec![0; 8]).unwrap_err(),
+            KeyError::TooShort(8)
+        );
+        assert_eq!(
+            SecretKey::from_base64("!!").unwrap_err(),
+            KeyError::NotBase64
+        );
+    }
+
+    #[test]
+    fn balancer_applies_only_controller_signed_configs() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct Cfg {
+            version: u64,
+        }
+        let registry = Registry::new();
+        let mut balancer = ControllerVerifier::new("controller", key(7), 4096, &registry).unwrap();
+        let mut controller = Signer::starting_at("controller", key(7), 1).unwrap();
+        let good = controller.sign(CONFIG_TOPIC, json!({"version": 3}));
+        let cfg: Cfg = balancer
+            .verify_config(&bytes(&good), Instant::now())
+            .unwrap();
+        assert_eq!(cfg, Cfg { version: 3 });
+
+        let mut machine = Signer::starting_at("m1", key(7), 5).unwrap();
+        let r = balancer.verify_config::<Cfg>(
+            &bytes(&machine.sign(CONFIG_TOPIC, json!({"version": 4}))),
+            Instant::now(),
+        );
+        assert!(matches!(
+            r,
+            Err(ConfigRejection::Rejected(Rejection::UnknownSender(_)))
+        ));
+        let mut impostor = Signer::starting_at("controller", key(8), 9).unwrap();
+        let r = balancer.verify_config::<Cfg>(
+            &bytes(&impostor.sign(CONFIG_TOPIC, json!({"version": 4}))),
+            Instant::now(),
+        );
+        assert!(matches!(
+            r,
+            Err(ConfigRejection::Rejected(Rejection::BadSignature(_)))
+        ));
+        let other = controller.sign("state", json!({"version": 5}));
+        let r = balancer.verify_config::<Cfg>(&bytes(&other), Instant::now());
+        assert!(matches!(
+            r,
+            Err(ConfigRejection::Rejected(Rejection::ForbiddenTopic { .. }))
+        ));
+        let r = balancer.verify_config::<Cfg>(&bytes(&good), Instant::now());
+        assert!(matches!(
+            r,
+            Err(ConfigRejection::Rejected(Rejection::Replayed { .. }))
+        ));
+    }
+}
