@@ -1,5 +1,11 @@
 //! The pingora side: each caller's job goes to an active machine; a copy of it is handed to the
 //! mirror once its body is complete; the job's latency and outcome are recorded when it ends.
+//!
+//! Latency, on both sides of a pair, is the machine's *service time as seen from the balancer*:
+//! from the moment the balancer starts sending the job to the machine (connection checkout or
+//! connect included) to the moment the last byte of the machine's answer arrives, minus any time
+//! the balancer spent waiting for the caller's request body. The copy path (mirror.rs) measures
+//! the same two points on its own client; its body is buffered before sending, so it never waits.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +15,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderMap;
 use http::Method;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
@@ -48,9 +54,56 @@ struct CopyDraft {
     fired: bool,
 }
 
+/// Points of one attempt at the active machine, from pingora's phases. Reset on every attempt
+/// (`upstream_peer` reruns on retries).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct UpstreamTiming {
+    /// `upstream_peer`: the connection is about to be checked out or established.
+    begin: Option<Instant>,
+    /// `upstream_request_filter`: connected, the request header is about to be written.
+    header_sent: Option<Instant>,
+    /// `request_body_filter` at end of stream: the whole request is in hand and being written.
+    request_complete: Option<Instant>,
+    /// The last event of the machine's answer seen (its header, then each body chunk).
+    answer_last: Option<Instant>,
+}
+
+impl UpstreamTiming {
+    fn started(now: Instant) -> Self {
+        UpstreamTiming {
+            begin: Some(now),
+            ..UpstreamTiming::default()
+        }
+    }
+
+    /// The machine's service time in microseconds. `answered`: the answer arrived complete
+    /// (otherwise the attempt ended when the failure was seen, `failed_at`). None when the job
+    /// never reached `upstream_peer`.
+    fn service_us(&self, answered: bool, failed_at: Instant) -> Option<u64> {
+        let begin = self.begin?;
+        let end = match self.answer_last {
+            Some(last) if answered => last,
+            _ => failed_at,
+        };
+        // Waiting for a slow caller's body is the caller's time, not the machine's; the copy
+        // carries its whole body from the start, so this keeps the two sides comparable.
+        let waited_for_caller = match (self.header_sent, self.request_complete) {
+            (Some(sent), Some(complete)) if complete <= end => {
+                complete.saturating_duration_since(sent)
+            }
+            // The machine answered (or failed) before the body was complete: it did not wait
+            // for the body, so nothing is taken off.
+            _ => Duration::ZERO,
+        };
+        let total = end.saturating_duration_since(begin);
+        Some(total.saturating_sub(waited_for_caller).as_micros() as u64)
+    }
+}
+
 pub(crate) struct JobCtx {
     job: u64,
     start: Instant,
+    timing: UpstreamTiming,
     session: Option<String>,
     machine: Option<Arc<Machine>>,
     /// Status of the upstream answer (not of an error page pingora wrote itself).
@@ -163,6 +216,7 @@ impl ProxyHttp for Balancer {
         JobCtx {
             job: self.service.jobs.fetch_add(1, Ordering::Relaxed) + 1,
             start: Instant::now(),
+            timing: UpstreamTiming::default(),
             session: None,
             machine: None,
             status: None,
@@ -235,6 +289,7 @@ impl ProxyHttp for Balancer {
             .machine
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "job was not routed"))?;
+        ctx.timing = UpstreamTiming::started(Instant::now());
         // Reruns on retry: the body is teed again from the start.
         if let Some(draft) = ctx.draft.as_mut().filter(|d| !d.fired) {
             draft.body.clear();
@@ -257,6 +312,9 @@ impl ProxyHttp for Balancer {
         end_of_stream: bool,
         ctx: &mut JobCtx,
     ) -> Result<()> {
+        if end_of_stream && ctx.timing.request_complete.is_none() {
+            ctx.timing.request_complete = Some(Instant::now());
+        }
         let Some(draft) = ctx.draft.as_mut() else {
             return Ok(());
         };
@@ -272,12 +330,36 @@ impl ProxyHttp for Balancer {
         Ok(())
     }
 
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_request: &mut RequestHeader,
+        ctx: &mut JobCtx,
+    ) -> Result<()> {
+        ctx.timing.header_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut JobCtx,
+    ) -> Result<Option<Duration>> {
+        // Every chunk moves the stamp: the last one is when the answer was complete (the end of
+        // an answer may come as an empty end-of-stream chunk or with the last data).
+        ctx.timing.answer_last = Some(Instant::now());
+        Ok(None)
+    }
+
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut JobCtx,
     ) -> Result<()> {
+        ctx.timing.answer_last = Some(Instant::now());
         ctx.status = Some(upstream_response.status.as_u16());
         if ctx
             .draft
@@ -304,7 +386,11 @@ impl ProxyHttp for Balancer {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut JobCtx) {
-        let latency_us = ctx.start.elapsed().as_micros() as u64;
+        let now = Instant::now();
+        let latency_us = ctx
+            .timing
+            .service_us(error.is_none(), now)
+            .unwrap_or_else(|| now.duration_since(ctx.start).as_micros() as u64);
         let outcome = match (ctx.status, error) {
             (Some(status), None) => Some(outcome_of_status(status)),
             (Some(_), Some(e)) => outcome_of_error(e).map(|o| match o {
@@ -363,5 +449,73 @@ impl ProxyHttp for Balancer {
     fn suppress_error_log(&self, _session: &Session, _ctx: &JobCtx, error: &Error) -> bool {
         // A caller hanging up is routine; pingora would log an ERROR line per job.
         error.esource() == &ErrorSource::Downstream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn timing(
+        t0: Instant,
+        header: u32,
+        complete: Option<u32>,
+        answer: Option<u32>,
+    ) -> UpstreamTiming {
+        UpstreamTiming {
+            begin: Some(t0),
+            header_sent: Some(t0 + MS * header),
+            request_complete: complete.map(|c| t0 + MS * c),
+            answer_last: answer.map(|a| t0 + MS * a),
+        }
+    }
+
+    #[test]
+    fn service_time_runs_from_checkout_to_the_last_answer_byte() {
+        let t0 = Instant::now();
+        let connect_and_answer = timing(t0, 2, Some(2), Some(22));
+        // The failure time is ignored when the answer arrived complete.
+        assert_eq!(
+            connect_and_answer.service_us(true, t0 + MS * 500),
+            Some(22_000)
+        );
+    }
+
+    #[test]
+    fn waiting_for_the_callers_body_is_not_the_machines_time() {
+        let t0 = Instant::now();
+        let slow_body = timing(t0, 1, Some(301), Some(321));
+        assert_eq!(slow_body.service_us(true, t0 + MS * 400), Some(21_000));
+    }
+
+    #[test]
+    fn a_failed_attempt_ends_when_the_failure_is_seen() {
+        let t0 = Instant::now();
+        // Connect failed: nothing after `begin`.
+        let refused = UpstreamTiming::started(t0);
+        assert_eq!(refused.service_us(false, t0 + MS * 3), Some(3_000));
+        // An answer broken off: the failure, not the last chunk, ends it.
+        let broken = timing(t0, 1, Some(1), Some(10));
+        assert_eq!(broken.service_us(false, t0 + MS * 15), Some(15_000));
+    }
+
+    #[test]
+    fn an_early_answer_before_the_body_ended_is_not_shortened() {
+        let t0 = Instant::now();
+        let early = timing(t0, 1, None, Some(5));
+        assert_eq!(early.service_us(true, t0 + MS * 9), Some(5_000));
+        // The rest of the body arriving after the answer takes nothing off either.
+        let late_body = timing(t0, 1, Some(8), Some(5));
+        assert_eq!(late_body.service_us(true, t0 + MS * 9), Some(5_000));
+    }
+
+    #[test]
+    fn no_attempt_no_service_time() {
+        assert_eq!(
+            UpstreamTiming::default().service_us(true, Instant::now()),
+            None
+        );
     }
 }

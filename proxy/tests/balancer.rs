@@ -923,3 +923,156 @@ async fn a_hanging_active_machine_times_out() {
     assert_eq!(report.series[0].outcomes.timeout, 1);
     running.shutdown();
 }
+
+/// Median of the per-pair ratio simulation latency / active latency.
+fn median_pair_ratio(report: &StatsReport) -> f64 {
+    let mut ratios: Vec<f64> = report
+        .pairs
+        .iter()
+        .map(|p| p.simulation.latency_us as f64 / p.active.latency_us.max(1) as f64)
+        .collect();
+    assert!(!ratios.is_empty());
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
+fn series_median_us(report: &StatsReport, version: &str, role: PoolRole) -> u64 {
+    let series = report
+        .series
+        .iter()
+        .find(|s| s.version == version && s.config == role)
+        .expect("series present");
+    decode_histogram(&series.histogram)
+        .unwrap()
+        .value_at_quantile(0.5)
+}
+
+/// Both sides of a pair measure the same thing (the machine's service time seen from the
+/// balancer): identical machines give a per-pair ratio near 1, in the pairs and in the series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_machines_measure_alike_on_both_sides_of_a_pair() {
+    let delay = Behaviour::Slow(Duration::from_millis(20));
+    let v1 = Machine::start("same", delay).await;
+    let v2 = Machine::start("same", delay).await;
+    let running = start(vec![config(
+        "media",
+        1,
+        vec![
+            entry("m1", "v1", &v1, PoolRole::Active),
+            entry("m2", "v2", &v2, PoolRole::Simulation),
+        ],
+    )]);
+    let http = Http::new();
+    let lb = running.listen_addr("media").unwrap();
+    const CALLERS: usize = 10;
+    const JOBS_EACH: usize = 30;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|c| {
+            let http = http.clone();
+            tokio::spawn(async move {
+                for j in 0..JOBS_EACH {
+                    let a = http.job(lb, None, &format!("job-{c}-{j}")).await;
+                    assert_eq!(a.status, 200);
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.unwrap();
+    }
+    let jobs = CALLERS * JOBS_EACH;
+    let report = pairs_after(&http, running.admin_addr(), "media", jobs).await;
+    assert!(report
+        .pairs
+        .iter()
+        .all(|p| p.active.outcome == Outcome::Ok && p.simulation.outcome == Outcome::Ok));
+    let ratio = median_pair_ratio(&report);
+    eprintln!("median v2/v1 per pair over {jobs} jobs: {ratio:.3}");
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "median per-pair ratio v2/v1 on identical machines is {ratio:.3}"
+    );
+    // The series use the very same latencies as the pairs.
+    let active = series_median_us(&report, "v1", PoolRole::Active) as f64;
+    let simulation = series_median_us(&report, "v2", PoolRole::Simulation) as f64;
+    assert!(
+        (0.9..=1.1).contains(&(simulation / active)),
+        "series medians: v1 active {active} us, v2 simulation {simulation} us"
+    );
+    running.shutdown();
+}
+
+/// Sends one job whose body arrives in two parts `gap` apart (a slow caller), reads the answer.
+async fn job_with_slow_body(lb: std::net::SocketAddr, gap: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(lb).await.unwrap();
+    stream
+        .write_all(
+            b"POST /job HTTP/1.1\r\nhost: media\r\ncontent-length: 10\r\nconnection: close\r\n\r\nhello",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(gap).await;
+    stream.write_all(b"world").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Time the balancer spends waiting for a slow caller's body is not the active machine's: the
+/// copy gets its whole body at once, so counting that wait would bias the pair (the definition
+/// that ran from `request_filter` to `logging` counted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_body_does_not_inflate_the_active_side() {
+    let delay = Behaviour::Slow(Duration::from_millis(20));
+    let v1 = Machine::start("same", delay).await;
+    let v2 = Machine::start("same", delay).await;
+    let running = start(vec![config(
+        "media",
+        1,
+        vec![
+            entry("m1", "v1", &v1, PoolRole::Active),
+            entry("m2", "v2", &v2, PoolRole::Simulation),
+        ],
+    )]);
+    let http = Http::new();
+    let lb = running.listen_addr("media").unwrap();
+    let gap = Duration::from_millis(300);
+    const JOBS: usize = 12;
+    let jobs: Vec<_> = (0..JOBS)
+        .map(|_| tokio::spawn(job_with_slow_body(lb, gap)))
+        .collect();
+    for job in jobs {
+        let answer = job.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("same:helloworld"), "{answer}");
+    }
+    let report = pairs_after(&http, running.admin_addr(), "media", JOBS).await;
+    for pair in &report.pairs {
+        assert!(
+            pair.active.latency_us < gap.as_micros() as u64,
+            "active side counted the caller's {gap:?} body wait: {} us",
+            pair.active.latency_us
+        );
+    }
+    let ratio = median_pair_ratio(&report);
+    assert!(
+        (0.8..=1.25).contains(&ratio),
+        "median per-pair ratio v2/v1 with slow bodies is {ratio:.3}"
+    );
+    let histogram_max = decode_histogram(
+        &report
+            .series
+            .iter()
+            .find(|s| s.version == "v1" && s.config == PoolRole::Active)
+            .unwrap()
+            .histogram,
+    )
+    .unwrap()
+    .max();
+    assert!(histogram_max < gap.as_micros() as u64);
+    running.shutdown();
+}
