@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use understudy::balancer::FakeBalancer;
@@ -15,7 +16,7 @@ use understudy::cluster;
 use understudy::controller::{Core, ReleaseRequest};
 use understudy::plan::Plan;
 use understudy::store::Store;
-use understudy_judge::{Condition, Judge, PairSample};
+use understudy_judge::{judge_window, Condition, Judge, PairSample, WindowOutcomes};
 use understudy_proxy::wire::{JobObservation, JobPair, Outcome};
 
 struct Args {
@@ -161,6 +162,38 @@ fn bench_judge(a: &Args) {
     );
 }
 
+/// The windowed rule over two HDR histograms of `jobs` jobs each (v2 at the limit): its cost does
+/// not grow with the number of jobs, only with the histograms' buckets.
+fn bench_window(a: &Args) {
+    let mut rng = StdRng::seed_from_u64(6);
+    let mut v1 = Histogram::<u64>::new(3).expect("3 significant figures");
+    let mut v2 = v1.clone();
+    for _ in 0..a.jobs {
+        let p = borderline(&mut rng);
+        v1.saturating_record(p.v1_latency_us);
+        v2.saturating_record(p.v2_latency_us);
+    }
+    let outcomes = WindowOutcomes {
+        jobs: a.jobs,
+        errors: 0,
+        mismatches: 0,
+    };
+    let condition = Condition::default();
+    let mut samples = Vec::new();
+    let mut decision = "";
+    for _ in 0..a.runs {
+        let t = Instant::now();
+        let verdict = judge_window(&condition, &v1, &v2, outcomes, outcomes);
+        samples.push(t.elapsed());
+        decision = verdict.verdict.decision.as_str();
+    }
+    println!(
+        "windowed verdict over histograms of {} jobs each: {} (verdict {decision})",
+        a.jobs,
+        summary(samples)
+    );
+}
+
 fn job_pairs(rng: &mut StdRng, first: u64, n: u64) -> Vec<JobPair> {
     (0..n)
         .map(|i| {
@@ -263,5 +296,6 @@ async fn main() {
     let a = args();
     bench_plan(&a);
     bench_judge(&a);
+    bench_window(&a);
     bench_controller_path(&a).await;
 }
