@@ -198,13 +198,19 @@ struct OutcomeCounts {
     mismatched: u64,
 }
 
+/// Whether the answers matched, counted only when both versions answered successfully: a failed
+/// job is the error test's to judge, and counting it as a mismatch too would charge it twice.
+fn compared_answers(pair: &PairSample) -> Option<bool> {
+    pair.matched.filter(|_| pair.v1_ok && pair.v2_ok)
+}
+
 impl OutcomeCounts {
     fn add(&mut self, pair: &PairSample) {
         self.v1_errors += u64::from(!pair.v1_ok);
         self.v2_errors += u64::from(!pair.v2_ok);
         self.v1_ok_v2_error += u64::from(pair.v1_ok && !pair.v2_ok);
         self.v1_error_v2_ok += u64::from(!pair.v1_ok && pair.v2_ok);
-        if let Some(matched) = pair.matched {
+        if let Some(matched) = compared_answers(pair) {
             self.compared += 1;
             self.mismatched += u64::from(!matched);
         }
@@ -380,7 +386,7 @@ impl Judge {
         let error_increase = f64::from(u8::from(!pair.v2_ok)) - f64::from(u8::from(!pair.v1_ok));
         self.errors.push_v2(error_increase);
         self.hard_errors.push_v2(error_increase);
-        if let Some(matched) = pair.matched {
+        if let Some(matched) = compared_answers(pair) {
             self.mismatches.push_v2(f64::from(u8::from(!matched)));
         }
         let max_paired_ratio = self.condition.max_paired_ratio;
@@ -427,7 +433,7 @@ impl Judge {
         let error_increase = f64::from(u8::from(!pair.v2_ok)) - f64::from(u8::from(!pair.v1_ok));
         self.errors.push_control(error_increase);
         self.hard_errors.push_control(error_increase);
-        if let Some(matched) = pair.matched {
+        if let Some(matched) = compared_answers(pair) {
             self.mismatches.push_control(f64::from(u8::from(!matched)));
         }
         let ratio = pair.v2_latency_us.max(1) as f64 / pair.v1_latency_us.max(1) as f64;

@@ -325,3 +325,21 @@ fn a_a_with_a_required_control_passes() {
     assert_eq!(verdict.decision, Decision::Pass, "{}", verdict.rule);
     assert!(verdict.details["errors"]["control_rate"].is_number());
 }
+
+#[test]
+fn a_failed_job_is_an_error_not_also_a_mismatch() {
+    let mut judge = Judge::new(Condition::default());
+    for i in 0..2_000u64 {
+        let v2_fails = i % 20 == 0;
+        judge.observe(&PairSample {
+            matched: Some(!v2_fails),
+            ..pair(1_000 + i % 7, true, 1_000 + i % 7, !v2_fails)
+        });
+    }
+    let verdict = judge.verdict();
+    assert_eq!(verdict.decision, Decision::Fail);
+    assert!(verdict.rule.contains("error"), "{}", verdict.rule);
+    let mismatches = &verdict.details["mismatches"];
+    assert_eq!(mismatches["mismatched"], 0, "{mismatches}");
+    assert!(mismatches["compared"].as_u64() > Some(0), "{mismatches}");
+}
