@@ -5,14 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::http_json::{self, error_message, ExchangeError, JsonClient};
 use async_trait::async_trait;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use understudy_proxy::wire::{
-    config_path, stats_path, BalancerConfig, ErrorBody, MachineState, MachineStatus, PushAck,
-    StatsReport,
+    config_path, stats_path, BalancerConfig, MachineState, MachineStatus, PushAck, StatsReport,
 };
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -46,7 +43,7 @@ pub trait BalancerClient: Send + Sync + 'static {
 
 /// The real client: HTTP/1.1 over hyper-util, JSON bodies.
 pub struct HttpBalancerClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: JsonClient,
     timeout: Duration,
 }
 
@@ -59,7 +56,7 @@ impl Default for HttpBalancerClient {
 impl HttpBalancerClient {
     pub fn new(timeout: Duration) -> Self {
         HttpBalancerClient {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: http_json::client(),
             timeout,
         }
     }
@@ -71,44 +68,16 @@ impl HttpBalancerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), BalancerError> {
-        let unreachable = |reason: String| BalancerError::Unreachable {
-            url: url.to_string(),
-            reason,
-        };
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(format!("{url}{path}"));
-        if body.is_some() {
-            request = request.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| unreachable(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let status = response.status().as_u16();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?
-                .to_bytes();
-            Ok((status, bytes))
-        };
-        tokio::time::timeout(self.timeout, exchange)
+        let full = format!("{url}{path}");
+        http_json::exchange(&self.client, method, &full, None, body, self.timeout)
             .await
-            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|e| BalancerError::Unreachable {
+                url: url.to_string(),
+                reason: match e {
+                    ExchangeError::BadRequest(r) | ExchangeError::NoAnswer(r) => r,
+                },
+            })
     }
-}
-
-fn error_message(bytes: &[u8]) -> String {
-    serde_json::from_slice::<ErrorBody>(bytes)
-        .map(|e| e.error)
-        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned())
 }
 
 #[async_trait]
@@ -340,7 +309,7 @@ mod tests {
     use axum::http::StatusCode;
     use axum::routing::{get, put};
     use axum::{Json, Router};
-    use understudy_proxy::wire::{MachineEntry, PoolRole};
+    use understudy_proxy::wire::{ErrorBody, MachineEntry, PoolRole};
 
     /// A stand-in balancer admin port: accepts version 5 only, refuses older (409) or empty (400).
     async fn serve() -> String {

@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+
+use crate::http_json::{self, ExchangeError, JsonClient};
+
+/// How long the CLI waits for the admin endpoint's whole answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -23,7 +25,7 @@ pub enum ClientError {
 pub struct AdminClient {
     base: String,
     token: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: JsonClient,
 }
 
 impl AdminClient {
@@ -44,7 +46,7 @@ impl AdminClient {
         Ok(AdminClient {
             base,
             token,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: http_json::client(),
         })
     }
 
@@ -54,51 +56,33 @@ impl AdminClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, ClientError> {
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        if let Some(token) = &self.token {
-            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        if body.is_some() {
-            request = request.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::BadUrl {
+        let url = format!("{}{path}", self.base);
+        let (status, bytes) = http_json::exchange(
+            &self.client,
+            method,
+            &url,
+            self.token.as_deref(),
+            body,
+            ANSWER_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            ExchangeError::BadRequest(reason) => ClientError::BadUrl {
                 url: self.base.clone(),
-                reason: e.to_string(),
-            })?;
-        let unreachable = |reason: String| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason,
-        };
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let status = response.status().as_u16();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?
-                .to_bytes();
-            Ok::<_, ClientError>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(Duration::from_secs(10), exchange)
-            .await
-            .map_err(|_| unreachable("no answer within 10 s".to_string()))??;
+                reason,
+            },
+            ExchangeError::NoAnswer(reason) => ClientError::Unreachable {
+                url: self.base.clone(),
+                reason,
+            },
+        })?;
         if (200..300).contains(&status) {
             return Ok(bytes);
         }
-        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        Err(ClientError::Refused { status, message })
+        Err(ClientError::Refused {
+            status,
+            message: http_json::error_message(&bytes),
+        })
     }
 
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

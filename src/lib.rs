@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod controller;
+pub mod http_json;
 pub mod judge_cli;
 pub mod metrics;
 pub mod plan;
