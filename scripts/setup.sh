@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Understudy needs on a bare Debian machine, and nothing by hand:
 # - cmake: pingora's build compiles C code with it;
-# - promtool (Debian's `prometheus`): tests check every /metrics page with `promtool check metrics`.
+# - promtool (Debian's `prometheus`): tests check every /metrics page with `promtool check metrics`;
+# - nats-server (Debian's `nats-server`): the hub's NATS backend tests and the NATS release test
+#   start a real server on a free loopback port.
 # Benchmarks install their own extra tools (nginx, wrk) in bench/*.sh.
 # Idempotent: it installs only what is missing.
 set -euo pipefail
@@ -9,6 +11,7 @@ set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,4 +23,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is not installed (install Rust with rustup)" >&2; exit 1; }
-echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'))"
+echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), nats-server $(nats-server --version 2>&1 | awk '{print $NF}'))"

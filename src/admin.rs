@@ -22,7 +22,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -59,8 +59,32 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/services", get(services))
-        .route("/api/v1/machines", get(machines))
+        .route(
+            "/api/v1/machines",
+            get(crate::machines::list).post(crate::machines::register),
+        )
+        .route(
+            "/api/v1/machines/{id}/history",
+            get(crate::machines::history),
+        )
+        .route(
+            "/api/v1/machines/{id}/rotate-key",
+            post(crate::machines::rotate_key),
+        )
         .route("/api/v1/balancers", get(balancers))
+        // (nats: signed configs) a fresh key for a service's balancer.
+        .route(
+            "/api/v1/balancers/{service}/rotate-key",
+            post(rotate_balancer_key),
+        )
+        .route(
+            "/api/v1/monitor",
+            get(crate::controller::monitor::view_route),
+        )
+        .route(
+            "/api/v1/monitor/actions",
+            get(crate::controller::monitor::actions_route),
+        )
         .route("/api/v1/rollouts", get(rollouts))
         .route("/api/v1/rollouts/{id}", get(rollout))
         .route("/api/v1/rollouts/{id}/pairs.csv", get(pairs_csv))
@@ -69,11 +93,15 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/v1/rollouts/{id}/abort", post(abort))
         .route("/api/v1/rollouts/{id}/rollback", post(rollback))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(core)
+        .with_state(core.clone())
+        // The hub's publish/subscribe routes (their own auth: signed messages).
+        .merge(core.hub().router())
+        // Predictive monitoring reads (src/prediction.rs).
+        .merge(crate::prediction::router(core.predictions.clone()))
 }
 
 /// Checks the bearer token in constant time.
-fn authorize(core: &Core, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(core: &Core, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -121,10 +149,6 @@ async fn metrics(State(core): Shared) -> Response {
 
 async fn services(State(core): Shared) -> Response {
     Json(core.services()).into_response()
-}
-
-async fn machines(State(core): Shared) -> Result<Response, ApiError> {
-    Ok(Json(core.machines()?).into_response())
 }
 
 async fn balancers(State(core): Shared) -> Response {
@@ -178,6 +202,16 @@ async fn release(
         StatusCode::CREATED
     };
     Ok((status, Json(answer)).into_response())
+}
+
+/// (nats: signed configs) `POST /api/v1/balancers/{service}/rotate-key` (bearer token).
+async fn rotate_balancer_key(
+    State(core): Shared,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&core, &headers)?;
+    Ok(Json(core.rotate_balancer_key(&service).await?).into_response())
 }
 
 async fn act(

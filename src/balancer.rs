@@ -1,16 +1,108 @@
 //! Talking to the per-service balancers, only through their HTTP contract (`understudy_proxy::wire`):
 //! `PUT config` (versioned, idempotent) and `GET stats since cursor`.
+//!
+//! Signed configs: a service whose balancer has a key (cluster file `balancer_key_file`) gets
+//! every config as an envelope signed with that key (sender "controller", topic
+//! `control.balancer-config`), either PUT on its admin port or, with `config_delivery = "hub"`,
+//! published on the controller's hub (embedded or NATS), the balancer then being watched until it
+//! runs the version. `rotate_key` replaces a balancer's key with a message signed by the current one.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::http_json::{self, error_message, ExchangeError, JsonClient};
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::Deserialize;
+use understudy_hub::{Backend, SecretKey, Signer, CONFIG_TOPIC};
 use understudy_proxy::wire::{
-    config_path, stats_path, BalancerConfig, MachineState, MachineStatus, PushAck, StatsReport,
+    config_key_path, config_path, stats_path, BalancerConfig, KeyRotation, KeyRotationAck,
+    MachineState, MachineStatus, PushAck, StatsReport,
 };
+
+/// The controller's sender id on the hub.
+pub const CONTROLLER_ID: &str = "controller";
+
+/// A balancer's secret key as the controller holds it. `Debug` never shows the key.
+#[derive(Clone)]
+pub struct BalancerSecret {
+    key: SecretKey,
+    /// Where it was read from; a rotated key is written back there.
+    file: Option<PathBuf>,
+}
+
+impl BalancerSecret {
+    /// Reads a key file (base64, as the balancer's `--key-file`).
+    pub fn from_file(path: &Path) -> Result<BalancerSecret, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+        let key = SecretKey::from_base64(&text)
+            .map_err(|e| format!("key file {}: {e}", path.display()))?;
+        Ok(BalancerSecret {
+            key,
+            file: Some(path.to_path_buf()),
+        })
+    }
+
+    /// A key handed over in memory (the scenario runner generates one per balancer).
+    pub fn given(key: SecretKey) -> BalancerSecret {
+        BalancerSecret { key, file: None }
+    }
+
+    pub fn key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+}
+
+impl std::fmt::Debug for BalancerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalancerSecret")
+            .field("key", &self.key)
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl PartialEq for BalancerSecret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        let same_key: bool = self
+            .key
+            .to_base64()
+            .as_bytes()
+            .ct_eq(other.key.to_base64().as_bytes())
+            .into();
+        same_key && self.file == other.file
+    }
+}
+
+/// How a signed config reaches its balancer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigDelivery {
+    /// `PUT` on the balancer's admin port.
+    #[default]
+    Http,
+    /// Published on the controller's hub (topic `control.balancer-config`); the balancer
+    /// subscribes to it (`--config-feed-hub` / `--config-feed-nats`).
+    Hub,
+}
+
+/// How often a config published on the hub is published again while its balancer does not run it.
+const REPUBLISH: Duration = Duration::from_millis(500);
+
+/// One keyed balancer, as the client signs for it.
+struct Signing {
+    signer: Signer,
+    file: Option<PathBuf>,
+    delivery: ConfigDelivery,
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BalancerError {
@@ -39,12 +131,32 @@ pub trait BalancerClient: Send + Sync + 'static {
         service: &str,
         since: u64,
     ) -> Result<StatsReport, BalancerError>;
+
+    /// Replaces the key of `service`'s balancer (see [`HttpBalancerClient`]); clients that do not
+    /// sign have nothing to rotate.
+    async fn rotate_key(
+        &self,
+        url: &str,
+        service: &str,
+        new_key: SecretKey,
+    ) -> Result<KeyRotationAck, BalancerError> {
+        let _ = new_key;
+        Err(BalancerError::Refused {
+            url: url.to_string(),
+            status: 0,
+            message: format!("service {service:?} has no balancer key to rotate"),
+        })
+    }
 }
 
-/// The real client: HTTP/1.1 over hyper-util, JSON bodies.
+/// The real client: HTTP/1.1 over hyper-util, JSON bodies; signs configs for keyed balancers.
 pub struct HttpBalancerClient {
     client: JsonClient,
     timeout: Duration,
+    /// Per service with a balancer key.
+    signing: Mutex<HashMap<String, Signing>>,
+    /// The controller's hub, for `ConfigDelivery::Hub` (set once the hub runs).
+    hub: OnceLock<Arc<dyn Backend>>,
 }
 
 impl Default for HttpBalancerClient {
@@ -58,6 +170,131 @@ impl HttpBalancerClient {
         HttpBalancerClient {
             client: http_json::client(),
             timeout,
+            signing: Mutex::new(HashMap::new()),
+            hub: OnceLock::new(),
+        }
+    }
+
+    /// Signs the configs of `service` with `secret`, delivered as `delivery` says.
+    pub fn with_key(
+        self,
+        service: &str,
+        secret: &BalancerSecret,
+        delivery: ConfigDelivery,
+    ) -> Self {
+        let signer =
+            Signer::new(CONTROLLER_ID, secret.key.clone()).expect("the controller id is valid");
+        self.signing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                service.to_string(),
+                Signing {
+                    signer,
+                    file: secret.file.clone(),
+                    delivery,
+                },
+            );
+        self
+    }
+
+    /// The client for a cluster: every service with a `balancer_key` is signed for.
+    pub fn for_cluster(cluster: &crate::cluster::Cluster) -> Self {
+        cluster
+            .services
+            .values()
+            .fold(HttpBalancerClient::default(), |client, s| {
+                match &s.balancer_key {
+                    Some(secret) => client.with_key(&s.name, secret, s.config_delivery),
+                    None => client,
+                }
+            })
+    }
+
+    /// The hub that `ConfigDelivery::Hub` publishes on (once; later calls are ignored).
+    pub fn set_hub(&self, hub: Arc<dyn Backend>) {
+        let _ = self.hub.set(hub);
+    }
+
+    /// Signs `payload` for `service`'s balancer, when it has a key.
+    fn sign(
+        &self,
+        service: &str,
+        payload: serde_json::Value,
+    ) -> Option<(understudy_hub::Envelope, ConfigDelivery)> {
+        let mut signing = self.signing.lock().unwrap_or_else(|p| p.into_inner());
+        let s = signing.get_mut(service)?;
+        Some((s.signer.sign(CONFIG_TOPIC, payload), s.delivery))
+    }
+
+    /// Publishes a signed config on the hub and waits until the balancer runs it.
+    async fn push_over_hub(
+        &self,
+        url: &str,
+        config: &BalancerConfig,
+        envelope: understudy_hub::Envelope,
+    ) -> Result<PushAck, BalancerError> {
+        let unreachable = |reason: String| BalancerError::Unreachable {
+            url: url.to_string(),
+            reason,
+        };
+        let hub = self
+            .hub
+            .get()
+            .ok_or_else(|| unreachable("the controller's hub is not running yet".into()))?;
+        hub.publish(envelope)
+            .await
+            .map_err(|e| unreachable(format!("hub publish: {e}")))?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut next_publish = tokio::time::Instant::now() + REPUBLISH;
+        loop {
+            // A balancer that subscribed after the publish (it just started, or its feed
+            // reconnected) gets a freshly signed copy.
+            if tokio::time::Instant::now() >= next_publish {
+                let payload =
+                    serde_json::to_value(config).map_err(|e| BalancerError::Protocol {
+                        url: url.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                if let Some((again, _)) = self.sign(&config.service, payload) {
+                    hub.publish(again)
+                        .await
+                        .map_err(|e| unreachable(format!("hub publish: {e}")))?;
+                }
+                next_publish += REPUBLISH;
+            }
+            let (status, bytes) = self
+                .call(url, http::Method::GET, &config_path(&config.service), None)
+                .await?;
+            if (200..=299).contains(&status) {
+                let running: BalancerConfig =
+                    serde_json::from_slice(&bytes).map_err(|e| BalancerError::Protocol {
+                        url: url.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                if running.version == config.version {
+                    return Ok(PushAck {
+                        service: config.service.clone(),
+                        version: config.version,
+                    });
+                }
+                if running.version > config.version {
+                    return Err(BalancerError::Stale {
+                        url: url.to_string(),
+                        message: format!(
+                            "config version {} is older than the running version {}",
+                            config.version, running.version
+                        ),
+                    });
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unreachable(format!(
+                    "config {} published on the hub; the balancer did not run it within {:?}",
+                    config.version, self.timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -83,10 +320,22 @@ impl HttpBalancerClient {
 #[async_trait]
 impl BalancerClient for HttpBalancerClient {
     async fn push(&self, url: &str, config: &BalancerConfig) -> Result<PushAck, BalancerError> {
-        let body = serde_json::to_vec(config).map_err(|e| BalancerError::Protocol {
+        let protocol = |e: serde_json::Error| BalancerError::Protocol {
             url: url.to_string(),
             reason: e.to_string(),
-        })?;
+        };
+        let body = match self.sign(
+            &config.service,
+            serde_json::to_value(config).map_err(protocol)?,
+        ) {
+            None => serde_json::to_vec(config).map_err(protocol)?,
+            Some((envelope, ConfigDelivery::Http)) => {
+                serde_json::to_vec(&envelope).map_err(protocol)?
+            }
+            Some((envelope, ConfigDelivery::Hub)) => {
+                return self.push_over_hub(url, config, envelope).await
+            }
+        };
         let (status, bytes) = self
             .call(
                 url,
@@ -133,6 +382,80 @@ impl BalancerClient for HttpBalancerClient {
             reason: e.to_string(),
         })
     }
+
+    /// Replaces the key of `service`'s balancer: a rotation message signed with the current
+    /// key carries the new one (sent only to the admin port, never over the hub). The new key is
+    /// written beside the key file first (`.next`) and moved over it once the balancer took it.
+    async fn rotate_key(
+        &self,
+        url: &str,
+        service: &str,
+        new_key: SecretKey,
+    ) -> Result<KeyRotationAck, BalancerError> {
+        let protocol = |reason: String| BalancerError::Protocol {
+            url: url.to_string(),
+            reason,
+        };
+        let rotation = KeyRotation {
+            service: service.to_string(),
+            rotate_key: new_key.to_base64(),
+        };
+        let payload = serde_json::to_value(&rotation).map_err(|e| protocol(e.to_string()))?;
+        let file = {
+            let signing = self.signing.lock().unwrap_or_else(|p| p.into_inner());
+            let s = signing.get(service).ok_or_else(|| BalancerError::Refused {
+                url: url.to_string(),
+                status: 0,
+                message: format!("service {service:?} has no balancer key to rotate"),
+            })?;
+            s.file.clone()
+        };
+        let next = file.as_ref().map(|f| f.with_extension("next"));
+        if let Some(next) = &next {
+            understudy_proxy::write_key_file(next, &new_key)
+                .map_err(|e| protocol(format!("cannot write {}: {e}", next.display())))?;
+        }
+        let (envelope, _) = self.sign(service, payload).expect("checked above");
+        let body = serde_json::to_vec(&envelope).map_err(|e| protocol(e.to_string()))?;
+        let answer = self
+            .call(
+                url,
+                http::Method::PUT,
+                &config_key_path(service),
+                Some(body),
+            )
+            .await;
+        let ack = match answer {
+            Ok((200..=299, bytes)) => serde_json::from_slice::<KeyRotationAck>(&bytes)
+                .map_err(|e| protocol(e.to_string())),
+            Ok((status, bytes)) => Err(BalancerError::Refused {
+                url: url.to_string(),
+                status,
+                message: error_message(&bytes),
+            }),
+            Err(e) => Err(e),
+        };
+        match (&ack, &file, &next) {
+            (Ok(_), Some(file), Some(next)) => std::fs::rename(next, file).map_err(|e| {
+                protocol(format!(
+                    "the balancer took the new key but {} could not replace {}: {e}",
+                    next.display(),
+                    file.display()
+                ))
+            })?,
+            (Err(_), _, Some(next)) => {
+                let _ = std::fs::remove_file(next);
+            }
+            _ => {}
+        }
+        if ack.is_ok() {
+            let mut signing = self.signing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = signing.get_mut(service) {
+                s.signer.rotate(new_key);
+            }
+        }
+        ack
+    }
 }
 
 /// In-memory balancer following the same contract, for tests and benchmarks: versioned configs,
@@ -166,9 +489,44 @@ impl FakeBalancer {
         f(state.entry(service.to_string()).or_default())
     }
 
-    /// Queues mirrored pairs for the next stats read.
+    /// Queues mirrored pairs for the next stats read. Like a real balancer, which copies each job
+    /// to every simulation version, a job given only with its v2 copy also gets its control copy
+    /// when the running config has a control (a simulation machine of the active version): the
+    /// control answers as the active v1 machine did.
     pub fn add_pairs(&self, service: &str, pairs: Vec<understudy_proxy::wire::JobPair>) {
-        self.with(service, |s| s.queued.extend(pairs));
+        self.with(service, |s| {
+            let control = s.config.as_ref().and_then(|c| {
+                c.machines
+                    .iter()
+                    .find(|m| {
+                        m.config == understudy_proxy::wire::PoolRole::Simulation
+                            && pairs.iter().any(|p| p.active.version == m.version)
+                    })
+                    .map(|m| (m.id.clone(), m.version.clone()))
+            });
+            for pair in &pairs {
+                s.queued.push(pair.clone());
+                let Some((id, version)) = &control else {
+                    continue;
+                };
+                let has_control_copy = pairs
+                    .iter()
+                    .any(|p| p.job == pair.job && p.simulation.version == pair.active.version);
+                if pair.active.version == *version
+                    && pair.simulation.version != *version
+                    && !has_control_copy
+                {
+                    s.queued.push(understudy_proxy::wire::JobPair {
+                        simulation: understudy_proxy::wire::JobObservation {
+                            machine: id.clone(),
+                            ..pair.active.clone()
+                        },
+                        matched: true,
+                        ..pair.clone()
+                    });
+                }
+            }
+        });
     }
 
     /// Queues per-(version, config) series for the next stats read only.
@@ -368,6 +726,274 @@ mod tests {
                 config: PoolRole::Active,
             }],
         }
+    }
+
+    /// A real balancer process (in this process) for `db`, with a key and optionally a feed.
+    fn keyed_balancer(
+        key: Option<understudy_proxy::BalancerKey>,
+        feed: Option<understudy_proxy::ConfigFeed>,
+    ) -> (understudy_proxy::RunningBalancers, String) {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let running = understudy_proxy::spawn_with(
+            understudy_proxy::ProcessConfig {
+                admin: any,
+                balancers: vec![understudy_proxy::BalancerSpec {
+                    listen: any,
+                    config: config(1),
+                }],
+            },
+            understudy_proxy::SpawnOptions {
+                signing: understudy_proxy::ConfigSigning {
+                    keys: key.into_iter().map(|k| ("db".to_string(), k)).collect(),
+                    feed,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let url = format!("http://{}", running.admin_addr());
+        (running, url)
+    }
+
+    #[tokio::test]
+    async fn configs_to_a_keyed_balancer_are_signed_and_its_key_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("db.key");
+        let key = SecretKey::generate();
+        understudy_proxy::write_key_file(&key_file, &key).unwrap();
+        let (_balancer, url) = keyed_balancer(
+            Some(understudy_proxy::BalancerKey::from_file(&key_file).unwrap()),
+            None,
+        );
+        // Unsigned: refused, with the reason.
+        let plain = HttpBalancerClient::new(Duration::from_secs(2));
+        match plain.push(&url, &config(2)).await {
+            Err(BalancerError::Refused {
+                status: 401,
+                message,
+                ..
+            }) => assert!(message.contains("signed by the controller"), "{message}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Signed with the key from the same file: applied.
+        let secret = BalancerSecret::from_file(&key_file).unwrap();
+        assert!(!format!("{secret:?}").contains(&key.to_base64()));
+        let client = HttpBalancerClient::new(Duration::from_secs(2)).with_key(
+            "db",
+            &secret,
+            ConfigDelivery::Http,
+        );
+        assert_eq!(client.push(&url, &config(2)).await.unwrap().version, 2);
+        // Re-pushing the same version (a retry) is a fresh signature, so it is accepted.
+        assert_eq!(client.push(&url, &config(2)).await.unwrap().version, 2);
+
+        // Rotation: the balancer and the controller both end up with the new key in the file
+        // (here they share it, as on one host).
+        let next = SecretKey::generate();
+        let ack = client.rotate_key(&url, "db", next.clone()).await.unwrap();
+        assert_eq!(ack.grace_ms, 60_000);
+        assert_eq!(
+            BalancerSecret::from_file(&key_file)
+                .unwrap()
+                .key()
+                .to_base64(),
+            next.to_base64()
+        );
+        assert!(!key_file.with_extension("next").exists());
+        assert_eq!(client.push(&url, &config(3)).await.unwrap().version, 3);
+        // The old key is now refused.
+        let stale = HttpBalancerClient::new(Duration::from_secs(2)).with_key(
+            "db",
+            &BalancerSecret::given(key),
+            ConfigDelivery::Http,
+        );
+        assert!(matches!(
+            stale.push(&url, &config(4)).await,
+            Err(BalancerError::Refused { status: 401, .. })
+        ));
+        // No key, nothing to rotate.
+        assert!(plain
+            .rotate_key(&url, "db", SecretKey::generate())
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn configs_delivered_through_nats_are_acknowledged_once_running() {
+        let nats = understudy_hub::nats::NatsServer::start()
+            .unwrap_or_else(|e| panic!("cannot run the NATS test: {e}"));
+        let key = SecretKey::generate();
+        let (_balancer, url) = keyed_balancer(
+            Some(understudy_proxy::BalancerKey::given(key.clone())),
+            Some(understudy_proxy::ConfigFeed::Nats {
+                url: nats.url().to_string(),
+            }),
+        );
+        let client = HttpBalancerClient::new(Duration::from_secs(2)).with_key(
+            "db",
+            &BalancerSecret::given(key),
+            ConfigDelivery::Hub,
+        );
+        // Before the hub is set: a clear, retryable error.
+        assert!(matches!(
+            client.push(&url, &config(2)).await,
+            Err(BalancerError::Unreachable { .. })
+        ));
+        let hub =
+            understudy_hub::nats::NatsBackend::connect(nats.url(), &prometheus::Registry::new())
+                .await
+                .unwrap();
+        client.set_hub(Arc::new(hub));
+        // The balancer connects to NATS in the background: retried as the controller's tick does.
+        let mut ack = None;
+        for _ in 0..10 {
+            if let Ok(a) = client.push(&url, &config(2)).await {
+                ack = Some(a);
+                break;
+            }
+        }
+        assert_eq!(ack.expect("acknowledged").version, 2);
+        assert_eq!(client.push(&url, &config(3)).await.unwrap().version, 3);
+        // An older version than the running one is reported stale.
+        assert!(matches!(
+            client.push(&url, &config(2)).await,
+            Err(BalancerError::Stale { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_controller_rotates_a_balancers_key_on_request() {
+        let key = SecretKey::generate();
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // No grace: the old key dies with the rotation, so the second rotation below succeeds
+        // only if the controller signs with the new key.
+        let balancer = understudy_proxy::spawn_with(
+            understudy_proxy::ProcessConfig {
+                admin: any,
+                balancers: vec![understudy_proxy::BalancerSpec {
+                    listen: any,
+                    config: config(1),
+                }],
+            },
+            understudy_proxy::SpawnOptions {
+                signing: understudy_proxy::ConfigSigning {
+                    keys: [(
+                        "db".to_string(),
+                        understudy_proxy::BalancerKey::given(key.clone()),
+                    )]
+                    .into(),
+                    rotation_grace: Duration::ZERO,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let text = format!(
+            "[services.db]\nbalancer = \"http://{}\"\n[[machines]]\nid = \"db-1\"\nservice = \"db\"\nversion = \"v1\"\naddress = \"127.0.0.1:1\"\nconfig = \"active\"\n",
+            balancer.admin_addr()
+        );
+        let mut cluster = crate::cluster::parse("c.toml", &text).unwrap();
+        cluster
+            .set_balancer_key("db", BalancerSecret::given(key), ConfigDelivery::Http)
+            .unwrap();
+        let controller = crate::controller::start(crate::controller::ControllerConfig {
+            cluster,
+            database: ":memory:".into(),
+            admin_addr: any,
+            token: "t0ken".into(),
+            tick: Duration::from_millis(50),
+        })
+        .await
+        .unwrap();
+        let http = http_json::client();
+        let rotate = |service: &str, token: &str| {
+            let url = format!(
+                "{}/api/v1/balancers/{service}/rotate-key",
+                controller.admin_url()
+            );
+            let (http, token) = (http.clone(), token.to_string());
+            async move {
+                http_json::exchange(
+                    &http,
+                    http::Method::POST,
+                    &url,
+                    Some(&token),
+                    None,
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(rotate("db", "wrong").await.0, 401);
+        assert_eq!(rotate("nope", "t0ken").await.0, 404);
+        for _ in 0..2 {
+            let (status, body) = rotate("db", "t0ken").await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let ack: KeyRotationAck = serde_json::from_slice(&body).unwrap();
+            assert_eq!((ack.service.as_str(), ack.grace_ms), ("db", 0));
+        }
+        controller.shutdown().await;
+        tokio::task::spawn_blocking(move || balancer.shutdown())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn the_cluster_file_names_each_balancers_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let key = SecretKey::generate();
+        understudy_proxy::write_key_file(&dir.path().join("keys/db.key"), &key).unwrap();
+        let file = dir.path().join("cluster.toml");
+        let file = file.to_str().unwrap();
+        let sample = crate::cluster::tests::SAMPLE;
+        let with_key =
+            |extra: &str| sample.replace("[services.db]\n", &format!("[services.db]\n{extra}\n"));
+        // Relative to the cluster file; configs to that balancer are then signed.
+        let cluster = crate::cluster::parse(
+            file,
+            &with_key("balancer_key_file = \"keys/db.key\"\nconfig_delivery = \"hub\""),
+        )
+        .unwrap();
+        let db = &cluster.services["db"];
+        assert_eq!(
+            db.balancer_key.as_ref().unwrap().key().to_base64(),
+            key.to_base64()
+        );
+        assert_eq!(db.config_delivery, ConfigDelivery::Hub);
+        assert!(cluster.services["media"].balancer_key.is_none());
+        assert_eq!(
+            cluster.services["media"].config_delivery,
+            ConfigDelivery::Http
+        );
+        // Errors name the field and the line; the key never appears.
+        let text = with_key("balancer_key_file = \"keys/missing.key\"");
+        let err = crate::cluster::parse(file, &text).unwrap_err().to_string();
+        assert!(err.contains("services.db.balancer_key_file"), "{err}");
+        assert!(err.contains("missing.key"), "{err}");
+        let line = text
+            .lines()
+            .position(|l| l.contains("missing.key"))
+            .unwrap()
+            + 1;
+        assert!(
+            err.contains(&format!("line {line}")) || err.contains(&format!(":{line}")),
+            "{err}"
+        );
+        let err = crate::cluster::parse(file, &with_key("config_delivery = \"hub\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config_delivery") && err.contains("balancer_key_file"),
+            "{err}"
+        );
+        let err = crate::cluster::parse(file, &with_key("config_delivery = \"carrier-pigeon\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("carrier-pigeon"), "{err}");
     }
 
     #[tokio::test]

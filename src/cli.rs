@@ -12,6 +12,8 @@ use crate::controller::{
     self, ControllerConfig, ReleaseAnswer, RolloutDetail, RolloutView, ServiceView,
 };
 use crate::table;
+use understudy_hub::subgroup::PercentAndCount;
+use understudy_hub::SubgroupSpec;
 
 const DEFAULT_URL: &str = "http://127.0.0.1:7070";
 
@@ -63,6 +65,11 @@ pub struct ReleaseArgs {
     /// When a service fails, roll back what already joined, in reverse dependency order.
     #[arg(long)]
     pub rollback_on_failure: bool,
+    /// Move only a sub-group of a service's active machines: SERVICE:count=N, SERVICE:percent=P,
+    /// SERVICE:machines=ID,ID, SERVICE:version=V, SERVICE:larger_of=P,N or SERVICE:smaller_of=P,N
+    /// (P percent, N machines). Repeat for several services.
+    #[arg(long = "subgroup", value_name = "SERVICE:RULE")]
+    pub subgroups: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -131,7 +138,7 @@ pub fn check(args: CheckArgs) -> u8 {
     }
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,7 +181,7 @@ pub fn controller(args: ControllerArgs) -> u8 {
     })
 }
 
-fn admin(endpoint: &EndpointArgs) -> Result<AdminClient, u8> {
+pub(crate) fn admin(endpoint: &EndpointArgs) -> Result<AdminClient, u8> {
     let token = std::env::var("UNDERSTUDY_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -185,7 +192,7 @@ fn admin(endpoint: &EndpointArgs) -> Result<AdminClient, u8> {
 }
 
 /// Exit code of a client error: a 400 is bad use (2), anything else refused or not done (1).
-fn failure(e: &ClientError) -> u8 {
+pub(crate) fn failure(e: &ClientError) -> u8 {
     eprintln!("error: {e}");
     match e {
         ClientError::Refused { status: 400, .. } | ClientError::BadUrl { .. } => 2,
@@ -241,6 +248,7 @@ pub fn rollouts_table(rollouts: &[RolloutView]) -> String {
         "jobs",
         "p99 us v1/v2",
         "errors v1/v2",
+        "machines",
     ]
     .map(String::from)
     .to_vec()];
@@ -257,6 +265,7 @@ pub fn rollouts_table(rollouts: &[RolloutView]) -> String {
             jobs,
             p99,
             errors,
+            crate::plan::describe_moves(&r.machines),
         ]);
     }
     table::render(&rows)
@@ -359,8 +368,59 @@ pub fn parse_release_targets(items: &[String]) -> Result<BTreeMap<String, String
     Ok(out)
 }
 
+/// Parses `--subgroup SERVICE:RULE` arguments (see [`ReleaseArgs::subgroups`]).
+pub fn parse_subgroups(items: &[String]) -> Result<BTreeMap<String, SubgroupSpec>, String> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let bad = |why: &str| format!("--subgroup `{item}`: {why}");
+        let (service, rule) = item
+            .split_once(':')
+            .filter(|(s, r)| !s.is_empty() && !r.is_empty())
+            .ok_or_else(|| bad("expected SERVICE:RULE, e.g. media:percent=25"))?;
+        let (kind, value) = rule
+            .split_once('=')
+            .ok_or_else(|| bad("expected RULE as KIND=VALUE, e.g. count=3"))?;
+        let number = |text: &str| {
+            text.trim()
+                .trim_end_matches('%')
+                .parse::<u32>()
+                .map_err(|_| bad(&format!("`{text}` is not a whole number")))
+        };
+        let pair = |text: &str| -> Result<PercentAndCount, String> {
+            let (p, c) = text
+                .split_once(',')
+                .ok_or_else(|| bad("expected PERCENT,COUNT, e.g. larger_of=33,20"))?;
+            Ok(PercentAndCount {
+                percent: number(p)?,
+                count: number(c)?,
+            })
+        };
+        let mut spec = SubgroupSpec::default();
+        match kind {
+            "count" => spec.count = Some(number(value)?),
+            "percent" => spec.percent = Some(number(value)?),
+            "version" => spec.version = Some(value.to_string()),
+            "machines" => {
+                spec.machines = Some(value.split(',').map(|s| s.trim().to_string()).collect())
+            }
+            "larger_of" => spec.larger_of = Some(pair(value)?),
+            "smaller_of" => spec.smaller_of = Some(pair(value)?),
+            other => {
+                return Err(bad(&format!(
+                "unknown rule `{other}` (count, percent, machines, version, larger_of, smaller_of)"
+            )))
+            }
+        }
+        spec.validate().map_err(|e| bad(&e.to_string()))?;
+        if out.insert(service.to_string(), spec).is_some() {
+            return Err(format!("--subgroup: service `{service}` named twice"));
+        }
+    }
+    Ok(out)
+}
+
 pub fn plan_table(answer: &ReleaseAnswer) -> String {
-    let mut rows = vec![["wave", "service", "from", "to", "after"]
+    let mut rows = vec![["wave", "service", "from", "to", "after", "machines"]
         .map(String::from)
         .to_vec()];
     for line in &answer.plan {
@@ -374,6 +434,7 @@ pub fn plan_table(answer: &ReleaseAnswer) -> String {
             } else {
                 line.after.join(",")
             },
+            crate::plan::describe_moves(&line.machines),
         ]);
     }
     table::render(&rows)
@@ -387,8 +448,15 @@ pub fn release(args: ReleaseArgs) -> u8 {
             return 2;
         }
     };
+    let subgroups = match parse_subgroups(&args.subgroups) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
     if let Some(file) = &args.config {
-        return offline_plan(file, &services);
+        return offline_plan(file, &services, &subgroups);
     }
     let client = match admin(&args.endpoint) {
         Ok(c) => c,
@@ -398,6 +466,7 @@ pub fn release(args: ReleaseArgs) -> u8 {
         "services": services,
         "rollback_on_failure": args.rollback_on_failure,
         "dry_run": args.dry_run,
+        "subgroup": subgroups,
     });
     let Some(rt) = runtime() else { return 2 };
     rt.block_on(async {
@@ -426,6 +495,7 @@ pub fn release(args: ReleaseArgs) -> u8 {
 pub fn plan_from_file(
     file: &std::path::Path,
     services: &BTreeMap<String, String>,
+    subgroups: &BTreeMap<String, SubgroupSpec>,
 ) -> Result<ReleaseAnswer, String> {
     let cluster = cluster::load_file(file).map_err(|e| e.to_string())?;
     let current: BTreeMap<String, String> = cluster
@@ -435,6 +505,24 @@ pub fn plan_from_file(
         .collect();
     let plan =
         crate::plan::Plan::for_release(&cluster, &current, services).map_err(|e| e.to_string())?;
+    if let Some(stray) = subgroups.keys().find(|s| !services.contains_key(*s)) {
+        return Err(format!(
+            "subgroup.{stray}: service `{stray}` is not in this release"
+        ));
+    }
+    let roles = crate::plan::declared_roles(&cluster);
+    let mut selections = BTreeMap::new();
+    for (service, version) in services {
+        let selection = crate::plan::Selection::choose(
+            &cluster,
+            &roles,
+            service,
+            version,
+            subgroups.get(service),
+        )
+        .map_err(|e| e.to_string())?;
+        selections.insert(service.clone(), selection);
+    }
     Ok(ReleaseAnswer {
         release: None,
         dry_run: true,
@@ -444,6 +532,7 @@ pub fn plan_from_file(
             .map(|e| crate::controller::PlanLine {
                 wave: e.wave,
                 from_version: current.get(&e.service).cloned().unwrap_or_default(),
+                machines: selections.remove(&e.service).unwrap_or_default(),
                 service: e.service,
                 to_version: e.version,
                 after: e.after,
@@ -453,8 +542,12 @@ pub fn plan_from_file(
     })
 }
 
-fn offline_plan(file: &std::path::Path, services: &BTreeMap<String, String>) -> u8 {
-    match plan_from_file(file, services) {
+fn offline_plan(
+    file: &std::path::Path,
+    services: &BTreeMap<String, String>,
+    subgroups: &BTreeMap<String, SubgroupSpec>,
+) -> u8 {
+    match plan_from_file(file, services, subgroups) {
         Ok(answer) => {
             println!("plan (dry run from {}, nothing changed)", file.display());
             print!("{}", plan_table(&answer));

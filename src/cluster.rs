@@ -26,6 +26,15 @@ pub struct ClusterSpec {
     pub services: BTreeMap<String, Spanned<ServiceSpec>>,
     #[serde(default)]
     pub machines: Vec<Spanned<MachineSpec>>,
+    /// `[hub]`: the state channel's backend and limits (src/hub_wiring.rs).
+    #[serde(default)]
+    pub hub: crate::hub_wiring::HubSpec,
+    /// `[predict]`: predictive monitoring (src/prediction.rs).
+    #[serde(default)]
+    pub predict: Option<Spanned<crate::prediction::PredictSection>>,
+    /// `[monitor]`: the monitor loop's when/then rules (src/monitor.rs).
+    #[serde(default)]
+    pub monitor: Option<Spanned<crate::controller::monitor::MonitorSection>>,
 }
 
 /// `[controller]`: where the controller listens and keeps its state.
@@ -77,6 +86,11 @@ pub struct ServiceSpec {
     pub compare_body: Option<bool>,
     pub drain_timeout_ms: Option<u64>,
     pub condition: Option<Spanned<Condition>>,
+    /// Signed configs: file holding the balancer's secret key (base64), relative to this file;
+    /// every config pushed to that balancer is signed with it (docs/balancer.md).
+    pub balancer_key_file: Option<Spanned<PathBuf>>,
+    /// How signed configs reach the balancer: `http` (PUT, default) or `hub`.
+    pub config_delivery: Option<crate::balancer::ConfigDelivery>,
 }
 
 /// `[[machines]]`.
@@ -122,6 +136,9 @@ pub struct Service {
     pub drain_timeout: Duration,
     /// Version of the active machines declared in the file.
     pub declared_version: String,
+    /// The balancer's key: configs pushed to it are signed (none: plain configs).
+    pub balancer_key: Option<crate::balancer::BalancerSecret>,
+    pub config_delivery: crate::balancer::ConfigDelivery,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +166,10 @@ pub struct Cluster {
     pub controller: ControllerSettings,
     pub services: BTreeMap<String, Service>,
     pub machines: Vec<Machine>,
+    pub hub: crate::hub_wiring::HubSettings,
+    pub predict: crate::prediction::PredictionSettings,
+    /// The monitor's rules (the standard ones when the file has no `[monitor]`).
+    pub monitor: understudy_hub::Rules,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +289,25 @@ impl Cluster {
     /// Validates a spec; `source` names the file and locates lines (spans refer to its text).
     pub fn from_spec(spec: ClusterSpec, source: &Source<'_>) -> Result<Cluster, ConfigError> {
         let controller = controller_settings(&spec.controller, source)?;
+        let hub = crate::hub_wiring::HubSettings::from_spec(&spec.hub, source)?;
+        let predict = match &spec.predict {
+            Some(section) => section.get_ref().validate().map_err(|e| {
+                source.invalid(
+                    section.span().start,
+                    format!("predict.{}", e.field),
+                    e.reason,
+                )
+            })?,
+            None => crate::prediction::PredictionSettings::default(),
+        };
+        let monitor = match &spec.monitor {
+            Some(section) => section
+                .get_ref()
+                .validate(section.span().start, source, |name| {
+                    spec.services.contains_key(name)
+                })?,
+            None => understudy_hub::Rules::standard(),
+        };
         let defaults = &spec.defaults;
         if let Some(c) = &defaults.condition {
             c.get_ref()
@@ -408,6 +448,34 @@ impl Cluster {
                     source.invalid(at, format!("services.{name}.balancer"), reason)
                 })?;
             }
+            // (nats: signed configs) a relative key file is beside the cluster file.
+            let balancer_key = match &s.balancer_key_file {
+                Some(file) => {
+                    let path = Path::new(source.file)
+                        .parent()
+                        .unwrap_or(Path::new(""))
+                        .join(file.get_ref());
+                    Some(
+                        crate::balancer::BalancerSecret::from_file(&path).map_err(|reason| {
+                            source.invalid(
+                                file.span().start,
+                                format!("services.{name}.balancer_key_file"),
+                                reason,
+                            )
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            if s.config_delivery == Some(crate::balancer::ConfigDelivery::Hub)
+                && balancer_key.is_none()
+            {
+                return Err(source.invalid(
+                    at,
+                    format!("services.{name}.config_delivery"),
+                    "\"hub\" needs balancer_key_file: the balancer takes only signed configs from the hub",
+                ));
+            }
             let own: Vec<&Machine> = machines.iter().filter(|m| &m.service == name).collect();
             let active_versions: BTreeSet<&str> = own
                 .iter()
@@ -470,6 +538,8 @@ impl Cluster {
                             .unwrap_or(30_000),
                     ),
                     declared_version,
+                    balancer_key,
+                    config_delivery: s.config_delivery.unwrap_or_default(),
                 },
             );
         }
@@ -477,6 +547,9 @@ impl Cluster {
             controller,
             services,
             machines,
+            hub,
+            predict,
+            monitor,
         };
         if let Some(cycle) = cluster.find_cycle() {
             return Err(ConfigError::Cycle {
@@ -498,6 +571,22 @@ impl Cluster {
             .get_mut(service)
             .ok_or_else(|| format!("unknown service `{service}`"))?;
         entry.balancer = Some(url.trim_end_matches('/').to_string());
+        Ok(())
+    }
+
+    /// Gives `service`'s balancer a key (scenario runner: it generates one per balancer).
+    pub fn set_balancer_key(
+        &mut self,
+        service: &str,
+        key: crate::balancer::BalancerSecret,
+        delivery: crate::balancer::ConfigDelivery,
+    ) -> Result<(), String> {
+        let entry = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| format!("unknown service `{service}`"))?;
+        entry.balancer_key = Some(key);
+        entry.config_delivery = delivery;
         Ok(())
     }
 

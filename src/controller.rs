@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use understudy_judge::{Decision, Judge, PairSample, Verdict};
+use understudy_judge::{Baseline, Decision, Judge, PairSample, Verdict};
 use understudy_proxy::wire::{
     BalancerConfig, JobPair, MachineEntry, MachineStatus, PoolRole, SeriesStats, StatsReport,
 };
@@ -24,7 +24,8 @@ use understudy_proxy::wire::{
 use crate::balancer::{BalancerClient, BalancerError, HttpBalancerClient};
 use crate::cluster::{Cluster, Service};
 use crate::metrics::Metrics;
-use crate::plan::{Plan, PlanError};
+use crate::pairing::PairFeed;
+use crate::plan::{Plan, PlanError, Selection};
 use crate::rollout::{transition, Actor, Event, Phase, TransitionError};
 use crate::store::{self, MachineRole, Store, StoreError, StoredPair, TransitionRecord};
 
@@ -73,6 +74,8 @@ pub enum ControllerError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("hub: {0}")]
+    Hub(#[from] crate::hub_wiring::HubError),
 }
 
 /// Why an admin request was refused; maps onto an HTTP status.
@@ -237,10 +240,14 @@ struct RolloutState {
     entered_ms: u64,
     created_ms: u64,
     machines_before: BTreeMap<String, MachineRole>,
+    /// The machines it moves (a sub-group, or the whole service).
+    selection: Selection,
     transitions: Vec<TransitionRecord>,
     verdict: Option<serde_json::Value>,
     /// Present while the rollout may still be judged.
     judge: Option<Judge>,
+    /// Forms the judge's pairs (v2 against the control job by job, or against the active machine).
+    feed: PairFeed,
     numbers: PairNumbers,
     next_seq: u64,
     /// Callers' jobs per version while v2 is active (joining, retiring), for the live guard.
@@ -311,6 +318,8 @@ struct State {
     rollouts: BTreeMap<i64, RolloutState>,
     releases: BTreeMap<i64, ReleaseState>,
     roles: BTreeMap<String, MachineRole>,
+    /// Machines the monitor took out of their balancer, its recent actions (src/monitor.rs).
+    monitor: monitor::MonitorState,
 }
 
 /// The controller proper, shared by the reconcile loop and the admin endpoint.
@@ -321,6 +330,10 @@ pub struct Core {
     clock: Clock,
     token: String,
     wake: Notify,
+    /// The hub it hosts and the keys of registered machines (src/hub_wiring.rs, src/machines.rs).
+    pub(crate) hub: crate::hub_wiring::ControllerHub,
+    /// Predictive monitoring of calls (src/prediction.rs).
+    pub(crate) predictions: Arc<crate::prediction::Predictions>,
 }
 
 /// A release request (`POST /api/v1/releases`).
@@ -335,6 +348,9 @@ pub struct ReleaseRequest {
     /// Only show the plan.
     #[serde(default)]
     pub dry_run: bool,
+    /// service -> the sub-group of its machines to move (default: all of them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subgroup: BTreeMap<String, understudy_hub::SubgroupSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -352,6 +368,9 @@ pub struct PlanLine {
     pub from_version: String,
     pub to_version: String,
     pub after: Vec<String>,
+    /// The machines the rollout moves: replaced (active) and joining (the new version).
+    #[serde(default)]
+    pub machines: Selection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -372,6 +391,9 @@ pub struct RolloutView {
     pub verdict: Option<serde_json::Value>,
     /// Display numbers of the pairs compared so far.
     pub numbers: serde_json::Value,
+    /// The machines the rollout moves (its sub-group, if it has one).
+    #[serde(default)]
+    pub machines: Selection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,27 +462,30 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 /// Whether the service's own rollout is being judged: only then does its balancer copy callers'
 /// jobs to the simulation pool (otherwise copies would cost capacity and judge nothing).
-fn is_judging(rollout: Option<(Phase, &str)>) -> bool {
+fn is_judging(phase: Option<Phase>) -> bool {
     matches!(
-        rollout,
-        Some((
-            Phase::Simulating | Phase::Judged { .. } | Phase::AwaitingApproval,
-            _
-        ))
+        phase,
+        Some(Phase::Simulating | Phase::Judged { .. } | Phase::AwaitingApproval)
     )
 }
 
-/// The balancer config a service should run, given machine roles and its unfinished rollout.
+/// The balancer config a service should run, given machine roles and its unfinished rollout
+/// (its phase and the machines it moves).
 ///
 /// Control machines (the serving version, simulation configuration) are in the simulation pool at
 /// all times: besides being the A/A control of the service's own rollouts, they answer the
 /// simulation jobs (`x-understudy-simulation: 1`) that a v2 judged upstream sends to this
 /// service, which the balancer never gives to an active machine.
+///
+/// A rollout moves only its selection: the machines it replaces leave (in weight steps while
+/// joining, then at once when retiring) and its joining machines take their place; every other
+/// machine keeps its place. Machines the monitor took out (`held_out`) are left out.
 fn desired_machines(
     cluster: &Cluster,
     service: &Service,
     roles: &BTreeMap<String, MachineRole>,
-    rollout: Option<(Phase, &str)>,
+    rollout: Option<(Phase, &Selection)>,
+    held_out: &BTreeSet<String>,
 ) -> Vec<MachineEntry> {
     let entry = |m: &crate::cluster::Machine, weight: u32, config: PoolRole| MachineEntry {
         id: m.id.clone(),
@@ -472,37 +497,42 @@ fn desired_machines(
     let scaled = |w: u32, percent: u32| ((w * percent + 50) / 100).max(1);
     let mut out = Vec::new();
     for m in cluster.machines_of(&service.name) {
+        if held_out.contains(&m.id) {
+            continue;
+        }
         let role = roles.get(&m.id).copied().unwrap_or(MachineRole::Retired);
-        let candidate = |to: &str| role.is_candidate() && m.version == to;
         if role == MachineRole::Control {
             out.push(entry(m, m.weight, PoolRole::Simulation));
             continue;
         }
+        let active = role == MachineRole::Active;
         match rollout {
-            Some((Phase::Simulating | Phase::Judged { .. } | Phase::AwaitingApproval, to)) => {
-                match role {
-                    MachineRole::Active => out.push(entry(m, m.weight, PoolRole::Active)),
-                    _ if candidate(to) => out.push(entry(m, m.weight, PoolRole::Simulation)),
-                    _ => {}
+            Some((Phase::Simulating | Phase::Judged { .. } | Phase::AwaitingApproval, moves)) => {
+                if active {
+                    out.push(entry(m, m.weight, PoolRole::Active));
+                } else if moves.joining.contains(&m.id) {
+                    out.push(entry(m, m.weight, PoolRole::Simulation));
                 }
             }
-            Some((Phase::Joining { step }, to)) => {
+            Some((Phase::Joining { step }, moves)) => {
                 let share = service.policy.join_steps.get(step as usize).copied();
-                if role == MachineRole::Active {
+                if active && moves.replaced.contains(&m.id) {
                     let w = share.map_or(m.weight, |p| scaled(m.weight, 100 - p));
                     out.push(entry(m, w, PoolRole::Active));
-                } else if candidate(to) {
+                } else if active {
+                    out.push(entry(m, m.weight, PoolRole::Active));
+                } else if moves.joining.contains(&m.id) {
                     let w = share.map_or(m.weight, |p| scaled(m.weight, p));
                     out.push(entry(m, w, PoolRole::Active));
                 }
             }
-            Some((Phase::Retiring, to)) => {
-                if candidate(to) {
+            Some((Phase::Retiring, moves)) => {
+                if (active && !moves.replaced.contains(&m.id)) || moves.joining.contains(&m.id) {
                     out.push(entry(m, m.weight, PoolRole::Active));
                 }
             }
             _ => {
-                if role == MachineRole::Active {
+                if active {
                     out.push(entry(m, m.weight, PoolRole::Active));
                 }
             }
@@ -554,15 +584,16 @@ impl State {
         &self,
         service: &str,
         roles: &BTreeMap<String, MachineRole>,
-        rollout: Option<(Phase, &str)>,
+        rollout: Option<(Phase, &Selection)>,
     ) -> Option<BalancerConfig> {
         let spec = self.service(service);
-        let machines = desired_machines(&self.cluster, spec, roles, rollout);
+        let held_out: BTreeSet<String> = self.monitor.held_out.keys().cloned().collect();
+        let machines = desired_machines(&self.cluster, spec, roles, rollout, &held_out);
         let current = self.services.get(service).and_then(|s| s.desired.as_ref());
         let candidate = BalancerConfig {
             service: service.to_string(),
             version: current.map_or(1, |c| c.version + 1),
-            mirror_fraction: if is_judging(rollout) {
+            mirror_fraction: if is_judging(rollout.map(|(p, _)| p)) {
                 spec.mirror_fraction
             } else {
                 0.0
@@ -586,6 +617,37 @@ impl State {
 }
 
 impl Core {
+    /// (nats: signed configs) Gives `service`'s balancer a fresh key, sent in a message signed
+    /// with its current key; the controller signs with the new key from then on.
+    pub async fn rotate_balancer_key(
+        &self,
+        service: &str,
+    ) -> Result<understudy_proxy::wire::KeyRotationAck, RequestError> {
+        let url = {
+            let state = lock(&self.state);
+            let s = state
+                .cluster
+                .services
+                .get(service)
+                .ok_or_else(|| RequestError::NotFound(format!("no service `{service}`")))?;
+            s.balancer
+                .clone()
+                .ok_or_else(|| RequestError::Conflict(format!("`{service}` has no balancer URL")))?
+        };
+        let new_key = understudy_hub::SecretKey::generate();
+        self.client
+            .rotate_key(&url, service, new_key)
+            .await
+            .map_err(|e| match e {
+                BalancerError::Refused { .. } | BalancerError::Stale { .. } => {
+                    RequestError::Conflict(e.to_string())
+                }
+                BalancerError::Unreachable { .. } | BalancerError::Protocol { .. } => {
+                    RequestError::Internal(e.to_string())
+                }
+            })
+    }
+
     /// Opens the store, records the cluster's services and machines it does not know yet, and
     /// reads back every rollout where it stood.
     pub fn open(
@@ -593,6 +655,22 @@ impl Core {
         store: Store,
         client: Arc<dyn BalancerClient>,
         token: String,
+    ) -> Result<Core, ControllerError> {
+        let hub = crate::hub_wiring::ControllerHub::embedded(
+            &cluster.hub,
+            &store,
+            Clock::new().now_ms(),
+        )?;
+        Self::open_with_hub(cluster, store, client, token, hub)
+    }
+
+    /// [`Core::open`] with a hub built by the caller (e.g. connected to NATS).
+    pub fn open_with_hub(
+        cluster: Cluster,
+        store: Store,
+        client: Arc<dyn BalancerClient>,
+        token: String,
+        hub: crate::hub_wiring::ControllerHub,
     ) -> Result<Core, ControllerError> {
         let clock = Clock::new();
         let metrics = Metrics::new()?;
@@ -603,6 +681,7 @@ impl Core {
             rollouts: BTreeMap::new(),
             releases: BTreeMap::new(),
             roles: BTreeMap::new(),
+            monitor: monitor::MonitorState::default(),
         };
         let now = clock.now_ms();
         let known = state.store.machine_roles()?;
@@ -635,6 +714,8 @@ impl Core {
             Ok(())
         })?;
         state.roles = state.store.machine_roles()?;
+        state.monitor.held_out = monitor::held_out(state.store.conn())?;
+        let mut selections = crate::plan::stored::all(state.store.conn())?;
         for row in state.store.services()? {
             if !state.cluster.services.contains_key(&row.name) {
                 continue;
@@ -670,21 +751,19 @@ impl Core {
             }
             // Replaying the recorded pairs in order rebuilds the display numbers of every rollout
             // (finished ones are shown too) and the judge of an unfinished one exactly as it stood.
-            let mut judge = (!row.phase.is_finished()).then(|| {
-                Judge::new(
-                    state
-                        .cluster
-                        .services
-                        .get(&row.service)
-                        .map(|s| s.condition.clone())
-                        .unwrap_or_default(),
-                )
-            });
+            let condition = state
+                .cluster
+                .services
+                .get(&row.service)
+                .map(|s| s.condition.clone())
+                .unwrap_or_default();
+            let mut feed = PairFeed::new(condition.baseline, has_control(&row.machines_before));
+            let mut judge = (!row.phase.is_finished()).then(|| Judge::new(condition));
             let mut numbers = PairNumbers::default();
             let mut next_seq = 0;
             for pair in state.store.pairs(row.id)? {
                 if let Some(j) = judge.as_mut() {
-                    feed(j, &pair);
+                    feed.feed(j, &pair);
                 }
                 numbers.record(&pair);
                 next_seq += 1;
@@ -700,6 +779,10 @@ impl Core {
             if let Some(release) = state.releases.get_mut(&row.release) {
                 release.rollouts.push(row.id);
             }
+            // A rollout stored before sub-groups moved the whole service as it stood then.
+            let selection = selections.remove(&row.id).unwrap_or_else(|| {
+                whole_service_selection(&state.cluster, &row.machines_before, &row.to_version)
+            });
             state.rollouts.insert(
                 row.id,
                 RolloutState {
@@ -713,15 +796,21 @@ impl Core {
                     entered_ms: row.entered_ms,
                     created_ms: row.created_ms,
                     machines_before: row.machines_before,
+                    selection,
                     transitions,
                     verdict: row.verdict,
                     judge,
+                    feed,
                     numbers,
                     next_seq,
                     live: LiveCounts::default(),
                 },
             );
         }
+        let predictions = Arc::new(crate::prediction::Predictions::new(
+            state.cluster.predict.clone(),
+            clock,
+        )?);
         let core = Core {
             state: Mutex::new(state),
             client,
@@ -729,6 +818,8 @@ impl Core {
             clock,
             token,
             wake: Notify::new(),
+            hub,
+            predictions,
         };
         core.commit_configs()?;
         Ok(core)
@@ -747,6 +838,17 @@ impl Core {
         self.wake.notify_one();
     }
 
+    /// Runs `f` on the store, the machines' roles and the cluster under the state lock (the
+    /// machine registry shares the controller's database).
+    pub(crate) fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut Store, &BTreeMap<String, MachineRole>, &Cluster) -> T,
+    ) -> T {
+        let mut state = lock(&self.state);
+        let state = &mut *state;
+        f(&mut state.store, &state.roles, &state.cluster)
+    }
+
     /// Commits a new config version for every service whose config differs from what it should be.
     fn commit_configs(&self) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
@@ -754,12 +856,9 @@ impl Core {
         for name in names {
             let rollout = state
                 .open_rollout(&name)
-                .map(|r| (r.phase, r.to_version.clone()));
-            let next = state.next_config(
-                &name,
-                &state.roles,
-                rollout.as_ref().map(|(p, v)| (*p, v.as_str())),
-            );
+                .map(|r| (r.phase, r.selection.clone()));
+            let next =
+                state.next_config(&name, &state.roles, rollout.as_ref().map(|(p, s)| (*p, s)));
             if let Some(config) = next {
                 state.store.write(|tx| store::set_config(tx, &config))?;
                 if let Some(s) = state.services.get_mut(&name) {
@@ -796,21 +895,30 @@ impl Core {
         let mut role_changes: Vec<(String, MachineRole)> = Vec::new();
         let mut new_version = None;
         if to == Phase::Complete {
+            // Only the rollout's selection moves; a control stays (it keeps answering simulation
+            // jobs from services above), and so does every machine outside a sub-group.
             for m in state.cluster.machines_of(&service) {
                 let role = roles.get(&m.id).copied().unwrap_or(MachineRole::Retired);
-                // A control stays: it keeps answering simulation jobs from services above.
-                let next = if m.version == r.to_version && role.is_candidate() {
+                let next = if r.selection.joining.contains(&m.id) && role.is_candidate() {
                     MachineRole::Active
-                } else if role == MachineRole::Active {
+                } else if r.selection.replaced.contains(&m.id) && role == MachineRole::Active {
                     MachineRole::Retired
                 } else {
                     role
                 };
                 if next != role {
                     role_changes.push((m.id.clone(), next));
+                    roles.insert(m.id.clone(), next);
                 }
             }
-            new_version = Some(r.to_version.clone());
+            // The service runs the new version once no active machine runs another one; after a
+            // sub-group it still runs the old one (a later release moves the rest).
+            let mixed = state.cluster.machines_of(&service).any(|m| {
+                roles.get(&m.id) == Some(&MachineRole::Active) && m.version != r.to_version
+            });
+            if !mixed {
+                new_version = Some(r.to_version.clone());
+            }
         }
         if to == Phase::RolledBack && from == Phase::Complete {
             for (id, before) in &r.machines_before {
@@ -823,8 +931,8 @@ impl Core {
         for (id, role) in &role_changes {
             roles.insert(id.clone(), *role);
         }
-        let to_version = r.to_version.clone();
-        let open_after = (!to.is_finished()).then_some((to, to_version.as_str()));
+        let selection = r.selection.clone();
+        let open_after = (!to.is_finished()).then_some((to, &selection));
         let config = state.next_config(&service, &roles, open_after);
         let record = TransitionRecord {
             at_ms: now,
@@ -1029,12 +1137,17 @@ impl Core {
                     Phase::Retiring => {
                         let s = &state.services[&r.service];
                         let desired = s.desired.as_ref().map_or(0, |c| c.version);
-                        // Only v1's active machines drain: a v1 control stays in the
-                        // simulation pool for good.
+                        // Only the replaced machines drain: a v1 control stays in the simulation
+                        // pool for good, and so does every active machine outside a sub-group.
+                        // A machine is done when its balancer dropped it (its drain ended) or
+                        // it reports holding no session itself.
                         let drained = s.last_stats.as_ref().is_some_and(|st| {
                             st.config_version >= desired
                                 && !st.machines.iter().any(|m| {
-                                    m.version == r.from_version && m.config == PoolRole::Active
+                                    r.selection.replaced.contains(&m.id)
+                                        && m.config == PoolRole::Active
+                                        && m.sessions > 0
+                                        && !monitor::reports_no_sessions(&state.store, &m.id)
                                 })
                         });
                         let timeout = spec.drain_timeout.as_millis() as u64;
@@ -1108,7 +1221,7 @@ impl Core {
             if let Some(r) = state.rollouts.get_mut(id) {
                 if let Some(judge) = r.judge.as_mut() {
                     for p in &pairs {
-                        feed(judge, p);
+                        r.feed.feed(judge, p);
                     }
                     if !pairs.is_empty() || r.verdict.is_none() {
                         let mut numbers = r.numbers.clone();
@@ -1116,13 +1229,26 @@ impl Core {
                             numbers.record(p);
                         }
                         let verdict = judge.verdict();
-                        let json = verdict_json_of(&verdict, &numbers);
+                        let json = verdict_json_of(&verdict, &numbers, &r.feed);
                         if verdict.decision != Decision::NotEnoughData {
                             decided = Some(verdict);
                         }
                         verdict_json = Some(json);
                     }
                 }
+            }
+        }
+        // The early signal (src/prediction.rs): v2's calls clearly end in failure more often.
+        if let (None, Some((id, from, to, _))) = (&decided, &simulating) {
+            let judged = verdict_json
+                .clone()
+                .or_else(|| state.rollouts.get(id).and_then(|r| r.verdict.clone()));
+            if let Some(early) =
+                self.predictions
+                    .early_fail(*id, &service, from, to, judged.as_ref())
+            {
+                verdict_json = Some(early.json);
+                decided = Some(early.verdict);
             }
         }
         let cursor = report.cursor;
@@ -1211,14 +1337,16 @@ impl Core {
             .get(&r.service)
             .map(|s| s.condition.clone())
             .unwrap_or_default();
+        let mut feed = PairFeed::new(condition.baseline, has_control(&r.machines_before));
         match state.store.pairs(id) {
             Ok(pairs) => {
                 let mut judge = Judge::new(condition);
                 for pair in &pairs {
-                    feed(&mut judge, pair);
+                    feed.feed(&mut judge, pair);
                 }
                 if let Some(r) = state.rollouts.get_mut(&id) {
                     r.judge = Some(judge);
+                    r.feed = feed;
                 }
             }
             Err(e) => tracing::error!(rollout = id, "judge not rebuilt: {e}"),
@@ -1321,6 +1449,7 @@ impl Core {
 
     /// One reconcile round: read stats, move rollouts, push what changed.
     pub async fn tick(&self) {
+        self.predictions.tick();
         let targets: Vec<(String, String, u64)> = {
             let state = lock(&self.state);
             state
@@ -1352,7 +1481,7 @@ impl Core {
             }
         }
         reports.sort_by(|a, b| a.0.cmp(&b.0));
-        {
+        let monitor_outbox = {
             let mut state = lock(&self.state);
             for (service, cursor, result) in reports {
                 match result {
@@ -1381,7 +1510,9 @@ impl Core {
                 }
             }
             self.advance(&mut state);
-        }
+            self.monitor_tick(&mut state)
+        };
+        self.monitor_publish(monitor_outbox).await;
         self.push_pending().await;
     }
 
@@ -1509,6 +1640,27 @@ impl Core {
                 )));
             }
         }
+        if let Some(stray) = request
+            .subgroup
+            .keys()
+            .find(|s| !request.services.contains_key(*s))
+        {
+            return Err(RequestError::BadRequest(format!(
+                "subgroup.{stray}: service `{stray}` is not in this release"
+            )));
+        }
+        let mut selections = BTreeMap::new();
+        for (service, version) in &request.services {
+            let selection = Selection::choose(
+                &state.cluster,
+                &state.roles,
+                service,
+                version,
+                request.subgroup.get(service),
+            )
+            .map_err(|e| RequestError::BadRequest(e.to_string()))?;
+            selections.insert(service.clone(), selection);
+        }
         let busy = state.busy_services();
         let clashing: Vec<&String> = request
             .services
@@ -1534,6 +1686,7 @@ impl Core {
                 from_version: current.get(&e.service).cloned().unwrap_or_default(),
                 to_version: e.version.clone(),
                 after: e.after.clone(),
+                machines: selections.get(&e.service).cloned().unwrap_or_default(),
             })
             .collect();
         if request.dry_run {
@@ -1555,7 +1708,7 @@ impl Core {
                     .machines_of(&line.service)
                     .filter_map(|m| roles.get(&m.id).map(|r| (m.id.clone(), *r)))
                     .collect();
-                ids.push(store::insert_rollout(
+                let id = store::insert_rollout(
                     tx,
                     release,
                     &line.service,
@@ -1564,7 +1717,9 @@ impl Core {
                     &line.after,
                     now,
                     &before,
-                )?);
+                )?;
+                crate::plan::stored::insert(tx, id, &line.machines)?;
+                ids.push(id);
             }
             Ok((release, ids))
         })?;
@@ -1574,6 +1729,7 @@ impl Core {
                 .machines_of(&line.service)
                 .filter_map(|m| roles.get(&m.id).map(|r| (m.id.clone(), *r)))
                 .collect();
+            let feed = PairFeed::new(condition.baseline, has_control(&before));
             state.rollouts.insert(
                 *id,
                 RolloutState {
@@ -1587,8 +1743,10 @@ impl Core {
                     entered_ms: now,
                     created_ms: now,
                     machines_before: before,
+                    selection: line.machines.clone(),
                     transitions: Vec::new(),
                     verdict: None,
+                    feed,
                     judge: Some(Judge::new(condition)),
                     numbers: PairNumbers::default(),
                     next_seq: 0,
@@ -1817,7 +1975,10 @@ impl Core {
     }
 
     pub fn metrics_text(&self) -> String {
-        self.metrics.render()
+        let mut text = self.metrics.render();
+        text.push_str(&self.hub_metrics_text());
+        text.push_str(&self.predictions.render_metrics());
+        text
     }
 }
 
@@ -1866,12 +2027,34 @@ fn phase_name_of(display: &str) -> String {
         .to_string()
 }
 
-fn feed(judge: &mut Judge, pair: &StoredPair) {
-    if pair.control {
-        judge.observe_control(&pair.sample);
-    } else {
-        judge.observe(&pair.sample);
+/// What a rollout stored before sub-groups moved: every active machine of another version out,
+/// every candidate of the new version in (roles as they were when it started).
+fn whole_service_selection(
+    cluster: &Cluster,
+    before: &BTreeMap<String, MachineRole>,
+    to_version: &str,
+) -> Selection {
+    let mut selection = Selection::default();
+    for m in &cluster.machines {
+        match before.get(&m.id) {
+            Some(MachineRole::Active) if m.version != to_version => {
+                selection.replaced.insert(m.id.clone());
+            }
+            Some(role) if role.is_candidate() && m.version == to_version => {
+                selection.joining.insert(m.id.clone());
+            }
+            _ => {}
+        }
     }
+    selection
+}
+
+/// Whether the service kept a control machine (its serving version in simulation) when the
+/// rollout began: then v2 can be judged against it job by job.
+fn has_control(machines_before: &BTreeMap<String, MachineRole>) -> bool {
+    machines_before
+        .values()
+        .any(|role| *role == MachineRole::Control)
 }
 
 /// A balancer pair as recorded for a rollout from `from` to `to`: v1-active/v2-simulation, or the
@@ -1889,6 +2072,7 @@ fn stored_pair(pair: &JobPair, from: &str, to: &str) -> Option<StoredPair> {
     };
     Some(StoredPair {
         control,
+        job: pair.job,
         sample: PairSample {
             v1_latency_us: pair.active.latency_us,
             v1_ok: pair.active.outcome.is_ok(),
@@ -1899,10 +2083,17 @@ fn stored_pair(pair: &JobPair, from: &str, to: &str) -> Option<StoredPair> {
     })
 }
 
-fn verdict_json_of(verdict: &Verdict, numbers: &PairNumbers) -> serde_json::Value {
+fn verdict_json_of(verdict: &Verdict, numbers: &PairNumbers, feed: &PairFeed) -> serde_json::Value {
     let mut json = serde_json::to_value(verdict).unwrap_or_default();
     if let Some(obj) = json.as_object_mut() {
         obj.insert("numbers".to_string(), numbers.summary());
+        // What v2 was paired with, job by job (the judge's v1 side).
+        let baseline = if feed.against_control() {
+            Baseline::Control
+        } else {
+            Baseline::Active
+        };
+        obj.insert("baseline".to_string(), baseline.as_str().into());
     }
     json
 }
@@ -1929,6 +2120,7 @@ fn view(state: &State, r: &RolloutState) -> RolloutView {
             .is_some_and(|s| s.policy.requires_approval),
         verdict: r.verdict.clone(),
         numbers: r.numbers.summary(),
+        machines: r.selection.clone(),
     }
 }
 
@@ -1976,7 +2168,11 @@ impl ControllerHandle {
 
 /// Starts the controller with the HTTP balancer client.
 pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, ControllerError> {
-    start_with_client(config, Arc::new(HttpBalancerClient::default())).await
+    // (nats: signed configs) keyed balancers get signed configs; hub delivery once the hub runs.
+    let client = Arc::new(HttpBalancerClient::for_cluster(&config.cluster));
+    let handle = start_with_client(config, client.clone()).await?;
+    client.set_hub(handle.core().hub_backend());
+    Ok(handle)
 }
 
 /// Starts the controller with a given balancer client (tests use [`crate::balancer::FakeBalancer`]).
@@ -2000,7 +2196,19 @@ pub async fn start_with_client(
     } else {
         Store::open(&config.database)?
     };
-    let core = Arc::new(Core::open(config.cluster, store, client, config.token)?);
+    let hub = crate::hub_wiring::ControllerHub::connect(
+        &config.cluster.hub,
+        &store,
+        Clock::new().now_ms(),
+    )
+    .await?;
+    let core = Arc::new(Core::open_with_hub(
+        config.cluster,
+        store,
+        client,
+        config.token,
+        hub,
+    )?);
     let listener = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .map_err(|source| ControllerError::Bind {
@@ -2029,6 +2237,10 @@ pub async fn start_with_client(
             loop_core.tick().await;
         }
     });
+    core.hub()
+        .set_advertised_url(format!("http://{admin_addr}"));
+    let recorder = crate::hub_wiring::spawn_recorder(core.clone(), watcher.clone());
+    let predicting = core.predictions.start(core.hub_backend(), watcher.clone());
     let router = crate::admin::router(core.clone());
     let mut http_stop = watcher;
     let server = tokio::spawn(async move {
@@ -2046,10 +2258,17 @@ pub async fn start_with_client(
         admin_addr,
         core,
         shutdown,
-        tasks: vec![reconcile, server],
+        tasks: vec![reconcile, server, recorder]
+            .into_iter()
+            .chain(predicting)
+            .collect(),
     })
 }
 
 #[cfg(test)]
 #[path = "controller_tests.rs"]
 mod tests;
+
+// The monitor loop, a child module so it works on the controller's state directly.
+#[path = "monitor.rs"]
+pub mod monitor;

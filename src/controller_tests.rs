@@ -60,27 +60,34 @@ fn identical_pairs(
     out
 }
 
-/// v2 fails every job: a hard failure.
+/// v2 fails every job (a hard failure); the control copy of each job succeeds.
 fn failing_pairs(first: u64, n: u64, from: &str, to: &str) -> Vec<JobPair> {
+    let observation = |machine: &str, version: &str, outcome, status| JobObservation {
+        machine: machine.into(),
+        version: version.into(),
+        latency_us: 1_000,
+        outcome,
+        status: Some(status),
+    };
     (0..n)
-        .map(|i| JobPair {
-            job: first + i,
-            session: None,
-            active: JobObservation {
-                machine: "a".into(),
-                version: from.into(),
-                latency_us: 1_000,
-                outcome: Outcome::Ok,
-                status: Some(200),
-            },
-            simulation: JobObservation {
-                machine: "s".into(),
-                version: to.into(),
-                latency_us: 1_000,
-                outcome: Outcome::ServerError,
-                status: Some(500),
-            },
-            matched: false,
+        .flat_map(|i| {
+            let active = observation("a", from, Outcome::Ok, 200);
+            [
+                JobPair {
+                    job: first + i,
+                    session: None,
+                    active: active.clone(),
+                    simulation: observation("s", to, Outcome::ServerError, 500),
+                    matched: false,
+                },
+                JobPair {
+                    job: first + i,
+                    session: None,
+                    active,
+                    simulation: observation("c", from, Outcome::Ok, 200),
+                    matched: true,
+                },
+            ]
         })
         .collect()
 }
@@ -146,7 +153,7 @@ async fn judge_until_decided(
             return;
         }
         for s in services {
-            fake.add_pairs(s, identical_pairs(rng, *next_job, 500, "v1", "v2", false));
+            fake.add_pairs(s, identical_pairs(rng, *next_job, 500, "v1", "v2", true));
         }
         *next_job += 500;
         core.tick().await;
@@ -162,6 +169,7 @@ fn release_of(services: &[(&str, &str)], rollback_on_failure: bool) -> ReleaseRe
             .collect(),
         rollback_on_failure,
         dry_run: false,
+        subgroup: BTreeMap::new(),
     }
 }
 

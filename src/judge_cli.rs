@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Deserialize;
-use understudy_judge::bench::{run_battery, BatteryConfig, Family, FamilyFigures};
+use understudy_judge::bench::{
+    run_battery, BatteryConfig, Family, FamilyFigures, PairSource, Recording,
+};
 use understudy_judge::{Condition, Decision, Judge, PairSample, Verdict};
 
 #[derive(clap::Args, Debug)]
@@ -31,8 +33,9 @@ pub struct JudgeBenchArgs {
     /// Write the figures as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
-    /// Pairs per run at most.
-    #[arg(long, default_value_t = 60_000)]
+    /// Pairs per run at most (a tail-only regression of the slowest 0.2% of jobs needs tens of
+    /// thousands of pairs before p99.9 says anything).
+    #[arg(long, default_value_t = 120_000)]
     pub budget: u64,
     /// Base seed of the runs.
     #[arg(long, default_value_t = 2026)]
@@ -40,7 +43,46 @@ pub struct JudgeBenchArgs {
     /// Worker threads (default: the machine's parallelism).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the pairs come from: the latency model, a replay of A/A pairs recorded through the
+    /// real balancer path (`--replay`, default the recordings shipped in bench/data: v2 against the
+    /// control and against the active machine), or both.
+    #[arg(long, value_enum, default_value_t = BenchSource::Both)]
+    pub source: BenchSource,
+    /// A/A pairs recorded by `--record` (a pairs CSV) to replay instead of the shipped one.
+    #[arg(long, value_name = "PAIRS.csv")]
+    pub replay: Option<PathBuf>,
+    /// Record A/A pairs through a real balancer into PREFIX-control-pairs.csv and
+    /// PREFIX-active-pairs.csv, and exit (see docs/judge.md).
+    #[arg(long, value_name = "PREFIX")]
+    pub record: Option<PathBuf>,
+    /// Seconds of load for `--record`.
+    #[arg(long, default_value_t = 60.0)]
+    pub record_seconds: f64,
+    /// Arrivals per second for `--record` (30% are calls of several jobs).
+    #[arg(long, default_value_t = 300.0)]
+    pub record_rate: f64,
 }
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchSource {
+    Model,
+    Replay,
+    Both,
+}
+
+/// A/A pairs recorded through the real balancer path by `understudy judge-bench --record
+/// bench/data/balancer-aa` (docs/benchmarks.md says how and when): v2 against the control (the
+/// live judge's default baseline) and against the active machine.
+const SHIPPED_RECORDINGS: [(&str, &str); 2] = [
+    (
+        "bench/data/balancer-aa-control-pairs.csv",
+        include_str!("../bench/data/balancer-aa-control-pairs.csv"),
+    ),
+    (
+        "bench/data/balancer-aa-active-pairs.csv",
+        include_str!("../bench/data/balancer-aa-active-pairs.csv"),
+    ),
+];
 
 /// Why a pairs or condition file was refused; the message names the file, line and column.
 #[derive(Debug, thiserror::Error)]
@@ -200,47 +242,82 @@ pub struct OfflineVerdict {
     pub jobs_used: u64,
 }
 
+/// The rows of a pairs CSV, read one at a time, with errors naming the file, line and column.
+pub struct PairRows<R: Read> {
+    reader: csv::Reader<R>,
+    columns: Columns,
+    shown_path: String,
+    record: csv::StringRecord,
+    rows: u64,
+}
+
+impl<R: Read> PairRows<R> {
+    pub fn new(reader: R, shown_path: &str) -> Result<PairRows<R>, JudgeInputError> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .trim(csv::Trim::All)
+            .flexible(true)
+            .from_reader(reader);
+        let header_error = |message: String| JudgeInputError::Header {
+            path: shown_path.to_string(),
+            message,
+        };
+        let header = reader
+            .headers()
+            .map_err(|e| header_error(e.to_string()))?
+            .clone();
+        let columns = Columns::from_header(&header).map_err(header_error)?;
+        Ok(PairRows {
+            reader,
+            columns,
+            shown_path: shown_path.to_string(),
+            record: csv::StringRecord::new(),
+            rows: 0,
+        })
+    }
+
+    /// The next row's pair; `None` at the end of the file.
+    pub fn next_pair(&mut self) -> Result<Option<PairSample>, JudgeInputError> {
+        let row_error = |line: u64, message: String| JudgeInputError::Row {
+            path: self.shown_path.clone(),
+            line,
+            message,
+        };
+        let more = self.reader.read_record(&mut self.record).map_err(|e| {
+            let line = e.position().map(|p| p.line()).unwrap_or(self.rows + 2);
+            row_error(line, e.to_string())
+        })?;
+        if !more {
+            return Ok(None);
+        }
+        let line = self
+            .record
+            .position()
+            .map(|p| p.line())
+            .unwrap_or(self.rows + 2);
+        let pair = self
+            .columns
+            .parse(&self.record)
+            .map_err(|m| row_error(line, m))?;
+        self.rows += 1;
+        Ok(Some(pair))
+    }
+
+    /// Rows read so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+}
+
 /// Feeds the rows of a pairs CSV, in order, to one `Judge`, stopping at the first final verdict.
 pub fn judge_pairs(
     reader: impl Read,
     shown_path: &str,
     condition: Condition,
 ) -> Result<OfflineVerdict, JudgeInputError> {
-    let mut csv_reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .trim(csv::Trim::All)
-        .flexible(true)
-        .from_reader(reader);
-    let row_error = |line: u64, message: String| JudgeInputError::Row {
-        path: shown_path.to_string(),
-        line,
-        message,
-    };
-    let header = csv_reader
-        .headers()
-        .map_err(|e| JudgeInputError::Header {
-            path: shown_path.to_string(),
-            message: e.to_string(),
-        })?
-        .clone();
-    let columns = Columns::from_header(&header).map_err(|message| JudgeInputError::Header {
-        path: shown_path.to_string(),
-        message,
-    })?;
+    let mut rows = PairRows::new(reader, shown_path)?;
     let mut judge = Judge::new(condition);
-    let mut rows = 0u64;
-    let mut record = csv::StringRecord::new();
-    loop {
-        let more = csv_reader.read_record(&mut record).map_err(|e| {
-            let line = e.position().map(|p| p.line()).unwrap_or(rows + 2);
-            row_error(line, e.to_string())
-        })?;
-        if !more {
-            break;
-        }
-        let line = record.position().map(|p| p.line()).unwrap_or(rows + 2);
-        let pair = columns.parse(&record).map_err(|m| row_error(line, m))?;
-        rows += 1;
+    while let Some(pair) = rows.next_pair()? {
         judge.observe(&pair);
         if judge.is_final() {
             break;
@@ -248,8 +325,21 @@ pub fn judge_pairs(
     }
     Ok(OfflineVerdict {
         verdict: judge.verdict(),
-        jobs_used: rows,
+        jobs_used: rows.rows(),
     })
+}
+
+/// Every pair of a pairs CSV (a recording for `judge-bench --replay`).
+pub fn read_all_pairs(
+    reader: impl Read,
+    shown_path: &str,
+) -> Result<Vec<PairSample>, JudgeInputError> {
+    let mut rows = PairRows::new(reader, shown_path)?;
+    let mut pairs = Vec::new();
+    while let Some(pair) = rows.next_pair()? {
+        pairs.push(pair);
+    }
+    Ok(pairs)
 }
 
 pub fn judge(args: JudgeArgs) -> u8 {
@@ -396,30 +486,47 @@ fn render_verdict(result: &OfflineVerdict) -> String {
 }
 
 pub fn judge_bench(args: JudgeBenchArgs) -> u8 {
+    if let Some(path) = &args.record {
+        return record(path, &args);
+    }
+    let sources = match bench_sources(&args) {
+        Ok(sources) => sources,
+        Err(error) => {
+            eprintln!("understudy judge-bench: {error}");
+            return 2;
+        }
+    };
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let config = BatteryConfig {
-        runs: args.runs.max(1),
-        budget_jobs: args.budget.max(1),
-        seed: args.seed,
-        ..BatteryConfig::default()
-    };
-    let started = Instant::now();
-    let figures = run_battery(&config, &Family::ALL, threads);
-    let elapsed = started.elapsed();
-    println!("{}", render_bench(&config, &figures, elapsed.as_secs_f64()));
-    if let Some(path) = &args.json {
-        let json = serde_json::json!({
+    let mut reports = Vec::new();
+    for (source, origin) in sources {
+        let config = BatteryConfig {
+            runs: args.runs.max(1),
+            budget_jobs: args.budget.max(1),
+            seed: args.seed,
+            source,
+            ..BatteryConfig::default()
+        };
+        let started = Instant::now();
+        let figures = run_battery(&config, &Family::ALL, threads);
+        let elapsed = started.elapsed().as_secs_f64();
+        println!("{}", render_bench(&config, &origin, &figures, elapsed));
+        reports.push(serde_json::json!({
+            "source": config.source.name(),
+            "origin": origin,
             "runs_per_family": config.runs,
             "budget_jobs": config.budget_jobs,
             "seed": config.seed,
-            "seconds": elapsed.as_secs_f64(),
+            "seconds": elapsed,
             "condition": config.condition,
             "families": figures,
-        });
+        }));
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({ "batteries": reports });
         let text = serde_json::to_string_pretty(&json).expect("figures serialize");
         if let Err(error) = std::fs::write(path, text) {
             eprintln!("understudy judge-bench: {}: {error}", path.display());
@@ -429,15 +536,105 @@ pub fn judge_bench(args: JudgeBenchArgs) -> u8 {
     0
 }
 
-fn render_bench(config: &BatteryConfig, figures: &[FamilyFigures], seconds: f64) -> String {
+/// The batteries to run, each with where its pairs came from.
+fn bench_sources(args: &JudgeBenchArgs) -> Result<Vec<(PairSource, String)>, String> {
+    let mut sources = Vec::new();
+    if args.source != BenchSource::Replay {
+        sources.push((
+            PairSource::Model(Default::default()),
+            "seeded latency model".to_string(),
+        ));
+    }
+    if args.source == BenchSource::Model {
+        return Ok(sources);
+    }
+    let recordings = match &args.replay {
+        Some(path) => {
+            let shown = path.display().to_string();
+            let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+            vec![(
+                read_all_pairs(std::io::BufReader::new(file), &shown).map_err(|e| e.to_string())?,
+                shown,
+            )]
+        }
+        None => SHIPPED_RECORDINGS
+            .iter()
+            .map(|(path, text)| {
+                read_all_pairs(text.as_bytes(), path)
+                    .map(|pairs| (pairs, path.to_string()))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    for (pairs, origin) in recordings {
+        let count = pairs.len();
+        let recording = Recording::new(pairs).map_err(|e| format!("{origin}: {e}"))?;
+        sources.push((
+            PairSource::Replay(std::sync::Arc::new(recording)),
+            format!("{origin}, {count} recorded pairs"),
+        ));
+    }
+    Ok(sources)
+}
+
+fn record(path: &Path, args: &JudgeBenchArgs) -> u8 {
+    for (flag, value) in [
+        ("--record-seconds", args.record_seconds),
+        ("--record-rate", args.record_rate),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            eprintln!("understudy judge-bench: {flag}: {value} is not a positive number");
+            return 2;
+        }
+    }
+    let plan = crate::judge_record::RecordPlan {
+        rate: args.record_rate,
+        duration_s: args.record_seconds,
+        seed: args.seed,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("understudy judge-bench: runtime: {error}");
+            return 2;
+        }
+    };
+    match runtime.block_on(crate::judge_record::record_to(path, &plan)) {
+        Ok((files, count)) => {
+            println!(
+                "recorded {count} A/A jobs through the balancer into {}",
+                files.join(" and ")
+            );
+            0
+        }
+        Err(error) => {
+            eprintln!("understudy judge-bench --record: {error}");
+            1
+        }
+    }
+}
+
+fn render_bench(
+    config: &BatteryConfig,
+    origin: &str,
+    figures: &[FamilyFigures],
+    seconds: f64,
+) -> String {
     let jobs = |value: Option<u64>| value.map_or("-".to_string(), |v| v.to_string());
     let mut out = format!(
-        "judge-bench: {} runs per family, at most {} pairs per run, seed {}, {:.1} s\n\
+        "judge-bench, pairs from the {} ({origin}): {} runs per family, at most {} pairs per run, seed {}, {:.1} s\n\
          fails = rollbacks (false rollbacks for A/A and at the limit, detections otherwise); jobs = \
          pairs fed until the right decision (pass for A/A, fail for a regression)\n\n\
          | family | judge | fails | passes | undecided | median jobs | p90 jobs |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
-        config.runs, config.budget_jobs, config.seed, seconds,
+        config.source.name(),
+        config.runs,
+        config.budget_jobs,
+        config.seed,
+        seconds,
     );
     for family in figures {
         for (judge, f) in [

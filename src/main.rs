@@ -42,6 +42,8 @@ enum Command {
     JudgeBench(understudy::judge_cli::JudgeBenchArgs),
     /// Predict, from observed transition counts, the probability of ending in each failure state.
     Predict(understudy::predict_cli::PredictArgs),
+    /// Show the live predictive models, their comparison and recent alerts (admin endpoint client).
+    Predictions(understudy::prediction::PredictionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Judge(args) => understudy::judge_cli::judge(args),
         Command::JudgeBench(args) => understudy::judge_cli::judge_bench(args),
         Command::Predict(args) => understudy::predict_cli::predict(args),
+        Command::Predictions(args) => understudy::prediction::predictions_command(args),
     };
     ExitCode::from(code)
 }

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub verdict_jobs: IntGaugeVec,
     pub verdict_mismatch_ratio: GaugeVec,
     pub verdict_decision: IntGaugeVec,
+    /// Monitor actions by rule and action (src/monitor.rs).
+    pub monitor_actions: CounterVec,
 }
 
 impl Metrics {
@@ -108,6 +110,17 @@ impl Metrics {
         registry.register(Box::new(verdict_jobs.clone()))?;
         registry.register(Box::new(verdict_mismatch_ratio.clone()))?;
         registry.register(Box::new(verdict_decision.clone()))?;
+        let monitor_actions = CounterVec::new(
+            Opts::new(
+                "understudy_monitor_actions_total",
+                "Actions the monitor loop took, by the rule that asked for them and the action.",
+            ),
+            &["rule", "action"],
+        )?;
+        registry.register(Box::new(monitor_actions.clone()))?;
+        for (rule, action) in crate::controller::monitor::ACTION_LABELS {
+            monitor_actions.with_label_values(&[rule, action]);
+        }
         Ok(Metrics {
             registry,
             rollout_phase,
@@ -120,6 +133,7 @@ impl Metrics {
             verdict_jobs,
             verdict_mismatch_ratio,
             verdict_decision,
+            monitor_actions,
         })
     }
 

@@ -1,5 +1,6 @@
 //! The controller's state in SQLite: releases, rollouts, their transitions, the mirrored pairs
-//! behind every verdict, balancer config versions and stats cursors, machines and their history.
+//! behind every verdict, balancer config versions and stats cursors, machines and their history,
+//! the hub keys of registered machines and the machine registry's revisions ([`SqlMachineStore`]).
 //!
 //! The controller writes here first and acts after: a transition, the balancer config it implies and
 //! the pairs that led to it are committed in one transaction before the config is pushed.
@@ -9,6 +10,8 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
+use understudy_hub::registry::{MachineRevision, MachineUpdate, Registry, RegistryError};
+use understudy_hub::{MachineStore, Role, SecretKey};
 use understudy_judge::PairSample;
 use understudy_proxy::wire::BalancerConfig;
 
@@ -56,6 +59,16 @@ impl MachineRole {
     /// Can be brought in by a release of its version (not serving, not the A/A control).
     pub fn is_candidate(self) -> bool {
         matches!(self, MachineRole::Standby | MachineRole::Retired)
+    }
+
+    /// The same name in the hub's registry model.
+    pub fn hub_role(self) -> Role {
+        match self {
+            MachineRole::Active => Role::Active,
+            MachineRole::Control => Role::Control,
+            MachineRole::Standby => Role::Standby,
+            MachineRole::Retired => Role::Retired,
+        }
     }
 
     pub fn parse(s: &str) -> Option<MachineRole> {
@@ -119,11 +132,23 @@ pub struct MachineHistoryRow {
     pub cause: String,
 }
 
+/// A registered machine's hub keys.
+#[derive(Debug, Clone)]
+pub struct MachineKeyRow {
+    pub id: String,
+    pub key: SecretKey,
+    /// The key a rotation replaced and until when (wall-clock ms) it is still accepted.
+    pub previous: Option<(SecretKey, u64)>,
+    pub issued_ms: u64,
+}
+
 /// One recorded pair of a rollout.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StoredPair {
     /// A v1/v1 A/A control pair rather than v1/v2.
     pub control: bool,
+    /// The balancer's job number: a v2 pair and a control pair of one job share it.
+    pub job: u64,
     pub sample: PairSample,
 }
 
@@ -151,6 +176,19 @@ CREATE TABLE IF NOT EXISTS rollouts(
     verdict_json TEXT,
     machines_before_json TEXT NOT NULL
 );
+-- The machines a rollout moves (src/plan.rs `Selection`: its sub-group, replaced, joining).
+-- A rollout without a row here predates sub-groups: it moves the whole service.
+CREATE TABLE IF NOT EXISTS rollout_selections(
+    rollout_id INTEGER PRIMARY KEY REFERENCES rollouts(id),
+    selection_json TEXT NOT NULL
+);
+-- Machines the monitor took out of their balancer (src/monitor.rs), and since when.
+CREATE TABLE IF NOT EXISTS monitor_held_out(
+    machine TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    since_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS transitions(
     id INTEGER PRIMARY KEY,
     rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
@@ -170,6 +208,7 @@ CREATE TABLE IF NOT EXISTS pairs(
     v2_latency_us INTEGER NOT NULL,
     v2_ok INTEGER NOT NULL,
     matched INTEGER,
+    job INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (rollout_id, seq)
 );
 CREATE TABLE IF NOT EXISTS services(
@@ -193,7 +232,38 @@ CREATE TABLE IF NOT EXISTS machine_history(
     rollout_id INTEGER,
     cause TEXT NOT NULL
 );
+-- Hub keys of registered machines (HMAC secrets: the controller must hold them to verify).
+-- `previous_*`: the key replaced by a rotation, accepted until `previous_until_ms`.
+CREATE TABLE IF NOT EXISTS machine_keys(
+    id TEXT PRIMARY KEY,
+    key_b64 TEXT NOT NULL,
+    previous_b64 TEXT,
+    previous_until_ms INTEGER,
+    issued_ms INTEGER NOT NULL
+);
+-- The machine registry: every change of a machine's reported state is a new revision.
+CREATE TABLE IF NOT EXISTS machine_revisions(
+    id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    record_json TEXT NOT NULL,
+    PRIMARY KEY (id, revision)
+);
+-- The last hub sequence number accepted per sender (saved about once a second): after a restart
+-- the verifier refuses anything at or below it, so a message captured before is not accepted again.
+-- `seq` is the u64 stored bit for bit in SQLite's i64.
+CREATE TABLE IF NOT EXISTS hub_sequences(
+    sender TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
 "#;
+
+/// So registry operations can run inside [`Store::write_with`].
+impl From<StoreError> for RegistryError<StoreError> {
+    fn from(e: StoreError) -> Self {
+        RegistryError::Store(e)
+    }
+}
 
 fn corrupt(what: impl Into<String>) -> StoreError {
     StoreError::Corrupt(what.into())
@@ -201,6 +271,17 @@ fn corrupt(what: impl Into<String>) -> StoreError {
 
 fn json_err(e: serde_json::Error) -> StoreError {
     corrupt(e.to_string())
+}
+
+/// Databases written before pairs carried their balancer job number get the column (0: unknown).
+fn add_pair_job_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has_job = conn
+        .prepare("SELECT 1 FROM pragma_table_info('pairs') WHERE name = 'job'")?
+        .exists([])?;
+    if !has_job {
+        conn.execute_batch("ALTER TABLE pairs ADD COLUMN job INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -222,7 +303,8 @@ impl Store {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
-            conn.execute_batch(SCHEMA)
+            conn.execute_batch(SCHEMA)?;
+            add_pair_job_column(conn)
         };
         setup(&conn).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
@@ -239,6 +321,18 @@ impl Store {
         let tx = self.conn.transaction()?;
         let value = f(&tx)?;
         tx.commit()?;
+        Ok(value)
+    }
+
+    /// [`Store::write`] for callers with their own error type (a refusal decided inside the
+    /// transaction rolls it back too).
+    pub fn write_with<T, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let tx = self.conn.transaction().map_err(StoreError::from)?;
+        let value = f(&tx)?;
+        tx.commit().map_err(StoreError::from)?;
         Ok(value)
     }
 
@@ -339,8 +433,8 @@ pub fn insert_pairs(
     pairs: &[StoredPair],
 ) -> Result<(), StoreError> {
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO pairs(rollout_id, seq, control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO pairs(rollout_id, seq, control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     for (i, p) in pairs.iter().enumerate() {
         let s = &p.sample;
@@ -353,6 +447,7 @@ pub fn insert_pairs(
             s.v2_latency_us as i64,
             s.v2_ok,
             s.matched,
+            p.job as i64,
         ])?;
     }
     Ok(())
@@ -416,6 +511,72 @@ pub fn set_machine_role(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![id, at_ms as i64, role.as_str(), version, rollout, cause],
     )?;
+    record_role_in_registry(tx, id, role, at_ms)
+}
+
+/// The controller assigns roles; a machine known to the registry gets a revision with its new role
+/// (in the same transaction as the role change), so its history shows every change.
+fn record_role_in_registry(
+    tx: &Connection,
+    id: &str,
+    role: MachineRole,
+    at_ms: u64,
+) -> Result<(), StoreError> {
+    let update = MachineUpdate {
+        role: Some(role.hub_role()),
+        ..MachineUpdate::default()
+    };
+    match Registry::new(SqlMachineStore::new(tx)).update(id, &update, at_ms) {
+        Ok(_) | Err(RegistryError::Unknown(_)) => Ok(()),
+        Err(RegistryError::Store(e)) => Err(e),
+        Err(e) => Err(corrupt(format!("registry record of machine `{id}`: {e}"))),
+    }
+}
+
+/// Registers a machine's hub key, replacing any it had (a re-registration: no grace for the old one).
+pub fn put_machine_key(
+    tx: &Connection,
+    id: &str,
+    key: &SecretKey,
+    at_ms: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO machine_keys(id, key_b64, previous_b64, previous_until_ms, issued_ms)
+         VALUES (?1, ?2, NULL, NULL, ?3)
+         ON CONFLICT(id) DO UPDATE SET key_b64 = excluded.key_b64, previous_b64 = NULL,
+             previous_until_ms = NULL, issued_ms = excluded.issued_ms",
+        params![id, key.to_base64(), at_ms as i64],
+    )?;
+    Ok(())
+}
+
+/// Rotates a machine's key: the current one becomes the previous, accepted until
+/// `previous_until_ms`. False when the machine has no key.
+pub fn rotate_machine_key(
+    tx: &Connection,
+    id: &str,
+    key: &SecretKey,
+    previous_until_ms: u64,
+    at_ms: u64,
+) -> Result<bool, StoreError> {
+    let changed = tx.execute(
+        "UPDATE machine_keys SET previous_b64 = key_b64, previous_until_ms = ?3, key_b64 = ?2,
+             issued_ms = ?4
+         WHERE id = ?1",
+        params![id, key.to_base64(), previous_until_ms as i64, at_ms as i64],
+    )?;
+    Ok(changed == 1)
+}
+
+/// Saves the last accepted hub sequence number of each sender given (replacing what was saved).
+pub fn save_hub_sequences(tx: &Connection, sequences: &[(String, u64)]) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO hub_sequences(sender, seq) VALUES (?1, ?2)
+         ON CONFLICT(sender) DO UPDATE SET seq = excluded.seq",
+    )?;
+    for (sender, seq) in sequences {
+        stmt.execute(params![sender, *seq as i64])?;
+    }
     Ok(())
 }
 
@@ -528,12 +689,13 @@ impl Store {
     /// A rollout's pairs in arrival order.
     pub fn pairs(&self, rollout: i64) -> Result<Vec<StoredPair>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched FROM pairs
+            "SELECT control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job FROM pairs
              WHERE rollout_id = ?1 ORDER BY seq",
         )?;
         let rows = stmt.query_map([rollout], |r| {
             Ok(StoredPair {
                 control: r.get(0)?,
+                job: r.get::<_, i64>(6)? as u64,
                 sample: PairSample {
                     v1_latency_us: r.get::<_, i64>(1)? as u64,
                     v1_ok: r.get(2)?,
@@ -616,12 +778,165 @@ impl Store {
         Ok(out)
     }
 
+    /// Every registered machine's keys, by id.
+    pub fn machine_keys(&self) -> Result<Vec<MachineKeyRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, key_b64, previous_b64, previous_until_ms, issued_ms FROM machine_keys
+             ORDER BY id",
+        )?;
+        let raw = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in raw {
+            let (id, key, previous, until, issued) = row?;
+            // The key itself never goes into an error message.
+            let decode = |text: &str| {
+                SecretKey::from_base64(text)
+                    .map_err(|e| corrupt(format!("hub key of machine `{id}`: {e}")))
+            };
+            let previous = match (previous, until) {
+                (Some(p), Some(until)) => Some((decode(&p)?, until as u64)),
+                _ => None,
+            };
+            out.push(MachineKeyRow {
+                key: decode(&key)?,
+                id,
+                previous,
+                issued_ms: issued as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The hub sequence numbers saved by [`save_hub_sequences`], by sender.
+    pub fn hub_sequences(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT sender, seq FROM hub_sequences")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (sender, seq) = row?;
+            out.insert(sender, seq as u64);
+        }
+        Ok(out)
+    }
+
+    /// Keeps the newest `keep` registry revisions of each machine: older ones are deleted now,
+    /// and from now on by a trigger of this connection in the very transaction that appends one
+    /// (whichever code path appends). `keep` must be at least 1 (the latest stays).
+    pub fn limit_machine_history(&self, keep: u64) -> Result<(), StoreError> {
+        let keep = keep.max(1) as i64;
+        self.conn.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS temp.machine_revisions_retention;
+             CREATE TEMP TRIGGER machine_revisions_retention
+             AFTER INSERT ON main.machine_revisions
+             BEGIN
+                 DELETE FROM machine_revisions
+                 WHERE id = NEW.id AND revision <= NEW.revision - {keep};
+             END;
+             DELETE FROM main.machine_revisions
+             WHERE revision <= (SELECT MAX(m.revision) FROM main.machine_revisions m
+                                WHERE m.id = machine_revisions.id) - {keep};"
+        ))?;
+        Ok(())
+    }
+
     pub fn rollout_exists(&self, id: i64) -> Result<bool, StoreError> {
         Ok(self
             .conn
             .query_row("SELECT 1 FROM rollouts WHERE id = ?1", [id], |_| Ok(()))
             .optional()?
             .is_some())
+    }
+}
+
+/// The machine registry's storage ([`understudy_hub::MachineStore`]) over the controller's database:
+/// one row per revision in `machine_revisions`. Borrowing a connection (or a transaction) lets a
+/// registry change commit together with the rest of a controller write.
+pub struct SqlMachineStore<'c> {
+    conn: &'c Connection,
+}
+
+impl<'c> SqlMachineStore<'c> {
+    pub fn new(conn: &'c Connection) -> SqlMachineStore<'c> {
+        SqlMachineStore { conn }
+    }
+
+    fn revisions(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<MachineRevision>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let raw = stmt.query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in raw {
+            let (id, revision, at_ms, json) = row?;
+            out.push(MachineRevision {
+                revision: revision as u64,
+                at_ms: at_ms as u64,
+                record: serde_json::from_str(&json)
+                    .map_err(|e| corrupt(format!("registry record of `{id}`: {e}")))?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl MachineStore for SqlMachineStore<'_> {
+    type Error = StoreError;
+
+    fn latest(&self, id: &str) -> Result<Option<MachineRevision>, StoreError> {
+        Ok(self
+            .revisions(
+                "SELECT id, revision, at_ms, record_json FROM machine_revisions
+                 WHERE id = ?1 ORDER BY revision DESC LIMIT 1",
+                [id],
+            )?
+            .pop())
+    }
+
+    fn append(&mut self, revision: MachineRevision) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO machine_revisions(id, revision, at_ms, record_json) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                revision.record.id,
+                revision.revision as i64,
+                revision.at_ms as i64,
+                serde_json::to_string(&revision.record).map_err(json_err)?,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn history(&self, id: &str) -> Result<Vec<MachineRevision>, StoreError> {
+        self.revisions(
+            "SELECT id, revision, at_ms, record_json FROM machine_revisions
+             WHERE id = ?1 ORDER BY revision",
+            [id],
+        )
+    }
+
+    fn all_latest(&self) -> Result<Vec<MachineRevision>, StoreError> {
+        self.revisions(
+            "SELECT r.id, r.revision, r.at_ms, r.record_json FROM machine_revisions r
+             WHERE r.revision = (SELECT MAX(revision) FROM machine_revisions WHERE id = r.id)
+             ORDER BY r.id",
+            [],
+        )
     }
 }
 
@@ -663,6 +978,7 @@ mod tests {
         assert_eq!(store.transitions(id).unwrap(), vec![record]);
         let pair = StoredPair {
             control: false,
+            job: 7,
             sample: PairSample {
                 v1_latency_us: 10,
                 v1_ok: true,
@@ -676,5 +992,101 @@ mod tests {
             .unwrap();
         assert_eq!(store.pairs(id).unwrap(), vec![pair, pair]);
         assert!(store.write(|tx| insert_pairs(tx, id, 1, &[pair])).is_err());
+    }
+
+    fn record(id: &str, service: &str, version: &str, role: Role) -> understudy_hub::MachineRecord {
+        understudy_hub::MachineRecord {
+            id: id.into(),
+            service: service.into(),
+            version: version.into(),
+            address: "127.0.0.1:9000".into(),
+            role,
+            status: understudy_hub::Status::Running,
+            capacity: 10,
+            sessions: 0,
+        }
+    }
+
+    #[test]
+    fn registry_revisions_history_filters_and_restart() {
+        use understudy_hub::registry::Change;
+        use understudy_hub::{MachineFilter, Status};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let mut store = Store::open(&path).unwrap();
+            store
+                .write_with(|tx| {
+                    let mut registry = Registry::new(SqlMachineStore::new(tx));
+                    registry.register(record("m-1", "media", "v1", Role::Active), 10)?;
+                    registry.register(record("m-2", "media", "v2", Role::Standby), 11)?;
+                    registry.register(record("d-1", "db", "v1", Role::Active), 12)?;
+                    let same = registry.register(record("m-1", "media", "v1", Role::Active), 13)?;
+                    assert!(
+                        matches!(same, Change::Unchanged(_)),
+                        "no revision for no change"
+                    );
+                    let down = MachineUpdate {
+                        status: Some(Status::Down),
+                        ..MachineUpdate::default()
+                    };
+                    // A clock that stepped back does not reorder the history.
+                    registry.update("m-1", &down, 5)?;
+                    Ok::<_, RegistryError<StoreError>>(())
+                })
+                .unwrap();
+            put_machine_key(store.conn(), "m-1", &SecretKey::generate(), 1).unwrap();
+            // A refusal inside a transaction leaves nothing behind.
+            let refused = store.write_with(|tx| {
+                let mut registry = Registry::new(SqlMachineStore::new(tx));
+                registry.register(record("m-3", "media", "v1", Role::Active), 20)?;
+                registry.register(record("m-3", "db", "v1", Role::Active), 21)
+            });
+            assert!(matches!(refused, Err(RegistryError::ServiceChanged { .. })));
+        }
+        let store = Store::open(&path).unwrap();
+        let registry = Registry::new(SqlMachineStore::new(store.conn()));
+        let history = registry.history("m-1").unwrap();
+        assert_eq!(
+            history
+                .iter()
+                .map(|r| (r.revision, r.at_ms, r.record.status))
+                .collect::<Vec<_>>(),
+            vec![(1, 10, Status::Running), (2, 10, Status::Down)]
+        );
+        assert!(registry.get("m-3").unwrap().is_none());
+        let ids = |filter: MachineFilter| -> Vec<String> {
+            registry
+                .list(&filter)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.record.id)
+                .collect()
+        };
+        assert_eq!(ids(MachineFilter::default()), ["d-1", "m-1", "m-2"]);
+        let media = MachineFilter {
+            service: Some("media".into()),
+            ..MachineFilter::default()
+        };
+        assert_eq!(ids(media.clone()), ["m-1", "m-2"]);
+        assert_eq!(
+            ids(MachineFilter {
+                status: Some(Status::Running),
+                ..media.clone()
+            }),
+            ["m-2"]
+        );
+        assert_eq!(
+            ids(MachineFilter {
+                role: Some(Role::Active),
+                version: Some("v1".into()),
+                ..MachineFilter::default()
+            }),
+            ["d-1", "m-1"]
+        );
+        let keys = store.machine_keys().unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].id, "m-1");
+        assert!(keys[0].previous.is_none());
     }
 }

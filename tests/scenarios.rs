@@ -51,6 +51,23 @@ fn identical_v2_is_promoted() {
     assert_eq!(outcome(&report, "media"), Expected::Promoted);
     assert_eq!(report.release_order, ["media"]);
     assert!(report.services["media"].jobs_compared >= 300);
+    // Every machine registered with the controller and published its state through the hub;
+    // the registry carries the controller's roles (v2 promoted, v1 retired).
+    let registry: Vec<(&str, &str, understudy_hub::Role, understudy_hub::Status)> = report
+        .machines
+        .iter()
+        .map(|m| (m.id.as_str(), m.version.as_str(), m.role, m.status))
+        .collect();
+    use understudy_hub::{Role, Status};
+    assert_eq!(
+        registry,
+        [
+            ("media-1", "v1", Role::Retired, Status::Running),
+            ("media-2", "v1", Role::Retired, Status::Running),
+            ("media-3", "v2", Role::Active, Status::Running),
+            ("router-1", "v1", Role::Active, Status::Running),
+        ]
+    );
 }
 
 #[test]
@@ -179,6 +196,96 @@ fn the_demo_promotes_one_service_and_rolls_back_another() {
     assert_callers_unhurt_and_as_expected(&report);
     assert_eq!(outcome(&report, "media"), Expected::Promoted);
     assert_eq!(outcome(&report, "routing"), Expected::RolledBack);
+}
+
+#[test]
+fn a_sub_group_release_replaces_only_its_machines() {
+    let report = play("subgroup.toml");
+    assert_callers_unhurt_and_as_expected(&report);
+    assert_eq!(outcome(&report, "media"), Expected::Promoted);
+    assert_eq!(report.release_order, ["media"]);
+    // Two of media's four v1 machines were replaced by the two v2 machines; the other two serve on.
+    use understudy_hub::Role;
+    let roles: Vec<(&str, Role)> = report
+        .machines
+        .iter()
+        .filter(|m| m.service == "media")
+        .map(|m| (m.id.as_str(), m.role))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("media-1", Role::Retired),
+            ("media-2", Role::Retired),
+            ("media-3", Role::Active),
+            ("media-4", Role::Active),
+            ("media-v2a", Role::Active),
+            ("media-v2b", Role::Active),
+        ]
+    );
+}
+
+/// Issue 7: v2 fails late in long calls. The prediction (rule `prediction`) rolls it back; the
+/// same scenario with the early signal only reported leaves it to the error-rate condition,
+/// which needs more mirrored jobs to decide.
+#[test]
+fn late_failure_is_rolled_back_by_the_prediction_before_the_error_rate() {
+    let report = play("late-failure.toml");
+    assert_callers_unhurt_and_as_expected(&report);
+    assert_eq!(outcome(&report, "media"), Expected::RolledBack);
+    let predicted = &report.services["media"];
+    let rule = predicted.verdict["rule"].as_str().unwrap_or_default();
+    assert!(rule.starts_with("prediction:"), "decided by: {rule}");
+    let numbers = &predicted.verdict["details"]["prediction"];
+    assert!(numbers["v2_failure"].as_f64() > numbers["v1_failure"].as_f64());
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/late-failure.toml");
+    let text = std::fs::read_to_string(&path).expect("late-failure.toml");
+    let report_only = text.replace("rollback = true", "rollback = false");
+    assert_ne!(report_only, text);
+    let scenario =
+        scenario::spec::parse("late-failure (report only)", &report_only).expect("valid");
+    let without = play_scenario(&scenario);
+    assert_callers_unhurt_and_as_expected(&without);
+    let judged = &without.services["media"];
+    let rule = judged.verdict["rule"].as_str().unwrap_or_default();
+    assert!(rule.starts_with("fail: errors"), "decided by: {rule}");
+    println!(
+        "late-failure: prediction decided after {} mirrored jobs, the error-rate condition after {}",
+        predicted.jobs_compared, judged.jobs_compared
+    );
+    assert!(
+        predicted.jobs_compared < judged.jobs_compared,
+        "prediction {} jobs, error rate {} jobs",
+        predicted.jobs_compared,
+        judged.jobs_compared
+    );
+}
+
+#[test]
+fn the_monitor_takes_a_crashed_machine_out_and_asks_for_a_replacement() {
+    let report = play("monitor.toml");
+    assert!(report.passed, "not as expected: {:?}", report.failures);
+    assert_eq!(outcome(&report, "media"), Expected::Promoted);
+    let done: Vec<(&str, serde_json::Value)> = report
+        .monitor_actions
+        .iter()
+        .map(|a| (a.rule, serde_json::to_value(&a.action).unwrap()))
+        .collect();
+    // Taken out at once, or drained first when its balancer still pinned calls to it.
+    let removed = done.iter().any(|(rule, a)| {
+        *rule == "active_machine_down"
+            && (a["action"] == "remove_from_balancer" || a["action"] == "drain")
+            && a["machine"] == "media-3"
+    });
+    let asked = done.iter().any(|(_, a)| {
+        a["action"] == "request_replacement"
+            && a["service"] == "media"
+            && a["missing"].as_u64() >= Some(1)
+    });
+    assert!(removed && asked, "{done:?}");
+    let media_3 = report.machines.iter().find(|m| m.id == "media-3").unwrap();
+    assert_eq!(media_3.status, understudy_hub::Status::Down);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! u64 followed by its bytes. Length prefixes make the encoding unambiguous without escaping; the
 //! canonical JSON makes it independent of key order and spacing on the wire.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -167,26 +167,66 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// The wall clock in microseconds since the Unix epoch (1 for a clock set before 1970).
+pub fn wall_clock_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The sequence floor a verifier that just started gives a sender it has no record of: the wall
+/// clock less `max_clock_skew`. A sender numbering by its clock (see [`Signer`]) is above it as
+/// long as its clock lags by less than the skew; a message signed before that is refused as
+/// `out_of_order`, which is what makes a message captured before a restart useless after it.
+pub fn restart_floor(max_clock_skew: Duration) -> u64 {
+    wall_clock_micros().saturating_sub(max_clock_skew.as_micros() as u64)
+}
+
 /// Signs messages of one sender with strictly increasing sequence numbers.
+///
+/// A signer made with [`Signer::new`] numbers each message `max(previous + 1, wall clock in
+/// microseconds)`: its sequence always tracks the clock (it runs ahead only while it sends more
+/// than a million messages a second). So a verifier that lost its memory of the sender (a
+/// restart) can refuse everything older than "now less the allowed clock skew" without refusing
+/// the live sender ([`Verifier::register_with_floor`], [`restart_floor`]).
 #[derive(Debug)]
 pub struct Signer {
     sender: String,
     key: SecretKey,
     next_seq: u64,
+    numbering: Numbering,
+}
+
+/// How a signer picks the next sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbering {
+    /// `max(previous + 1, wall clock in microseconds)`.
+    WallClock,
+    /// `previous + 1` from a given start: deterministic, for tests and replays of recorded traffic.
+    Counter,
 }
 
 impl Signer {
-    /// Starts the sequence at the wall clock in microseconds, so a sender that restarts keeps
-    /// numbering above what the verifier last saw from it (unless it sends > 1e6 messages/s).
+    /// A signer whose sequence tracks the wall clock in microseconds: a sender that restarts keeps
+    /// numbering above what the verifier last saw from it, and above a restarted verifier's floor.
     pub fn new(sender: &str, key: SecretKey) -> Result<Signer, KeyError> {
-        let micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
-        Signer::starting_at(sender, key, micros.max(1))
+        Signer::with_numbering(sender, key, wall_clock_micros(), Numbering::WallClock)
     }
 
+    /// A signer numbering `first_seq`, `first_seq + 1`, ... without looking at the clock (tests,
+    /// recorded traffic). A verifier with a clock-based floor refuses it once it falls behind.
     pub fn starting_at(sender: &str, key: SecretKey, first_seq: u64) -> Result<Signer, KeyError> {
+        Signer::with_numbering(sender, key, first_seq, Numbering::Counter)
+    }
+
+    fn with_numbering(
+        sender: &str,
+        key: SecretKey,
+        first_seq: u64,
+        numbering: Numbering,
+    ) -> Result<Signer, KeyError> {
         if !valid_name(sender) {
             return Err(KeyError::BadSender(sender.to_string()));
         }
@@ -194,6 +234,7 @@ impl Signer {
             sender: sender.to_string(),
             key,
             next_seq: first_seq,
+            numbering,
         })
     }
 
@@ -213,9 +254,13 @@ impl Signer {
         BASE64.encode(serde_json::to_vec(&envelope).expect("an envelope serializes"))
     }
 
+    /// Signs `payload` on `topic` with the next sequence number (see [`Signer`]).
     pub fn sign(&mut self, topic: &str, payload: serde_json::Value) -> Envelope {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = match self.numbering {
+            Numbering::WallClock => self.next_seq.max(wall_clock_micros()),
+            Numbering::Counter => self.next_seq,
+        };
+        self.next_seq = seq.saturating_add(1);
         let mac = self
             .key
             .mac(&canonical_bytes(&self.sender, seq, topic, &payload));
@@ -368,21 +413,36 @@ impl Rejection {
     ];
 }
 
-/// How many recent sequence numbers per sender are remembered to tell a replay (a number already
-/// accepted) from a message that arrived late (a number never seen, below the last one).
-const SEQ_WINDOW: u64 = 64;
+/// How many of a sender's last accepted sequence numbers are remembered to tell a replay (a
+/// number already accepted) from a message that arrived late (a number never seen, below the last
+/// one). The last accepted numbers, not a range of numbers: senders number by their clock in
+/// microseconds, so consecutive messages are far apart.
+const SEQ_WINDOW: usize = 64;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct SeqState {
+    /// The highest seq accepted, or the floor when that is higher.
     last: u64,
-    /// Bit i set: `last - i` was accepted.
-    accepted: u64,
+    /// The last accepted seqs, oldest first, at most [`SEQ_WINDOW`].
+    recent: VecDeque<u64>,
+}
+
+impl SeqState {
+    fn accept(&mut self, seq: u64) {
+        if self.recent.len() == SEQ_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(seq);
+        self.last = seq;
+    }
 }
 
 /// Verifies raw messages: size, form, signature, sequence; counts every refusal by reason.
 /// Sequence rule: each sender's seq must be strictly greater than the last accepted one. A seq
-/// equal to one accepted in the last 64 is `replayed`; any other seq at or below the last is
-/// `out_of_order` (beyond the window a replay is reported as out of order: both are refused).
+/// equal to one of the sender's last 64 accepted is `replayed`; any other seq at or below the last
+/// is `out_of_order` (an older replay is reported as out of order: both are refused).
+/// The last seq per sender is kept in memory; a verifier that restarts restores a floor per sender
+/// ([`Verifier::register_with_floor`]) so what it accepted before is not accepted again.
 #[derive(Debug)]
 pub struct Verifier {
     keyring: Keyring,
@@ -451,6 +511,48 @@ impl Verifier {
         self.keyring.insert(sender, key)?;
         self.seqs.remove(sender);
         Ok(())
+    }
+
+    /// Registers a sender whose messages numbered `floor` or below are refused (`out_of_order`):
+    /// for a verifier that restarts, with the floor the larger of the last sequence number it
+    /// persisted for the sender and [`restart_floor`], so a message captured before the restart
+    /// is not accepted after it.
+    pub fn register_with_floor(
+        &mut self,
+        sender: &str,
+        key: SecretKey,
+        floor: u64,
+    ) -> Result<(), KeyError> {
+        self.register(sender, key)?;
+        self.restore_floor(sender, floor);
+        Ok(())
+    }
+
+    /// Raises `sender`'s floor to `floor` (never lowers it): from now on only a sequence number
+    /// above both the floor and the last accepted one is accepted. Works for a sender without a
+    /// key yet too (it applies once the key is installed with [`Verifier::keyring_mut`]).
+    pub fn restore_floor(&mut self, sender: &str, floor: u64) {
+        match self.seqs.get_mut(sender) {
+            Some(state) => state.last = state.last.max(floor),
+            None => {
+                // Nothing below the floor was accepted here: all of it is out of order.
+                self.seqs.insert(
+                    sender.to_string(),
+                    SeqState {
+                        last: floor,
+                        recent: VecDeque::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The highest sequence number accepted (or the floor) of every sender this verifier has
+    /// one for: what a verifier persists to restore floors after a restart.
+    pub fn last_seqs(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.seqs
+            .iter()
+            .map(|(sender, state)| (sender.as_str(), state.last))
     }
 
     /// Counts a refusal decided outside the verifier (e.g. a body too large to read whole).
@@ -528,28 +630,20 @@ impl Verifier {
     fn accept_seq(&mut self, sender: &str, seq: u64) -> Result<(), Rejection> {
         match self.seqs.get_mut(sender) {
             None => {
-                self.seqs.insert(
-                    sender.to_string(),
-                    SeqState {
-                        last: seq,
-                        accepted: 1,
-                    },
-                );
+                let mut state = SeqState {
+                    last: seq,
+                    recent: VecDeque::with_capacity(SEQ_WINDOW),
+                };
+                state.accept(seq);
+                self.seqs.insert(sender.to_string(), state);
                 Ok(())
             }
             Some(state) if seq > state.last => {
-                let shift = seq - state.last;
-                state.accepted = if shift >= SEQ_WINDOW {
-                    1
-                } else {
-                    (state.accepted << shift) | 1
-                };
-                state.last = seq;
+                state.accept(seq);
                 Ok(())
             }
             Some(state) => {
-                let behind = state.last - seq;
-                if behind < SEQ_WINDOW && state.accepted & (1 << behind) != 0 {
+                if state.recent.contains(&seq) {
                     Err(Rejection::Replayed {
                         sender: sender.to_string(),
                         seq,
@@ -598,6 +692,14 @@ impl ControllerVerifier {
             controller_id: controller_id.to_string(),
             verifier: Verifier::new(keyring, max_bytes, registry)?,
         })
+    }
+
+    /// Refuses (`out_of_order`) every config numbered `floor` or below: a balancer that starts
+    /// sets it to [`restart_floor`], so a config captured before its restart is not applied
+    /// after it while the controller (numbering by its clock) goes on being accepted.
+    pub fn restore_floor(&mut self, floor: u64) {
+        let id = self.controller_id.clone();
+        self.verifier.restore_floor(&id, floor);
     }
 
     /// Rotation of the controller's key, as announced to the balancer out of band.
@@ -767,6 +869,122 @@ mod tests {
     }
 
     #[test]
+    fn signer_numbers_by_the_wall_clock_and_never_repeats() {
+        let before = wall_clock_micros();
+        let mut signer = Signer::new("m1", key(1)).unwrap();
+        let first = signer.sign("state", json!({})).seq;
+        assert!(first >= before, "{first} < {before}");
+        // Faster than the clock ticks: still strictly increasing.
+        let burst: Vec<u64> = (0..100)
+            .map(|_| signer.sign("state", json!({})).seq)
+            .collect();
+        assert!(burst.windows(2).all(|w| w[1] > w[0]));
+        assert!(burst[0] > first);
+        std::thread::sleep(Duration::from_millis(5));
+        let later = signer.sign("state", json!({})).seq;
+        assert!(later >= burst[99] + 5000, "tracks the clock: {later}");
+        // A counter signer does not look at the clock.
+        let mut counter = Signer::starting_at("m1", key(1), 7).unwrap();
+        assert_eq!(counter.sign("state", json!({})).seq, 7);
+        assert_eq!(counter.sign("state", json!({})).seq, 8);
+    }
+
+    #[test]
+    fn replays_are_told_from_late_messages_whatever_the_gaps_between_seqs() {
+        let now = Instant::now();
+        let (mut verifier, _) = verifier_with("m1", key(1));
+        // Seqs a million apart, as a clock-numbered sender's are.
+        let mut signer = Signer::starting_at("m1", key(1), 1_000_000).unwrap();
+        let sent: Vec<Envelope> = (0..70)
+            .map(|i| {
+                signer.next_seq = 1_000_000 * (i + 1);
+                signer.sign("state", json!({ "n": i }))
+            })
+            .collect();
+        let late = {
+            signer.next_seq = 1_500_000;
+            signer.sign("state", json!({}))
+        };
+        for e in &sent {
+            verifier.verify_bytes(&bytes(e), now).unwrap();
+        }
+        for e in &sent[6..] {
+            let r = verifier.verify_bytes(&bytes(e), now).unwrap_err();
+            assert_eq!(r.reason(), "replayed", "seq {}", e.seq);
+        }
+        // Older than the last 64 accepted, or never accepted: out of order.
+        for e in [&sent[5], &late] {
+            let r = verifier.verify_bytes(&bytes(e), now).unwrap_err();
+            assert_eq!(r.reason(), "out_of_order", "seq {}", e.seq);
+        }
+    }
+
+    #[test]
+    fn a_floor_refuses_what_was_captured_before_a_restart_but_not_the_live_sender() {
+        let now = Instant::now();
+        let skew = Duration::from_secs(2);
+        let mut signer = Signer::new("m1", key(1)).unwrap();
+        let (mut before, _) = verifier_with("m1", key(1));
+        let first = signer.sign("state", json!({"n": 1}));
+        let captured = signer.sign("state", json!({"n": 2}));
+        before.verify_bytes(&bytes(&first), now).unwrap();
+        before.verify_bytes(&bytes(&captured), now).unwrap();
+        let persisted: HashMap<String, u64> = before
+            .last_seqs()
+            .map(|(s, seq)| (s.to_string(), seq))
+            .collect();
+        assert_eq!(persisted["m1"], captured.seq);
+
+        // The restart: a new verifier, the floor restored.
+        let registry = Registry::new();
+        let mut after = Verifier::new(Keyring::new(), 4096, &registry).unwrap();
+        let floor = persisted["m1"].max(restart_floor(skew));
+        after.register_with_floor("m1", key(1), floor).unwrap();
+        for old in [&captured, &first] {
+            let r = after.verify_bytes(&bytes(old), now).unwrap_err();
+            assert_eq!(r.reason(), "out_of_order", "{old:?}");
+        }
+        // Signed long ago (never accepted here, e.g. not yet persisted): below the clock floor.
+        let stale_seq = wall_clock_micros() - 3 * 1_000_000;
+        let mut stale = Signer::starting_at("m1", key(1), stale_seq).unwrap();
+        let r = after.verify_bytes(&bytes(&stale.sign("state", json!({}))), now);
+        assert_eq!(r.unwrap_err().reason(), "out_of_order");
+        assert_eq!(rejected(&registry, "out_of_order"), 3);
+        // The live sender goes on.
+        after
+            .verify_bytes(&bytes(&signer.sign("state", json!({"n": 3}))), now)
+            .unwrap();
+
+        // A sender whose clock lags by less than the skew is never refused by the floor.
+        let mut fresh = Verifier::new(Keyring::new(), 4096, &Registry::new()).unwrap();
+        fresh
+            .register_with_floor("m2", key(2), restart_floor(skew))
+            .unwrap();
+        let lagging_seq = wall_clock_micros() - 1_500_000;
+        let mut lagging = Signer::starting_at("m2", key(2), lagging_seq).unwrap();
+        fresh
+            .verify_bytes(&bytes(&lagging.sign("state", json!({}))), now)
+            .unwrap();
+        // A floor only ever rises, and the replay window survives raising it.
+        let mut m3 = Signer::starting_at("m3", key(3), 100).unwrap();
+        fresh.register("m3", key(3)).unwrap();
+        let accepted = m3.sign("state", json!({}));
+        fresh.verify_bytes(&bytes(&accepted), now).unwrap();
+        fresh.restore_floor("m3", 50);
+        fresh.restore_floor("m3", 110);
+        let r = fresh.verify_bytes(&bytes(&accepted), now).unwrap_err();
+        assert_eq!(r.reason(), "replayed");
+        let r = fresh
+            .verify_bytes(&bytes(&m3.sign("state", json!({}))), now)
+            .unwrap_err();
+        assert_eq!(r.reason(), "out_of_order", "101 is below the floor 110");
+        let mut m3 = Signer::starting_at("m3", key(3), 111).unwrap();
+        fresh
+            .verify_bytes(&bytes(&m3.sign("state", json!({}))), now)
+            .unwrap();
+    }
+
+    #[test]
     fn rotation_accepts_old_key_until_first_new_message() {
         let start = Instant::now();
         let (mut verifier, _) = verifier_with("m1", key(1));
@@ -871,5 +1089,40 @@ mod tests {
             r,
             Err(ConfigRejection::Rejected(Rejection::Replayed { .. }))
         ));
+    }
+
+    #[test]
+    fn a_restarted_balancer_refuses_a_config_signed_before_its_floor() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct Cfg {
+            version: u64,
+        }
+        let mut controller = Signer::new("controller", key(7)).unwrap();
+        let captured = controller.sign(CONFIG_TOPIC, json!({"version": 1}));
+        let mut first_boot =
+            ControllerVerifier::new("controller", key(7), 4096, &Registry::new()).unwrap();
+        first_boot
+            .verify_config::<Cfg>(&bytes(&captured), Instant::now())
+            .unwrap();
+        // Restart: the floor is the clock now less the skew. Pretend the capture is older than
+        // the skew by signing it 3 s in the past.
+        let old = wall_clock_micros() - 3_000_000;
+        let mut past = Signer::starting_at("controller", key(7), old).unwrap();
+        let captured_long_ago = past.sign(CONFIG_TOPIC, json!({"version": 1}));
+        let mut rebooted =
+            ControllerVerifier::new("controller", key(7), 4096, &Registry::new()).unwrap();
+        rebooted.restore_floor(restart_floor(Duration::from_secs(2)));
+        let r = rebooted.verify_config::<Cfg>(&bytes(&captured_long_ago), Instant::now());
+        assert!(matches!(
+            r,
+            Err(ConfigRejection::Rejected(Rejection::OutOfOrder { .. }))
+        ));
+        let cfg: Cfg = rebooted
+            .verify_config(
+                &bytes(&controller.sign(CONFIG_TOPIC, json!({"version": 2}))),
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(cfg, Cfg { version: 2 });
     }
 }

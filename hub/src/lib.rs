@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod http;
 pub mod hub;
 pub mod monitor;
+pub mod nats;
 pub mod registry;
 pub mod subgroup;
 

@@ -1,11 +1,15 @@
-//! The self-test battery: seeded A/A and A/B cases replayed as job pairs from a latency model,
-//! fed through the same [`Judge`] the controller uses, and through the unpaired yardstick.
+//! The self-test battery: seeded A/A and A/B cases fed through the same [`Judge`] the controller
+//! uses, and through the unpaired yardstick. Pairs come from one of two sources ([`PairSource`]):
+//! a latency model, or a replay of A/A pairs recorded through the real balancer path
+//! ([`Recording`]) with each family's regression applied to the v2 half.
 //!
 //! The model: each job has its own difficulty (a lognormal body, plus a Pareto-heavy tail for a
 //! few jobs) that both versions share, since both ran the same input; each machine adds its own
 //! multiplicative noise and rare stalls (GC, scheduling); the fresh v2 machine is slower for its
 //! first jobs (warm-up); errors are partly caused by the input (both fail) and partly by the
 //! machine (independent); answers differ at a tiny nondeterministic rate.
+
+use std::sync::Arc;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, LogNormal, Pareto};
@@ -40,21 +44,26 @@ pub struct LatencyModel {
 
 impl Default for LatencyModel {
     fn default() -> Self {
-        LatencyModel {
-            median_us: 2_000.0,
-            difficulty_sigma: 0.6,
-            heavy_share: 0.01,
-            heavy_shape: 1.8,
-            machine_noise_sigma: 0.12,
-            stall_probability: 0.002,
-            stall_mean_us: 8_000.0,
-            warmup_slowdown: 0.8,
-            warmup_decay_jobs: 80.0,
-            input_error_rate: 0.007,
-            machine_error_rate: 0.003,
-            nondeterministic_mismatch_rate: 0.0005,
-        }
+        LatencyModel::DEFAULT
     }
+}
+
+impl LatencyModel {
+    /// Also the warm-up applied to replayed v2 halves.
+    pub const DEFAULT: LatencyModel = LatencyModel {
+        median_us: 2_000.0,
+        difficulty_sigma: 0.6,
+        heavy_share: 0.01,
+        heavy_shape: 1.8,
+        machine_noise_sigma: 0.12,
+        stall_probability: 0.002,
+        stall_mean_us: 8_000.0,
+        warmup_slowdown: 0.8,
+        warmup_decay_jobs: 80.0,
+        input_error_rate: 0.007,
+        machine_error_rate: 0.003,
+        nondeterministic_mismatch_rate: 0.0005,
+    };
 }
 
 /// What v2 does differently from v1.
@@ -106,6 +115,41 @@ impl Family {
     pub fn is_regression(&self) -> bool {
         !matches!(self, Family::AA | Family::AtTheLimit)
     }
+}
+
+impl Family {
+    /// v2's slowdown on a job, given whether the job is among the slowest 5% and 0.2%.
+    fn slowdown(&self, above_p95: bool, above_p998: bool) -> f64 {
+        match self {
+            Family::P50Slower => 1.2,
+            Family::AtTheLimit => 1.1,
+            Family::P99Slower if above_p95 => 1.2,
+            Family::TailOnly if above_p998 => 3.0,
+            _ => 1.0,
+        }
+    }
+
+    /// v2's machine-caused errors on top of v1's.
+    fn extra_error_rate(&self) -> f64 {
+        match self {
+            Family::Errors => 0.01,
+            Family::AtTheLimit => 0.005,
+            _ => 0.0,
+        }
+    }
+
+    fn extra_mismatch_rate(&self) -> f64 {
+        if *self == Family::Mismatches {
+            0.02
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A fresh v2 machine's slowdown on its `job`-th job (cold caches, connection set-up).
+fn warmup_factor(model: &LatencyModel, job: u64) -> f64 {
+    1.0 + model.warmup_slowdown * (-(job as f64) / model.warmup_decay_jobs).exp()
 }
 
 /// Difficulty cut-offs of the model, measured once from a large seeded sample.
@@ -182,30 +226,16 @@ impl<'a> PairStream<'a> {
         let model = self.model;
         let difficulty = model.difficulty(&mut self.rng);
         let v1 = self.machine_latency(difficulty);
-        let warmup =
-            1.0 + model.warmup_slowdown * (-(self.job as f64) / model.warmup_decay_jobs).exp();
-        let regression = match self.family {
-            Family::P50Slower => 1.2,
-            Family::AtTheLimit => 1.1,
-            Family::P99Slower if difficulty > self.cuts.p95 => 1.2,
-            Family::TailOnly if difficulty > self.cuts.p998 => 3.0,
-            _ => 1.0,
-        };
-        let v2 = self.machine_latency(difficulty) * warmup * regression;
+        let regression = self
+            .family
+            .slowdown(difficulty > self.cuts.p95, difficulty > self.cuts.p998);
+        let v2 = self.machine_latency(difficulty) * warmup_factor(model, self.job) * regression;
         let input_error = self.rng.gen_bool(model.input_error_rate);
         let v1_ok = !(input_error || self.rng.gen_bool(model.machine_error_rate));
-        let extra_errors = match self.family {
-            Family::Errors => 0.01,
-            Family::AtTheLimit => 0.005,
-            _ => 0.0,
-        };
-        let v2_ok = !(input_error || self.rng.gen_bool(model.machine_error_rate + extra_errors));
-        let mismatch_rate = model.nondeterministic_mismatch_rate
-            + if self.family == Family::Mismatches {
-                0.02
-            } else {
-                0.0
-            };
+        let v2_error_rate = model.machine_error_rate + self.family.extra_error_rate();
+        let v2_ok = !(input_error || self.rng.gen_bool(v2_error_rate));
+        let mismatch_rate =
+            model.nondeterministic_mismatch_rate + self.family.extra_mismatch_rate();
         let matched = !self.rng.gen_bool(mismatch_rate);
         self.job += 1;
         PairSample {
@@ -214,6 +244,177 @@ impl<'a> PairStream<'a> {
             v2_latency_us: v2.round().max(1.0) as u64,
             v2_ok,
             matched: Some(matched),
+        }
+    }
+}
+
+/// Why a recording cannot be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    #[error("a recording needs at least {needed} pairs to replay, this one has {found}")]
+    TooShort { needed: usize, found: usize },
+}
+
+/// A/A job pairs recorded through the real balancer path (v1 active against a v1 machine in
+/// simulation, the same jobs at the same moments): what the judge sees of real measurement noise,
+/// connection reuse, scheduling and input-dependent work. Replayed by [`ReplayStream`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recording {
+    pairs: Vec<PairSample>,
+    /// The v2 half's 95th and 99.8th percentiles: the jobs a tail regression slows down.
+    v2_p95_us: u64,
+    v2_p998_us: u64,
+}
+
+impl Recording {
+    /// Fewer pairs than this would replay the same few blocks over and over.
+    pub const MIN_PAIRS: usize = 2_000;
+    /// Consecutive recorded pairs replayed together, so that bursts and slow stretches of the
+    /// real run (a GC pause, a busy neighbour) survive the resampling.
+    pub const BLOCK_PAIRS: usize = 50;
+
+    pub fn new(pairs: Vec<PairSample>) -> Result<Recording, RecordingError> {
+        if pairs.len() < Self::MIN_PAIRS {
+            return Err(RecordingError::TooShort {
+                needed: Self::MIN_PAIRS,
+                found: pairs.len(),
+            });
+        }
+        let mut v2: Vec<u64> = pairs.iter().map(|p| p.v2_latency_us).collect();
+        v2.sort_unstable();
+        let at = |q: f64| v2[((v2.len() as f64 * q) as usize).min(v2.len() - 1)];
+        Ok(Recording {
+            v2_p95_us: at(0.95),
+            v2_p998_us: at(0.998),
+            pairs,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    pub fn pairs(&self) -> &[PairSample] {
+        &self.pairs
+    }
+}
+
+/// An endless seeded stream of replayed pairs for one family: blocks of [`Recording::BLOCK_PAIRS`]
+/// consecutive recorded pairs from seeded starting points (a moving-block bootstrap), each pair's
+/// v2 half given the family's regression and a fresh machine's warm-up (the model's), so every
+/// run sees different real noise.
+pub struct ReplayStream<'a> {
+    recording: &'a Recording,
+    warmup: &'a LatencyModel,
+    family: Family,
+    rng: StdRng,
+    job: u64,
+    position: usize,
+    left_in_block: usize,
+}
+
+impl<'a> ReplayStream<'a> {
+    pub fn new(
+        recording: &'a Recording,
+        warmup: &'a LatencyModel,
+        family: Family,
+        seed: u64,
+    ) -> Self {
+        ReplayStream {
+            recording,
+            warmup,
+            family,
+            rng: StdRng::seed_from_u64(seed),
+            job: 0,
+            position: 0,
+            left_in_block: 0,
+        }
+    }
+
+    pub fn next_pair(&mut self) -> PairSample {
+        let pairs = &self.recording.pairs;
+        if self.left_in_block == 0 {
+            self.position = self.rng.gen_range(0..pairs.len());
+            self.left_in_block = Recording::BLOCK_PAIRS;
+        }
+        let recorded = pairs[self.position % pairs.len()];
+        self.position += 1;
+        self.left_in_block -= 1;
+        let regression = self.family.slowdown(
+            recorded.v2_latency_us > self.recording.v2_p95_us,
+            recorded.v2_latency_us > self.recording.v2_p998_us,
+        );
+        let v2 = recorded.v2_latency_us as f64 * warmup_factor(self.warmup, self.job) * regression;
+        let v2_ok = recorded.v2_ok && !self.rng.gen_bool(self.family.extra_error_rate());
+        // A failed job has no answer to compare; otherwise keep the recorded comparison.
+        let matched = recorded
+            .matched
+            .map(|m| m && !self.rng.gen_bool(self.family.extra_mismatch_rate()));
+        self.job += 1;
+        PairSample {
+            v2_latency_us: v2.round().max(1.0) as u64,
+            v2_ok,
+            matched,
+            ..recorded
+        }
+    }
+}
+
+/// Where a battery's pairs come from.
+#[derive(Debug, Clone)]
+pub enum PairSource {
+    /// The seeded latency model (shared job difficulty, machine noise, stalls, warm-up, errors).
+    Model(LatencyModel),
+    /// Recorded A/A pairs from the real balancer path; the model's warm-up is applied to v2.
+    Replay(Arc<Recording>),
+}
+
+impl PairSource {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PairSource::Model(_) => "latency model",
+            PairSource::Replay(_) => "replay of balancer-recorded A/A pairs",
+        }
+    }
+}
+
+/// Either source's stream, behind one `next_pair`.
+enum Pairs<'a> {
+    Model(PairStream<'a>),
+    Replay(ReplayStream<'a>),
+}
+
+impl Pairs<'_> {
+    fn next_pair(&mut self) -> PairSample {
+        match self {
+            Pairs::Model(stream) => stream.next_pair(),
+            Pairs::Replay(stream) => stream.next_pair(),
+        }
+    }
+}
+
+/// What a source needs computed once per battery.
+enum Prepared<'a> {
+    Model(&'a LatencyModel, DifficultyCuts),
+    Replay(&'a Recording),
+}
+
+impl Prepared<'_> {
+    fn stream(&self, family: Family, seed: u64) -> Pairs<'_> {
+        match self {
+            Prepared::Model(model, cuts) => {
+                Pairs::Model(PairStream::new(model, cuts, family, seed))
+            }
+            Prepared::Replay(recording) => Pairs::Replay(ReplayStream::new(
+                recording,
+                &LatencyModel::DEFAULT,
+                family,
+                seed,
+            )),
         }
     }
 }
@@ -299,29 +500,29 @@ pub struct BatteryConfig {
     pub budget_jobs: u64,
     pub seed: u64,
     pub condition: Condition,
-    pub model: LatencyModel,
+    pub source: PairSource,
 }
 
 impl Default for BatteryConfig {
     fn default() -> Self {
         BatteryConfig {
             runs: 50,
-            budget_jobs: 60_000,
+            budget_jobs: 120_000,
             seed: 2026,
             condition: Condition::default(),
-            model: LatencyModel::default(),
+            source: PairSource::Model(LatencyModel::default()),
         }
     }
 }
 
 /// Runs one seeded case through every judge until all decided or the budget is spent.
-pub fn run_case(
+fn run_case(
     config: &BatteryConfig,
-    cuts: &DifficultyCuts,
+    prepared: &Prepared<'_>,
     family: Family,
     seed: u64,
 ) -> CaseOutcome {
-    let mut stream = PairStream::new(&config.model, cuts, family, seed);
+    let mut stream = prepared.stream(family, seed);
     let mut paired = Judge::new(config.condition.clone());
     let mut broken = Judge::new(config.condition.clone());
     let unpaired_budget = config
@@ -376,7 +577,10 @@ pub fn run_battery(
     families: &[Family],
     threads: usize,
 ) -> Vec<FamilyFigures> {
-    let cuts = config.model.cuts();
+    let prepared = match &config.source {
+        PairSource::Model(model) => Prepared::Model(model, model.cuts()),
+        PairSource::Replay(recording) => Prepared::Replay(recording),
+    };
     let cases: Vec<(usize, Family, u64)> = families
         .iter()
         .enumerate()
@@ -396,12 +600,12 @@ pub fn run_battery(
         let chunks = results.chunks_mut(cases.len().div_ceil(threads).max(1));
         for (chunk_index, chunk) in chunks.enumerate() {
             let cases = &cases;
-            let cuts = &cuts;
+            let prepared = &prepared;
             let start = chunk_index * cases.len().div_ceil(threads).max(1);
             scope.spawn(move || {
                 for (offset, slot) in chunk.iter_mut().enumerate() {
                     let (_, family, seed) = cases[start + offset];
-                    *slot = Some(run_case(config, cuts, family, seed));
+                    *slot = Some(run_case(config, prepared, family, seed));
                 }
             });
         }

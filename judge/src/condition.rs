@@ -81,6 +81,31 @@ pub struct Condition {
     pub false_pass_rate: f64,
     /// Require an A/A control (v1 in simulation) and judge v2's differences against the control's.
     pub require_control: bool,
+    /// What each v2 answer is paired with, job by job (the live controller forms the pairs).
+    pub baseline: Baseline,
+}
+
+/// The v1 answer a v2 answer is paired with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    /// The control: the v1 machine in the simulation configuration that got a copy of the same job
+    /// at the same moment through the same mirror path as v2. Whatever the path adds (mirror
+    /// queueing, its runtime, a busy neighbour during a burst) hits both halves alike and cancels.
+    /// Falls back to `active` for a service without a control machine.
+    #[default]
+    Control,
+    /// The active v1 machine that served the caller.
+    Active,
+}
+
+impl Baseline {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Baseline::Control => "control",
+            Baseline::Active => "active",
+        }
+    }
 }
 
 impl Default for Condition {
@@ -99,6 +124,7 @@ impl Default for Condition {
             false_fail_rate: 0.01,
             false_pass_rate: 0.05,
             require_control: false,
+            baseline: Baseline::Control,
         }
     }
 }
@@ -197,6 +223,14 @@ impl Condition {
                 ),
             ));
         }
+        if self.require_control && self.baseline == Baseline::Control {
+            // v2 would be differenced against the control twice.
+            return Err(invalid(
+                "require_control",
+                "differences v2-vs-active against control-vs-active; with baseline = \"control\" v2 is \
+                 already judged against the control job by job: set baseline = \"active\" to use it",
+            ));
+        }
         if !rate_in_range(self.max_mismatch_rate) {
             return Err(invalid(
                 "max_mismatch_rate",
@@ -244,6 +278,7 @@ mod tests {
             latency = [ { quantile = 0.5, max_ratio = 1.05 }, { quantile = 0.999, max_ratio = 2.0 } ]
             max_error_rate_increase = 0.01
             require_control = true
+            baseline = "active"
         "#;
         let condition = Condition::from_toml_str(text).unwrap();
         assert_eq!(condition.min_jobs, 500);
@@ -251,6 +286,16 @@ mod tests {
         assert_eq!(condition.latency[1].name(), "p99.9");
         assert!(condition.require_control);
         assert_eq!(condition.false_fail_rate, 0.01);
+    }
+
+    #[test]
+    fn a_required_control_needs_the_active_baseline() {
+        let err = Condition::from_toml_str("require_control = true").unwrap_err();
+        assert!(err.to_string().contains("`require_control`"), "{err}");
+        let both = Condition::from_toml_str("require_control = true\nbaseline = \"active\"");
+        assert_eq!(both.unwrap().baseline, Baseline::Active);
+        let err = Condition::from_toml_str("baseline = \"standby\"").unwrap_err();
+        assert!(err.to_string().contains("standby"), "{err}");
     }
 
     #[test]

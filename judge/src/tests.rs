@@ -197,6 +197,7 @@ fn a_a_control_absorbs_the_simulation_configurations_own_slowdown() {
     let mut without_control = Judge::new(Condition::default());
     let mut with_control = Judge::new(Condition {
         require_control: true,
+        baseline: crate::Baseline::Active,
         ..Condition::default()
     });
     for (v2_pair, control_pair) in &pairs {
@@ -211,6 +212,7 @@ fn a_a_control_absorbs_the_simulation_configurations_own_slowdown() {
     // A v2 30% slower than the (equally slow) control still fails against it.
     let mut regressed = Judge::new(Condition {
         require_control: true,
+        baseline: crate::Baseline::Active,
         ..Condition::default()
     });
     for (v2_pair, control_pair) in &pairs {
@@ -229,6 +231,7 @@ fn a_a_control_absorbs_the_simulation_configurations_own_slowdown() {
 fn required_control_without_control_pairs_never_decides() {
     let condition = Condition {
         require_control: true,
+        baseline: crate::Baseline::Active,
         warmup_jobs: 0,
         ..Condition::default()
     };
@@ -312,6 +315,7 @@ fn a_a_with_a_required_control_passes() {
     let mut control_stream = PairStream::new(&model, &cuts, Family::AA, 41);
     let mut judge = Judge::new(Condition {
         require_control: true,
+        baseline: crate::Baseline::Active,
         ..Condition::default()
     });
     for _ in 0..60_000 {
@@ -342,4 +346,88 @@ fn a_failed_job_is_an_error_not_also_a_mismatch() {
     let mismatches = &verdict.details["mismatches"];
     assert_eq!(mismatches["mismatched"], 0, "{mismatches}");
     assert!(mismatches["compared"].as_u64() > Some(0), "{mismatches}");
+}
+
+/// A/A pairs as a recording would hold them: the model's clean pairs after v2's warm-up.
+fn recorded_aa(pairs: usize, seed: u64) -> crate::bench::Recording {
+    let model = LatencyModel::default();
+    let cuts = model.cuts();
+    let mut stream = PairStream::new(&model, &cuts, Family::AA, seed);
+    for _ in 0..1_000 {
+        stream.next_pair();
+    }
+    crate::bench::Recording::new((0..pairs).map(|_| stream.next_pair()).collect()).unwrap()
+}
+
+#[test]
+fn a_recording_too_short_to_resample_is_refused() {
+    let pair = PairSample {
+        v1_latency_us: 1_000,
+        v1_ok: true,
+        v2_latency_us: 1_000,
+        v2_ok: true,
+        matched: Some(true),
+    };
+    let message = crate::bench::Recording::new(vec![pair; 10])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("at least 2000") && message.contains("has 10"),
+        "{message}"
+    );
+}
+
+#[test]
+fn replay_applies_each_family_to_the_v2_half_of_the_same_recorded_pairs() {
+    use crate::bench::ReplayStream;
+    let recording = recorded_aa(5_000, 7);
+    let model = LatencyModel::default();
+    let mut aa = ReplayStream::new(&recording, &model, Family::AA, 99);
+    let mut slower = ReplayStream::new(&recording, &model, Family::P50Slower, 99);
+    let mut errors = ReplayStream::new(&recording, &model, Family::Errors, 99);
+    let (mut extra_errors, mut jobs) = (0u32, 0u32);
+    for job in 0..20_000 {
+        let (a, s, e) = (aa.next_pair(), slower.next_pair(), errors.next_pair());
+        // Same seed, same recorded pair: v1 untouched, v2 slowed by exactly the family's factor.
+        assert_eq!(a.v1_latency_us, s.v1_latency_us);
+        assert_eq!((a.v1_ok, a.v2_ok), (s.v1_ok, s.v2_ok));
+        let expected = a.v2_latency_us as f64 * 1.2;
+        assert!(
+            (s.v2_latency_us as f64 - expected).abs() <= 1.5,
+            "job {job}: {a:?} {s:?}"
+        );
+        assert!(recording
+            .pairs()
+            .iter()
+            .any(|p| p.v1_latency_us == a.v1_latency_us));
+        if job >= 2_000 {
+            // Warm-up long gone: an A/A replay gives back the recorded v2 latencies.
+            assert!(recording
+                .pairs()
+                .iter()
+                .any(|p| p.v2_latency_us == a.v2_latency_us));
+            jobs += 1;
+            extra_errors += u32::from(a.v2_ok && !e.v2_ok);
+        }
+    }
+    let rate = f64::from(extra_errors) / f64::from(jobs);
+    assert!((0.007..0.013).contains(&rate), "extra error rate {rate}");
+}
+
+#[test]
+fn replayed_battery_passes_a_a_and_catches_a_slower_v2() {
+    use crate::bench::{run_battery, BatteryConfig, PairSource};
+    let config = BatteryConfig {
+        runs: 3,
+        budget_jobs: 20_000,
+        source: PairSource::Replay(std::sync::Arc::new(recorded_aa(20_000, 8))),
+        ..Default::default()
+    };
+    let families = [Family::AA, Family::P50Slower];
+    let figures = run_battery(&config, &families, 2);
+    assert_eq!(figures, run_battery(&config, &families, 1));
+    assert_eq!(figures[0].paired.fails, 0, "{:?}", figures[0]);
+    // A clean v2 may still be proving its p99.9 when the budget ends, never failing.
+    assert!(figures[0].paired.passes >= 2, "{:?}", figures[0]);
+    assert_eq!(figures[1].paired.fails, 3, "{:?}", figures[1]);
 }

@@ -6,18 +6,25 @@
 //!   by a [`MachineSpec`] (latency, errors, faults, dependencies, side effects).
 //! - [`schedule`]: the pure, seeded job schedule both are built on.
 
+pub mod calls;
 pub mod load;
 pub mod machine;
+pub mod publish;
 pub mod schedule;
 pub mod spec;
 
+pub use calls::{CallStatus, LateFailureSpec};
 pub use load::{
     run_load, session_id, KindReport, LatencySummary, LoadError, LoadReport, LoadSpec, Mode,
     Progress, SessionCounts, SESSION_EVENT_HEADER, SESSION_HEADER,
 };
 pub use machine::{
-    spawn_machine, FaultSpec, FaultTrigger, LatencyCreepSpec, MachineError, MachineHandle,
-    MachineSpec, MachineStats, SlowStartSpec, TailSpec, SIMULATION_HEADER,
+    spawn_machine, spawn_machine_with_hub, FaultSpec, FaultTrigger, LatencyCreepSpec, MachineError,
+    MachineHandle, MachineSpec, MachineStats, SlowStartSpec, TailSpec, SIMULATION_HEADER,
+};
+pub use publish::{
+    CallEvent, CallStateBatch, HangReport, HubOptions, HubOptionsError, CALL_STATE_TOPIC,
+    MACHINE_STATE_TOPIC,
 };
 pub use schedule::{
     Arrivals, JobKind, JobStep, MixSpec, PlannedJob, ProfileSpec, RateCurve, Schedule,

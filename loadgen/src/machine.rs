@@ -4,7 +4,12 @@
 //! same treatment whatever order jobs arrive in; order-based faults (crash after N, slow start,
 //! creep) count arrivals.
 
+use crate::calls::{CallStatus, CallTracker, JobOutcome, LateFailure, LateFailureSpec};
 use crate::load::{SESSION_EVENT_HEADER, SESSION_HEADER};
+use crate::publish::{
+    hub_link, now_ms, HubCounters, HubLink, HubOptions, HubOptionsError, Publisher, QueuedEvent,
+    Transport,
+};
 use crate::spec::{check_positive, check_range, join, Delay, DelaySpec, SpecError};
 use bytes::Bytes;
 use fnv::FnvHasher;
@@ -23,11 +28,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::Hasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use understudy_hub::{Role, SecretKey};
 
 /// Header set on every mirrored copy (see CONTRACT.md).
 pub const SIMULATION_HEADER: &str = "x-understudy-simulation";
@@ -107,6 +113,9 @@ pub struct FaultSpec {
     /// Performs side effects for simulation jobs too (a bug the counter must catch).
     #[serde(default)]
     pub leaks_side_effects: bool,
+    /// Fails a seeded fraction of calls, but only once they have been in media long enough.
+    #[serde(default)]
+    pub late_failure: Option<LateFailureSpec>,
 }
 
 /// Which jobs a fault hits: from the `after_jobs`-th arrival on, a seeded `fraction` of them.
@@ -259,6 +268,11 @@ impl MachineSpec {
             )),
             None => None,
         };
+        let late_failure = f
+            .late_failure
+            .as_ref()
+            .map(|l| l.validate("faults.late_failure"))
+            .transpose()?;
         Ok(Behaviour {
             latency,
             tail,
@@ -272,6 +286,7 @@ impl MachineSpec {
             slow_start,
             creep,
             leaks_side_effects: f.leaks_side_effects,
+            late_failure,
         })
     }
 }
@@ -303,6 +318,7 @@ struct Behaviour {
     slow_start: Option<(f64, u64)>,
     creep: Option<(f64, f64)>,
     leaks_side_effects: bool,
+    late_failure: Option<LateFailure>,
 }
 
 /// The fate of one job, decided from the seeded draws before anything happens.
@@ -382,6 +398,24 @@ pub struct MachineStats {
     pub forward_errors: u64,
     /// True once the crash fault fired.
     pub crashed: bool,
+    /// Jobs failed by the `late_failure` fault.
+    #[serde(default)]
+    pub late_failures: u64,
+    /// Calls served without status tracking because too many were open at once.
+    #[serde(default)]
+    pub calls_untracked: u64,
+    /// Hub messages accepted, not delivered (no answer or timeout), refused (e.g. 401).
+    #[serde(default)]
+    pub hub_published: u64,
+    #[serde(default)]
+    pub hub_publish_failures: u64,
+    #[serde(default)]
+    pub hub_refused: u64,
+    /// Call status events produced, and those dropped because the publish buffer was full.
+    #[serde(default)]
+    pub call_events: u64,
+    #[serde(default)]
+    pub call_events_dropped: u64,
 }
 
 #[derive(Default)]
@@ -398,6 +432,8 @@ struct Counters {
     forwarded: AtomicU64,
     forward_errors: AtomicU64,
     crashed: AtomicBool,
+    late_failures: AtomicU64,
+    calls_untracked: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -406,9 +442,54 @@ fn bump(counter: &AtomicU64) {
 
 type DependencyClient = Client<HttpConnector, Full<Bytes>>;
 
-struct MachineState {
-    service: String,
-    version: String,
+/// Whether the machine is up, as it reports itself on the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Presence {
+    /// Serving, but a slow-start fault is still warming it up.
+    Starting,
+    Running,
+    /// Told to drain: still serving, reported `draining`.
+    Draining,
+    /// Crashed or shut down.
+    Down,
+    /// Every job hangs from now on (a `hang` fault with fraction 1 fired).
+    Hung,
+}
+
+/// What changes a machine's presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PresenceEvent {
+    /// The slow start is over.
+    Warmed,
+    Drain,
+    Crash,
+    HangEverything,
+    Shutdown,
+}
+
+impl Presence {
+    pub(crate) fn is_final(self) -> bool {
+        matches!(self, Presence::Down | Presence::Hung)
+    }
+
+    /// The one transition function: down and hung are final.
+    fn next(self, event: PresenceEvent) -> Presence {
+        if self.is_final() {
+            return self;
+        }
+        match (self, event) {
+            (Presence::Starting, PresenceEvent::Warmed) => Presence::Running,
+            (other, PresenceEvent::Warmed) => other,
+            (_, PresenceEvent::Drain) => Presence::Draining,
+            (_, PresenceEvent::Crash | PresenceEvent::Shutdown) => Presence::Down,
+            (_, PresenceEvent::HangEverything) => Presence::Hung,
+        }
+    }
+}
+
+pub(crate) struct MachineState {
+    pub(crate) service: String,
+    pub(crate) version: String,
     seed: u64,
     behaviour: Behaviour,
     declared: Vec<String>,
@@ -417,6 +498,10 @@ struct MachineState {
     counters: Counters,
     sessions: Mutex<HashSet<String>>,
     stop: watch::Sender<bool>,
+    pub(crate) presence: watch::Sender<Presence>,
+    calls: CallTracker,
+    hub: OnceLock<HubLink>,
+    pub(crate) hub_counters: HubCounters,
 }
 
 impl MachineState {
@@ -439,7 +524,51 @@ impl MachineState {
             forwarded: get(&c.forwarded),
             forward_errors: get(&c.forward_errors),
             crashed: c.crashed.load(Ordering::Relaxed),
+            late_failures: get(&c.late_failures),
+            calls_untracked: get(&c.calls_untracked),
+            hub_published: get(&self.hub_counters.published),
+            hub_publish_failures: get(&self.hub_counters.failures),
+            hub_refused: get(&self.hub_counters.refused),
+            call_events: get(&self.hub_counters.call_events),
+            call_events_dropped: get(&self.hub_counters.call_events_dropped),
         }
+    }
+
+    pub(crate) fn sessions_held(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+    }
+
+    fn apply(&self, event: PresenceEvent) {
+        self.presence.send_if_modified(|presence| {
+            let next = presence.next(event);
+            std::mem::replace(presence, next) != next
+        });
+    }
+
+    /// Records how a job of a call ended and publishes the call's new status, if any.
+    fn finish_call(&self, call: &JobCall, outcome: JobOutcome) {
+        let Some(session) = &call.session else { return };
+        if let Some(status) = self.calls.finish(session, outcome, call.ends_call) {
+            self.call_event(session, status, call.simulation);
+        }
+    }
+
+    /// Hands a call event to the publisher without waiting; nothing without a hub, nothing
+    /// once the machine is down or hung (it says nothing more).
+    fn call_event(&self, session: &str, status: CallStatus, simulation: bool) {
+        let Some(hub) = self.hub.get() else { return };
+        if self.presence.borrow().is_final() {
+            return;
+        }
+        hub.offer(
+            QueuedEvent {
+                session: session.to_string(),
+                status,
+                simulation,
+                at_ms: now_ms(),
+            },
+            &self.hub_counters,
+        );
     }
 
     /// Replaces the addresses of the named dependencies; names not declared are refused and
@@ -471,6 +600,15 @@ pub enum MachineError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Hub(#[from] HubOptionsError),
+}
+
+/// The call a job belongs to, as far as the machine's call statuses go.
+struct JobCall {
+    session: Option<String>,
+    simulation: bool,
+    ends_call: bool,
 }
 
 /// Returned by the service to make hyper drop the connection without answering.
@@ -515,18 +653,91 @@ impl MachineHandle {
     }
 
     /// Stops accepting, drops every connection (in-flight jobs are cut) and waits for the end.
+    /// With a hub, the machine's last message (`down`) is sent first (bounded by the publish
+    /// timeout).
     pub async fn shutdown(mut self) {
+        self.state.apply(PresenceEvent::Shutdown);
         self.state.stop.send_replace(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        let publisher = self
+            .state
+            .hub
+            .get()
+            .and_then(|hub| hub.task.lock().expect("hub task lock").take());
+        if let Some(publisher) = publisher {
+            let _ = publisher.await;
+        }
+    }
+
+    /// Starts publishing this machine's state and its calls' statuses to a hub (see
+    /// docs/loadgen.md): `machine.state` at once, then on every change and every heartbeat.
+    /// A machine publishes to one hub; a second call is refused.
+    pub fn publish_to_hub(&self, hub: HubOptions) -> Result<(), HubOptionsError> {
+        self.start_publisher(hub, Transport::http)
+    }
+
+    fn start_publisher(
+        &self,
+        hub: HubOptions,
+        transport: impl FnOnce(Uri, Duration) -> Transport,
+    ) -> Result<(), HubOptionsError> {
+        let (uri, signer) = hub.validate()?;
+        let (link, inbox) = hub_link(hub.role);
+        self.state
+            .hub
+            .set(link)
+            .map_err(|_| HubOptionsError::AlreadyPublishing)?;
+        let address = hub.address.clone().unwrap_or_else(|| self.addr.to_string());
+        let transport = transport(uri, Duration::from_millis(hub.publish_timeout_ms));
+        let publisher = Publisher::new(self.state.clone(), hub, address, signer, transport, inbox);
+        let task = tokio::spawn(publisher.run());
+        if let Some(link) = self.state.hub.get() {
+            *link.task.lock().expect("hub task lock") = Some(task);
+        }
+        Ok(())
+    }
+
+    /// The role reported from now on (e.g. `active` after a promotion); published at once.
+    pub fn set_role(&self, role: Role) {
+        if let Some(hub) = self.state.hub.get() {
+            hub.role
+                .send_if_modified(|current| std::mem::replace(current, role) != role);
+        }
+    }
+
+    /// Signs every later message with `key` (after `POST /api/v1/machines/{id}/rotate-key`); the
+    /// sequence goes on. Without a hub, nothing to do.
+    pub fn rotate_hub_key(&self, key: SecretKey) {
+        if let Some(hub) = self.state.hub.get() {
+            hub.key.send_replace(Some(key));
+        }
+    }
+
+    /// Reports `draining` (the machine keeps serving what it is sent).
+    pub fn drain(&self) {
+        self.state.apply(PresenceEvent::Drain);
     }
 }
 
 impl Drop for MachineHandle {
     fn drop(&mut self) {
+        self.state.apply(PresenceEvent::Shutdown);
         self.state.stop.send_replace(true);
     }
+}
+
+/// [`spawn_machine`], then [`MachineHandle::publish_to_hub`]; nothing runs if `hub` is invalid.
+pub async fn spawn_machine_with_hub(
+    spec: MachineSpec,
+    bind: SocketAddr,
+    hub: HubOptions,
+) -> Result<MachineHandle, MachineError> {
+    hub.validate()?;
+    let machine = spawn_machine(spec, bind).await?;
+    machine.publish_to_hub(hub)?;
+    Ok(machine)
 }
 
 /// Starts a machine listening on `bind` (use port 0 for an ephemeral port).
@@ -545,6 +756,12 @@ pub async fn spawn_machine(
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build(connector);
     let (stop, _) = watch::channel(false);
+    let initial = if behaviour.slow_start.is_some() {
+        Presence::Starting
+    } else {
+        Presence::Running
+    };
+    let calls = CallTracker::new(spec.seed, behaviour.late_failure);
     let state = Arc::new(MachineState {
         service: spec.service,
         version: spec.version,
@@ -556,6 +773,10 @@ pub async fn spawn_machine(
         counters: Counters::default(),
         sessions: Mutex::new(HashSet::new()),
         stop,
+        presence: watch::channel(initial).0,
+        calls,
+        hub: OnceLock::new(),
+        hub_counters: HubCounters::default(),
     });
     let task = tokio::spawn(accept_loop(listener, state.clone()));
     Ok(MachineHandle {
@@ -627,9 +848,17 @@ async fn handle(
         || state.behaviour.crash_after_jobs.is_some_and(|n| job >= n)
     {
         state.counters.crashed.store(true, Ordering::Relaxed);
+        state.apply(PresenceEvent::Crash);
         state.stop.send_replace(true);
         // The accept loop now drops every connection, this one included.
         std::future::pending::<()>().await;
+    }
+    if state
+        .behaviour
+        .slow_start
+        .is_some_and(|(_, over_jobs)| job + 1 >= over_jobs)
+    {
+        state.apply(PresenceEvent::Warmed);
     }
     let (parts, body) = req.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
@@ -647,12 +876,13 @@ async fn handle(
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let session_event = parts
+        .headers
+        .get(SESSION_EVENT_HEADER)
+        .map(|v| v.as_bytes());
+    let ends_call = session_event == Some(b"end");
     if let Some(id) = &session {
-        match parts
-            .headers
-            .get(SESSION_EVENT_HEADER)
-            .map(|v| v.as_bytes())
-        {
+        match session_event {
             Some(b"start") => {
                 state
                     .sessions
@@ -666,13 +896,58 @@ async fn handle(
             _ => {}
         }
     }
+    let mut fails_late = false;
+    if let Some(id) = &session {
+        let arrival = state
+            .calls
+            .arrive(id, parts.uri.path(), tokio::time::Instant::now());
+        if arrival.first {
+            state.call_event(id, CallStatus::Received, simulation);
+        }
+        fails_late = arrival.fails_late;
+        if arrival.untracked {
+            bump(&state.counters.calls_untracked);
+        }
+    }
+    let call = JobCall {
+        session,
+        simulation,
+        ends_call,
+    };
+    let answer = serve_job(&state, job, &parts, &body, &call, fails_late).await;
+    let outcome = match &answer {
+        Ok(response) if response.status().is_success() => JobOutcome::Ok {
+            path_status: CallStatus::from_path(parts.uri.path()),
+            ends_call,
+        },
+        _ => JobOutcome::Failed,
+    };
+    state.finish_call(&call, outcome);
+    answer
+}
 
-    let input = input_digest(&state.service, &parts.method, parts.uri.path(), &body);
+/// Serves one job after the bookkeeping: its fate, latency, dependencies and answer.
+async fn serve_job(
+    state: &MachineState,
+    job: u64,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    call: &JobCall,
+    fails_late: bool,
+) -> Result<Response<Full<Bytes>>, ResetFault> {
+    let simulation = call.simulation;
+    let session = &call.session;
+
+    let input = input_digest(&state.service, &parts.method, parts.uri.path(), body);
     let mut rng =
         StdRng::seed_from_u64(state.seed ^ input ^ session.as_deref().map_or(0, digest_str));
     match state.behaviour.fate(job, &mut rng) {
         Fate::Hang => {
             bump(&state.counters.hung);
+            state.finish_call(call, JobOutcome::Hung);
+            if state.behaviour.hang.is_some_and(|t| t.fraction >= 1.0) {
+                state.apply(PresenceEvent::HangEverything);
+            }
             std::future::pending::<()>().await;
             unreachable!("a pending future never completes")
         }
@@ -692,12 +967,12 @@ async fn handle(
             answer.write_u64(input);
             for dependency in &state.declared {
                 match forward(
-                    &state,
+                    state,
                     dependency,
                     &parts.method,
                     &parts.uri,
                     &parts.headers,
-                    &body,
+                    body,
                 )
                 .await
                 {
@@ -708,6 +983,16 @@ async fn handle(
                         return Ok(text(StatusCode::BAD_GATEWAY, message));
                     }
                 }
+            }
+            if fails_late {
+                bump(&state.counters.late_failures);
+                bump(&state.counters.errors);
+                let status = state
+                    .behaviour
+                    .late_failure
+                    .and_then(|l| l.status)
+                    .unwrap_or(state.behaviour.error_status);
+                return Ok(text(status, "simulated late failure\n"));
             }
             if error {
                 bump(&state.counters.errors);
@@ -818,6 +1103,10 @@ async fn admin(state: &MachineState, req: Request<Incoming>) -> Response<Full<By
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "stats") => json(&state.stats()),
         (Method::GET, "health") => text(StatusCode::OK, "ok\n"),
+        (Method::POST, "drain") => {
+            state.apply(PresenceEvent::Drain);
+            text(StatusCode::OK, "draining\n")
+        }
         (Method::GET, "dependencies") => {
             json(&*state.dependencies.read().expect("dependencies lock"))
         }
@@ -1286,6 +1575,14 @@ mod tests {
         let err =
             field("service = \"a\"\n[faults]\nslow_start = { extra_ms = 5, over_jobs = 0 }\n");
         assert_eq!(err.field, "faults.slow_start.over_jobs");
+        let err = field("service = \"a\"\n[faults]\nlate_failure = { fraction = 0.5 }\n");
+        assert_eq!(err.field, "faults.late_failure");
+        let err = field(
+            "service = \"a\"\n[faults]\nlate_failure = { after_media_jobs = 2, status = 302 }\n",
+        );
+        assert_eq!(err.field, "faults.late_failure.status");
+        let err = field("service = \"a\"\n[faults]\nlate_failure = { after_jobs = 2 }\n");
+        assert!(err.problem.contains("after_jobs"), "{err}");
         // Unknown fields are refused with the key and the line.
         let err = field("service = \"a\"\n\n[faults]\nhangs = { fraction = 1.0 }\n");
         assert!(
@@ -1294,6 +1591,23 @@ mod tests {
         );
         let err = field("service = \"a\"\nlatency = { kind = \"constant\", ms = 1, sigma = 2 }\n");
         assert!(err.problem.contains("sigma"), "{err}");
+    }
+
+    #[test]
+    fn presence_moves_by_one_function_and_down_is_final() {
+        use Presence::*;
+        use PresenceEvent::*;
+        assert_eq!(Starting.next(Warmed), Running);
+        assert_eq!(Running.next(Warmed), Running);
+        assert_eq!(Draining.next(Warmed), Draining);
+        assert_eq!(Starting.next(Drain), Draining);
+        assert_eq!(Running.next(Crash), Down);
+        assert_eq!(Draining.next(Shutdown), Down);
+        assert_eq!(Running.next(HangEverything), Hung);
+        for event in [Warmed, Drain, Crash, HangEverything, Shutdown] {
+            assert_eq!(Down.next(event), Down);
+            assert_eq!(Hung.next(event), Hung);
+        }
     }
 
     #[test]
@@ -1318,10 +1632,19 @@ crash_after_jobs = 5000
 slow_start = { extra_ms = 50.0, over_jobs = 200 }
 latency_creep = { per_job_us = 2.0, max_ms = 100.0 }
 leaks_side_effects = false
+late_failure = { fraction = 0.3, after_media_jobs = 6, after_media_ms = 3000, status = 503 }
 "#,
         )
         .unwrap();
         assert_eq!(spec.faults.crash_after_jobs, Some(5000));
         assert_eq!(spec.faults.reset.as_ref().unwrap().after_jobs, 0);
+        assert_eq!(
+            spec.faults.late_failure.as_ref().unwrap().after_media_jobs,
+            Some(6)
+        );
     }
 }
+
+#[cfg(test)]
+#[path = "machine_hub_tests.rs"]
+mod hub_tests;

@@ -8,8 +8,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use understudy_loadgen::{
-    run_load, spawn_machine, Arrivals, DelaySpec, LoadSpec, MachineSpec, MixSpec, Mode,
-    ProfileSpec, SpecError, StepSpec,
+    run_load, spawn_machine, spawn_machine_with_hub, Arrivals, DelaySpec, HubOptions, LoadSpec,
+    MachineSpec, MixSpec, Mode, ProfileSpec, SpecError, StepSpec,
 };
 
 #[derive(Parser, Debug)]
@@ -105,6 +105,83 @@ struct MachineArgs {
     /// Runtime threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+/// Publishing to the controller's hub. The key is never taken on the command line: from
+/// --hub-key-file, else from the environment variable UNDERSTUDY_HUB_KEY.
+#[derive(Args, Debug)]
+struct HubArgs {
+    /// The controller's base URL, e.g. http://127.0.0.1:9000; enables publishing.
+    #[arg(long, requires = "hub_id")]
+    hub_url: Option<String>,
+    /// This machine's id as registered (the envelopes' sender).
+    #[arg(long, requires = "hub_url")]
+    hub_id: Option<String>,
+    /// A file holding the base64 key from the registration answer.
+    #[arg(long, requires = "hub_url")]
+    hub_key_file: Option<PathBuf>,
+    /// Reported role: active, control, standby or retired.
+    #[arg(long, default_value = "standby")]
+    hub_role: String,
+    /// Reported capacity (sessions at once).
+    #[arg(long, default_value_t = 100)]
+    hub_capacity: u32,
+    /// Advertised HOST:PORT (default: the bound address).
+    #[arg(long)]
+    hub_address: Option<String>,
+    /// Interval of machine.state heartbeats, ms.
+    #[arg(long, default_value_t = 1_000)]
+    heartbeat_ms: u64,
+    /// Longest wait for one publish, ms.
+    #[arg(long, default_value_t = 2_000)]
+    publish_timeout_ms: u64,
+    /// What a machine whose every job hangs reports: down, or silent.
+    #[arg(long, default_value = "down")]
+    hang_report: String,
+}
+
+/// Environment variable holding the hub key when no --hub-key-file is given.
+const HUB_KEY_ENV: &str = "UNDERSTUDY_HUB_KEY";
+
+/// The hub option from the flags, or None without --hub-url. Checked before anything starts.
+fn hub_options(args: &HubArgs) -> Result<Option<HubOptions>, UsageError> {
+    let (Some(url), Some(id)) = (&args.hub_url, &args.hub_id) else {
+        return Ok(None);
+    };
+    let key = match &args.hub_key_file {
+        Some(path) => read(path)?,
+        None => std::env::var(HUB_KEY_ENV).map_err(|_| {
+            usage(format!(
+                "--hub-url needs a key: --hub-key-file PATH or the environment variable {HUB_KEY_ENV}"
+            ))
+        })?,
+    };
+    // The key's text is never part of an error message.
+    let mut options =
+        HubOptions::new(url.clone(), id.clone(), key.trim()).map_err(|e| usage(format!("{e}")))?;
+    options.role = serde_json::from_value(serde_json::Value::String(args.hub_role.clone()))
+        .map_err(|_| {
+            usage(format!(
+                "--hub-role {:?}: must be active, control, standby or retired",
+                args.hub_role
+            ))
+        })?;
+    options.hang_report = serde_json::from_value(serde_json::Value::String(
+        args.hang_report.clone(),
+    ))
+    .map_err(|_| {
+        usage(format!(
+            "--hang-report {:?}: must be down or silent",
+            args.hang_report
+        ))
+    })?;
+    options.capacity = args.hub_capacity;
+    options.address = args.hub_address.clone();
+    options.heartbeat_ms = args.heartbeat_ms;
+    options.publish_timeout_ms = args.publish_timeout_ms;
+    Ok(Some(options))
 }
 
 /// A refusal of the command line or of a file: exit 2.
@@ -152,7 +229,17 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
-            Command::Machine(args) => machine(args).await,
+            Command::Machine(args) => {
+                // Hub publishing problems are logged (once each) on stderr.
+                let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .init();
+                machine(args).await
+            }
         }
     });
     match result {
@@ -397,9 +484,12 @@ async fn machine(args: MachineArgs) -> Result<ExitCode, UsageError> {
             .map_err(|e| usage(format!("--dependency {dep:?}: {e}")))?;
         dependencies.insert(name.to_string(), addr);
     }
-    let handle = spawn_machine(spec, args.bind)
-        .await
-        .map_err(|e| usage(e.to_string()))?;
+    let hub = hub_options(&args.hub)?;
+    let handle = match hub {
+        Some(hub) => spawn_machine_with_hub(spec, args.bind, hub).await,
+        None => spawn_machine(spec, args.bind).await,
+    }
+    .map_err(|e| usage(e.to_string()))?;
     handle
         .set_dependencies(dependencies)
         .map_err(|e| usage(format!("--dependency: {e}")))?;
@@ -421,6 +511,74 @@ async fn machine(args: MachineArgs) -> Result<ExitCode, UsageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hub_args(extra: &[&str]) -> HubArgs {
+        let mut argv = vec!["understudy-loadgen", "machine", "--service", "media"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Machine(args) => args.hub,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hub_flags_take_the_key_from_a_file_and_check_every_value() {
+        assert!(hub_options(&hub_args(&[])).unwrap().is_none());
+        let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        let path = std::env::temp_dir().join(format!("understudy-hub-key-{}", std::process::id()));
+        std::fs::write(&path, format!("{key}\n")).unwrap();
+        let file = path.to_str().unwrap();
+        let base = [
+            "--hub-url",
+            "http://127.0.0.1:9000",
+            "--hub-id",
+            "media-1",
+            "--hub-key-file",
+            file,
+        ];
+        let options = hub_options(&hub_args(&base)).unwrap().unwrap();
+        assert_eq!(
+            (options.id.as_str(), options.role),
+            ("media-1", understudy_hub::Role::Standby)
+        );
+        let with = |more: &[&str]| {
+            let mut argv = base.to_vec();
+            argv.extend_from_slice(more);
+            hub_options(&hub_args(&argv))
+        };
+        let options = with(&[
+            "--hub-role",
+            "active",
+            "--hang-report",
+            "silent",
+            "--heartbeat-ms",
+            "250",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(options.role, understudy_hub::Role::Active);
+        assert_eq!(options.hang_report, understudy_loadgen::HangReport::Silent);
+        assert_eq!(options.heartbeat_ms, 250);
+        let err = with(&["--hub-role", "boss"]).unwrap_err().to_string();
+        assert!(err.contains("--hub-role"), "{err}");
+        let err = with(&["--hang-report", "loud"]).unwrap_err().to_string();
+        assert!(err.contains("--hang-report"), "{err}");
+        // A bad key is refused without showing it.
+        std::fs::write(&path, "c2hvcnQ=").unwrap();
+        let err = hub_options(&hub_args(&base)).unwrap_err().to_string();
+        assert!(err.contains("hub.key") && !err.contains("c2hvcnQ"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        // --hub-id alone is refused by the parser (it needs --hub-url).
+        let argv = [
+            "understudy-loadgen",
+            "machine",
+            "--service",
+            "m",
+            "--hub-id",
+            "x",
+        ];
+        assert!(Cli::try_parse_from(argv).is_err());
+    }
 
     #[test]
     fn profiles_parse_from_their_short_forms() {

@@ -346,6 +346,15 @@ impl Predictor {
         self.objects.len()
     }
 
+    /// Forgets one service version: its model and the objects it follows (e.g. a candidate
+    /// version released again after a roll-back starts from what its new run shows).
+    /// Returns whether there was a model.
+    pub fn forget(&mut self, service: &str, version: &str) -> bool {
+        let key = ModelKey::new(service, version);
+        self.objects.retain(|object, _| object.model != key);
+        self.models.remove(&key).is_some()
+    }
+
     /// Compares the probability of failure from the configured start state of `candidate` (v2)
     /// with `baseline` (v1). `None` without a start state or before both versions were seen.
     pub fn compare(
@@ -393,6 +402,26 @@ fn direct_exits(outlook: &Outlook, state: &str, artifact: &str) -> f64 {
 mod tests {
     use super::*;
     use crate::config::PredictConfig;
+
+    #[test]
+    fn a_forgotten_version_starts_afresh() {
+        let mut predictor = Predictor::new(Settings::default());
+        let at = Duration::from_secs;
+        predictor.enter("media", "v2", "a", "received", at(0));
+        predictor.enter("media", "v2", "a", "error state failure", at(1));
+        predictor.enter("media", "v2", "b", "received", at(1));
+        predictor.enter("media", "v1", "c", "received", at(1));
+        assert_eq!(predictor.tracked_objects(), 2);
+        assert!(predictor.forget("media", "v2"));
+        assert!(predictor.model("media", "v2").is_none());
+        assert!(predictor.model("media", "v1").is_some());
+        assert_eq!(
+            predictor.tracked_objects(),
+            1,
+            "v2's object went with its model"
+        );
+        assert!(!predictor.forget("media", "v2"));
+    }
 
     const WORKED_STATES: [&str; 11] = [
         "API request",

@@ -15,13 +15,16 @@ use serde::Serialize;
 
 use crate::metrics::Metrics;
 use crate::service::{PushError, PushResult, Service};
+use crate::signing::{ConfigGates, Refusal};
 use crate::stats::CursorError;
-use crate::wire::{BalancerConfig, ErrorBody, PushAck};
+use crate::wire::{BalancerConfig, ErrorBody, KeyRotationAck, PushAck};
 
 pub(crate) struct AdminState {
     pub services: HashMap<String, Arc<Service>>,
     pub listen: HashMap<String, SocketAddr>,
     pub metrics: Arc<Metrics>,
+    /// Balancers with a key take only controller-signed configs (see `signing`).
+    pub gates: Arc<ConfigGates>,
 }
 
 pub(crate) fn router(state: Arc<AdminState>) -> Router {
@@ -34,6 +37,10 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
             get(get_config).put(put_config),
         )
         .route("/api/v1/balancers/{service}/stats", get(stats))
+        .route(
+            "/api/v1/balancers/{service}/config-key",
+            axum::routing::put(put_config_key),
+        )
         .with_state(state)
 }
 
@@ -43,6 +50,16 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         Json(ErrorBody {
             error: message.into(),
         }),
+    )
+        .into_response()
+}
+
+/// A signed message refused: `{"error", "reason"}` like the hub's refusals.
+fn refused(refusal: Refusal) -> Response {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        Json(serde_json::json!({ "error": refusal.message, "reason": refusal.reason })),
     )
         .into_response()
 }
@@ -73,7 +90,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics.render() + &state.gates.render(),
     )
         .into_response()
 }
@@ -116,9 +133,16 @@ async fn put_config(
     };
     // Parsed here rather than by the Json extractor so that every refusal is an ErrorBody that
     // names the field (serde says "unknown field `x`" with line and column).
-    let config: BalancerConfig = match serde_json::from_slice(&body) {
-        Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad config: {e}")),
+    let config: BalancerConfig = if state.gates.is_signed(&service) {
+        match state.gates.open_config(&service, &body) {
+            Ok(c) => c,
+            Err(refusal) => return refused(refusal),
+        }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad config: {e}")),
+        }
     };
     match balancer.push(&config) {
         Ok(PushResult::Applied) => {
@@ -136,6 +160,31 @@ async fn put_config(
         .into_response(),
         Err(e @ PushError::Stale { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("bad config: {e}")),
+    }
+}
+
+/// Key rotation: a message signed with the current key carrying the next one.
+async fn put_config_key(
+    State(state): State<Arc<AdminState>>,
+    Path(service): Path<String>,
+    body: Bytes,
+) -> Response {
+    if !state.services.contains_key(&service) {
+        return unknown_service(&service);
+    }
+    if !state.gates.is_signed(&service) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("the balancer of {service:?} has no key to rotate (start it with one)"),
+        );
+    }
+    match state.gates.rotate(&service, &body) {
+        Ok(grace) => Json(KeyRotationAck {
+            service,
+            grace_ms: grace.as_millis() as u64,
+        })
+        .into_response(),
+        Err(refusal) => refused(refusal),
     }
 }
 

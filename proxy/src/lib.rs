@@ -17,6 +17,7 @@ mod mirror;
 mod pool;
 mod proxy;
 mod service;
+mod signing;
 mod stats;
 
 use std::collections::HashMap;
@@ -37,6 +38,10 @@ pub use config::{BalancerSpec, ConfigError, ProcessConfig, WEIGHT_RANGE};
 pub use mirror::SIMULATION_HEADER;
 pub use proxy::{SESSION_EVENT_HEADER, SESSION_HEADER};
 pub use service::PushError;
+pub use signing::{
+    write_key_file, BalancerKey, ConfigFeed, ConfigSigning, KeyLoadError, KeySource, SigningError,
+    CONTROLLER_ID,
+};
 pub use stats::{decode_histogram, encode_histogram, CursorError};
 
 /// Why balancers could not start.
@@ -57,6 +62,8 @@ pub enum ProxyError {
     },
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("signed configs: {0}")]
+    Signing(#[from] SigningError),
 }
 
 /// Process-level tunables (not part of the config the controller pushes).
@@ -64,13 +71,27 @@ pub enum ProxyError {
 pub struct SpawnOptions {
     /// Worker threads of the pingora runtime serving callers' jobs.
     pub threads: usize,
+    /// Pingora's scheduler for `threads`: true, one work-stealing runtime; false, one
+    /// current-thread runtime per thread, a connection staying on the thread that accepted it
+    /// (nginx's model; ~12% less CPU per job with one thread, docs/benchmarks.md). The binary
+    /// uses false. Only for a process that starts one set of balancers: pingora 0.9 keeps the
+    /// handles of its no-steal runtimes in a thread-local keyed by thread ids, which are reused
+    /// once threads end, so a set started after another one stopped would hand its connections
+    /// to the stopped runtime.
+    pub work_stealing: bool,
     /// Worker threads of the runtime that sends mirrored copies.
     pub mirror_threads: usize,
-    /// Copies waiting to be sent; a copy that finds the queue full is dropped and counted.
+    /// Copies waiting to be sent, per simulation version of a service; a copy that finds its
+    /// queue full is dropped and counted.
     pub mirror_queue: usize,
-    /// Copies in flight at once.
+    /// Copies in flight at once, all simulation versions together.
     pub mirror_concurrency: usize,
-    /// A copy without a complete answer after this long counts as a timeout.
+    /// Copies in flight towards one simulation version, per active job in flight of its service
+    /// (at least one); beyond it copies wait in their queue. 0 = no per-version cap. The default
+    /// 2 leaves a v2 as fast as v1 half its room (at exactly 1 an A/A copy stream would be a queue
+    /// at full load) while a slow v2 cannot pile up more than twice v1's concurrency.
+    pub mirror_per_active: usize,
+    /// A copy without a complete answer this long after it was queued counts as a timeout.
     pub mirror_timeout: Duration,
     /// Jobs whose body is larger than this are not copied (counted as dropped).
     pub mirror_body_limit: usize,
@@ -84,15 +105,23 @@ pub struct SpawnOptions {
     pub stats_windows: usize,
     /// Job pairs kept until read; older ones are counted in `pairs_lost`.
     pub pair_retention: usize,
+    /// Balancer keys (configs must then be signed by the controller) and the optional hub feed.
+    pub signing: ConfigSigning,
+    /// How far the controller's clock may lag this one: at start, a keyed balancer refuses
+    /// (`out_of_order`) every signed message numbered below its clock less this, so a config
+    /// captured before its restart is not applied after it (the controller numbers by its clock).
+    pub max_clock_skew: Duration,
 }
 
 impl Default for SpawnOptions {
     fn default() -> Self {
         SpawnOptions {
             threads: 1,
+            work_stealing: true,
             mirror_threads: 1,
             mirror_queue: 4096,
             mirror_concurrency: 512,
+            mirror_per_active: 2,
             mirror_timeout: Duration::from_secs(5),
             mirror_body_limit: 1 << 20,
             connect_timeout: Duration::from_secs(2),
@@ -100,6 +129,8 @@ impl Default for SpawnOptions {
             session_idle: Duration::from_secs(60),
             stats_windows: 4096,
             pair_retention: 200_000,
+            signing: ConfigSigning::default(),
+            max_clock_skew: signing::DEFAULT_MAX_CLOCK_SKEW,
         }
     }
 }
@@ -117,6 +148,7 @@ struct Stop {
     admin_task: tokio::task::JoinHandle<()>,
     admin_closed: std::sync::mpsc::Receiver<()>,
     runtimes: Vec<BackgroundRuntime>,
+    copy_runtime: CopyRuntime,
 }
 
 impl RunningBalancers {
@@ -150,6 +182,7 @@ impl RunningBalancers {
         // The admin task owns a guard that reports when its listener was dropped.
         let _ = stop.admin_closed.recv_timeout(Duration::from_secs(2));
         drop(stop.runtimes);
+        drop(stop.copy_runtime);
     }
 }
 
@@ -185,6 +218,16 @@ pub fn spawn_with(
             .map_err(|source| ProxyError::Bind { addr, what, source })?;
         Ok::<_, ProxyError>(listener)
     };
+    let service_names: Vec<&str> = cfg
+        .balancers
+        .iter()
+        .map(|b| b.config.service.as_str())
+        .collect();
+    let gates = Arc::new(signing::ConfigGates::new(
+        &options.signing,
+        &service_names,
+        options.max_clock_skew,
+    )?);
     let admin_listener = bind(cfg.admin, "admin endpoint".into())?;
     let admin_addr = local_addr(&admin_listener, cfg.admin)?;
     let mut balancer_listeners = Vec::new();
@@ -207,7 +250,13 @@ pub fn spawn_with(
             .map(|r| BackgroundRuntime(Some(r)))
             .map_err(|source| ProxyError::Start { what: name, source })
     };
-    let mirror_runtime = runtime("understudy-mirror", options.mirror_threads)?;
+    let mirror_runtime = if options.mirror_threads <= 1 {
+        // One copy thread (the default): a current-thread runtime on a thread of its own costs
+        // less per copy than a work-stealing runtime with one worker.
+        CopyRuntime::Driven(DrivenRuntime::start("understudy-mirror")?)
+    } else {
+        CopyRuntime::Workers(runtime("understudy-mirror", options.mirror_threads)?)
+    };
     let admin_runtime = runtime("understudy-admin", 1)?;
 
     let metrics = Arc::new(metrics::Metrics::new()?);
@@ -216,6 +265,7 @@ pub fn spawn_with(
         mirror::MirrorLimits {
             queue: options.mirror_queue,
             concurrency: options.mirror_concurrency,
+            per_active: options.mirror_per_active,
             timeout: options.mirror_timeout,
             connect_timeout: options.connect_timeout,
         },
@@ -263,11 +313,16 @@ pub fn spawn_with(
         });
     }
 
+    if let Some(feed) = &options.signing.feed {
+        // Ended with the admin runtime.
+        signing::start_feed(feed, &gates, &services, admin_runtime.handle());
+    }
     let (admin_closed_tx, admin_closed) = std::sync::mpsc::channel();
     let admin_state = Arc::new(admin::AdminState {
         services: services.clone(),
         listen: listen.clone(),
         metrics,
+        gates,
     });
     let admin_listener = {
         let _enter = admin_runtime.enter();
@@ -288,6 +343,7 @@ pub fn spawn_with(
         // Shutdown is always fast (see `StopSignal`); no grace period if it ever were graceful.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
+        work_stealing: options.work_stealing,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -334,7 +390,8 @@ pub fn spawn_with(
             pingora_thread,
             admin_task,
             admin_closed,
-            runtimes: vec![admin_runtime, mirror_runtime],
+            runtimes: vec![admin_runtime],
+            copy_runtime: mirror_runtime,
         }),
     })
 }
@@ -362,6 +419,52 @@ impl Drop for BackgroundRuntime {
     fn drop(&mut self) {
         if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
+        }
+    }
+}
+
+/// A current-thread runtime driven by a thread of its own until it is dropped; its tasks are
+/// dropped on that thread, never in the caller's async context.
+struct DrivenRuntime {
+    handle: tokio::runtime::Handle,
+    /// Dropping it ends the driving thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl DrivenRuntime {
+    fn start(name: &'static str) -> Result<Self, ProxyError> {
+        let start_error = |source| ProxyError::Start { what: name, source };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(start_error)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                // Returns once `stop` is dropped (an error then, which is the signal).
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(start_error)?;
+        Ok(DrivenRuntime {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
+/// The runtime copies run on: one driven thread, or a pool of workers (`--mirror-threads`).
+enum CopyRuntime {
+    Driven(DrivenRuntime),
+    Workers(BackgroundRuntime),
+}
+
+impl CopyRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        match self {
+            CopyRuntime::Driven(driven) => &driven.handle,
+            CopyRuntime::Workers(workers) => workers.handle(),
         }
     }
 }

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use understudy_proxy::{spawn_with, ProcessConfig, SpawnOptions};
+use understudy_proxy::{
+    spawn_with, BalancerKey, ConfigFeed, ConfigSigning, ProcessConfig, SpawnOptions,
+};
 
 // The data plane allocates per job (headers, buffers); mimalloc measured faster than glibc's
 // malloc here (see docs/benchmarks.md, balancer section).
@@ -25,21 +27,88 @@ struct Args {
     /// Worker threads serving callers' jobs.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Use pingora's work-stealing scheduler for the worker threads (default: one current-thread
+    /// runtime per worker, which costs less CPU per job).
+    #[arg(long)]
+    work_stealing: bool,
     /// Worker threads sending mirrored copies.
     #[arg(long, default_value_t = 1)]
     mirror_threads: usize,
-    /// Copies waiting to be sent before new ones are dropped.
+    /// Copies waiting to be sent, per simulation version, before new ones are dropped.
     #[arg(long, default_value_t = 4096)]
     mirror_queue: usize,
-    /// Copies in flight at once.
+    /// Copies in flight at once, all simulation versions together.
     #[arg(long, default_value_t = 512)]
     mirror_concurrency: usize,
-    /// Timeout of one copy, in milliseconds.
+    /// Copies in flight towards one simulation version per active job in flight (0 = no cap).
+    #[arg(long, default_value_t = 2)]
+    mirror_per_active: usize,
+    /// Timeout of one copy, in milliseconds, from the moment it is queued.
     #[arg(long, default_value_t = 5000)]
     mirror_timeout_ms: u64,
+    /// SERVICE=PATH: the balancer of SERVICE takes only configs signed with the key in PATH
+    /// (base64; rewritten on rotation). Repeatable. See docs/balancer.md, "Signed configs".
+    #[arg(long = "key-file", value_name = "SERVICE=PATH")]
+    key_files: Vec<String>,
+    /// SERVICE=VAR: as --key-file, the key read from the environment variable VAR.
+    #[arg(long = "key-env", value_name = "SERVICE=VAR")]
+    key_envs: Vec<String>,
+    /// Also take signed configs from the controller's hub at this base URL (server-sent events).
+    #[arg(long, value_name = "URL", conflicts_with = "config_feed_nats")]
+    config_feed_hub: Option<String>,
+    /// Also take signed configs from this NATS server (nats://host:port).
+    #[arg(long, value_name = "URL")]
+    config_feed_nats: Option<String>,
+    /// After a key rotation, the previous key is accepted this long at most (ms).
+    #[arg(long, default_value_t = 60_000)]
+    key_rotation_grace_ms: u64,
     /// A session with no job for this long (ms) releases its machine.
     #[arg(long, default_value_t = 60_000)]
     session_idle_ms: u64,
+    /// How far the controller's clock may lag this machine's (ms, 1..=3600000): at start, signed
+    /// messages numbered below the clock less this are refused, so a config captured before a
+    /// restart is not applied after it.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    max_clock_skew_ms: u64,
+}
+
+/// Keys (never printed) and the config feed from the command line.
+fn config_signing(args: &Args) -> Result<ConfigSigning, String> {
+    let mut signing = ConfigSigning {
+        rotation_grace: Duration::from_millis(args.key_rotation_grace_ms),
+        ..ConfigSigning::default()
+    };
+    let split = |flag: &str, text: &str| -> Result<(String, String), String> {
+        match text.split_once('=') {
+            Some((service, value)) if !service.is_empty() && !value.is_empty() => {
+                Ok((service.to_string(), value.to_string()))
+            }
+            _ => Err(format!("{flag} {text:?}: expected SERVICE=VALUE")),
+        }
+    };
+    let keys = args
+        .key_files
+        .iter()
+        .map(|t| ("--key-file", t))
+        .chain(args.key_envs.iter().map(|t| ("--key-env", t)));
+    for (flag, text) in keys {
+        let (service, value) = split(flag, text)?;
+        let key = if flag == "--key-file" {
+            BalancerKey::from_file(std::path::Path::new(&value))
+        } else {
+            BalancerKey::from_env(&value)
+        }
+        .map_err(|e| format!("{flag} {service}: {e}"))?;
+        if signing.keys.insert(service.clone(), key).is_some() {
+            return Err(format!("{flag}: a key for {service:?} is given twice"));
+        }
+    }
+    signing.feed = match (&args.config_feed_hub, &args.config_feed_nats) {
+        (Some(url), _) => Some(ConfigFeed::Hub { url: url.clone() }),
+        (None, Some(url)) => Some(ConfigFeed::Nats { url: url.clone() }),
+        (None, None) => None,
+    };
+    Ok(signing)
 }
 
 fn main() -> ExitCode {
@@ -64,13 +133,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let signing = match config_signing(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let options = SpawnOptions {
+        signing,
         threads: args.threads,
+        work_stealing: args.work_stealing,
         mirror_threads: args.mirror_threads,
         mirror_queue: args.mirror_queue,
         mirror_concurrency: args.mirror_concurrency,
+        mirror_per_active: args.mirror_per_active,
         mirror_timeout: Duration::from_millis(args.mirror_timeout_ms),
         session_idle: Duration::from_millis(args.session_idle_ms),
+        max_clock_skew: Duration::from_millis(args.max_clock_skew_ms),
         ..SpawnOptions::default()
     };
     let running = match spawn_with(config, options) {

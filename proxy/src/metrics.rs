@@ -32,6 +32,7 @@ pub(crate) struct Metrics {
     jobs: IntCounterVec,
     duration: HistogramVec,
     mirror_dropped: IntCounterVec,
+    mirror_held: IntCounterVec,
     mismatch: IntCounterVec,
     refused: IntCounterVec,
     config_version: IntGaugeVec,
@@ -77,6 +78,14 @@ impl Metrics {
             ),
             &["service"],
         )?;
+        let mirror_held = IntCounterVec::new(
+            Opts::new(
+                "understudy_balancer_mirror_held_total",
+                "Mirror copies that waited in their queue because the simulation version had its \
+                 cap of copies in flight (a multiple of the service's active jobs in flight).",
+            ),
+            &["service", "version"],
+        )?;
         let mismatch = IntCounterVec::new(
             Opts::new(
                 "understudy_balancer_response_mismatch_total",
@@ -108,6 +117,7 @@ impl Metrics {
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(mirror_dropped.clone()))?;
+        registry.register(Box::new(mirror_held.clone()))?;
         registry.register(Box::new(mismatch.clone()))?;
         registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(config_version.clone()))?;
@@ -117,6 +127,7 @@ impl Metrics {
             jobs,
             duration,
             mirror_dropped,
+            mirror_held,
             mismatch,
             refused,
             config_version,
@@ -137,6 +148,10 @@ impl Metrics {
 
     pub(crate) fn mirror_dropped(&self, service: &str) -> IntCounter {
         self.mirror_dropped.with_label_values(&[service])
+    }
+
+    pub(crate) fn mirror_held(&self, service: &str, version: &str) -> IntCounter {
+        self.mirror_held.with_label_values(&[service, version])
     }
 
     pub(crate) fn mismatch(&self, service: &str, version: &str) -> IntCounter {

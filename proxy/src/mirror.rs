@@ -1,8 +1,15 @@
-//! Sending mirrored copies to simulation machines, away from the active path: a bounded queue
-//! (a full queue drops the copy and counts it), a bounded number of copies in flight, all on a
-//! runtime of its own, through one keep-alive HTTP client.
+//! Sending mirrored copies to simulation machines, away from the active path, on a runtime of its
+//! own, through one keep-alive HTTP client.
+//!
+//! Each simulation version of a service has its own *lane*: a bounded queue (a full queue drops
+//! the copy and counts it) and a dispatcher that keeps no more copies in flight towards that
+//! version than the service has active jobs in flight (times `per_active`). So a simulation
+//! version sees the concurrency the active version sees: a slow one cannot pile up hundreds of
+//! copies (inflating its own tail and costing the process CPU), and a fast one is never held back
+//! by a slow one. All lanes together also stay under one global cap (`concurrency`).
 
 use std::hash::Hasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +20,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::{mpsc, Semaphore};
+use prometheus::IntCounter;
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::pool::Machine;
 use crate::stats::{PairSlot, Stats};
@@ -25,8 +33,13 @@ pub const SIMULATION_HEADER: &str = "x-understudy-simulation";
 /// Limits of the mirror path.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MirrorLimits {
+    /// Copies waiting per lane (service, simulation version).
     pub queue: usize,
+    /// Copies in flight at once, all lanes together.
     pub concurrency: usize,
+    /// Copies in flight per lane for each active job in flight of the service (at least one
+    /// copy may always be in flight); 0 = no per-lane cap.
+    pub per_active: usize,
     pub timeout: Duration,
     pub connect_timeout: Duration,
 }
@@ -41,44 +54,161 @@ pub(crate) struct Copy {
     pub compare_body: bool,
     pub slot: Arc<PairSlot>,
     pub stats: Arc<Stats>,
+    /// When the copy was queued: its timeout runs from here, so a copy that waited in its
+    /// queue for as long as the timeout is recorded as a timeout without being sent (a
+    /// hanging simulation version keeps yielding timeout pairs at the rate jobs arrive).
+    pub queued_at: Instant,
 }
 
-/// The sending side, held by the data plane. Cloning is cheap.
+type CopyClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The copy path of a set of balancers: the runtime, the client and the global cap shared by
+/// every lane. Cloning is cheap.
 #[derive(Clone)]
 pub(crate) struct Mirror {
+    runtime: tokio::runtime::Handle,
+    client: CopyClient,
+    in_flight: Arc<Semaphore>,
+    limits: MirrorLimits,
+}
+
+/// Jobs of a service in flight towards its active machines; lanes size their cap on it.
+#[derive(Default)]
+pub(crate) struct ActiveInFlight(AtomicUsize);
+
+impl ActiveInFlight {
+    /// Counts one job until the guard is dropped (the job ended, whichever way).
+    pub(crate) fn enter(self: &Arc<Self>) -> ActiveJobGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        ActiveJobGuard(self.clone())
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct ActiveJobGuard(Arc<ActiveInFlight>);
+
+impl Drop for ActiveJobGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The sending side of one lane, held by the data plane.
+pub(crate) struct Lane {
     queue: mpsc::Sender<Copy>,
 }
 
-impl Mirror {
-    /// Starts the dispatcher on `runtime`.
-    pub(crate) fn start(runtime: &tokio::runtime::Handle, limits: MirrorLimits) -> Self {
-        let (queue, mut rx) = mpsc::channel::<Copy>(limits.queue.max(1));
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(limits.concurrency)
-            .build(connector);
-        let in_flight = Arc::new(Semaphore::new(limits.concurrency.max(1)));
-        runtime.spawn(async move {
-            while let Some(copy) = rx.recv().await {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                let client = client.clone();
-                tokio::spawn(async move {
-                    send(&client, copy, limits.timeout).await;
-                    drop(permit);
-                });
-            }
-        });
-        Mirror { queue }
-    }
-
+impl Lane {
     /// Queues a copy without waiting; false when the queue is full (the caller counts the drop).
     pub(crate) fn try_send(&self, copy: Copy) -> bool {
         self.queue.try_send(copy).is_ok()
+    }
+}
+
+/// What a lane's dispatcher and its copies share.
+struct LaneState {
+    active: Arc<ActiveInFlight>,
+    in_flight: AtomicUsize,
+    /// Signalled each time a copy of this lane ends.
+    copy_done: Notify,
+    /// Copies that had to wait for the per-lane cap.
+    held: IntCounter,
+}
+
+impl Mirror {
+    /// The copy path on `runtime` (nothing runs until a lane is opened).
+    pub(crate) fn start(runtime: &tokio::runtime::Handle, limits: MirrorLimits) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(limits.connect_timeout));
+        let client: CopyClient = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(limits.concurrency)
+            .build(connector);
+        Mirror {
+            runtime: runtime.clone(),
+            client,
+            in_flight: Arc::new(Semaphore::new(limits.concurrency.max(1))),
+            limits,
+        }
+    }
+
+    /// Opens a lane (one per service and simulation version) and starts its dispatcher.
+    /// `held` counts copies that waited for the per-lane cap.
+    pub(crate) fn open_lane(&self, active: Arc<ActiveInFlight>, held: IntCounter) -> Lane {
+        let (queue, mut rx) = mpsc::channel::<Copy>(self.limits.queue.max(1));
+        let state = Arc::new(LaneState {
+            active,
+            in_flight: AtomicUsize::new(0),
+            copy_done: Notify::new(),
+            held,
+        });
+        let Mirror {
+            client,
+            in_flight: global,
+            limits,
+            ..
+        } = self.clone();
+        self.runtime.spawn(async move {
+            while let Some(copy) = rx.recv().await {
+                let deadline = tokio::time::Instant::from_std(copy.queued_at + limits.timeout);
+                if !state.wait_for_room(limits.per_active, deadline).await {
+                    expire(copy);
+                    continue;
+                }
+                let permit =
+                    match tokio::time::timeout_at(deadline, global.clone().acquire_owned()).await {
+                        Ok(Ok(permit)) => permit,
+                        // The semaphore is never closed; stop if it ever were.
+                        Ok(Err(_closed)) => break,
+                        Err(_elapsed) => {
+                            expire(copy);
+                            continue;
+                        }
+                    };
+                state.in_flight.fetch_add(1, Ordering::Relaxed);
+                let (client, state) = (client.clone(), state.clone());
+                tokio::spawn(async move {
+                    send(&client, copy, deadline).await;
+                    drop(permit);
+                    state.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    state.copy_done.notify_one();
+                });
+            }
+        });
+        Lane { queue }
+    }
+}
+
+impl LaneState {
+    /// Waits until this lane has fewer copies in flight than its cap; false when `deadline`
+    /// passed first. No wake-up is missed: when the cap is reached at least one copy is in
+    /// flight, and its end signals `copy_done` (a signal sent before the wait starts is kept by
+    /// `Notify`).
+    async fn wait_for_room(&self, per_active: usize, deadline: tokio::time::Instant) -> bool {
+        if per_active == 0 {
+            return true;
+        }
+        let mut counted = false;
+        loop {
+            let cap = self.active.get().max(1).saturating_mul(per_active);
+            if self.in_flight.load(Ordering::Relaxed) < cap {
+                return true;
+            }
+            if !counted {
+                self.held.inc();
+                counted = true;
+            }
+            if tokio::time::timeout_at(deadline, self.copy_done.notified())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 }
 
@@ -93,7 +223,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONTENT_LENGTH,
 ];
 
-async fn send(client: &Client<HttpConnector, Full<Bytes>>, copy: Copy, timeout: Duration) {
+async fn send(client: &CopyClient, copy: Copy, deadline: tokio::time::Instant) {
     let Copy {
         target,
         method,
@@ -103,6 +233,7 @@ async fn send(client: &Client<HttpConnector, Full<Bytes>>, copy: Copy, timeout: 
         compare_body,
         slot,
         stats,
+        queued_at: _,
     } = copy;
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -121,7 +252,7 @@ async fn send(client: &Client<HttpConnector, Full<Bytes>>, copy: Copy, timeout: 
     *request.headers_mut() = headers;
 
     let start = Instant::now();
-    let answer = tokio::time::timeout(timeout, async {
+    let answer = tokio::time::timeout_at(deadline, async {
         let response = client.request(request).await.map_err(|e| {
             if e.is_connect() {
                 Outcome::ConnectFailure
@@ -148,6 +279,38 @@ async fn send(client: &Client<HttpConnector, Full<Bytes>>, copy: Copy, timeout: 
         Ok(Err(outcome)) => (outcome, None, None),
         Err(_elapsed) => (Outcome::Timeout, None, None),
     };
+    record(&target, &stats, &slot, latency_us, outcome, status, digest);
+}
+
+/// A copy whose timeout ran out while it waited in its queue: a timeout, never sent.
+fn expire(copy: Copy) {
+    let latency_us = copy.queued_at.elapsed().as_micros() as u64;
+    let Copy {
+        target,
+        slot,
+        stats,
+        ..
+    } = copy;
+    record(
+        &target,
+        &stats,
+        &slot,
+        latency_us,
+        Outcome::Timeout,
+        None,
+        None,
+    );
+}
+
+fn record(
+    target: &Machine,
+    stats: &Stats,
+    slot: &PairSlot,
+    latency_us: u64,
+    outcome: Outcome,
+    status: Option<u16>,
+    digest: Option<u64>,
+) {
     stats.record(&target.series, latency_us, outcome);
     slot.complete_simulation((
         JobObservation {

@@ -21,7 +21,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::mirror::{outcome_of_status, BodyDigest, Copy, SIMULATION_HEADER};
+use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest, Copy, SIMULATION_HEADER};
 use crate::pool::Machine;
 use crate::service::Service;
 use crate::stats::PairSlot;
@@ -110,6 +110,8 @@ pub(crate) struct JobCtx {
     status: Option<u16>,
     digest: Option<BodyDigest>,
     draft: Option<CopyDraft>,
+    /// Counts the job among the service's active jobs in flight until the job ends.
+    _active: Option<ActiveJobGuard>,
 }
 
 impl Balancer {
@@ -131,9 +133,16 @@ impl Balancer {
             self.service.stats.clone(),
         ));
         let body = std::mem::take(&mut draft.body).freeze();
+        let queued_at = Instant::now();
         let mut dropped = 0;
         for target in &draft.targets {
-            let queued = self.service.mirror.try_send(Copy {
+            // Every simulation version of a running config has its lane; a job routed by a
+            // table just swapped out still finds its version's lane (lanes are never closed).
+            let Some(lane) = self.service.lane(&target.version) else {
+                dropped += 1;
+                continue;
+            };
+            let queued = lane.try_send(Copy {
                 target: target.clone(),
                 method: draft.method.clone(),
                 path_and_query: draft.path_and_query.clone(),
@@ -142,6 +151,7 @@ impl Balancer {
                 compare_body: table_compare,
                 slot: slot.clone(),
                 stats: self.service.stats.clone(),
+                queued_at,
             });
             if !queued {
                 dropped += 1;
@@ -222,6 +232,7 @@ impl ProxyHttp for Balancer {
             status: None,
             digest: None,
             draft: None,
+            _active: None,
         }
     }
 
@@ -261,6 +272,7 @@ impl ProxyHttp for Balancer {
                 .router
                 .route(ctx.job, ctx.session.as_deref(), ends_session, ctx.start);
         ctx.machine = Some(route.machine);
+        ctx._active = Some(self.service.active_in_flight.enter());
         if !route.mirror.is_empty() {
             let req = session.req_header();
             ctx.draft = Some(CopyDraft {

@@ -1,17 +1,18 @@
 //! One balancer's shared state (routing, stats, mirror) and the config push that changes it.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
 
 use crate::config::{ConfigError, ValidConfig};
 use crate::metrics::Metrics;
-use crate::mirror::Mirror;
+use crate::mirror::{ActiveInFlight, Lane, Mirror};
 use crate::pool::{Router, Table};
 use crate::stats::Stats;
-use crate::wire::{BalancerConfig, StatsReport};
+use crate::wire::{BalancerConfig, PoolRole, StatsReport};
 
 /// Tunables of the data plane that are not part of the pushed config.
 #[derive(Debug, Clone, Copy)]
@@ -44,10 +45,16 @@ pub(crate) struct Service {
     pub name: Arc<str>,
     pub router: Router,
     pub stats: Arc<Stats>,
-    pub mirror: Mirror,
     pub limits: DataPlaneLimits,
     pub jobs: AtomicU64,
     pub refused_no_simulation: IntCounter,
+    /// Jobs in flight towards active machines: the copy lanes size their cap on it.
+    pub active_in_flight: Arc<ActiveInFlight>,
+    mirror: Mirror,
+    /// One copy lane per simulation version ever configured (kept across pushes, so a version's
+    /// copies in flight stay counted in one place).
+    lanes: RwLock<HashMap<Arc<str>, Arc<Lane>>>,
+    metrics: Arc<Metrics>,
     config_version: IntGauge,
     /// Serializes pushes so that the version check and the swap are one step.
     push: Mutex<()>,
@@ -65,16 +72,37 @@ impl Service {
         let config_version = metrics.config_version(&name);
         config_version.set(config.version as i64);
         let table = Table::new(config, &stats);
-        Service {
+        let service = Service {
             refused_no_simulation: metrics.refused(&name, "no_simulation_machine"),
             name,
-            router: Router::new(table),
             stats,
-            mirror,
             limits,
             jobs: AtomicU64::new(0),
+            active_in_flight: Arc::default(),
+            mirror,
+            lanes: RwLock::default(),
+            metrics: metrics.clone(),
             config_version,
             push: Mutex::new(()),
+            router: Router::new(table),
+        };
+        service.open_lanes(&service.router.table());
+        service
+    }
+
+    /// The copy lane of a simulation version (every version of the running config has one).
+    pub(crate) fn lane(&self, version: &str) -> Option<Arc<Lane>> {
+        self.lanes.read().expect("lanes lock").get(version).cloned()
+    }
+
+    fn open_lanes(&self, table: &Table) {
+        let mut lanes = self.lanes.write().expect("lanes lock");
+        for machine in &table.config.machines {
+            if machine.role == PoolRole::Simulation && !lanes.contains_key(&machine.version) {
+                let held = self.metrics.mirror_held(&self.name, &machine.version);
+                let lane = self.mirror.open_lane(self.active_in_flight.clone(), held);
+                lanes.insert(machine.version.clone(), Arc::new(lane));
+            }
         }
     }
 
@@ -100,8 +128,10 @@ impl Service {
             return Ok(PushResult::AlreadyRunning);
         }
         let version = valid.version;
-        self.router
-            .swap(Table::new(valid, &self.stats), Instant::now());
+        let table = Table::new(valid, &self.stats);
+        // Lanes first: a job routed by the new table finds its lane.
+        self.open_lanes(&table);
+        self.router.swap(table, Instant::now());
         self.config_version.set(version as i64);
         Ok(PushResult::Applied)
     }

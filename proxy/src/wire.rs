@@ -11,6 +11,39 @@ pub fn config_path(service: &str) -> String {
     format!("/api/v1/balancers/{service}/config")
 }
 
+/// Admin path of a balancer's config key, for `service` (`PUT`: rotation, see [`KeyRotation`]).
+pub fn config_key_path(service: &str) -> String {
+    format!("/api/v1/balancers/{service}/config-key")
+}
+
+/// Payload of a key rotation: an envelope from the controller on the config topic, signed with
+/// the balancer's CURRENT key, sent only to `PUT` [`config_key_path`] (never over the hub, since
+/// it carries the next key). `Debug` does not show the key.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotation {
+    pub service: String,
+    /// The next key, standard base64.
+    pub rotate_key: String,
+}
+
+impl std::fmt::Debug for KeyRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRotation")
+            .field("service", &self.service)
+            .field("rotate_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Answer to a key rotation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRotationAck {
+    pub service: String,
+    /// How long the previous key is still accepted (until the first config under the new one).
+    pub grace_ms: u64,
+}
+
 /// Admin path of a balancer's stats, for `service`, since `cursor` (0 = from the start).
 pub fn stats_path(service: &str, cursor: u64) -> String {
     format!("/api/v1/balancers/{service}/stats?since={cursor}")

@@ -297,6 +297,81 @@ async fn a_full_mirror_queue_drops_and_counts_copies() {
     running.shutdown();
 }
 
+/// A slow simulation version gets no more copies in flight than the service has active jobs in
+/// flight: the rest wait in its queue (counted as held) and are all sent, none dropped. Without
+/// the cap (`mirror_per_active: 0`) the same load piles copies up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_in_flight_follow_the_active_jobs_in_flight() {
+    const CALLERS: usize = 4;
+    const JOBS_EACH: usize = 10;
+    let http = Http::new();
+    let mut max_seen = Vec::new();
+    for per_active in [1, 0] {
+        let v1 = Machine::start("v1", Behaviour::Echo).await;
+        let v2 = Machine::start("v2", Behaviour::Slow(Duration::from_millis(30))).await;
+        let running = start_with(
+            vec![config(
+                "svc",
+                1,
+                vec![
+                    entry("a", "v1", &v1, PoolRole::Active),
+                    entry("s", "v2", &v2, PoolRole::Simulation),
+                ],
+            )],
+            SpawnOptions {
+                mirror_per_active: per_active,
+                ..SpawnOptions::default()
+            },
+        );
+        let lb = running.listen_addr("svc").unwrap();
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let http = http.clone();
+                tokio::spawn(async move {
+                    for _ in 0..JOBS_EACH {
+                        assert_eq!(http.job(lb, None, "x").await.status, 200);
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let report = pairs_after(&http, running.admin_addr(), "svc", CALLERS * JOBS_EACH).await;
+        assert_eq!(report.mirror_dropped, 0);
+        assert!(report
+            .pairs
+            .iter()
+            .all(|p| p.simulation.outcome == Outcome::Ok));
+        let metrics = http
+            .get(&format!("http://{}/metrics", running.admin_addr()))
+            .await
+            .body;
+        let held: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("understudy_balancer_mirror_held_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        if per_active == 1 {
+            assert!(held > 0, "copies were never held back by the cap");
+        } else {
+            assert_eq!(held, 0);
+        }
+        max_seen.push(v2.concurrency.max());
+        running.shutdown();
+    }
+    assert!(
+        max_seen[0] <= CALLERS,
+        "capped: {} copies at once on v2 with {CALLERS} callers",
+        max_seen[0]
+    );
+    assert!(
+        max_seen[1] > CALLERS,
+        "uncapped: only {} copies at once on v2",
+        max_seen[1]
+    );
+}
+
 #[tokio::test]
 async fn each_simulation_version_gets_a_copy_and_its_own_pair() {
     let v1 = Machine::start("v1", Behaviour::Echo).await;
@@ -951,7 +1026,8 @@ fn series_median_us(report: &StatsReport, version: &str, role: PoolRole) -> u64 
 /// balancer): identical machines give a per-pair ratio near 1, in the pairs and in the series.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_machines_measure_alike_on_both_sides_of_a_pair() {
-    let delay = Behaviour::Slow(Duration::from_millis(20));
+    // Long enough that scheduling noise on a busy 2-core host (a few ms) stays small beside it.
+    let delay = Behaviour::Slow(Duration::from_millis(80));
     let v1 = Machine::start("same", delay).await;
     let v2 = Machine::start("same", delay).await;
     let running = start(vec![config(
@@ -1027,7 +1103,8 @@ async fn job_with_slow_body(lb: std::net::SocketAddr, gap: Duration) -> String {
 /// that ran from `request_filter` to `logging` counted it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_body_does_not_inflate_the_active_side() {
-    let delay = Behaviour::Slow(Duration::from_millis(20));
+    // Long enough that scheduling noise on a busy 2-core host (a few ms) stays small beside it.
+    let delay = Behaviour::Slow(Duration::from_millis(80));
     let v1 = Machine::start("same", delay).await;
     let v2 = Machine::start("same", delay).await;
     let running = start(vec![config(

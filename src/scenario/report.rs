@@ -24,6 +24,11 @@ pub struct ScenarioReport {
     pub ops: Vec<OpsRecord>,
     /// The load generator's own report.
     pub load: Option<LoadReport>,
+    /// The controller's machine registry at the end of the run: each machine's last reported
+    /// state (machines publish it to the controller's hub).
+    pub machines: Vec<understudy_hub::MachineRecord>,
+    /// What the controller's monitor loop did during the run (`GET /api/v1/monitor/actions`).
+    pub monitor_actions: Vec<crate::controller::monitor::ActionRecord>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use understudy_loadgen::{run_load, spawn_machine, LoadReport, MachineHandle};
+use understudy_loadgen::{run_load, spawn_machine, HubOptions, LoadReport, MachineHandle};
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
 use understudy_proxy::{BalancerSpec, ProcessConfig, RunningBalancers};
 
@@ -95,6 +95,8 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<ScenarioRepor
         .expect("entry service has a balancer");
     let result = drive(scenario, opts, &client, entry).await;
     let machine_stats: Vec<_> = started.machines.values().map(|m| m.stats()).collect();
+    let registry = started.controller.core().machine_records();
+    let monitor_actions = started.controller.core().monitor_actions();
 
     if let Some(linger) = opts.linger {
         say!(
@@ -110,7 +112,10 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<ScenarioRepor
     if let Some(error) = release_error {
         return Err(RunError::Release(error));
     }
-    Ok(build_report(scenario, load, &rollouts, ops, &machine_stats))
+    let mut report = build_report(scenario, load, &rollouts, ops, &machine_stats);
+    report.machines = registry;
+    report.monitor_actions = monitor_actions;
+    Ok(report)
 }
 
 async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunError> {
@@ -131,17 +136,47 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
         .cluster_with_addresses(&addresses)
         .map_err(|e| RunError::Cluster(e.to_string()))?;
 
-    let balancers = understudy_proxy::spawn(ProcessConfig {
-        admin: any,
-        balancers: cluster
-            .services
-            .keys()
-            .map(|service| BalancerSpec {
-                listen: any,
-                config: initial_balancer_config(&cluster, service),
-            })
+    // (nats: signed configs) every balancer gets a fresh key and the controller signs each
+    // config with it; with a NATS hub the configs go through NATS instead of the admin PUT.
+    let balancer_keys: BTreeMap<String, understudy_hub::SecretKey> = cluster
+        .services
+        .keys()
+        .map(|service| (service.clone(), understudy_hub::SecretKey::generate()))
+        .collect();
+    let (config_feed, delivery) = match &cluster.hub.backend {
+        crate::hub_wiring::HubBackend::Nats { url } => (
+            Some(understudy_proxy::ConfigFeed::Nats { url: url.clone() }),
+            crate::balancer::ConfigDelivery::Hub,
+        ),
+        crate::hub_wiring::HubBackend::Embedded => (None, crate::balancer::ConfigDelivery::Http),
+    };
+    let signing = understudy_proxy::ConfigSigning {
+        keys: balancer_keys
+            .iter()
+            .map(|(s, k)| (s.clone(), understudy_proxy::BalancerKey::given(k.clone())))
             .collect(),
-    })
+        feed: config_feed,
+        ..understudy_proxy::ConfigSigning::default()
+    };
+    let balancers = understudy_proxy::spawn_with(
+        ProcessConfig {
+            admin: any,
+            balancers: cluster
+                .services
+                .keys()
+                .map(|service| BalancerSpec {
+                    listen: any,
+                    config: initial_balancer_config(&cluster, service),
+                })
+                .collect(),
+        },
+        understudy_proxy::SpawnOptions {
+            signing,
+            // The scenario's `[hub] max_clock_skew_ms`, as for the controller.
+            max_clock_skew: cluster.hub.max_clock_skew,
+            ..understudy_proxy::SpawnOptions::default()
+        },
+    )
     .map_err(|e| RunError::Balancers(e.to_string()))?;
 
     for plan in &scenario.machines {
@@ -164,6 +199,10 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
         cluster
             .set_balancer_url(service, &balancer_url)
             .map_err(RunError::Cluster)?;
+        let key = crate::balancer::BalancerSecret::given(balancer_keys[service].clone());
+        cluster
+            .set_balancer_key(service, key, delivery)
+            .map_err(RunError::Cluster)?;
     }
 
     let state_dir = tempfile::tempdir().map_err(RunError::StateDir)?;
@@ -177,12 +216,50 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
     let controller = controller::start(config)
         .await
         .map_err(|e| RunError::Controller(e.to_string()))?;
+    join_hub(scenario, &machines, &controller, token).await?;
     Ok(Running {
         machines,
         balancers,
         controller,
         _state_dir: state_dir,
     })
+}
+
+/// Registers every machine with the controller, as a machine does at boot, and has it publish its
+/// state (and its calls') to the controller's hub with the key the registration gave it.
+async fn join_hub(
+    scenario: &Scenario,
+    machines: &BTreeMap<String, MachineHandle>,
+    controller: &ControllerHandle,
+    token: &str,
+) -> Result<(), RunError> {
+    let admin = controller.admin_url();
+    let client =
+        AdminClient::new(&admin, Some(token.to_string())).expect("controller URL is valid");
+    for plan in &scenario.machines {
+        let failed = |reason: String| RunError::Machine {
+            id: plan.id.clone(),
+            reason: format!("cannot join the hub: {reason}"),
+        };
+        let machine = &machines[&plan.id];
+        let body = serde_json::json!({
+            "id": plan.id,
+            "service": plan.service,
+            "version": plan.version,
+            "address": machine.addr().to_string(),
+        });
+        let answer: crate::machines::Registration = client
+            .post("/api/v1/machines", &body)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let url = answer.hub_url.unwrap_or_else(|| admin.clone());
+        let options = HubOptions::new(url, plan.id.as_str(), &answer.key)
+            .map_err(|e| failed(e.to_string()))?;
+        machine
+            .publish_to_hub(options)
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The balancer's config before the controller takes over: the declared active machines, at
@@ -245,6 +322,7 @@ async fn drive(
     let body = serde_json::json!({
         "services": scenario.release,
         "rollback_on_failure": scenario.rollback_on_failure,
+        "subgroup": scenario.release_subgroups,
     });
     let release_started = Instant::now();
     let answer: crate::controller::ReleaseAnswer =
@@ -453,6 +531,8 @@ fn build_report(
         simulation_side_effects,
         ops,
         load,
+        machines: Vec::new(),
+        monitor_actions: Vec::new(),
     }
 }
 

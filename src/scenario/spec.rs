@@ -27,6 +27,15 @@ struct ScenarioFile {
     controller: ControllerSpec,
     #[serde(default)]
     defaults: DefaultsSpec,
+    /// `[hub]`, as in a cluster file.
+    #[serde(default)]
+    hub: crate::hub_wiring::HubSpec,
+    /// `[predict]`, as in a cluster file.
+    #[serde(default)]
+    predict: Option<Spanned<crate::prediction::PredictSection>>,
+    /// `[monitor]`, as in a cluster file.
+    #[serde(default)]
+    monitor: Option<Spanned<crate::controller::monitor::MonitorSection>>,
     services: BTreeMap<String, Spanned<ServiceSpec>>,
     machines: Vec<Spanned<MachineEntry>>,
     #[serde(default)]
@@ -86,6 +95,9 @@ struct ReleaseSpec {
     services: BTreeMap<String, String>,
     #[serde(default)]
     rollback_on_failure: bool,
+    /// service -> the sub-group of its active machines to move (default: all).
+    #[serde(default)]
+    subgroup: BTreeMap<String, understudy_hub::SubgroupSpec>,
 }
 
 fn default_release_at() -> f64 {
@@ -192,6 +204,8 @@ pub struct Scenario {
     pub load: LoadSpec,
     pub release_at: Duration,
     pub release: BTreeMap<String, String>,
+    /// service -> sub-group of the release (`[release.subgroup.SERVICE]`).
+    pub release_subgroups: BTreeMap<String, understudy_hub::SubgroupSpec>,
     pub rollback_on_failure: bool,
     pub ops: Vec<OpsStep>,
     pub expect: BTreeMap<String, Expected>,
@@ -455,6 +469,27 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         Cluster::from_spec(cluster_spec(raw, &placeholders), &source)?
     };
 
+    // Sub-groups are checked against the machines the file declares, as the controller will.
+    let roles = crate::plan::declared_roles(&cluster);
+    for (service, spec) in &release.subgroup {
+        let Some(version) = release.services.get(service) else {
+            return Err(invalid(
+                release_at_offset,
+                format!("release.subgroup.{service}"),
+                format!("`{service}` is not in the release"),
+            ));
+        };
+        crate::plan::Selection::choose(&cluster, &roles, service, version, Some(spec)).map_err(
+            |e| {
+                invalid(
+                    release_at_offset,
+                    format!("release.subgroup.{service}"),
+                    e.to_string(),
+                )
+            },
+        )?;
+    }
+
     Ok(Scenario {
         name: meta.name,
         description: meta.description,
@@ -466,6 +501,7 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         load,
         release_at: Duration::from_secs_f64(release.at_s),
         release: release.services,
+        release_subgroups: release.subgroup,
         rollback_on_failure: release.rollback_on_failure,
         ops,
         expect,
@@ -541,6 +577,9 @@ fn cluster_spec(raw: ScenarioFile, addresses: &BTreeMap<String, String>) -> Clus
         defaults: raw.defaults,
         services: raw.services,
         machines,
+        hub: raw.hub,
+        predict: raw.predict,
+        monitor: raw.monitor,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,35 @@ pub struct Seen {
 pub struct Machine {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Requests being answered now, and the most there ever were at once.
+    pub concurrency: Arc<Concurrency>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct Concurrency {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Concurrency {
+    fn enter(self: &Arc<Self>) -> ConcurrencyGuard {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        ConcurrencyGuard(self.clone())
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+}
+
+struct ConcurrencyGuard(Arc<Concurrency>);
+
+impl Drop for ConcurrencyGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Machine {
@@ -60,6 +89,8 @@ impl Machine {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let seen2 = seen.clone();
+        let concurrency: Arc<Concurrency> = Arc::default();
+        let concurrency2 = concurrency.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -73,10 +104,13 @@ impl Machine {
                     continue;
                 }
                 let seen = seen2.clone();
+                let concurrency = concurrency2.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
+                        let concurrency = concurrency.clone();
                         async move {
+                            let _answering = concurrency.enter();
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
@@ -119,7 +153,12 @@ impl Machine {
                 });
             }
         });
-        Machine { addr, seen, task }
+        Machine {
+            addr,
+            seen,
+            concurrency,
+            task,
+        }
     }
 
     pub fn requests(&self) -> Vec<Seen> {

@@ -1,0 +1,479 @@
+//! The machine registry on the controller (issue 6): registration with a hub key, key rotation,
+//! each verified `machine.state` report recorded as a new revision in SQLite
+//! ([`crate::store::SqlMachineStore`]), and the merged machine listing of the admin endpoint.
+//!
+//! Roles are the controller's: a machine's report keeps its status, sessions, capacity, address
+//! and version, but its role is replaced by the one the controller assigned (cluster file,
+//! rollouts) when the controller knows the machine. Keys are never logged nor shown by a read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use understudy_hub::registry::{Change, MachineRevision, Registry, RegistryError};
+use understudy_hub::{Envelope, MachineFilter, MachineRecord, Role, SecretKey, Status};
+use understudy_proxy::wire::PoolRole;
+
+use crate::admin::{authorize, ApiError};
+use crate::controller::{Core, RequestError};
+use crate::hub_wiring::{ControllerHub, CONTROLLER_ID, MAX_ROTATION_GRACE_MS};
+use crate::store::{self, SqlMachineStore, StoreError};
+
+/// `POST /api/v1/machines`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationRequest {
+    pub id: String,
+    pub service: String,
+    pub version: String,
+    /// `host:port` of the machine's listener.
+    pub address: String,
+    /// Ignored for a machine the controller already assigns a role to; default `standby`.
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// Sessions it can hold at once; default 100.
+    #[serde(default)]
+    pub capacity: Option<u32>,
+}
+
+const DEFAULT_CAPACITY: u32 = 100;
+
+/// The answer to a registration: the key is shown here once and never again.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Registration {
+    pub id: String,
+    /// Base64 of the machine's HMAC key.
+    pub key: String,
+    pub controller_id: String,
+    /// Base URL to publish to (`{hub_url}/api/v1/hub/publish`).
+    pub hub_url: Option<String>,
+}
+
+/// `POST /api/v1/machines/{id}/rotate-key` (body optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// How long the old key stays valid (default `[hub] rotation_grace_ms`).
+    pub grace_ms: Option<u64>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RotatedKey {
+    pub id: String,
+    pub key: String,
+    pub grace_ms: u64,
+}
+
+/// One machine as `GET /api/v1/machines` shows it: the controller's view (cluster file, role,
+/// place in the balancer config, role history) merged with the registry's latest report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineListing {
+    pub id: String,
+    pub service: String,
+    /// The version the machine last reported, else the declared one.
+    pub version: String,
+    pub address: String,
+    /// Declared weight; null for a machine only registered, not in the cluster file.
+    pub weight: Option<u32>,
+    pub role: Role,
+    /// Its place in the service's current balancer config (`active` | `simulation` | null).
+    pub config: Option<PoolRole>,
+    /// Last reported status; null when it never registered nor reported.
+    pub status: Option<Status>,
+    pub capacity: Option<u32>,
+    pub sessions: Option<u32>,
+    /// Latest registry revision and its time.
+    pub revision: Option<u64>,
+    pub updated_ms: Option<u64>,
+    /// In the cluster file.
+    pub declared: bool,
+    /// Role changes `{at_ms, role, version, rollout, cause}` made by the controller.
+    pub history: Vec<serde_json::Value>,
+}
+
+/// `GET /api/v1/machines` query: every set field must match.
+pub type ListingFilter = MachineFilter;
+
+/// Why a `machine.state` report was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("payload is not a machine record: {0}")]
+    Payload(String),
+    #[error(
+        "sender `{sender}` reported the state of machine `{id}`: a machine reports itself only"
+    )]
+    WrongSender { sender: String, id: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Machine ids appear in URLs and metric labels: the cluster file's naming rule.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn registry_refusal(e: RegistryError<StoreError>) -> RequestError {
+    match e {
+        RegistryError::Invalid { field, problem, .. } => {
+            RequestError::BadRequest(format!("field `{field}`: {problem}"))
+        }
+        RegistryError::ServiceChanged {
+            registered, given, ..
+        } => RequestError::BadRequest(format!(
+            "field `service`: the machine belongs to `{registered}`, not `{given}`"
+        )),
+        RegistryError::Unknown(id) => RequestError::NotFound(format!("no machine `{id}`")),
+        RegistryError::Store(e) => e.into(),
+    }
+}
+
+impl Core {
+    /// The pub-sub backend the controller hosts; other controller parts subscribe through it.
+    pub fn hub_backend(&self) -> Arc<dyn understudy_hub::Backend> {
+        self.hub.backend()
+    }
+
+    pub fn hub(&self) -> &ControllerHub {
+        &self.hub
+    }
+
+    /// Registers a machine: a fresh key (stored, then accepted by the hub), and a registry
+    /// revision with status `starting`. Re-registering an id issues a new key; the old one stops
+    /// working at once.
+    pub fn register_machine(
+        &self,
+        request: &RegistrationRequest,
+    ) -> Result<Registration, RequestError> {
+        if !valid_id(&request.id) {
+            return Err(RequestError::BadRequest(
+                "field `id`: must be 1-64 characters of a-z, 0-9, '-' or '_'".into(),
+            ));
+        }
+        let now = self.now_ms();
+        let key = SecretKey::generate();
+        self.with_store(|store, roles, cluster| {
+            if !cluster.services.contains_key(&request.service) {
+                return Err(RequestError::BadRequest(format!(
+                    "field `service`: unknown service `{}`",
+                    request.service
+                )));
+            }
+            if let Some(declared) = cluster.machines.iter().find(|m| m.id == request.id) {
+                if declared.service != request.service {
+                    return Err(RequestError::BadRequest(format!(
+                        "field `service`: machine `{}` is declared in service `{}`",
+                        request.id, declared.service
+                    )));
+                }
+            }
+            let record = MachineRecord {
+                id: request.id.clone(),
+                service: request.service.clone(),
+                version: request.version.clone(),
+                address: request.address.clone(),
+                role: roles
+                    .get(&request.id)
+                    .map(|r| r.hub_role())
+                    .or(request.role)
+                    .unwrap_or(Role::Standby),
+                status: Status::Starting,
+                capacity: request.capacity.unwrap_or(DEFAULT_CAPACITY),
+                sessions: 0,
+            };
+            store.write_with(|tx| {
+                Registry::new(SqlMachineStore::new(tx))
+                    .register(record, now)
+                    .map_err(registry_refusal)?;
+                store::put_machine_key(tx, &request.id, &key, now)?;
+                Ok(())
+            })
+        })?;
+        self.hub
+            .install_key(&request.id, key.clone())
+            .map_err(|e| RequestError::BadRequest(format!("field `id`: {e}")))?;
+        self.hub
+            .keys_issued
+            .with_label_values(&["registration"])
+            .inc();
+        tracing::info!(machine = %request.id, service = %request.service, "machine registered, hub key issued");
+        Ok(Registration {
+            id: request.id.clone(),
+            key: key.to_base64(),
+            controller_id: CONTROLLER_ID.to_string(),
+            hub_url: self.hub.advertised_url(),
+        })
+    }
+
+    /// Gives a registered machine a new key; the old one is accepted for `grace` (default
+    /// `[hub] rotation_grace_ms`) or until the first message under the new one.
+    pub fn rotate_machine_key(
+        &self,
+        id: &str,
+        request: &RotateRequest,
+    ) -> Result<RotatedKey, RequestError> {
+        let grace_ms = match request.grace_ms {
+            Some(g) if g > MAX_ROTATION_GRACE_MS => {
+                return Err(RequestError::BadRequest(format!(
+                    "field `grace_ms`: must be at most {MAX_ROTATION_GRACE_MS} (one day)"
+                )))
+            }
+            Some(g) => g,
+            None => self.hub.settings().rotation_grace.as_millis() as u64,
+        };
+        let now = self.now_ms();
+        let key = SecretKey::generate();
+        let rotated = self.with_store(|store, _, _| {
+            store.write(|tx| store::rotate_machine_key(tx, id, &key, now + grace_ms, now))
+        })?;
+        if !rotated {
+            return Err(RequestError::NotFound(format!(
+                "machine `{id}` is not registered"
+            )));
+        }
+        self.hub
+            .rotate_key(id, key.clone(), Duration::from_millis(grace_ms));
+        self.hub.keys_issued.with_label_values(&["rotation"]).inc();
+        tracing::info!(machine = %id, grace_ms, "machine hub key rotated");
+        Ok(RotatedKey {
+            id: id.to_string(),
+            key: key.to_base64(),
+            grace_ms,
+        })
+    }
+
+    /// Records a verified `machine.state` message as the sender's new state (a new revision when
+    /// anything changed).
+    pub fn record_machine_state(&self, envelope: &Envelope) -> Result<Change, ReportError> {
+        let outcome = self.record_report(envelope);
+        let label = match &outcome {
+            Ok(Change::New(_)) => "revision",
+            Ok(Change::Unchanged(_)) => "unchanged",
+            Err(_) => "refused",
+        };
+        self.hub.reports.with_label_values(&[label]).inc();
+        outcome
+    }
+
+    fn record_report(&self, envelope: &Envelope) -> Result<Change, ReportError> {
+        let mut record: MachineRecord = serde_json::from_value(envelope.payload.clone())
+            .map_err(|e| ReportError::Payload(e.to_string()))?;
+        if record.id != envelope.sender {
+            return Err(ReportError::WrongSender {
+                sender: envelope.sender.clone(),
+                id: record.id,
+            });
+        }
+        let now = self.now_ms();
+        self.with_store(|store, roles, _| {
+            if let Some(role) = roles.get(&record.id) {
+                record.role = role.hub_role();
+            }
+            store.write_with(|tx| {
+                Registry::new(SqlMachineStore::new(tx))
+                    .register(record, now)
+                    .map_err(|e| match e {
+                        RegistryError::Store(e) => ReportError::Store(e),
+                        other => ReportError::Refused(other.to_string()),
+                    })
+            })
+        })
+    }
+
+    /// Latest registry record of every machine that registered or reported, sorted by id; the
+    /// role is the controller's where it assigns one.
+    pub fn machine_records(&self) -> Vec<MachineRecord> {
+        self.with_store(|store, roles, _| {
+            let latest =
+                Registry::new(SqlMachineStore::new(store.conn())).list(&MachineFilter::default());
+            match latest {
+                Ok(revisions) => revisions
+                    .into_iter()
+                    .map(|r| {
+                        let mut record = r.record;
+                        if let Some(role) = roles.get(&record.id) {
+                            record.role = role.hub_role();
+                        }
+                        record
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::error!("reading the machine registry: {e}");
+                    Vec::new()
+                }
+            }
+        })
+    }
+
+    /// A machine's registry revisions, oldest first (empty for a declared machine that never
+    /// registered nor reported); 404 for an id the controller does not know at all.
+    pub fn machine_revisions(&self, id: &str) -> Result<Vec<MachineRevision>, RequestError> {
+        self.with_store(|store, _, cluster| {
+            let history =
+                understudy_hub::MachineStore::history(&SqlMachineStore::new(store.conn()), id)?;
+            if history.is_empty() && !cluster.machines.iter().any(|m| m.id == id) {
+                return Err(RequestError::NotFound(format!("no machine `{id}`")));
+            }
+            Ok(history)
+        })
+    }
+
+    /// Every machine the controller knows (declared or registered), merged, filtered, by id.
+    pub fn machine_listing(
+        &self,
+        filter: &ListingFilter,
+    ) -> Result<Vec<MachineListing>, RequestError> {
+        let declared = self.machines()?;
+        let reported: BTreeMap<String, MachineRevision> = self.with_store(|store, _, _| {
+            understudy_hub::MachineStore::all_latest(&SqlMachineStore::new(store.conn()))
+                .map(|all| all.into_iter().map(|r| (r.record.id.clone(), r)).collect())
+        })?;
+        let mut out: BTreeMap<String, MachineListing> = BTreeMap::new();
+        for m in declared {
+            let report = reported.get(&m.id);
+            out.insert(
+                m.id.clone(),
+                MachineListing {
+                    version: report.map_or(m.version.clone(), |r| r.record.version.clone()),
+                    address: report.map_or(m.address.clone(), |r| r.record.address.clone()),
+                    weight: Some(m.weight),
+                    role: m.role.hub_role(),
+                    config: m.config,
+                    status: report.map(|r| r.record.status),
+                    capacity: report.map(|r| r.record.capacity),
+                    sessions: report.map(|r| r.record.sessions),
+                    revision: report.map(|r| r.revision),
+                    updated_ms: report.map(|r| r.at_ms),
+                    declared: true,
+                    history: m.history,
+                    id: m.id,
+                    service: m.service,
+                },
+            );
+        }
+        for (id, r) in reported {
+            if out.contains_key(&id) {
+                continue;
+            }
+            let record = r.record;
+            out.insert(
+                id,
+                MachineListing {
+                    id: record.id,
+                    service: record.service,
+                    version: record.version,
+                    address: record.address,
+                    weight: None,
+                    role: record.role,
+                    config: None,
+                    status: Some(record.status),
+                    capacity: Some(record.capacity),
+                    sessions: Some(record.sessions),
+                    revision: Some(r.revision),
+                    updated_ms: Some(r.at_ms),
+                    declared: false,
+                    history: Vec::new(),
+                },
+            );
+        }
+        Ok(out
+            .into_values()
+            .filter(|m| {
+                filter.service.as_ref().is_none_or(|s| *s == m.service)
+                    && filter.role.is_none_or(|r| r == m.role)
+                    && filter.status.is_none_or(|s| Some(s) == m.status)
+                    && filter.version.as_ref().is_none_or(|v| *v == m.version)
+            })
+            .collect())
+    }
+
+    /// The hub's metrics page, with `understudy_machines` set from the current listing.
+    pub fn hub_metrics_text(&self) -> String {
+        let gauge = &self.hub.machines_gauge;
+        gauge.reset();
+        match self.machine_listing(&ListingFilter::default()) {
+            Ok(listing) => {
+                for m in listing {
+                    let status = m.status.map_or("unknown", |s| s.as_str());
+                    gauge
+                        .with_label_values(&[&m.service, &m.version, m.role.as_str(), status])
+                        .inc();
+                }
+            }
+            Err(e) => tracing::error!("machine listing for metrics: {e}"),
+        }
+        self.hub.render_metrics()
+    }
+}
+
+// ---- HTTP handlers (routes in src/admin.rs) ----
+
+type Shared = State<Arc<Core>>;
+
+fn bad_body(what: &str, e: serde_json::Error) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, format!("bad {what} body: {e}"))
+}
+
+/// `GET /api/v1/machines?service=&role=&status=&version=`
+pub async fn list(
+    State(core): Shared,
+    query: Result<Query<ListingFilter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(filter) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad machine filter: {}", e.body_text()),
+        )
+    })?;
+    Ok(Json(core.machine_listing(&filter)?).into_response())
+}
+
+/// `POST /api/v1/machines` (token).
+pub async fn register(
+    State(core): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&core, &headers)?;
+    let request: RegistrationRequest =
+        serde_json::from_slice(&body).map_err(|e| bad_body("registration", e))?;
+    let answer = core.register_machine(&request)?;
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+/// `POST /api/v1/machines/{id}/rotate-key` (token; body optional).
+pub async fn rotate_key(
+    State(core): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&core, &headers)?;
+    let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad_body("rotate-key", e))?
+    };
+    Ok(Json(core.rotate_machine_key(&id, &request)?).into_response())
+}
+
+/// `GET /api/v1/machines/{id}/history`
+pub async fn history(State(core): Shared, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(core.machine_revisions(&id)?).into_response())
+}
+
+#[cfg(test)]
+#[path = "machines_tests.rs"]
+mod tests;

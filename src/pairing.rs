@@ -1,0 +1,170 @@
+//! What the judge is fed: v2's answer paired, job by job, with its baseline (see
+//! `understudy_judge::Baseline`). With a control machine in the simulation pool, the balancer copies
+//! each job to v2 and to the control at the same moment through the same mirror path; the two
+//! halves arrive as separate balancer pairs (v1-active/v2 and v1-active/control) sharing the job
+//! number, possibly in different stats windows. [`PairFeed`] joins them into one same-path pair
+//! (control as v1, v2 as v2), so what the path adds (mirror queueing, a burst on a busy host) hits
+//! both halves alike instead of being blamed on v2.
+
+use std::collections::BTreeMap;
+
+use understudy_judge::{Baseline, Judge, PairSample};
+
+use crate::store::StoredPair;
+
+/// Halves kept while waiting for their partner; a half whose partner was dropped (mirror queue
+/// full) is forgotten oldest first beyond this.
+const PENDING_LIMIT: usize = 65_536;
+
+/// Feeds a rollout's stored pairs to its judge, in arrival order, as its condition's baseline asks.
+#[derive(Debug)]
+pub struct PairFeed {
+    against_control: bool,
+    /// Job number -> the half that came first (`true`: the control's).
+    pending: BTreeMap<u64, (bool, PairSample)>,
+}
+
+impl PairFeed {
+    /// `has_control`: the service keeps a control machine (its serving version in simulation).
+    pub fn new(baseline: Baseline, has_control: bool) -> PairFeed {
+        PairFeed {
+            against_control: baseline == Baseline::Control && has_control,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Whether v2 is judged against the control (else against the active machine).
+    pub fn against_control(&self) -> bool {
+        self.against_control
+    }
+
+    pub fn feed(&mut self, judge: &mut Judge, pair: &StoredPair) {
+        if !self.against_control {
+            if pair.control {
+                judge.observe_control(&pair.sample);
+            } else {
+                judge.observe(&pair.sample);
+            }
+            return;
+        }
+        if pair.control {
+            // Still the noise baseline of the details (control vs active).
+            judge.observe_control(&pair.sample);
+        }
+        if let Some(joined) = self.join(pair) {
+            judge.observe(&joined);
+        }
+    }
+
+    fn join(&mut self, pair: &StoredPair) -> Option<PairSample> {
+        match self.pending.remove(&pair.job) {
+            Some((first_is_control, first)) if first_is_control != pair.control => {
+                let (control, candidate) = if pair.control {
+                    (&pair.sample, &first)
+                } else {
+                    (&first, &pair.sample)
+                };
+                Some(same_path_pair(control, candidate))
+            }
+            // The same side twice for one job (a balancer restart renumbering jobs): keep the newer.
+            _ => {
+                self.pending.insert(pair.job, (pair.control, pair.sample));
+                if self.pending.len() > PENDING_LIMIT {
+                    self.pending.pop_first();
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The control's answer as v1, v2's as v2, from the balancer's two pairs of one job (each with the
+/// active answer as its v1 side). Both copies were compared with the active answer, v1's too: v2's
+/// comparison stands.
+pub fn same_path_pair(control: &PairSample, candidate: &PairSample) -> PairSample {
+    PairSample {
+        v1_latency_us: control.v2_latency_us,
+        v1_ok: control.v2_ok,
+        v2_latency_us: candidate.v2_latency_us,
+        v2_ok: candidate.v2_ok,
+        matched: candidate.matched,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use understudy_judge::{Condition, Decision};
+
+    fn stored(job: u64, control: bool, active_us: u64, sim_us: u64, sim_ok: bool) -> StoredPair {
+        StoredPair {
+            control,
+            job,
+            sample: PairSample {
+                v1_latency_us: active_us,
+                v1_ok: true,
+                v2_latency_us: sim_us,
+                v2_ok: sim_ok,
+                matched: Some(true),
+            },
+        }
+    }
+
+    #[test]
+    fn halves_of_one_job_join_in_either_order_into_a_same_path_pair() {
+        let mut feed = PairFeed::new(Baseline::Control, true);
+        assert!(feed.join(&stored(1, false, 1_000, 2_000, false)).is_none());
+        assert!(feed.join(&stored(2, true, 1_000, 1_500, true)).is_none());
+        let one = feed.join(&stored(1, true, 1_000, 1_900, true)).unwrap();
+        assert_eq!(
+            (one.v1_latency_us, one.v1_ok, one.v2_latency_us, one.v2_ok),
+            (1_900, true, 2_000, false)
+        );
+        let two = feed.join(&stored(2, false, 1_000, 1_600, true)).unwrap();
+        assert_eq!((two.v1_latency_us, two.v2_latency_us), (1_500, 1_600));
+        assert!(feed.pending.is_empty());
+    }
+
+    #[test]
+    fn unmatched_halves_are_bounded() {
+        let mut feed = PairFeed::new(Baseline::Control, true);
+        for job in 0..(PENDING_LIMIT as u64 + 10) {
+            feed.join(&stored(job, false, 1, 1, true));
+        }
+        assert_eq!(feed.pending.len(), PENDING_LIMIT);
+        assert_eq!(feed.pending.keys().next(), Some(&10));
+    }
+
+    /// The mirror path is 30% slower than the active one for both copies: against the active
+    /// machine an identical v2 looks 30% slower and is rolled back; against the control it passes.
+    #[test]
+    fn a_slow_mirror_path_is_not_blamed_on_v2_when_judged_against_the_control() {
+        let condition = Condition {
+            warmup_jobs: 10,
+            min_jobs: 50,
+            latency: vec![understudy_judge::LatencyLimit {
+                quantile: 0.5,
+                max_ratio: 1.1,
+            }],
+            ..Condition::default()
+        };
+        let verdict = |baseline| {
+            let mut judge = Judge::new(condition.clone());
+            let mut feed = PairFeed::new(baseline, true);
+            for job in 0..4_000u64 {
+                let work = 1_000 + (job * 7_919) % 3_000;
+                let sim = work * 13 / 10;
+                feed.feed(&mut judge, &stored(job, false, work, sim, true));
+                feed.feed(&mut judge, &stored(job, true, work, sim, true));
+                if judge.is_final() {
+                    break;
+                }
+            }
+            judge.verdict()
+        };
+        assert_eq!(verdict(Baseline::Active).decision, Decision::Fail);
+        assert_eq!(verdict(Baseline::Control).decision, Decision::Pass);
+        // Without a control machine the control baseline falls back to the active machine.
+        assert!(!PairFeed::new(Baseline::Control, false).against_control());
+    }
+}

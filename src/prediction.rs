@@ -1,0 +1,1362 @@
+//! Predictive monitoring wired into the controller (issue 7).
+//!
+//! Machines publish the states of their calls on the hub (topic `call.state`). This part
+//! subscribes to that topic through the controller's backend, turns each event into an
+//! [`understudy_predict::Update`], feeds one [`Predictor`] per configuration (callers' jobs on
+//! active machines, mirrored copies on simulation machines: a v1 control and a v1 active machine
+//! see the same session ids, and must not be taken for one object), moves objects that dwell too
+//! long each controller tick, and routes alerts to the log, the metrics, a bounded list for the API
+//! and an optional webhook. During a rollout's simulation it compares v2's model (simulation) with
+//! v1's (active): when v2's probability of failure from the start state is clearly higher, the
+//! rollout fails with the rule `prediction` ([`Predictions::early_fail`]).
+//!
+//! Configuration: the cluster file's `[predict]` section ([`PredictSection`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::{Encoder, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use understudy_hub::{Backend, Envelope, Filter};
+use understudy_judge::{Decision, Verdict};
+use understudy_predict::{
+    Alert, Comparison, DwellSummary, Observed, Outlook, PredictConfig, Predictor, Settings,
+    Timestamp, Update,
+};
+use understudy_proxy::wire::PoolRole;
+
+use crate::controller::Clock;
+
+/// The hub topic machines publish their calls' states on.
+pub const CALL_STATE_TOPIC: &str = "call.state";
+
+/// The rule name a verdict decided by the early signal carries (`rule` starts with it).
+pub const PREDICTION_RULE: &str = "prediction";
+
+// ---- configuration ----
+
+/// The model part of `[predict]` when the cluster file leaves it out: the machines' call statuses
+/// (docs/loadgen.md) mapped to the states of issue 7, received -> routed -> queued -> media ->
+/// completed, or an error, or a timeout. Any top-level key the file sets replaces the default's.
+const DEFAULT_MODEL: &str = r#"
+successes = ["completed"]
+start_state = "received"
+
+[[rules]]
+kind = "call"
+when = { status = "received" }
+state = "received"
+
+[[rules]]
+kind = "call"
+when = { status = "routed" }
+state = "routed"
+
+[[rules]]
+kind = "call"
+when = { status = "queued" }
+state = "queued"
+
+[[rules]]
+kind = "call"
+when = { status = "media" }
+state = "media"
+
+[[rules]]
+kind = "call"
+when = { status = "completed" }
+state = "completed"
+
+[[rules]]
+kind = "call"
+when = { status = "error" }
+state = "error state failure"
+
+[[rules]]
+kind = "call"
+when = { status = "timeout" }
+state = "time threshold failure"
+
+# A call whose machine stops reporting (crashed, or v2 pulled mid-call) is moved to the
+# time-threshold artifact instead of being followed for ever.
+[dwell]
+limit_secs = 300
+"#;
+
+/// `[predict]` in a cluster (or scenario) file: the controller's own keys, and the predict crate's
+/// [`PredictConfig`] (rules, artifacts, alerts, dwell, compare...) at the same level.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PredictSection {
+    /// Subscribe to `call.state` and predict at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Whether the early signal may roll a simulating v2 back (otherwise it is only reported).
+    #[serde(default = "yes")]
+    pub rollback: bool,
+    /// Alerts are POSTed here as JSON (`http://` only).
+    pub webhook_url: Option<String>,
+    /// Deadline of one webhook POST (default 2000).
+    pub webhook_timeout_ms: Option<u64>,
+    /// Alerts waiting for the webhook; more are dropped and counted (default 1024).
+    pub webhook_queue: Option<usize>,
+    /// Alerts kept for `GET /api/v1/predictions/alerts` (default 200).
+    pub recent_alerts: Option<usize>,
+    /// Messages the hub may queue for this part before it counts as slow (default 8192).
+    pub subscriber_queue: Option<usize>,
+    /// The rest: the predict crate's configuration (unknown keys are refused there).
+    #[serde(flatten)]
+    pub model: toml::Table,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for PredictSection {
+    fn default() -> Self {
+        PredictSection {
+            enabled: true,
+            rollback: true,
+            webhook_url: None,
+            webhook_timeout_ms: None,
+            webhook_queue: None,
+            recent_alerts: None,
+            subscriber_queue: None,
+            model: toml::Table::new(),
+        }
+    }
+}
+
+/// A `[predict]` field that is wrong: `field` is its path below `predict`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("field `predict.{field}`: {reason}")]
+pub struct PredictSectionError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn section_error(field: impl Into<String>, reason: impl Into<String>) -> PredictSectionError {
+    PredictSectionError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSettings {
+    pub url: String,
+    pub timeout: Duration,
+    pub queue: usize,
+}
+
+/// `[predict]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictionSettings {
+    pub enabled: bool,
+    pub rollback: bool,
+    pub webhook: Option<WebhookSettings>,
+    pub recent_alerts: usize,
+    pub subscriber_queue: usize,
+    pub model: Settings,
+}
+
+impl Default for PredictionSettings {
+    fn default() -> Self {
+        PredictSection::default()
+            .validate()
+            .expect("the default [predict] section is valid")
+    }
+}
+
+fn bounded(
+    field: &str,
+    value: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, PredictSectionError> {
+    match value {
+        None => Ok(default),
+        Some(v) if (1..=max).contains(&v) => Ok(v),
+        Some(v) => Err(section_error(
+            field,
+            format!("must be within 1..={max}, got {v}"),
+        )),
+    }
+}
+
+impl PredictSection {
+    /// Checks every field; the error names the first that is wrong.
+    pub fn validate(&self) -> Result<PredictionSettings, PredictSectionError> {
+        let webhook = match &self.webhook_url {
+            None => None,
+            Some(url) => {
+                let uri: http::Uri = url.parse().map_err(|e| {
+                    section_error("webhook_url", format!("`{url}` is not a URL: {e}"))
+                })?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(section_error(
+                        "webhook_url",
+                        format!("`{url}`: expected http://HOST:PORT/PATH (https is not supported)"),
+                    ));
+                }
+                let timeout_ms = self.webhook_timeout_ms.unwrap_or(2_000);
+                if !(1..=60_000).contains(&timeout_ms) {
+                    return Err(section_error(
+                        "webhook_timeout_ms",
+                        format!("must be within 1..=60000, got {timeout_ms}"),
+                    ));
+                }
+                Some(WebhookSettings {
+                    url: url.clone(),
+                    timeout: Duration::from_millis(timeout_ms),
+                    queue: bounded("webhook_queue", self.webhook_queue, 1024, 1 << 20)?,
+                })
+            }
+        };
+        if webhook.is_none() {
+            for (field, set) in [
+                ("webhook_timeout_ms", self.webhook_timeout_ms.is_some()),
+                ("webhook_queue", self.webhook_queue.is_some()),
+            ] {
+                if set {
+                    return Err(section_error(field, "has no effect without webhook_url"));
+                }
+            }
+        }
+        let recent_alerts = bounded("recent_alerts", self.recent_alerts, 200, 100_000)?;
+        let subscriber_queue = bounded("subscriber_queue", self.subscriber_queue, 8192, 1 << 20)?;
+        let mut model: toml::Table = DEFAULT_MODEL
+            .parse()
+            .expect("the default model configuration is valid TOML");
+        for (key, value) in &self.model {
+            model.insert(key.clone(), value.clone());
+        }
+        let config: PredictConfig =
+            toml::Value::Table(model.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    let (field, reason) = locate(&model)
+                        .unwrap_or_else(|| (unknown_field_of(&e), e.message().trim().to_string()));
+                    section_error(field, reason)
+                })?;
+        let model = config.validate().map_err(|e| match e {
+            understudy_predict::ConfigError::Invalid { field, reason } => {
+                section_error(field, reason)
+            }
+            understudy_predict::ConfigError::Parse(e) => section_error("(section)", e.to_string()),
+        })?;
+        Ok(PredictionSettings {
+            enabled: self.enabled,
+            rollback: self.rollback,
+            webhook,
+            recent_alerts,
+            subscriber_queue,
+            model,
+        })
+    }
+}
+
+/// Which part of the model configuration does not deserialize, as `(field path, reason)`: a toml
+/// error from a nested table names the key but not the table it is in.
+fn locate(model: &toml::Table) -> Option<(String, String)> {
+    use understudy_predict::config::{AlertConfig, CompareConfig, DwellConfig, RuleConfig};
+    fn check<T: serde::de::DeserializeOwned>(
+        path: String,
+        value: &toml::Value,
+    ) -> Option<(String, String)> {
+        let error = value.clone().try_into::<T>().err()?;
+        let field = unknown_field_of(&error);
+        let field = if field == "(section)" {
+            path
+        } else {
+            format!("{path}.{field}")
+        };
+        Some((field, error.message().trim().to_string()))
+    }
+    let table = |key: &str| model.get(key);
+    table("alerts")
+        .and_then(|v| check::<AlertConfig>("alerts".into(), v))
+        .or_else(|| table("dwell").and_then(|v| check::<DwellConfig>("dwell".into(), v)))
+        .or_else(|| table("compare").and_then(|v| check::<CompareConfig>("compare".into(), v)))
+        .or_else(|| {
+            let rules = table("rules")?.as_array()?;
+            rules
+                .iter()
+                .enumerate()
+                .find_map(|(i, rule)| check::<RuleConfig>(format!("rules[{i}]"), rule))
+        })
+}
+
+/// The field a deserialization error is about, when its message names one (`unknown field `x``).
+fn unknown_field_of(error: &toml::de::Error) -> String {
+    let message = error.message();
+    message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.contains("field"))
+        .unwrap_or("(section)")
+        .to_string()
+}
+
+// ---- messages ----
+
+/// A `call.state` payload: one machine's batch of call events.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CallStateBatch {
+    pub service: String,
+    pub version: String,
+    pub config: PoolRole,
+    #[serde(default)]
+    pub machine: String,
+    pub events: Vec<CallEvent>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CallEvent {
+    /// The session id of the call.
+    pub object: String,
+    pub kind: String,
+    pub status: String,
+    /// Unix milliseconds at the machine.
+    #[serde(default)]
+    pub at_ms: Option<u64>,
+}
+
+/// Why a message was not taken in.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("topic `{0}` is not {CALL_STATE_TOPIC}")]
+    Topic(String),
+    #[error("call.state payload from `{sender}`: {source}")]
+    Payload {
+        sender: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A machine reports its own calls only.
+    #[error("call.state from `{sender}` speaks for machine `{machine}`")]
+    NotItsOwn { sender: String, machine: String },
+}
+
+/// How far a machine's clock may be from the controller's before its timestamps are replaced by
+/// the time the message arrived (a machine must not be able to age or freeze the model).
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// The updates a batch stands for, each with the time it happened (controller milliseconds).
+/// Fields a rule may match: `status`, `config` (`active` | `simulation`), `machine`.
+pub fn updates_of(batch: &CallStateBatch, now_ms: u64) -> Vec<(Update, u64)> {
+    let config = pool_name(batch.config);
+    batch
+        .events
+        .iter()
+        .map(|event| {
+            let update = Update::new(
+                event.object.clone(),
+                batch.service.clone(),
+                batch.version.clone(),
+                event.kind.clone(),
+            )
+            .with("status", event.status.clone())
+            .with("config", config)
+            .with("machine", batch.machine.clone());
+            let at = event
+                .at_ms
+                .filter(|at| at.abs_diff(now_ms) <= MAX_CLOCK_SKEW_MS)
+                .unwrap_or(now_ms);
+            (update, at)
+        })
+        .collect()
+}
+
+fn pool_name(config: PoolRole) -> &'static str {
+    match config {
+        PoolRole::Active => "active",
+        PoolRole::Simulation => "simulation",
+    }
+}
+
+fn timestamp(ms: u64) -> Timestamp {
+    Duration::from_millis(ms)
+}
+
+// ---- metrics ----
+
+struct PredictionMetrics {
+    alerts: IntCounterVec,
+    failure: GaugeVec,
+    messages: IntCounterVec,
+    webhook: IntCounterVec,
+    signals: IntCounterVec,
+}
+
+impl PredictionMetrics {
+    fn new(registry: &Registry) -> Result<PredictionMetrics, prometheus::Error> {
+        let alerts = IntCounterVec::new(
+            Opts::new(
+                "understudy_prediction_alerts_total",
+                "Alerts raised: an object entered (or dwelled in) a state from which an artifact is likely.",
+            ),
+            &["service", "version", "state", "artifact"],
+        )?;
+        let failure = GaugeVec::new(
+            Opts::new(
+                "understudy_prediction_failure_probability",
+                "Probability that an object ends in an artifact, from the start state, per version and configuration.",
+            ),
+            &["service", "version", "config"],
+        )?;
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "understudy_prediction_messages_total",
+                "call.state messages taken in (accepted) or refused (rejected).",
+            ),
+            &["outcome"],
+        )?;
+        let webhook = IntCounterVec::new(
+            Opts::new(
+                "understudy_prediction_webhook_alerts_total",
+                "Alerts for the webhook: sent, failed (no 2xx answer in time) or dropped (queue full).",
+            ),
+            &["outcome"],
+        )?;
+        let signals = IntCounterVec::new(
+            Opts::new(
+                "understudy_prediction_rollbacks_total",
+                "Rollouts failed by the early signal (v2 clearly more likely to fail than v1).",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(alerts.clone()))?;
+        registry.register(Box::new(failure.clone()))?;
+        registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(webhook.clone()))?;
+        registry.register(Box::new(signals.clone()))?;
+        for outcome in ["accepted", "rejected"] {
+            messages.with_label_values(&[outcome]);
+        }
+        for outcome in ["sent", "failed", "dropped"] {
+            webhook.with_label_values(&[outcome]);
+        }
+        Ok(PredictionMetrics {
+            alerts,
+            failure,
+            messages,
+            webhook,
+            signals,
+        })
+    }
+}
+
+// ---- the part ----
+
+/// An alert as kept for the API and sent to the webhook.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertRecord {
+    pub at_ms: u64,
+    pub config: PoolRole,
+    #[serde(flatten)]
+    pub alert: Alert,
+}
+
+/// Logging every alert would flood the log at call rates: one line per (service, version, state,
+/// artifact) at most this often, with the count of those not logged.
+const ALERT_LOG_INTERVAL_MS: u64 = 10_000;
+
+type AlertKey = (String, String, String, String);
+
+struct Inner {
+    active: Predictor,
+    simulation: Predictor,
+    recent: VecDeque<AlertRecord>,
+    alerts_total: u64,
+    /// Per alert key: when it was last logged, and how many were raised since.
+    logged: BTreeMap<AlertKey, (u64, u64)>,
+    /// Per service, the rollout whose simulation the early signal last looked at.
+    simulating: BTreeMap<String, i64>,
+}
+
+impl Inner {
+    fn predictor(&mut self, config: PoolRole) -> &mut Predictor {
+        match config {
+            PoolRole::Active => &mut self.active,
+            PoolRole::Simulation => &mut self.simulation,
+        }
+    }
+
+    fn predictors(&self) -> [(PoolRole, &Predictor); 2] {
+        [
+            (PoolRole::Active, &self.active),
+            (PoolRole::Simulation, &self.simulation),
+        ]
+    }
+}
+
+/// The controller's predictive monitoring (see the module doc).
+pub struct Predictions {
+    settings: PredictionSettings,
+    clock: Clock,
+    inner: Mutex<Inner>,
+    /// Its own registry, rendered after the controller's on `/metrics` (as the hub's is).
+    registry: Registry,
+    metrics: PredictionMetrics,
+    webhook: Option<mpsc::Sender<AlertRecord>>,
+    /// Taken by [`Predictions::start`], which runs the webhook's sender.
+    webhook_queue: Mutex<Option<mpsc::Receiver<AlertRecord>>>,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // Models are caches of what machines reported: a panic mid-update leaves them usable.
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One side of a comparison: a version in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Side {
+    pub version: String,
+    pub config: PoolRole,
+}
+
+/// One version's model, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelView {
+    pub service: String,
+    pub version: String,
+    pub config: PoolRole,
+    pub start_state: Option<String>,
+    /// Probability of ending in any artifact from the start state.
+    pub start_failure: Option<f64>,
+    /// Per state: role, departures, P(each artifact), success, unknown, standard error, expected
+    /// steps and seconds; and the decayed transition table (`table.counts`).
+    pub outlook: Outlook,
+    pub dwell: BTreeMap<String, DwellSummary>,
+}
+
+/// v2 (simulation) against v1 (active) from the start state.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComparisonView {
+    pub service: String,
+    pub baseline: Side,
+    pub candidate: Side,
+    /// Each side's P(failure) from the start state, its standard error and departures; the
+    /// difference in standard errors, and whether v2 is clearly worse (see the predict crate).
+    pub comparison: Comparison,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictionsView {
+    pub enabled: bool,
+    pub rollback: bool,
+    pub start_state: Option<String>,
+    pub artifacts: Vec<String>,
+    pub tracked_objects: usize,
+    pub alerts_total: u64,
+    pub models: Vec<ModelView>,
+    pub comparisons: Vec<ComparisonView>,
+}
+
+/// What the early signal decided: a failing verdict and its JSON (as the judge's are shown).
+#[derive(Debug, Clone)]
+pub struct EarlyFail {
+    pub verdict: Verdict,
+    pub json: serde_json::Value,
+}
+
+impl Predictions {
+    pub fn new(
+        settings: PredictionSettings,
+        clock: Clock,
+    ) -> Result<Predictions, prometheus::Error> {
+        let registry = Registry::new();
+        let metrics = PredictionMetrics::new(&registry)?;
+        let (webhook, webhook_queue) = match &settings.webhook {
+            Some(w) => {
+                let (sender, receiver) = mpsc::channel(w.queue);
+                (Some(sender), Some(receiver))
+            }
+            None => (None, None),
+        };
+        Ok(Predictions {
+            inner: Mutex::new(Inner {
+                active: Predictor::new(settings.model.clone()),
+                simulation: Predictor::new(settings.model.clone()),
+                recent: VecDeque::new(),
+                alerts_total: 0,
+                logged: BTreeMap::new(),
+                simulating: BTreeMap::new(),
+            }),
+            settings,
+            clock,
+            registry,
+            metrics,
+            webhook,
+            webhook_queue: Mutex::new(webhook_queue),
+        })
+    }
+
+    pub fn settings(&self) -> &PredictionSettings {
+        &self.settings
+    }
+
+    /// This part's metrics in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let mut buffer = Vec::new();
+        // The text encoder only fails on a broken writer; a Vec never is.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// Starts the `call.state` subscription and the webhook's sender (when configured); both stop
+    /// when `shutdown` turns true. Nothing is started when predictions are disabled.
+    pub fn start(
+        self: &Arc<Self>,
+        backend: Arc<dyn Backend>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        if !self.settings.enabled {
+            return Vec::new();
+        }
+        let mut tasks = vec![tokio::spawn(feed(self.clone(), backend, shutdown.clone()))];
+        let queue = self
+            .webhook_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(queue), Some(webhook)) = (queue, self.settings.webhook.clone()) {
+            tasks.push(tokio::spawn(send_webhooks(
+                webhook,
+                queue,
+                self.metrics.webhook.clone(),
+                shutdown,
+            )));
+        }
+        tasks
+    }
+
+    /// Takes in one hub message; returns the number of events it held.
+    pub fn ingest(&self, envelope: &Envelope) -> Result<usize, IngestError> {
+        let result = self.ingest_inner(envelope);
+        let outcome = if result.is_ok() {
+            "accepted"
+        } else {
+            "rejected"
+        };
+        self.metrics.messages.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    fn ingest_inner(&self, envelope: &Envelope) -> Result<usize, IngestError> {
+        if envelope.topic != CALL_STATE_TOPIC {
+            return Err(IngestError::Topic(envelope.topic.clone()));
+        }
+        let mut batch: CallStateBatch =
+            serde_json::from_value(envelope.payload.clone()).map_err(|source| {
+                IngestError::Payload {
+                    sender: envelope.sender.clone(),
+                    source,
+                }
+            })?;
+        if batch.machine.is_empty() {
+            batch.machine = envelope.sender.clone();
+        } else if batch.machine != envelope.sender {
+            return Err(IngestError::NotItsOwn {
+                sender: envelope.sender.clone(),
+                machine: batch.machine,
+            });
+        }
+        let now_ms = self.clock.now_ms();
+        let mut alerts = Vec::new();
+        let mut inner = lock(&self.inner);
+        for (update, at_ms) in updates_of(&batch, now_ms) {
+            if let Observed::Entered { alerts: raised, .. } = inner
+                .predictor(batch.config)
+                .observe(&update, timestamp(at_ms))
+            {
+                alerts.extend(raised);
+            }
+        }
+        self.route(&mut inner, batch.config, alerts, now_ms);
+        Ok(batch.events.len())
+    }
+
+    /// Once per controller tick: moves objects past their dwell limit to the time-threshold
+    /// artifact, raises dwelling alerts, and refreshes the P(failure) gauges.
+    pub fn tick(&self) {
+        if !self.settings.enabled {
+            return;
+        }
+        let now_ms = self.clock.now_ms();
+        let now = timestamp(now_ms);
+        let mut inner = lock(&self.inner);
+        for config in [PoolRole::Active, PoolRole::Simulation] {
+            let report = inner.predictor(config).tick(now);
+            for timed_out in &report.timed_out {
+                tracing::debug!(
+                    service = %timed_out.service,
+                    version = %timed_out.version,
+                    object = %timed_out.object,
+                    state = %timed_out.state,
+                    "call dwelled past its limit: time threshold failure"
+                );
+            }
+            self.route(&mut inner, config, report.alerts, now_ms);
+        }
+        let Some(start) = self.settings.model.start_state.clone() else {
+            return;
+        };
+        for (config, predictor) in inner.predictors() {
+            for key in predictor.model_keys() {
+                let failure = predictor
+                    .outlook(&key.service, &key.version, now)
+                    .and_then(|o| o.state(&start).map(|s| s.failure()));
+                if let Some(p) = failure {
+                    self.metrics
+                        .failure
+                        .with_label_values(&[&key.service, &key.version, pool_name(config)])
+                        .set(p);
+                }
+            }
+        }
+    }
+
+    /// Alerts go to the metric, the recent list, the log (throttled) and the webhook queue.
+    fn route(&self, inner: &mut Inner, config: PoolRole, alerts: Vec<Alert>, now_ms: u64) {
+        for alert in alerts {
+            self.metrics
+                .alerts
+                .with_label_values(&[
+                    &alert.service,
+                    &alert.version,
+                    &alert.state,
+                    &alert.artifact,
+                ])
+                .inc();
+            inner.alerts_total += 1;
+            let key = (
+                alert.service.clone(),
+                alert.version.clone(),
+                alert.state.clone(),
+                alert.artifact.clone(),
+            );
+            let entry = inner.logged.entry(key).or_insert((0, 0));
+            entry.1 += 1;
+            if entry.0 == 0 || now_ms.saturating_sub(entry.0) >= ALERT_LOG_INTERVAL_MS {
+                tracing::warn!(
+                    service = %alert.service,
+                    version = %alert.version,
+                    config = pool_name(config),
+                    object = %alert.object,
+                    state = %alert.state,
+                    artifact = %alert.artifact,
+                    probability = alert.probability,
+                    raised = entry.1,
+                    "prediction alert: P({}) = {:.3} from `{}` ({} raised since the last line)",
+                    alert.artifact,
+                    alert.probability,
+                    alert.state,
+                    entry.1
+                );
+                *entry = (now_ms.max(1), 0);
+            }
+            let record = AlertRecord {
+                at_ms: now_ms,
+                config,
+                alert,
+            };
+            if let Some(webhook) = &self.webhook {
+                if webhook.try_send(record.clone()).is_err() {
+                    self.metrics.webhook.with_label_values(&["dropped"]).inc();
+                }
+            }
+            inner.recent.push_back(record);
+            while inner.recent.len() > self.settings.recent_alerts {
+                inner.recent.pop_front();
+            }
+        }
+    }
+
+    /// v2 (`candidate`, simulation) against v1 (`baseline`, active) from the start state.
+    pub fn compare(&self, service: &str, baseline: &str, candidate: &str) -> Option<Comparison> {
+        let start = self.settings.model.start_state.as_deref()?;
+        let now = timestamp(self.clock.now_ms());
+        let inner = lock(&self.inner);
+        let v1 = inner.active.outlook(service, baseline, now)?;
+        let v2 = inner.simulation.outlook(service, candidate, now)?;
+        Some(understudy_predict::compare(
+            &v1,
+            &v2,
+            start,
+            &self.settings.model.compare,
+        ))
+    }
+
+    /// The early signal for `rollout`, simulating `service` from `baseline` to `candidate`:
+    /// `Some` when rollback is enabled and v2's probability of failure from the start state is
+    /// clearly higher than v1's. `judge` is the judge's current verdict JSON: its numbers and
+    /// details are kept beside the prediction's, so the report shows how far the error-rate
+    /// condition still was. The first look at a new rollout forgets what an earlier run of the
+    /// same candidate version taught (a version released again after a roll-back is judged on
+    /// its new run).
+    pub fn early_fail(
+        &self,
+        rollout: i64,
+        service: &str,
+        baseline: &str,
+        candidate: &str,
+        judge: Option<&serde_json::Value>,
+    ) -> Option<EarlyFail> {
+        if !self.settings.enabled {
+            return None;
+        }
+        {
+            let mut inner = lock(&self.inner);
+            if inner.simulating.insert(service.to_string(), rollout) != Some(rollout) {
+                inner.simulation.forget(service, candidate);
+            }
+        }
+        if !self.settings.rollback {
+            return None;
+        }
+        let comparison = self.compare(service, baseline, candidate)?;
+        if !comparison.clearly_higher {
+            return None;
+        }
+        let jobs = judge
+            .and_then(|j| j.get("jobs"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let rule = format!(
+            "{PREDICTION_RULE}: from `{}`, {candidate}'s calls end in a failure with probability {:.4} \
+             against {:.4} for {baseline} ({:.2} standard errors, {} needed; margin {})",
+            comparison.start_state,
+            comparison.candidate.failure,
+            comparison.baseline.failure,
+            comparison.z,
+            self.settings.model.compare.z,
+            self.settings.model.compare.margin,
+        );
+        let prediction = serde_json::json!({
+            "start_state": comparison.start_state,
+            "v1_failure": comparison.baseline.failure,
+            "v2_failure": comparison.candidate.failure,
+            "v1_std_error": comparison.baseline.std_error,
+            "v2_std_error": comparison.candidate.std_error,
+            "v1_starts": comparison.baseline.starts,
+            "v2_starts": comparison.candidate.starts,
+            "difference": comparison.difference,
+            "z": comparison.z,
+            "z_needed": self.settings.model.compare.z,
+            "margin": self.settings.model.compare.margin,
+            "min_starts": self.settings.model.compare.min_starts,
+            "reason": comparison.reason,
+        });
+        let mut details = judge
+            .and_then(|j| j.get("details"))
+            .cloned()
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let Some(obj) = details.as_object_mut() {
+            obj.insert(PREDICTION_RULE.to_string(), prediction);
+            if let Some(rule) = judge.and_then(|j| j.get("rule")) {
+                obj.insert("judge_rule".to_string(), rule.clone());
+            }
+        }
+        let verdict = Verdict {
+            decision: Decision::Fail,
+            hard: true,
+            rule,
+            jobs,
+            details,
+        };
+        let mut json = serde_json::to_value(&verdict).unwrap_or_default();
+        if let (Some(obj), Some(numbers)) =
+            (json.as_object_mut(), judge.and_then(|j| j.get("numbers")))
+        {
+            obj.insert("numbers".to_string(), numbers.clone());
+        }
+        self.metrics.signals.with_label_values(&[service]).inc();
+        tracing::warn!(%service, %baseline, %candidate, jobs, "early signal: {}", verdict.rule);
+        Some(EarlyFail { verdict, json })
+    }
+
+    /// Every model (optionally of one service, one version), with the v2-against-v1 comparisons.
+    pub fn view(&self, service: Option<&str>, version: Option<&str>) -> PredictionsView {
+        let now = timestamp(self.clock.now_ms());
+        let start = self.settings.model.start_state.clone();
+        let inner = lock(&self.inner);
+        let mut models = Vec::new();
+        for (config, predictor) in inner.predictors() {
+            for key in predictor.model_keys() {
+                if service.is_some_and(|s| s != key.service)
+                    || version.is_some_and(|v| v != key.version)
+                {
+                    continue;
+                }
+                let Some(outlook) = predictor.outlook(&key.service, &key.version, now) else {
+                    continue;
+                };
+                let dwell = predictor
+                    .model(&key.service, &key.version)
+                    .map(|m| m.dwell_summaries(now))
+                    .unwrap_or_default();
+                let start_failure = start
+                    .as_deref()
+                    .and_then(|s| outlook.state(s))
+                    .map(|s| s.failure());
+                models.push(ModelView {
+                    service: key.service.clone(),
+                    version: key.version.clone(),
+                    config,
+                    start_state: start.clone(),
+                    start_failure,
+                    outlook,
+                    dwell,
+                });
+            }
+        }
+        let mut comparisons = Vec::new();
+        if let Some(start) = &start {
+            for v2 in models.iter().filter(|m| m.config == PoolRole::Simulation) {
+                for v1 in models.iter().filter(|m| {
+                    m.config == PoolRole::Active
+                        && m.service == v2.service
+                        && m.version != v2.version
+                }) {
+                    comparisons.push(ComparisonView {
+                        service: v2.service.clone(),
+                        baseline: Side {
+                            version: v1.version.clone(),
+                            config: v1.config,
+                        },
+                        candidate: Side {
+                            version: v2.version.clone(),
+                            config: v2.config,
+                        },
+                        comparison: understudy_predict::compare(
+                            &v1.outlook,
+                            &v2.outlook,
+                            start,
+                            &self.settings.model.compare,
+                        ),
+                    });
+                }
+            }
+        }
+        PredictionsView {
+            enabled: self.settings.enabled,
+            rollback: self.settings.rollback,
+            start_state: start,
+            artifacts: self.settings.model.artifacts.clone(),
+            tracked_objects: inner.active.tracked_objects() + inner.simulation.tracked_objects(),
+            alerts_total: inner.alerts_total,
+            models,
+            comparisons,
+        }
+    }
+
+    /// The recent alerts, newest first, optionally of one service (and version).
+    pub fn alerts(
+        &self,
+        service: Option<&str>,
+        version: Option<&str>,
+        limit: usize,
+    ) -> Vec<AlertRecord> {
+        let inner = lock(&self.inner);
+        inner
+            .recent
+            .iter()
+            .rev()
+            .filter(|r| service.is_none_or(|s| s == r.alert.service))
+            .filter(|r| version.is_none_or(|v| v == r.alert.version))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Follows `call.state` until shutdown. A subscription the hub dropped (this part was slow, or
+/// the backend restarted) is taken again after a pause that doubles up to five seconds.
+async fn feed(
+    predictions: Arc<Predictions>,
+    backend: Arc<dyn Backend>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let filter = Filter {
+        topic: Some(CALL_STATE_TOPIC.to_string()),
+        ..Filter::default()
+    };
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match backend
+            .subscribe(filter.clone(), predictions.settings.subscriber_queue)
+            .await
+        {
+            Ok(mut subscription) => loop {
+                tokio::select! {
+                    message = subscription.recv() => match message {
+                        Some(envelope) => {
+                            pause = Duration::from_millis(100);
+                            if let Err(e) = predictions.ingest(&envelope) {
+                                tracing::debug!("prediction: {e}");
+                            }
+                        }
+                        None => {
+                            let reason = subscription
+                                .disconnect_reason()
+                                .map_or("ended", |r| r.as_str());
+                            tracing::warn!(reason, "prediction: call.state subscription ended; subscribing again");
+                            break;
+                        }
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            },
+            Err(e) => tracing::warn!("prediction: cannot subscribe to {CALL_STATE_TOPIC}: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Most alerts in one POST: the queue is drained in batches so a burst costs few requests.
+const WEBHOOK_BATCH: usize = 64;
+
+/// POSTs queued alerts as `{"alerts": [...]}`, one request at a time, each within its deadline.
+/// The controller only ever `try_send`s into the queue, so a slow or dead receiver never holds
+/// it up: alerts beyond the queue are dropped and counted.
+async fn send_webhooks(
+    webhook: WebhookSettings,
+    mut queue: mpsc::Receiver<AlertRecord>,
+    counter: IntCounterVec,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let client = crate::http_json::client();
+    loop {
+        let mut batch = Vec::new();
+        tokio::select! {
+            received = queue.recv_many(&mut batch, WEBHOOK_BATCH) => {
+                if received == 0 {
+                    return;
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+        let body = serde_json::to_vec(&serde_json::json!({ "alerts": batch })).unwrap_or_default();
+        let result = crate::http_json::exchange(
+            &client,
+            http::Method::POST,
+            &webhook.url,
+            None,
+            Some(body),
+            webhook.timeout,
+        )
+        .await;
+        let failure = match result {
+            Ok((status, _)) if (200..300).contains(&status) => None,
+            Ok((status, body)) => Some(format!(
+                "answered {status}: {}",
+                crate::http_json::error_message(&body)
+            )),
+            Err(crate::http_json::ExchangeError::BadRequest(e))
+            | Err(crate::http_json::ExchangeError::NoAnswer(e)) => Some(e),
+        };
+        let outcome = if failure.is_some() { "failed" } else { "sent" };
+        counter
+            .with_label_values(&[outcome])
+            .inc_by(batch.len() as u64);
+        if let Some(reason) = failure {
+            tracing::warn!(url = %webhook.url, alerts = batch.len(), "prediction webhook: {reason}");
+        }
+    }
+}
+
+// ---- HTTP ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertQuery {
+    service: Option<String>,
+    version: Option<String>,
+    limit: Option<usize>,
+}
+
+fn not_found(message: String) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/predictions`, `/api/v1/predictions/{service}`, `/{service}/{version}` and
+/// `/api/v1/predictions/alerts` (reads: no token, like every other read of the admin endpoint).
+pub fn router(predictions: Arc<Predictions>) -> Router {
+    Router::new()
+        .route("/api/v1/predictions", get(all_models))
+        .route("/api/v1/predictions/alerts", get(recent_alerts))
+        .route("/api/v1/predictions/{service}", get(service_models))
+        .route(
+            "/api/v1/predictions/{service}/{version}",
+            get(version_models),
+        )
+        .with_state(predictions)
+}
+
+type Shared = State<Arc<Predictions>>;
+
+async fn all_models(State(p): Shared) -> Response {
+    Json(p.view(None, None)).into_response()
+}
+
+async fn service_models(State(p): Shared, Path(service): Path<String>) -> Response {
+    let view = p.view(Some(&service), None);
+    if view.models.is_empty() {
+        return not_found(format!("no call of service `{service}` was reported yet"));
+    }
+    Json(view).into_response()
+}
+
+async fn version_models(
+    State(p): Shared,
+    Path((service, version)): Path<(String, String)>,
+) -> Response {
+    let view = p.view(Some(&service), Some(&version));
+    if view.models.is_empty() {
+        return not_found(format!(
+            "no call of service `{service}` version `{version}` was reported yet"
+        ));
+    }
+    Json(view).into_response()
+}
+
+async fn recent_alerts(
+    State(p): Shared,
+    query: Result<Query<AlertQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(q) => q,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": e.body_text() })),
+            )
+                .into_response()
+        }
+    };
+    let limit = query.limit.unwrap_or(p.settings.recent_alerts);
+    let alerts = p.alerts(query.service.as_deref(), query.version.as_deref(), limit);
+    Json(serde_json::json!({
+        "alerts_total": lock(&p.inner).alerts_total,
+        "alerts": alerts,
+    }))
+    .into_response()
+}
+
+// ---- CLI: `understudy predictions` ----
+
+#[derive(clap::Args, Debug)]
+pub struct PredictionsArgs {
+    /// Only this service.
+    pub service: Option<String>,
+    /// Only this version of the service: one table per configuration, state by state.
+    pub version: Option<String>,
+    /// The recent alerts instead of the models.
+    #[arg(long, conflicts_with = "version")]
+    pub alerts: bool,
+    /// Print the endpoint's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub endpoint: crate::cli::EndpointArgs,
+}
+
+fn number(value: &serde_json::Value, digits: usize) -> String {
+    value
+        .as_f64()
+        .map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// One row per model, then the v2-against-v1 comparisons.
+fn models_text(view: &serde_json::Value) -> String {
+    let mut rows = vec![[
+        "service",
+        "version",
+        "config",
+        "P(failure) from start",
+        "starts",
+        "states",
+    ]
+    .map(String::from)
+    .to_vec()];
+    let start = view["start_state"].as_str().unwrap_or("");
+    for m in view["models"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            m["service"].as_str().unwrap_or("").to_string(),
+            m["version"].as_str().unwrap_or("").to_string(),
+            m["config"].as_str().unwrap_or("").to_string(),
+            number(&m["start_failure"], 4),
+            number(&m["outlook"]["states"][start]["exits"], 1),
+            m["outlook"]["order"]
+                .as_array()
+                .map_or(0, Vec::len)
+                .to_string(),
+        ]);
+    }
+    let mut out = format!(
+        "MODELS (start state `{start}`)\n{}",
+        crate::table::render(&rows)
+    );
+    let mut rows = vec![[
+        "service",
+        "v1 (active)",
+        "v2 (simulation)",
+        "P1",
+        "P2",
+        "z",
+        "clearly higher",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for c in view["comparisons"].as_array().into_iter().flatten() {
+        let n = &c["comparison"];
+        rows.push(vec![
+            c["service"].as_str().unwrap_or("").to_string(),
+            c["baseline"]["version"].as_str().unwrap_or("").to_string(),
+            c["candidate"]["version"].as_str().unwrap_or("").to_string(),
+            number(&n["baseline"]["failure"], 4),
+            number(&n["candidate"]["failure"], 4),
+            number(&n["z"], 2),
+            n["clearly_higher"].as_bool().unwrap_or(false).to_string(),
+        ]);
+    }
+    out.push_str(&format!("COMPARISONS\n{}", crate::table::render(&rows)));
+    out
+}
+
+/// State by state: departures, P(each artifact), mean and p99 dwell.
+fn states_text(view: &serde_json::Value) -> String {
+    let artifacts: Vec<String> = view["artifacts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect();
+    let mut out = String::new();
+    for m in view["models"].as_array().into_iter().flatten() {
+        let mut header = vec![
+            "state".to_string(),
+            "role".to_string(),
+            "departures".to_string(),
+        ];
+        header.extend(artifacts.iter().map(|a| format!("P({a})")));
+        header.extend(["mean dwell s".to_string(), "p99 dwell s".to_string()]);
+        let mut rows = vec![header];
+        for state in m["outlook"]["order"].as_array().into_iter().flatten() {
+            let name = state.as_str().unwrap_or("");
+            let s = &m["outlook"]["states"][name];
+            let dwell = &m["dwell"][name];
+            let mut row = vec![
+                name.to_string(),
+                s["role"].as_str().unwrap_or("").to_string(),
+                number(&s["exits"], 1),
+            ];
+            row.extend(artifacts.iter().map(|a| number(&s["artifacts"][a], 4)));
+            row.extend([
+                number(&dwell["mean_secs"], 3),
+                number(&dwell["p99_secs"], 3),
+            ]);
+            rows.push(row);
+        }
+        out.push_str(&format!(
+            "{} {} ({})\n{}",
+            m["service"].as_str().unwrap_or(""),
+            m["version"].as_str().unwrap_or(""),
+            m["config"].as_str().unwrap_or(""),
+            crate::table::render(&rows)
+        ));
+    }
+    out
+}
+
+fn alerts_text(answer: &serde_json::Value) -> String {
+    let mut rows = vec![[
+        "at_ms", "service", "version", "config", "object", "state", "artifact", "P", "cause",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for a in answer["alerts"].as_array().into_iter().flatten() {
+        let text = |key: &str| a[key].as_str().unwrap_or("").to_string();
+        rows.push(vec![
+            a["at_ms"].to_string(),
+            text("service"),
+            text("version"),
+            text("config"),
+            text("object"),
+            text("state"),
+            text("artifact"),
+            number(&a["probability"], 4),
+            text("cause"),
+        ]);
+    }
+    format!(
+        "ALERTS ({} raised in all)\n{}",
+        answer["alerts_total"],
+        crate::table::render(&rows)
+    )
+}
+
+/// `understudy predictions`: 0 shown, 1 refused or unreachable, 2 bad use.
+pub fn predictions_command(args: PredictionsArgs) -> u8 {
+    let client = match crate::cli::admin(&args.endpoint) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(rt) = crate::cli::runtime() else {
+        return 2;
+    };
+    let path = match (&args.service, &args.version, args.alerts) {
+        (service, _, true) => format!(
+            "/api/v1/predictions/alerts{}",
+            service
+                .as_ref()
+                .map_or(String::new(), |s| format!("?service={s}"))
+        ),
+        (Some(service), Some(version), false) => format!("/api/v1/predictions/{service}/{version}"),
+        (Some(service), None, false) => format!("/api/v1/predictions/{service}"),
+        (None, _, false) => "/api/v1/predictions".to_string(),
+    };
+    let answer: serde_json::Value = match rt.block_on(client.get(&path)) {
+        Ok(v) => v,
+        Err(e) => return crate::cli::failure(&e),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer).unwrap_or_default()
+        );
+    } else if args.alerts {
+        print!("{}", alerts_text(&answer));
+    } else if args.version.is_some() {
+        print!("{}", states_text(&answer));
+    } else {
+        print!("{}", models_text(&answer));
+    }
+    0
+}
+
+#[cfg(test)]
+#[path = "prediction_tests.rs"]
+mod tests;
