@@ -488,34 +488,6 @@ mod tests {
         assert!(text.contains("understudy_rollout_phase{"));
         assert!(text.contains("understudy_balancer_push_seconds_bucket"));
         assert!(text.contains("understudy_rollout_transitions_total{"));
-        promtool_check(&text);
-    }
-
-    /// Runs `promtool check metrics` on the page when promtool is installed.
-    fn promtool_check(text: &str) {
-        use std::io::Write;
-        let Ok(mut child) = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-        else {
-            eprintln!("promtool not installed: lint skipped");
-            return;
-        };
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::metrics::promtool_check(&text);
     }
 }

@@ -103,34 +103,6 @@ async fn revisions_reach(core: &Arc<Core>, id: &str, count: usize) -> Vec<Machin
     panic!("{id}: fewer than {count} revisions");
 }
 
-/// Runs `promtool check metrics` on the page when promtool is installed.
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let Ok(mut child) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("promtool not installed: lint skipped");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn metric(text: &str, line_prefix: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(line_prefix))
@@ -317,7 +289,7 @@ async fn signed_reports_become_revisions_and_forgeries_are_refused_and_counted()
         ),
         1.0
     );
-    promtool_check(&text);
+    crate::metrics::promtool_check(&text);
 
     stop_tx.send(true).unwrap();
     recorder.await.unwrap();
@@ -576,13 +548,8 @@ async fn a_running_controller_hosts_the_hub_and_shuts_down_with_subscribers_open
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_nats_reports_are_verified_and_recorded_the_same_way() {
-    let server = match understudy_hub::nats::NatsServer::start() {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-    };
+    // scripts/setup.sh installs nats-server; without it this fails and says so.
+    let server = understudy_hub::nats::NatsServer::start().expect("nats-server");
     let text = format!(
         "{}\n[hub]\nbackend = \"nats\"\nnats_url = \"{}\"\n",
         crate::cluster::tests::SAMPLE,

@@ -150,36 +150,47 @@ pub trait Backend: Send + Sync {
     ) -> Result<Subscription, BackendError>;
 }
 
-struct Subscriber {
-    filter: Filter,
-    queue: SubscriberQueue,
+/// A local subscriber of a backend: its filter and its bounded queue.
+pub(crate) struct Subscriber {
+    pub(crate) filter: Filter,
+    pub(crate) queue: SubscriberQueue,
 }
 
-/// The in-process hub the controller hosts by default.
-pub struct EmbeddedHub {
-    subscribers: Mutex<Option<Vec<Subscriber>>>,
-    published: IntCounter,
-    delivered: IntCounter,
-    disconnected: IntCounterVec,
-    subscribers_gauge: IntGauge,
+pub(crate) fn register_counter(
+    registry: &Registry,
+    name: &'static str,
+    help: &str,
+) -> Result<IntCounter, MetricsError> {
+    let counter =
+        IntCounter::new(name, help).map_err(|source| MetricsError::Register { name, source })?;
+    registry
+        .register(Box::new(counter.clone()))
+        .map_err(|source| MetricsError::Register { name, source })?;
+    Ok(counter)
 }
 
-impl EmbeddedHub {
-    /// Registers `understudy_hub_published_total`, `understudy_hub_delivered_total`,
-    /// `understudy_hub_subscribers` and `understudy_hub_disconnected_total{reason}`.
-    pub fn new(registry: &Registry) -> Result<EmbeddedHub, MetricsError> {
-        let counter = |name: &'static str, help: &str| {
-            let c = IntCounter::new(name, help)
-                .map_err(|source| MetricsError::Register { name, source })?;
-            registry
-                .register(Box::new(c.clone()))
-                .map_err(|source| MetricsError::Register { name, source })?;
-            Ok::<_, MetricsError>(c)
-        };
-        let published = counter("understudy_hub_published_total", "Hub messages published")?;
-        let delivered = counter(
+/// The fan-out metrics every backend exports under the same names, so dashboards do not care
+/// which backend runs: `understudy_hub_published_total`, `understudy_hub_delivered_total`,
+/// `understudy_hub_subscribers` and `understudy_hub_disconnected_total{reason}`.
+pub(crate) struct FanOutMetrics {
+    pub(crate) published: IntCounter,
+    pub(crate) delivered: IntCounter,
+    pub(crate) disconnected: IntCounterVec,
+    pub(crate) subscribers: IntGauge,
+}
+
+impl FanOutMetrics {
+    /// `published_help` says where a published message goes (local subscribers, or NATS).
+    pub(crate) fn register(
+        registry: &Registry,
+        published_help: &str,
+    ) -> Result<FanOutMetrics, MetricsError> {
+        let published =
+            register_counter(registry, "understudy_hub_published_total", published_help)?;
+        let delivered = register_counter(
+            registry,
             "understudy_hub_delivered_total",
-            "Hub messages queued to a subscriber",
+            "Hub messages queued to a local subscriber",
         )?;
         let disconnected = register_counter_vec(
             registry,
@@ -191,32 +202,33 @@ impl EmbeddedHub {
             disconnected.with_label_values(&[reason.as_str()]);
         }
         let name = "understudy_hub_subscribers";
-        let subscribers_gauge = IntGauge::new(name, "Hub subscribers connected")
+        let subscribers = IntGauge::new(name, "Hub subscribers connected")
             .map_err(|source| MetricsError::Register { name, source })?;
         registry
-            .register(Box::new(subscribers_gauge.clone()))
+            .register(Box::new(subscribers.clone()))
             .map_err(|source| MetricsError::Register { name, source })?;
-        Ok(EmbeddedHub {
-            subscribers: Mutex::new(Some(Vec::new())),
+        Ok(FanOutMetrics {
             published,
             delivered,
             disconnected,
-            subscribers_gauge,
+            subscribers,
         })
     }
 
-    /// Fan-out under the lock; never awaits, so one subscriber cannot hold up the others.
-    pub fn publish_now(&self, envelope: Envelope) -> Result<usize, BackendError> {
-        let envelope = Arc::new(envelope);
-        let mut guard = self.subscribers.lock().expect("hub lock poisoned");
-        let subscribers = guard.as_mut().ok_or(BackendError::Closed)?;
-        self.published.inc();
+    /// Offers `envelope` to every subscriber whose filter matches; never waits, so one subscriber
+    /// cannot hold up the others: a full queue disconnects its subscriber (counted by reason).
+    /// Returns how many queues took it.
+    pub(crate) fn fan_out(
+        &self,
+        subscribers: &mut Vec<Subscriber>,
+        envelope: &Arc<Envelope>,
+    ) -> usize {
         let mut delivered = 0;
         subscribers.retain(|sub| {
-            if !sub.filter.matches(&envelope) {
+            if !sub.filter.matches(envelope) {
                 return true;
             }
-            match sub.queue.offer(&envelope) {
+            match sub.queue.offer(envelope) {
                 Offer::Delivered => {
                     delivered += 1;
                     true
@@ -232,8 +244,33 @@ impl EmbeddedHub {
             }
         });
         self.delivered.inc_by(delivered as u64);
-        self.subscribers_gauge.set(subscribers.len() as i64);
-        Ok(delivered)
+        self.subscribers.set(subscribers.len() as i64);
+        delivered
+    }
+}
+
+/// The in-process hub the controller hosts by default.
+pub struct EmbeddedHub {
+    subscribers: Mutex<Option<Vec<Subscriber>>>,
+    metrics: FanOutMetrics,
+}
+
+impl EmbeddedHub {
+    /// Registers the [`FanOutMetrics`] in `registry`.
+    pub fn new(registry: &Registry) -> Result<EmbeddedHub, MetricsError> {
+        Ok(EmbeddedHub {
+            subscribers: Mutex::new(Some(Vec::new())),
+            metrics: FanOutMetrics::register(registry, "Hub messages published")?,
+        })
+    }
+
+    /// Fan-out under the lock; never awaits, so one subscriber cannot hold up the others.
+    pub fn publish_now(&self, envelope: Envelope) -> Result<usize, BackendError> {
+        let envelope = Arc::new(envelope);
+        let mut guard = self.subscribers.lock().expect("hub lock poisoned");
+        let subscribers = guard.as_mut().ok_or(BackendError::Closed)?;
+        self.metrics.published.inc();
+        Ok(self.metrics.fan_out(subscribers, &envelope))
     }
 
     pub fn subscribe_now(
@@ -247,7 +284,7 @@ impl EmbeddedHub {
         subscribers.retain(|s| !s.queue.sender.is_closed());
         let (queue, subscription) = subscriber_queue(capacity);
         subscribers.push(Subscriber { filter, queue });
-        self.subscribers_gauge.set(subscribers.len() as i64);
+        self.metrics.subscribers.set(subscribers.len() as i64);
         Ok(subscription)
     }
 
@@ -255,12 +292,13 @@ impl EmbeddedHub {
     pub fn close(&self) {
         let taken = self.subscribers.lock().expect("hub lock poisoned").take();
         for sub in taken.into_iter().flatten() {
-            self.disconnected
+            self.metrics
+                .disconnected
                 .with_label_values(&[DisconnectReason::HubClosed.as_str()])
                 .inc();
             sub.queue.close(DisconnectReason::HubClosed);
         }
-        self.subscribers_gauge.set(0);
+        self.metrics.subscribers.set(0);
     }
 }
 

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, Registry};
 
 use crate::envelope::{register_counter_vec, Envelope, MetricsError, Rejection, Verifier};
 use crate::hub::{
-    subscriber_queue, Backend, BackendError, DisconnectReason, Filter, Offer, SubscriberQueue,
-    Subscription,
+    register_counter, subscriber_queue, Backend, BackendError, DisconnectReason, FanOutMetrics,
+    Filter, Subscriber, Subscription,
 };
 
 /// Every hub subject starts with this.
@@ -123,39 +123,17 @@ impl OwnEchoes {
     }
 }
 
-struct LocalSubscriber {
-    filter: Filter,
-    queue: SubscriberQueue,
-}
-
 struct Metrics {
-    published: IntCounter,
-    delivered: IntCounter,
+    fan_out: FanOutMetrics,
     received: IntCounter,
     rejected: IntCounterVec,
-    disconnected: IntCounterVec,
-    subscribers: IntGauge,
 }
 
 impl Metrics {
     fn new(registry: &Registry) -> Result<Metrics, MetricsError> {
-        let counter = |name: &'static str, help: &str| {
-            let c = IntCounter::new(name, help)
-                .map_err(|source| MetricsError::Register { name, source })?;
-            registry
-                .register(Box::new(c.clone()))
-                .map_err(|source| MetricsError::Register { name, source })?;
-            Ok::<_, MetricsError>(c)
-        };
-        let published = counter(
-            "understudy_hub_published_total",
-            "Hub messages published (sent to NATS)",
-        )?;
-        let delivered = counter(
-            "understudy_hub_delivered_total",
-            "Hub messages queued to a local subscriber",
-        )?;
-        let received = counter(
+        let fan_out = FanOutMetrics::register(registry, "Hub messages published (sent to NATS)")?;
+        let received = register_counter(
+            registry,
             "understudy_hub_nats_received_total",
             "Hub messages received from NATS and accepted",
         )?;
@@ -168,35 +146,17 @@ impl Metrics {
         for reason in Rejection::ALL_REASONS {
             rejected.with_label_values(&[reason]);
         }
-        let disconnected = register_counter_vec(
-            registry,
-            "understudy_hub_disconnected_total",
-            "Hub subscribers disconnected by the hub, by reason",
-            &["reason"],
-        )?;
-        for reason in [DisconnectReason::Slow, DisconnectReason::HubClosed] {
-            disconnected.with_label_values(&[reason.as_str()]);
-        }
-        let name = "understudy_hub_subscribers";
-        let subscribers = IntGauge::new(name, "Hub subscribers connected")
-            .map_err(|source| MetricsError::Register { name, source })?;
-        registry
-            .register(Box::new(subscribers.clone()))
-            .map_err(|source| MetricsError::Register { name, source })?;
         Ok(Metrics {
-            published,
-            delivered,
+            fan_out,
             received,
             rejected,
-            disconnected,
-            subscribers,
         })
     }
 }
 
 /// What the receive loops and the backend share.
 struct Shared {
-    subscribers: Mutex<Option<Vec<LocalSubscriber>>>,
+    subscribers: Mutex<Option<Vec<Subscriber>>>,
     own: Mutex<OwnEchoes>,
     receive: Receive,
     max_bytes: usize,
@@ -283,35 +243,9 @@ impl Shared {
 
     fn fan_out(&self, envelope: Arc<Envelope>) {
         let mut guard = self.subscribers.lock().expect("subscribers lock poisoned");
-        let Some(subscribers) = guard.as_mut() else {
-            return;
-        };
-        let mut delivered = 0u64;
-        subscribers.retain(|sub| {
-            if !sub.filter.matches(&envelope) {
-                return true;
-            }
-            match sub.queue.offer(&envelope) {
-                Offer::Delivered => {
-                    delivered += 1;
-                    true
-                }
-                Offer::Disconnected(reason) => {
-                    tracing::warn!(
-                        reason = reason.as_str(),
-                        "hub subscriber disconnected (NATS backend)"
-                    );
-                    self.metrics
-                        .disconnected
-                        .with_label_values(&[reason.as_str()])
-                        .inc();
-                    false
-                }
-                Offer::Gone => false,
-            }
-        });
-        self.metrics.delivered.inc_by(delivered);
-        self.metrics.subscribers.set(subscribers.len() as i64);
+        if let Some(subscribers) = guard.as_mut() {
+            self.metrics.fan_out.fan_out(subscribers, &envelope);
+        }
     }
 }
 
@@ -429,12 +363,13 @@ impl NatsBackend {
         for sub in taken.into_iter().flatten() {
             self.shared
                 .metrics
+                .fan_out
                 .disconnected
                 .with_label_values(&[DisconnectReason::HubClosed.as_str()])
                 .inc();
             sub.queue.close(DisconnectReason::HubClosed);
         }
-        self.shared.metrics.subscribers.set(0);
+        self.shared.metrics.fan_out.subscribers.set(0);
         for task in &self.loops {
             task.abort();
         }
@@ -510,7 +445,7 @@ impl Backend for NatsBackend {
             }
             return Err(BackendError::Transport(format!("NATS publish: {e}")));
         }
-        self.shared.metrics.published.inc();
+        self.shared.metrics.fan_out.published.inc();
         Ok(0)
     }
 
@@ -533,9 +468,10 @@ impl Backend for NatsBackend {
             .expect("subscribers lock poisoned");
         let subscribers = guard.as_mut().ok_or(BackendError::Closed)?;
         let (queue, subscription) = subscriber_queue(capacity);
-        subscribers.push(LocalSubscriber { filter, queue });
+        subscribers.push(Subscriber { filter, queue });
         self.shared
             .metrics
+            .fan_out
             .subscribers
             .set(subscribers.len() as i64);
         Ok(subscription)

@@ -152,7 +152,7 @@ async fn metrics_are_valid_prometheus_text_with_the_contract_names() {
         .stderr(Stdio::piped())
         .spawn()
     {
-        Err(_) => println!("note: promtool not installed; skipped `promtool check metrics`"),
+        Err(e) => panic!("promtool is missing ({e}): run scripts/setup.sh"),
         Ok(mut child) => {
             child
                 .stdin
