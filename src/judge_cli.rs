@@ -342,10 +342,16 @@ pub fn read_all_pairs(
     Ok(pairs)
 }
 
+/// Prints a report; a reader that went away (`| head`) is not an error worth a panic.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 pub fn judge(args: JudgeArgs) -> u8 {
     match run_judge(&args) {
         Ok(output) => {
-            println!("{output}");
+            print_out(&output);
             0
         }
         Err(error) => {
@@ -513,7 +519,7 @@ pub fn judge_bench(args: JudgeBenchArgs) -> u8 {
         let started = Instant::now();
         let figures = run_battery(&config, &Family::ALL, threads);
         let elapsed = started.elapsed().as_secs_f64();
-        println!("{}", render_bench(&config, &origin, &figures, elapsed));
+        print_out(&render_bench(&config, &origin, &figures, elapsed));
         reports.push(serde_json::json!({
             "source": config.source.name(),
             "origin": origin,
