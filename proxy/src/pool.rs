@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::ValidConfig;
+use crate::mirror::Lane;
 use crate::stats::{SeriesHandle, Stats};
 use crate::wire::{MachineState, MachineStatus, PoolRole};
 
@@ -22,6 +23,9 @@ pub(crate) struct Machine {
     pub role: PoolRole,
     pub address: SocketAddr,
     pub series: Arc<SeriesHandle>,
+    /// A simulation machine's copy lane (its version's), resolved when the config is applied so
+    /// that a copy finds it without a lookup; `None` for active machines.
+    pub lane: Option<Arc<Lane>>,
 }
 
 /// Machines of one pool with a smooth weighted round-robin schedule: each machine gets its share of
@@ -90,7 +94,12 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    pub(crate) fn new(config: ValidConfig, stats: &Stats) -> Self {
+    /// `lane_of` gives the copy lane of a simulation version.
+    pub(crate) fn new(
+        config: ValidConfig,
+        stats: &Stats,
+        lane_of: impl Fn(&Arc<str>) -> Option<Arc<Lane>>,
+    ) -> Self {
         let mut active = Vec::new();
         let mut simulation: Vec<(Arc<str>, Vec<Weighted>)> = Vec::new();
         let mut simulation_any = Vec::new();
@@ -101,6 +110,10 @@ impl Table {
                 role: m.role,
                 address: m.address,
                 series: stats.series(&m.version, m.role),
+                lane: match m.role {
+                    PoolRole::Simulation => lane_of(&m.version),
+                    PoolRole::Active => None,
+                },
             });
             match m.role {
                 PoolRole::Active => active.push((machine, m.weight)),
@@ -434,7 +447,7 @@ mod tests {
             drain_timeout_ms: 1000,
             machines,
         };
-        Table::new(ValidConfig::new(&config).unwrap(), stats)
+        Table::new(ValidConfig::new(&config).unwrap(), stats, |_| None)
     }
 
     #[test]

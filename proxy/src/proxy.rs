@@ -136,9 +136,9 @@ impl Balancer {
         let queued_at = Instant::now();
         let mut dropped = 0;
         for target in &draft.targets {
-            // Every simulation version of a running config has its lane; a job routed by a
-            // table just swapped out still finds its version's lane (lanes are never closed).
-            let Some(lane) = self.service.lane(&target.version) else {
+            // Lanes are never closed: a job routed by a table just swapped out still holds its
+            // version's lane.
+            let Some(lane) = &target.lane else {
                 dropped += 1;
                 continue;
             };

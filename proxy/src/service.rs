@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
@@ -50,11 +50,7 @@ pub(crate) struct Service {
     pub refused_no_simulation: IntCounter,
     /// Jobs in flight towards active machines: the copy lanes size their cap on it.
     pub active_in_flight: Arc<ActiveInFlight>,
-    mirror: Mirror,
-    /// One copy lane per simulation version ever configured (kept across pushes, so a version's
-    /// copies in flight stay counted in one place).
-    lanes: RwLock<HashMap<Arc<str>, Arc<Lane>>>,
-    metrics: Arc<Metrics>,
+    lanes: Lanes,
     config_version: IntGauge,
     /// Serializes pushes so that the version check and the swap are one step.
     push: Mutex<()>,
@@ -71,38 +67,26 @@ impl Service {
         let name = config.service.clone();
         let config_version = metrics.config_version(&name);
         config_version.set(config.version as i64);
-        let table = Table::new(config, &stats);
-        let service = Service {
+        let active_in_flight: Arc<ActiveInFlight> = Arc::default();
+        let lanes = Lanes {
+            mirror,
+            active_in_flight: active_in_flight.clone(),
+            metrics: metrics.clone(),
+            service: name.clone(),
+            open: Mutex::default(),
+        };
+        let table = lanes.table(config, &stats);
+        Service {
             refused_no_simulation: metrics.refused(&name, "no_simulation_machine"),
             name,
+            router: Router::new(table),
             stats,
             limits,
             jobs: AtomicU64::new(0),
-            active_in_flight: Arc::default(),
-            mirror,
-            lanes: RwLock::default(),
-            metrics: metrics.clone(),
+            active_in_flight,
+            lanes,
             config_version,
             push: Mutex::new(()),
-            router: Router::new(table),
-        };
-        service.open_lanes(&service.router.table());
-        service
-    }
-
-    /// The copy lane of a simulation version (every version of the running config has one).
-    pub(crate) fn lane(&self, version: &str) -> Option<Arc<Lane>> {
-        self.lanes.read().expect("lanes lock").get(version).cloned()
-    }
-
-    fn open_lanes(&self, table: &Table) {
-        let mut lanes = self.lanes.write().expect("lanes lock");
-        for machine in &table.config.machines {
-            if machine.role == PoolRole::Simulation && !lanes.contains_key(&machine.version) {
-                let held = self.metrics.mirror_held(&self.name, &machine.version);
-                let lane = self.mirror.open_lane(self.active_in_flight.clone(), held);
-                lanes.insert(machine.version.clone(), Arc::new(lane));
-            }
         }
     }
 
@@ -128,9 +112,7 @@ impl Service {
             return Ok(PushResult::AlreadyRunning);
         }
         let version = valid.version;
-        let table = Table::new(valid, &self.stats);
-        // Lanes first: a job routed by the new table finds its lane.
-        self.open_lanes(&table);
+        let table = self.lanes.table(valid, &self.stats);
         self.router.swap(table, Instant::now());
         self.config_version.set(version as i64);
         Ok(PushResult::Applied)
@@ -153,5 +135,31 @@ impl Service {
             mirror_dropped: window.mirror_dropped,
             machines: self.router.machine_status(),
         })
+    }
+}
+
+/// The copy lanes of a service: one per simulation version ever configured, kept across pushes
+/// so that a version's copies in flight stay counted in one place.
+struct Lanes {
+    mirror: Mirror,
+    active_in_flight: Arc<ActiveInFlight>,
+    metrics: Arc<Metrics>,
+    service: Arc<str>,
+    open: Mutex<HashMap<Arc<str>, Arc<Lane>>>,
+}
+
+impl Lanes {
+    /// The routing table of `config`, each simulation machine holding its version's lane (opened
+    /// here on first use): a copy finds its lane without a lookup on the job's path.
+    fn table(&self, config: ValidConfig, stats: &Stats) -> Table {
+        let mut open = self.open.lock().expect("lanes lock");
+        for machine in &config.machines {
+            if machine.role == PoolRole::Simulation && !open.contains_key(&machine.version) {
+                let held = self.metrics.mirror_held(&self.service, &machine.version);
+                let lane = self.mirror.open_lane(self.active_in_flight.clone(), held);
+                open.insert(machine.version.clone(), Arc::new(lane));
+            }
+        }
+        Table::new(config, stats, |version| open.get(version).cloned())
     }
 }
