@@ -1146,7 +1146,7 @@ mod tests {
     }
 
     /// Sends one job on a fresh connection; Err when no full answer came within 2 s.
-    async fn send(
+    pub(super) async fn send(
         addr: SocketAddr,
         path: &str,
         headers: &[(&str, &str)],
