@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use understudy_judge::{Baseline, Decision, Judge, PairSample, Verdict};
+use understudy_judge::{Baseline, Decision, Judge, Verdict};
 use understudy_proxy::wire::{
     BalancerConfig, JobPair, MachineEntry, MachineStatus, PoolRole, SeriesStats, StatsReport,
 };
@@ -2073,13 +2073,7 @@ fn stored_pair(pair: &JobPair, from: &str, to: &str) -> Option<StoredPair> {
     Some(StoredPair {
         control,
         job: pair.job,
-        sample: PairSample {
-            v1_latency_us: pair.active.latency_us,
-            v1_ok: pair.active.outcome.is_ok(),
-            v2_latency_us: pair.simulation.latency_us,
-            v2_ok: pair.simulation.outcome.is_ok(),
-            matched: Some(pair.matched),
-        },
+        sample: crate::pairing::sample_of(pair),
     })
 }
 

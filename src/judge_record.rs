@@ -8,7 +8,6 @@
 //!   the default baseline (`understudy_judge::Baseline::Control`, see src/pairing.rs);
 //! - `PREFIX-active-pairs.csv`: the active machine's answer against v2's (baseline `active`).
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,11 +15,11 @@ use std::time::Duration;
 
 use understudy_judge::PairSample;
 use understudy_loadgen::{run_load, spawn_machine, LoadSpec, MachineSpec};
-use understudy_proxy::wire::{BalancerConfig, JobPair, MachineEntry, PoolRole, StatsReport};
+use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole, StatsReport};
 use understudy_proxy::{BalancerSpec, ProcessConfig};
 
 use crate::balancer::{BalancerClient, HttpBalancerClient};
-use crate::pairing::same_path_pair;
+use crate::pairing::{same_path_pair, sample_of, JobJoiner};
 
 const SERVICE: &str = "media";
 
@@ -65,16 +64,6 @@ pub enum RecordError {
 pub struct RecordedJob {
     pub against_active: PairSample,
     pub against_control: PairSample,
-}
-
-fn sample(pair: &JobPair) -> PairSample {
-    PairSample {
-        v1_latency_us: pair.active.latency_us,
-        v1_ok: pair.active.outcome.is_ok(),
-        v2_latency_us: pair.simulation.latency_us,
-        v2_ok: pair.simulation.outcome.is_ok(),
-        matched: Some(pair.matched),
-    }
 }
 
 /// Runs the recording and returns the jobs both copies answered, in arrival order.
@@ -131,32 +120,23 @@ pub async fn record(plan: &RecordPlan) -> Result<Vec<RecordedJob>, RecordError> 
 
     // Read the pairs while the load runs, so the balancer's retention never overflows.
     let client = HttpBalancerClient::new(Duration::from_secs(5));
-    // Job number -> (v2's pair, the control's pair), until both came.
-    let mut halves: HashMap<u64, (Option<JobPair>, Option<JobPair>)> = HashMap::new();
+    let mut joiner = JobJoiner::default();
     let mut jobs = Vec::new();
     let mut cursor = 0;
     let mut collect = |report: StatsReport| -> Result<u64, RecordError> {
         if report.pairs_lost > 0 {
             return Err(RecordError::Lost(report.pairs_lost));
         }
-        for pair in report.pairs {
-            let job = pair.job;
-            let slot = halves.entry(job).or_default();
-            if pair.simulation.version == "v2" {
-                slot.0 = Some(pair);
-            } else {
-                slot.1 = Some(pair);
-            }
-            if let (Some(v2), Some(control)) = slot {
-                let (v2, control) = (sample(v2), sample(control));
+        for pair in &report.pairs {
+            let control = pair.simulation.version != "v2";
+            if let Some((control, v2)) = joiner.offer(pair.job, control, sample_of(pair)) {
                 jobs.push((
-                    job,
+                    pair.job,
                     RecordedJob {
                         against_active: v2,
                         against_control: same_path_pair(&control, &v2),
                     },
                 ));
-                halves.remove(&job);
             }
         }
         Ok(report.cursor)

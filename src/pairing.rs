@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use understudy_judge::{Baseline, Judge, PairSample};
+use understudy_proxy::wire::JobPair;
 
 use crate::store::StoredPair;
 
@@ -20,8 +21,41 @@ const PENDING_LIMIT: usize = 65_536;
 #[derive(Debug)]
 pub struct PairFeed {
     against_control: bool,
+    joiner: JobJoiner,
+}
+
+/// The two balancer pairs of one job (v2's copy and the control's copy, each against the active
+/// answer) brought together by job number, in whatever order and window they arrive.
+#[derive(Debug, Default)]
+pub struct JobJoiner {
     /// Job number -> the half that came first (`true`: the control's).
     pending: BTreeMap<u64, (bool, PairSample)>,
+}
+
+impl JobJoiner {
+    /// Takes one half; gives `(control's pair, v2's pair)` once both halves of the job came.
+    pub fn offer(
+        &mut self,
+        job: u64,
+        control: bool,
+        sample: PairSample,
+    ) -> Option<(PairSample, PairSample)> {
+        match self.pending.remove(&job) {
+            Some((first_is_control, first)) if first_is_control != control => Some(if control {
+                (sample, first)
+            } else {
+                (first, sample)
+            }),
+            // The same side twice for one job (a balancer restart renumbering jobs): keep the newer.
+            _ => {
+                self.pending.insert(job, (control, sample));
+                if self.pending.len() > PENDING_LIMIT {
+                    self.pending.pop_first();
+                }
+                None
+            }
+        }
+    }
 }
 
 impl PairFeed {
@@ -29,7 +63,7 @@ impl PairFeed {
     pub fn new(baseline: Baseline, has_control: bool) -> PairFeed {
         PairFeed {
             against_control: baseline == Baseline::Control && has_control,
-            pending: BTreeMap::new(),
+            joiner: JobJoiner::default(),
         }
     }
 
@@ -57,24 +91,20 @@ impl PairFeed {
     }
 
     fn join(&mut self, pair: &StoredPair) -> Option<PairSample> {
-        match self.pending.remove(&pair.job) {
-            Some((first_is_control, first)) if first_is_control != pair.control => {
-                let (control, candidate) = if pair.control {
-                    (&pair.sample, &first)
-                } else {
-                    (&first, &pair.sample)
-                };
-                Some(same_path_pair(control, candidate))
-            }
-            // The same side twice for one job (a balancer restart renumbering jobs): keep the newer.
-            _ => {
-                self.pending.insert(pair.job, (pair.control, pair.sample));
-                if self.pending.len() > PENDING_LIMIT {
-                    self.pending.pop_first();
-                }
-                None
-            }
-        }
+        self.joiner
+            .offer(pair.job, pair.control, pair.sample)
+            .map(|(control, candidate)| same_path_pair(&control, &candidate))
+    }
+}
+
+/// A balancer pair as the judge sees it: the active answer as v1, the simulation copy's as v2.
+pub fn sample_of(pair: &JobPair) -> PairSample {
+    PairSample {
+        v1_latency_us: pair.active.latency_us,
+        v1_ok: pair.active.outcome.is_ok(),
+        v2_latency_us: pair.simulation.latency_us,
+        v2_ok: pair.simulation.outcome.is_ok(),
+        matched: Some(pair.matched),
     }
 }
 
@@ -122,7 +152,7 @@ mod tests {
         );
         let two = feed.join(&stored(2, false, 1_000, 1_600, true)).unwrap();
         assert_eq!((two.v1_latency_us, two.v2_latency_us), (1_500, 1_600));
-        assert!(feed.pending.is_empty());
+        assert!(feed.joiner.pending.is_empty());
     }
 
     #[test]
@@ -131,8 +161,8 @@ mod tests {
         for job in 0..(PENDING_LIMIT as u64 + 10) {
             feed.join(&stored(job, false, 1, 1, true));
         }
-        assert_eq!(feed.pending.len(), PENDING_LIMIT);
-        assert_eq!(feed.pending.keys().next(), Some(&10));
+        assert_eq!(feed.joiner.pending.len(), PENDING_LIMIT);
+        assert_eq!(feed.joiner.pending.keys().next(), Some(&10));
     }
 
     /// The mirror path is 30% slower than the active one for both copies: against the active
