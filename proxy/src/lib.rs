@@ -12,6 +12,7 @@ pub mod wire;
 
 mod admin;
 mod config;
+mod h1;
 mod metrics;
 mod mirror;
 mod pool;
@@ -19,6 +20,7 @@ mod proxy;
 mod service;
 mod signing;
 mod stats;
+mod upstream;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -347,7 +349,6 @@ pub fn spawn_with(
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let server_conf = server.configuration.clone();
     let entries = apps
         .into_iter()
         .map(|(listener, service)| {
@@ -356,11 +357,8 @@ pub fn spawn_with(
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             let name = format!("balancer {}", service.name);
-            let mut pingora_service = pingora::proxy::http_proxy_service_with_name(
-                &server_conf,
-                proxy::Balancer { service },
-                &name,
-            );
+            let mut pingora_service =
+                pingora::services::listening::Service::new(name, proxy::Balancer { service });
             pingora_service.add_tcp(&address);
             (address, listener, pingora_service)
         })
@@ -491,8 +489,7 @@ impl ShutdownSignalWatch for StopSignal {
     }
 }
 
-type BalancerService =
-    pingora::services::listening::Service<pingora::proxy::HttpProxy<proxy::Balancer>>;
+type BalancerService = pingora::services::listening::Service<proxy::Balancer>;
 
 /// Serves already-bound listeners through pingora's own listening services (one per balancer,
 /// all on one runtime). Pingora binds from an address string and keeps the bound port to itself,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::config::ValidConfig;
 use crate::mirror::Lane;
 use crate::stats::{SeriesHandle, Stats};
+use crate::upstream::Upstream;
 use crate::wire::{MachineState, MachineStatus, PoolRole};
 
 /// A machine and its weight, as a pool is built.
@@ -26,6 +27,8 @@ pub(crate) struct Machine {
     /// A simulation machine's copy lane (its version's), resolved when the config is applied so
     /// that a copy finds it without a lookup; `None` for active machines.
     pub lane: Option<Arc<Lane>>,
+    /// The keep-alive connections to the machine's address, kept across config versions.
+    pub upstream: Arc<Upstream>,
 }
 
 /// Machines of one pool with a smooth weighted round-robin schedule: each machine gets its share of
@@ -94,11 +97,13 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    /// `lane_of` gives the copy lane of a simulation version.
+    /// `lane_of` gives the copy lane of a simulation version, `upstream_of` the connections to
+    /// an address.
     pub(crate) fn new(
         config: ValidConfig,
         stats: &Stats,
         lane_of: impl Fn(&Arc<str>) -> Option<Arc<Lane>>,
+        upstream_of: impl Fn(SocketAddr) -> Arc<Upstream>,
     ) -> Self {
         let mut active = Vec::new();
         let mut simulation: Vec<(Arc<str>, Vec<Weighted>)> = Vec::new();
@@ -114,6 +119,7 @@ impl Table {
                     PoolRole::Simulation => lane_of(&m.version),
                     PoolRole::Active => None,
                 },
+                upstream: upstream_of(m.address),
             });
             match m.role {
                 PoolRole::Active => active.push((machine, m.weight)),
@@ -447,7 +453,12 @@ mod tests {
             drain_timeout_ms: 1000,
             machines,
         };
-        Table::new(ValidConfig::new(&config).unwrap(), stats, |_| None)
+        Table::new(
+            ValidConfig::new(&config).unwrap(),
+            stats,
+            |_| None,
+            |address| Arc::new(Upstream::new(address, Duration::from_secs(1))),
+        )
     }
 
     #[test]

@@ -1,5 +1,14 @@
-//! The pingora side: each caller's job goes to an active machine; a copy of it is handed to the
-//! mirror once its body is complete; the job's latency and outcome are recorded when it ends.
+//! The job path, on pingora's server: each caller connection is one task (pingora's listener and
+//! runtime hand it over) that reads a job, routes it, sends it to its machine over a pooled
+//! keep-alive connection, relays the answer back, hands a copy to the mirror once the job's body
+//! is complete, and records the job's latency and outcome. Messages are forwarded as bytes by
+//! h1.rs.
+//!
+//! Why not pingora's `ProxyHttp` framework or its HTTP sessions: per job they build and clone
+//! header maps on both sides, pass the body through two channels and watch each pooled
+//! connection with a task of its own; measured, that cost twice nginx's CPU per job (see
+//! ARCHITECTURE.md and docs/benchmarks.md). A balancer of request/answer jobs uses none of what
+//! it buys (caching, HTTP/2 upstreams, upgrades).
 //!
 //! Latency, on both sides of a pair, is the machine's *service time as seen from the balancer*:
 //! from the moment the balancer starts sending the job to the machine (connection checkout or
@@ -12,19 +21,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use http::header::HeaderMap;
-use http::Method;
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::modules::http::HttpModules;
-use pingora::prelude::HttpPeer;
-use pingora::proxy::{ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use bytes::{Buf, BytesMut};
+use http::{HeaderMap, Method};
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest, Copy, SIMULATION_HEADER};
+use crate::h1::{self, BodyRelay, Framing, H1Error, Request};
+use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest, Copy};
 use crate::pool::Machine;
 use crate::service::Service;
 use crate::stats::PairSlot;
+use crate::upstream::{ConnectError, Connection, Upstream};
 use crate::wire::{JobObservation, Outcome};
 
 /// Header naming a sustained session (a call, a stream).
@@ -33,8 +42,7 @@ pub const SESSION_HEADER: &str = "x-session-id";
 /// it; after an `end` job the session's pins are released.
 pub const SESSION_EVENT_HEADER: &str = "x-session-event";
 
-/// How long `logging` waits for the rest of a request body it must copy after the active
-/// connect failed (the body hook never ran then).
+/// How long a failed job waits for the rest of its body, to copy it anyway.
 const LATE_BODY_WAIT: Duration = Duration::from_secs(1);
 
 pub(crate) struct Balancer {
@@ -100,20 +108,6 @@ impl UpstreamTiming {
     }
 }
 
-pub(crate) struct JobCtx {
-    job: u64,
-    start: Instant,
-    timing: UpstreamTiming,
-    session: Option<String>,
-    machine: Option<Arc<Machine>>,
-    /// Status of the upstream answer (not of an error page pingora wrote itself).
-    status: Option<u16>,
-    digest: Option<BodyDigest>,
-    draft: Option<CopyDraft>,
-    /// Counts the job among the service's active jobs in flight until the job ends.
-    _active: Option<ActiveJobGuard>,
-}
-
 impl Balancer {
     fn fire(&self, draft: &mut CopyDraft, job: u64, session: &Option<String>) {
         if draft.fired {
@@ -164,303 +158,652 @@ impl Balancer {
             draft.slot = Some(slot);
         }
     }
+}
 
-    fn append_body(&self, draft: &mut CopyDraft, chunk: &Bytes) {
-        if draft.over_limit {
-            return;
-        }
-        if draft.body.len() + chunk.len() > self.service.limits.mirror_body_limit {
-            draft.over_limit = true;
-            draft.body = BytesMut::new();
-        } else {
-            draft.body.extend_from_slice(chunk);
+/// How long a caller's connection may sit idle between jobs, or stall inside one.
+const CALLER_IDLE: Duration = Duration::from_secs(60);
+/// Read buffer of a caller's connection (it grows for a larger head or body piece).
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Why the machine gave no complete answer.
+#[derive(Debug, thiserror::Error)]
+enum MachineFault {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unusable answer: {0}")]
+    Protocol(#[from] H1Error),
+    #[error("the connection closed before the answer ended")]
+    Truncated,
+}
+
+/// Why the caller's side of a job failed.
+#[derive(Debug, thiserror::Error)]
+enum CallerFault {
+    #[error("caller sent nothing for {0:?}")]
+    Timeout(Duration),
+    #[error("caller connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unusable request body: {0}")]
+    Protocol(#[from] H1Error),
+    #[error("the caller closed before its request ended")]
+    Truncated,
+}
+
+/// Why a job got no complete answer.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Connect(ConnectError),
+    /// The machine failed the job.
+    #[error("the machine failed the job: {0}")]
+    Machine(MachineFault),
+    /// The caller went away or sent a malformed body: the machine is not to blame, and no
+    /// answer can be judged.
+    #[error("the caller's side failed: {0}")]
+    Caller(CallerFault),
+}
+
+impl Failure {
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            Failure::Connect(_) => Some(Outcome::ConnectFailure),
+            Failure::Machine(MachineFault::Timeout(_)) => Some(Outcome::Timeout),
+            Failure::Machine(_) => Some(Outcome::ServerError),
+            Failure::Caller(_) => None,
         }
     }
 
-    async fn refuse(&self, session: &mut Session, status: u16, message: &str) -> Result<bool> {
-        let body = Bytes::from(
-            serde_json::to_vec(&crate::wire::ErrorBody {
-                error: message.to_owned(),
-            })
-            .unwrap_or_default(),
-        );
-        let mut header = ResponseHeader::build(status, Some(2))?;
-        header.insert_header("content-type", "application/json")?;
-        header.insert_header("content-length", body.len().to_string())?;
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await?;
-        Ok(true)
+    /// The status of the error page a caller gets when no answer was started.
+    fn status(&self) -> u16 {
+        match self {
+            Failure::Machine(MachineFault::Timeout(_)) => 504,
+            Failure::Connect(_) | Failure::Machine(_) => 502,
+            Failure::Caller(CallerFault::Protocol(_)) => 400,
+            Failure::Caller(_) => 408,
+        }
     }
 }
 
-fn header_str<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
-    session
-        .req_header()
-        .headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
+/// How one attempt at the machine ended when it did not deliver the answer.
+enum AttemptError {
+    /// The connection failed before any byte of an answer: on a reused connection, most likely
+    /// closed by the machine while it idled, and the job may be sent again on a fresh one.
+    BeforeAnswer(std::io::Error),
+    Failed(Failure),
 }
 
-/// Outcome of a job that got no answer from its machine.
-fn outcome_of_error(error: &Error) -> Option<Outcome> {
-    use ErrorType::*;
-    match error.etype() {
-        ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
-        | SocketError | BindError | TLSHandshakeFailure | TLSHandshakeTimedout => {
-            Some(Outcome::ConnectFailure)
+impl From<Failure> for AttemptError {
+    fn from(failure: Failure) -> Self {
+        AttemptError::Failed(failure)
+    }
+}
+
+/// A delivered answer.
+struct Delivered {
+    /// The machine's connection can carry the next job.
+    machine_reusable: bool,
+    /// The caller's connection can carry the next job.
+    caller_keep_alive: bool,
+}
+
+/// One job on its way through the balancer.
+struct Job {
+    number: u64,
+    start: Instant,
+    timing: UpstreamTiming,
+    session: Option<String>,
+    machine: Arc<Machine>,
+    /// Status of the machine's answer (not of an error page the balancer wrote itself).
+    status: Option<u16>,
+    digest: Option<BodyDigest>,
+    draft: Option<CopyDraft>,
+    /// Something of the answer has been written to the caller (no error page is possible).
+    answer_started: bool,
+    /// Counts the job among the service's active jobs in flight until the job ends.
+    _active: Option<ActiveJobGuard>,
+}
+
+/// A caller's connection: what was read and not yet used, and the bytes on their way to the
+/// machine and to the caller (reused from job to job).
+struct Caller {
+    io: Stream,
+    buf: BytesMut,
+    to_machine: Vec<u8>,
+    to_caller: Vec<u8>,
+}
+
+impl Caller {
+    /// Reads until a whole request head is in the buffer; `None` when the caller closed (or
+    /// idled out) between jobs. The head the machine gets is left in `to_machine`.
+    async fn read_request(&mut self) -> Result<Option<Request>, CallerFault> {
+        loop {
+            if !self.buf.is_empty() {
+                self.to_machine.clear();
+                if let Some(request) = h1::parse_request(&self.buf, &mut self.to_machine)? {
+                    return Ok(Some(request));
+                }
+            }
+            match self.read_more().await {
+                Ok(0) | Err(CallerFault::Timeout(_)) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err(CallerFault::Truncated),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
         }
-        ReadTimedout | WriteTimedout | TLSWantX509Lookup => Some(Outcome::Timeout),
-        // The caller went away: the machine is not to blame and no answer can be judged.
-        _ if error.esource() == &ErrorSource::Downstream => None,
-        _ => Some(Outcome::ServerError),
+    }
+
+    async fn read_more(&mut self) -> Result<usize, CallerFault> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_BUFFER);
+        }
+        match tokio::time::timeout(CALLER_IDLE, self.io.read_buf(&mut self.buf)).await {
+            Ok(read) => Ok(read?),
+            Err(_) => Err(CallerFault::Timeout(CALLER_IDLE)),
+        }
+    }
+
+    /// Sends what is gathered for the caller.
+    async fn flush(&mut self) -> Result<(), CallerFault> {
+        if !self.to_caller.is_empty() {
+            self.io.write_all(&self.to_caller).await?;
+            self.to_caller.clear();
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Writes an answer of the balancer's own and sends it; errors are moot (the caller left).
+    async fn answer(&mut self, status: u16, content_type: Option<&str>, body: &[u8], keep: bool) {
+        self.to_caller.clear();
+        h1::own_answer(&mut self.to_caller, status, content_type, body, keep);
+        let _ = self.flush().await;
     }
 }
 
 #[async_trait]
-impl ProxyHttp for Balancer {
-    type CTX = JobCtx;
-
-    fn new_ctx(&self) -> JobCtx {
-        JobCtx {
-            job: self.service.jobs.fetch_add(1, Ordering::Relaxed) + 1,
-            start: Instant::now(),
-            timing: UpstreamTiming::default(),
-            session: None,
-            machine: None,
-            status: None,
-            digest: None,
-            draft: None,
-            _active: None,
-        }
-    }
-
-    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
-        // No response compression (pingora's default adds the module, disabled, to every job).
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut JobCtx) -> Result<bool> {
-        ctx.start = Instant::now();
-        ctx.session = header_str(session, SESSION_HEADER).map(str::to_owned);
-        let ends_session = header_str(session, SESSION_EVENT_HEADER).is_some_and(|v| v == "end");
-        if session.req_header().headers.contains_key(SIMULATION_HEADER) {
-            // Simulation traffic (a copy made upstream of us) must never reach an active machine.
-            let machine = self.service.router.route_simulation_only(
-                ctx.session.as_deref(),
-                ends_session,
-                ctx.start,
-            );
-            return match machine {
-                Some(m) => {
-                    ctx.machine = Some(m);
-                    Ok(false)
-                }
-                None => {
-                    self.service.refused_no_simulation.inc();
-                    self.refuse(
-                        session,
-                        503,
-                        "simulation job refused: no simulation machine in this balancer's pool",
-                    )
-                    .await
+impl ServerApp for Balancer {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let mut caller = Caller {
+            io,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            to_machine: Vec::with_capacity(READ_BUFFER),
+            to_caller: Vec::with_capacity(READ_BUFFER),
+        };
+        loop {
+            let request = match caller.read_request().await {
+                Ok(Some(request)) => request,
+                Ok(None) => return None,
+                Err(fault) => {
+                    if let CallerFault::Protocol(e) = &fault {
+                        let status = match e {
+                            H1Error::HeadTooLarge => 431,
+                            H1Error::UnsupportedMethod(_) => 405,
+                            H1Error::UnsupportedCoding(_) => 501,
+                            _ => 400,
+                        };
+                        let body = error_body(&e.to_string());
+                        caller
+                            .answer(status, Some("application/json"), &body, false)
+                            .await;
+                    }
+                    return None;
                 }
             };
+            let keep_alive = request.keep_alive && !*shutdown.borrow();
+            if !self.serve(&mut caller, request, keep_alive).await {
+                let _ = caller.io.shutdown().await;
+                return None;
+            }
         }
-        let (route, _table) =
-            self.service
-                .router
-                .route(ctx.job, ctx.session.as_deref(), ends_session, ctx.start);
-        ctx.machine = Some(route.machine);
-        ctx._active = Some(self.service.active_in_flight.enter());
-        if !route.mirror.is_empty() {
-            let req = session.req_header();
-            ctx.draft = Some(CopyDraft {
-                targets: route.mirror,
-                method: req.method.clone(),
-                path_and_query: req
-                    .uri
-                    .path_and_query()
-                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-                headers: req.headers.clone(),
-                body: BytesMut::new(),
-                over_limit: false,
-                slot: None,
-                fired: false,
-            });
-        }
-        Ok(false)
     }
+}
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut JobCtx,
-    ) -> Result<Box<HttpPeer>> {
-        let machine = ctx
-            .machine
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "job was not routed"))?;
-        ctx.timing = UpstreamTiming::started(Instant::now());
-        // Reruns on retry: the body is teed again from the start.
-        if let Some(draft) = ctx.draft.as_mut().filter(|d| !d.fired) {
-            draft.body.clear();
-            draft.over_limit = false;
-        }
-        let mut peer = HttpPeer::new(machine.address, false, String::new());
-        let limits = &self.service.limits;
-        peer.options.connection_timeout = Some(limits.connect_timeout);
-        // A hung machine shows as a read timeout. No write timeout and no idle timeout on pooled
-        // connections: each would arm a timer per job (a pooled connection the machine closes
-        // is noticed and dropped by the pool anyway).
-        peer.options.read_timeout = Some(limits.upstream_timeout);
-        Ok(Box::new(peer))
-    }
+fn error_body(message: &str) -> Vec<u8> {
+    serde_json::to_vec(&crate::wire::ErrorBody {
+        error: message.to_owned(),
+    })
+    .unwrap_or_default()
+}
 
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut JobCtx,
-    ) -> Result<()> {
-        if end_of_stream && ctx.timing.request_complete.is_none() {
-            ctx.timing.request_complete = Some(Instant::now());
-        }
-        let Some(draft) = ctx.draft.as_mut() else {
-            return Ok(());
+impl Balancer {
+    /// Routes one job, proxies it and records it. False when the caller's connection cannot
+    /// carry another job.
+    async fn serve(&self, caller: &mut Caller, request: Request, keep_alive: bool) -> bool {
+        let start = Instant::now();
+        let number = self.service.jobs.fetch_add(1, Ordering::Relaxed) + 1;
+        let router = &self.service.router;
+        let session = request.session.as_deref();
+        let mut job = if request.simulation {
+            // Simulation traffic (a copy made upstream of us) must never reach an active machine.
+            match router.route_simulation_only(session, request.session_end, start) {
+                Some(machine) => Job::new(number, start, request.session.clone(), machine),
+                None => {
+                    self.service.refused_no_simulation.inc();
+                    caller.buf.advance(request.head_len);
+                    // The body is not read: the connection closes after the refusal.
+                    let keep = keep_alive && request.framing == Framing::Empty;
+                    let body = error_body(
+                        "simulation job refused: no simulation machine in this balancer's pool",
+                    );
+                    caller
+                        .answer(503, Some("application/json"), &body, keep)
+                        .await;
+                    return keep;
+                }
+            }
+        } else {
+            let (route, _table) = router.route(number, session, request.session_end, start);
+            let mut job = Job::new(number, start, request.session.clone(), route.machine);
+            job._active = Some(self.service.active_in_flight.enter());
+            if !route.mirror.is_empty() {
+                match h1::copy_parts(&caller.buf[..request.head_len]) {
+                    Ok(parts) => job.draft = Some(CopyDraft::new(route.mirror, parts)),
+                    Err(_) => self.service.stats.mirror_dropped(route.mirror.len() as u64),
+                }
+            }
+            job
         };
-        if draft.fired {
-            return Ok(());
+        caller.buf.advance(request.head_len);
+        let result = self.proxy(caller, &request, keep_alive, &mut job).await;
+        let keep = match &result {
+            Ok(keep) => *keep,
+            Err(failure) => {
+                tracing::debug!(
+                    service = %self.service.name,
+                    job = job.number,
+                    machine = %job.machine.id,
+                    "{failure}"
+                );
+                if let Some(draft) = job.draft.as_mut().filter(|d| !d.fired) {
+                    // The body never arrived whole: no copy can be made of it.
+                    draft.fired = true;
+                    self.service
+                        .stats
+                        .mirror_dropped(draft.targets.len() as u64);
+                }
+                if !job.answer_started {
+                    let body = error_body(&failure.to_string());
+                    caller
+                        .answer(failure.status(), Some("application/json"), &body, false)
+                        .await;
+                }
+                // The caller's connection is in an unknown state (a half-sent answer, an unread
+                // body): it is not reused.
+                false
+            }
+        };
+        self.record(&mut job, result.err().as_ref());
+        keep
+    }
+
+    /// Sends the job to its machine and relays the answer to the caller. Ok: whether the
+    /// caller's connection can carry another job.
+    async fn proxy(
+        &self,
+        caller: &mut Caller,
+        request: &Request,
+        keep_alive: bool,
+        job: &mut Job,
+    ) -> Result<bool, Failure> {
+        let mut body = BodyRelay::new(request.framing);
+        // A small body arrives with its head: take what is here into the bytes for the machine.
+        self.take_body(caller, &mut body, job)
+            .map_err(Failure::Caller)?;
+        let whole_request_here = body.is_done();
+        if !whole_request_here && request.expect_continue {
+            // The machine never sees `Expect`: the balancer asks for the body itself, as nginx.
+            caller
+                .io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .and(caller.io.flush().await)
+                .map_err(|e| Failure::Caller(e.into()))?;
         }
-        if let Some(chunk) = body.as_ref() {
-            self.append_body(draft, chunk);
+        if whole_request_here {
+            self.body_complete(job);
         }
-        if end_of_stream {
-            self.fire(draft, ctx.job, &ctx.session);
+        let upstream = job.machine.upstream.clone();
+        // The job's arrival stands for the start of a body-less job's attempt: routing takes
+        // microseconds, and each clock read is a measurable share of a job's cost at these rates.
+        let begin = if request.framing == Framing::Empty {
+            job.start
+        } else {
+            Instant::now()
+        };
+        job.timing = UpstreamTiming::started(begin);
+        // A request that is not all here cannot be sent twice: its connection is checked first.
+        let checkout = match upstream.checkout(begin, !whole_request_here).await {
+            Ok(checkout) => checkout,
+            Err(e) => {
+                self.copy_after_connect_failure(caller, &mut body, job)
+                    .await;
+                return Err(Failure::Connect(e));
+            }
+        };
+        let mut connection = checkout.connection;
+        let error = match self
+            .attempt(caller, request, keep_alive, job, &mut connection, &mut body)
+            .await
+        {
+            Ok(delivered) => return Ok(self.settle(&upstream, connection, delivered, job)),
+            Err(AttemptError::BeforeAnswer(e)) if checkout.reused && whole_request_here => e,
+            Err(AttemptError::BeforeAnswer(e)) => return Err(Failure::Machine(e.into())),
+            Err(AttemptError::Failed(failure)) => return Err(failure),
+        };
+        tracing::debug!(
+            machine = %upstream.address(),
+            "a reused connection failed ({error}); sending the job again on a new one"
+        );
+        job.timing = UpstreamTiming::started(Instant::now());
+        let mut fresh = upstream.connect().await.map_err(Failure::Connect)?;
+        match self
+            .attempt(caller, request, keep_alive, job, &mut fresh, &mut body)
+            .await
+        {
+            Ok(delivered) => Ok(self.settle(&upstream, fresh, delivered, job)),
+            Err(AttemptError::BeforeAnswer(e)) => Err(Failure::Machine(e.into())),
+            Err(AttemptError::Failed(failure)) => Err(failure),
+        }
+    }
+
+    /// Gives the machine's connection back when it can carry another job.
+    fn settle(
+        &self,
+        upstream: &Upstream,
+        connection: Connection,
+        delivered: Delivered,
+        job: &Job,
+    ) -> bool {
+        // Bytes after the answer's end would be a broken machine: such a connection is closed.
+        if delivered.machine_reusable && connection.buf.is_empty() {
+            upstream.release(connection, job.timing.answer_last.unwrap_or(job.start));
+        }
+        delivered.caller_keep_alive
+    }
+
+    /// Moves what the caller's buffer holds of the body into the bytes for the machine.
+    fn take_body(
+        &self,
+        caller: &mut Caller,
+        body: &mut BodyRelay,
+        job: &mut Job,
+    ) -> Result<(), CallerFault> {
+        let Caller {
+            buf, to_machine, ..
+        } = caller;
+        match job.draft.as_mut().filter(|d| !d.fired) {
+            Some(draft) => {
+                let limit = self.service.limits.mirror_body_limit;
+                body.relay(buf, to_machine, |data| draft.append(data, limit))?
+            }
+            None => body.relay(buf, to_machine, |_| {})?,
         }
         Ok(())
     }
 
-    async fn upstream_request_filter(
+    /// One exchange with the machine: the request (its head and body so far are in
+    /// `to_machine`; the rest is read from the caller and sent on), then the answer, relayed to
+    /// the caller.
+    async fn attempt(
         &self,
-        _session: &mut Session,
-        _upstream_request: &mut RequestHeader,
-        ctx: &mut JobCtx,
-    ) -> Result<()> {
-        ctx.timing.header_sent = Some(Instant::now());
-        Ok(())
-    }
+        caller: &mut Caller,
+        request: &Request,
+        keep_alive: bool,
+        job: &mut Job,
+        machine: &mut Connection,
+        body: &mut BodyRelay,
+    ) -> Result<Delivered, AttemptError> {
+        let has_body = request.framing != Framing::Empty;
+        if has_body {
+            // Only a job with a body can keep the machine waiting for its caller.
+            job.timing.header_sent = Some(Instant::now());
+        }
+        machine
+            .tcp
+            .write_all(&caller.to_machine)
+            .await
+            .map_err(AttemptError::BeforeAnswer)?;
+        while !body.is_done() {
+            caller.to_machine.clear();
+            match caller.read_more().await {
+                Ok(0) => return Err(Failure::Caller(CallerFault::Truncated).into()),
+                Ok(_) => {}
+                Err(fault) => return Err(Failure::Caller(fault).into()),
+            }
+            self.take_body(caller, body, job).map_err(Failure::Caller)?;
+            machine
+                .tcp
+                .write_all(&caller.to_machine)
+                .await
+                .map_err(|e| Failure::Machine(e.into()))?;
+        }
+        if has_body {
+            if job.timing.request_complete.is_none() {
+                job.timing.request_complete = Some(Instant::now());
+            }
+            self.body_complete(job);
+        }
 
-    fn upstream_response_body_filter(
-        &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut JobCtx,
-    ) -> Result<Option<Duration>> {
-        // Every chunk moves the stamp: the last one is when the answer was complete (the end of
-        // an answer may come as an empty end-of-stream chunk or with the last data).
-        ctx.timing.answer_last = Some(Instant::now());
-        Ok(None)
-    }
-
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut JobCtx,
-    ) -> Result<()> {
-        ctx.timing.answer_last = Some(Instant::now());
-        ctx.status = Some(upstream_response.status.as_u16());
-        if ctx
+        let limits = &self.service.limits;
+        let timeout = limits.upstream_timeout;
+        let machine_failed = |fault: MachineFault| AttemptError::Failed(Failure::Machine(fault));
+        caller.to_caller.clear();
+        let answer = loop {
+            if !machine.buf.is_empty() {
+                let parsed = h1::parse_answer(
+                    &machine.buf,
+                    request.method == Method::HEAD,
+                    keep_alive,
+                    &mut caller.to_caller,
+                )
+                .map_err(|e| machine_failed(e.into()))?;
+                match parsed {
+                    // Interim answers (103 Early Hints, a stray 100) are not passed on.
+                    Some(interim) if interim.status < 200 => machine.buf.advance(interim.head_len),
+                    Some(answer) => break answer,
+                    None => {}
+                }
+            }
+            let nothing_yet = machine.buf.is_empty();
+            match read_machine(machine, timeout).await {
+                Ok(0) if nothing_yet => {
+                    return Err(AttemptError::BeforeAnswer(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+                Ok(0) => return Err(machine_failed(MachineFault::Truncated)),
+                Ok(_) => {}
+                Err(MachineFault::Io(e)) if nothing_yet => {
+                    return Err(AttemptError::BeforeAnswer(e))
+                }
+                Err(fault) => return Err(machine_failed(fault)),
+            }
+        };
+        machine.buf.advance(answer.head_len);
+        job.status = Some(answer.status);
+        if job
             .draft
             .as_ref()
             .is_some_and(|d| d.slot.is_some() || !d.fired)
             && self.service.router.table().config.compare_body
         {
-            ctx.digest = Some(BodyDigest::new());
+            job.digest = Some(BodyDigest::new());
         }
-        Ok(())
+        // The answer's last event: its last body bytes' arrival (its head's, without a body).
+        let mut answer_last = None;
+        let mut relay = BodyRelay::new(answer.framing);
+        loop {
+            {
+                let digest = &mut job.digest;
+                relay
+                    .relay(&mut machine.buf, &mut caller.to_caller, |data| {
+                        if let Some(digest) = digest.as_mut() {
+                            digest.update(data);
+                        }
+                    })
+                    .map_err(|e| machine_failed(e.into()))?;
+            }
+            if relay.is_done() {
+                break;
+            }
+            if !caller.to_caller.is_empty() {
+                // Pass on what is here before waiting for more (a slow or streaming answer).
+                job.answer_started = true;
+                caller
+                    .flush()
+                    .await
+                    .map_err(|fault| AttemptError::Failed(Failure::Caller(fault)))?;
+            }
+            match read_machine(machine, timeout).await {
+                Ok(0) if relay.end_of_input() => break,
+                Ok(0) => return Err(machine_failed(MachineFault::Truncated)),
+                Ok(_) => answer_last = Some(Instant::now()),
+                Err(fault) => return Err(machine_failed(fault)),
+            }
+        }
+        job.timing.answer_last = answer_last.or_else(|| Some(Instant::now()));
+        job.answer_started = true;
+        let caller_keep_alive = match caller.flush().await {
+            Ok(()) => answer.caller_keep_alive,
+            // The machine did its job; the caller left before taking the answer.
+            Err(_) => false,
+        };
+        Ok(Delivered {
+            machine_reusable: answer.reusable,
+            caller_keep_alive,
+        })
     }
 
-    fn response_body_filter(
+    /// The job's body is complete: its copy leaves.
+    fn body_complete(&self, job: &mut Job) {
+        if let Some(draft) = job.draft.as_mut() {
+            self.fire(draft, job.number, &job.session);
+        }
+    }
+
+    /// No connection to the machine: the copy still leaves, so that v2 is also measured on the
+    /// jobs v1 failed, if the rest of the body can be had in time.
+    async fn copy_after_connect_failure(
         &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut JobCtx,
-    ) -> Result<Option<Duration>> {
-        if let (Some(digest), Some(chunk)) = (ctx.digest.as_mut(), body.as_ref()) {
-            digest.update(chunk);
+        caller: &mut Caller,
+        body: &mut BodyRelay,
+        job: &mut Job,
+    ) {
+        if job.draft.as_ref().is_none_or(|d| d.fired) {
+            return;
         }
-        Ok(None)
+        let _ = tokio::time::timeout(LATE_BODY_WAIT, async {
+            while !body.is_done() {
+                caller.to_machine.clear();
+                if !matches!(caller.read_more().await, Ok(n) if n > 0) {
+                    return;
+                }
+                if self.take_body(caller, body, job).is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if body.is_done() {
+            self.body_complete(job);
+        }
     }
 
-    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut JobCtx) {
-        let now = Instant::now();
-        let latency_us = ctx
+    /// Records the job's latency and outcome, and the active side of its pair.
+    fn record(&self, job: &mut Job, failure: Option<&Failure>) {
+        let now = match (failure, job.timing.answer_last) {
+            (None, Some(answered)) => answered,
+            _ => Instant::now(),
+        };
+        let latency_us = job
             .timing
-            .service_us(error.is_none(), now)
-            .unwrap_or_else(|| now.duration_since(ctx.start).as_micros() as u64);
-        let outcome = match (ctx.status, error) {
+            .service_us(failure.is_none(), now)
+            .unwrap_or_else(|| now.duration_since(job.start).as_micros() as u64);
+        let outcome = match (job.status, failure) {
             (Some(status), None) => Some(outcome_of_status(status)),
-            (Some(_), Some(e)) => outcome_of_error(e).map(|o| match o {
-                // An answer started but broke off: the machine failed this job.
-                Outcome::ConnectFailure => Outcome::ServerError,
-                other => other,
-            }),
-            (None, Some(e)) => outcome_of_error(e),
-            // Answered by the balancer itself (refused): not a machine's job.
+            (_, Some(failure)) => failure.outcome(),
             (None, None) => None,
         };
-        // The active connect failed before the body hook ran: copy the job anyway, so that v2 is
-        // also measured on the jobs v1 failed.
-        if let Some(draft) = ctx.draft.as_mut().filter(|d| !d.fired) {
-            if !session.is_body_done() {
-                let _ = tokio::time::timeout(LATE_BODY_WAIT, async {
-                    while let Ok(Some(chunk)) = session.read_request_body().await {
-                        if draft.body.len() + chunk.len() > self.service.limits.mirror_body_limit {
-                            draft.over_limit = true;
-                        } else {
-                            draft.body.extend_from_slice(&chunk);
-                        }
-                    }
-                })
-                .await;
-            }
-            if session.is_body_done() {
-                self.fire(draft, ctx.job, &ctx.session);
-            } else {
-                draft.fired = true;
-                self.service
-                    .stats
-                    .mirror_dropped(draft.targets.len() as u64);
-            }
-        }
-        let (Some(machine), Some(outcome)) = (ctx.machine.as_ref(), outcome) else {
+        let Some(outcome) = outcome else {
             return;
         };
+        let machine = &job.machine;
         self.service
             .stats
             .record(&machine.series, latency_us, outcome);
-        if let Some(slot) = ctx.draft.as_ref().and_then(|d| d.slot.as_ref()) {
+        if let Some(slot) = job.draft.as_ref().and_then(|d| d.slot.as_ref()) {
             slot.complete_active((
                 JobObservation {
                     machine: machine.id.to_string(),
                     version: machine.version.to_string(),
                     latency_us,
                     outcome,
-                    status: ctx.status,
+                    status: job.status,
                 },
-                ctx.digest.take().map(BodyDigest::finish),
+                job.digest.take().map(BodyDigest::finish),
             ));
         }
     }
+}
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &JobCtx, error: &Error) -> bool {
-        // A caller hanging up is routine; pingora would log an ERROR line per job.
-        error.esource() == &ErrorSource::Downstream
+/// Reads more of the machine's answer, within the upstream timeout.
+async fn read_machine(machine: &mut Connection, timeout: Duration) -> Result<usize, MachineFault> {
+    if machine.buf.capacity() - machine.buf.len() < 1024 {
+        machine.buf.reserve(READ_BUFFER);
+    }
+    match tokio::time::timeout(timeout, machine.tcp.read_buf(&mut machine.buf)).await {
+        Ok(read) => Ok(read?),
+        Err(_) => Err(MachineFault::Timeout(timeout)),
+    }
+}
+
+impl Job {
+    fn new(number: u64, start: Instant, session: Option<String>, machine: Arc<Machine>) -> Self {
+        Job {
+            number,
+            start,
+            timing: UpstreamTiming::default(),
+            session,
+            machine,
+            status: None,
+            digest: None,
+            draft: None,
+            answer_started: false,
+            _active: None,
+        }
+    }
+}
+
+impl CopyDraft {
+    fn new(
+        targets: Vec<Arc<Machine>>,
+        (method, path_and_query, headers): (Method, String, HeaderMap),
+    ) -> Self {
+        CopyDraft {
+            targets,
+            method,
+            path_and_query,
+            headers,
+            body: BytesMut::new(),
+            over_limit: false,
+            slot: None,
+            fired: false,
+        }
+    }
+
+    /// Tees a piece of the job's body into the copy (dropped whole past `limit`).
+    fn append(&mut self, data: &[u8], limit: usize) {
+        if self.over_limit {
+            return;
+        }
+        if self.body.len() + data.len() > limit {
+            self.over_limit = true;
+            self.body = BytesMut::new();
+        } else {
+            self.body.extend_from_slice(data);
+        }
     }
 }
 

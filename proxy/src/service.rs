@@ -1,6 +1,7 @@
 //! One balancer's shared state (routing, stats, mirror) and the config push that changes it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::mirror::{ActiveInFlight, Lane, Mirror};
 use crate::pool::{Router, Table};
 use crate::stats::Stats;
+use crate::upstream::Upstream;
 use crate::wire::{BalancerConfig, PoolRole, StatsReport};
 
 /// Tunables of the data plane that are not part of the pushed config.
@@ -50,7 +52,7 @@ pub(crate) struct Service {
     pub refused_no_simulation: IntCounter,
     /// Jobs in flight towards active machines: the copy lanes size their cap on it.
     pub active_in_flight: Arc<ActiveInFlight>,
-    lanes: Lanes,
+    links: MachineLinks,
     config_version: IntGauge,
     /// Serializes pushes so that the version check and the swap are one step.
     push: Mutex<()>,
@@ -68,14 +70,16 @@ impl Service {
         let config_version = metrics.config_version(&name);
         config_version.set(config.version as i64);
         let active_in_flight: Arc<ActiveInFlight> = Arc::default();
-        let lanes = Lanes {
+        let links = MachineLinks {
             mirror,
             active_in_flight: active_in_flight.clone(),
             metrics: metrics.clone(),
             service: name.clone(),
-            open: Mutex::default(),
+            connect_timeout: limits.connect_timeout,
+            lanes: Mutex::default(),
+            upstreams: Mutex::default(),
         };
-        let table = lanes.table(config, &stats);
+        let table = links.table(config, &stats);
         Service {
             refused_no_simulation: metrics.refused(&name, "no_simulation_machine"),
             name,
@@ -84,7 +88,7 @@ impl Service {
             limits,
             jobs: AtomicU64::new(0),
             active_in_flight,
-            lanes,
+            links,
             config_version,
             push: Mutex::new(()),
         }
@@ -112,7 +116,7 @@ impl Service {
             return Ok(PushResult::AlreadyRunning);
         }
         let version = valid.version;
-        let table = self.lanes.table(valid, &self.stats);
+        let table = self.links.table(valid, &self.stats);
         self.router.swap(table, Instant::now());
         self.config_version.set(version as i64);
         Ok(PushResult::Applied)
@@ -138,28 +142,42 @@ impl Service {
     }
 }
 
-/// The copy lanes of a service: one per simulation version ever configured, kept across pushes
-/// so that a version's copies in flight stay counted in one place.
-struct Lanes {
+/// What a service's machines are linked to, resolved when a config is applied so that a job
+/// finds them without a lookup: the copy lanes (one per simulation version ever configured, kept
+/// across pushes so that a version's copies in flight stay counted in one place) and the
+/// keep-alive connections per machine address (kept while the address stays configured).
+struct MachineLinks {
     mirror: Mirror,
     active_in_flight: Arc<ActiveInFlight>,
     metrics: Arc<Metrics>,
     service: Arc<str>,
-    open: Mutex<HashMap<Arc<str>, Arc<Lane>>>,
+    connect_timeout: Duration,
+    lanes: Mutex<HashMap<Arc<str>, Arc<Lane>>>,
+    upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
 }
 
-impl Lanes {
-    /// The routing table of `config`, each simulation machine holding its version's lane (opened
-    /// here on first use): a copy finds its lane without a lookup on the job's path.
+impl MachineLinks {
+    /// The routing table of `config`, each machine holding its connections and each simulation
+    /// machine its version's lane (both opened here on first use).
     fn table(&self, config: ValidConfig, stats: &Stats) -> Table {
-        let mut open = self.open.lock().expect("lanes lock");
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        let mut upstreams = self.upstreams.lock().expect("upstreams lock");
+        upstreams.retain(|address, _| config.machines.iter().any(|m| m.address == *address));
         for machine in &config.machines {
-            if machine.role == PoolRole::Simulation && !open.contains_key(&machine.version) {
+            if machine.role == PoolRole::Simulation && !lanes.contains_key(&machine.version) {
                 let held = self.metrics.mirror_held(&self.service, &machine.version);
                 let lane = self.mirror.open_lane(self.active_in_flight.clone(), held);
-                open.insert(machine.version.clone(), Arc::new(lane));
+                lanes.insert(machine.version.clone(), Arc::new(lane));
             }
+            upstreams
+                .entry(machine.address)
+                .or_insert_with(|| Arc::new(Upstream::new(machine.address, self.connect_timeout)));
         }
-        Table::new(config, stats, |version| open.get(version).cloned())
+        Table::new(
+            config,
+            stats,
+            |version| lanes.get(version).cloned(),
+            |address| upstreams[&address].clone(),
+        )
     }
 }
