@@ -60,6 +60,8 @@ pub(crate) struct Request {
     pub framing: Framing,
     /// The caller wants the connection kept open after this job.
     pub keep_alive: bool,
+    /// An HTTP/1.0 caller: keep-alive must be said in the answer.
+    pub http10: bool,
     pub expect_continue: bool,
     pub session: Option<String>,
     pub session_end: bool,
@@ -79,63 +81,141 @@ pub(crate) struct Answer {
     pub caller_keep_alive: bool,
 }
 
-/// Headers of one connection, never forwarded (RFC 9110 7.6.1), plus `Expect` (the balancer
-/// answers it) and `Upgrade` (not tunnelled). Framing headers are forwarded: bodies pass through
-/// in their own framing.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "expect",
-];
+/// The headers the balancer reads or drops, each recognised with at most two comparisons (by
+/// length first): this runs for every header of every job in both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Connection,
+    /// Of one connection, never forwarded (RFC 9110 7.6.1): `Keep-Alive`, `Proxy-Connection`,
+    /// `TE`, `Trailer`, and `Upgrade` (not tunnelled).
+    HopByHop,
+    /// Answered by the balancer, not forwarded.
+    Expect,
+    ContentLength,
+    TransferEncoding,
+    Session,
+    SessionEvent,
+    Simulation,
+    Other,
+}
 
-/// The tokens of the `Connection` headers (the headers they name are hop-by-hop too).
-struct ConnectionTokens<'a> {
-    tokens: [&'a [u8]; 8],
-    count: usize,
+fn known(name: &str) -> Known {
+    use crate::mirror::SIMULATION_HEADER;
+    use crate::proxy::{SESSION_EVENT_HEADER, SESSION_HEADER};
+    let is = |candidate: &str| name.eq_ignore_ascii_case(candidate);
+    match name.len() {
+        2 if is("te") => Known::HopByHop,
+        6 if is("expect") => Known::Expect,
+        7 if is("trailer") || is("upgrade") => Known::HopByHop,
+        10 if is("connection") => Known::Connection,
+        10 if is("keep-alive") => Known::HopByHop,
+        14 if is("content-length") => Known::ContentLength,
+        16 if is("proxy-connection") => Known::HopByHop,
+        17 if is("transfer-encoding") => Known::TransferEncoding,
+        n if n == SESSION_HEADER.len() && is(SESSION_HEADER) => Known::Session,
+        n if n == SESSION_EVENT_HEADER.len() && is(SESSION_EVENT_HEADER) => Known::SessionEvent,
+        n if n == SIMULATION_HEADER.len() && is(SIMULATION_HEADER) => Known::Simulation,
+        _ => Known::Other,
+    }
+}
+
+/// What one pass over a head's headers finds: each header's kind, the `Connection` tokens (the
+/// headers they name are hop-by-hop too) and the framing headers.
+struct HeadFacts<'a> {
+    kinds: [Known; MAX_HEADERS],
+    nominated: [&'a [u8]; 8],
+    nominated_count: usize,
     close: bool,
     keep_alive: bool,
+    length: Option<u64>,
+    coding: Option<&'a [u8]>,
 }
 
-impl<'a> ConnectionTokens<'a> {
-    fn of(headers: &[httparse::Header<'a>]) -> Self {
-        let mut found = ConnectionTokens {
-            tokens: [&[]; 8],
-            count: 0,
+impl<'a> HeadFacts<'a> {
+    fn of(headers: &[httparse::Header<'a>]) -> Result<Self, H1Error> {
+        let mut facts = HeadFacts {
+            kinds: [Known::Other; MAX_HEADERS],
+            nominated: [&[]; 8],
+            nominated_count: 0,
             close: false,
             keep_alive: false,
+            length: None,
+            coding: None,
         };
-        for header in headers {
-            if !header.name.eq_ignore_ascii_case("connection") {
-                continue;
-            }
-            for token in header.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    found.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    found.keep_alive = true;
-                } else if !token.is_empty() && found.count < found.tokens.len() {
-                    found.tokens[found.count] = token;
-                    found.count += 1;
+        for (header, kind) in headers.iter().zip(facts.kinds.iter_mut()) {
+            *kind = known(header.name);
+            match *kind {
+                Known::Connection => {
+                    for token in header.value.split(|b| *b == b',') {
+                        let token = token.trim_ascii();
+                        if token.eq_ignore_ascii_case(b"close") {
+                            facts.close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            facts.keep_alive = true;
+                        } else if !token.is_empty() && facts.nominated_count < facts.nominated.len()
+                        {
+                            facts.nominated[facts.nominated_count] = token;
+                            facts.nominated_count += 1;
+                        }
+                    }
                 }
+                Known::ContentLength => {
+                    // Identical repeats (also comma-joined) are one length; differing ones are
+                    // refused.
+                    let bad = || H1Error::BadLength(String::from_utf8_lossy(header.value).into());
+                    for part in header.value.split(|b| *b == b',') {
+                        let digits = part.trim_ascii();
+                        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                            return Err(bad());
+                        }
+                        let value = std::str::from_utf8(digits)
+                            .ok()
+                            .and_then(|d| d.parse::<u64>().ok())
+                            .ok_or_else(bad)?;
+                        if facts.length.is_some_and(|l| l != value) {
+                            return Err(bad());
+                        }
+                        facts.length = Some(value);
+                    }
+                }
+                Known::TransferEncoding => {
+                    // The last coding decides; several headers are one comma-separated list.
+                    if let Some(last) = header.value.rsplit(|b| *b == b',').next() {
+                        facts.coding = Some(last.trim_ascii());
+                    }
+                }
+                _ => {}
             }
         }
-        found
+        Ok(facts)
     }
 
-    fn names(&self, name: &str) -> bool {
-        self.tokens[..self.count]
-            .iter()
-            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    /// Whether the `i`th header stays on this hop.
+    fn is_hop_by_hop(&self, i: usize, name: &str) -> bool {
+        match self.kinds[i] {
+            Known::Connection | Known::HopByHop | Known::Expect => true,
+            _ => self.nominated[..self.nominated_count]
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes())),
+        }
     }
-}
 
-fn is_hop_by_hop(name: &str, connection: &ConnectionTokens) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || connection.names(name)
+    /// The body framing given by `Content-Length` and `Transfer-Encoding` (RFC 9112 6.1-6.3).
+    /// `answer`: an answer may end at close; a request with an unknown length is refused.
+    fn framing(&self, answer: bool) -> Result<Framing, H1Error> {
+        match (self.coding, self.length) {
+            (Some(_), Some(_)) => Err(H1Error::AmbiguousLength),
+            (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+            (Some(_), None) if answer => Ok(Framing::UntilClose),
+            (Some(c), None) => Err(H1Error::UnsupportedCoding(
+                String::from_utf8_lossy(c).into_owned(),
+            )),
+            (None, Some(0)) => Ok(Framing::Empty),
+            (None, Some(n)) => Ok(Framing::Length(n)),
+            (None, None) if answer => Ok(Framing::UntilClose),
+            (None, None) => Ok(Framing::Empty),
+        }
+    }
 }
 
 fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -143,51 +223,6 @@ fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-/// The body framing given by `Content-Length` and `Transfer-Encoding` (RFC 9112 6.1-6.3).
-/// `answer`: an answer may end at close; a request with an unknown length is refused.
-fn framing_of(headers: &[httparse::Header], answer: bool) -> Result<Framing, H1Error> {
-    let mut length: Option<u64> = None;
-    let mut coding: Option<&[u8]> = None;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("content-length") {
-            // Identical repeats (also comma-joined) are one length; differing ones are refused.
-            for part in header.value.split(|b| *b == b',') {
-                let text = std::str::from_utf8(part.trim_ascii()).unwrap_or("");
-                let value = text
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|_| text.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| {
-                        H1Error::BadLength(String::from_utf8_lossy(header.value).into_owned())
-                    })?;
-                if length.is_some_and(|l| l != value) {
-                    return Err(H1Error::BadLength(
-                        String::from_utf8_lossy(header.value).into_owned(),
-                    ));
-                }
-                length = Some(value);
-            }
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            // The last coding decides; several headers are one comma-separated list.
-            if let Some(last) = header.value.rsplit(|b| *b == b',').next() {
-                coding = Some(last.trim_ascii());
-            }
-        }
-    }
-    match (coding, length) {
-        (Some(_), Some(_)) => Err(H1Error::AmbiguousLength),
-        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
-        (Some(_), None) if answer => Ok(Framing::UntilClose),
-        (Some(c), None) => Err(H1Error::UnsupportedCoding(
-            String::from_utf8_lossy(c).into_owned(),
-        )),
-        (None, Some(0)) => Ok(Framing::Empty),
-        (None, Some(n)) => Ok(Framing::Length(n)),
-        (None, None) if answer => Ok(Framing::UntilClose),
-        (None, None) => Ok(Framing::Empty),
-    }
 }
 
 /// The length of a parsed head; `None` while it is incomplete and may still fit.
@@ -221,8 +256,8 @@ pub(crate) fn parse_request(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<Requ
         return Err(H1Error::UnsupportedMethod(method));
     }
     let headers = &*request.headers;
-    let connection = ConnectionTokens::of(headers);
-    let framing = framing_of(headers, false)?;
+    let facts = HeadFacts::of(headers)?;
+    let framing = facts.framing(false)?;
 
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -233,28 +268,30 @@ pub(crate) fn parse_request(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<Requ
         method,
         framing,
         keep_alive: if minor == 0 {
-            connection.keep_alive
+            facts.keep_alive
         } else {
-            !connection.close
+            !facts.close
         },
+        http10: minor == 0,
         expect_continue: false,
         session: None,
         session_end: false,
         simulation: false,
     };
-    for header in headers {
-        let name = header.name;
-        if name.eq_ignore_ascii_case("expect") {
-            parsed.expect_continue = header.value.eq_ignore_ascii_case(b"100-continue");
-        } else if name.eq_ignore_ascii_case(crate::proxy::SESSION_HEADER) {
-            parsed.session = std::str::from_utf8(header.value).ok().map(str::to_owned);
-        } else if name.eq_ignore_ascii_case(crate::proxy::SESSION_EVENT_HEADER) {
-            parsed.session_end = header.value == b"end";
-        } else if name.eq_ignore_ascii_case(crate::mirror::SIMULATION_HEADER) {
-            parsed.simulation = true;
+    for (i, header) in headers.iter().enumerate() {
+        match facts.kinds[i] {
+            Known::Expect => {
+                parsed.expect_continue = header.value.eq_ignore_ascii_case(b"100-continue")
+            }
+            Known::Session => {
+                parsed.session = std::str::from_utf8(header.value).ok().map(str::to_owned)
+            }
+            Known::SessionEvent => parsed.session_end = header.value == b"end",
+            Known::Simulation => parsed.simulation = true,
+            _ => {}
         }
-        if !is_hop_by_hop(name, &connection) {
-            write_header(out, name, header.value);
+        if !facts.is_hop_by_hop(i, header.name) {
+            write_header(out, header.name, header.value);
         }
     }
     out.extend_from_slice(b"\r\n");
@@ -284,16 +321,27 @@ pub(crate) fn copy_parts(head: &[u8]) -> Result<(Method, String, HeaderMap), H1E
     Ok((method, request.path.unwrap_or("/").to_owned(), headers))
 }
 
+/// The request an answer is for, as far as its head is concerned.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AnswerTo {
+    /// A HEAD request: the answer has no body whatever its headers say.
+    pub head: bool,
+    /// The caller's connection may stay open after the answer.
+    pub keep_alive: bool,
+    /// An HTTP/1.0 caller, told `Connection: keep-alive` when its connection stays open.
+    pub http10: bool,
+}
+
 /// Parses a machine's answer head at the start of `buf`. Interim answers (1xx) come back with
 /// `status` < 200 and nothing written: the caller skips them. Otherwise the head the caller gets
 /// is written into `out`, with `Connection: close` when the caller's connection will be closed
-/// (`caller_keep_alive` false, or an answer that ends at close). `Ok(None)`: not complete yet.
+/// (it asked to, or the answer ends at close). `Ok(None)`: not complete yet.
 pub(crate) fn parse_answer(
     buf: &[u8],
-    head_request: bool,
-    caller_keep_alive: bool,
+    to: AnswerTo,
     out: &mut Vec<u8>,
 ) -> Result<Option<Answer>, H1Error> {
+    let (head_request, caller_keep_alive) = (to.head, to.keep_alive);
     let mut slots = [httparse::EMPTY_HEADER; 64];
     let mut answer = httparse::Response::new(&mut slots);
     let Some(head_len) = head_length(answer.parse(buf), buf)? else {
@@ -317,16 +365,16 @@ pub(crate) fn parse_answer(
         }));
     }
     let headers = &*answer.headers;
-    let connection = ConnectionTokens::of(headers);
+    let facts = HeadFacts::of(headers)?;
     let framing = if head_request || status == 204 || status == 304 {
         Framing::Empty
     } else {
-        framing_of(headers, true)?
+        facts.framing(true)?
     };
     let machine_keeps = if minor == 0 {
-        connection.keep_alive
+        facts.keep_alive
     } else {
-        !connection.close
+        !facts.close
     };
     let caller_keep_alive = caller_keep_alive && framing != Framing::UntilClose;
 
@@ -340,13 +388,15 @@ pub(crate) fn parse_answer(
     ]);
     out.extend_from_slice(answer.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for header in headers {
-        if !is_hop_by_hop(header.name, &connection) {
+    for (i, header) in headers.iter().enumerate() {
+        if !facts.is_hop_by_hop(i, header.name) {
             write_header(out, header.name, header.value);
         }
     }
     if !caller_keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
+    } else if to.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
     Ok(Some(Answer {
@@ -651,7 +701,12 @@ mod tests {
 
     fn answer(raw: &str, head: bool, keep: bool) -> (Result<Option<Answer>, H1Error>, String) {
         let mut out = Vec::new();
-        let parsed = parse_answer(raw.as_bytes(), head, keep, &mut out);
+        let to = AnswerTo {
+            head,
+            keep_alive: keep,
+            http10: false,
+        };
+        let parsed = parse_answer(raw.as_bytes(), to, &mut out);
         (parsed, String::from_utf8(out).unwrap())
     }
 
@@ -691,6 +746,21 @@ mod tests {
         .0;
         let closing = closing.unwrap().unwrap();
         assert!(!closing.reusable && closing.caller_keep_alive);
+        let mut out = Vec::new();
+        let to_old_caller = AnswerTo {
+            head: false,
+            keep_alive: true,
+            http10: true,
+        };
+        let kept = parse_answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            to_old_caller,
+            &mut out,
+        );
+        assert!(kept.unwrap().unwrap().caller_keep_alive);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("connection: keep-alive\r\n\r\n"));
     }
 
     #[test]

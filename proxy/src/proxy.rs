@@ -28,7 +28,7 @@ use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::h1::{self, BodyRelay, Framing, H1Error, Request};
+use crate::h1::{self, AnswerTo, BodyRelay, Framing, H1Error, Request};
 use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest, Copy};
 use crate::pool::Machine;
 use crate::service::Service;
@@ -592,13 +592,13 @@ impl Balancer {
         caller.to_caller.clear();
         let answer = loop {
             if !machine.buf.is_empty() {
-                let parsed = h1::parse_answer(
-                    &machine.buf,
-                    request.method == Method::HEAD,
+                let to = AnswerTo {
+                    head: request.method == Method::HEAD,
                     keep_alive,
-                    &mut caller.to_caller,
-                )
-                .map_err(|e| machine_failed(e.into()))?;
+                    http10: request.http10,
+                };
+                let parsed = h1::parse_answer(&machine.buf, to, &mut caller.to_caller)
+                    .map_err(|e| machine_failed(e.into()))?;
                 match parsed {
                     // Interim answers (103 Early Hints, a stray 100) are not passed on.
                     Some(interim) if interim.status < 200 => machine.buf.advance(interim.head_len),
