@@ -165,29 +165,16 @@ const CALLER_IDLE: Duration = Duration::from_secs(60);
 /// Read buffer of a caller's connection (it grows for a larger head or body piece).
 const READ_BUFFER: usize = 8 * 1024;
 
-/// Why the machine gave no complete answer.
+/// How one side of a job (the machine's connection or the caller's) failed.
 #[derive(Debug, thiserror::Error)]
-enum MachineFault {
-    #[error("no answer within {0:?}")]
+enum Fault {
+    #[error("nothing arrived for {0:?}")]
     Timeout(Duration),
     #[error("connection failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("unusable answer: {0}")]
+    #[error("unusable message: {0}")]
     Protocol(#[from] H1Error),
-    #[error("the connection closed before the answer ended")]
-    Truncated,
-}
-
-/// Why the caller's side of a job failed.
-#[derive(Debug, thiserror::Error)]
-enum CallerFault {
-    #[error("caller sent nothing for {0:?}")]
-    Timeout(Duration),
-    #[error("caller connection failed: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("unusable request body: {0}")]
-    Protocol(#[from] H1Error),
-    #[error("the caller closed before its request ended")]
+    #[error("the connection closed before the message ended")]
     Truncated,
 }
 
@@ -198,18 +185,18 @@ enum Failure {
     Connect(ConnectError),
     /// The machine failed the job.
     #[error("the machine failed the job: {0}")]
-    Machine(MachineFault),
+    Machine(Fault),
     /// The caller went away or sent a malformed body: the machine is not to blame, and no
     /// answer can be judged.
     #[error("the caller's side failed: {0}")]
-    Caller(CallerFault),
+    Caller(Fault),
 }
 
 impl Failure {
     fn outcome(&self) -> Option<Outcome> {
         match self {
             Failure::Connect(_) => Some(Outcome::ConnectFailure),
-            Failure::Machine(MachineFault::Timeout(_)) => Some(Outcome::Timeout),
+            Failure::Machine(Fault::Timeout(_)) => Some(Outcome::Timeout),
             Failure::Machine(_) => Some(Outcome::ServerError),
             Failure::Caller(_) => None,
         }
@@ -218,9 +205,9 @@ impl Failure {
     /// The status of the error page a caller gets when no answer was started.
     fn status(&self) -> u16 {
         match self {
-            Failure::Machine(MachineFault::Timeout(_)) => 504,
+            Failure::Machine(Fault::Timeout(_)) => 504,
             Failure::Connect(_) | Failure::Machine(_) => 502,
-            Failure::Caller(CallerFault::Protocol(_)) => 400,
+            Failure::Caller(Fault::Protocol(_)) => 400,
             Failure::Caller(_) => 408,
         }
     }
@@ -277,7 +264,7 @@ struct Caller {
 impl Caller {
     /// Reads until a whole request head is in the buffer; `None` when the caller closed (or
     /// idled out) between jobs. The head the machine gets is left in `to_machine`.
-    async fn read_request(&mut self) -> Result<Option<Request>, CallerFault> {
+    async fn read_request(&mut self) -> Result<Option<Request>, Fault> {
         loop {
             if !self.buf.is_empty() {
                 self.to_machine.clear();
@@ -286,26 +273,26 @@ impl Caller {
                 }
             }
             match self.read_more().await {
-                Ok(0) | Err(CallerFault::Timeout(_)) if self.buf.is_empty() => return Ok(None),
-                Ok(0) => return Err(CallerFault::Truncated),
+                Ok(0) | Err(Fault::Timeout(_)) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err(Fault::Truncated),
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
         }
     }
 
-    async fn read_more(&mut self) -> Result<usize, CallerFault> {
+    async fn read_more(&mut self) -> Result<usize, Fault> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_BUFFER);
         }
         match tokio::time::timeout(CALLER_IDLE, self.io.read_buf(&mut self.buf)).await {
             Ok(read) => Ok(read?),
-            Err(_) => Err(CallerFault::Timeout(CALLER_IDLE)),
+            Err(_) => Err(Fault::Timeout(CALLER_IDLE)),
         }
     }
 
     /// Sends what is gathered for the caller.
-    async fn flush(&mut self) -> Result<(), CallerFault> {
+    async fn flush(&mut self) -> Result<(), Fault> {
         if !self.to_caller.is_empty() {
             self.io.write_all(&self.to_caller).await?;
             self.to_caller.clear();
@@ -336,7 +323,7 @@ impl ServerApp for Balancer {
                 Ok(Some(request)) => request,
                 Ok(None) => return None,
                 Err(fault) => {
-                    if let CallerFault::Protocol(e) = &fault {
+                    if let Fault::Protocol(e) = &fault {
                         let status = match e {
                             H1Error::HeadTooLarge => 431,
                             H1Error::UnsupportedMethod(_) => 405,
@@ -529,7 +516,7 @@ impl Balancer {
         caller: &mut Caller,
         body: &mut BodyRelay,
         job: &mut Job,
-    ) -> Result<(), CallerFault> {
+    ) -> Result<(), Fault> {
         let Caller {
             buf, to_machine, ..
         } = caller;
@@ -568,7 +555,7 @@ impl Balancer {
         while !body.is_done() {
             caller.to_machine.clear();
             match caller.read_more().await {
-                Ok(0) => return Err(Failure::Caller(CallerFault::Truncated).into()),
+                Ok(0) => return Err(Failure::Caller(Fault::Truncated).into()),
                 Ok(_) => {}
                 Err(fault) => return Err(Failure::Caller(fault).into()),
             }
@@ -588,7 +575,7 @@ impl Balancer {
 
         let limits = &self.service.limits;
         let timeout = limits.upstream_timeout;
-        let machine_failed = |fault: MachineFault| AttemptError::Failed(Failure::Machine(fault));
+        let machine_failed = |fault: Fault| AttemptError::Failed(Failure::Machine(fault));
         caller.to_caller.clear();
         let answer = loop {
             if !machine.buf.is_empty() {
@@ -613,11 +600,9 @@ impl Balancer {
                         std::io::ErrorKind::UnexpectedEof.into(),
                     ))
                 }
-                Ok(0) => return Err(machine_failed(MachineFault::Truncated)),
+                Ok(0) => return Err(machine_failed(Fault::Truncated)),
                 Ok(_) => {}
-                Err(MachineFault::Io(e)) if nothing_yet => {
-                    return Err(AttemptError::BeforeAnswer(e))
-                }
+                Err(Fault::Io(e)) if nothing_yet => return Err(AttemptError::BeforeAnswer(e)),
                 Err(fault) => return Err(machine_failed(fault)),
             }
         };
@@ -658,7 +643,7 @@ impl Balancer {
             }
             match read_machine(machine, timeout).await {
                 Ok(0) if relay.end_of_input() => break,
-                Ok(0) => return Err(machine_failed(MachineFault::Truncated)),
+                Ok(0) => return Err(machine_failed(Fault::Truncated)),
                 Ok(_) => answer_last = Some(Instant::now()),
                 Err(fault) => return Err(machine_failed(fault)),
             }
@@ -749,13 +734,13 @@ impl Balancer {
 }
 
 /// Reads more of the machine's answer, within the upstream timeout.
-async fn read_machine(machine: &mut Connection, timeout: Duration) -> Result<usize, MachineFault> {
+async fn read_machine(machine: &mut Connection, timeout: Duration) -> Result<usize, Fault> {
     if machine.buf.capacity() - machine.buf.len() < 1024 {
         machine.buf.reserve(READ_BUFFER);
     }
     match tokio::time::timeout(timeout, machine.tcp.read_buf(&mut machine.buf)).await {
         Ok(read) => Ok(read?),
-        Err(_) => Err(MachineFault::Timeout(timeout)),
+        Err(_) => Err(Fault::Timeout(timeout)),
     }
 }
 
