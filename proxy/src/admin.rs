@@ -90,7 +90,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render() + &state.gates.render(),
+        state.metrics.render(),
     )
         .into_response()
 }

@@ -225,10 +225,12 @@ pub fn spawn_with(
         .iter()
         .map(|b| b.config.service.as_str())
         .collect();
+    let metrics = Arc::new(metrics::Metrics::new()?);
     let gates = Arc::new(signing::ConfigGates::new(
         &options.signing,
         &service_names,
         options.max_clock_skew,
+        metrics.registry(),
     )?);
     let admin_listener = bind(cfg.admin, "admin endpoint".into())?;
     let admin_addr = local_addr(&admin_listener, cfg.admin)?;
@@ -261,7 +263,6 @@ pub fn spawn_with(
     };
     let admin_runtime = runtime("understudy-admin", 1)?;
 
-    let metrics = Arc::new(metrics::Metrics::new()?);
     let mirror = mirror::Mirror::start(
         mirror_runtime.handle(),
         mirror::MirrorLimits {

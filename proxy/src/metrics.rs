@@ -188,6 +188,11 @@ impl Metrics {
         }
     }
 
+    /// The registry other parts of the balancer (signing, the NATS feed) register into.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail on I/O; a failure would be a malformed family, a bug.

@@ -55,6 +55,8 @@ struct CopyDraft {
     method: Method,
     path_and_query: String,
     headers: HeaderMap,
+    /// The routing table's `compare_body` when the job was routed: the answers are digested.
+    compare_body: bool,
     body: BytesMut,
     over_limit: bool,
     /// The pair the copies and the active side report into, once the copies are queued.
@@ -62,17 +64,17 @@ struct CopyDraft {
     fired: bool,
 }
 
-/// Points of one attempt at the active machine, from pingora's phases. Reset on every attempt
-/// (`upstream_peer` reruns on retries).
+/// Points of one attempt at the machine. Reset on every attempt (a job whose reused connection
+/// failed is sent again on a new one).
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct UpstreamTiming {
-    /// `upstream_peer`: the connection is about to be checked out or established.
+    /// The connection is about to be checked out or established.
     begin: Option<Instant>,
-    /// `upstream_request_filter`: connected, the request header is about to be written.
+    /// Connected, the request head is about to be written (jobs with a body only).
     header_sent: Option<Instant>,
-    /// `request_body_filter` at end of stream: the whole request is in hand and being written.
+    /// The whole request is in hand and written.
     request_complete: Option<Instant>,
-    /// The last event of the machine's answer seen (its header, then each body chunk).
+    /// The last event of the machine's answer seen (its head, then each piece of its body).
     answer_last: Option<Instant>,
 }
 
@@ -119,11 +121,10 @@ impl Balancer {
             self.service.stats.mirror_dropped(copies);
             return;
         }
-        let table_compare = self.service.router.table().config.compare_body;
         let slot = Arc::new(PairSlot::new(
             job,
             session.clone(),
-            table_compare,
+            draft.compare_body,
             self.service.stats.clone(),
         ));
         let body = std::mem::take(&mut draft.body).freeze();
@@ -142,7 +143,7 @@ impl Balancer {
                 path_and_query: draft.path_and_query.clone(),
                 headers: draft.headers.clone(),
                 body: body.clone(),
-                compare_body: table_compare,
+                compare_body: draft.compare_body,
                 slot: slot.clone(),
                 stats: self.service.stats.clone(),
                 queued_at,
@@ -357,15 +358,15 @@ fn error_body(message: &str) -> Vec<u8> {
 impl Balancer {
     /// Routes one job, proxies it and records it. False when the caller's connection cannot
     /// carry another job.
-    async fn serve(&self, caller: &mut Caller, request: Request, keep_alive: bool) -> bool {
+    async fn serve(&self, caller: &mut Caller, mut request: Request, keep_alive: bool) -> bool {
         let start = Instant::now();
         let number = self.service.jobs.fetch_add(1, Ordering::Relaxed) + 1;
         let router = &self.service.router;
-        let session = request.session.as_deref();
+        let session = request.session.take();
         let mut job = if request.simulation {
             // Simulation traffic (a copy made upstream of us) must never reach an active machine.
-            match router.route_simulation_only(session, request.session_end, start) {
-                Some(machine) => Job::new(number, start, request.session.clone(), machine),
+            match router.route_simulation_only(session.as_deref(), request.session_end, start) {
+                Some(machine) => Job::new(number, start, session, machine),
                 None => {
                     self.service.refused_no_simulation.inc();
                     caller.buf.advance(request.head_len);
@@ -381,12 +382,16 @@ impl Balancer {
                 }
             }
         } else {
-            let (route, _table) = router.route(number, session, request.session_end, start);
-            let mut job = Job::new(number, start, request.session.clone(), route.machine);
+            let (route, table) =
+                router.route(number, session.as_deref(), request.session_end, start);
+            let mut job = Job::new(number, start, session, route.machine);
             job._active = Some(self.service.active_in_flight.enter());
             if !route.mirror.is_empty() {
                 match h1::copy_parts(&caller.buf[..request.head_len]) {
-                    Ok(parts) => job.draft = Some(CopyDraft::new(route.mirror, parts)),
+                    Ok(parts) => {
+                        let compare_body = table.config.compare_body;
+                        job.draft = Some(CopyDraft::new(route.mirror, parts, compare_body));
+                    }
                     Err(_) => self.service.stats.mirror_dropped(route.mirror.len() as u64),
                 }
             }
@@ -611,8 +616,7 @@ impl Balancer {
         if job
             .draft
             .as_ref()
-            .is_some_and(|d| d.slot.is_some() || !d.fired)
-            && self.service.router.table().config.compare_body
+            .is_some_and(|d| d.compare_body && (d.slot.is_some() || !d.fired))
         {
             job.digest = Some(BodyDigest::new());
         }
@@ -765,12 +769,14 @@ impl CopyDraft {
     fn new(
         targets: Vec<Arc<Machine>>,
         (method, path_and_query, headers): (Method, String, HeaderMap),
+        compare_body: bool,
     ) -> Self {
         CopyDraft {
             targets,
             method,
             path_and_query,
             headers,
+            compare_body,
             body: BytesMut::new(),
             over_limit: false,
             slot: None,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, Opts, Registry};
 use understudy_hub::envelope::{restart_floor, ConfigRejection};
 use understudy_hub::nats::{NatsBackend, NatsOptions, Receive};
 use understudy_hub::{Backend, ControllerVerifier, Filter, Rejection, SecretKey, CONFIG_TOPIC};
@@ -217,16 +217,18 @@ pub(crate) struct ConfigGates {
     gates: HashMap<String, Gate>,
     grace: Duration,
     rejected: IntCounterVec,
-    /// Signing metrics (and the NATS feed's), rendered after the balancer's own.
+    /// The balancer's registry: the signing metrics (and the NATS feed's) are on its `/metrics`.
     registry: Registry,
 }
 
 impl ConfigGates {
     /// `max_clock_skew`: every gate starts with the controller's floor at the clock less this.
+    /// The refusal counter is registered in `registry` (the balancer's).
     pub(crate) fn new(
         signing: &ConfigSigning,
         services: &[&str],
         max_clock_skew: Duration,
+        registry: &Registry,
     ) -> Result<ConfigGates, SigningError> {
         if let Some(unknown) = signing
             .keys
@@ -241,7 +243,6 @@ impl ConfigGates {
             }
         }
         let metrics = |e: prometheus::Error| SigningError::Metrics(e.to_string());
-        let registry = Registry::new();
         let rejected = IntCounterVec::new(
             Opts::new(
                 "understudy_balancer_config_rejected_total",
@@ -279,7 +280,7 @@ impl ConfigGates {
             gates,
             grace: signing.rotation_grace,
             rejected,
-            registry,
+            registry: registry.clone(),
         })
     }
 
@@ -408,14 +409,6 @@ impl ConfigGates {
             "config key rotated"
         );
         Ok(self.grace)
-    }
-
-    pub(crate) fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("prometheus text encoding");
-        String::from_utf8(out).expect("prometheus text is UTF-8")
     }
 }
 
