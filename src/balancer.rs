@@ -733,6 +733,18 @@ mod tests {
         key: Option<understudy_proxy::BalancerKey>,
         feed: Option<understudy_proxy::ConfigFeed>,
     ) -> (understudy_proxy::RunningBalancers, String) {
+        balancer_signing(understudy_proxy::ConfigSigning {
+            keys: key.into_iter().map(|k| ("db".to_string(), k)).collect(),
+            feed,
+            ..Default::default()
+        })
+    }
+
+    /// A real balancer process (in this process) for `db` with these signing settings, and its
+    /// admin URL.
+    fn balancer_signing(
+        signing: understudy_proxy::ConfigSigning,
+    ) -> (understudy_proxy::RunningBalancers, String) {
         let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
         let running = understudy_proxy::spawn_with(
             understudy_proxy::ProcessConfig {
@@ -743,11 +755,7 @@ mod tests {
                 }],
             },
             understudy_proxy::SpawnOptions {
-                signing: understudy_proxy::ConfigSigning {
-                    keys: key.into_iter().map(|k| ("db".to_string(), k)).collect(),
-                    feed,
-                    ..Default::default()
-                },
+                signing,
                 ..Default::default()
             },
         )
@@ -865,34 +873,19 @@ mod tests {
     #[tokio::test]
     async fn the_controller_rotates_a_balancers_key_on_request() {
         let key = SecretKey::generate();
-        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
         // No grace: the old key dies with the rotation, so the second rotation below succeeds
         // only if the controller signs with the new key.
-        let balancer = understudy_proxy::spawn_with(
-            understudy_proxy::ProcessConfig {
-                admin: any,
-                balancers: vec![understudy_proxy::BalancerSpec {
-                    listen: any,
-                    config: config(1),
-                }],
-            },
-            understudy_proxy::SpawnOptions {
-                signing: understudy_proxy::ConfigSigning {
-                    keys: [(
-                        "db".to_string(),
-                        understudy_proxy::BalancerKey::given(key.clone()),
-                    )]
-                    .into(),
-                    rotation_grace: Duration::ZERO,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (balancer, url) = balancer_signing(understudy_proxy::ConfigSigning {
+            keys: [(
+                "db".to_string(),
+                understudy_proxy::BalancerKey::given(key.clone()),
+            )]
+            .into(),
+            rotation_grace: Duration::ZERO,
+            ..Default::default()
+        });
         let text = format!(
-            "[services.db]\nbalancer = \"http://{}\"\n[[machines]]\nid = \"db-1\"\nservice = \"db\"\nversion = \"v1\"\naddress = \"127.0.0.1:1\"\nconfig = \"active\"\n",
-            balancer.admin_addr()
+            "[services.db]\nbalancer = \"{url}\"\n[[machines]]\nid = \"db-1\"\nservice = \"db\"\nversion = \"v1\"\naddress = \"127.0.0.1:1\"\nconfig = \"active\"\n"
         );
         let mut cluster = crate::cluster::parse("c.toml", &text).unwrap();
         cluster
@@ -901,7 +894,7 @@ mod tests {
         let controller = crate::controller::start(crate::controller::ControllerConfig {
             cluster,
             database: ":memory:".into(),
-            admin_addr: any,
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
             token: "t0ken".into(),
             tick: Duration::from_millis(50),
         })

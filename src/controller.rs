@@ -2261,7 +2261,7 @@ pub async fn start_with_client(
 
 #[cfg(test)]
 #[path = "controller_tests.rs"]
-mod tests;
+pub(crate) mod tests;
 
 // The monitor loop, a child module so it works on the controller's state directly.
 #[path = "monitor.rs"]

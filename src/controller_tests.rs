@@ -21,7 +21,7 @@ fn latency(rng: &mut StdRng) -> u64 {
 }
 
 /// `n` identical v1/v2 pairs (and, when `control`, as many v1/v1 control pairs) from job `first`.
-fn identical_pairs(
+pub(crate) fn identical_pairs(
     rng: &mut StdRng,
     first: u64,
     n: u64,
@@ -92,14 +92,16 @@ fn failing_pairs(first: u64, n: u64, from: &str, to: &str) -> Vec<JobPair> {
         .collect()
 }
 
-struct Rig {
+/// A controller over an in-memory balancer, its SQLite state in a temporary directory (reopened
+/// by `open`, as after a restart). Shared with the monitor's tests.
+pub(crate) struct Rig {
     dir: tempfile::TempDir,
-    fake: Arc<FakeBalancer>,
+    pub(crate) fake: Arc<FakeBalancer>,
     cluster: Cluster,
 }
 
 impl Rig {
-    fn new(text: &str) -> Rig {
+    pub(crate) fn new(text: &str) -> Rig {
         Rig {
             dir: tempfile::tempdir().expect("tempdir"),
             fake: Arc::new(FakeBalancer::new()),
@@ -107,7 +109,7 @@ impl Rig {
         }
     }
 
-    fn open(&self) -> Core {
+    pub(crate) fn open(&self) -> Core {
         let store = Store::open(&self.dir.path().join("state.db")).expect("store");
         Core::open(
             self.cluster.clone(),

@@ -22,6 +22,26 @@ fn open_core(store: Store) -> Arc<Core> {
     Arc::new(Core::open(cluster, store, Arc::new(FakeBalancer::new()), TOKEN.into()).unwrap())
 }
 
+/// The controller makes a machine active (as when its version joins), in its own transaction.
+fn promote(core: &Core, id: &str, service: &str, version: &str) {
+    core.with_store(|store, _, _| {
+        store
+            .write(|tx| {
+                crate::store::set_machine_role(
+                    tx,
+                    id,
+                    service,
+                    version,
+                    crate::store::MachineRole::Active,
+                    core.now_ms(),
+                    None,
+                    "test promotion",
+                )
+            })
+            .unwrap()
+    });
+}
+
 fn core() -> Arc<Core> {
     open_core(Store::open_in_memory().unwrap())
 }
@@ -444,22 +464,7 @@ async fn role_changes_by_the_controller_are_registry_revisions() {
         &signer.sign("machine.state", state("media-2", "media", "running", 0)),
     )
     .unwrap();
-    core.with_store(|store, _, _| {
-        store
-            .write(|tx| {
-                crate::store::set_machine_role(
-                    tx,
-                    "media-2",
-                    "media",
-                    "v2",
-                    crate::store::MachineRole::Active,
-                    core.now_ms(),
-                    None,
-                    "test promotion",
-                )
-            })
-            .unwrap()
-    });
+    promote(&core, "media-2", "media", "v2");
     let history = core.machine_revisions("media-2").unwrap();
     assert_eq!(history.len(), 3);
     assert_eq!(history[2].record.role, Role::Active);
@@ -719,22 +724,7 @@ async fn history_keeps_the_newest_revisions_per_machine() {
         assert_eq!(revisions, vec![4, 5, 6], "the newest 3 of 6");
         assert_eq!(history[2].record.sessions, 5);
         // A role change by the controller appends (and prunes) in its own transaction too.
-        core.with_store(|store, _, _| {
-            store
-                .write(|tx| {
-                    crate::store::set_machine_role(
-                        tx,
-                        "media-9",
-                        "media",
-                        "v2",
-                        crate::store::MachineRole::Active,
-                        core.now_ms(),
-                        None,
-                        "test promotion",
-                    )
-                })
-                .unwrap()
-        });
+        promote(&core, "media-9", "media", "v2");
         let revisions: Vec<u64> = core
             .machine_revisions("media-9")
             .unwrap()

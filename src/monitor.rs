@@ -857,7 +857,8 @@ mod tests {
     use super::super::lock;
     use super::*;
     use crate::balancer::FakeBalancer;
-    use crate::cluster::{parse, Cluster};
+    use crate::cluster::parse;
+    use crate::controller::tests::{identical_pairs, Rig};
 
     const MEDIA: &str = r#"
 [controller]
@@ -911,31 +912,9 @@ then = ["report_drift"]
 min_running_active = 3
 "#;
 
-    struct Rig {
-        dir: tempfile::TempDir,
-        fake: Arc<FakeBalancer>,
-        cluster: Cluster,
-    }
-
-    impl Rig {
-        fn new(monitor: &str) -> Rig {
-            Rig {
-                dir: tempfile::tempdir().expect("tempdir"),
-                fake: Arc::new(FakeBalancer::new()),
-                cluster: parse("test.toml", &format!("{MEDIA}{monitor}")).expect("valid cluster"),
-            }
-        }
-
-        fn open(&self) -> Core {
-            let store = Store::open(&self.dir.path().join("state.db")).expect("store");
-            Core::open(
-                self.cluster.clone(),
-                store,
-                self.fake.clone(),
-                "secret".into(),
-            )
-            .expect("core")
-        }
+    /// A controller over the media cluster with `monitor` settings added.
+    fn media_with(monitor: &str) -> Rig {
+        Rig::new(&format!("{MEDIA}{monitor}"))
     }
 
     /// Records a machine's report in the registry, as the hub's recorder does.
@@ -998,7 +977,7 @@ min_running_active = 3
 
     #[tokio::test(start_paused = true)]
     async fn down_machine_is_taken_out_replacement_asked_and_put_back_when_running() {
-        let rig = Rig::new(RULES);
+        let rig = media_with(RULES);
         let core = rig.open();
         let mut scale = core
             .hub_backend()
@@ -1094,7 +1073,7 @@ min_running_active = 3
 
     #[tokio::test(start_paused = true)]
     async fn machine_holding_calls_drains_before_it_is_taken_out() {
-        let rig = Rig::new(RULES);
+        let rig = media_with(RULES);
         let core = rig.open();
         core.tick().await;
         all_running(&core);
@@ -1144,7 +1123,7 @@ min_running_active = 3
 
     #[tokio::test(start_paused = true)]
     async fn drain_ends_when_the_calls_end() {
-        let rig = Rig::new(RULES);
+        let rig = media_with(RULES);
         let core = rig.open();
         core.tick().await;
         all_running(&core);
@@ -1166,7 +1145,7 @@ min_running_active = 3
 
     #[tokio::test(start_paused = true)]
     async fn version_drift_is_reported_once_and_updates_wait_for_calls() {
-        let rig = Rig::new(RULES);
+        let rig = media_with(RULES);
         let core = rig.open();
         core.tick().await;
         all_running(&core);
@@ -1192,7 +1171,7 @@ min_running_active = 3
 
         // With `update_version`, a drifting machine holding calls is drained first, then taken
         // out and its update asked for.
-        let rig = Rig::new(
+        let rig = media_with(
             "[monitor]\ndrain_timeout_secs = 1\n[[monitor.rule]]\nwhen = \"version_drift\"\nthen = [\"update_version\"]\n",
         );
         let core = rig.open();
@@ -1280,7 +1259,7 @@ min_running_active = 3
 
     #[tokio::test(start_paused = true)]
     async fn a_balancer_that_lost_its_config_gets_it_again() {
-        let rig = Rig::new(RULES);
+        let rig = media_with(RULES);
         let core = rig.open();
         core.tick().await;
         all_running(&core);
@@ -1330,7 +1309,7 @@ min_running_active = 3
 
     #[tokio::test(start_paused = true)]
     async fn the_api_lists_actions_draining_machines_and_refuses_bad_sub_groups() {
-        let rig = Rig::new(RULES);
+        let rig = media_with(RULES);
         let core = Arc::new(rig.open());
         core.tick().await;
         all_running(&core);
@@ -1372,10 +1351,9 @@ min_running_active = 3
 
     #[tokio::test(start_paused = true)]
     async fn retiring_waits_for_the_calls_of_the_replaced_machines() {
-        use rand::{Rng, SeedableRng};
-        use understudy_proxy::wire::{JobObservation, JobPair, Outcome};
+        use rand::SeedableRng;
         let v2 = "[[machines]]\nid = \"media-v2\"\nservice = \"media\"\nversion = \"v2\"\naddress = \"127.0.0.1:8020\"\nconfig = \"simulation\"\n";
-        let rig = Rig::new(v2);
+        let rig = media_with(v2);
         let core = rig.open();
         core.tick().await;
         all_running(&core);
@@ -1399,25 +1377,7 @@ min_running_active = 3
                 break;
             }
             if phase == "simulating" {
-                let pairs = (job..job + 500)
-                    .map(|j| {
-                        let latency = rng.gen_range(1_000..3_000);
-                        let obs = |machine: &str, version: &str| JobObservation {
-                            machine: machine.into(),
-                            version: version.into(),
-                            latency_us: latency,
-                            outcome: Outcome::Ok,
-                            status: Some(200),
-                        };
-                        JobPair {
-                            job: j,
-                            session: None,
-                            active: obs("media-1", "v1"),
-                            simulation: obs("media-v2", "v2"),
-                            matched: true,
-                        }
-                    })
-                    .collect();
+                let pairs = identical_pairs(&mut rng, job, 500, "v1", "v2", false);
                 rig.fake.add_pairs("media", pairs);
                 job += 500;
             }
@@ -1513,7 +1473,7 @@ min_running_active = 3
 
     #[test]
     fn held_out_machines_are_left_out_of_the_config() {
-        let rig = Rig::new("");
+        let rig = media_with("");
         let core = rig.open();
         let mut state = lock(&core.state);
         state.monitor.held_out.insert(

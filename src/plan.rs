@@ -511,12 +511,13 @@ mod subgroup_tests {
     use std::sync::Arc;
 
     use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-    use understudy_proxy::wire::{JobObservation, JobPair, Outcome, PoolRole};
+    use rand::SeedableRng;
+    use understudy_proxy::wire::PoolRole;
 
     use super::*;
     use crate::balancer::FakeBalancer;
     use crate::cluster::parse;
+    use crate::controller::tests::identical_pairs;
     use crate::controller::{Core, ReleaseRequest, RequestError};
     use crate::store::Store;
 
@@ -703,28 +704,6 @@ config = "simulation"
         );
     }
 
-    fn identical_pairs(rng: &mut StdRng, first: u64, n: u64) -> Vec<JobPair> {
-        (0..n)
-            .map(|i| {
-                let latency = rng.gen_range(1_000..3_000);
-                let obs = |machine: &str, version: &str| JobObservation {
-                    machine: machine.into(),
-                    version: version.into(),
-                    latency_us: latency,
-                    outcome: Outcome::Ok,
-                    status: Some(200),
-                };
-                JobPair {
-                    job: first + i,
-                    session: None,
-                    active: obs("media-1", "v1"),
-                    simulation: obs("media-v2a", "v2"),
-                    matched: true,
-                }
-            })
-            .collect()
-    }
-
     fn places(fake: &FakeBalancer) -> Vec<(String, PoolRole)> {
         fake.config("media")
             .expect("pushed")
@@ -756,7 +735,7 @@ config = "simulation"
                 return;
             }
             if rollout.phase == "simulating" {
-                fake.add_pairs("media", identical_pairs(rng, *job, 500));
+                fake.add_pairs("media", identical_pairs(rng, *job, 500, "v1", "v2", false));
                 *job += 500;
             }
             tokio::time::advance(std::time::Duration::from_millis(100)).await;
@@ -839,7 +818,10 @@ config = "simulation"
                 break;
             }
             if phase == "simulating" {
-                fake.add_pairs("media", identical_pairs(&mut rng, job, 500));
+                fake.add_pairs(
+                    "media",
+                    identical_pairs(&mut rng, job, 500, "v1", "v2", false),
+                );
                 job += 500;
             }
             tokio::time::advance(std::time::Duration::from_millis(100)).await;

@@ -732,10 +732,12 @@ async fn simulating_core(
     (core, fake)
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_controller_rolls_back_on_the_early_signal_before_the_judge_decides() {
-    let (core, fake) = simulating_core(CLUSTER).await;
-    // 200 pairs: still the judge's warm-up, so only the prediction can decide.
+/// 200 alike pairs (still the judge's warm-up, so only the prediction can decide) and 150 calls
+/// each: v1's all complete, one in three of v2's fails.
+fn v2_fails_one_call_in_three_in_the_warm_up(
+    core: &crate::controller::Core,
+    fake: &crate::balancer::FakeBalancer,
+) {
     fake.add_pairs("media", alike_pairs(1, 200));
     calls(&core.predictions, "media", "v1", "active", "a", 150, None);
     calls(
@@ -747,6 +749,12 @@ async fn the_controller_rolls_back_on_the_early_signal_before_the_judge_decides(
         150,
         Some(3),
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_controller_rolls_back_on_the_early_signal_before_the_judge_decides() {
+    let (core, fake) = simulating_core(CLUSTER).await;
+    v2_fails_one_call_in_three_in_the_warm_up(&core, &fake);
     core.tick().await;
     let rollout = &core.rollouts()[0];
     assert_eq!(rollout.phase, "rolled_back");
@@ -786,17 +794,7 @@ async fn the_controller_rolls_back_on_the_early_signal_before_the_judge_decides(
 async fn with_rollback_off_the_signal_is_only_reported() {
     let text = CLUSTER.replace("[predict]", "[predict]\nrollback = false");
     let (core, fake) = simulating_core(&text).await;
-    fake.add_pairs("media", alike_pairs(1, 200));
-    calls(&core.predictions, "media", "v1", "active", "a", 150, None);
-    calls(
-        &core.predictions,
-        "media",
-        "v2",
-        "simulation",
-        "b",
-        150,
-        Some(3),
-    );
+    v2_fails_one_call_in_three_in_the_warm_up(&core, &fake);
     core.tick().await;
     assert_eq!(core.rollouts()[0].phase, "simulating");
     let view = core.predictions.view(Some("media"), None);

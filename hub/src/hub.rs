@@ -318,7 +318,7 @@ impl Backend for EmbeddedHub {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -332,7 +332,8 @@ mod tests {
         }
     }
 
-    fn metric(registry: &Registry, name: &str, label: Option<&str>) -> u64 {
+    /// A counter's or gauge's value summed over its series (those with a label `label`).
+    pub(crate) fn metric(registry: &Registry, name: &str, label: Option<&str>) -> u64 {
         registry
             .gather()
             .iter()

@@ -576,6 +576,7 @@ impl Drop for NatsServer {
 mod tests {
     use super::*;
     use crate::envelope::{Keyring, SecretKey, Signer};
+    use crate::hub::tests::metric;
     use serde_json::json;
 
     fn server() -> NatsServer {
@@ -587,17 +588,6 @@ mod tests {
 
     fn key(b: u8) -> SecretKey {
         SecretKey::from_bytes(vec![b; 32]).unwrap()
-    }
-
-    fn metric(registry: &Registry, name: &str, label: Option<&str>) -> u64 {
-        registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| label.is_none_or(|l| m.get_label().iter().any(|p| p.value() == l)))
-            .map(|m| (m.get_counter().get_value() + m.get_gauge().get_value()) as u64)
-            .sum()
     }
 
     async fn recv(sub: &mut Subscription) -> Arc<Envelope> {
