@@ -128,8 +128,12 @@ address = "127.0.0.1:$4"
 config = "simulation"
 EOF
     fi
+    # Deployed as in production: a config key and the cluster's marker key (copies carry a
+    # signed marker token).
+    [ -f "$WORK/bench.key" ] || head -c 32 /dev/urandom | base64 >"$WORK/bench.key"
+    [ -f "$WORK/marker.key" ] || head -c 32 /dev/urandom | base64 >"$WORK/marker.key"
     RUST_LOG=warn start "$BIN/understudy-proxy" --config "$file" --threads 1 --mirror-threads 1 \
-        "${@:6}"
+        --key-file "bench=$WORK/bench.key" --marker-key-file "$WORK/marker.key" "${@:6}"
     SERVER_PID[$5]=$LAST_PID
 }
 

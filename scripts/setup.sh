@@ -3,7 +3,9 @@
 # - cmake: pingora's build compiles C code with it;
 # - promtool (Debian's `prometheus`): tests check every /metrics page with `promtool check metrics`;
 # - nats-server (Debian's `nats-server`): the hub's NATS backend tests and the NATS release test
-#   start a real server on a free loopback port.
+#   start a real server on a free loopback port;
+# - schemathesis (PyPI, for the machine's python3): tests/api_fuzz.rs fuzzes the admin endpoint
+#   from its OpenAPI document.
 # Benchmarks install their own extra tools (nginx, wrk) in bench/*.sh.
 # Idempotent: it installs only what is missing.
 set -euo pipefail
@@ -22,5 +24,13 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# The major version the test's config and hooks are written for.
+schemathesis_spec='schemathesis>=4,<5'
+if ! python3 -c 'import schemathesis, sys; sys.exit(schemathesis.__version__.split(".")[0] != "4")' >/dev/null 2>&1; then
+  command -v python3 >/dev/null 2>&1 || { echo "setup: python3 is not installed" >&2; exit 1; }
+  echo "setup: installing $schemathesis_spec"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$schemathesis_spec"
+fi
+
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is not installed (install Rust with rustup)" >&2; exit 1; }
-echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), nats-server $(nats-server --version 2>&1 | awk '{print $NF}'))"
+echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), nats-server $(nats-server --version 2>&1 | awk '{print $NF}'), schemathesis $(python3 -c 'import schemathesis; print(schemathesis.__version__)'))"

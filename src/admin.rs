@@ -6,19 +6,33 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::controller::{Core, OpsAction, ReleaseRequest, RequestError};
+use crate::controller::monitor;
+use crate::controller::{
+    BalancerView, Core, OpsAction, ReleaseAnswer, ReleaseRequest, ReleaseView, RequestError,
+    RolloutDetail, RolloutView, ServiceView,
+};
+use crate::extract::{ApiBody, ApiPath, ApiQuery};
+use crate::machines;
 
 pub struct ApiError {
     status: StatusCode,
     message: String,
+}
+
+/// The body of every error the admin endpoint answers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
 }
 
 impl ApiError {
@@ -44,60 +58,69 @@ impl From<RequestError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(serde_json::json!({ "error": self.message })),
-        )
-            .into_response()
+        let body = ErrorBody {
+            error: self.message,
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
 type Shared = State<Arc<Core>>;
 
+/// The admin endpoint: every route, `GET /api/v1/openapi.json` describing them, and JSON errors
+/// for unknown routes and methods.
 pub fn router(core: Arc<Core>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/services", get(services))
-        .route(
-            "/api/v1/machines",
-            get(crate::machines::list).post(crate::machines::register),
-        )
-        .route(
-            "/api/v1/machines/{id}/history",
-            get(crate::machines::history),
-        )
-        .route(
-            "/api/v1/machines/{id}/rotate-key",
-            post(crate::machines::rotate_key),
-        )
-        .route("/api/v1/balancers", get(balancers))
-        // (nats: signed configs) a fresh key for a service's balancer.
-        .route(
-            "/api/v1/balancers/{service}/rotate-key",
-            post(rotate_balancer_key),
-        )
-        .route(
-            "/api/v1/monitor",
-            get(crate::controller::monitor::view_route),
-        )
-        .route(
-            "/api/v1/monitor/actions",
-            get(crate::controller::monitor::actions_route),
-        )
-        .route("/api/v1/rollouts", get(rollouts))
-        .route("/api/v1/rollouts/{id}", get(rollout))
-        .route("/api/v1/rollouts/{id}/pairs.csv", get(pairs_csv))
-        .route("/api/v1/releases", post(release).get(releases))
-        .route("/api/v1/rollouts/{id}/approve", post(approve))
-        .route("/api/v1/rollouts/{id}/abort", post(abort))
-        .route("/api/v1/rollouts/{id}/rollback", post(rollback))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(core.clone())
+    let (routes, served) = documented_routes(core.clone()).split_for_parts();
+    let document = crate::openapi::document(served);
+    routes
         // The hub's publish/subscribe routes (their own auth: signed messages).
         .merge(core.hub().router())
+        .merge(crate::openapi::router(&document))
+        .fallback(no_such_endpoint)
+        // After every merge: it applies to the routes registered so far.
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// The routes described by their handlers' `#[utoipa::path]`: registering a route here is what
+/// documents it.
+fn documented_routes(core: Arc<Core>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(services))
+        .routes(routes!(machines::list, machines::register))
+        .routes(routes!(machines::history))
+        .routes(routes!(machines::rotate_key))
+        .routes(routes!(balancers))
+        // (nats: signed configs) a fresh key for a service's balancer.
+        .routes(routes!(rotate_balancer_key))
+        .routes(routes!(monitor::view_route))
+        .routes(routes!(monitor::actions_route))
+        .routes(routes!(rollouts))
+        .routes(routes!(rollout))
+        .routes(routes!(pairs_csv))
+        .routes(routes!(release, releases))
+        .routes(routes!(approve))
+        .routes(routes!(abort))
+        .routes(routes!(rollback))
+        .with_state(core.clone())
         // Predictive monitoring reads (src/prediction.rs).
         .merge(crate::prediction::router(core.predictions.clone()))
+}
+
+async fn no_such_endpoint(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
+}
+
+/// axum keeps the `Allow` header on this answer.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// Checks the bearer token in constant time.
@@ -132,10 +155,34 @@ fn parse_id(raw: &str) -> Result<i64, ApiError> {
     })
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+struct Health {
+    #[schema(example = "ok")]
+    status: &'static str,
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "controller",
+    responses((status = 200, description = "The controller answers", body = Health))
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "controller",
+    responses((
+        status = 200,
+        description = "Prometheus text format (docs/api.md, \"Metrics\")",
+        content_type = "text/plain; version=0.0.4; charset=utf-8",
+        body = String
+    ))
+)]
 async fn metrics(State(core): Shared) -> Response {
     (
         [(
@@ -147,54 +194,122 @@ async fn metrics(State(core): Shared) -> Response {
         .into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/services",
+    tag = "controller",
+    responses((status = 200, description = "Every service of the cluster", body = [ServiceView]))
+)]
 async fn services(State(core): Shared) -> Response {
     Json(core.services()).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/balancers",
+    tag = "controller",
+    responses((status = 200, description = "Each service's balancer as the controller sees it",
+        body = [BalancerView]))
+)]
 async fn balancers(State(core): Shared) -> Response {
     Json(core.balancers()).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/releases",
+    tag = "releases",
+    responses((status = 200, description = "Every release", body = [ReleaseView]))
+)]
 async fn releases(State(core): Shared) -> Response {
     Json(core.releases()).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts",
+    tag = "releases",
+    responses((status = 200, description = "Every rollout", body = [RolloutView]))
+)]
 async fn rollouts(State(core): Shared) -> Response {
     Json(core.rollouts()).into_response()
 }
 
-async fn rollout(State(core): Shared, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}",
+    tag = "releases",
+    params(("id" = i64, Path, description = "Rollout id", example = 1)),
+    responses(
+        (status = 200, description = "The rollout and its transitions", body = RolloutDetail),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+    )
+)]
+async fn rollout(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     core.rollout(id)
         .map(|d| Json(d).into_response())
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no rollout {id}")))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CsvQuery {
+    /// The A/A control pairs instead of the v1/v2 pairs.
     #[serde(default)]
     control: bool,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}/pairs.csv",
+    tag = "releases",
+    params(("id" = i64, Path, description = "Rollout id", example = 1), CsvQuery),
+    responses(
+        (status = 200, description = "Header `v1_latency_us,v1_ok,v2_latency_us,v2_ok,match`, \
+            one row per pair in arrival order", content_type = "text/csv; charset=utf-8",
+            body = String),
+        (status = 400, description = "The id is not a number, or a bad query", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 async fn pairs_csv(
     State(core): Shared,
-    Path(id): Path<String>,
-    Query(query): Query<CsvQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<CsvQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let csv = core.pairs_csv(id, query.control)?;
     Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/releases",
+    tag = "releases",
+    security(("bearer" = [])),
+    request_body = ReleaseRequest,
+    responses(
+        (status = 200, description = "A dry run: the plan, nothing changed", body = ReleaseAnswer),
+        (status = 201, description = "The release and its rollouts", body = ReleaseAnswer),
+        (status = 400, description = "Bad body, unknown service or version, bad sub-group",
+            body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 409, description = "A service already in an unfinished release, or already \
+            at that version", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 async fn release(
     State(core): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&core, &headers)?;
     // Parsed by hand so a bad body is a 400 with serde's message, not axum's 415/422.
-    let request: ReleaseRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad release body: {e}")))?;
+    let request: ReleaseRequest = parse_body("release", &body)?;
     let answer = core.release(&request)?;
     let status = if answer.dry_run {
         StatusCode::OK
@@ -204,11 +319,35 @@ async fn release(
     Ok((status, Json(answer)).into_response())
 }
 
+/// A JSON body, or a 400 naming what it is and serde's complaint.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    what: &str,
+    body: &Bytes,
+) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad {what} body: {e}")))
+}
+
 /// (nats: signed configs) `POST /api/v1/balancers/{service}/rotate-key` (bearer token).
+#[utoipa::path(
+    post,
+    path = "/api/v1/balancers/{service}/rotate-key",
+    tag = "controller",
+    security(("bearer" = [])),
+    params(("service" = String, Path, description = "Service name", example = "db")),
+    responses(
+        (status = 200, description = "The balancer took the new key", body = understudy_proxy::wire::KeyRotationAck),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such service", body = ErrorBody),
+        (status = 409, description = "The balancer refused the rotation", body = ErrorBody),
+        (status = 500, description = "The balancer could not be reached or answered nonsense",
+            body = ErrorBody),
+    )
+)]
 async fn rotate_balancer_key(
     State(core): Shared,
     headers: HeaderMap,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     authorize(&core, &headers)?;
     Ok(Json(core.rotate_balancer_key(&service).await?).into_response())
@@ -225,26 +364,72 @@ async fn act(
     Ok(Json(core.act(id, action)?).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts/{id}/approve",
+    tag = "releases",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Rollout id", example = 1)),
+    responses(
+        (status = 200, description = "Approved: the rollout joins", body = RolloutDetail),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+        (status = 409, description = "It does not await approval", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 async fn approve(
     State(core): Shared,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     act(core, headers, id, OpsAction::Approve).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts/{id}/abort",
+    tag = "releases",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Rollout id", example = 1)),
+    responses(
+        (status = 200, description = "Aborted: v2 pulled", body = RolloutDetail),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+        (status = 409, description = "It already finished", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 async fn abort(
     State(core): Shared,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     act(core, headers, id, OpsAction::Abort).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts/{id}/rollback",
+    tag = "releases",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Rollout id", example = 1)),
+    responses(
+        (status = 200, description = "Rolled back: v1 machines active again", body = RolloutDetail),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+        (status = 409, description = "Already rolled back or aborted, or not the service's \
+            latest rollout", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 async fn rollback(
     State(core): Shared,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     act(core, headers, id, OpsAction::Rollback).await
 }
@@ -436,6 +621,52 @@ mod tests {
         let (status, body) = call(&core, "GET", "/api/v1/nothing", None, "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(!error_of(&body).is_empty());
+    }
+
+    #[tokio::test]
+    async fn axum_rejections_and_unknown_methods_are_json_errors() {
+        let core = core();
+        // A route that exists, with a method it does not serve: 405, `Allow`, JSON.
+        let request = http::Request::builder()
+            .method("DELETE")
+            .uri("/api/v1/releases")
+            .body(Body::empty())
+            .unwrap();
+        let response = router(core.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let allow = response.headers()[header::ALLOW]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8(bytes.to_vec()).unwrap();
+        assert!(error_of(&body).contains("DELETE"), "{body}");
+        // Also on the merged routers (predictions, hub).
+        for path in ["/api/v1/predictions", "/api/v1/hub/publish"] {
+            let (status, body) = call(&core, "PUT", path, None, "").await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+            assert!(!error_of(&body).is_empty());
+        }
+        // axum's query and path rejections.
+        let (_, body) = call(
+            &core,
+            "POST",
+            "/api/v1/releases",
+            Some("s3cret"),
+            RELEASE_DB,
+        )
+        .await;
+        let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["rollouts"][0]["id"]
+            .as_i64()
+            .unwrap();
+        let path = format!("/api/v1/rollouts/{id}/pairs.csv?control=maybe");
+        let (status, body) = call(&core, "GET", &path, None, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(error_of(&body).starts_with("bad query"), "{body}");
+        let (status, body) = call(&core, "GET", "/api/v1/machines/%FF/history", None, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(error_of(&body).starts_with("bad path"), "{body}");
     }
 
     #[tokio::test]

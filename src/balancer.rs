@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use crate::http_json::{self, error_message, ExchangeError, JsonClient};
 use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
-use understudy_hub::{Backend, SecretKey, Signer, CONFIG_TOPIC};
+use understudy_hub::{Backend, SecretKey, Signer, CONFIG_TOPIC, READ_AUTH_HEADER, READ_TOPIC};
 use understudy_proxy::wire::{
     config_key_path, config_path, stats_path, BalancerConfig, KeyRotation, KeyRotationAck,
     MachineState, MachineStatus, PushAck, StatsReport,
@@ -119,6 +121,52 @@ pub enum BalancerError {
     },
     #[error("balancer {url} answered something unreadable: {reason}")]
     Protocol { url: String, reason: String },
+    /// A stats read whose cursor the balancer cannot serve: the reader starts again from 0.
+    #[error("balancer {url} refused the stats cursor ({}): {message}", problem.as_str())]
+    Cursor {
+        url: String,
+        problem: CursorProblem,
+        message: String,
+    },
+}
+
+/// Why a balancer refused a stats cursor, and where to read from instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorProblem {
+    /// The windows after the cursor were dropped (410): read again from the oldest cursor the
+    /// balancer still serves (what lay between is lost, never counted twice).
+    TooOld { oldest: u64 },
+    /// The cursor is ahead of the balancer's (400): it restarted and its windows begin at 0.
+    Ahead,
+}
+
+impl CursorProblem {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CursorProblem::TooOld { .. } => "cursor_too_old",
+            CursorProblem::Ahead => "cursor_ahead",
+        }
+    }
+
+    /// The cursor to read from next.
+    pub fn restart_at(self) -> u64 {
+        match self {
+            CursorProblem::TooOld { oldest } => oldest,
+            CursorProblem::Ahead => 0,
+        }
+    }
+
+    /// From a refusal's `reason` and `oldest_cursor` fields.
+    fn from_body(bytes: &[u8]) -> Option<CursorProblem> {
+        let body: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        match body.get("reason")?.as_str()? {
+            "cursor_too_old" => Some(CursorProblem::TooOld {
+                oldest: body.get("oldest_cursor")?.as_u64()?,
+            }),
+            "cursor_ahead" => Some(CursorProblem::Ahead),
+            _ => None,
+        }
+    }
 }
 
 /// The two calls the controller makes to a balancer whose admin base URL is `url`.
@@ -264,7 +312,7 @@ impl HttpBalancerClient {
                 next_publish += REPUBLISH;
             }
             let (status, bytes) = self
-                .call(url, http::Method::GET, &config_path(&config.service), None)
+                .read(url, &config.service, &config_path(&config.service))
                 .await?;
             if (200..=299).contains(&status) {
                 let running: BalancerConfig =
@@ -298,6 +346,31 @@ impl HttpBalancerClient {
         }
     }
 
+    /// A read of `service`'s balancer (stats, its running config), signed when it has a key:
+    /// a keyed balancer serves reads to the controller only.
+    async fn read(
+        &self,
+        url: &str,
+        service: &str,
+        path: &str,
+    ) -> Result<(u16, Bytes), BalancerError> {
+        let token = {
+            let mut signing = self.signing.lock().unwrap_or_else(|p| p.into_inner());
+            signing.get_mut(service).map(|s| {
+                let envelope = s
+                    .signer
+                    .sign(READ_TOPIC, serde_json::json!({ "path": path }));
+                BASE64.encode(serde_json::to_vec(&envelope).expect("an envelope serializes"))
+            })
+        };
+        let headers: Vec<(&str, &str)> = token
+            .iter()
+            .map(|t| (READ_AUTH_HEADER, t.as_str()))
+            .collect();
+        self.send(url, http::Method::GET, path, &headers, None)
+            .await
+    }
+
     async fn call(
         &self,
         url: &str,
@@ -305,8 +378,19 @@ impl HttpBalancerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), BalancerError> {
+        self.send(url, method, path, &[], body).await
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), BalancerError> {
         let full = format!("{url}{path}");
-        http_json::exchange(&self.client, method, &full, None, body, self.timeout)
+        http_json::exchange_with(&self.client, method, &full, headers, body, self.timeout)
             .await
             .map_err(|e| BalancerError::Unreachable {
                 url: url.to_string(),
@@ -367,9 +451,14 @@ impl BalancerClient for HttpBalancerClient {
         service: &str,
         since: u64,
     ) -> Result<StatsReport, BalancerError> {
-        let (status, bytes) = self
-            .call(url, http::Method::GET, &stats_path(service, since), None)
-            .await?;
+        let (status, bytes) = self.read(url, service, &stats_path(service, since)).await?;
+        if let Some(problem) = CursorProblem::from_body(&bytes).filter(|_| status >= 400) {
+            return Err(BalancerError::Cursor {
+                url: url.to_string(),
+                problem,
+                message: error_message(&bytes),
+            });
+        }
         if !(200..=299).contains(&status) {
             return Err(BalancerError::Refused {
                 url: url.to_string(),
@@ -477,6 +566,8 @@ struct FakeService {
     sessions: BTreeMap<String, u64>,
     draining: Vec<MachineStatus>,
     unreachable: bool,
+    /// Reads with a cursor below this are refused as too old (windows dropped).
+    oldest_cursor: u64,
 }
 
 impl FakeBalancer {
@@ -546,6 +637,15 @@ impl FakeBalancer {
 
     pub fn set_unreachable(&self, service: &str, unreachable: bool) {
         self.with(service, |s| s.unreachable = unreachable);
+    }
+
+    /// Drops the windows up to `oldest`: a read with an older cursor is refused, as a balancer
+    /// whose windows were used up answers.
+    pub fn drop_windows(&self, service: &str, oldest: u64) {
+        self.with(service, |s| {
+            s.oldest_cursor = oldest;
+            s.cursor = s.cursor.max(oldest);
+        });
     }
 
     /// The running config.
@@ -626,6 +726,15 @@ impl BalancerClient for FakeBalancer {
                 return Err(BalancerError::Unreachable {
                     url: url.to_string(),
                     reason: "fake balancer set unreachable".to_string(),
+                });
+            }
+            if since < s.oldest_cursor {
+                return Err(BalancerError::Cursor {
+                    url: url.to_string(),
+                    problem: CursorProblem::TooOld {
+                        oldest: s.oldest_cursor,
+                    },
+                    message: format!("cursor {since} is older than the retained windows"),
                 });
             }
             // Pairs carry increasing job numbers; the cursor is the last job number handed out.
@@ -745,23 +854,97 @@ mod tests {
     fn balancer_signing(
         signing: understudy_proxy::ConfigSigning,
     ) -> (understudy_proxy::RunningBalancers, String) {
+        balancer_keeping(signing, 4096)
+    }
+
+    /// As `balancer_signing`, keeping `windows` stats windows. A keyless `db` runs only in
+    /// insecure mode, which leaves a keyed one keyed.
+    fn balancer_keeping(
+        signing: understudy_proxy::ConfigSigning,
+        windows: usize,
+    ) -> (understudy_proxy::RunningBalancers, String) {
         let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
         let running = understudy_proxy::spawn_with(
-            understudy_proxy::ProcessConfig {
-                admin: any,
-                balancers: vec![understudy_proxy::BalancerSpec {
-                    listen: any,
-                    config: config(1),
-                }],
-            },
+            understudy_proxy::ProcessConfig::new(
+                any,
+                vec![understudy_proxy::BalancerSpec::new(any, config(1))],
+            ),
             understudy_proxy::SpawnOptions {
+                insecure_no_key: signing.keys.is_empty(),
                 signing,
+                marker_key: Some(SecretKey::generate()),
+                stats_windows: windows,
                 ..Default::default()
             },
         )
         .unwrap();
         let url = format!("http://{}", running.admin_addr());
         (running, url)
+    }
+
+    /// Reads of a keyed balancer are signed by the client; a cursor whose windows the balancer
+    /// dropped comes back as a typed refusal naming the oldest cursor it still serves.
+    #[tokio::test]
+    async fn stats_reads_are_signed_and_a_dropped_cursor_names_the_oldest() {
+        let key = SecretKey::generate();
+        let (running, url) = balancer_keeping(
+            understudy_proxy::ConfigSigning {
+                keys: [(
+                    "db".to_string(),
+                    understudy_proxy::BalancerKey::given(key.clone()),
+                )]
+                .into(),
+                ..Default::default()
+            },
+            2,
+        );
+        let anonymous = HttpBalancerClient::new(Duration::from_secs(2));
+        match anonymous.stats(&url, "db", 0).await {
+            Err(BalancerError::Refused { status: 401, .. }) => {}
+            other => panic!("an unsigned read was not refused: {other:?}"),
+        }
+        let secret = BalancerSecret::given(key);
+        let client = HttpBalancerClient::new(Duration::from_secs(2)).with_key(
+            "db",
+            &secret,
+            ConfigDelivery::Http,
+        );
+        let first = client.stats(&url, "db", 0).await.unwrap();
+        // Each job (its machine is not there: a connect failure, recorded) fills a window that
+        // the next read closes; four of them push the first job's cursor out of the two kept.
+        let lb = running.listen_addr("db").unwrap();
+        let http = http_json::client();
+        let mut cursor = first.cursor;
+        let mut after_first_job = None;
+        for _ in 0..4 {
+            let job = format!("http://{lb}/job");
+            let timeout = Duration::from_secs(5);
+            let _ = http_json::exchange(&http, http::Method::GET, &job, None, None, timeout).await;
+            // The job is recorded just after its error page is sent: read until it shows.
+            let before = cursor;
+            for _ in 0..100 {
+                cursor = client.stats(&url, "db", cursor).await.unwrap().cursor;
+                if cursor > before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            after_first_job.get_or_insert(cursor);
+        }
+        // Cursor 0 always reads the totals; the cursor after the first job has left the two
+        // windows kept.
+        let old = after_first_job.expect("a cursor");
+        match client.stats(&url, "db", old).await {
+            Err(BalancerError::Cursor {
+                problem: CursorProblem::TooOld { oldest },
+                ..
+            }) => {
+                assert!(oldest > old && oldest < cursor, "{oldest}");
+                assert!(client.stats(&url, "db", oldest).await.is_ok());
+            }
+            other => panic!("not a cursor refusal: {other:?}"),
+        }
+        running.shutdown();
     }
 
     #[tokio::test]

@@ -175,10 +175,27 @@ pub fn controller(args: ControllerArgs) -> u8 {
             }
         };
         println!("admin endpoint: {}", handle.admin_url());
-        let _ = tokio::signal::ctrl_c().await;
+        stop_signal().await;
         handle.shutdown().await;
         0
     })
+}
+
+/// SIGINT (a terminal) or SIGTERM (a supervisor such as systemd): either stops cleanly.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 pub(crate) fn admin(endpoint: &EndpointArgs) -> Result<AdminClient, u8> {

@@ -29,6 +29,11 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
+    /// The admin endpoint's base URL, as given (without a trailing `/`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn new(base: &str, token: Option<String>) -> Result<AdminClient, ClientError> {
         let base = base.trim_end_matches('/').to_string();
         let uri: http::Uri =

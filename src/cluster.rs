@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::toml_spans::Spanned;
 use serde::Deserialize;
-use toml::Spanned;
 use understudy_judge::Condition;
 use understudy_proxy::wire::PoolRole;
 
@@ -223,17 +223,57 @@ impl Source<'_> {
         }
     }
 
-    /// Turns a toml parse/deserialize error into one naming file, line and field.
+    /// Turns a toml parse/deserialize error into one naming file, line and field: the key path
+    /// at the error's position (`services.media.condition.min_jobs`), or the missing field in
+    /// the table there.
     pub fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
         let offset = err.span().map(|s| s.start).unwrap_or(0);
         let line = self.line_of(offset);
-        let field = field_at_line(self.text, line).unwrap_or_else(|| "(document)".to_string());
+        let reason = err.message().trim_end().to_string();
+        let table = err
+            .span()
+            .and_then(|span| crate::toml_spans::path_at(self.text, span.start))
+            .map(|path| crate::toml_spans::path_text(&path))
+            .unwrap_or_default();
+        let field = Some(with_missing(table, &reason))
+            .filter(|f| !f.is_empty())
+            .or_else(|| err.span().and_then(|_| field_at_line(self.text, line)))
+            .unwrap_or_else(|| "(document)".to_string());
         ConfigError::Invalid {
             file: self.file.to_string(),
             line,
             field,
-            reason: err.message().to_string(),
+            reason,
         }
+    }
+
+    /// An error about `field`, on the line of the deepest part of `path` (the field's key path,
+    /// or a part of it) that is written in the text, else at `fallback`.
+    pub fn invalid_near(
+        &self,
+        field: impl Into<String>,
+        path: &[crate::toml_spans::Step],
+        fallback: usize,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        let offset = (1..=path.len())
+            .rev()
+            .find_map(|n| crate::toml_spans::span_of(self.text, &path[..n]))
+            .map_or(fallback, |span| span.start);
+        self.invalid(offset, field, reason)
+    }
+}
+
+/// `table.field` when `reason` says a field of `table` is missing (toml places that error on the
+/// table).
+fn with_missing(table: String, reason: &str) -> String {
+    let missing = reason
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match missing {
+        Some(name) if table.is_empty() => name.to_string(),
+        Some(name) => format!("{table}.{name}"),
+        None => table,
     }
 }
 
@@ -292,11 +332,9 @@ impl Cluster {
         let hub = crate::hub_wiring::HubSettings::from_spec(&spec.hub, source)?;
         let predict = match &spec.predict {
             Some(section) => section.get_ref().validate().map_err(|e| {
-                source.invalid(
-                    section.span().start,
-                    format!("predict.{}", e.field),
-                    e.reason,
-                )
+                let field = format!("predict.{}", e.field);
+                let path = crate::toml_spans::parse_path(&field);
+                source.invalid_near(field, &path, section.span().start, e.reason)
             })?,
             None => crate::prediction::PredictionSettings::default(),
         };
@@ -514,7 +552,10 @@ impl Cluster {
                 Service {
                     name: name.clone(),
                     depends_on,
-                    balancer: s.balancer.clone(),
+                    balancer: s
+                        .balancer
+                        .as_deref()
+                        .map(|u| u.trim_end_matches('/').to_string()),
                     policy: RolloutPolicy {
                         requires_approval: s
                             .requires_approval
@@ -712,6 +753,10 @@ fn controller_settings(
 }
 
 #[cfg(test)]
+#[path = "cluster_tests.rs"]
+pub(crate) mod properties;
+
+#[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
@@ -843,7 +888,7 @@ config = "simulation"
             } => {
                 assert_eq!(file, "bad.toml");
                 assert_eq!(*l, line);
-                assert_eq!(field, "requires_aproval");
+                assert_eq!(field, "services.router.requires_aproval");
                 assert!(reason.contains("unknown field"), "{reason}");
             }
             other => panic!("unexpected {other}"),
@@ -856,7 +901,7 @@ config = "simulation"
         let text = SAMPLE.replacen("join_step_ms = 200", "join_step_ms = \"fast\"", 1);
         match error_of(&text) {
             ConfigError::Invalid { line, field, .. } => {
-                assert_eq!(field, "join_step_ms");
+                assert_eq!(field, "defaults.join_step_ms");
                 assert_eq!(line, 6);
             }
             other => panic!("unexpected {other}"),

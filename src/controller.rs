@@ -20,6 +20,7 @@ use understudy_judge::{Baseline, Decision, Judge, Verdict};
 use understudy_proxy::wire::{
     BalancerConfig, JobPair, MachineEntry, MachineStatus, PoolRole, SeriesStats, StatsReport,
 };
+use utoipa::ToSchema;
 
 use crate::balancer::{BalancerClient, BalancerError, HttpBalancerClient};
 use crate::cluster::{Cluster, Service};
@@ -252,6 +253,8 @@ struct RolloutState {
     next_seq: u64,
     /// Callers' jobs per version while v2 is active (joining, retiring), for the live guard.
     live: LiveCounts,
+    /// Copies answered by v2 machines since the rollout (or the controller) started.
+    copies_seen: u64,
 }
 
 /// Outcomes of callers' jobs (active configuration) per side, from the balancer's series.
@@ -299,9 +302,27 @@ struct ServiceState {
     last_push_ms: Option<u64>,
     last_stats: Option<StatsView>,
     last_stats_error: Option<String>,
+    /// Stats reads taken in, and how many had been when the last push was acknowledged: a read
+    /// from before the acknowledgement shows the config it replaced, not a lost one.
+    stats_reads: u64,
+    reads_at_ack: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl ServiceState {
+    /// The balancer reports, since it acknowledged a config, an older one: it lost its state (it
+    /// restarted on its own file), so the committed config is pushed to it again.
+    fn lost_config(&self) -> bool {
+        match (&self.last_stats, self.acked) {
+            (Some(stats), Some(acked)) => {
+                self.stats_reads > self.reads_at_ack && stats.config_version < acked
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The last stats read from a balancer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
 struct StatsView {
     at_ms: u64,
     config_version: u64,
@@ -337,10 +358,12 @@ pub struct Core {
 }
 
 /// A release request (`POST /api/v1/releases`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"services": {"db": "v2"}, "dry_run": true}))]
 pub struct ReleaseRequest {
     /// service -> version.
+    #[schema(schema_with = crate::openapi::service_versions)]
     pub services: BTreeMap<String, String>,
     /// When a service fails, roll back what already joined, in reverse dependency order.
     #[serde(default)]
@@ -353,15 +376,16 @@ pub struct ReleaseRequest {
     pub subgroup: BTreeMap<String, understudy_hub::SubgroupSpec>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReleaseAnswer {
+    /// Null for a dry run.
     pub release: Option<i64>,
     pub dry_run: bool,
     pub plan: Vec<PlanLine>,
     pub rollouts: Vec<RolloutView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PlanLine {
     pub wave: usize,
     pub service: String,
@@ -373,7 +397,7 @@ pub struct PlanLine {
     pub machines: Selection,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RolloutView {
     pub id: i64,
     pub release: i64,
@@ -394,16 +418,21 @@ pub struct RolloutView {
     /// The machines the rollout moves (its sub-group, if it has one).
     #[serde(default)]
     pub machines: Selection,
+    /// Why the rollout cannot progress on its own, when the controller sees a reason: copies of
+    /// v2 answered while no pair reached the judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RolloutDetail {
     #[serde(flatten)]
     pub rollout: RolloutView,
+    /// `{at_ms, from, to, cause, actor, details}`, oldest first.
     pub transitions: Vec<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReleaseView {
     pub id: i64,
     pub created_ms: u64,
@@ -413,7 +442,7 @@ pub struct ReleaseView {
     pub rollouts: Vec<i64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ServiceView {
     pub name: String,
     pub version: String,
@@ -439,7 +468,7 @@ pub struct MachineView {
     pub history: Vec<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BalancerView {
     pub service: String,
     pub url: Option<String>,
@@ -449,6 +478,7 @@ pub struct BalancerView {
     pub last_push_ms: Option<u64>,
     pub last_push_error: Option<String>,
     pub cursor: u64,
+    #[schema(value_type = Option<StatsView>)]
     pub last_stats: Option<serde_json::Value>,
     pub last_stats_error: Option<String>,
     pub config: Option<BalancerConfig>,
@@ -635,17 +665,21 @@ impl Core {
                 .ok_or_else(|| RequestError::Conflict(format!("`{service}` has no balancer URL")))?
         };
         let new_key = understudy_hub::SecretKey::generate();
-        self.client
-            .rotate_key(&url, service, new_key)
-            .await
-            .map_err(|e| match e {
-                BalancerError::Refused { .. } | BalancerError::Stale { .. } => {
-                    RequestError::Conflict(e.to_string())
-                }
-                BalancerError::Unreachable { .. } | BalancerError::Protocol { .. } => {
-                    RequestError::Internal(e.to_string())
-                }
-            })
+        let ack = self.client.rotate_key(&url, service, new_key.clone()).await;
+        if ack.is_ok() {
+            // Its hub subscription is signed with the same key.
+            let sender = understudy_hub::http::balancer_subscriber(service);
+            let grace = self.hub().settings().rotation_grace;
+            self.hub().rotate_key(&sender, new_key, grace);
+        }
+        ack.map_err(|e| match e {
+            BalancerError::Refused { .. } | BalancerError::Stale { .. } => {
+                RequestError::Conflict(e.to_string())
+            }
+            BalancerError::Unreachable { .. }
+            | BalancerError::Protocol { .. }
+            | BalancerError::Cursor { .. } => RequestError::Internal(e.to_string()),
+        })
     }
 
     /// Opens the store, records the cluster's services and machines it does not know yet, and
@@ -757,7 +791,10 @@ impl Core {
                 .get(&row.service)
                 .map(|s| s.condition.clone())
                 .unwrap_or_default();
-            let mut feed = PairFeed::new(condition.baseline, has_control(&row.machines_before));
+            let mut feed = PairFeed::new(
+                condition.baseline,
+                has_control(&state.cluster, &row.machines_before, &row.from_version),
+            );
             let mut judge = (!row.phase.is_finished()).then(|| Judge::new(condition));
             let mut numbers = PairNumbers::default();
             let mut next_seq = 0;
@@ -804,6 +841,7 @@ impl Core {
                     numbers,
                     next_seq,
                     live: LiveCounts::default(),
+                    copies_seen: 0,
                 },
             );
         }
@@ -983,6 +1021,16 @@ impl Core {
             }
         }
         self.metrics.set_phase(&service, rollout_id, to.name());
+        if to != Phase::Simulating {
+            let labels = [service.as_str(), &rollout_id.to_string()];
+            if let Ok(gauge) = self
+                .metrics
+                .judge_starved
+                .get_metric_with_label_values(&labels)
+            {
+                gauge.set(0);
+            }
+        }
         self.metrics
             .transitions
             .with_label_values(&[&service, from.name(), to.name()])
@@ -1217,12 +1265,16 @@ impl Core {
         }
         let mut verdict_json = None;
         let mut decided = None;
-        if let Some((id, _, _, _)) = &simulating {
+        if let Some((id, _, to, _)) = &simulating {
             if let Some(r) = state.rollouts.get_mut(id) {
                 if let Some(judge) = r.judge.as_mut() {
                     for p in &pairs {
                         r.feed.feed(judge, p);
                     }
+                }
+                let copies = report.pairs.iter().filter(|p| p.simulation.version == *to);
+                self.count_copies(r, copies.count() as u64);
+                if let Some(judge) = r.judge.as_mut() {
                     if !pairs.is_empty() || r.verdict.is_none() {
                         let mut numbers = r.numbers.clone();
                         for p in &pairs {
@@ -1288,6 +1340,7 @@ impl Core {
         let guard = self.live_guard(state, &report.series, &service);
         if let Some(s) = state.services.get_mut(&service) {
             s.cursor = cursor;
+            s.stats_reads += 1;
             s.last_stats = Some(StatsView {
                 at_ms: now,
                 config_version: report.config_version,
@@ -1326,6 +1379,20 @@ impl Core {
         Ok(())
     }
 
+    /// Counts v2's answered copies and shows a starved judge (log, `/metrics`) when it becomes so.
+    fn count_copies(&self, r: &mut RolloutState, copies: u64) {
+        let was = starved(r).is_some();
+        r.copies_seen += copies;
+        let problem = starved(r);
+        if let (false, Some(problem)) = (was, &problem) {
+            tracing::warn!(rollout = r.id, service = %r.service, "{problem}");
+        }
+        self.metrics
+            .judge_starved
+            .with_label_values(&[&r.service, &r.id.to_string()])
+            .set(i64::from(problem.is_some()));
+    }
+
     /// Replays a rollout's committed pairs into a fresh judge.
     fn rebuild_judge(state: &mut State, id: i64) {
         let Some(r) = state.rollouts.get(&id) else {
@@ -1337,7 +1404,10 @@ impl Core {
             .get(&r.service)
             .map(|s| s.condition.clone())
             .unwrap_or_default();
-        let mut feed = PairFeed::new(condition.baseline, has_control(&r.machines_before));
+        let mut feed = PairFeed::new(
+            condition.baseline,
+            has_control(&state.cluster, &r.machines_before, &r.from_version),
+        );
         match state.store.pairs(id) {
             Ok(pairs) => {
                 let mut judge = Judge::new(condition);
@@ -1498,15 +1568,7 @@ impl Core {
                             tracing::error!(%service, "stats not recorded: {e}");
                         }
                     }
-                    Err(e) => {
-                        self.metrics
-                            .stats_failures
-                            .with_label_values(&[&service])
-                            .inc();
-                        if let Some(s) = state.services.get_mut(&service) {
-                            s.last_stats_error = Some(e.to_string());
-                        }
-                    }
+                    Err(e) => self.stats_failed(&mut state, &service, cursor, e),
                 }
             }
             self.advance(&mut state);
@@ -1514,6 +1576,43 @@ impl Core {
         };
         self.monitor_publish(monitor_outbox).await;
         self.push_pending().await;
+    }
+
+    /// A stats read failed. A cursor the balancer cannot serve is replaced by one it can (the
+    /// oldest window it keeps, or 0 after its restart), persisted, logged and counted, so the
+    /// rollout goes on judging instead of waiting for reads that can never succeed.
+    fn stats_failed(&self, state: &mut State, service: &str, cursor: u64, error: BalancerError) {
+        self.metrics
+            .stats_failures
+            .with_label_values(&[service])
+            .inc();
+        let mut message = error.to_string();
+        if let BalancerError::Cursor { problem, .. } = &error {
+            let next = problem.restart_at();
+            match state.store.write(|tx| store::set_cursor(tx, service, next)) {
+                Ok(()) => {
+                    tracing::warn!(
+                        service,
+                        from = cursor,
+                        to = next,
+                        "stats cursor reset ({}): reading again from cursor {next}",
+                        problem.as_str()
+                    );
+                    self.metrics
+                        .cursor_resets
+                        .with_label_values(&[service, problem.as_str()])
+                        .inc();
+                    if let Some(s) = state.services.get_mut(service) {
+                        s.cursor = next;
+                    }
+                    message = format!("{message}; cursor reset from {cursor} to {next}");
+                }
+                Err(e) => message = format!("{message}; cursor not reset: {e}"),
+            }
+        }
+        if let Some(s) = state.services.get_mut(service) {
+            s.last_stats_error = Some(message);
+        }
     }
 
     /// Pushes every committed config the balancer has not acknowledged, in release order.
@@ -1525,8 +1624,18 @@ impl Core {
                 .iter()
                 .filter_map(|(name, s)| {
                     let desired = s.desired.as_ref()?;
-                    if s.acked == Some(desired.version) {
+                    if s.acked == Some(desired.version) && !s.lost_config() {
                         return None;
+                    }
+                    if s.lost_config() {
+                        let running = s.last_stats.as_ref().map_or(0, |st| st.config_version);
+                        tracing::warn!(
+                            service = %name,
+                            "the balancer runs config version {running} though it acknowledged \
+                             {}: it lost its config (a restart?); pushing version {} again",
+                            s.acked.unwrap_or_default(),
+                            desired.version
+                        );
                     }
                     let url = state.cluster.services.get(name)?.balancer.clone()?;
                     // The service whose rollout moved last goes last: dependencies first.
@@ -1556,6 +1665,7 @@ impl Core {
                 Ok(ack) if ack.version == config.version => {
                     if let Some(s) = state.services.get_mut(&service) {
                         s.acked = Some(ack.version);
+                        s.reads_at_ack = s.stats_reads;
                         s.last_push_error = None;
                         s.last_push_ms = Some(now);
                     }
@@ -1729,7 +1839,10 @@ impl Core {
                 .machines_of(&line.service)
                 .filter_map(|m| roles.get(&m.id).map(|r| (m.id.clone(), *r)))
                 .collect();
-            let feed = PairFeed::new(condition.baseline, has_control(&before));
+            let feed = PairFeed::new(
+                condition.baseline,
+                has_control(&cluster, &before, &line.from_version),
+            );
             state.rollouts.insert(
                 *id,
                 RolloutState {
@@ -1751,6 +1864,7 @@ impl Core {
                     numbers: PairNumbers::default(),
                     next_seq: 0,
                     live: LiveCounts::default(),
+                    copies_seen: 0,
                 },
             );
             self.metrics.set_phase(&line.service, *id, "pending");
@@ -1934,7 +2048,8 @@ impl Core {
                     url: svc.balancer.clone(),
                     desired_version: desired.map(|c| c.version),
                     acked_version: s.and_then(|s| s.acked),
-                    in_sync: desired.map(|c| c.version) == s.and_then(|s| s.acked),
+                    in_sync: desired.map(|c| c.version) == s.and_then(|s| s.acked)
+                        && !s.is_some_and(ServiceState::lost_config),
                     last_push_ms: s.and_then(|s| s.last_push_ms),
                     last_push_error: s.and_then(|s| s.last_push_error.clone()),
                     cursor: s.map_or(0, |s| s.cursor),
@@ -2049,12 +2164,19 @@ fn whole_service_selection(
     selection
 }
 
-/// Whether the service kept a control machine (its serving version in simulation) when the
-/// rollout began: then v2 can be judged against it job by job.
-fn has_control(machines_before: &BTreeMap<String, MachineRole>) -> bool {
-    machines_before
-        .values()
-        .any(|role| *role == MachineRole::Control)
+/// Whether the service kept a control machine running the rollout's from-version when the rollout
+/// began: then v2 can be judged against it job by job. A control left at an older version by an
+/// earlier release does not count (its copies pair with no job of this rollout).
+fn has_control(
+    cluster: &Cluster,
+    machines_before: &BTreeMap<String, MachineRole>,
+    from_version: &str,
+) -> bool {
+    cluster
+        .machines
+        .iter()
+        .filter(|m| machines_before.get(&m.id) == Some(&MachineRole::Control))
+        .any(|m| m.version == from_version)
 }
 
 /// A balancer pair as recorded for a rollout from `from` to `to`: v1-active/v2-simulation, or the
@@ -2088,6 +2210,12 @@ fn verdict_json_of(verdict: &Verdict, numbers: &PairNumbers, feed: &PairFeed) ->
             Baseline::Active
         };
         obj.insert("baseline".to_string(), baseline.as_str().into());
+        if feed.fell_back() {
+            obj.insert(
+                "baseline_note".to_string(),
+                "no control runs the from-version: v2 is judged against the active machines".into(),
+            );
+        }
     }
     json
 }
@@ -2115,7 +2243,36 @@ fn view(state: &State, r: &RolloutState) -> RolloutView {
         verdict: r.verdict.clone(),
         numbers: r.numbers.summary(),
         machines: r.selection.clone(),
+        problem: starved(r),
     }
+}
+
+/// Copies of v2 answered, none of them judged, beyond which a simulating rollout is starved: its
+/// pairs cannot form (the active machines do not run the from-version, or the baseline's halves
+/// never come). Far above any warm-up gap between the first copies and the first pair.
+const STARVED_AFTER_COPIES: u64 = 500;
+
+/// Why a simulating rollout's judge gets nothing while copies flow, if it does.
+fn starved(r: &RolloutState) -> Option<String> {
+    let judged = r.judge.as_ref().map(Judge::jobs)?;
+    if r.phase != Phase::Simulating || judged > 0 || r.copies_seen < STARVED_AFTER_COPIES {
+        return None;
+    }
+    let baseline = if r.feed.against_control() {
+        format!(
+            "the control's copies (a control running {})",
+            r.from_version
+        )
+    } else {
+        format!(
+            "callers' jobs answered by active machines running {}",
+            r.from_version
+        )
+    };
+    Some(format!(
+        "judge starved: {} copies answered by {} and not one pair judged; each needs {baseline}",
+        r.copies_seen, r.to_version
+    ))
 }
 
 fn detail(state: &State, r: &RolloutState) -> RolloutDetail {
@@ -2196,6 +2353,7 @@ pub async fn start_with_client(
         Clock::new().now_ms(),
     )
     .await?;
+    hub.install_balancer_subscribers(&config.cluster);
     let core = Arc::new(Core::open_with_hub(
         config.cluster,
         store,

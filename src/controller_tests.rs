@@ -596,6 +596,42 @@ async fn unreachable_balancer_is_retried_and_counted() {
     assert_eq!(rig.fake.config("db").unwrap().version, 1);
 }
 
+/// A balancer that dropped the windows after the controller's cursor answers 410 for ever to
+/// that cursor: the controller moves to the oldest cursor the balancer serves, says so, and
+/// reads on.
+#[tokio::test(start_paused = true)]
+async fn a_cursor_too_old_is_reset_to_the_oldest_window_and_reads_go_on() {
+    let rig = Rig::new(SAMPLE);
+    let core = rig.open();
+    core.tick().await;
+    rig.fake.drop_windows("db", 40);
+    core.tick().await;
+    let view = |core: &Core| {
+        core.balancers()
+            .into_iter()
+            .find(|b| b.service == "db")
+            .unwrap()
+    };
+    let reset = view(&core);
+    assert_eq!(reset.cursor, 40);
+    let error = reset.last_stats_error.expect("the reset is shown");
+    assert!(error.contains("cursor reset from 0 to 40"), "{error}");
+    let text = core.metrics_text();
+    assert!(
+        text.contains(
+            "understudy_balancer_stats_cursor_resets_total{reason=\"cursor_too_old\",service=\"db\"} 1"
+        ),
+        "{text}"
+    );
+    // The next read, from the new cursor, succeeds.
+    core.tick().await;
+    assert_eq!(view(&core).last_stats_error, None);
+    // A controller restarted after the reset reads from the persisted cursor.
+    drop(core);
+    let again = rig.open();
+    assert_eq!(view(&again).cursor, 40);
+}
+
 // ---- the joining condition, evaluated through the judge crate on synthetic data ----
 
 fn run_judge(
@@ -1090,4 +1126,175 @@ async fn pairs_the_store_refused_are_not_counted_twice_by_the_judge() {
     assert_eq!(core.pairs_csv(id, false).unwrap().lines().count(), 151);
     assert_eq!(judged(&core), 150, "each pair judged once");
     assert_eq!(core.rollout(id).unwrap().rollout.numbers["jobs"], 150);
+}
+
+/// One service released v1 -> v2 -> v3 (its control stays at v1): the second rollout has no
+/// control of its from-version, so it is judged against the active machines and says so.
+const RELEASES: &str = r#"
+[defaults]
+join_step_ms = 200
+
+[services.media]
+balancer = "http://127.0.0.1:9001"
+
+[[machines]]
+id = "media-1"
+service = "media"
+version = "v1"
+address = "127.0.0.1:8001"
+config = "active"
+
+[[machines]]
+id = "media-c"
+service = "media"
+version = "v1"
+address = "127.0.0.1:8002"
+config = "simulation"
+
+[[machines]]
+id = "media-2"
+service = "media"
+version = "v2"
+address = "127.0.0.1:8003"
+config = "simulation"
+
+[[machines]]
+id = "media-3"
+service = "media"
+version = "v3"
+address = "127.0.0.1:8004"
+config = "simulation"
+"#;
+
+/// Releases `media` to `to`, feeding pairs from `pairs(first_job)` until it leaves simulating.
+async fn release_media(
+    rig: &Rig,
+    core: &Core,
+    to: &str,
+    mut pairs: impl FnMut(u64) -> Vec<JobPair>,
+    job: &mut u64,
+) -> RolloutView {
+    core.release(&release_of(&[("media", to)], false))
+        .expect("release");
+    core.tick().await;
+    for _ in 0..200 {
+        if phase(core, "media") != "simulating" {
+            break;
+        }
+        rig.fake.add_pairs("media", pairs(*job));
+        *job += 500;
+        core.tick().await;
+    }
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_millis(210)).await;
+        core.tick().await;
+    }
+    let id = rollout_id(core, "media");
+    core.rollouts().into_iter().find(|r| r.id == id).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_after_release_falls_back_to_the_active_baseline() {
+    let rig = Rig::new(RELEASES);
+    let core = rig.open();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut job = 1;
+    let first = release_media(
+        &rig,
+        &core,
+        "v2",
+        |j| identical_pairs(&mut StdRng::seed_from_u64(j), j, 500, "v1", "v2", true),
+        &mut job,
+    )
+    .await;
+    assert_eq!(first.phase, "complete");
+    let verdict = first.verdict.expect("judged");
+    assert_eq!(verdict["baseline"], "control");
+    assert!(verdict.get("baseline_note").is_none(), "{verdict}");
+
+    // v2 -> v3: the control still runs v1, its copies pair with nothing of this rollout.
+    let second = release_media(
+        &rig,
+        &core,
+        "v3",
+        |j| {
+            let mut pairs = failing_pairs(j, 500, "v2", "v3");
+            // The control of v1 answers too; its copies must not stand in for v2's baseline.
+            for p in pairs.iter_mut().filter(|p| p.simulation.machine == "c") {
+                p.simulation.version = "v1".into();
+            }
+            pairs
+        },
+        &mut job,
+    )
+    .await;
+    assert_eq!(second.phase, "rolled_back", "{:?}", second.verdict);
+    let verdict = second.verdict.expect("judged");
+    assert_eq!(verdict["baseline"], "active");
+    assert!(verdict["baseline_note"]
+        .as_str()
+        .unwrap()
+        .contains("no control"));
+
+    // And back again: v2 -> v3 passes on identical pairs against the active machines.
+    let third = release_media(
+        &rig,
+        &core,
+        "v3",
+        |j| identical_pairs(&mut rng, j, 500, "v2", "v3", false),
+        &mut job,
+    )
+    .await;
+    assert_eq!(third.phase, "complete", "{:?}", third.verdict);
+    assert_eq!(third.problem, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_judge_that_gets_no_pairs_while_copies_flow_is_shown_as_starved() {
+    let rig = Rig::new(RELEASES);
+    let core = rig.open();
+    core.release(&release_of(&[("media", "v2")], false))
+        .expect("release");
+    core.tick().await;
+    let id = rollout_id(&core, "media");
+    let starved = |core: &Core| {
+        let view = core.rollouts().into_iter().find(|r| r.id == id).unwrap();
+        let gauge = core
+            .metrics_text()
+            .lines()
+            .any(|l| l.starts_with("understudy_rollout_judge_starved{") && l.ends_with(" 1"));
+        (view.problem, gauge)
+    };
+    // Copies of v2 whose active side runs another version than the rollout's from-version
+    // (machines moved by hand): none can be paired.
+    let mut rng = StdRng::seed_from_u64(12);
+    rig.fake.add_pairs(
+        "media",
+        identical_pairs(&mut rng, 1, 300, "v0", "v2", false),
+    );
+    core.tick().await;
+    assert_eq!(
+        starved(&core),
+        (None, false),
+        "300 copies: still warming up"
+    );
+    rig.fake.add_pairs(
+        "media",
+        identical_pairs(&mut rng, 301, 300, "v0", "v2", false),
+    );
+    core.tick().await;
+    let (problem, gauge) = starved(&core);
+    let problem = problem.expect("starved");
+    assert!(
+        problem.contains("600 copies") && problem.contains("v1"),
+        "{problem}"
+    );
+    assert!(gauge);
+    // Pairs that fit end it.
+    rig.fake.add_pairs(
+        "media",
+        identical_pairs(&mut rng, 601, 10, "v1", "v2", true),
+    );
+    core.tick().await;
+    assert_eq!(starved(&core), (None, false));
 }

@@ -33,9 +33,26 @@ pub async fn exchange(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<(u16, Bytes), ExchangeError> {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|value| (http::header::AUTHORIZATION.as_str(), value.as_str()))
+        .collect();
+    exchange_with(client, method, url, &headers, body, timeout).await
+}
+
+/// As [`exchange`], with any request headers (a signed read's `x-understudy-auth`).
+pub async fn exchange_with(
+    client: &JsonClient,
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(u16, Bytes), ExchangeError> {
     let mut request = http::Request::builder().method(method).uri(url);
-    if let Some(token) = bearer {
-        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     if body.is_some() {
         request = request.header(http::header::CONTENT_TYPE, "application/json");

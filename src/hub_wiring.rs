@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::toml_spans::Spanned;
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use toml::Spanned;
 use understudy_hub::envelope::{restart_floor, KeyError, MetricsError};
 use understudy_hub::http::HubHttp;
 use understudy_hub::nats::{NatsBackend, NatsOptions, Receive};
@@ -47,7 +47,8 @@ pub struct HubSpec {
     pub max_message_bytes: Option<Spanned<usize>>,
     /// Queue length of each subscriber (default 1024); a subscriber that lets it fill is cut.
     pub subscriber_queue: Option<Spanned<usize>>,
-    /// Subscribers must present a signed token (default false).
+    /// Subscribers must present a signed token (default true; `false` opens the controller's
+    /// state channel to anyone who reaches the admin port).
     pub subscriber_auth: Option<bool>,
     /// How long a rotated-out key stays valid by default (default 60000).
     pub rotation_grace_ms: Option<Spanned<u64>>,
@@ -102,7 +103,7 @@ impl Default for HubSettings {
             backend: HubBackend::Embedded,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
-            subscriber_auth: false,
+            subscriber_auth: true,
             rotation_grace: DEFAULT_ROTATION_GRACE,
             public_url: None,
             max_clock_skew: Duration::from_millis(DEFAULT_MAX_CLOCK_SKEW_MS),
@@ -238,7 +239,7 @@ impl HubSettings {
             backend,
             max_message_bytes,
             subscriber_queue,
-            subscriber_auth: spec.subscriber_auth.unwrap_or(false),
+            subscriber_auth: spec.subscriber_auth.unwrap_or(true),
             rotation_grace,
             public_url,
             max_clock_skew: Duration::from_millis(max_clock_skew_ms),
@@ -435,6 +436,23 @@ impl ControllerHub {
     /// Accepts `key` for `id` from now on, replacing any key it had (registration).
     pub fn install_key(&self, id: &str, key: SecretKey) -> Result<(), KeyError> {
         self.lock_verifier().register(id, key)
+    }
+
+    /// Lets each keyed balancer subscribe to the hub (its config feed) as
+    /// `balancer.{service}`, proving it with its own key.
+    pub fn install_balancer_subscribers(&self, cluster: &crate::cluster::Cluster) {
+        for service in cluster.services.values() {
+            let Some(secret) = &service.balancer_key else {
+                continue;
+            };
+            let sender = understudy_hub::http::balancer_subscriber(&service.name);
+            if let Err(e) = self.install_key(&sender, secret.key().clone()) {
+                tracing::warn!(
+                    service = %service.name,
+                    "its balancer cannot subscribe to the hub as {sender:?}: {e}"
+                );
+            }
+        }
     }
 
     /// Rotates `id` to `key`; the old key stays valid for `grace` or until the first message
@@ -678,7 +696,7 @@ mod tests {
         assert_eq!(replay.history_per_machine, 3);
 
         for (text, field, line) in [
-            ("[hub]\nbackend = \"kafka\"\n", "backend", 2),
+            ("[hub]\nbackend = \"kafka\"\n", "hub.backend", 2),
             ("[hub]\nbackend = \"nats\"\n", "hub.nats_url", 2),
             (
                 "[hub]\nbackend = \"nats\"\nnats_url = \"http://x:1\"\n",
@@ -709,7 +727,7 @@ mod tests {
                 "hub.history_per_machine",
                 2,
             ),
-            ("[hub]\nqueue = 3\n", "queue", 2),
+            ("[hub]\nqueue = 3\n", "hub.queue", 2),
         ] {
             match settings(text) {
                 Err(ConfigError::Invalid {

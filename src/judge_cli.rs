@@ -217,13 +217,13 @@ pub fn load_condition(path: &Path) -> Result<Condition, JudgeInputError> {
         .map(|table| table.len() == 1 && table.get("condition").is_some_and(|v| v.is_table()))
         .unwrap_or(false);
     let condition = if wrapped {
-        toml::from_str::<WrappedCondition>(&text).map(|w| w.condition)
+        understudy_judge::read_toml::<WrappedCondition>(&text).map(|w| w.condition)
     } else {
-        toml::from_str::<Condition>(&text)
+        understudy_judge::read_toml::<Condition>(&text)
     }
     .map_err(|e| JudgeInputError::Condition {
         path: shown.clone(),
-        message: e.to_string().trim_end().to_string(),
+        message: e.to_string(),
     })?;
     condition
         .validate()

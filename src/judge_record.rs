@@ -87,11 +87,16 @@ pub async fn record(plan: &RecordPlan) -> Result<Vec<RecordedJob>, RecordError> 
         weight: 1,
         config,
     };
-    let balancers = understudy_proxy::spawn(ProcessConfig {
-        admin: any,
-        balancers: vec![BalancerSpec {
-            listen: any,
-            config: BalancerConfig {
+    // A recording balancer in this process, read by this process only: no keys to guard it.
+    let options = understudy_proxy::SpawnOptions {
+        insecure_no_key: true,
+        ..understudy_proxy::SpawnOptions::default()
+    };
+    let process = ProcessConfig::new(
+        any,
+        vec![BalancerSpec::new(
+            any,
+            BalancerConfig {
                 service: SERVICE.to_string(),
                 version: 1,
                 mirror_fraction: 1.0,
@@ -103,9 +108,10 @@ pub async fn record(plan: &RecordPlan) -> Result<Vec<RecordedJob>, RecordError> 
                     entry("media-v2", "v2", candidate.addr(), PoolRole::Simulation),
                 ],
             },
-        }],
-    })
-    .map_err(|e| RecordError::Setup(e.to_string()))?;
+        )],
+    );
+    let balancers = understudy_proxy::spawn_with(process, options)
+        .map_err(|e| RecordError::Setup(e.to_string()))?;
     let target = balancers
         .listen_addr(SERVICE)
         .expect("the balancer listens");

@@ -10,9 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,33 +19,43 @@ use serde::{Deserialize, Serialize};
 use understudy_hub::registry::{Change, MachineRevision, Registry, RegistryError};
 use understudy_hub::{Envelope, MachineFilter, MachineRecord, Role, SecretKey, Status};
 use understudy_proxy::wire::PoolRole;
+use utoipa::ToSchema;
 
-use crate::admin::{authorize, ApiError};
+use crate::admin::{authorize, parse_body, ApiError, ErrorBody};
 use crate::controller::{Core, RequestError};
+use crate::extract::{ApiBody, ApiPath};
 use crate::hub_wiring::{ControllerHub, CONTROLLER_ID, MAX_ROTATION_GRACE_MS};
 use crate::store::{self, SqlMachineStore, StoreError};
 
 /// `POST /api/v1/machines`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "id": "db-9", "service": "db", "version": "v2", "address": "127.0.0.1:9109"
+}))]
 pub struct RegistrationRequest {
+    #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
     pub id: String,
+    #[schema(min_length = 1)]
     pub service: String,
+    #[schema(min_length = 1)]
     pub version: String,
     /// `host:port` of the machine's listener.
+    #[schema(min_length = 1)]
     pub address: String,
     /// Ignored for a machine the controller already assigns a role to; default `standby`.
     #[serde(default)]
     pub role: Option<Role>,
     /// Sessions it can hold at once; default 100.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub capacity: Option<u32>,
 }
 
 const DEFAULT_CAPACITY: u32 = 100;
 
 /// The answer to a registration: the key is shown here once and never again.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct Registration {
     pub id: String,
     /// Base64 of the machine's HMAC key.
@@ -57,14 +66,15 @@ pub struct Registration {
 }
 
 /// `POST /api/v1/machines/{id}/rotate-key` (body optional).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
-    /// How long the old key stays valid (default `[hub] rotation_grace_ms`).
+    /// How long the old key stays valid (default `[hub] rotation_grace_ms`), at most one day.
+    #[schema(maximum = 86_400_000)]
     pub grace_ms: Option<u64>,
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct RotatedKey {
     pub id: String,
     pub key: String,
@@ -73,7 +83,7 @@ pub struct RotatedKey {
 
 /// One machine as `GET /api/v1/machines` shows it: the controller's view (cluster file, role,
 /// place in the balancer config, role history) merged with the registry's latest report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MachineListing {
     pub id: String,
     pub service: String,
@@ -422,11 +432,19 @@ impl Core {
 
 type Shared = State<Arc<Core>>;
 
-fn bad_body(what: &str, e: serde_json::Error) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, format!("bad {what} body: {e}"))
-}
-
 /// `GET /api/v1/machines?service=&role=&status=&version=`
+#[utoipa::path(
+    get,
+    path = "/api/v1/machines",
+    tag = "machines",
+    params(ListingFilter),
+    responses(
+        (status = 200, description = "Every machine, declared or registered, by id",
+            body = [MachineListing]),
+        (status = 400, description = "An unknown filter or value", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(core): Shared,
     query: Result<Query<ListingFilter>, QueryRejection>,
@@ -441,36 +459,79 @@ pub async fn list(
 }
 
 /// `POST /api/v1/machines` (token).
+#[utoipa::path(
+    post,
+    path = "/api/v1/machines",
+    tag = "machines",
+    security(("bearer" = [])),
+    request_body = RegistrationRequest,
+    responses(
+        (status = 201, description = "Registered; the key is shown here only", body = Registration),
+        (status = 400, description = "A missing, unknown or bad field (named)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 pub async fn register(
     State(core): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&core, &headers)?;
-    let request: RegistrationRequest =
-        serde_json::from_slice(&body).map_err(|e| bad_body("registration", e))?;
+    let request: RegistrationRequest = parse_body("registration", &body)?;
     let answer = core.register_machine(&request)?;
     Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 /// `POST /api/v1/machines/{id}/rotate-key` (token; body optional).
+#[utoipa::path(
+    post,
+    path = "/api/v1/machines/{id}/rotate-key",
+    tag = "machines",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Machine id", example = "db-1")),
+    request_body(content = Option<RotateRequest>, description = "Optional: no body (or `null`) \
+        takes the `[hub] rotation_grace_ms`"),
+    responses(
+        (status = 200, description = "The new key", body = RotatedKey),
+        (status = 400, description = "Bad body, or `grace_ms` over one day", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "The machine is not registered", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
 pub async fn rotate_key(
     State(core): Shared,
     headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
+    ApiPath(id): ApiPath<String>,
+    ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     authorize(&core, &headers)?;
+    // No body, or JSON `null`, asks for the defaults.
     let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RotateRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| bad_body("rotate-key", e))?
+        parse_body::<Option<RotateRequest>>("rotate-key", &body)?.unwrap_or_default()
     };
     Ok(Json(core.rotate_machine_key(&id, &request)?).into_response())
 }
 
 /// `GET /api/v1/machines/{id}/history`
-pub async fn history(State(core): Shared, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/machines/{id}/history",
+    tag = "machines",
+    params(("id" = String, Path, description = "Machine id", example = "db-1")),
+    responses(
+        (status = 200, description = "Registry revisions, oldest first", body = [MachineRevision]),
+        (status = 404, description = "No such machine", body = ErrorBody),
+        (status = 500, description = "Storage failure", body = ErrorBody),
+    )
+)]
+pub async fn history(
+    State(core): Shared,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(core.machine_revisions(&id)?).into_response())
 }
 

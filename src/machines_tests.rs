@@ -316,6 +316,18 @@ async fn signed_reports_become_revisions_and_forgeries_are_refused_and_counted()
 }
 
 #[tokio::test]
+async fn rotation_with_no_body_or_null_takes_the_default_grace() {
+    let core = core();
+    register(&core, "db-9", "db", "v2").await;
+    let path = "/api/v1/machines/db-9/rotate-key";
+    for body in ["", " \n", "null"] {
+        let (status, answer) = call(&core, "POST", path, Some(TOKEN), body).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}: {answer}");
+        assert_eq!(answer["grace_ms"], 60_000, "{body:?}");
+    }
+}
+
+#[tokio::test]
 async fn rotation_keeps_the_old_key_for_its_grace_and_unknown_ids_are_404() {
     let core = core();
     let old = register(&core, "db-9", "db", "v2").await;
@@ -584,13 +596,17 @@ async fn hosts_the_hub(cluster_text: String) -> String {
     let addr = handle.admin_addr();
     let core = handle.core().clone();
 
-    // A subscriber on the machines' state, over server-sent events.
-    let mut events = send(
-        addr,
-        format!("GET /api/v1/hub/subscribe?topic=machine.state HTTP/1.1\r\nhost: {addr}\r\n\r\n"),
-    )
-    .await;
-    read_until(&mut events, "text/event-stream").await;
+    // Subscriptions are authenticated by default: an anonymous one is refused.
+    let subscribe = |token: Option<String>| {
+        let auth = token
+            .map(|t| format!("{}: {t}\r\n", understudy_hub::http::SUBSCRIBE_AUTH_HEADER))
+            .unwrap_or_default();
+        format!(
+            "GET /api/v1/hub/subscribe?topic=machine.state HTTP/1.1\r\nhost: {addr}\r\n{auth}\r\n"
+        )
+    };
+    let mut anonymous = send(addr, subscribe(None)).await;
+    read_until(&mut anonymous, "401 Unauthorized").await;
 
     let registration = body("media-9", "media", "v2");
     let mut answer = send(
@@ -608,6 +624,9 @@ async fn hosts_the_hub(cluster_text: String) -> String {
     let key = SecretKey::from_base64(answer["key"].as_str().unwrap()).unwrap();
 
     let mut signer = Signer::new("media-9", key).unwrap();
+    // A subscriber on the machines' state, over server-sent events, signed by the machine.
+    let mut events = send(addr, subscribe(Some(signer.subscribe_token()))).await;
+    read_until(&mut events, "text/event-stream").await;
     let report = serde_json::to_string(
         &signer.sign("machine.state", state("media-9", "media", "running", 4)),
     )

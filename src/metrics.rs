@@ -14,11 +14,14 @@ pub struct Metrics {
     pub push_seconds: HistogramVec,
     pub push_failures: CounterVec,
     pub stats_failures: CounterVec,
+    pub cursor_resets: CounterVec,
     pub verdict_latency: GaugeVec,
     pub verdict_error_ratio: GaugeVec,
     pub verdict_jobs: IntGaugeVec,
     pub verdict_mismatch_ratio: GaugeVec,
     pub verdict_decision: IntGaugeVec,
+    /// 1 while a simulating rollout's v2 answers copies and none reaches its judge.
+    pub judge_starved: IntGaugeVec,
     /// Monitor actions by rule and action (src/monitor.rs).
     pub monitor_actions: CounterVec,
 }
@@ -56,6 +59,14 @@ impl Metrics {
                 "Config pushes a balancer did not acknowledge.",
             ),
             &["service"],
+        )?;
+        let cursor_resets = CounterVec::new(
+            Opts::new(
+                "understudy_balancer_stats_cursor_resets_total",
+                "Stats cursors a balancer could not serve (too old, or ahead after its restart), \
+                 replaced by one it can.",
+            ),
+            &["service", "reason"],
         )?;
         let stats_failures = CounterVec::new(
             Opts::new(
@@ -100,11 +111,21 @@ impl Metrics {
             ),
             &["service", "rollout", "decision"],
         )?;
+        let judge_starved = IntGaugeVec::new(
+            Opts::new(
+                "understudy_rollout_judge_starved",
+                "1 while a simulating rollout's v2 answers copies and not one pair reaches its \
+                 judge (the API shows why in the rollout's `problem`).",
+            ),
+            &["service", "rollout"],
+        )?;
+        registry.register(Box::new(judge_starved.clone()))?;
         registry.register(Box::new(rollout_phase.clone()))?;
         registry.register(Box::new(transitions.clone()))?;
         registry.register(Box::new(push_seconds.clone()))?;
         registry.register(Box::new(push_failures.clone()))?;
         registry.register(Box::new(stats_failures.clone()))?;
+        registry.register(Box::new(cursor_resets.clone()))?;
         registry.register(Box::new(verdict_latency.clone()))?;
         registry.register(Box::new(verdict_error_ratio.clone()))?;
         registry.register(Box::new(verdict_jobs.clone()))?;
@@ -128,11 +149,13 @@ impl Metrics {
             push_seconds,
             push_failures,
             stats_failures,
+            cursor_resets,
             verdict_latency,
             verdict_error_ratio,
             verdict_jobs,
             verdict_mismatch_ratio,
             verdict_decision,
+            judge_starved,
             monitor_actions,
         })
     }

@@ -21,15 +21,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::toml_spans::Spanned;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
-use toml::Spanned;
 use understudy_hub::monitor::{
     evaluate, Action, ActualState, Condition, DesiredService, DesiredState, ObservedMachine,
     RuleAction, Rules, RulesError,
 };
 use understudy_hub::{MachineRecord, MachineStore, Role, SecretKey, Signer, Status};
 use understudy_proxy::wire::MachineState;
+use utoipa::ToSchema;
 
 use super::{desired_machines, Core, State};
 use crate::cluster::{ConfigError, Source};
@@ -56,7 +57,7 @@ pub const ACTION_LABELS: [(&str, &str); 9] = [
 ];
 
 /// Why the monitor took a machine out of its balancer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HoldReason {
     /// It is down (rule `active_machine_down`).
@@ -83,7 +84,7 @@ impl HoldReason {
 }
 
 /// A machine the monitor took out of its balancer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct HeldOut {
     pub service: String,
     pub since_ms: u64,
@@ -91,7 +92,7 @@ pub struct HeldOut {
 }
 
 /// One action as `GET /api/v1/monitor/actions` lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ActionRecord {
     /// Increasing number of the record (since the controller started).
     pub seq: u64,
@@ -125,7 +126,7 @@ pub struct Outbound {
 }
 
 /// `GET /api/v1/monitor`: where the monitor stands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct MonitorView {
     pub drain_timeout_ms: u64,
     /// Machines the monitor took out of their balancer.
@@ -135,7 +136,7 @@ pub struct MonitorView {
 }
 
 /// A machine's place on its balancer as the controller last saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct MachinePresence {
     pub id: String,
     pub service: String,
@@ -432,7 +433,7 @@ fn actual_state(state: &State, now_ms: u64) -> Result<ActualState, StoreError> {
             .desired
             .as_ref()
             .is_some_and(|c| c.machines.iter().any(|m| m.id == record.id))
-            && (!lost_config(service) || on_balancer.is_some());
+            && (!service.lost_config() || on_balancer.is_some());
         let draining = on_balancer.filter(|m| m.state == MachineState::Draining && !in_config);
         if let Some(m) = on_balancer {
             record.sessions = record
@@ -455,14 +456,6 @@ fn actual_state(state: &State, now_ms: u64) -> Result<ActualState, StoreError> {
         });
     }
     Ok(ActualState { now_ms, machines })
-}
-
-/// The balancer reports an older config than the last one it acknowledged: it lost its state.
-fn lost_config(service: &super::ServiceState) -> bool {
-    match (&service.last_stats, service.acked) {
-        (Some(stats), Some(acked)) => stats.config_version < acked,
-        _ => false,
-    }
 }
 
 /// The condition behind an action, for the metric and the listing.
@@ -690,7 +683,7 @@ impl Core {
     /// again; a balancer that lost its config gets the committed one pushed again.
     fn put_back(&self, state: &mut State, service: &str, machine: &str) -> String {
         let Some(held) = state.monitor.held_out.remove(machine) else {
-            let Some(s) = state.services.get_mut(service).filter(|s| lost_config(s)) else {
+            let Some(s) = state.services.get_mut(service).filter(|s| s.lost_config()) else {
                 return "not held out by the monitor: nothing to change".to_string();
             };
             let running = s.last_stats.as_ref().map_or(0, |st| st.config_version);
@@ -832,6 +825,12 @@ fn presence(state: &State) -> Vec<MachinePresence> {
 }
 
 /// `GET /api/v1/monitor`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/monitor",
+    tag = "monitor",
+    responses((status = 200, description = "Machines held out and draining", body = MonitorView))
+)]
 pub async fn view_route(
     axum::extract::State(core): axum::extract::State<std::sync::Arc<Core>>,
 ) -> axum::Json<MonitorView> {
@@ -839,6 +838,13 @@ pub async fn view_route(
 }
 
 /// `GET /api/v1/monitor/actions`: the most recent actions, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/monitor/actions",
+    tag = "monitor",
+    responses((status = 200, description = "The most recent actions, oldest first",
+        body = [ActionRecord]))
+)]
 pub async fn actions_route(
     axum::extract::State(core): axum::extract::State<std::sync::Arc<Core>>,
 ) -> axum::Json<Vec<ActionRecord>> {

@@ -21,6 +21,8 @@ const PENDING_LIMIT: usize = 65_536;
 #[derive(Debug)]
 pub struct PairFeed {
     against_control: bool,
+    /// The condition asked for the control but no control runs the rollout's from-version.
+    fell_back: bool,
     joiner: JobJoiner,
 }
 
@@ -59,10 +61,13 @@ impl JobJoiner {
 }
 
 impl PairFeed {
-    /// `has_control`: the service keeps a control machine (its serving version in simulation).
+    /// `has_control`: the service keeps a control machine running the rollout's from-version (a
+    /// control of another version, left by an earlier release, answers copies this rollout does
+    /// not pair with, so it cannot be the baseline).
     pub fn new(baseline: Baseline, has_control: bool) -> PairFeed {
         PairFeed {
             against_control: baseline == Baseline::Control && has_control,
+            fell_back: baseline == Baseline::Control && !has_control,
             joiner: JobJoiner::default(),
         }
     }
@@ -70,6 +75,11 @@ impl PairFeed {
     /// Whether v2 is judged against the control (else against the active machine).
     pub fn against_control(&self) -> bool {
         self.against_control
+    }
+
+    /// Whether the condition asked for the control baseline and the active one is used instead.
+    pub fn fell_back(&self) -> bool {
+        self.fell_back
     }
 
     pub fn feed(&mut self, judge: &mut Judge, pair: &StoredPair) {

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use understudy_hub::{MachineRecord, Role, Status, SubgroupSpec};
+use utoipa::ToSchema;
 
 use crate::cluster::Cluster;
 use crate::store::MachineRole;
@@ -53,7 +54,7 @@ pub enum PlanError {
 /// A machine's version is fixed by its id (the cluster file declares it), so "updating" a machine
 /// to v2 means replacing it with a v2 machine: a sub-group picks the active machines to replace,
 /// and as many v2 candidates (the first by id) join in their place.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Selection {
     /// The sub-group asked for; `None` moves the whole service.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -16,11 +16,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -32,8 +31,13 @@ use understudy_predict::{
     Timestamp, Update,
 };
 use understudy_proxy::wire::PoolRole;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::admin::ErrorBody;
 use crate::controller::Clock;
+use crate::extract::ApiPath;
 
 /// The hub topic machines publish their calls' states on.
 pub const CALL_STATE_TOPIC: &str = "call.state";
@@ -239,14 +243,19 @@ impl PredictSection {
         for (key, value) in &self.model {
             model.insert(key.clone(), value.clone());
         }
-        let config: PredictConfig =
-            toml::Value::Table(model.clone())
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    let (field, reason) = locate(&model)
-                        .unwrap_or_else(|| (unknown_field_of(&e), e.message().trim().to_string()));
-                    section_error(field, reason)
-                })?;
+        let config: PredictConfig = serde_path_to_error::deserialize(toml::Value::Table(model))
+            .map_err(|e| {
+                let path = crate::toml_spans::path_text(&crate::toml_spans::steps_of(e.path()));
+                let e = e.into_inner();
+                let reason = e.message().trim().to_string();
+                // An unknown key of the section itself is named by its message only.
+                let field = if path.is_empty() {
+                    unknown_field_of(&e)
+                } else {
+                    path
+                };
+                section_error(field, reason)
+            })?;
         let model = config.validate().map_err(|e| match e {
             understudy_predict::ConfigError::Invalid { field, reason } => {
                 section_error(field, reason)
@@ -262,37 +271,6 @@ impl PredictSection {
             model,
         })
     }
-}
-
-/// Which part of the model configuration does not deserialize, as `(field path, reason)`: a toml
-/// error from a nested table names the key but not the table it is in.
-fn locate(model: &toml::Table) -> Option<(String, String)> {
-    use understudy_predict::config::{AlertConfig, CompareConfig, DwellConfig, RuleConfig};
-    fn check<T: serde::de::DeserializeOwned>(
-        path: String,
-        value: &toml::Value,
-    ) -> Option<(String, String)> {
-        let error = value.clone().try_into::<T>().err()?;
-        let field = unknown_field_of(&error);
-        let field = if field == "(section)" {
-            path
-        } else {
-            format!("{path}.{field}")
-        };
-        Some((field, error.message().trim().to_string()))
-    }
-    let table = |key: &str| model.get(key);
-    table("alerts")
-        .and_then(|v| check::<AlertConfig>("alerts".into(), v))
-        .or_else(|| table("dwell").and_then(|v| check::<DwellConfig>("dwell".into(), v)))
-        .or_else(|| table("compare").and_then(|v| check::<CompareConfig>("compare".into(), v)))
-        .or_else(|| {
-            let rules = table("rules")?.as_array()?;
-            rules
-                .iter()
-                .enumerate()
-                .find_map(|(i, rule)| check::<RuleConfig>(format!("rules[{i}]"), rule))
-        })
 }
 
 /// The field a deserialization error is about, when its message names one (`unknown field `x``).
@@ -458,12 +436,29 @@ impl PredictionMetrics {
 // ---- the part ----
 
 /// An alert as kept for the API and sent to the webhook.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct AlertRecord {
     pub at_ms: u64,
     pub config: PoolRole,
     #[serde(flatten)]
+    #[schema(value_type = AlertFields)]
     pub alert: Alert,
+}
+
+/// What `understudy_predict::Alert` serializes to (never built: the API's description of it).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+struct AlertFields {
+    object: String,
+    service: String,
+    version: String,
+    state: String,
+    artifact: String,
+    probability: f64,
+    /// `entered` the state, or `dwelling` in it past the limit.
+    cause: String,
+    /// With `cause` `dwelling`: seconds in the state so far.
+    elapsed_secs: Option<f64>,
 }
 
 /// Logging every alert would flood the log at call rates: one line per (service, version, state,
@@ -518,14 +513,14 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 /// One side of a comparison: a version in a configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Side {
     pub version: String,
     pub config: PoolRole,
 }
 
 /// One version's model, for the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelView {
     pub service: String,
     pub version: String,
@@ -535,22 +530,26 @@ pub struct ModelView {
     pub start_failure: Option<f64>,
     /// Per state: role, departures, P(each artifact), success, unknown, standard error, expected
     /// steps and seconds; and the decayed transition table (`table.counts`).
+    #[schema(value_type = Object)]
     pub outlook: Outlook,
+    /// Per state: `{samples, mean_secs, p99_secs, max_secs}`.
+    #[schema(value_type = BTreeMap<String, Object>)]
     pub dwell: BTreeMap<String, DwellSummary>,
 }
 
 /// v2 (simulation) against v1 (active) from the start state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ComparisonView {
     pub service: String,
     pub baseline: Side,
     pub candidate: Side,
     /// Each side's P(failure) from the start state, its standard error and departures; the
     /// difference in standard errors, and whether v2 is clearly worse (see the predict crate).
+    #[schema(value_type = Object)]
     pub comparison: Comparison,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PredictionsView {
     pub enabled: bool,
     pub rollback: bool,
@@ -1085,43 +1084,65 @@ async fn send_webhooks(
 
 // ---- HTTP ----
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AlertQuery {
+    /// Only this service's alerts.
     service: Option<String>,
+    /// Only this version's (with `service`).
     version: Option<String>,
+    /// At most this many (default `[predict] recent_alerts`).
     limit: Option<usize>,
 }
 
+/// `GET /api/v1/predictions/alerts`.
+#[derive(Debug, Serialize, ToSchema)]
+struct AlertsView {
+    alerts_total: u64,
+    /// Newest first.
+    alerts: Vec<AlertRecord>,
+}
+
 fn not_found(message: String) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(serde_json::json!({ "error": message })),
-    )
-        .into_response()
+    (StatusCode::NOT_FOUND, Json(ErrorBody { error: message })).into_response()
 }
 
 /// `GET /api/v1/predictions`, `/api/v1/predictions/{service}`, `/{service}/{version}` and
 /// `/api/v1/predictions/alerts` (reads: no token, like every other read of the admin endpoint).
-pub fn router(predictions: Arc<Predictions>) -> Router {
-    Router::new()
-        .route("/api/v1/predictions", get(all_models))
-        .route("/api/v1/predictions/alerts", get(recent_alerts))
-        .route("/api/v1/predictions/{service}", get(service_models))
-        .route(
-            "/api/v1/predictions/{service}/{version}",
-            get(version_models),
-        )
+pub fn router(predictions: Arc<Predictions>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(all_models))
+        .routes(routes!(recent_alerts))
+        .routes(routes!(service_models))
+        .routes(routes!(version_models))
         .with_state(predictions)
 }
 
 type Shared = State<Arc<Predictions>>;
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/predictions",
+    tag = "predictions",
+    responses((status = 200, description = "Every model and v2-against-v1 comparison",
+        body = PredictionsView))
+)]
 async fn all_models(State(p): Shared) -> Response {
     Json(p.view(None, None)).into_response()
 }
 
-async fn service_models(State(p): Shared, Path(service): Path<String>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/api/v1/predictions/{service}",
+    tag = "predictions",
+    params(("service" = String, Path, description = "Service name", example = "db")),
+    responses(
+        (status = 200, description = "The service's models", body = PredictionsView),
+        (status = 404, description = "No call of the service was reported yet", body = ErrorBody),
+    )
+)]
+async fn service_models(State(p): Shared, ApiPath(service): ApiPath<String>) -> Response {
     let view = p.view(Some(&service), None);
     if view.models.is_empty() {
         return not_found(format!("no call of service `{service}` was reported yet"));
@@ -1129,9 +1150,23 @@ async fn service_models(State(p): Shared, Path(service): Path<String>) -> Respon
     Json(view).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/predictions/{service}/{version}",
+    tag = "predictions",
+    params(
+        ("service" = String, Path, description = "Service name", example = "db"),
+        ("version" = String, Path, description = "Version", example = "v1"),
+    ),
+    responses(
+        (status = 200, description = "The version's models, one per configuration",
+            body = PredictionsView),
+        (status = 404, description = "No call of that version was reported yet", body = ErrorBody),
+    )
+)]
 async fn version_models(
     State(p): Shared,
-    Path((service, version)): Path<(String, String)>,
+    ApiPath((service, version)): ApiPath<(String, String)>,
 ) -> Response {
     let view = p.view(Some(&service), Some(&version));
     if view.models.is_empty() {
@@ -1142,6 +1177,16 @@ async fn version_models(
     Json(view).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/predictions/alerts",
+    tag = "predictions",
+    params(AlertQuery),
+    responses(
+        (status = 200, description = "The most recent alerts", body = AlertsView),
+        (status = 400, description = "An unknown or bad query parameter", body = ErrorBody),
+    )
+)]
 async fn recent_alerts(
     State(p): Shared,
     query: Result<Query<AlertQuery>, axum::extract::rejection::QueryRejection>,
@@ -1149,19 +1194,18 @@ async fn recent_alerts(
     let Query(query) = match query {
         Ok(q) => q,
         Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "error": e.body_text() })),
-            )
-                .into_response()
+            let error = ErrorBody {
+                error: e.body_text(),
+            };
+            return (StatusCode::BAD_REQUEST, Json(error)).into_response();
         }
     };
     let limit = query.limit.unwrap_or(p.settings.recent_alerts);
     let alerts = p.alerts(query.service.as_deref(), query.version.as_deref(), limit);
-    Json(serde_json::json!({
-        "alerts_total": lock(&p.inner).alerts_total,
-        "alerts": alerts,
-    }))
+    Json(AlertsView {
+        alerts_total: lock(&p.inner).alerts_total,
+        alerts,
+    })
     .into_response()
 }
 

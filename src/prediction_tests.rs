@@ -149,7 +149,7 @@ fn bad_sections_name_the_field() {
     let typo = refused("[[rules]]\nkind = \"call\"\nstat = \"x\"");
     assert!(typo.contains("`predict.rules[0].stat`"), "{typo}");
     let wrong_type = refused("[compare]\nz = \"high\"");
-    assert!(wrong_type.contains("`predict.compare`"), "{wrong_type}");
+    assert!(wrong_type.contains("`predict.compare.z`"), "{wrong_type}");
     let rule = refused("[[rules]]\nkind = \"call\"\nstate = \"\"");
     assert!(rule.contains("`predict.rules[0].state`"), "{rule}");
 }
@@ -331,7 +331,7 @@ async fn a_call_past_its_dwell_limit_is_a_time_threshold_failure() {
 /// A webhook receiver on 127.0.0.1:0 that answers `status` and forwards each body.
 async fn receiver(status: StatusCode) -> (String, mpsc::UnboundedReceiver<serde_json::Value>) {
     let (sender, bodies) = mpsc::unbounded_channel();
-    let app = Router::new().route(
+    let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |Json(body): Json<serde_json::Value>| {
             let sender = sender.clone();
@@ -475,7 +475,7 @@ async fn disabled_predictions_start_nothing() {
 // ---- API ----
 
 async fn get_json(p: &Arc<Predictions>, uri: &str) -> (StatusCode, serde_json::Value) {
-    let response = router(p.clone())
+    let response = axum::Router::from(router(p.clone()))
         .oneshot(http::Request::get(uri).body(Body::empty()).unwrap())
         .await
         .unwrap();

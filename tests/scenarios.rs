@@ -36,12 +36,48 @@ fn outcome(report: &ScenarioReport, service: &str) -> Expected {
     report.services[service].outcome
 }
 
-/// What every scenario must show whatever v2 does: callers saw no error and the outcomes matched.
+/// What every scenario must show whatever v2 does: callers saw no error, simulation jobs and
+/// callers' jobs stayed apart, no call moved machines, and the outcomes matched.
 fn assert_callers_unhurt_and_as_expected(report: &ScenarioReport) {
     assert!(report.active_jobs.sent > 0, "no load was sent");
     assert_eq!(report.active_jobs.errors, 0, "callers saw errors");
-    assert_eq!(report.simulation_side_effects, 0);
+    assert_isolated_and_calls_stayed(report);
     assert!(report.passed, "not as expected: {:?}", report.failures);
+}
+
+/// Isolation and call stickiness as the machines counted the jobs they received, not as the
+/// balancers booked them.
+fn assert_isolated_and_calls_stayed(report: &ScenarioReport) {
+    let i = &report.isolation;
+    assert!(
+        !i.always_active_machines.is_empty(),
+        "no machine was active all along: the isolation witness counted nothing"
+    );
+    let never_joined = report.services.values().any(|s| {
+        matches!(
+            s.outcome,
+            Expected::RolledBack | Expected::Aborted | Expected::Pending
+        )
+    });
+    assert!(
+        !never_joined || !i.simulation_only_machines.is_empty(),
+        "a v2 never joined yet no machine counts as simulation-only"
+    );
+    assert_eq!(
+        i.active_machines_simulation_jobs, 0,
+        "simulation jobs reached active machines (active all along {:?}, joined {:?})",
+        i.always_active_machines, i.joined_machines
+    );
+    assert_eq!(
+        i.simulation_only_plain_jobs, 0,
+        "callers' jobs reached machines while only in the simulation pool (never joined {:?}, \
+         joined later {:?})",
+        i.simulation_only_machines, i.joined_machines
+    );
+    assert_eq!(
+        report.calls_moved, 0,
+        "calls moved: their jobs reached a machine that did not see them start"
+    );
 }
 
 #[test]
@@ -171,6 +207,9 @@ fn voice_calls_cross_the_switch_without_a_drop() {
     assert_eq!(report.dropped_sessions, 0);
     let load = report.load.as_ref().expect("load report");
     assert!(load.calls_completed > 0, "no call completed");
+    // Every call's jobs reached one machine, the v1 calls up across the switch included: v1 is
+    // retired only once they ended (the drain timeout outlasts the longest call).
+    assert_eq!(report.calls_moved, 0, "calls moved machines");
 }
 
 #[test]
@@ -266,6 +305,9 @@ fn late_failure_is_rolled_back_by_the_prediction_before_the_error_rate() {
 fn the_monitor_takes_a_crashed_machine_out_and_asks_for_a_replacement() {
     let report = play("monitor.toml");
     assert!(report.passed, "not as expected: {:?}", report.failures);
+    // Callers see errors while the crash is noticed, so only isolation is checked here. No call
+    // moves: the load sends no calls (a call on the crashed machine would move once taken out).
+    assert_isolated_and_calls_stayed(&report);
     assert_eq!(outcome(&report, "media"), Expected::Promoted);
     let done: Vec<(&str, serde_json::Value)> = report
         .monitor_actions

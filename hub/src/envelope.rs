@@ -28,10 +28,13 @@ const MAX_NAME_BYTES: usize = 128;
 
 /// A message on the hub. `signature` is base64 of the HMAC-SHA256 of [`canonical_bytes`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._:-]{1,128}$"))]
     pub sender: String,
     pub seq: u64,
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._:-]{1,128}$"))]
     pub topic: String,
     pub payload: serde_json::Value,
     #[serde(default)]
@@ -146,10 +149,18 @@ impl SecretKey {
         BASE64.encode(&self.0)
     }
 
-    fn mac(&self, message: &[u8]) -> [u8; 32] {
+    /// HMAC-SHA256 of `message` under this key.
+    pub fn mac(&self, message: &[u8]) -> [u8; 32] {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(message);
         mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the HMAC-SHA256 of `message` under this key (compared in constant time).
+    pub fn verify_mac(&self, message: &[u8], tag: &[u8]) -> bool {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(message);
+        mac.verify_slice(tag).is_ok()
     }
 }
 
@@ -670,6 +681,11 @@ pub struct ControllerVerifier {
 
 /// Topic of configs the controller pushes to balancers.
 pub const CONFIG_TOPIC: &str = "control.balancer-config";
+/// Topic of the controller's signed reads of a balancer's admin endpoint (stats, config): the
+/// envelope travels in the `x-understudy-auth` header, its payload names the path it reads.
+pub const READ_TOPIC: &str = "control.balancer-read";
+/// The header a signed read travels in (base64 of the envelope's JSON).
+pub const READ_AUTH_HEADER: &str = "x-understudy-auth";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigRejection {
@@ -715,9 +731,21 @@ impl ControllerVerifier {
         raw: &[u8],
         now: Instant,
     ) -> Result<T, ConfigRejection> {
+        self.verify_on(CONFIG_TOPIC, raw, now)
+    }
+
+    /// Verifies a raw message that must be on `topic` and decodes its payload as `T`. A
+    /// balancer keeps one verifier per topic, so that reads and config pushes are sequenced
+    /// apart (a read racing a push does not make either look replayed).
+    pub fn verify_on<T: serde::de::DeserializeOwned>(
+        &mut self,
+        topic: &str,
+        raw: &[u8],
+        now: Instant,
+    ) -> Result<T, ConfigRejection> {
         let envelope = self.verifier.verify_bytes(raw, now)?;
         // The keyring holds only the controller, so the sender is the controller here.
-        if envelope.topic != CONFIG_TOPIC {
+        if envelope.topic != topic {
             let rejection = Rejection::ForbiddenTopic {
                 sender: envelope.sender,
                 topic: envelope.topic,

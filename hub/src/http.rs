@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{to_bytes, Body};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -37,6 +38,11 @@ pub const SUBSCRIBE_AUTH_HEADER: &str = "x-understudy-hub-auth";
 /// Topic of the envelope in a subscribe token.
 pub const SUBSCRIBE_TOPIC: &str = "hub.subscribe";
 
+/// The sender id a balancer subscribes as (its config feed), with its balancer key.
+pub fn balancer_subscriber(service: &str) -> String {
+    format!("balancer.{service}")
+}
+
 /// What the hub's routes share.
 pub struct HubHttp {
     pub backend: Arc<dyn Backend>,
@@ -56,6 +62,29 @@ pub fn router(state: Arc<HubHttp>) -> Router {
         .with_state(state)
 }
 
+/// A refused publish or subscribe: the message and its metric reason.
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Refusal {
+    pub error: String,
+    /// `oversized`, `malformed`, `unsigned`, `unknown_sender`, `bad_signature`, `replayed`,
+    /// `out_of_order`, `forbidden_topic` or `hub_unavailable`.
+    pub reason: String,
+}
+
+/// `POST /api/v1/hub/publish` accepted the envelope.
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Delivered {
+    /// Subscribers it was handed to.
+    pub delivered: usize,
+}
+
+fn refused(status: StatusCode, error: String, reason: &str) -> Response {
+    let reason = reason.to_string();
+    (status, Json(Refusal { error, reason })).into_response()
+}
+
 fn refusal(rejection: &Rejection) -> Response {
     let status = match rejection {
         Rejection::Oversized { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -67,13 +96,35 @@ fn refusal(rejection: &Rejection) -> Response {
         | Rejection::Replayed { .. }
         | Rejection::OutOfOrder { .. } => StatusCode::UNAUTHORIZED,
     };
-    (
-        status,
-        Json(serde_json::json!({ "error": rejection.to_string(), "reason": rejection.reason() })),
-    )
-        .into_response()
+    refused(status, rejection.to_string(), rejection.reason())
 }
 
+/// The hub's routes in the controller's OpenAPI document.
+#[cfg(feature = "openapi")]
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(publish, subscribe),
+    components(schemas(crate::envelope::Envelope, Refusal, Delivered))
+)]
+pub struct HubApi;
+
+#[cfg_attr(feature = "openapi", utoipa::path(
+    post,
+    path = "/api/v1/hub/publish",
+    tag = "hub",
+    description = "Publishes one signed envelope; no bearer token: the sender's signature is the \
+        credential.",
+    request_body = crate::envelope::Envelope,
+    responses(
+        (status = 202, description = "Accepted and handed to the subscribers", body = Delivered),
+        (status = 400, description = "`malformed`: not an envelope", body = Refusal),
+        (status = 401, description = "`unsigned`, `unknown_sender`, `bad_signature`, `replayed` \
+            or `out_of_order`", body = Refusal),
+        (status = 403, description = "`forbidden_topic`: `control.*` is the controller's", body = Refusal),
+        (status = 413, description = "`oversized`", body = Refusal),
+        (status = 503, description = "`hub_unavailable`: the backend refused it", body = Refusal),
+    ),
+))]
 async fn publish(State(state): State<Arc<HubHttp>>, body: Body) -> Response {
     let limit = state
         .verifier
@@ -118,16 +169,12 @@ async fn publish(State(state): State<Arc<HubHttp>>, body: Body) -> Response {
     match verified {
         Err(rejection) => refusal(&rejection),
         Ok(envelope) => match state.backend.publish(envelope).await {
-            Ok(delivered) => (
-                StatusCode::ACCEPTED,
-                Json(serde_json::json!({ "delivered": delivered })),
-            )
-                .into_response(),
-            Err(e) => (
+            Ok(delivered) => (StatusCode::ACCEPTED, Json(Delivered { delivered })).into_response(),
+            Err(e) => refused(
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({ "error": e.to_string(), "reason": "hub_unavailable" })),
-            )
-                .into_response(),
+                e.to_string(),
+                "hub_unavailable",
+            ),
         },
     }
 }
@@ -159,11 +206,39 @@ fn check_subscriber(state: &HubHttp, headers: &HeaderMap) -> Result<String, Reje
     Ok(envelope.sender)
 }
 
+#[cfg_attr(feature = "openapi", utoipa::path(
+    get,
+    path = "/api/v1/hub/subscribe",
+    tag = "hub",
+    description = "Server-sent events: one `message` event per envelope matching every filter \
+        given, and a last `disconnected` event when the hub cuts the subscription.",
+    params(
+        Filter,
+        ("x-understudy-hub-auth" = Option<String>, Header, description = "Base64 of an envelope \
+            signed by the subscriber on topic `hub.subscribe`; required when the hub is set with \
+            `subscriber_auth`"),
+    ),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`malformed`: a bad filter or token", body = Refusal),
+        (status = 401, description = "No token, or one refused", body = Refusal),
+        (status = 403, description = "`forbidden_topic`: the token is not a subscribe token", body = Refusal),
+        (status = 503, description = "`hub_unavailable`", body = Refusal),
+    ),
+))]
 async fn subscribe(
     State(state): State<Arc<HubHttp>>,
     headers: HeaderMap,
-    Query(filter): Query<Filter>,
+    filter: Result<Query<Filter>, QueryRejection>,
 ) -> Response {
+    // axum's own rejection is plain text; every refusal of the hub is JSON.
+    let Query(filter) = match filter {
+        Ok(filter) => filter,
+        Err(e) => {
+            let error = format!("bad subscribe filter: {}", e.body_text());
+            return refused(StatusCode::BAD_REQUEST, error, "malformed");
+        }
+    };
     if state.subscriber_auth {
         match check_subscriber(&state, &headers) {
             Ok(sender) => tracing::debug!(%sender, "hub subscriber authenticated"),
@@ -178,11 +253,11 @@ async fn subscribe(
         Ok(subscription) => Sse::new(events(subscription))
             .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
             .into_response(),
-        Err(e) => (
+        Err(e) => refused(
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "error": e.to_string(), "reason": "hub_unavailable" })),
-        )
-            .into_response(),
+            e.to_string(),
+            "hub_unavailable",
+        ),
     }
 }
 
@@ -334,6 +409,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).expect("a JSON refusal");
+        assert_eq!(body["reason"], "malformed");
+        assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use crate::envelope::{register_counter_vec, Envelope, MetricsError};
 /// filter matches everything. `sender` and `topic` are the envelope's; `service`, `role` and
 /// `status` are top-level string fields of the payload.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 #[serde(deny_unknown_fields)]
 pub struct Filter {
     pub sender: Option<String>,

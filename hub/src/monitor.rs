@@ -246,6 +246,7 @@ pub struct ObservedMachine {
 /// What the monitor asks for. `evaluate` returns them sorted by kind in this declaration order
 /// (balancers are prepared first), then service, then machine: deterministic output.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     /// Prepare the balancer: no new sessions to the machine; it keeps the ones it holds.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a machine is for; the same names as the controller's `MachineRole`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Serves callers (the active pool).
@@ -22,6 +23,7 @@ pub enum Role {
 
 /// Health as the machine (or its balancer) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Starting,
@@ -60,6 +62,7 @@ pub const STATE_TOPIC: &str = "machine.state";
 
 /// One machine's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MachineRecord {
     pub id: String,
@@ -90,6 +93,7 @@ pub struct MachineUpdate {
 
 /// One revision of a machine's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineRevision {
     /// 1 for the registration, +1 per change.
     pub revision: u64,
@@ -99,6 +103,7 @@ pub struct MachineRevision {
 
 /// Narrows a listing; every set field must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 #[serde(deny_unknown_fields)]
 pub struct MachineFilter {
     pub service: Option<String>,

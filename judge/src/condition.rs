@@ -137,6 +137,12 @@ pub enum ConditionError {
     Parse(String),
 }
 
+/// Reads TOML text (a condition, or a file that holds one): a value that does not fit is named by
+/// its path (`field `latency[1].quantile``) and its line and column.
+pub fn read_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConditionError> {
+    understudy_tomlread::read(text).map_err(|e| ConditionError::Parse(e.to_string()))
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConditionError {
     ConditionError::Invalid {
         field,
@@ -147,8 +153,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConditionError {
 impl Condition {
     /// Parses a condition table from TOML text (the table's fields at top level) and validates it.
     pub fn from_toml_str(text: &str) -> Result<Condition, ConditionError> {
-        let condition: Condition =
-            toml::from_str(text).map_err(|e| ConditionError::Parse(e.to_string()))?;
+        let condition: Condition = read_toml(text)?;
         condition.validate()?;
         Ok(condition)
     }
@@ -259,6 +264,10 @@ impl Condition {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "condition_tests.rs"]
+mod properties;
 
 #[cfg(test)]
 mod tests {

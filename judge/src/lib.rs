@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-pub use condition::{Baseline, Condition, ConditionError, LatencyLimit};
+pub use condition::{read_toml, Baseline, Condition, ConditionError, LatencyLimit};
 use sequential::{Evidence, MarginReport, MarginTest};
 pub use window::{judge_window, QuantileComparison, WindowOutcomes, WindowVerdict};
 

@@ -8,7 +8,7 @@ use http::StatusCode;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hasher;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,6 +17,112 @@ use tokio::time::Instant;
 /// Calls tracked at once; beyond this, new calls are served but not tracked (no status events,
 /// no late failure) and counted, so a flood of never-ended sessions cannot grow memory.
 pub const MAX_TRACKED_CALLS: usize = 100_000;
+
+/// Calls remembered as lately ended, and as lately moved here (see [`CallBook`]).
+const RECENT_CALLS: usize = 10_000;
+
+/// `x-session-event`: the first or the last job of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionEvent {
+    Start,
+    End,
+}
+
+impl SessionEvent {
+    pub(crate) fn of(value: &[u8]) -> Option<SessionEvent> {
+        match value {
+            b"start" => Some(SessionEvent::Start),
+            b"end" => Some(SessionEvent::End),
+            _ => None,
+        }
+    }
+}
+
+/// Where a job's call began, as far as one machine can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Whereabouts {
+    /// Here, or the call was already counted as moved here.
+    Here,
+    /// The first job here of a call that started on another machine.
+    MovedHere,
+    /// The start of a call counted as moved here: a later job had only overtaken it.
+    StartOvertaken,
+}
+
+/// The calls a machine saw start and not yet end, and what it takes to tell a call that moved
+/// here from jobs of one call overtaking each other on the way: the load is open-loop, so a
+/// call's next job does not wait for the answer to the one before.
+#[derive(Debug, Default)]
+pub(crate) struct CallBook {
+    open: HashSet<String>,
+    /// A job overtaken by its call's end arrives after it: late, not moved.
+    ended: Recent,
+    /// Calls counted as moved here, so each counts once and an overtaken start undoes it.
+    moved_in: Recent,
+}
+
+impl CallBook {
+    pub(crate) fn open_calls(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Books a job of call `id`: a start opens the call, an end closes it.
+    pub(crate) fn arrive(&mut self, id: &str, event: Option<SessionEvent>) -> Whereabouts {
+        let known = match event {
+            Some(SessionEvent::Start) => {
+                self.open.insert(id.to_string());
+                if self.moved_in.remove(id) {
+                    return Whereabouts::StartOvertaken;
+                }
+                true
+            }
+            Some(SessionEvent::End) => {
+                let open = self.open.remove(id);
+                self.ended.insert(id);
+                open
+            }
+            None => self.open.contains(id) || self.ended.contains(id),
+        };
+        if known || self.moved_in.contains(id) {
+            return Whereabouts::Here;
+        }
+        self.moved_in.insert(id);
+        Whereabouts::MovedHere
+    }
+}
+
+/// A set that keeps its latest [`RECENT_CALLS`] members.
+#[derive(Debug, Default)]
+struct Recent {
+    /// Each member with the number of its last insertion.
+    members: HashMap<String, u64>,
+    order: VecDeque<(u64, String)>,
+    inserted: u64,
+}
+
+impl Recent {
+    fn insert(&mut self, id: &str) {
+        self.inserted += 1;
+        self.members.insert(id.to_string(), self.inserted);
+        self.order.push_back((self.inserted, id.to_string()));
+        if self.order.len() > RECENT_CALLS {
+            if let Some((number, oldest)) = self.order.pop_front() {
+                // Only if it was not inserted again since.
+                if self.members.get(&oldest) == Some(&number) {
+                    self.members.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.members.contains_key(id)
+    }
+
+    fn remove(&mut self, id: &str) -> bool {
+        self.members.remove(id).is_some()
+    }
+}
 
 /// A call's status as one machine sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -305,6 +411,55 @@ impl CallTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_moved_here_counts_once_and_overtaking_jobs_do_not_count() {
+        use SessionEvent::{End, Start};
+        use Whereabouts::{Here, MovedHere, StartOvertaken};
+        let mut book = CallBook::default();
+        let jobs = |book: &mut CallBook, id, events: &[Option<SessionEvent>]| -> Vec<Whereabouts> {
+            events.iter().map(|e| book.arrive(id, *e)).collect()
+        };
+        assert_eq!(
+            jobs(&mut book, "here", &[Some(Start), None, Some(End)]),
+            [Here, Here, Here]
+        );
+        // An in-call job overtaken by the end.
+        assert_eq!(jobs(&mut book, "here", &[None]), [Here]);
+        assert_eq!(
+            jobs(&mut book, "moved", &[None, None, Some(End)]),
+            [MovedHere, Here, Here]
+        );
+        // An in-call job that overtook the start: counted, then undone.
+        assert_eq!(
+            jobs(
+                &mut book,
+                "late-start",
+                &[None, Some(Start), None, Some(End)]
+            ),
+            [MovedHere, StartOvertaken, Here, Here]
+        );
+        assert_eq!(jobs(&mut book, "open", &[Some(Start)]), [Here]);
+        assert_eq!(book.open_calls(), 1);
+    }
+
+    #[test]
+    fn recent_keeps_only_its_latest_members() {
+        let mut recent = Recent::default();
+        recent.insert("first");
+        for i in 0..RECENT_CALLS {
+            recent.insert(&format!("call-{i}"));
+        }
+        assert!(!recent.contains("first"));
+        assert!(
+            recent.contains("call-0") && recent.contains(&format!("call-{}", RECENT_CALLS - 1))
+        );
+        // Inserted again: the older entry's eviction leaves it.
+        recent.insert("call-0");
+        recent.insert("one-more");
+        assert!(recent.contains("call-0"));
+        assert!(recent.remove("call-0") && !recent.contains("call-0"));
+    }
 
     #[test]
     fn paths_name_statuses_by_their_last_segment() {

@@ -12,6 +12,8 @@ pub mod machine;
 pub mod publish;
 pub mod schedule;
 pub mod spec;
+#[cfg(test)]
+mod spec_tests;
 
 pub use calls::{CallStatus, LateFailureSpec};
 pub use load::{
@@ -19,8 +21,9 @@ pub use load::{
     Progress, SessionCounts, SESSION_EVENT_HEADER, SESSION_HEADER,
 };
 pub use machine::{
-    spawn_machine, spawn_machine_with_hub, FaultSpec, FaultTrigger, LatencyCreepSpec, MachineError,
-    MachineHandle, MachineSpec, MachineStats, SlowStartSpec, TailSpec, SIMULATION_HEADER,
+    spawn_machine, spawn_machine_with_hub, FaultSpec, FaultTrigger, JobsInSecond, LatencyCreepSpec,
+    MachineError, MachineHandle, MachineSpec, MachineStats, SlowStartSpec, TailSpec,
+    SIMULATION_HEADER,
 };
 pub use publish::{
     CallEvent, CallStateBatch, HangReport, HubOptions, HubOptionsError, CALL_STATE_TOPIC,

@@ -109,8 +109,7 @@ impl LoadSpec {
 
     /// Parses and validates a TOML load spec; errors name the field (and line, for syntax).
     pub fn from_toml_str(text: &str) -> Result<Self, SpecError> {
-        let spec: LoadSpec =
-            toml::from_str(text).map_err(|e| SpecError::from_toml("load spec", e))?;
+        let spec: LoadSpec = crate::spec::from_toml("load spec", text)?;
         spec.plan()?;
         Ok(spec)
     }

@@ -4,7 +4,10 @@
 //! same treatment whatever order jobs arrive in; order-based faults (crash after N, slow start,
 //! creep) count arrivals.
 
-use crate::calls::{CallStatus, CallTracker, JobOutcome, LateFailure, LateFailureSpec};
+use crate::calls::{
+    CallBook, CallStatus, CallTracker, JobOutcome, LateFailure, LateFailureSpec, SessionEvent,
+    Whereabouts,
+};
 use crate::load::{SESSION_EVENT_HEADER, SESSION_HEADER};
 use crate::publish::{
     hub_link, now_ms, HubCounters, HubLink, HubOptions, HubOptionsError, Publisher, QueuedEvent,
@@ -24,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::hash::Hasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +40,9 @@ use understudy_hub::{Role, SecretKey};
 
 /// Header set on every mirrored copy (see CONTRACT.md).
 pub const SIMULATION_HEADER: &str = "x-understudy-simulation";
+/// The copying balancer's token for the mark, passed on to dependencies as it came (the
+/// balancers' word: docs/security.md).
+pub const SIMULATION_AUTH_HEADER: &str = "x-understudy-simulation-auth";
 /// Path prefix of a machine's own admin endpoints; jobs never use it.
 pub const ADMIN_PREFIX: &str = "/__machine/";
 
@@ -172,8 +178,7 @@ impl MachineSpec {
 
     /// Parses and validates a TOML machine spec; errors name the field (and line, for syntax).
     pub fn from_toml_str(text: &str) -> Result<Self, SpecError> {
-        let spec: MachineSpec =
-            toml::from_str(text).map_err(|e| SpecError::from_toml("machine spec", e))?;
+        let spec: MachineSpec = crate::spec::from_toml("machine spec", text)?;
         spec.validate()?;
         Ok(spec)
     }
@@ -387,6 +392,11 @@ pub struct MachineStats {
     pub mismatches: u64,
     /// Jobs that carried `x-understudy-simulation: 1`.
     pub simulation_jobs: u64,
+    /// Jobs without it: callers' jobs. With `simulation_jobs`, a witness of isolation that does
+    /// not depend on any balancer's bookkeeping: an active machine must get no simulation job,
+    /// a machine only ever in the simulation pool no plain one.
+    #[serde(default)]
+    pub plain_jobs: u64,
     /// Side effects performed for real jobs (e.g. calls recorded).
     pub side_effects: u64,
     /// Side effects attempted for simulation jobs: must stay 0.
@@ -404,6 +414,16 @@ pub struct MachineStats {
     /// Calls served without status tracking because too many were open at once.
     #[serde(default)]
     pub calls_untracked: u64,
+    /// Calls whose plain jobs reached this machine though it did not see them start
+    /// (`x-session-event: start`): the call moved here from another machine. Counted once per
+    /// call; a job that a call's end overtook, or that overtook its start, is no move.
+    #[serde(default)]
+    pub calls_moved: u64,
+    /// Calls whose copies (simulation jobs) reached this machine though it did not see them
+    /// start. Not a move: a balancer begins copying a call wherever it is when its rollout starts
+    /// simulating, and a copy of a start can be shed under overload.
+    #[serde(default)]
+    pub copied_calls_joined: u64,
     /// Hub messages accepted, not delivered (no answer or timeout), refused (e.g. 401).
     #[serde(default)]
     pub hub_published: u64,
@@ -427,6 +447,7 @@ struct Counters {
     resets: AtomicU64,
     mismatches: AtomicU64,
     simulation_jobs: AtomicU64,
+    plain_jobs: AtomicU64,
     side_effects: AtomicU64,
     simulation_side_effects: AtomicU64,
     forwarded: AtomicU64,
@@ -434,6 +455,58 @@ struct Counters {
     crashed: AtomicBool,
     late_failures: AtomicU64,
     calls_untracked: AtomicU64,
+    calls_moved: AtomicU64,
+    copied_calls_joined: AtomicU64,
+}
+
+/// Jobs received in one wall-clock second, plain and simulation apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobsInSecond {
+    /// Seconds since the Unix epoch.
+    pub unix_s: u64,
+    pub plain: u64,
+    pub simulation: u64,
+}
+
+/// Seconds a timeline keeps: a day.
+const TIMELINE_SECONDS: usize = 86_400;
+
+/// Jobs received per second, so that a reader can tell what a machine received before and after
+/// a moment it learns only later (a candidate joining the active pool). The oldest seconds go
+/// first.
+#[derive(Default)]
+struct Timeline(Mutex<VecDeque<JobsInSecond>>);
+
+impl Timeline {
+    fn record(&self, simulation: bool) {
+        let mut seconds = self.0.lock().expect("timeline lock");
+        // Read under the lock, so seconds are pushed in order.
+        let unix_s = now_ms() / 1000;
+        if seconds.back().is_none_or(|last| last.unix_s != unix_s) {
+            if seconds.len() == TIMELINE_SECONDS {
+                seconds.pop_front();
+            }
+            seconds.push_back(JobsInSecond {
+                unix_s,
+                ..JobsInSecond::default()
+            });
+        }
+        let second = seconds.back_mut().expect("pushed above");
+        if simulation {
+            second.simulation += 1;
+        } else {
+            second.plain += 1;
+        }
+    }
+
+    fn seconds(&self) -> Vec<JobsInSecond> {
+        self.0
+            .lock()
+            .expect("timeline lock")
+            .iter()
+            .copied()
+            .collect()
+    }
 }
 
 fn bump(counter: &AtomicU64) {
@@ -496,7 +569,8 @@ pub(crate) struct MachineState {
     dependencies: RwLock<BTreeMap<String, SocketAddr>>,
     client: DependencyClient,
     counters: Counters,
-    sessions: Mutex<HashSet<String>>,
+    timeline: Timeline,
+    sessions: Mutex<CallBook>,
     stop: watch::Sender<bool>,
     pub(crate) presence: watch::Sender<Presence>,
     calls: CallTracker,
@@ -518,14 +592,17 @@ impl MachineState {
             resets: get(&c.resets),
             mismatches: get(&c.mismatches),
             simulation_jobs: get(&c.simulation_jobs),
+            plain_jobs: get(&c.plain_jobs),
             side_effects: get(&c.side_effects),
             simulation_side_effects: get(&c.simulation_side_effects),
-            sessions_held: self.sessions.lock().expect("sessions lock").len() as u64,
+            sessions_held: self.sessions_held() as u64,
             forwarded: get(&c.forwarded),
             forward_errors: get(&c.forward_errors),
             crashed: c.crashed.load(Ordering::Relaxed),
             late_failures: get(&c.late_failures),
             calls_untracked: get(&c.calls_untracked),
+            calls_moved: get(&c.calls_moved),
+            copied_calls_joined: get(&c.copied_calls_joined),
             hub_published: get(&self.hub_counters.published),
             hub_publish_failures: get(&self.hub_counters.failures),
             hub_refused: get(&self.hub_counters.refused),
@@ -535,7 +612,7 @@ impl MachineState {
     }
 
     pub(crate) fn sessions_held(&self) -> usize {
-        self.sessions.lock().expect("sessions lock").len()
+        self.sessions.lock().expect("sessions lock").open_calls()
     }
 
     fn apply(&self, event: PresenceEvent) {
@@ -543,6 +620,45 @@ impl MachineState {
             let next = presence.next(event);
             std::mem::replace(presence, next) != next
         });
+    }
+
+    /// Books the arrival of a job of call `session`: the sessions held, the call's status and
+    /// whether the call began on another machine. Returns whether the late failure hits the job.
+    fn arrive(
+        &self,
+        session: &str,
+        event: Option<SessionEvent>,
+        path: &str,
+        simulation: bool,
+    ) -> bool {
+        let whereabouts = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .arrive(session, event);
+        let c = &self.counters;
+        let moved = if simulation {
+            &c.copied_calls_joined
+        } else {
+            &c.calls_moved
+        };
+        match whereabouts {
+            Whereabouts::Here => {}
+            Whereabouts::MovedHere => bump(moved),
+            Whereabouts::StartOvertaken => {
+                moved.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let arrival = self
+            .calls
+            .arrive(session, path, tokio::time::Instant::now());
+        if arrival.first {
+            self.call_event(session, CallStatus::Received, simulation);
+        }
+        if arrival.untracked {
+            bump(&self.counters.calls_untracked);
+        }
+        arrival.fails_late
     }
 
     /// Records how a job of a call ended and publishes the call's new status, if any.
@@ -630,6 +746,11 @@ impl MachineHandle {
 
     pub fn stats(&self) -> MachineStats {
         self.state.stats()
+    }
+
+    /// The jobs received in each second of the last day, oldest first.
+    pub fn jobs_by_second(&self) -> Vec<JobsInSecond> {
+        self.state.timeline.seconds()
     }
 
     /// Sets (or updates) where the named dependencies' balancers listen. Takes effect for the
@@ -771,7 +892,8 @@ pub async fn spawn_machine(
         dependencies: RwLock::new(BTreeMap::new()),
         client,
         counters: Counters::default(),
-        sessions: Mutex::new(HashSet::new()),
+        timeline: Timeline::default(),
+        sessions: Mutex::new(CallBook::default()),
         stop,
         presence: watch::channel(initial).0,
         calls,
@@ -868,57 +990,35 @@ async fn handle(
         .headers
         .get(SIMULATION_HEADER)
         .is_some_and(|v| v.as_bytes() == b"1");
-    if simulation {
-        bump(&state.counters.simulation_jobs);
-    }
+    let counters = &state.counters;
+    bump(if simulation {
+        &counters.simulation_jobs
+    } else {
+        &counters.plain_jobs
+    });
+    state.timeline.record(simulation);
     let session = parts
         .headers
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let session_event = parts
+    let event = parts
         .headers
         .get(SESSION_EVENT_HEADER)
-        .map(|v| v.as_bytes());
-    let ends_call = session_event == Some(b"end");
-    if let Some(id) = &session {
-        match session_event {
-            Some(b"start") => {
-                state
-                    .sessions
-                    .lock()
-                    .expect("sessions lock")
-                    .insert(id.clone());
-            }
-            Some(b"end") => {
-                state.sessions.lock().expect("sessions lock").remove(id);
-            }
-            _ => {}
-        }
-    }
-    let mut fails_late = false;
-    if let Some(id) = &session {
-        let arrival = state
-            .calls
-            .arrive(id, parts.uri.path(), tokio::time::Instant::now());
-        if arrival.first {
-            state.call_event(id, CallStatus::Received, simulation);
-        }
-        fails_late = arrival.fails_late;
-        if arrival.untracked {
-            bump(&state.counters.calls_untracked);
-        }
-    }
+        .and_then(|v| SessionEvent::of(v.as_bytes()));
+    let fails_late = session
+        .as_deref()
+        .is_some_and(|id| state.arrive(id, event, parts.uri.path(), simulation));
     let call = JobCall {
         session,
         simulation,
-        ends_call,
+        ends_call: event == Some(SessionEvent::End),
     };
     let answer = serve_job(&state, job, &parts, &body, &call, fails_late).await;
     let outcome = match &answer {
         Ok(response) if response.status().is_success() => JobOutcome::Ok {
             path_status: CallStatus::from_path(parts.uri.path()),
-            ends_call,
+            ends_call: call.ends_call,
         },
         _ => JobOutcome::Failed,
     };
@@ -1037,8 +1137,14 @@ fn digest_str(s: &str) -> u64 {
     h.finish()
 }
 
-/// Headers passed on to dependencies: session stickiness and the simulation mark.
-const FORWARDED_HEADERS: [&str; 3] = [SESSION_HEADER, SESSION_EVENT_HEADER, SIMULATION_HEADER];
+/// Headers passed on to dependencies: session stickiness, the simulation mark and its token
+/// (the dependency's balancer refuses a simulation job whose token it cannot verify).
+const FORWARDED_HEADERS: [&str; 4] = [
+    SESSION_HEADER,
+    SESSION_EVENT_HEADER,
+    SIMULATION_HEADER,
+    SIMULATION_AUTH_HEADER,
+];
 
 async fn forward(
     state: &MachineState,
@@ -1557,6 +1663,46 @@ mod tests {
         send(m.addr(), "/voice/teardown", &end, "").await.unwrap();
         assert_eq!(m.stats().sessions_held, 0);
         assert_eq!(m.stats().jobs, 3, "admin requests are not jobs");
+    }
+
+    #[tokio::test]
+    async fn a_call_that_started_elsewhere_counts_once_as_moved_or_for_copies_as_joined() {
+        let m = spawn_machine(MachineSpec::new("media", "v1"), local())
+            .await
+            .unwrap();
+        let job = |call: &'static str, event: Option<&'static str>, marked: bool| {
+            let mut headers = vec![(SESSION_HEADER, call)];
+            headers.extend(event.map(|e| (SESSION_EVENT_HEADER, e)));
+            headers.extend(marked.then_some((SIMULATION_HEADER, "1")));
+            headers
+        };
+        let calls = [
+            // Started here: no move, whether plain or copied.
+            ("here", Some("start"), false),
+            ("here", None, false),
+            ("here", Some("end"), false),
+            ("copied", Some("start"), true),
+            ("copied", None, true),
+            // Started on another machine: one move, however many of its jobs come here.
+            ("moved", None, false),
+            ("moved", None, false),
+            ("moved", Some("end"), false),
+            // Copies that began while the call was up: joined, not moved.
+            ("late-copy", None, true),
+            ("late-copy", Some("end"), true),
+        ];
+        for (call, event, marked) in calls {
+            let headers = job(call, event, marked);
+            send(m.addr(), "/voice/media", &headers, "").await.unwrap();
+        }
+        let stats = m.stats();
+        assert_eq!((stats.plain_jobs, stats.simulation_jobs), (6, 4));
+        assert_eq!((stats.calls_moved, stats.copied_calls_joined), (1, 1));
+        assert_eq!(stats.sessions_held, 1, "the copied call has not ended");
+        let seconds = m.jobs_by_second();
+        let sum = |f: fn(&JobsInSecond) -> u64| seconds.iter().map(f).sum::<u64>();
+        assert_eq!((sum(|s| s.plain), sum(|s| s.simulation)), (6, 4));
+        assert!(seconds.windows(2).all(|w| w[0].unix_s < w[1].unix_s));
     }
 
     #[test]

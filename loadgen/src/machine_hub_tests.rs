@@ -387,12 +387,12 @@ async fn heartbeats_carry_sessions_and_every_change_is_published_at_once() {
     hub.heartbeat_ms = 1_000;
     let mut rx = publish_in_memory(&machine, hub);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    machine
-        .state
-        .sessions
-        .lock()
-        .unwrap()
-        .extend(["a".to_string(), "b".to_string()]);
+    {
+        let mut sessions = machine.state.sessions.lock().unwrap();
+        for call in ["a", "b"] {
+            sessions.arrive(call, Some(SessionEvent::Start));
+        }
+    }
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     use Status::*;
     assert_eq!(

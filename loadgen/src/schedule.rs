@@ -1,7 +1,9 @@
 //! The job schedule: when each job is meant to be sent and what it is. Pure and seeded: the same
 //! spec and seed give the same sequence of jobs, whatever the target does.
 
-use crate::spec::{check_positive, check_range, join, Delay, DelaySpec, SpecError};
+use crate::spec::{
+    check_positive, check_range, fields_of_kind, join, needed, Delay, DelaySpec, SpecError,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp1};
@@ -12,18 +14,14 @@ use std::time::Duration;
 
 /// How the arrival rate varies over the run. `rate` (jobs started per second) is given beside it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "ProfileFields")]
 pub enum ProfileSpec {
     /// `rate` for the whole run.
     #[default]
     Constant,
-    /// Linear from `from_rate` to `rate` over `over_s` seconds (default: the whole run), then `rate`.
-    Ramp {
-        #[serde(default)]
-        from_rate: f64,
-        #[serde(default)]
-        over_s: Option<f64>,
-    },
+    /// Linear from `from_rate` (default 0) to `rate` over `over_s` seconds (default: the whole
+    /// run), then `rate`.
+    Ramp { from_rate: f64, over_s: Option<f64> },
     /// `rate` until the first step, then each step's rate from its `at_s`.
     Step { steps: Vec<StepSpec> },
     /// `rate`, except `spike_rate` during `[at_s, at_s + length_s)`.
@@ -39,6 +37,66 @@ pub enum ProfileSpec {
 pub struct StepSpec {
     pub at_s: f64,
     pub rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ProfileKind {
+    Constant,
+    Ramp,
+    Step,
+    Spike,
+}
+
+/// Every field of every [`ProfileSpec`] kind, as read from TOML (see
+/// [`crate::spec::fields_of_kind`] for why).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileFields {
+    kind: ProfileKind,
+    from_rate: Option<f64>,
+    over_s: Option<f64>,
+    steps: Option<Vec<StepSpec>>,
+    at_s: Option<f64>,
+    length_s: Option<f64>,
+    spike_rate: Option<f64>,
+}
+
+impl TryFrom<ProfileFields> for ProfileSpec {
+    type Error = String;
+
+    fn try_from(f: ProfileFields) -> Result<Self, String> {
+        let (name, takes): (&str, &[&str]) = match f.kind {
+            ProfileKind::Constant => ("constant", &[]),
+            ProfileKind::Ramp => ("ramp", &["from_rate", "over_s"]),
+            ProfileKind::Step => ("step", &["steps"]),
+            ProfileKind::Spike => ("spike", &["at_s", "length_s", "spike_rate"]),
+        };
+        let given = [
+            ("from_rate", f.from_rate.is_some()),
+            ("over_s", f.over_s.is_some()),
+            ("steps", f.steps.is_some()),
+            ("at_s", f.at_s.is_some()),
+            ("length_s", f.length_s.is_some()),
+            ("spike_rate", f.spike_rate.is_some()),
+        ];
+        fields_of_kind(name, &given, takes)?;
+        Ok(match f.kind {
+            ProfileKind::Constant => ProfileSpec::Constant,
+            ProfileKind::Ramp => ProfileSpec::Ramp {
+                from_rate: f.from_rate.unwrap_or(0.0),
+                over_s: f.over_s,
+            },
+            ProfileKind::Step => ProfileSpec::Step {
+                steps: needed(name, "steps", f.steps)?,
+            },
+            ProfileKind::Spike => ProfileSpec::Spike {
+                at_s: needed(name, "at_s", f.at_s)?,
+                length_s: needed(name, "length_s", f.length_s)?,
+                spike_rate: needed(name, "spike_rate", f.spike_rate)?,
+            },
+        })
+    }
 }
 
 /// Evenly spaced arrivals (exact rate) or a Poisson process with the same mean rate.

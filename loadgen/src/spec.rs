@@ -20,11 +20,19 @@ impl SpecError {
             problem: problem.into(),
         }
     }
+}
 
-    /// Errors from `toml` already carry line, column and key; keep that text whole.
-    pub(crate) fn from_toml(source: &str, err: toml::de::Error) -> Self {
-        SpecError::new(source, err.to_string().trim_end().to_string())
-    }
+/// Reads a spec from TOML text. A value that does not fit is named by its path in the spec
+/// (`faults.hang.fraction`; `what`, e.g. "load spec", when it is the document itself), and the
+/// problem by its line and column.
+pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
+    what: &str,
+    text: &str,
+) -> Result<T, SpecError> {
+    understudy_tomlread::read(text).map_err(|e| {
+        let problem = e.located();
+        SpecError::new(e.field.unwrap_or_else(|| what.to_string()), problem)
+    })
 }
 
 pub(crate) fn join(prefix: &str, field: &str) -> String {
@@ -59,10 +67,39 @@ pub(crate) fn check_positive(field: &str, value: f64) -> Result<f64, SpecError> 
     }
 }
 
+/// Checks the fields given beside `kind`: each must belong to the kind. Tagged enums are read
+/// through a flat struct of every kind's fields (see [`DelayFields`]) rather than serde's
+/// internally tagged form, which buffers the table and so loses the position and name of a
+/// field of the wrong type.
+pub(crate) fn fields_of_kind(
+    kind: &str,
+    given: &[(&'static str, bool)],
+    takes: &[&str],
+) -> Result<(), String> {
+    match given
+        .iter()
+        .find(|(name, set)| *set && !takes.contains(name))
+    {
+        None => Ok(()),
+        Some((name, _)) if takes.is_empty() => Err(format!(
+            "unknown field `{name}`: kind = \"{kind}\" takes no other field"
+        )),
+        Some((name, _)) => Err(format!(
+            "unknown field `{name}` for kind = \"{kind}\", expected one of `{}`",
+            takes.join("`, `")
+        )),
+    }
+}
+
+/// A field `kind` requires.
+pub(crate) fn needed<T>(kind: &str, name: &str, value: Option<T>) -> Result<T, String> {
+    value.ok_or_else(|| format!("missing field `{name}` (required by kind = \"{kind}\")"))
+}
+
 /// A distribution of durations in milliseconds, as written in TOML:
 /// `{ kind = "lognormal", median_ms = 2.0, sigma = 0.5 }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "DelayFields")]
 pub enum DelaySpec {
     Constant {
         ms: f64,
@@ -84,9 +121,83 @@ pub enum DelaySpec {
         fast_ms: f64,
         slow_ms: f64,
         slow_fraction: f64,
-        #[serde(default)]
+        /// Default 0.
         sigma: f64,
     },
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum DelayKind {
+    Constant,
+    Uniform,
+    Exponential,
+    Lognormal,
+    Bimodal,
+}
+
+/// Every field of every [`DelaySpec`] kind, as read from TOML.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DelayFields {
+    kind: DelayKind,
+    ms: Option<f64>,
+    min_ms: Option<f64>,
+    max_ms: Option<f64>,
+    mean_ms: Option<f64>,
+    median_ms: Option<f64>,
+    sigma: Option<f64>,
+    fast_ms: Option<f64>,
+    slow_ms: Option<f64>,
+    slow_fraction: Option<f64>,
+}
+
+impl TryFrom<DelayFields> for DelaySpec {
+    type Error = String;
+
+    fn try_from(f: DelayFields) -> Result<Self, String> {
+        let (name, takes): (&str, &[&str]) = match f.kind {
+            DelayKind::Constant => ("constant", &["ms"]),
+            DelayKind::Uniform => ("uniform", &["min_ms", "max_ms"]),
+            DelayKind::Exponential => ("exponential", &["mean_ms"]),
+            DelayKind::Lognormal => ("lognormal", &["median_ms", "sigma"]),
+            DelayKind::Bimodal => ("bimodal", &["fast_ms", "slow_ms", "slow_fraction", "sigma"]),
+        };
+        let given = [
+            ("ms", f.ms.is_some()),
+            ("min_ms", f.min_ms.is_some()),
+            ("max_ms", f.max_ms.is_some()),
+            ("mean_ms", f.mean_ms.is_some()),
+            ("median_ms", f.median_ms.is_some()),
+            ("sigma", f.sigma.is_some()),
+            ("fast_ms", f.fast_ms.is_some()),
+            ("slow_ms", f.slow_ms.is_some()),
+            ("slow_fraction", f.slow_fraction.is_some()),
+        ];
+        fields_of_kind(name, &given, takes)?;
+        Ok(match f.kind {
+            DelayKind::Constant => DelaySpec::Constant {
+                ms: needed(name, "ms", f.ms)?,
+            },
+            DelayKind::Uniform => DelaySpec::Uniform {
+                min_ms: needed(name, "min_ms", f.min_ms)?,
+                max_ms: needed(name, "max_ms", f.max_ms)?,
+            },
+            DelayKind::Exponential => DelaySpec::Exponential {
+                mean_ms: needed(name, "mean_ms", f.mean_ms)?,
+            },
+            DelayKind::Lognormal => DelaySpec::Lognormal {
+                median_ms: needed(name, "median_ms", f.median_ms)?,
+                sigma: needed(name, "sigma", f.sigma)?,
+            },
+            DelayKind::Bimodal => DelaySpec::Bimodal {
+                fast_ms: needed(name, "fast_ms", f.fast_ms)?,
+                slow_ms: needed(name, "slow_ms", f.slow_ms)?,
+                slow_fraction: needed(name, "slow_fraction", f.slow_fraction)?,
+                sigma: f.sigma.unwrap_or(0.0),
+            },
+        })
+    }
 }
 
 impl DelaySpec {

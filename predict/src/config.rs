@@ -34,8 +34,10 @@ pub const TIME_THRESHOLD_FAILURE: &str = "time threshold failure";
 /// Why a configuration was refused. `Invalid` names the offending field by its TOML path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// TOML that does not read as a configuration: the field's path (when it is not the
+    /// document itself), the line and column, and toml's message.
     #[error("predictive monitoring config: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(String),
     #[error("predictive monitoring config: `{field}`: {reason}")]
     Invalid { field: String, reason: String },
 }
@@ -290,7 +292,9 @@ fn state_name(field: &str, name: &str) -> Result<(), ConfigError> {
 
 impl PredictConfig {
     pub fn from_toml_str(text: &str) -> Result<Settings, ConfigError> {
-        toml::from_str::<PredictConfig>(text)?.validate()
+        let config: PredictConfig =
+            understudy_tomlread::read(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()
     }
 
     /// Checks every field; the error names the first that is wrong.
@@ -428,6 +432,10 @@ impl PredictConfig {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod properties;
 
 #[cfg(test)]
 mod tests {

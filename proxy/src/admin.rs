@@ -1,23 +1,30 @@
 //! The admin HTTP endpoint shared by all balancers of a process: config push, stats since a
-//! cursor, Prometheus metrics, health.
+//! cursor, Prometheus metrics, health, and the OpenAPI document describing them (`openapi.rs`).
+//! For a keyed balancer (the default) every config and key is controller-signed and every read of
+//! its stats or config too; `/healthz`, `/metrics`, the list of balancers and the document are
+//! open. Every error is JSON (`extract.rs` turns axum's own rejections into JSON too).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::extract::{error, ApiBody, ApiPath};
 use crate::metrics::Metrics;
+use crate::openapi::{AnyError, ConfigBody, StatsBadRequest};
 use crate::service::{PushError, PushResult, Service};
 use crate::signing::{ConfigGates, Refusal};
 use crate::stats::CursorError;
-use crate::wire::{BalancerConfig, ErrorBody, KeyRotationAck, PushAck};
+use crate::wire::{BalancerConfig, ErrorBody, KeyRotationAck, PushAck, StatsReport};
+use understudy_hub::{Envelope, READ_AUTH_HEADER};
 
 pub(crate) struct AdminState {
     pub services: HashMap<String, Arc<Service>>,
@@ -27,41 +34,67 @@ pub(crate) struct AdminState {
     pub gates: Arc<ConfigGates>,
 }
 
+/// The admin endpoint: every route, `GET /api/v1/openapi.json` describing them, and JSON errors
+/// for unknown routes and methods.
 pub(crate) fn router(state: Arc<AdminState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/balancers", get(list))
-        .route(
-            "/api/v1/balancers/{service}/config",
-            get(get_config).put(put_config),
-        )
-        .route("/api/v1/balancers/{service}/stats", get(stats))
-        .route(
-            "/api/v1/balancers/{service}/config-key",
-            axum::routing::put(put_config_key),
-        )
-        .with_state(state)
+    let (routes, served) = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(list))
+        .routes(routes!(get_config, put_config))
+        .routes(routes!(stats))
+        .routes(routes!(put_config_key))
+        .with_state(state.clone())
+        .split_for_parts();
+    let mut services: Vec<String> = state.services.keys().cloned().collect();
+    services.sort();
+    let all_keyed = services.iter().all(|s| state.gates.is_signed(s));
+    let document = crate::openapi::document(served, &services, all_keyed);
+    routes
+        .merge(crate::openapi::router(&document))
+        .fallback(crate::extract::no_such_endpoint)
+        // After every merge: it applies to the routes registered so far.
+        .method_not_allowed_fallback(crate::extract::method_not_allowed)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(ErrorBody {
-            error: message.into(),
-        }),
-    )
-        .into_response()
+/// A refused signed message (config, key rotation or read): what was wrong and the reason it is
+/// counted under in `understudy_balancer_config_rejected_total`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RefusalBody {
+    pub error: String,
+    /// `unsigned`, `bad_signature`, `unknown_sender`, `replayed`, `out_of_order`,
+    /// `forbidden_topic`, `malformed`, `oversized`, `bad_config` (a verified payload that is not
+    /// a config) or `key_file` (the rotated key could not be written; the old key stays).
+    pub reason: String,
+}
+
+/// Why a stats cursor is refused.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum CursorProblem {
+    /// Ahead of the latest cursor: the balancer restarted; read from 0.
+    CursorAhead,
+    /// Older than the windows kept: read again from `oldest_cursor`.
+    CursorTooOld,
+}
+
+/// A stats read refused for its cursor.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CursorRefusal {
+    pub error: String,
+    pub reason: CursorProblem,
+    /// The oldest cursor still served (`cursor_too_old`); null for `cursor_ahead`.
+    pub oldest_cursor: Option<u64>,
 }
 
 /// A signed message refused: `{"error", "reason"}` like the hub's refusals.
 fn refused(refusal: Refusal) -> Response {
     let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
-    (
-        status,
-        Json(serde_json::json!({ "error": refusal.message, "reason": refusal.reason })),
-    )
-        .into_response()
+    let body = RefusalBody {
+        error: refusal.message,
+        reason: refusal.reason.to_string(),
+    };
+    (status, Json(body)).into_response()
 }
 
 fn unknown_service(service: &str) -> Response {
@@ -71,6 +104,24 @@ fn unknown_service(service: &str) -> Response {
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "balancer",
+    responses((status = 200, description = "`ok`: the admin endpoint answers", body = String,
+        content_type = "text/plain"))
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "balancer",
+    responses((status = 200, description = "Prometheus text format (docs/balancer.md, Metrics)",
+        body = String, content_type = "text/plain"))
+)]
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     for service in state.services.values() {
         let status = service.router.machine_status();
@@ -95,13 +146,24 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize)]
+/// A balancer of this process.
+#[derive(Serialize, ToSchema)]
 struct BalancerSummary {
     service: String,
+    /// Where its callers connect.
+    #[schema(value_type = String, example = "127.0.0.1:8081")]
     listen: SocketAddr,
+    /// Version of its running config.
     config_version: u64,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/balancers",
+    tag = "balancer",
+    responses((status = 200, description = "Every balancer of this process, by service",
+        body = [BalancerSummary]))
+)]
 async fn list(State(state): State<Arc<AdminState>>) -> Json<Vec<BalancerSummary>> {
     let mut out: Vec<BalancerSummary> = state
         .services
@@ -116,17 +178,83 @@ async fn list(State(state): State<Arc<AdminState>>) -> Json<Vec<BalancerSummary>
     Json(out)
 }
 
-async fn get_config(State(state): State<Arc<AdminState>>, Path(service): Path<String>) -> Response {
-    match state.services.get(&service) {
-        Some(s) => Json(s.running_config()).into_response(),
-        None => unknown_service(&service),
-    }
+/// A read of a keyed balancer must be signed by the controller (see `signing::check_read`).
+fn check_read(
+    state: &AdminState,
+    service: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Option<Response> {
+    let header = headers.get(READ_AUTH_HEADER).map(|v| v.as_bytes());
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    state
+        .gates
+        .check_read(service, header, path)
+        .err()
+        .map(refused)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/balancers/{service}/config",
+    tag = "config",
+    params(("service" = String, Path, description = "The balancer's service")),
+    security(("signed_read" = [])),
+    responses(
+        (status = 200, description = "The running config", body = BalancerConfig),
+        (status = 400, description = "A path that does not decode (`ErrorBody`), or a signed-read \
+            header that is not base64, not an envelope or signed for another path \
+            (`malformed`)", body = AnyError),
+        (status = 401, description = "Keyed balancer: the signed-read header is missing \
+            (`unsigned`), forged (`bad_signature`), from another sender (`unknown_sender`), \
+            replayed (`replayed`) or older than the last read (`out_of_order`)", body = RefusalBody),
+        (status = 403, description = "`forbidden_topic`: signed for another topic", body = RefusalBody),
+        (status = 404, description = "No balancer for this service in this process", body = ErrorBody),
+    )
+)]
+async fn get_config(
+    State(state): State<Arc<AdminState>>,
+    ApiPath(service): ApiPath<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let Some(balancer) = state.services.get(&service) else {
+        return unknown_service(&service);
+    };
+    if let Some(refusal) = check_read(&state, &service, &headers, &uri) {
+        return refusal;
+    }
+    Json(balancer.running_config()).into_response()
+}
+
+#[utoipa::path(
+    put,
+    path = "/api/v1/balancers/{service}/config",
+    tag = "config",
+    params(("service" = String, Path, description = "The balancer's service")),
+    request_body(content = ConfigBody, description = "The signed envelope (keyed balancer) or the \
+        plain `BalancerConfig` (keyless balancer)"),
+    responses(
+        (status = 200, description = "Applied; also the running version again, an idempotent \
+            no-op (the body is not compared)", body = PushAck),
+        (status = 400, description = "Refused, the running config kept: bad JSON, an unknown \
+            field, a value out of range, a machine address that is not `host:port` or does not \
+            resolve within 2 s, a config for another service (`ErrorBody` naming the field); \
+            keyed balancer: not an envelope (`malformed`), a verified payload that is not a \
+            config (`bad_config`)", body = AnyError),
+        (status = 401, description = "Keyed balancer: `unsigned` (a plain config), \
+            `bad_signature`, `unknown_sender`, `replayed` or `out_of_order`", body = RefusalBody),
+        (status = 403, description = "`forbidden_topic`: signed for another topic", body = RefusalBody),
+        (status = 404, description = "No balancer for this service in this process", body = ErrorBody),
+        (status = 409, description = "The version is older than the running one", body = ErrorBody),
+        (status = 413, description = "A signed message over 1 MiB (`oversized`), or a body over \
+            the endpoint's limit", body = AnyError),
+    )
+)]
 async fn put_config(
     State(state): State<Arc<AdminState>>,
-    Path(service): Path<String>,
-    body: Bytes,
+    ApiPath(service): ApiPath<String>,
+    ApiBody(body): ApiBody,
 ) -> Response {
     let Some(balancer) = state.services.get(&service) else {
         return unknown_service(&service);
@@ -144,30 +272,48 @@ async fn put_config(
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad config: {e}")),
         }
     };
-    match balancer.push(&config) {
-        Ok(PushResult::Applied) => {
-            tracing::info!(service, version = config.version, "config applied");
-            Json(PushAck {
-                service,
-                version: config.version,
-            })
-            .into_response()
+    let version = config.version;
+    match balancer.push(&config).await {
+        Ok(result) => {
+            if result == PushResult::Applied {
+                tracing::info!(service, version, "config applied");
+            }
+            Json(PushAck { service, version }).into_response()
         }
-        Ok(PushResult::AlreadyRunning) => Json(PushAck {
-            service,
-            version: config.version,
-        })
-        .into_response(),
         Err(e @ PushError::Stale { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("bad config: {e}")),
     }
 }
 
-/// Key rotation: a message signed with the current key carrying the next one.
+#[utoipa::path(
+    put,
+    path = "/api/v1/balancers/{service}/config-key",
+    tag = "config",
+    params(("service" = String, Path, description = "The balancer's service")),
+    request_body(content = Envelope, description = "An envelope from `controller` on topic \
+        `control.balancer-config`, signed with the CURRENT key, whose payload is a `KeyRotation` \
+        (the next key)"),
+    responses(
+        (status = 200, description = "Rotated: the new key is accepted at once, the old one \
+            during `grace_ms` or until the first config signed with the new one", body = KeyRotationAck),
+        (status = 400, description = "A path that does not decode (`ErrorBody`); not an envelope, \
+            a payload that is not a rotation for this service, or a bad key (`malformed`)",
+            body = AnyError),
+        (status = 401, description = "`unsigned`, `bad_signature`, `unknown_sender`, `replayed` \
+            or `out_of_order`", body = RefusalBody),
+        (status = 403, description = "`forbidden_topic`: signed for another topic", body = RefusalBody),
+        (status = 404, description = "No balancer for this service in this process", body = ErrorBody),
+        (status = 409, description = "The balancer has no key to rotate (keyless)", body = ErrorBody),
+        (status = 413, description = "A signed message over 1 MiB (`oversized`), or a body over \
+            the endpoint's limit", body = AnyError),
+        (status = 500, description = "`key_file`: the new key could not be written to the key \
+            file; the old key stays", body = RefusalBody),
+    )
+)]
 async fn put_config_key(
     State(state): State<Arc<AdminState>>,
-    Path(service): Path<String>,
-    body: Bytes,
+    ApiPath(service): ApiPath<String>,
+    ApiBody(body): ApiBody,
 ) -> Response {
     if !state.services.contains_key(&service) {
         return unknown_service(&service);
@@ -188,38 +334,88 @@ async fn put_config_key(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/balancers/{service}/stats",
+    tag = "stats",
+    params(
+        ("service" = String, Path, description = "The balancer's service"),
+        ("since" = Option<u64>, Query, description = "The `cursor` of the previous read; 0 (the \
+            default) for everything since start"),
+    ),
+    security(("signed_read" = [])),
+    responses(
+        (status = 200, description = "Everything measured after `since`; pass its `cursor` as \
+            the next `since`", body = StatsReport),
+        (status = 400, description = "A bad `since`, an unknown query parameter, a path that does \
+            not decode, a malformed signed-read header, or `cursor_ahead`", body = StatsBadRequest),
+        (status = 401, description = "Keyed balancer: `unsigned`, `bad_signature`, \
+            `unknown_sender`, `replayed` or `out_of_order`", body = RefusalBody),
+        (status = 403, description = "`forbidden_topic`: signed for another topic", body = RefusalBody),
+        (status = 404, description = "No balancer for this service in this process", body = ErrorBody),
+        (status = 410, description = "`cursor_too_old`: windows after `since` were dropped; read \
+            again from `oldest_cursor`", body = CursorRefusal),
+    )
+)]
 async fn stats(
     State(state): State<Arc<AdminState>>,
-    Path(service): Path<String>,
+    ApiPath(service): ApiPath<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    uri: Uri,
 ) -> Response {
     let Some(balancer) = state.services.get(&service) else {
         return unknown_service(&service);
     };
+    if let Some(refusal) = check_read(&state, &service, &headers, &uri) {
+        return refusal;
+    }
+    let since = match since(query.as_deref().unwrap_or("")) {
+        Ok(since) => since,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
+    };
+    // The reason tells a reader how to recover: `cursor_ahead`, the balancer restarted (its
+    // windows begin again at 0); `cursor_too_old`, windows after the cursor were dropped (read
+    // again from `oldest_cursor`).
+    let error = match balancer.report(since) {
+        Ok(report) => return Json(report).into_response(),
+        Err(error) => error,
+    };
+    let (status, reason, oldest_cursor) = match error {
+        CursorError::Ahead { .. } => (StatusCode::BAD_REQUEST, CursorProblem::CursorAhead, None),
+        CursorError::TooOld { oldest, .. } => {
+            (StatusCode::GONE, CursorProblem::CursorTooOld, Some(oldest))
+        }
+    };
+    let body = CursorRefusal {
+        error: error.to_string(),
+        reason,
+        oldest_cursor,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The `since` of a stats query (0 when absent); any other parameter is refused.
+fn since(query: &str) -> Result<u64, String> {
     let mut since = 0;
-    for pair in query.as_deref().unwrap_or("").split('&') {
+    for pair in query.split('&') {
         match pair.split_once('=') {
-            Some(("since", value)) => match value.parse::<u64>() {
-                Ok(v) => since = v,
-                Err(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("since: {value:?} is not a cursor (an unsigned integer)"),
-                    )
-                }
-            },
+            Some(("since", value)) => {
+                since = value.parse::<u64>().map_err(|_| {
+                    format!("since: {value:?} is not a cursor (an unsigned integer)")
+                })?
+            }
             _ if pair.is_empty() => {}
             _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter {pair:?}; expected since=CURSOR"),
-                )
+                return Err(format!(
+                    "unknown query parameter {pair:?}; expected since=CURSOR"
+                ))
             }
         }
     }
-    match balancer.report(since) {
-        Ok(report) => Json(report).into_response(),
-        Err(e @ CursorError::Ahead { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e @ CursorError::TooOld { .. }) => error(StatusCode::GONE, e.to_string()),
-    }
+    Ok(since)
 }
+
+#[cfg(test)]
+#[path = "admin_tests.rs"]
+pub(crate) mod tests;

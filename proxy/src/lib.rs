@@ -11,15 +11,22 @@
 pub mod wire;
 
 mod admin;
+mod caller;
 mod config;
+mod draft;
+mod extract;
+mod fault;
 mod h1;
+mod marker;
 mod metrics;
 mod mirror;
+mod openapi;
 mod pool;
 mod proxy;
 mod service;
 mod signing;
 mod stats;
+mod timing;
 mod upstream;
 
 use std::collections::HashMap;
@@ -36,8 +43,8 @@ use pingora::server::{
 };
 use pingora::services::Service as PingoraService;
 
-pub use config::{BalancerSpec, ConfigError, ProcessConfig, WEIGHT_RANGE};
-pub use mirror::SIMULATION_HEADER;
+pub use config::{BalancerSpec, ConfigError, LimitsSpec, ProcessConfig, TrustSpec, WEIGHT_RANGE};
+pub use marker::{MarkerPolicy, MarkerRejection, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 pub use proxy::{SESSION_EVENT_HEADER, SESSION_HEADER};
 pub use service::PushError;
 pub use signing::{
@@ -66,6 +73,12 @@ pub enum ProxyError {
     Metrics(#[from] prometheus::Error),
     #[error("signed configs: {0}")]
     Signing(#[from] SigningError),
+    /// Keys are required unless the process runs explicitly without them.
+    #[error(
+        "{0}: a balancer takes configs and simulation jobs only when authenticated; give the \
+         keys (--key-file, --marker-key-file) or run with --insecure-no-key"
+    )]
+    NoKey(String),
 }
 
 /// Process-level tunables (not part of the config the controller pushes).
@@ -97,10 +110,6 @@ pub struct SpawnOptions {
     pub mirror_timeout: Duration,
     /// Jobs whose body is larger than this are not copied (counted as dropped).
     pub mirror_body_limit: usize,
-    /// Connect timeout towards machines (active and simulation).
-    pub connect_timeout: Duration,
-    /// Read timeout towards active machines (no answer data for this long: `timeout`).
-    pub upstream_timeout: Duration,
     /// A session with no job for this long is forgotten (its pin released).
     pub session_idle: Duration,
     /// Stats windows kept for readers with an older cursor.
@@ -109,6 +118,11 @@ pub struct SpawnOptions {
     pub pair_retention: usize,
     /// Balancer keys (configs must then be signed by the controller) and the optional hub feed.
     pub signing: ConfigSigning,
+    /// The cluster's key for the simulation marker (see `marker.rs`), shared by every balancer.
+    pub marker_key: Option<understudy_hub::SecretKey>,
+    /// Run without keys: configs and stats reads unauthenticated, simulation markers from
+    /// internal callers believed as they are. A warning is logged at every start.
+    pub insecure_no_key: bool,
     /// How far the controller's clock may lag this one: at start, a keyed balancer refuses
     /// (`out_of_order`) every signed message numbered below its clock less this, so a config
     /// captured before its restart is not applied after it (the controller numbers by its clock).
@@ -126,12 +140,12 @@ impl Default for SpawnOptions {
             mirror_per_active: 2,
             mirror_timeout: Duration::from_secs(5),
             mirror_body_limit: 1 << 20,
-            connect_timeout: Duration::from_secs(2),
-            upstream_timeout: Duration::from_secs(30),
             session_idle: Duration::from_secs(60),
             stats_windows: 4096,
             pair_retention: 200_000,
             signing: ConfigSigning::default(),
+            marker_key: None,
+            insecure_no_key: false,
             max_clock_skew: signing::DEFAULT_MAX_CLOCK_SKEW,
         }
     }
@@ -141,6 +155,7 @@ impl Default for SpawnOptions {
 pub struct RunningBalancers {
     admin_addr: SocketAddr,
     listen: HashMap<String, SocketAddr>,
+    internal_listen: HashMap<String, SocketAddr>,
     stop: Option<Stop>,
 }
 
@@ -167,6 +182,11 @@ impl RunningBalancers {
     /// Every balancer's listen address, by service.
     pub fn listen_addrs(&self) -> &HashMap<String, SocketAddr> {
         &self.listen
+    }
+
+    /// Where the balancer of `service` listens for cluster machines, if it has such a listener.
+    pub fn internal_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.internal_listen.get(service).copied()
     }
 
     /// Stops at once (jobs in flight are cut). Returns once every listener is closed.
@@ -206,20 +226,13 @@ pub fn spawn_with(
     options: SpawnOptions,
 ) -> Result<RunningBalancers, ProxyError> {
     let configs = cfg.validated()?;
-
-    // Bound here, with std, so that port 0 is resolved before pingora starts and bind errors
-    // reach the caller; pingora then serves these very sockets (see `BalancerListeners`).
-    let bind = |addr: SocketAddr, what: String| {
-        let listener = TcpListener::bind(addr).map_err(|source| ProxyError::Bind {
-            addr,
-            what: what.clone(),
-            source,
-        })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| ProxyError::Bind { addr, what, source })?;
-        Ok::<_, ProxyError>(listener)
-    };
+    check_keys(&cfg, &options)?;
+    let limits = cfg.limits.validated()?;
+    let marker = Arc::new(MarkerPolicy::new(
+        options.marker_key.clone(),
+        cfg.trust.marker_max_age()?,
+        cfg.trust.internal_sources.clone(),
+    ));
     let service_names: Vec<&str> = cfg
         .balancers
         .iter()
@@ -232,37 +245,18 @@ pub fn spawn_with(
         options.max_clock_skew,
         metrics.registry(),
     )?);
-    let admin_listener = bind(cfg.admin, "admin endpoint".into())?;
-    let admin_addr = local_addr(&admin_listener, cfg.admin)?;
-    let mut balancer_listeners = Vec::new();
-    let mut listen = HashMap::new();
-    for spec in &cfg.balancers {
-        let listener = bind(spec.listen, format!("balancer of {}", spec.config.service))?;
-        listen.insert(
-            spec.config.service.clone(),
-            local_addr(&listener, spec.listen)?,
-        );
-        balancer_listeners.push(listener);
-    }
-
-    let runtime = |name: &'static str, threads: usize| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name(name)
-            .enable_all()
-            .build()
-            .map(|r| BackgroundRuntime(Some(r)))
-            .map_err(|source| ProxyError::Start { what: name, source })
-    };
+    let bound = Bound::bind(&cfg)?;
     let mirror_runtime = if options.mirror_threads <= 1 {
         // One copy thread (the default): a current-thread runtime on a thread of its own costs
         // less per copy than a work-stealing runtime with one worker.
         CopyRuntime::Driven(DrivenRuntime::start("understudy-mirror")?)
     } else {
-        CopyRuntime::Workers(runtime("understudy-mirror", options.mirror_threads)?)
+        CopyRuntime::Workers(background_runtime(
+            "understudy-mirror",
+            options.mirror_threads,
+        )?)
     };
-    let admin_runtime = runtime("understudy-admin", 1)?;
-
+    let admin_runtime = background_runtime("understudy-admin", 1)?;
     let mirror = mirror::Mirror::start(
         mirror_runtime.handle(),
         mirror::MirrorLimits {
@@ -270,96 +264,254 @@ pub fn spawn_with(
             concurrency: options.mirror_concurrency,
             per_active: options.mirror_per_active,
             timeout: options.mirror_timeout,
-            connect_timeout: options.connect_timeout,
+            connect_timeout: limits.machine_connect,
         },
+        marker.clone(),
     );
-    let limits = service::DataPlaneLimits {
-        connect_timeout: options.connect_timeout,
-        upstream_timeout: options.upstream_timeout,
-        mirror_body_limit: options.mirror_body_limit,
-    };
-    let mut services = HashMap::new();
-    let mut apps = Vec::new();
-    for (valid, listener) in configs.into_iter().zip(balancer_listeners) {
-        let stats = Arc::new(stats::Stats::new(
-            valid.service.clone(),
-            metrics.clone(),
-            stats::Retention {
-                epochs: options.stats_windows.max(1),
-                pairs: options.pair_retention.max(1),
-            },
-        ));
-        let service = Arc::new(service::Service::new(
-            valid,
-            &metrics,
-            stats,
-            mirror.clone(),
+    let shared = Shared {
+        metrics: metrics.clone(),
+        mirror,
+        marker,
+        data_plane: service::DataPlaneLimits {
             limits,
-        ));
-        services.insert(service.name.to_string(), service.clone());
-        apps.push((listener, service));
-    }
-
-    // Sessions idle out and drains end on a timer, on the admin runtime.
-    {
-        let services: Vec<Arc<service::Service>> = services.values().cloned().collect();
-        let idle = options.session_idle;
-        admin_runtime.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tick.tick().await;
-                let now = std::time::Instant::now();
-                for s in &services {
-                    s.router.sweep(now, idle);
-                }
-            }
-        });
-    }
-
+            mirror_body_limit: options.mirror_body_limit,
+        },
+    };
+    let services = shared.services(configs, &options);
+    start_sweeper(&services, options.session_idle, &admin_runtime);
     if let Some(feed) = &options.signing.feed {
         // Ended with the admin runtime.
         signing::start_feed(feed, &gates, &services, admin_runtime.handle());
     }
-    let (admin_closed_tx, admin_closed) = std::sync::mpsc::channel();
     let admin_state = Arc::new(admin::AdminState {
         services: services.clone(),
-        listen: listen.clone(),
+        listen: bound.listen.clone(),
         metrics,
         gates,
     });
-    let admin_listener = {
-        let _enter = admin_runtime.enter();
-        tokio::net::TcpListener::from_std(admin_listener).map_err(|source| ProxyError::Start {
+    let (admin_task, admin_closed) = start_admin(bound.admin, admin_state, &admin_runtime)?;
+    let (pingora_stop, pingora_thread) = start_pingora(&options, bound.balancers, &services)?;
+    Ok(RunningBalancers {
+        admin_addr: bound.admin_addr,
+        listen: bound.listen,
+        internal_listen: bound.internal_listen,
+        stop: Some(Stop {
+            pingora_stop,
+            pingora_thread,
+            admin_task,
+            admin_closed,
+            runtimes: vec![admin_runtime],
+            copy_runtime: mirror_runtime,
+        }),
+    })
+}
+
+/// What every balancer of a process shares.
+struct Shared {
+    metrics: Arc<metrics::Metrics>,
+    mirror: mirror::Mirror,
+    marker: Arc<MarkerPolicy>,
+    data_plane: service::DataPlaneLimits,
+}
+
+impl Shared {
+    /// One service (routing, stats, links) per validated balancer config, by name.
+    fn services(
+        &self,
+        configs: Vec<config::ValidConfig>,
+        options: &SpawnOptions,
+    ) -> HashMap<String, Arc<service::Service>> {
+        let retention = stats::Retention {
+            epochs: options.stats_windows.max(1),
+            pairs: options.pair_retention.max(1),
+        };
+        configs
+            .into_iter()
+            .map(|valid| {
+                let stats = Arc::new(stats::Stats::new(
+                    valid.service.clone(),
+                    self.metrics.clone(),
+                    retention,
+                ));
+                let service = Arc::new(service::Service::new(
+                    valid,
+                    &self.metrics,
+                    stats,
+                    self.mirror.clone(),
+                    self.data_plane,
+                    self.marker.clone(),
+                ));
+                (service.name.to_string(), service)
+            })
+            .collect()
+    }
+}
+
+/// Without `insecure_no_key`, every balancer needs its config key and the process the cluster's
+/// marker key; with it, a warning says what is left open.
+fn check_keys(cfg: &ProcessConfig, options: &SpawnOptions) -> Result<(), ProxyError> {
+    let keyless: Vec<&str> = cfg
+        .balancers
+        .iter()
+        .map(|b| b.config.service.as_str())
+        .filter(|s| !options.signing.keys.contains_key(*s))
+        .collect();
+    if options.insecure_no_key {
+        tracing::warn!(
+            keyless = ?keyless,
+            marker_key = options.marker_key.is_some(),
+            "running with --insecure-no-key: balancers without a key take any config and serve \
+             stats to anyone, and simulation markers from internal callers are believed unchecked"
+        );
+        return Ok(());
+    }
+    if let Some(service) = keyless.first() {
+        return Err(ProxyError::NoKey(format!(
+            "no key for the balancer of {service:?}"
+        )));
+    }
+    if options.marker_key.is_none() {
+        return Err(ProxyError::NoKey("no marker key".into()));
+    }
+    Ok(())
+}
+
+fn background_runtime(name: &'static str, threads: usize) -> Result<BackgroundRuntime, ProxyError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map(|r| BackgroundRuntime(Some(r)))
+        .map_err(|source| ProxyError::Start { what: name, source })
+}
+
+/// Every socket of the process, bound before anything runs (port 0 resolved, bind errors
+/// reported first); pingora then serves these very sockets (see `BalancerListeners`).
+struct Bound {
+    admin: TcpListener,
+    admin_addr: SocketAddr,
+    /// (service, listener, internal?) for each balancer listener.
+    balancers: Vec<(String, TcpListener, bool)>,
+    listen: HashMap<String, SocketAddr>,
+    internal_listen: HashMap<String, SocketAddr>,
+}
+
+impl Bound {
+    fn bind(cfg: &ProcessConfig) -> Result<Bound, ProxyError> {
+        let admin = bind(cfg.admin, "admin endpoint".into())?;
+        let admin_addr = local_addr(&admin, cfg.admin)?;
+        let mut bound = Bound {
+            admin,
+            admin_addr,
+            balancers: Vec::new(),
+            listen: HashMap::new(),
+            internal_listen: HashMap::new(),
+        };
+        for spec in &cfg.balancers {
+            let service = &spec.config.service;
+            let listener = bind(spec.listen, format!("balancer of {service}"))?;
+            let addr = local_addr(&listener, spec.listen)?;
+            bound.listen.insert(service.clone(), addr);
+            bound.balancers.push((service.clone(), listener, false));
+            if let Some(internal) = spec.internal_listen {
+                let what = format!("internal listener of the balancer of {service}");
+                let listener = bind(internal, what)?;
+                let addr = local_addr(&listener, internal)?;
+                bound.internal_listen.insert(service.clone(), addr);
+                bound.balancers.push((service.clone(), listener, true));
+            }
+        }
+        Ok(bound)
+    }
+}
+
+fn bind(addr: SocketAddr, what: String) -> Result<TcpListener, ProxyError> {
+    let listener = TcpListener::bind(addr).map_err(|source| ProxyError::Bind {
+        addr,
+        what: what.clone(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ProxyError::Bind { addr, what, source })?;
+    Ok(listener)
+}
+
+/// Sessions idle out and drains end on a timer, on the admin runtime.
+fn start_sweeper(
+    services: &HashMap<String, Arc<service::Service>>,
+    idle: Duration,
+    runtime: &BackgroundRuntime,
+) {
+    let services: Vec<Arc<service::Service>> = services.values().cloned().collect();
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let now = std::time::Instant::now();
+            for s in &services {
+                s.router.sweep(now, idle);
+            }
+        }
+    });
+}
+
+type AdminTask = (tokio::task::JoinHandle<()>, std::sync::mpsc::Receiver<()>);
+
+fn start_admin(
+    listener: TcpListener,
+    state: Arc<admin::AdminState>,
+    runtime: &BackgroundRuntime,
+) -> Result<AdminTask, ProxyError> {
+    let (admin_closed_tx, admin_closed) = std::sync::mpsc::channel();
+    let listener = {
+        let _enter = runtime.enter();
+        tokio::net::TcpListener::from_std(listener).map_err(|source| ProxyError::Start {
             what: "admin endpoint",
             source,
         })?
     };
-    let admin_task = admin_runtime.spawn(async move {
+    let task = runtime.spawn(async move {
         let _report_closed = NotifyOnDrop(admin_closed_tx);
-        if let Err(e) = axum::serve(admin_listener, admin::router(admin_state)).await {
+        if let Err(e) = axum::serve(listener, admin::router(state)).await {
             tracing::error!("admin endpoint stopped: {e}");
         }
     });
+    Ok((task, admin_closed))
+}
 
+/// Pingora's server on a thread of its own, serving every balancer listener.
+fn start_pingora(
+    options: &SpawnOptions,
+    listeners: Vec<(String, TcpListener, bool)>,
+    services: &HashMap<String, Arc<service::Service>>,
+) -> Result<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>), ProxyError> {
     let conf = ServerConf {
         threads: options.threads.max(1),
-        // Shutdown is always fast (see `StopSignal`); no grace period if it ever were graceful.
+        // No grace period: in-flight jobs end with the process (see `StopSignal`).
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         work_stealing: options.work_stealing,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let entries = apps
+    let entries = listeners
         .into_iter()
-        .map(|(listener, service)| {
+        .map(|(name, listener, internal)| {
             let address = listener
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            let name = format!("balancer {}", service.name);
-            let mut pingora_service =
-                pingora::services::listening::Service::new(name, proxy::Balancer { service });
+            let service = services[&name].clone();
+            let label = format!(
+                "balancer {name}{}",
+                if internal { " (internal)" } else { "" }
+            );
+            let mut pingora_service = pingora::services::listening::Service::new(
+                label,
+                proxy::Balancer { service, internal },
+            );
             pingora_service.add_tcp(&address);
             (address, listener, pingora_service)
         })
@@ -369,7 +521,7 @@ pub fn spawn_with(
         entries,
     });
     let (pingora_stop, stop_rx) = tokio::sync::oneshot::channel();
-    let pingora_thread = std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("understudy-pingora".into())
         .spawn(move || {
             server.run(RunArgs {
@@ -380,19 +532,7 @@ pub fn spawn_with(
             what: "pingora server thread",
             source,
         })?;
-
-    Ok(RunningBalancers {
-        admin_addr,
-        listen,
-        stop: Some(Stop {
-            pingora_stop,
-            pingora_thread,
-            admin_task,
-            admin_closed,
-            runtimes: vec![admin_runtime],
-            copy_runtime: mirror_runtime,
-        }),
-    })
+    Ok((pingora_stop, thread))
 }
 
 fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, ProxyError> {
@@ -476,7 +616,10 @@ impl Drop for NotifyOnDrop {
     }
 }
 
-/// Pingora's shutdown trigger: fast shutdown when `RunningBalancers` stops (or is dropped).
+/// Pingora's shutdown trigger when `RunningBalancers` stops (or is dropped). Graceful with no grace
+/// period: the runtimes are then given up to `graceful_shutdown_timeout_seconds` to drop their
+/// tasks, so the listeners are closed when the pingora thread ends (a quick shutdown leaves that to
+/// the worker threads, after `shutdown` has returned).
 struct StopSignal(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
 
 #[async_trait]
@@ -486,7 +629,7 @@ impl ShutdownSignalWatch for StopSignal {
             // A dropped sender also means stop.
             let _ = rx.await;
         }
-        ShutdownSignal::FastShutdown
+        ShutdownSignal::GracefulTerminate
     }
 }
 

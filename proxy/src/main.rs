@@ -53,6 +53,19 @@ struct Args {
     /// SERVICE=VAR: as --key-file, the key read from the environment variable VAR.
     #[arg(long = "key-env", value_name = "SERVICE=VAR")]
     key_envs: Vec<String>,
+    /// The cluster's simulation-marker key (base64), the same file on every balancer: copies are
+    /// marked with a token made with it, and simulation jobs from cluster machines must carry a
+    /// token it verifies. See docs/security.md.
+    #[arg(long, value_name = "PATH", conflicts_with = "marker_key_env")]
+    marker_key_file: Option<PathBuf>,
+    /// As --marker-key-file, the key read from the environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    marker_key_env: Option<String>,
+    /// Start without keys: configs and stats reads of keyless balancers are unauthenticated and
+    /// simulation markers from internal callers are believed unchecked. A warning is logged at
+    /// every start. For a trial on a laptop, never for a cluster others can reach.
+    #[arg(long)]
+    insecure_no_key: bool,
     /// Also take signed configs from the controller's hub at this base URL (server-sent events).
     #[arg(long, value_name = "URL", conflicts_with = "config_feed_nats")]
     config_feed_hub: Option<String>,
@@ -111,37 +124,24 @@ fn config_signing(args: &Args) -> Result<ConfigSigning, String> {
     Ok(signing)
 }
 
-fn main() -> ExitCode {
-    // Pingora logs an ERROR per job whose caller hung up; those are routine here.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,pingora_proxy=off,pingora_core=warn")
-    });
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-
-    let args = Args::parse();
-    let text = match std::fs::read_to_string(&args.config) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("cannot read {}: {e}", args.config.display());
-            return ExitCode::from(2);
-        }
-    };
-    let config = match ProcessConfig::from_toml_str(&text) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{}: {e}", args.config.display());
-            return ExitCode::from(2);
-        }
-    };
-    let signing = match config_signing(&args) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+/// The process config and options from the command line; a message naming the problem when
+/// something is wrong with them (exit code 2).
+fn load(args: &Args) -> Result<(ProcessConfig, SpawnOptions), String> {
+    let path = args.config.display();
+    let text =
+        std::fs::read_to_string(&args.config).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let config = ProcessConfig::from_toml_str(&text).map_err(|e| format!("{path}: {e}"))?;
+    let signing = config_signing(args)?;
+    let marker_key = match (&args.marker_key_file, &args.marker_key_env) {
+        (Some(path), _) => BalancerKey::from_file(path).map(|k| Some(k.key)),
+        (None, Some(var)) => BalancerKey::from_env(var).map(|k| Some(k.key)),
+        (None, None) => Ok(None),
+    }
+    .map_err(|e| format!("marker key: {e}"))?;
     let options = SpawnOptions {
         signing,
+        marker_key,
+        insecure_no_key: args.insecure_no_key,
         threads: args.threads,
         work_stealing: args.work_stealing,
         mirror_threads: args.mirror_threads,
@@ -152,6 +152,45 @@ fn main() -> ExitCode {
         session_idle: Duration::from_millis(args.session_idle_ms),
         max_clock_skew: Duration::from_millis(args.max_clock_skew_ms),
         ..SpawnOptions::default()
+    };
+    Ok((config, options))
+}
+
+/// Until SIGINT or SIGTERM.
+fn wait_for_a_signal() -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start signal handling: {e}"))?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    // Pingora logs an ERROR per job whose caller hung up; those are routine here.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,pingora_proxy=off,pingora_core=warn")
+    });
+    // Logs on stderr: stdout carries the addresses a script reads.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let args = Args::parse();
+    let (config, options) = match load(&args) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
     let running = match spawn_with(config, options) {
         Ok(r) => r,
@@ -170,25 +209,13 @@ fn main() -> ExitCode {
     for (service, addr) in services {
         println!("balancer {service} listening on {addr}");
     }
-
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start signal handling: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    });
+    let waited = wait_for_a_signal();
     running.shutdown();
-    ExitCode::SUCCESS
+    match waited {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -35,8 +35,61 @@ pub(crate) struct Metrics {
     mirror_held: IntCounterVec,
     mismatch: IntCounterVec,
     refused: IntCounterVec,
+    limit_hits: IntCounterVec,
+    marker_stripped: IntCounterVec,
     config_version: IntGaugeVec,
     sessions: IntGaugeVec,
+}
+
+/// A deadline or cap of `[limits]` (see `config::LimitsSpec`), as counted when hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    HeadTimeout,
+    CallerIdle,
+    CallerBodyIdle,
+    CallerWrite,
+    MachineConnect,
+    MachineWrite,
+    MachineAnswer,
+    Sessions,
+    SessionIdLength,
+}
+
+impl Limit {
+    pub(crate) const ALL: [Limit; 9] = [
+        Limit::HeadTimeout,
+        Limit::CallerIdle,
+        Limit::CallerBodyIdle,
+        Limit::CallerWrite,
+        Limit::MachineConnect,
+        Limit::MachineWrite,
+        Limit::MachineAnswer,
+        Limit::Sessions,
+        Limit::SessionIdLength,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Limit::HeadTimeout => "head_timeout",
+            Limit::CallerIdle => "caller_idle",
+            Limit::CallerBodyIdle => "caller_body_idle",
+            Limit::CallerWrite => "caller_write_timeout",
+            Limit::MachineConnect => "machine_connect_timeout",
+            Limit::MachineWrite => "machine_write_timeout",
+            Limit::MachineAnswer => "machine_answer_timeout",
+            Limit::Sessions => "max_sessions",
+            Limit::SessionIdLength => "max_session_id_bytes",
+        }
+    }
+}
+
+/// One service's limit counters, resolved once.
+pub(crate) struct LimitHits([IntCounter; 9]);
+
+impl LimitHits {
+    pub(crate) fn hit(&self, limit: Limit) {
+        self.0[limit as usize].inc();
+    }
 }
 
 /// The metric children of one (service, version, config) series, resolved once so the per-job path
@@ -56,13 +109,6 @@ impl SeriesMetrics {
 impl Metrics {
     pub(crate) fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let jobs = IntCounterVec::new(
-            Opts::new(
-                "understudy_balancer_jobs_total",
-                "Jobs served (active) or mirrored copies answered (simulation), by outcome.",
-            ),
-            &["service", "version", "config", "outcome"],
-        )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "understudy_balancer_job_duration_seconds",
@@ -71,67 +117,67 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(0.000_25, 2.0, 16)?),
             &["service", "version", "config"],
         )?;
-        let mirror_dropped = IntCounterVec::new(
-            Opts::new(
+        registry.register(Box::new(duration.clone()))?;
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        Ok(Metrics {
+            jobs: counters(
+                "understudy_balancer_jobs_total",
+                "Jobs served (active) or mirrored copies answered (simulation), by outcome.",
+                &["service", "version", "config", "outcome"],
+            )?,
+            duration,
+            mirror_dropped: counters(
                 "understudy_balancer_mirror_dropped_total",
                 "Mirror copies not sent: queue full, or request body over the copy limit.",
-            ),
-            &["service"],
-        )?;
-        let mirror_held = IntCounterVec::new(
-            Opts::new(
+                &["service"],
+            )?,
+            mirror_held: counters(
                 "understudy_balancer_mirror_held_total",
                 "Mirror copies that waited in their queue because the simulation version had its \
                  cap of copies in flight (a multiple of the service's active jobs in flight).",
-            ),
-            &["service", "version"],
-        )?;
-        let mismatch = IntCounterVec::new(
-            Opts::new(
+                &["service", "version"],
+            )?,
+            mismatch: counters(
                 "understudy_balancer_response_mismatch_total",
                 "Mirrored jobs whose simulation answer differed from the active answer.",
-            ),
-            &["service", "version"],
-        )?;
-        let refused = IntCounterVec::new(
-            Opts::new(
+                &["service", "version"],
+            )?,
+            refused: counters(
                 "understudy_balancer_refused_total",
                 "Jobs refused by the balancer itself, by reason.",
-            ),
-            &["service", "reason"],
-        )?;
-        let config_version = IntGaugeVec::new(
-            Opts::new(
+                &["service", "reason"],
+            )?,
+            limit_hits: counters(
+                "understudy_balancer_limit_hits_total",
+                "Deadlines and caps of the balancer's [limits] reached, by limit.",
+                &["service", "limit"],
+            )?,
+            marker_stripped: counters(
+                "understudy_balancer_marker_stripped_total",
+                "Jobs from outside the cluster that claimed to be simulation jobs; the claim \
+                 was dropped and the job served as an ordinary one.",
+                &["service"],
+            )?,
+            config_version: gauges(
                 "understudy_balancer_config_version",
                 "Version of the running balancer config.",
-            ),
-            &["service"],
-        )?;
-        let sessions = IntGaugeVec::new(
-            Opts::new(
+                &["service"],
+            )?,
+            sessions: gauges(
                 "understudy_balancer_sessions",
                 "Sustained sessions pinned to a machine, by machine state.",
-            ),
-            &["service", "machine", "state"],
-        )?;
-        registry.register(Box::new(jobs.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(mirror_dropped.clone()))?;
-        registry.register(Box::new(mirror_held.clone()))?;
-        registry.register(Box::new(mismatch.clone()))?;
-        registry.register(Box::new(refused.clone()))?;
-        registry.register(Box::new(config_version.clone()))?;
-        registry.register(Box::new(sessions.clone()))?;
-        Ok(Metrics {
+                &["service", "machine", "state"],
+            )?,
             registry,
-            jobs,
-            duration,
-            mirror_dropped,
-            mirror_held,
-            mismatch,
-            refused,
-            config_version,
-            sessions,
         })
     }
 
@@ -160,6 +206,14 @@ impl Metrics {
 
     pub(crate) fn refused(&self, service: &str, reason: &str) -> IntCounter {
         self.refused.with_label_values(&[service, reason])
+    }
+
+    pub(crate) fn limit_hits(&self, service: &str) -> LimitHits {
+        LimitHits(Limit::ALL.map(|l| self.limit_hits.with_label_values(&[service, l.as_str()])))
+    }
+
+    pub(crate) fn marker_stripped(&self, service: &str) -> IntCounter {
+        self.marker_stripped.with_label_values(&[service])
     }
 
     pub(crate) fn config_version(&self, service: &str) -> IntGauge {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,12 +23,10 @@ use hyper_util::rt::TokioExecutor;
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+use crate::marker::{MarkerPolicy, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 use crate::pool::Machine;
 use crate::stats::{PairSlot, Stats};
 use crate::wire::{JobObservation, Outcome};
-
-/// Header set on every copy.
-pub const SIMULATION_HEADER: &str = "x-understudy-simulation";
 
 /// Limits of the mirror path.
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +66,8 @@ type CopyClient = Client<HttpConnector, Full<Bytes>>;
 pub(crate) struct Mirror {
     runtime: tokio::runtime::Handle,
     client: CopyClient,
+    /// Issues each copy's marker token.
+    marker: Arc<MarkerPolicy>,
     in_flight: Arc<Semaphore>,
     limits: MirrorLimits,
 }
@@ -120,7 +120,11 @@ struct LaneState {
 
 impl Mirror {
     /// The copy path on `runtime` (nothing runs until a lane is opened).
-    pub(crate) fn start(runtime: &tokio::runtime::Handle, limits: MirrorLimits) -> Self {
+    pub(crate) fn start(
+        runtime: &tokio::runtime::Handle,
+        limits: MirrorLimits,
+        marker: Arc<MarkerPolicy>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
@@ -131,6 +135,7 @@ impl Mirror {
         Mirror {
             runtime: runtime.clone(),
             client,
+            marker,
             in_flight: Arc::new(Semaphore::new(limits.concurrency.max(1))),
             limits,
         }
@@ -150,6 +155,7 @@ impl Mirror {
             client,
             in_flight: global,
             limits,
+            marker,
             ..
         } = self.clone();
         self.runtime.spawn(async move {
@@ -170,9 +176,9 @@ impl Mirror {
                         }
                     };
                 state.in_flight.fetch_add(1, Ordering::Relaxed);
-                let (client, state) = (client.clone(), state.clone());
+                let (client, state, marker) = (client.clone(), state.clone(), marker.clone());
                 tokio::spawn(async move {
-                    send(&client, copy, deadline).await;
+                    send(&client, &marker, copy, deadline).await;
                     drop(permit);
                     state.in_flight.fetch_sub(1, Ordering::Relaxed);
                     state.copy_done.notify_one();
@@ -212,18 +218,14 @@ impl LaneState {
     }
 }
 
-/// Headers that describe one connection, not the job; the copy travels on its own connection.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::UPGRADE,
-    header::CONTENT_LENGTH,
-];
-
-async fn send(client: &CopyClient, copy: Copy, deadline: tokio::time::Instant) {
+/// Sends one copy: the job's forwarded head (no hop-by-hop or framing headers: the client
+/// writes its own framing) with the balancer's marker and its token.
+async fn send(
+    client: &CopyClient,
+    marker: &MarkerPolicy,
+    copy: Copy,
+    deadline: tokio::time::Instant,
+) {
     let Copy {
         target,
         method,
@@ -235,10 +237,15 @@ async fn send(client: &CopyClient, copy: Copy, deadline: tokio::time::Instant) {
         stats,
         queued_at: _,
     } = copy;
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
     headers.insert(SIMULATION_HEADER, HeaderValue::from_static("1"));
+    if let Some(token) = marker.issue(stats.service(), slot.job()) {
+        match HeaderValue::try_from(token) {
+            Ok(value) => {
+                headers.insert(SIMULATION_AUTH_HEADER, value);
+            }
+            Err(_) => return expire_now(&target, &stats, &slot, Outcome::ServerError),
+        }
+    }
     let uri = format!("http://{}{}", target.address, path_and_query);
     let mut request = match Request::builder()
         .method(method)
@@ -246,8 +253,8 @@ async fn send(client: &CopyClient, copy: Copy, deadline: tokio::time::Instant) {
         .body(Full::new(body))
     {
         Ok(r) => r,
-        // The path came from a request pingora already parsed; it is a valid URI.
-        Err(_) => return,
+        // The path is in origin form, checked when the job was parsed; this cannot fail.
+        Err(_) => return expire_now(&target, &stats, &slot, Outcome::ServerError),
     };
     *request.headers_mut() = headers;
 
@@ -280,6 +287,12 @@ async fn send(client: &CopyClient, copy: Copy, deadline: tokio::time::Instant) {
         Err(_elapsed) => (Outcome::Timeout, None, None),
     };
     record(&target, &stats, &slot, latency_us, outcome, status, digest);
+}
+
+/// A copy that could not be built: its side of the pair completes as failed, so the pair is
+/// not left waiting.
+fn expire_now(target: &Machine, stats: &Stats, slot: &PairSlot, outcome: Outcome) {
+    record(target, stats, slot, 0, outcome, None, None);
 }
 
 /// A copy whose timeout ran out while it waited in its queue: a timeout, never sent.

@@ -172,6 +172,19 @@ struct Pin {
     /// For jobs that arrive already marked as simulation traffic.
     simulation_only: Option<Arc<Machine>>,
     last_seen: Instant,
+    /// When the call's last job came: the pin is kept a moment for jobs it overtook (sent
+    /// before the end, arriving after it), so that they reach the call's machine too. An ended
+    /// pin holds no session: drains and counts ignore it.
+    ended: Option<Instant>,
+}
+
+/// How long an ended session's pin is kept for its straggling jobs.
+const ENDED_PIN_GRACE: Duration = Duration::from_secs(2);
+
+impl Pin {
+    fn live(&self) -> bool {
+        self.ended.is_none()
+    }
 }
 
 struct Draining {
@@ -188,6 +201,40 @@ struct Sessions {
 pub(crate) struct Router {
     table: RwLock<Arc<Table>>,
     sessions: Mutex<Sessions>,
+    /// The most sessions pinned at once: a new session beyond it is refused, so callers that
+    /// invent session ids cannot grow the table without bound.
+    max_sessions: usize,
+}
+
+/// A new session was refused: the table of pinned sessions is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} sessions are pinned already, the most this balancer keeps")]
+pub(crate) struct SessionsFull(pub usize);
+
+impl Sessions {
+    /// The pin of `session`, made (when there is room) if it is new.
+    fn pin(&mut self, session: &str, now: Instant, max: usize) -> Result<&mut Pin, SessionsFull> {
+        if self.pins.len() >= max && !self.pins.contains_key(session) {
+            // Ended pins only wait for stragglers: a new call comes first.
+            self.pins.retain(|_, pin| pin.live());
+        }
+        let room = self.pins.len() < max;
+        match self.pins.entry(session.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(pin) => {
+                let pin = pin.into_mut();
+                pin.last_seen = now;
+                Ok(pin)
+            }
+            std::collections::hash_map::Entry::Vacant(_) if !room => Err(SessionsFull(max)),
+            std::collections::hash_map::Entry::Vacant(slot) => Ok(slot.insert(Pin {
+                active: None,
+                simulation: Vec::new(),
+                simulation_only: None,
+                last_seen: now,
+                ended: None,
+            })),
+        }
+    }
 }
 
 fn session_key(session: &str) -> u64 {
@@ -197,10 +244,11 @@ fn session_key(session: &str) -> u64 {
 }
 
 impl Router {
-    pub(crate) fn new(table: Table) -> Self {
+    pub(crate) fn new(table: Table, max_sessions: usize) -> Self {
         Router {
             table: RwLock::new(Arc::new(table)),
             sessions: Mutex::new(Sessions::default()),
+            max_sessions,
         }
     }
 
@@ -216,7 +264,7 @@ impl Router {
         session: Option<&str>,
         ends_session: bool,
         now: Instant,
-    ) -> (Route, Arc<Table>) {
+    ) -> Result<(Route, Arc<Table>), SessionsFull> {
         let Some(session) = session else {
             let table = self.table();
             let machine = table
@@ -233,18 +281,12 @@ impl Router {
             } else {
                 Vec::new()
             };
-            return (Route { machine, mirror }, table);
+            return Ok((Route { machine, mirror }, table));
         };
         let mut sessions = self.sessions.lock().expect("sessions lock");
         // Read under the sessions lock: a swap holds it, so pins and table agree.
         let table = self.table();
-        let pin = sessions.pins.entry(session.to_owned()).or_insert(Pin {
-            active: None,
-            simulation: Vec::new(),
-            simulation_only: None,
-            last_seen: now,
-        });
-        pin.last_seen = now;
+        let pin = sessions.pin(session, now, self.max_sessions)?;
         let machine = pin
             .active
             .get_or_insert_with(|| {
@@ -270,9 +312,9 @@ impl Router {
             }
         }
         if ends_session {
-            sessions.pins.remove(session);
+            pin.ended.get_or_insert(now);
         }
-        (Route { machine, mirror }, table)
+        Ok((Route { machine, mirror }, table))
     }
 
     /// Routes a job that already carries the simulation header: to a simulation machine only.
@@ -281,19 +323,13 @@ impl Router {
         session: Option<&str>,
         ends_session: bool,
         now: Instant,
-    ) -> Option<Arc<Machine>> {
+    ) -> Result<Option<Arc<Machine>>, SessionsFull> {
         let Some(session) = session else {
-            return self.table().simulation_any.pick().cloned();
+            return Ok(self.table().simulation_any.pick().cloned());
         };
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let table = self.table();
-        let pin = sessions.pins.entry(session.to_owned()).or_insert(Pin {
-            active: None,
-            simulation: Vec::new(),
-            simulation_only: None,
-            last_seen: now,
-        });
-        pin.last_seen = now;
+        let pin = sessions.pin(session, now, self.max_sessions)?;
         let machine = match &pin.simulation_only {
             Some(m) => Some(m.clone()),
             None => {
@@ -302,10 +338,12 @@ impl Router {
                 picked
             }
         };
-        if ends_session || machine.is_none() {
+        if machine.is_none() {
             sessions.pins.remove(session);
+        } else if ends_session {
+            pin.ended.get_or_insert(now);
         }
-        machine
+        Ok(machine)
     }
 
     /// Installs a new table. Sessions keep their machines when those are still in the same pool;
@@ -314,7 +352,15 @@ impl Router {
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let drain_timeout = table.config.drain_timeout;
         let mut newly_draining: Vec<Arc<Machine>> = Vec::new();
-        for pin in sessions.pins.values_mut() {
+        // An ended pin's stragglers go to a new machine rather than to one that left the table.
+        sessions.pins.retain(|_, pin| {
+            pin.live()
+                || pin
+                    .active
+                    .as_ref()
+                    .is_none_or(|m| table.active.by_id(&m.id).is_some())
+        });
+        for pin in sessions.pins.values_mut().filter(|p| p.live()) {
             if let Some(old) = &pin.active {
                 match table.active.by_id(&old.id) {
                     Some(current) => pin.active = Some(current.clone()),
@@ -356,22 +402,21 @@ impl Router {
     pub(crate) fn sweep(&self, now: Instant, session_idle: Duration) {
         let mut guard = self.sessions.lock().expect("sessions lock");
         let sessions = &mut *guard;
-        sessions
-            .pins
-            .retain(|_, pin| now.saturating_duration_since(pin.last_seen) < session_idle);
+        sessions.pins.retain(|_, pin| match pin.ended {
+            Some(ended) => now.saturating_duration_since(ended) < ENDED_PIN_GRACE,
+            None => now.saturating_duration_since(pin.last_seen) < session_idle,
+        });
         let pins = &mut sessions.pins;
         sessions.draining.retain(|d| {
-            let holds = |pin: &Pin| pin.active.as_ref().is_some_and(|m| m.id == d.machine.id);
-            if !pins.values().any(holds) {
-                return false;
-            }
-            if now >= d.deadline {
-                for pin in pins.values_mut().filter(|p| holds(p)) {
+            let on_it = |pin: &Pin| pin.active.as_ref().is_some_and(|m| m.id == d.machine.id);
+            let over = now >= d.deadline || !pins.values().any(|p| p.live() && on_it(p));
+            if over {
+                // Its calls (and an ended call's stragglers) move on at their next job.
+                for pin in pins.values_mut().filter(|p| on_it(p)) {
                     pin.active = None;
                 }
-                return false;
             }
-            true
+            !over
         });
     }
 
@@ -380,7 +425,7 @@ impl Router {
         let sessions = self.sessions.lock().expect("sessions lock");
         let table = self.table();
         let mut counts: HashMap<(&str, PoolRole), u64> = HashMap::new();
-        for pin in sessions.pins.values() {
+        for pin in sessions.pins.values().filter(|p| p.live()) {
             if let Some(m) = &pin.active {
                 *counts.entry((&m.id, PoolRole::Active)).or_default() += 1;
             }
@@ -457,7 +502,13 @@ mod tests {
             ValidConfig::new(&config).unwrap(),
             stats,
             |_| None,
-            |address| Arc::new(Upstream::new(address, Duration::from_secs(1))),
+            |address| {
+                Arc::new(Upstream::new(
+                    address,
+                    Duration::from_secs(1),
+                    Duration::from_secs(50),
+                ))
+            },
         )
     }
 
@@ -499,21 +550,24 @@ mod tests {
     #[test]
     fn sessions_stick_through_a_pool_change_and_drain_when_removed() {
         let stats = stats();
-        let router = Router::new(table(
-            1,
-            vec![
-                entry("a", "v1", 1, PoolRole::Active),
-                entry("b", "v1", 1, PoolRole::Active),
-                entry("s1", "v2", 1, PoolRole::Simulation),
-                entry("s2", "v2", 1, PoolRole::Simulation),
-            ],
-            &stats,
-        ));
+        let router = Router::new(
+            table(
+                1,
+                vec![
+                    entry("a", "v1", 1, PoolRole::Active),
+                    entry("b", "v1", 1, PoolRole::Active),
+                    entry("s1", "v2", 1, PoolRole::Simulation),
+                    entry("s2", "v2", 1, PoolRole::Simulation),
+                ],
+                &stats,
+            ),
+            1000,
+        );
         let t0 = Instant::now();
         let pinned: HashMap<String, (String, String)> = (0..20)
             .map(|i| {
                 let s = format!("call-{i}");
-                let (route, _) = router.route(i, Some(&s), false, t0);
+                let (route, _) = router.route(i, Some(&s), false, t0).unwrap();
                 (
                     s,
                     (route.machine.id.to_string(), route.mirror[0].id.to_string()),
@@ -536,7 +590,7 @@ mod tests {
             t0,
         );
         for (s, (active, sim)) in &pinned {
-            let (route, _) = router.route(0, Some(s), false, t0);
+            let (route, _) = router.route(0, Some(s), false, t0).unwrap();
             assert_eq!(&*route.machine.id, active);
             assert_eq!(&*route.mirror[0].id, sim);
         }
@@ -561,11 +615,22 @@ mod tests {
             .collect();
         assert!(!on_a.is_empty());
         for s in &on_a {
-            assert_eq!(&*router.route(0, Some(s), false, t0).0.machine.id, "a");
+            assert_eq!(
+                &*router.route(0, Some(s), false, t0).unwrap().0.machine.id,
+                "a"
+            );
         }
         for i in 0..50 {
             let fresh = format!("new-{i}");
-            assert_ne!(&*router.route(0, Some(&fresh), true, t0).0.machine.id, "a");
+            assert_ne!(
+                &*router
+                    .route(0, Some(&fresh), true, t0)
+                    .unwrap()
+                    .0
+                    .machine
+                    .id,
+                "a"
+            );
         }
         let status = router.machine_status();
         let a = status.iter().find(|m| m.id == "a").unwrap();
@@ -573,11 +638,14 @@ mod tests {
         assert_eq!(a.sessions, on_a.len() as u64);
 
         // One session ends; the drain deadline then passes: the rest move elsewhere.
-        router.route(0, Some(on_a[0]), true, t0);
+        router.route(0, Some(on_a[0]), true, t0).unwrap();
         router.sweep(t0 + Duration::from_millis(1001), Duration::from_secs(60));
         assert!(router.machine_status().iter().all(|m| m.id != "a"));
         for s in &on_a {
-            assert_ne!(&*router.route(0, Some(s), false, t0).0.machine.id, "a");
+            assert_ne!(
+                &*router.route(0, Some(s), false, t0).unwrap().0.machine.id,
+                "a"
+            );
         }
     }
 
@@ -588,11 +656,11 @@ mod tests {
             entry("a", "v1", 1, PoolRole::Active),
             entry("b", "v1", 1, PoolRole::Active),
         ];
-        let router = Router::new(table(1, two, &stats));
+        let router = Router::new(table(1, two, &stats), 1000);
         let t0 = Instant::now();
         let sessions: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
         for s in &sessions {
-            router.route(0, Some(s), false, t0);
+            router.route(0, Some(s), false, t0).unwrap();
         }
         router.swap(
             table(2, vec![entry("b", "v1", 1, PoolRole::Active)], &stats),
@@ -605,5 +673,72 @@ mod tests {
         // Sessions end by idling out; the drain completes before its deadline.
         router.sweep(t0 + Duration::from_millis(500), Duration::from_millis(100));
         assert!(router.machine_status().iter().all(|m| m.id != "a"));
+    }
+
+    #[test]
+    fn jobs_an_ended_call_overtook_still_reach_its_machine() {
+        let stats = stats();
+        let two = vec![
+            entry("a", "v1", 1, PoolRole::Active),
+            entry("b", "v1", 1, PoolRole::Active),
+        ];
+        let router = Router::new(table(1, two, &stats), 1000);
+        let t0 = Instant::now();
+        let machine_of = |s: &str, ends, at| {
+            router
+                .route(0, Some(s), ends, at)
+                .unwrap()
+                .0
+                .machine
+                .id
+                .to_string()
+        };
+        let calls: Vec<String> = (0..40).map(|i| format!("call{i}")).collect();
+        let first: Vec<_> = calls.iter().map(|c| machine_of(c, false, t0)).collect();
+        for c in &calls {
+            machine_of(c, true, t0);
+        }
+        // Ended calls hold no session, so nothing waits for them.
+        assert!(router.machine_status().iter().all(|m| m.sessions == 0));
+        // A straggler sent before the end and arriving after it stays on the call's machine.
+        let late = t0 + Duration::from_millis(500);
+        router.sweep(late, Duration::from_secs(60));
+        for (c, m) in calls.iter().zip(&first) {
+            assert_eq!(&machine_of(c, false, late), m, "{c}");
+        }
+        // After the grace, the pins are gone.
+        let later = late + ENDED_PIN_GRACE;
+        router.sweep(later, Duration::from_secs(60));
+        assert!(router.sessions.lock().unwrap().pins.is_empty());
+    }
+
+    #[test]
+    fn new_sessions_beyond_the_cap_are_refused_and_known_ones_served() {
+        let stats = stats();
+        let pool = vec![
+            entry("a", "v1", 1, PoolRole::Active),
+            entry("s", "v2", 1, PoolRole::Simulation),
+        ];
+        let router = Router::new(table(1, pool, &stats), 3);
+        let t0 = Instant::now();
+        for i in 0..3 {
+            router.route(0, Some(&format!("s{i}")), false, t0).unwrap();
+        }
+        assert_eq!(
+            router.route(0, Some("s3"), false, t0).err(),
+            Some(SessionsFull(3))
+        );
+        assert_eq!(
+            router.route_simulation_only(Some("s4"), false, t0).err(),
+            Some(SessionsFull(3))
+        );
+        assert!(
+            router.route(0, Some("s1"), false, t0).is_ok(),
+            "a known one"
+        );
+        assert!(router.route(0, None, false, t0).is_ok(), "no session");
+        // One ends: there is room again.
+        router.route(0, Some("s0"), true, t0).unwrap();
+        assert!(router.route(0, Some("s3"), false, t0).is_ok());
     }
 }

@@ -1,182 +1,56 @@
 //! The job path, on pingora's server: each caller connection is one task (pingora's listener and
-//! runtime hand it over) that reads a job, routes it, sends it to its machine over a pooled
-//! keep-alive connection, relays the answer back, hands a copy to the mirror once the job's body
-//! is complete, and records the job's latency and outcome. Messages are forwarded as bytes by
-//! h1.rs.
+//! runtime hand it over) that reads a job, admits it (the simulation marker, the session caps),
+//! routes it, sends it to its machine over a pooled keep-alive connection, relays the answer
+//! back, hands a copy to the mirror once the job's body is complete, and records the job's
+//! latency and outcome. Messages are written by h1.rs from what it parsed.
 //!
 //! Why not pingora's `ProxyHttp` framework or its HTTP sessions: per job they build and clone
 //! header maps on both sides, pass the body through two channels and watch each pooled
 //! connection with a task of its own; measured, that cost twice nginx's CPU per job (see
 //! ARCHITECTURE.md and docs/benchmarks.md). A balancer of request/answer jobs uses none of what
 //! it buys (caching, HTTP/2 upstreams, upgrades).
-//!
-//! Latency, on both sides of a pair, is the machine's *service time as seen from the balancer*:
-//! from the moment the balancer starts sending the job to the machine (connection checkout or
-//! connect included) to the moment the last byte of the machine's answer arrives, minus any time
-//! the balancer spent waiting for the caller's request body. The copy path (mirror.rs) measures
-//! the same two points on its own client; its body is buffered before sending, so it never waits.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::{Buf, BytesMut};
-use http::{HeaderMap, Method};
+use bytes::Buf;
+use http::Method;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::h1::{self, AnswerTo, BodyRelay, Framing, H1Error, Request};
-use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest, Copy};
+use crate::caller::Caller;
+use crate::draft::CopyDraft;
+use crate::fault::{within, Fault};
+use crate::h1::{self, AnswerTo, BodyRelay, Framing, Output, Request};
+use crate::marker::{Verdict, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
+use crate::metrics::Limit;
+use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest};
 use crate::pool::Machine;
 use crate::service::Service;
-use crate::stats::PairSlot;
+use crate::timing::UpstreamTiming;
 use crate::upstream::{ConnectError, Connection, Upstream};
 use crate::wire::{JobObservation, Outcome};
 
 /// Header naming a sustained session (a call, a stream).
 pub const SESSION_HEADER: &str = "x-session-id";
 /// Header marking a session's first (`start`) and last (`end`) job, as the load generator sends
-/// it; after an `end` job the session's pins are released.
+/// it; after an `end` job the session's pins are released (kept a moment for jobs the end
+/// overtook, see `pool::ENDED_PIN_GRACE`).
 pub const SESSION_EVENT_HEADER: &str = "x-session-event";
 
 /// How long a failed job waits for the rest of its body, to copy it anyway.
 const LATE_BODY_WAIT: Duration = Duration::from_secs(1);
+/// Read buffer growth of a machine connection.
+const READ_BUFFER: usize = 8 * 1024;
 
 pub(crate) struct Balancer {
     pub service: Arc<Service>,
-}
-
-/// The copy being assembled while the job's body streams through.
-struct CopyDraft {
-    targets: Vec<Arc<Machine>>,
-    method: Method,
-    path_and_query: String,
-    headers: HeaderMap,
-    /// The routing table's `compare_body` when the job was routed: the answers are digested.
-    compare_body: bool,
-    body: BytesMut,
-    over_limit: bool,
-    /// The pair the copies and the active side report into, once the copies are queued.
-    slot: Option<Arc<PairSlot>>,
-    fired: bool,
-}
-
-/// Points of one attempt at the machine. Reset on every attempt (a job whose reused connection
-/// failed is sent again on a new one).
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UpstreamTiming {
-    /// The connection is about to be checked out or established.
-    begin: Option<Instant>,
-    /// Connected, the request head is about to be written (jobs with a body only).
-    header_sent: Option<Instant>,
-    /// The whole request is in hand and written.
-    request_complete: Option<Instant>,
-    /// The last event of the machine's answer seen (its head, then each piece of its body).
-    answer_last: Option<Instant>,
-}
-
-impl UpstreamTiming {
-    fn started(now: Instant) -> Self {
-        UpstreamTiming {
-            begin: Some(now),
-            ..UpstreamTiming::default()
-        }
-    }
-
-    /// The machine's service time in microseconds. `answered`: the answer arrived complete
-    /// (otherwise the attempt ended when the failure was seen, `failed_at`). None when the job
-    /// never reached `upstream_peer`.
-    fn service_us(&self, answered: bool, failed_at: Instant) -> Option<u64> {
-        let begin = self.begin?;
-        let end = match self.answer_last {
-            Some(last) if answered => last,
-            _ => failed_at,
-        };
-        // Waiting for a slow caller's body is the caller's time, not the machine's; the copy
-        // carries its whole body from the start, so this keeps the two sides comparable.
-        let waited_for_caller = match (self.header_sent, self.request_complete) {
-            (Some(sent), Some(complete)) if complete <= end => {
-                complete.saturating_duration_since(sent)
-            }
-            // The machine answered (or failed) before the body was complete: it did not wait
-            // for the body, so nothing is taken off.
-            _ => Duration::ZERO,
-        };
-        let total = end.saturating_duration_since(begin);
-        Some(total.saturating_sub(waited_for_caller).as_micros() as u64)
-    }
-}
-
-impl Balancer {
-    fn fire(&self, draft: &mut CopyDraft, job: u64, session: &Option<String>) {
-        if draft.fired {
-            return;
-        }
-        draft.fired = true;
-        let copies = draft.targets.len() as u64;
-        if draft.over_limit {
-            self.service.stats.mirror_dropped(copies);
-            return;
-        }
-        let slot = Arc::new(PairSlot::new(
-            job,
-            session.clone(),
-            draft.compare_body,
-            self.service.stats.clone(),
-        ));
-        let body = std::mem::take(&mut draft.body).freeze();
-        let queued_at = Instant::now();
-        let mut dropped = 0;
-        for target in &draft.targets {
-            // Lanes are never closed: a job routed by a table just swapped out still holds its
-            // version's lane.
-            let Some(lane) = &target.lane else {
-                dropped += 1;
-                continue;
-            };
-            let queued = lane.try_send(Copy {
-                target: target.clone(),
-                method: draft.method.clone(),
-                path_and_query: draft.path_and_query.clone(),
-                headers: draft.headers.clone(),
-                body: body.clone(),
-                compare_body: draft.compare_body,
-                slot: slot.clone(),
-                stats: self.service.stats.clone(),
-                queued_at,
-            });
-            if !queued {
-                dropped += 1;
-            }
-        }
-        if dropped > 0 {
-            self.service.stats.mirror_dropped(dropped);
-        }
-        if dropped < copies {
-            draft.slot = Some(slot);
-        }
-    }
-}
-
-/// How long a caller's connection may sit idle between jobs, or stall inside one.
-const CALLER_IDLE: Duration = Duration::from_secs(60);
-/// Read buffer of a caller's connection (it grows for a larger head or body piece).
-const READ_BUFFER: usize = 8 * 1024;
-
-/// How one side of a job (the machine's connection or the caller's) failed.
-#[derive(Debug, thiserror::Error)]
-enum Fault {
-    #[error("nothing arrived for {0:?}")]
-    Timeout(Duration),
-    #[error("connection failed: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("unusable message: {0}")]
-    Protocol(#[from] H1Error),
-    #[error("the connection closed before the message ended")]
-    Truncated,
+    /// The listener is for cluster machines only (see `marker.rs`).
+    pub internal: bool,
 }
 
 /// Why a job got no complete answer.
@@ -197,7 +71,7 @@ impl Failure {
     fn outcome(&self) -> Option<Outcome> {
         match self {
             Failure::Connect(_) => Some(Outcome::ConnectFailure),
-            Failure::Machine(Fault::Timeout(_)) => Some(Outcome::Timeout),
+            Failure::Machine(Fault::Timeout { .. }) => Some(Outcome::Timeout),
             Failure::Machine(_) => Some(Outcome::ServerError),
             Failure::Caller(_) => None,
         }
@@ -206,10 +80,19 @@ impl Failure {
     /// The status of the error page a caller gets when no answer was started.
     fn status(&self) -> u16 {
         match self {
-            Failure::Machine(Fault::Timeout(_)) => 504,
+            Failure::Machine(Fault::Timeout { .. }) => 504,
             Failure::Connect(_) | Failure::Machine(_) => 502,
-            Failure::Caller(Fault::Protocol(_)) => 400,
+            Failure::Caller(Fault::Protocol(e)) => e.status(),
             Failure::Caller(_) => 408,
+        }
+    }
+
+    /// The limit of `[limits]` this failure reached, if any.
+    fn limit(&self) -> Option<Limit> {
+        match self {
+            Failure::Connect(ConnectError::TimedOut { .. }) => Some(Limit::MachineConnect),
+            Failure::Connect(_) => None,
+            Failure::Machine(fault) | Failure::Caller(fault) => fault.limit(),
         }
     }
 }
@@ -217,7 +100,8 @@ impl Failure {
 /// How one attempt at the machine ended when it did not deliver the answer.
 enum AttemptError {
     /// The connection failed before any byte of an answer: on a reused connection, most likely
-    /// closed by the machine while it idled, and the job may be sent again on a fresh one.
+    /// closed by the machine while it idled, and an idempotent job may be sent again on a fresh
+    /// one.
     BeforeAnswer(std::io::Error),
     Failed(Failure),
 }
@@ -253,95 +137,22 @@ struct Job {
     _active: Option<ActiveJobGuard>,
 }
 
-/// A caller's connection: what was read and not yet used, and the bytes on their way to the
-/// machine and to the caller (reused from job to job).
-struct Caller {
-    io: Stream,
-    buf: BytesMut,
-    to_machine: Vec<u8>,
-    to_caller: Vec<u8>,
-}
-
-impl Caller {
-    /// Reads until a whole request head is in the buffer; `None` when the caller closed (or
-    /// idled out) between jobs. The head the machine gets is left in `to_machine`.
-    async fn read_request(&mut self) -> Result<Option<Request>, Fault> {
-        loop {
-            if !self.buf.is_empty() {
-                self.to_machine.clear();
-                if let Some(request) = h1::parse_request(&self.buf, &mut self.to_machine)? {
-                    return Ok(Some(request));
-                }
-            }
-            match self.read_more().await {
-                Ok(0) | Err(Fault::Timeout(_)) if self.buf.is_empty() => return Ok(None),
-                Ok(0) => return Err(Fault::Truncated),
-                Ok(_) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    async fn read_more(&mut self) -> Result<usize, Fault> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_BUFFER);
-        }
-        match tokio::time::timeout(CALLER_IDLE, self.io.read_buf(&mut self.buf)).await {
-            Ok(read) => Ok(read?),
-            Err(_) => Err(Fault::Timeout(CALLER_IDLE)),
-        }
-    }
-
-    /// Sends what is gathered for the caller.
-    async fn flush(&mut self) -> Result<(), Fault> {
-        if !self.to_caller.is_empty() {
-            self.io.write_all(&self.to_caller).await?;
-            self.to_caller.clear();
-        }
-        self.io.flush().await?;
-        Ok(())
-    }
-
-    /// Writes an answer of the balancer's own and sends it; errors are moot (the caller left).
-    async fn answer(&mut self, status: u16, content_type: Option<&str>, body: &[u8], keep: bool) {
-        self.to_caller.clear();
-        h1::own_answer(&mut self.to_caller, status, content_type, body, keep);
-        let _ = self.flush().await;
-    }
-}
-
 #[async_trait]
 impl ServerApp for Balancer {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let mut caller = Caller {
-            io,
-            buf: BytesMut::with_capacity(READ_BUFFER),
-            to_machine: Vec::with_capacity(READ_BUFFER),
-            to_caller: Vec::with_capacity(READ_BUFFER),
-        };
+        let mut caller = Caller::new(io, self.service.limits.limits, self.internal);
         loop {
             let request = match caller.read_request().await {
                 Ok(Some(request)) => request,
                 Ok(None) => return None,
                 Err(fault) => {
-                    if let Fault::Protocol(e) = &fault {
-                        let status = match e {
-                            H1Error::HeadTooLarge => 431,
-                            H1Error::UnsupportedMethod(_) => 405,
-                            H1Error::UnsupportedCoding(_) => 501,
-                            _ => 400,
-                        };
-                        let body = error_body(&e.to_string());
-                        caller
-                            .answer(status, Some("application/json"), &body, false)
-                            .await;
-                    }
+                    self.refuse_head(&mut caller, fault).await;
                     return None;
                 }
             };
             let keep_alive = request.keep_alive && !*shutdown.borrow();
             if !self.serve(&mut caller, request, keep_alive).await {
-                let _ = caller.io.shutdown().await;
+                caller.shutdown().await;
                 return None;
             }
         }
@@ -355,79 +166,218 @@ fn error_body(message: &str) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// What admission decided for a job that passed it.
+enum Admitted {
+    Plain,
+    /// A verified simulation job, with the token to pass on (none in insecure mode).
+    Simulation(Option<String>),
+}
+
 impl Balancer {
-    /// Routes one job, proxies it and records it. False when the caller's connection cannot
+    /// A head that could not be read: a refusal naming the problem, then the connection closes.
+    async fn refuse_head(&self, caller: &mut Caller, fault: Fault) {
+        if let Some(limit) = fault.limit() {
+            self.service.hits.hit(limit);
+        }
+        let status = match &fault {
+            Fault::Protocol(e) => e.status(),
+            Fault::Timeout {
+                limit: Limit::HeadTimeout,
+                ..
+            } => 408,
+            _ => return,
+        };
+        let body = error_body(&fault.to_string());
+        caller
+            .answer(status, Some("application/json"), &body, false)
+            .await;
+    }
+
+    /// Refuses a job before it reaches any machine. The caller's connection is kept only when
+    /// the job had no body (its body is not read).
+    async fn refuse(
+        &self,
+        caller: &mut Caller,
+        request: &Request,
+        status: u16,
+        message: &str,
+        keep_alive: bool,
+    ) -> bool {
+        caller.buf.advance(request.head_len);
+        let keep = keep_alive && request.framing == Framing::Empty;
+        let body = error_body(message);
+        caller
+            .answer(status, Some("application/json"), &body, keep)
+            .await;
+        keep
+    }
+
+    /// Checks the simulation marker and the session id, and ends the head the machine gets;
+    /// `Err` is a refusal already sent (whether the caller's connection stays).
+    async fn admit(
+        &self,
+        caller: &mut Caller,
+        request: &Request,
+        keep_alive: bool,
+    ) -> Result<Admitted, bool> {
+        let service = &self.service;
+        let internal = request.marker.is_some() && caller.is_internal(&service.marker);
+        let admitted = match service.marker.judge(request.marker.as_ref(), internal) {
+            Verdict::Plain { stripped } => {
+                if stripped {
+                    service.marker_stripped.inc();
+                }
+                Admitted::Plain
+            }
+            Verdict::Simulation { token } => Admitted::Simulation(token),
+            Verdict::Refuse(rejection) => {
+                service
+                    .metrics
+                    .refused(&service.name, rejection.reason())
+                    .inc();
+                let message = format!("simulation job refused: {rejection}");
+                return Err(self
+                    .refuse(caller, request, 403, &message, keep_alive)
+                    .await);
+            }
+        };
+        let max = service.limits.limits.max_session_id_bytes;
+        if request.session.as_ref().is_some_and(|s| s.len() > max) {
+            service.hits.hit(Limit::SessionIdLength);
+            let message = format!("x-session-id longer than {max} bytes");
+            return Err(self
+                .refuse(caller, request, 431, &message, keep_alive)
+                .await);
+        }
+        match &admitted {
+            Admitted::Plain => h1::end_request_head(&mut caller.to_machine, request, &[]),
+            Admitted::Simulation(token) => {
+                let mut extra = vec![(SIMULATION_HEADER, b"1".as_slice())];
+                if let Some(token) = token {
+                    extra.push((SIMULATION_AUTH_HEADER, token.as_bytes()));
+                }
+                h1::end_request_head(&mut caller.to_machine, request, &extra);
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// Admits, routes, proxies and records one job. False when the caller's connection cannot
     /// carry another job.
     async fn serve(&self, caller: &mut Caller, mut request: Request, keep_alive: bool) -> bool {
         let start = Instant::now();
         let number = self.service.jobs.fetch_add(1, Ordering::Relaxed) + 1;
-        let router = &self.service.router;
+        let admitted = match self.admit(caller, &request, keep_alive).await {
+            Ok(admitted) => admitted,
+            Err(keep) => return keep,
+        };
         let session = request.session.take();
-        let mut job = if request.simulation {
-            // Simulation traffic (a copy made upstream of us) must never reach an active machine.
-            match router.route_simulation_only(session.as_deref(), request.session_end, start) {
-                Some(machine) => Job::new(number, start, session, machine),
-                None => {
-                    self.service.refused_no_simulation.inc();
-                    caller.buf.advance(request.head_len);
-                    // The body is not read: the connection closes after the refusal.
-                    let keep = keep_alive && request.framing == Framing::Empty;
-                    let body = error_body(
-                        "simulation job refused: no simulation machine in this balancer's pool",
-                    );
-                    caller
-                        .answer(503, Some("application/json"), &body, keep)
-                        .await;
-                    return keep;
-                }
+        let job = match admitted {
+            Admitted::Simulation(_) => self.route_simulation(number, start, session, &request),
+            Admitted::Plain => self.route(caller, number, start, session, &request),
+        };
+        let mut job = match job {
+            Ok(job) => job,
+            Err((status, message)) => {
+                return self
+                    .refuse(caller, &request, status, &message, keep_alive)
+                    .await
             }
-        } else {
-            let (route, table) =
-                router.route(number, session.as_deref(), request.session_end, start);
-            let mut job = Job::new(number, start, session, route.machine);
-            job._active = Some(self.service.active_in_flight.enter());
-            if !route.mirror.is_empty() {
-                match h1::copy_parts(&caller.buf[..request.head_len]) {
-                    Ok(parts) => {
-                        let compare_body = table.config.compare_body;
-                        job.draft = Some(CopyDraft::new(route.mirror, parts, compare_body));
-                    }
-                    Err(_) => self.service.stats.mirror_dropped(route.mirror.len() as u64),
-                }
-            }
-            job
         };
         caller.buf.advance(request.head_len);
         let result = self.proxy(caller, &request, keep_alive, &mut job).await;
         let keep = match &result {
             Ok(keep) => *keep,
-            Err(failure) => {
-                tracing::debug!(
-                    service = %self.service.name,
-                    job = job.number,
-                    machine = %job.machine.id,
-                    "{failure}"
-                );
-                if let Some(draft) = job.draft.as_mut().filter(|d| !d.fired) {
-                    // The body never arrived whole: no copy can be made of it.
-                    draft.fired = true;
-                    self.service
-                        .stats
-                        .mirror_dropped(draft.targets.len() as u64);
-                }
-                if !job.answer_started {
-                    let body = error_body(&failure.to_string());
-                    caller
-                        .answer(failure.status(), Some("application/json"), &body, false)
-                        .await;
-                }
-                // The caller's connection is in an unknown state (a half-sent answer, an unread
-                // body): it is not reused.
-                false
-            }
+            Err(failure) => self.failed(caller, &mut job, failure).await,
         };
         self.record(&mut job, result.err().as_ref());
         keep
+    }
+
+    /// A job that carries a verified simulation marker: to a simulation machine only, never an
+    /// active one (a copy made upstream of this balancer).
+    fn route_simulation(
+        &self,
+        number: u64,
+        start: Instant,
+        session: Option<String>,
+        request: &Request,
+    ) -> Result<Job, (u16, String)> {
+        let router = &self.service.router;
+        match router.route_simulation_only(session.as_deref(), request.session_end, start) {
+            Ok(Some(machine)) => Ok(Job::new(number, start, session, machine)),
+            Ok(None) => {
+                self.service.refused_no_simulation.inc();
+                Err((
+                    503,
+                    "simulation job refused: no simulation machine in this balancer's pool".into(),
+                ))
+            }
+            Err(full) => {
+                self.service.hits.hit(Limit::Sessions);
+                Err((503, full.to_string()))
+            }
+        }
+    }
+
+    /// A caller's job: to an active machine, with a copy drafted for each simulation version
+    /// when the job is mirrored.
+    fn route(
+        &self,
+        caller: &Caller,
+        number: u64,
+        start: Instant,
+        session: Option<String>,
+        request: &Request,
+    ) -> Result<Job, (u16, String)> {
+        let router = &self.service.router;
+        let (route, table) =
+            match router.route(number, session.as_deref(), request.session_end, start) {
+                Ok(routed) => routed,
+                Err(full) => {
+                    self.service.hits.hit(Limit::Sessions);
+                    return Err((503, full.to_string()));
+                }
+            };
+        let mut job = Job::new(number, start, session, route.machine);
+        job._active = Some(self.service.active_in_flight.enter());
+        if !route.mirror.is_empty() {
+            // Copies are made of the head as the machine gets it: no hop-by-hop headers, no
+            // caller's marker. `OPTIONS *` has no path to copy to.
+            match h1::copy_parts(&caller.to_machine) {
+                Ok(parts) if !request.asterisk => {
+                    let compare_body = table.config.compare_body;
+                    job.draft = Some(CopyDraft::new(route.mirror, parts, compare_body));
+                }
+                _ => self.service.stats.mirror_dropped(route.mirror.len() as u64),
+            }
+        }
+        Ok(job)
+    }
+
+    /// A job that got no answer: its copy abandoned if the body never completed, an error page
+    /// if nothing was answered yet. The caller's connection is never reused after (a half-sent
+    /// answer, an unread body).
+    async fn failed(&self, caller: &mut Caller, job: &mut Job, failure: &Failure) -> bool {
+        tracing::debug!(
+            service = %self.service.name,
+            job = job.number,
+            machine = %job.machine.id,
+            "{failure}"
+        );
+        if let Some(limit) = failure.limit() {
+            self.service.hits.hit(limit);
+        }
+        if let Some(draft) = job.draft.as_mut() {
+            draft.abandon(&self.service.stats);
+        }
+        if !job.answer_started {
+            let body = error_body(&failure.to_string());
+            caller
+                .answer(failure.status(), Some("application/json"), &body, false)
+                .await;
+        }
+        false
     }
 
     /// Sends the job to its machine and relays the answer to the caller. Ok: whether the
@@ -439,7 +389,7 @@ impl Balancer {
         keep_alive: bool,
         job: &mut Job,
     ) -> Result<bool, Failure> {
-        let mut body = BodyRelay::new(request.framing);
+        let mut body = BodyRelay::new(request.framing, Output::Framed);
         // A small body arrives with its head: take what is here into the bytes for the machine.
         self.take_body(caller, &mut body, job)
             .map_err(Failure::Caller)?;
@@ -447,11 +397,9 @@ impl Balancer {
         if !whole_request_here && request.expect_continue {
             // The machine never sees `Expect`: the balancer asks for the body itself, as nginx.
             caller
-                .io
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
-                .and(caller.io.flush().await)
-                .map_err(|e| Failure::Caller(e.into()))?;
+                .map_err(Failure::Caller)?;
         }
         if whole_request_here {
             self.body_complete(job);
@@ -465,8 +413,7 @@ impl Balancer {
             Instant::now()
         };
         job.timing = UpstreamTiming::started(begin);
-        // A request that is not all here cannot be sent twice: its connection is checked first.
-        let checkout = match upstream.checkout(begin, !whole_request_here).await {
+        let checkout = match upstream.checkout(begin).await {
             Ok(checkout) => checkout,
             Err(e) => {
                 self.copy_after_connect_failure(caller, &mut body, job)
@@ -475,12 +422,15 @@ impl Balancer {
             }
         };
         let mut connection = checkout.connection;
+        // Sent again only if nothing can have happened twice: the machine took nothing of it
+        // (no answer byte), the request is whole here, and its method is idempotent.
+        let may_retry = checkout.reused && whole_request_here && request.method.is_idempotent();
         let error = match self
             .attempt(caller, request, keep_alive, job, &mut connection, &mut body)
             .await
         {
             Ok(delivered) => return Ok(self.settle(&upstream, connection, delivered, job)),
-            Err(AttemptError::BeforeAnswer(e)) if checkout.reused && whole_request_here => e,
+            Err(AttemptError::BeforeAnswer(e)) if may_retry => e,
             Err(AttemptError::BeforeAnswer(e)) => return Err(Failure::Machine(e.into())),
             Err(AttemptError::Failed(failure)) => return Err(failure),
         };
@@ -535,9 +485,54 @@ impl Balancer {
         Ok(())
     }
 
-    /// One exchange with the machine: the request (its head and body so far are in
-    /// `to_machine`; the rest is read from the caller and sent on), then the answer, relayed to
-    /// the caller.
+    /// Writes bytes to the machine within `machine_write`.
+    async fn to_machine(&self, machine: &mut Connection, bytes: &[u8]) -> Result<(), Fault> {
+        let write = self.service.limits.limits.machine_write;
+        within(write, Limit::MachineWrite, machine.tcp.write_all(bytes)).await
+    }
+
+    /// The request: its head and body so far are in `to_machine`; the rest is read from the
+    /// caller and sent on.
+    async fn send_request(
+        &self,
+        caller: &mut Caller,
+        request: &Request,
+        job: &mut Job,
+        machine: &mut Connection,
+        body: &mut BodyRelay,
+    ) -> Result<(), AttemptError> {
+        let has_body = request.framing != Framing::Empty;
+        if has_body {
+            // Only a job with a body can keep the machine waiting for its caller.
+            job.timing.header_sent = Some(Instant::now());
+        }
+        match self.to_machine(machine, &caller.to_machine).await {
+            Ok(()) => {}
+            Err(Fault::Io(e)) => return Err(AttemptError::BeforeAnswer(e)),
+            Err(fault) => return Err(Failure::Machine(fault).into()),
+        }
+        while !body.is_done() {
+            caller.to_machine.clear();
+            match caller.read_body().await {
+                Ok(0) => return Err(Failure::Caller(Fault::Truncated).into()),
+                Ok(_) => {}
+                Err(fault) => return Err(Failure::Caller(fault).into()),
+            }
+            self.take_body(caller, body, job).map_err(Failure::Caller)?;
+            self.to_machine(machine, &caller.to_machine)
+                .await
+                .map_err(Failure::Machine)?;
+        }
+        if has_body {
+            if job.timing.request_complete.is_none() {
+                job.timing.request_complete = Some(Instant::now());
+            }
+            self.body_complete(job);
+        }
+        Ok(())
+    }
+
+    /// One exchange with the machine: the request, then the answer, relayed to the caller.
     async fn attempt(
         &self,
         caller: &mut Caller,
@@ -547,48 +542,18 @@ impl Balancer {
         machine: &mut Connection,
         body: &mut BodyRelay,
     ) -> Result<Delivered, AttemptError> {
-        let has_body = request.framing != Framing::Empty;
-        if has_body {
-            // Only a job with a body can keep the machine waiting for its caller.
-            job.timing.header_sent = Some(Instant::now());
-        }
-        machine
-            .tcp
-            .write_all(&caller.to_machine)
-            .await
-            .map_err(AttemptError::BeforeAnswer)?;
-        while !body.is_done() {
-            caller.to_machine.clear();
-            match caller.read_more().await {
-                Ok(0) => return Err(Failure::Caller(Fault::Truncated).into()),
-                Ok(_) => {}
-                Err(fault) => return Err(Failure::Caller(fault).into()),
-            }
-            self.take_body(caller, body, job).map_err(Failure::Caller)?;
-            machine
-                .tcp
-                .write_all(&caller.to_machine)
-                .await
-                .map_err(|e| Failure::Machine(e.into()))?;
-        }
-        if has_body {
-            if job.timing.request_complete.is_none() {
-                job.timing.request_complete = Some(Instant::now());
-            }
-            self.body_complete(job);
-        }
-
-        let limits = &self.service.limits;
-        let timeout = limits.upstream_timeout;
+        self.send_request(caller, request, job, machine, body)
+            .await?;
+        let timeout = self.service.limits.limits.machine_answer;
         let machine_failed = |fault: Fault| AttemptError::Failed(Failure::Machine(fault));
         caller.to_caller.clear();
+        let to = AnswerTo {
+            head: request.method == Method::HEAD,
+            keep_alive,
+            http10: request.http10,
+        };
         let answer = loop {
             if !machine.buf.is_empty() {
-                let to = AnswerTo {
-                    head: request.method == Method::HEAD,
-                    keep_alive,
-                    http10: request.http10,
-                };
                 let parsed = h1::parse_answer(&machine.buf, to, &mut caller.to_caller)
                     .map_err(|e| machine_failed(e.into()))?;
                 match parsed {
@@ -620,9 +585,32 @@ impl Balancer {
         {
             job.digest = Some(BodyDigest::new());
         }
+        self.relay_answer(caller, job, machine, &answer, timeout)
+            .await?;
+        let caller_keep_alive = match caller.flush().await {
+            Ok(()) => answer.caller_keep_alive,
+            // The machine did its job; the caller left before taking the answer.
+            Err(_) => false,
+        };
+        Ok(Delivered {
+            machine_reusable: answer.reusable,
+            caller_keep_alive,
+        })
+    }
+
+    /// Relays the answer's body to the caller as it arrives.
+    async fn relay_answer(
+        &self,
+        caller: &mut Caller,
+        job: &mut Job,
+        machine: &mut Connection,
+        answer: &h1::Answer,
+        timeout: Duration,
+    ) -> Result<(), AttemptError> {
+        let machine_failed = |fault: Fault| AttemptError::Failed(Failure::Machine(fault));
         // The answer's last event: its last body bytes' arrival (its head's, without a body).
         let mut answer_last = None;
-        let mut relay = BodyRelay::new(answer.framing);
+        let mut relay = BodyRelay::new(answer.framing, answer.output);
         loop {
             {
                 let digest = &mut job.digest;
@@ -654,21 +642,13 @@ impl Balancer {
         }
         job.timing.answer_last = answer_last.or_else(|| Some(Instant::now()));
         job.answer_started = true;
-        let caller_keep_alive = match caller.flush().await {
-            Ok(()) => answer.caller_keep_alive,
-            // The machine did its job; the caller left before taking the answer.
-            Err(_) => false,
-        };
-        Ok(Delivered {
-            machine_reusable: answer.reusable,
-            caller_keep_alive,
-        })
+        Ok(())
     }
 
     /// The job's body is complete: its copy leaves.
     fn body_complete(&self, job: &mut Job) {
         if let Some(draft) = job.draft.as_mut() {
-            self.fire(draft, job.number, &job.session);
+            draft.fire(job.number, &job.session, &self.service.stats);
         }
     }
 
@@ -686,7 +666,7 @@ impl Balancer {
         let _ = tokio::time::timeout(LATE_BODY_WAIT, async {
             while !body.is_done() {
                 caller.to_machine.clear();
-                if !matches!(caller.read_more().await, Ok(n) if n > 0) {
+                if !matches!(caller.read_body().await, Ok(n) if n > 0) {
                     return;
                 }
                 if self.take_body(caller, body, job).is_err() {
@@ -737,15 +717,17 @@ impl Balancer {
     }
 }
 
-/// Reads more of the machine's answer, within the upstream timeout.
+/// Reads more of the machine's answer, within the answer timeout.
 async fn read_machine(machine: &mut Connection, timeout: Duration) -> Result<usize, Fault> {
     if machine.buf.capacity() - machine.buf.len() < 1024 {
         machine.buf.reserve(READ_BUFFER);
     }
-    match tokio::time::timeout(timeout, machine.tcp.read_buf(&mut machine.buf)).await {
-        Ok(read) => Ok(read?),
-        Err(_) => Err(Fault::Timeout(timeout)),
-    }
+    within(
+        timeout,
+        Limit::MachineAnswer,
+        machine.tcp.read_buf(&mut machine.buf),
+    )
+    .await
 }
 
 impl Job {
@@ -762,106 +744,5 @@ impl Job {
             answer_started: false,
             _active: None,
         }
-    }
-}
-
-impl CopyDraft {
-    fn new(
-        targets: Vec<Arc<Machine>>,
-        (method, path_and_query, headers): (Method, String, HeaderMap),
-        compare_body: bool,
-    ) -> Self {
-        CopyDraft {
-            targets,
-            method,
-            path_and_query,
-            headers,
-            compare_body,
-            body: BytesMut::new(),
-            over_limit: false,
-            slot: None,
-            fired: false,
-        }
-    }
-
-    /// Tees a piece of the job's body into the copy (dropped whole past `limit`).
-    fn append(&mut self, data: &[u8], limit: usize) {
-        if self.over_limit {
-            return;
-        }
-        if self.body.len() + data.len() > limit {
-            self.over_limit = true;
-            self.body = BytesMut::new();
-        } else {
-            self.body.extend_from_slice(data);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    fn timing(
-        t0: Instant,
-        header: u32,
-        complete: Option<u32>,
-        answer: Option<u32>,
-    ) -> UpstreamTiming {
-        UpstreamTiming {
-            begin: Some(t0),
-            header_sent: Some(t0 + MS * header),
-            request_complete: complete.map(|c| t0 + MS * c),
-            answer_last: answer.map(|a| t0 + MS * a),
-        }
-    }
-
-    #[test]
-    fn service_time_runs_from_checkout_to_the_last_answer_byte() {
-        let t0 = Instant::now();
-        let connect_and_answer = timing(t0, 2, Some(2), Some(22));
-        // The failure time is ignored when the answer arrived complete.
-        assert_eq!(
-            connect_and_answer.service_us(true, t0 + MS * 500),
-            Some(22_000)
-        );
-    }
-
-    #[test]
-    fn waiting_for_the_callers_body_is_not_the_machines_time() {
-        let t0 = Instant::now();
-        let slow_body = timing(t0, 1, Some(301), Some(321));
-        assert_eq!(slow_body.service_us(true, t0 + MS * 400), Some(21_000));
-    }
-
-    #[test]
-    fn a_failed_attempt_ends_when_the_failure_is_seen() {
-        let t0 = Instant::now();
-        // Connect failed: nothing after `begin`.
-        let refused = UpstreamTiming::started(t0);
-        assert_eq!(refused.service_us(false, t0 + MS * 3), Some(3_000));
-        // An answer broken off: the failure, not the last chunk, ends it.
-        let broken = timing(t0, 1, Some(1), Some(10));
-        assert_eq!(broken.service_us(false, t0 + MS * 15), Some(15_000));
-    }
-
-    #[test]
-    fn an_early_answer_before_the_body_ended_is_not_shortened() {
-        let t0 = Instant::now();
-        let early = timing(t0, 1, None, Some(5));
-        assert_eq!(early.service_us(true, t0 + MS * 9), Some(5_000));
-        // The rest of the body arriving after the answer takes nothing off either.
-        let late_body = timing(t0, 1, Some(8), Some(5));
-        assert_eq!(late_body.service_us(true, t0 + MS * 9), Some(5_000));
-    }
-
-    #[test]
-    fn no_attempt_no_service_time() {
-        assert_eq!(
-            UpstreamTiming::default().service_us(true, Instant::now()),
-            None
-        );
     }
 }

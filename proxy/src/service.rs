@@ -8,19 +8,24 @@ use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
 
-use crate::config::{ConfigError, ValidConfig};
-use crate::metrics::Metrics;
+use crate::config::{CheckedConfig, ConfigError, Limits, ValidConfig};
+use crate::marker::MarkerPolicy;
+use crate::metrics::{LimitHits, Metrics};
 use crate::mirror::{ActiveInFlight, Lane, Mirror};
 use crate::pool::{Router, Table};
 use crate::stats::Stats;
 use crate::upstream::Upstream;
 use crate::wire::{BalancerConfig, PoolRole, StatsReport};
 
+/// How long a push may take to resolve its machine names: under the controller's push deadline
+/// (3 s), so that it gets the refusal naming the address rather than a timeout of its own.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Tunables of the data plane that are not part of the pushed config.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DataPlaneLimits {
-    pub connect_timeout: Duration,
-    pub upstream_timeout: Duration,
+    /// The process config's `[limits]`.
+    pub limits: Limits,
     pub mirror_body_limit: usize,
 }
 
@@ -50,12 +55,17 @@ pub(crate) struct Service {
     pub limits: DataPlaneLimits,
     pub jobs: AtomicU64,
     pub refused_no_simulation: IntCounter,
+    pub hits: LimitHits,
+    pub marker_stripped: IntCounter,
+    /// The simulation marker's rules (process-wide).
+    pub marker: Arc<MarkerPolicy>,
+    pub metrics: Arc<Metrics>,
     /// Jobs in flight towards active machines: the copy lanes size their cap on it.
     pub active_in_flight: Arc<ActiveInFlight>,
     links: MachineLinks,
     config_version: IntGauge,
-    /// Serializes pushes so that the version check and the swap are one step.
-    push: Mutex<()>,
+    /// Serializes pushes so that the version check, the name lookups and the swap are one step.
+    push: tokio::sync::Mutex<()>,
 }
 
 impl Service {
@@ -65,6 +75,7 @@ impl Service {
         stats: Arc<Stats>,
         mirror: Mirror,
         limits: DataPlaneLimits,
+        marker: Arc<MarkerPolicy>,
     ) -> Self {
         let name = config.service.clone();
         let config_version = metrics.config_version(&name);
@@ -75,46 +86,53 @@ impl Service {
             active_in_flight: active_in_flight.clone(),
             metrics: metrics.clone(),
             service: name.clone(),
-            connect_timeout: limits.connect_timeout,
+            connect_timeout: limits.limits.machine_connect,
+            keepalive: limits.limits.machine_keepalive,
             lanes: Mutex::default(),
             upstreams: Mutex::default(),
         };
         let table = links.table(config, &stats);
         Service {
             refused_no_simulation: metrics.refused(&name, "no_simulation_machine"),
+            hits: metrics.limit_hits(&name),
+            marker_stripped: metrics.marker_stripped(&name),
+            marker,
+            metrics: metrics.clone(),
+            router: Router::new(table, limits.limits.max_sessions),
             name,
-            router: Router::new(table),
             stats,
             limits,
             jobs: AtomicU64::new(0),
             active_in_flight,
             links,
             config_version,
-            push: Mutex::new(()),
+            push: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Validates and applies a pushed config atomically: in-flight jobs finish on the machine
-    /// they were sent to; new jobs see the whole new config.
-    pub(crate) fn push(&self, config: &BalancerConfig) -> Result<PushResult, PushError> {
-        let valid = ValidConfig::new(config)?;
-        if *valid.service != *self.name {
+    /// they were sent to; new jobs see the whole new config. Machine names are looked up only
+    /// for a config that is about to be applied (not for a stale or idempotent push).
+    pub(crate) async fn push(&self, config: &BalancerConfig) -> Result<PushResult, PushError> {
+        let checked = CheckedConfig::new(config)?;
+        if checked.service() != &*self.name {
             return Err(PushError::WrongService {
                 pushed: config.service.clone(),
                 serving: self.name.to_string(),
             });
         }
-        let _one_at_a_time = self.push.lock().expect("push lock");
+        let _one_at_a_time = self.push.lock().await;
         let running = self.router.table().config.version;
-        if valid.version < running {
+        if checked.version() < running {
             return Err(PushError::Stale {
-                pushed: valid.version,
+                pushed: checked.version(),
                 running,
             });
         }
-        if valid.version == running {
+        if checked.version() == running {
             return Ok(PushResult::AlreadyRunning);
         }
+        let valid = checked.resolve(RESOLVE_TIMEOUT).await?;
         let version = valid.version;
         let table = self.links.table(valid, &self.stats);
         self.router.swap(table, Instant::now());
@@ -152,6 +170,7 @@ struct MachineLinks {
     metrics: Arc<Metrics>,
     service: Arc<str>,
     connect_timeout: Duration,
+    keepalive: Duration,
     lanes: Mutex<HashMap<Arc<str>, Arc<Lane>>>,
     upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
 }
@@ -169,9 +188,13 @@ impl MachineLinks {
                 let lane = self.mirror.open_lane(self.active_in_flight.clone(), held);
                 lanes.insert(machine.version.clone(), Arc::new(lane));
             }
-            upstreams
-                .entry(machine.address)
-                .or_insert_with(|| Arc::new(Upstream::new(machine.address, self.connect_timeout)));
+            upstreams.entry(machine.address).or_insert_with(|| {
+                Arc::new(Upstream::new(
+                    machine.address,
+                    self.connect_timeout,
+                    self.keepalive,
+                ))
+            });
         }
         Table::new(
             config,

@@ -19,12 +19,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use prometheus::{IntCounterVec, Opts, Registry};
 use understudy_hub::envelope::{restart_floor, ConfigRejection};
 use understudy_hub::nats::{NatsBackend, NatsOptions, Receive};
-use understudy_hub::{Backend, ControllerVerifier, Filter, Rejection, SecretKey, CONFIG_TOPIC};
+use understudy_hub::{
+    Backend, ControllerVerifier, Filter, Rejection, SecretKey, CONFIG_TOPIC, READ_AUTH_HEADER,
+    READ_TOPIC,
+};
 
 use crate::service::{PushError, PushResult, Service};
 use crate::wire::{BalancerConfig, KeyRotation};
@@ -35,6 +39,14 @@ pub const CONTROLLER_ID: &str = "controller";
 pub const MAX_SIGNED_BYTES: usize = 1 << 20;
 /// Default of [`crate::SpawnOptions::max_clock_skew`] (the controller's `[hub] max_clock_skew_ms`).
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
+
+/// The payload of a signed read.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedRead {
+    /// The path and query read, exactly as requested.
+    path: String,
+}
 
 /// Where a balancer's key came from; a rotated key is written back to its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +221,10 @@ impl Refusal {
 
 struct Gate {
     verifier: Mutex<ControllerVerifier>,
+    /// Signed reads (stats, config) are sequenced apart from configs.
+    reads: Mutex<ControllerVerifier>,
+    /// The current key: the balancer also signs its hub subscription with it.
+    key: Mutex<SecretKey>,
     source: KeySource,
 }
 
@@ -259,19 +275,24 @@ impl ConfigGates {
             for reason in Rejection::ALL_REASONS {
                 rejected.with_label_values(&[service.as_str(), reason]);
             }
-            // The verifier's own counter is not exported: this module counts per service.
-            let mut verifier = ControllerVerifier::new(
-                CONTROLLER_ID,
-                key.key.clone(),
-                MAX_SIGNED_BYTES,
-                &Registry::new(),
-            )
-            .map_err(|e| SigningError::Metrics(e.to_string()))?;
-            verifier.restore_floor(restart_floor(max_clock_skew));
+            let verifier = || {
+                // The verifier's own counter is not exported: this module counts per service.
+                let mut verifier = ControllerVerifier::new(
+                    CONTROLLER_ID,
+                    key.key.clone(),
+                    MAX_SIGNED_BYTES,
+                    &Registry::new(),
+                )
+                .map_err(|e| SigningError::Metrics(e.to_string()))?;
+                verifier.restore_floor(restart_floor(max_clock_skew));
+                Ok::<_, SigningError>(Mutex::new(verifier))
+            };
             gates.insert(
                 service.clone(),
                 Gate {
-                    verifier: Mutex::new(verifier),
+                    verifier: verifier()?,
+                    reads: verifier()?,
+                    key: Mutex::new(key.key.clone()),
                     source: key.source.clone(),
                 },
             );
@@ -340,12 +361,71 @@ impl ConfigGates {
             .lock()
             .expect("verifier lock poisoned")
             .verify_config::<serde_json::Value>(raw, Instant::now());
-        result.map_err(|e| match e {
+        result.map_err(|e| self.rejected(service, e))
+    }
+
+    /// A fresh token for `service`'s balancer to subscribe to the controller's hub (signed with
+    /// its key as `balancer.{service}`); `None` for a keyless balancer.
+    pub(crate) fn subscribe_token(&self, service: &str) -> Option<String> {
+        let gate = self.gates.get(service)?;
+        let key = gate.key.lock().expect("key lock poisoned").clone();
+        let sender = understudy_hub::http::balancer_subscriber(service);
+        let mut signer = understudy_hub::Signer::new(&sender, key).ok()?;
+        Some(signer.subscribe_token())
+    }
+
+    /// Checks a signed read of `path_and_query` on `service`'s admin endpoint: the
+    /// [`READ_AUTH_HEADER`] holds base64 of an envelope from the controller on [`READ_TOPIC`]
+    /// whose payload names this very path (so a captured one opens nothing else, and once).
+    pub(crate) fn check_read(
+        &self,
+        service: &str,
+        header: Option<&[u8]>,
+        path_and_query: &str,
+    ) -> Result<(), Refusal> {
+        let Some(gate) = self.gates.get(service) else {
+            return Ok(());
+        };
+        let Some(header) = header else {
+            let refusal = Refusal {
+                status: 401,
+                reason: "unsigned",
+                message: format!(
+                    "reads of the balancer of {service:?} are signed by the controller: \
+                     {READ_AUTH_HEADER} is missing"
+                ),
+            };
+            return Err(self.refuse(service, refusal));
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(header)
+            .map_err(|_| {
+                let message = format!("{READ_AUTH_HEADER} is not base64");
+                self.refuse(service, Refusal::malformed(message))
+            })?;
+        let read: SignedRead = gate
+            .reads
+            .lock()
+            .expect("verifier lock poisoned")
+            .verify_on(READ_TOPIC, &raw, Instant::now())
+            .map_err(|e| self.rejected(service, e))?;
+        if read.path != path_and_query {
+            let message = format!(
+                "the signed read is for {:?}, not {path_and_query:?}",
+                read.path
+            );
+            return Err(self.refuse(service, Refusal::malformed(message)));
+        }
+        Ok(())
+    }
+
+    fn rejected(&self, service: &str, rejection: ConfigRejection) -> Refusal {
+        match rejection {
             ConfigRejection::Rejected(r) => self.refuse(service, Refusal::from_rejection(&r)),
             ConfigRejection::Payload(e) => {
                 self.refuse(service, Refusal::malformed(format!("payload: {e}")))
             }
-        })
+        }
     }
 
     /// A verified config for `service` (from the admin `PUT` or the hub feed).
@@ -399,10 +479,14 @@ impl ConfigGates {
             ),
             KeySource::Given => {}
         }
-        gate.verifier
-            .lock()
-            .expect("verifier lock poisoned")
-            .rotate(key, self.grace, Instant::now());
+        let now = Instant::now();
+        *gate.key.lock().expect("key lock poisoned") = key.clone();
+        for verifier in [&gate.verifier, &gate.reads] {
+            verifier
+                .lock()
+                .expect("verifier lock poisoned")
+                .rotate(key.clone(), self.grace, now);
+        }
         tracing::info!(
             service,
             grace_ms = self.grace.as_millis() as u64,
@@ -413,12 +497,12 @@ impl ConfigGates {
 }
 
 /// Verifies and applies one config message from the hub feed.
-fn apply_from_feed(gates: &ConfigGates, service: &Service, raw: &[u8]) {
+async fn apply_from_feed(gates: &ConfigGates, service: &Service, raw: &[u8]) {
     let config = match gates.open_config(&service.name, raw) {
         Ok(config) => config,
         Err(_) => return, // logged and counted by the gate
     };
-    match service.push(&config) {
+    match service.push(&config).await {
         Ok(PushResult::Applied) => tracing::info!(
             service = &*service.name,
             version = config.version,
@@ -507,10 +591,11 @@ async fn sse_session(
     gates: &ConfigGates,
     service: &Service,
 ) -> Result<String, String> {
-    let request = http::Request::get(url)
-        .header(http::header::ACCEPT, "text/event-stream")
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+    let mut request = http::Request::get(url).header(http::header::ACCEPT, "text/event-stream");
+    if let Some(token) = gates.subscribe_token(&service.name) {
+        request = request.header(understudy_hub::http::SUBSCRIBE_AUTH_HEADER, token);
+    }
+    let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
     let response = client.request(request).await.map_err(|e| e.to_string())?;
     if !response.status().is_success() {
         return Err(format!("hub answered {}", response.status()));
@@ -529,7 +614,7 @@ async fn sse_session(
             let event: Vec<u8> = buffer.drain(..end.1).collect();
             let (kind, data) = parse_event(&event[..end.0]);
             match kind.as_deref() {
-                Some("message") => apply_from_feed(gates, service, data.as_bytes()),
+                Some("message") => apply_from_feed(gates, service, data.as_bytes()).await,
                 Some("disconnected") => return Ok(data),
                 _ => {} // keep-alive comments
             }
@@ -615,7 +700,7 @@ async fn nats_feed(url: String, gates: Arc<ConfigGates>, services: Vec<Arc<Servi
                 };
                 while let Some(envelope) = subscription.recv().await {
                     match serde_json::to_vec(&*envelope) {
-                        Ok(raw) => apply_from_feed(&gates, &service, &raw),
+                        Ok(raw) => apply_from_feed(&gates, &service, &raw).await,
                         Err(e) => tracing::warn!("config feed: envelope does not serialize: {e}"),
                     }
                 }
@@ -677,18 +762,19 @@ mod tests {
     /// A keyed balancer process, as `understudy-proxy` starts it.
     fn boot(key: &SecretKey, max_clock_skew: Duration) -> crate::RunningBalancers {
         crate::spawn_with(
-            crate::ProcessConfig {
-                admin: "127.0.0.1:0".parse().unwrap(),
-                balancers: vec![crate::BalancerSpec {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    config: media_config(1),
-                }],
-            },
+            crate::ProcessConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                vec![crate::BalancerSpec::new(
+                    "127.0.0.1:0".parse().unwrap(),
+                    media_config(1),
+                )],
+            ),
             crate::SpawnOptions {
                 signing: ConfigSigning {
                     keys: [("media".to_string(), BalancerKey::given(key.clone()))].into(),
                     ..ConfigSigning::default()
                 },
+                marker_key: Some(SecretKey::generate()),
                 max_clock_skew,
                 ..crate::SpawnOptions::default()
             },

@@ -113,6 +113,20 @@ struct Inner {
     pairs: VecDeque<(u64, JobPair)>,
 }
 
+impl Inner {
+    /// Whether anything was recorded since the last closed window.
+    fn open_has_data(&self) -> bool {
+        let open_id = self.cursor + 1;
+        self.open.iter().any(|s| s.counts.total() > 0)
+            || self.open_mirror_dropped > 0
+            || self.open_pairs_evicted > 0
+            || self
+                .pairs
+                .back()
+                .is_some_and(|(epoch, _)| *epoch == open_id)
+    }
+}
+
 /// Retention limits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Retention {
@@ -140,6 +154,10 @@ pub(crate) struct Window {
 }
 
 impl Stats {
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+
     pub(crate) fn new(service: Arc<str>, metrics: Arc<Metrics>, retention: Retention) -> Self {
         let mirror_dropped_metric = metrics.mirror_dropped(&service);
         Stats {
@@ -249,7 +267,11 @@ impl Stats {
                     latest: inner.cursor,
                 });
             }
-            close_epoch(&mut inner, self.retention.epochs);
+            // A read closes the open window only when something happened in it: reads of an
+            // idle balancer (however many) use up none of the kept windows.
+            if inner.open_has_data() {
+                close_epoch(&mut inner, self.retention.epochs);
+            }
             let oldest_readable = inner.epochs.front().map_or(inner.cursor, |e| e.id - 1);
             if since != 0 && since < oldest_readable {
                 return Err(CursorError::TooOld {
@@ -410,6 +432,11 @@ struct PairState {
 }
 
 impl PairSlot {
+    /// The balancer's number of the job this pair is of.
+    pub(crate) fn job(&self) -> u64 {
+        self.job
+    }
+
     pub(crate) fn new(
         job: u64,
         session: Option<String>,
@@ -527,9 +554,16 @@ mod tests {
                 latest: 0
             })
         ));
+        let v1 = stats.series(&"v1".into(), PoolRole::Active);
+        // Reads of an idle balancer close nothing: however many, no window is used up.
         for _ in 0..5 {
+            assert_eq!(stats.read_since(stats.latest_cursor()).unwrap().cursor, 0);
+        }
+        for _ in 0..5 {
+            stats.record(&v1, 100, Outcome::Ok);
             stats.read_since(stats.latest_cursor()).unwrap();
         }
+        stats.record(&v1, 100, Outcome::Ok);
         // This read closes epoch 6; epochs 5 and 6 are kept, so cursor 4 is the oldest readable.
         assert!(stats.read_since(4).is_ok());
         assert!(matches!(

@@ -3,10 +3,12 @@
 //! Why not pingora's connector pool: it spawns a task per released connection to watch it while
 //! it idles, and looks the peer up (getpeername) on every reuse. At tens of thousands of jobs a
 //! second both showed in profiles as a large share of the balancer's own time. Here an idle
-//! connection costs nothing until it is taken again; it is checked then (one non-blocking read),
-//! and only when it sat idle long enough for its machine to have closed it, or when the job's
-//! body could not be sent again. A connection that turns out closed anyway is retried by the job
-//! path (proxy.rs) once, on a fresh connection. Each connection keeps its read buffer.
+//! connection costs nothing until it is taken again; it is checked then, every time, with one
+//! non-blocking peek: a machine sends nothing unasked on an idle HTTP/1 connection, so bytes there
+//! (a broken machine's stray answer bytes, which would be read as the next job's answer) or its
+//! end mean the connection is not reused. A connection that fails anyway before any answer byte
+//! is retried by the job path (proxy.rs) once, on a fresh connection, for idempotent methods
+//! only. Each connection keeps its read buffer.
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,13 +20,6 @@ use tokio::net::TcpStream;
 
 /// Idle connections kept per machine address (per balancer).
 const MAX_IDLE: usize = 128;
-/// An idle connection older than this is closed rather than reused: machines close idle
-/// keep-alive connections after their own timeout (nginx 75 s, many servers 60 s).
-const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
-/// A connection idle for less than this is reused without a liveness check: under load
-/// connections idle for microseconds, and a machine that closed one in that window is caught by
-/// the job path's one retry.
-const CHECK_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Why no connection to the machine could be had.
 #[derive(Debug, thiserror::Error)]
@@ -66,14 +61,18 @@ struct IdleConnection {
 pub(crate) struct Upstream {
     address: SocketAddr,
     connect_timeout: Duration,
+    /// An idle connection older than this is closed rather than reused: machines close idle
+    /// keep-alive connections after their own timeout (nginx 75 s, many servers 60 s).
+    keepalive: Duration,
     idle: Mutex<Vec<IdleConnection>>,
 }
 
 impl Upstream {
-    pub(crate) fn new(address: SocketAddr, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(address: SocketAddr, connect_timeout: Duration, keepalive: Duration) -> Self {
         Upstream {
             address,
             connect_timeout,
+            keepalive,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -83,18 +82,12 @@ impl Upstream {
     }
 
     /// The most recently released connection that is still usable, or a new one.
-    /// `check_always`: check liveness whatever the idle time (the job's body is not replayable).
-    pub(crate) async fn checkout(
-        &self,
-        now: Instant,
-        check_always: bool,
-    ) -> Result<Checkout, ConnectError> {
+    pub(crate) async fn checkout(&self, now: Instant) -> Result<Checkout, ConnectError> {
         while let Some(idle) = self.pop_idle() {
-            let idle_for = now.saturating_duration_since(idle.since);
-            if idle_for > MAX_IDLE_AGE {
+            if now.saturating_duration_since(idle.since) > self.keepalive {
                 continue;
             }
-            if (check_always || idle_for >= CHECK_AFTER_IDLE) && !still_open(&idle.connection.tcp) {
+            if !still_open(&idle.connection.tcp) {
                 continue;
             }
             return Ok(Checkout {
@@ -156,11 +149,17 @@ impl Upstream {
     }
 }
 
-/// Whether an idle connection is still open: nothing to read (a machine sends nothing unasked
-/// on an idle HTTP/1 connection, so data or end of stream both mean it is unusable).
+/// Whether an idle connection is still open and clean: nothing to read (a machine sends nothing
+/// unasked on an idle HTTP/1 connection, so data or end of stream both mean it is unusable).
+/// A real peek, not tokio's cached readiness, which may not have seen bytes that arrived since
+/// the last read.
 fn still_open(tcp: &TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    // The socket is non-blocking (tokio's), so the peek never waits.
+    matches!(
+        socket2::SockRef::from(tcp).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
 }
 
 #[cfg(test)]
@@ -170,6 +169,8 @@ mod tests {
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    const KEEPALIVE: Duration = Duration::from_secs(50);
 
     /// A machine that counts its connections; `close_after_first_byte` closes each connection once
     /// it has read something (a stale keep-alive connection from the balancer's side).
@@ -217,9 +218,9 @@ mod tests {
     #[tokio::test]
     async fn a_released_connection_is_reused() {
         let (address, accepted) = machine(false).await;
-        let upstream = Upstream::new(address, Duration::from_secs(1));
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
         for round in 0..5 {
-            let mut conn = upstream.checkout(Instant::now(), false).await.unwrap();
+            let mut conn = upstream.checkout(Instant::now()).await.unwrap();
             assert_eq!(conn.reused, round > 0);
             echo(&mut conn.connection.tcp).await;
             upstream.release(conn.connection, Instant::now());
@@ -228,44 +229,53 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_the_machine_closed_is_not_handed_out() {
+    async fn a_connection_closed_or_holding_stray_bytes_is_never_handed_out() {
         let (address, accepted) = machine(true).await;
-        let upstream = Upstream::new(address, Duration::from_secs(1));
-        let mut conn = upstream.checkout(Instant::now(), false).await.unwrap();
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let mut conn = upstream.checkout(Instant::now()).await.unwrap();
         conn.connection.tcp.write_all(b"x").await.unwrap();
         // The machine's close arrives (it sends nothing back).
         let mut buf = [0u8; 1];
         assert_eq!(conn.connection.tcp.read(&mut buf).await.unwrap(), 0);
         let released = Instant::now();
         upstream.release(conn.connection, released);
-        // Checked because the job cannot be replayed (or because it idled long enough).
-        let fresh = upstream.checkout(released, true).await.unwrap();
+        // Checked at once, not only after some idle time.
+        let fresh = upstream.checkout(released).await.unwrap();
         assert!(!fresh.reused);
-        upstream.release(fresh.connection, released);
-        let later = released + CHECK_AFTER_IDLE;
-        let open = upstream.checkout(later, false).await.unwrap();
-        assert!(
-            open.reused,
-            "an open connection idle for a while is still reused"
-        );
         accepted_reaches(&accepted, 2).await;
+
+        let (address, _) = machine(false).await;
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let mut conn = upstream.checkout(Instant::now()).await.unwrap();
+        // The echo answers two bytes; one is read: the other is a stray byte, as a broken
+        // machine's answer longer than its framing leaves.
+        conn.connection.tcp.write_all(b"ab").await.unwrap();
+        conn.connection.tcp.read_exact(&mut buf).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        upstream.release(conn.connection, Instant::now());
+        assert!(!upstream.checkout(Instant::now()).await.unwrap().reused);
+        // A clean connection is reused.
+        let mut conn = upstream.checkout(Instant::now()).await.unwrap();
+        echo(&mut conn.connection.tcp).await;
+        upstream.release(conn.connection, Instant::now());
+        assert!(upstream.checkout(Instant::now()).await.unwrap().reused);
     }
 
     #[tokio::test]
     async fn old_idle_connections_are_dropped_and_the_list_is_bounded() {
         let (address, accepted) = machine(false).await;
-        let upstream = Upstream::new(address, Duration::from_secs(1));
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
         let now = Instant::now();
         let mut connections = Vec::new();
         for _ in 0..MAX_IDLE + 3 {
-            connections.push(upstream.checkout(now, false).await.unwrap().connection);
+            connections.push(upstream.checkout(now).await.unwrap().connection);
         }
         for connection in connections {
             upstream.release(connection, now);
         }
         assert_eq!(upstream.idle_count(), MAX_IDLE);
         let aged = upstream
-            .checkout(now + MAX_IDLE_AGE + Duration::from_secs(1), false)
+            .checkout(now + KEEPALIVE + Duration::from_secs(1))
             .await
             .unwrap();
         assert!(!aged.reused);
@@ -278,12 +288,8 @@ mod tests {
         let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = unused.local_addr().unwrap();
         drop(unused);
-        let upstream = Upstream::new(address, Duration::from_secs(1));
-        let error = upstream
-            .checkout(Instant::now(), false)
-            .await
-            .err()
-            .unwrap();
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let error = upstream.checkout(Instant::now()).await.err().unwrap();
         assert!(error.to_string().contains(&address.to_string()), "{error}");
     }
 }

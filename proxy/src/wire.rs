@@ -3,8 +3,11 @@
 //! The controller pushes a [`BalancerConfig`] (`PUT /api/v1/balancers/{service}/config`) and reads
 //! a [`StatsReport`] since a cursor (`GET /api/v1/balancers/{service}/stats?since=CURSOR`).
 //! These types are the contract between `proxy/` and `src/`; both sides use this very module.
+//! Their OpenAPI schemas (`utoipa::ToSchema`) are derived here too, so the balancer's document
+//! (`GET /api/v1/openapi.json` on its admin port) and the controller's show these very types.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Admin path of a balancer's config, for `service`.
 pub fn config_path(service: &str) -> String {
@@ -19,7 +22,7 @@ pub fn config_key_path(service: &str) -> String {
 /// Payload of a key rotation: an envelope from the controller on the config topic, signed with
 /// the balancer's CURRENT key, sent only to `PUT` [`config_key_path`] (never over the hub, since
 /// it carries the next key). `Debug` does not show the key.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRotation {
     pub service: String,
@@ -37,7 +40,7 @@ impl std::fmt::Debug for KeyRotation {
 }
 
 /// Answer to a key rotation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct KeyRotationAck {
     pub service: String,
     /// How long the previous key is still accepted (until the first config under the new one).
@@ -50,7 +53,9 @@ pub fn stats_path(service: &str, cursor: u64) -> String {
 }
 
 /// Which configuration a machine is in: serving callers, or receiving mirrored copies only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolRole {
     Active,
@@ -73,16 +78,22 @@ impl std::fmt::Display for PoolRole {
 }
 
 /// One machine behind a balancer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineEntry {
+    /// Unique within the config.
+    #[schema(min_length = 1, example = "media-v1-a")]
     pub id: String,
     /// Software version the machine runs, e.g. "v1".
+    #[schema(min_length = 1, example = "v1")]
     pub version: String,
-    /// `host:port` of the machine's HTTP listener.
+    /// `host:port` of the machine's HTTP listener: `ip:port`, or a name resolved once when the
+    /// config is applied (refused when it does not resolve within 2 s).
+    #[schema(example = "127.0.0.1:7001")]
     pub address: String,
     /// Relative share of new sessions/jobs, 1..=1000 (0 is refused: remove the machine instead).
     #[serde(default = "default_weight")]
+    #[schema(minimum = 1, maximum = 1000, default = 100)]
     pub weight: u32,
     pub config: PoolRole,
 }
@@ -92,22 +103,38 @@ fn default_weight() -> u32 {
 }
 
 /// The whole desired state of one balancer. Replaces the previous one atomically.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "service": "media",
+    "version": 2,
+    "mirror_fraction": 0.5,
+    "machines": [
+        {"id": "media-v1-a", "version": "v1", "address": "127.0.0.1:7001", "config": "active"},
+        {"id": "media-v2-a", "version": "v2", "address": "127.0.0.1:7002", "config": "simulation"}
+    ]
+}))]
 pub struct BalancerConfig {
+    /// The balancer's service: the same as in the path it is pushed to.
+    #[schema(min_length = 1)]
     pub service: String,
     /// Monotonic config version; a push with a version lower than the running one is refused
     /// and a push of the running version is an idempotent no-op.
     pub version: u64,
     /// Fraction of jobs copied to the simulation pool, 0.0..=1.0.
     #[serde(default = "default_mirror_fraction")]
+    #[schema(minimum = 0.0, maximum = 1.0, default = 1.0)]
     pub mirror_fraction: f64,
     /// Compare a digest of the answers' bodies as well as their status.
     #[serde(default)]
+    #[schema(default = false)]
     pub compare_body: bool,
     /// How long a removed machine that still holds sessions is kept for them.
     #[serde(default = "default_drain_timeout_ms")]
+    #[schema(default = 30000)]
     pub drain_timeout_ms: u64,
+    /// At least one `active`; ids unique.
+    #[schema(min_items = 1)]
     pub machines: Vec<MachineEntry>,
 }
 
@@ -120,7 +147,7 @@ fn default_drain_timeout_ms() -> u64 {
 }
 
 /// How one job (or one mirrored copy) ended, as seen by the balancer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok,
@@ -148,7 +175,7 @@ impl Outcome {
 }
 
 /// Outcome counters of one series.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OutcomeCounts {
     pub ok: u64,
     pub client_error: u64,
@@ -158,7 +185,7 @@ pub struct OutcomeCounts {
 }
 
 /// Latency and outcomes of one (version, configuration) of the service, over the stats window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SeriesStats {
     pub version: String,
     pub config: PoolRole,
@@ -168,7 +195,7 @@ pub struct SeriesStats {
 }
 
 /// One side of a mirrored job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobObservation {
     pub machine: String,
     pub version: String,
@@ -181,7 +208,7 @@ pub struct JobObservation {
 /// A job served by the active pool and its mirrored copy: the same input, the same moment.
 /// A job copied to several simulation versions (v2, and a v1 A/A control) yields one pair each,
 /// with the same `job`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobPair {
     /// Balancer-local job number, increasing in arrival order.
     pub job: u64,
@@ -193,7 +220,7 @@ pub struct JobPair {
 }
 
 /// Whether a machine takes new work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MachineState {
     Serving,
@@ -201,7 +228,8 @@ pub enum MachineState {
     Draining,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A machine of the running config, or a removed one still draining its sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MachineStatus {
     pub id: String,
     pub version: String,
@@ -213,7 +241,7 @@ pub struct MachineStatus {
 
 /// Everything measured since a cursor. Reading with `since = report.cursor` next time gives the
 /// following window with nothing lost and nothing counted twice.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StatsReport {
     pub service: String,
     /// Version of the running config.
@@ -230,14 +258,15 @@ pub struct StatsReport {
 }
 
 /// Answer to a config push.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PushAck {
     pub service: String,
     pub version: u64,
 }
 
-/// Error body of every admin error answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Error body of every admin error answer (refusals of signed messages and of stats cursors add a
+/// `reason`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
 }

@@ -9,7 +9,7 @@ use common::*;
 use understudy_proxy::wire::{
     self, BalancerConfig, ErrorBody, MachineState, Outcome, PoolRole, PushAck, StatsReport,
 };
-use understudy_proxy::{decode_histogram, SpawnOptions};
+use understudy_proxy::{decode_histogram, LimitsSpec, SpawnOptions};
 
 async fn stats(http: &Http, admin: std::net::SocketAddr, service: &str, since: u64) -> StatsReport {
     let answer = http
@@ -127,7 +127,7 @@ async fn a_broken_mirror_does_not_disturb_the_active_path() {
     let v1 = Machine::start("v1", Behaviour::Echo).await;
     let options = SpawnOptions {
         mirror_timeout: Duration::from_secs(30),
-        ..SpawnOptions::default()
+        ..insecure()
     };
     let http = Http::new();
 
@@ -230,7 +230,7 @@ async fn a_hanging_mirror_times_out_into_the_pairs() {
         )],
         SpawnOptions {
             mirror_timeout: Duration::from_millis(200),
-            ..SpawnOptions::default()
+            ..insecure()
         },
     );
     let http = Http::new();
@@ -267,7 +267,7 @@ async fn a_full_mirror_queue_drops_and_counts_copies() {
             mirror_queue: 1,
             mirror_concurrency: 2,
             mirror_timeout: Duration::from_secs(30),
-            ..SpawnOptions::default()
+            ..insecure()
         },
     );
     let http = Http::new();
@@ -320,7 +320,7 @@ async fn copies_in_flight_follow_the_active_jobs_in_flight() {
             )],
             SpawnOptions {
                 mirror_per_active: per_active,
-                ..SpawnOptions::default()
+                ..insecure()
             },
         );
         let lb = running.listen_addr("svc").unwrap();
@@ -488,10 +488,11 @@ async fn simulation_traffic_never_reaches_an_active_machine() {
     ]);
     let http = Http::new();
     let marked = [("x-understudy-simulation", "1")];
+    // From a cluster machine (the internal listener): to the simulation pool only.
     let a = http
         .send(
             "POST",
-            &format!("http://{}/job", running.listen_addr("with-sim").unwrap()),
+            &format!("http://{}/job", running.internal_addr("with-sim").unwrap()),
             &marked,
             "copy",
         )
@@ -500,7 +501,7 @@ async fn simulation_traffic_never_reaches_an_active_machine() {
     let refused = http
         .send(
             "POST",
-            &format!("http://{}/job", running.listen_addr("no-sim").unwrap()),
+            &format!("http://{}/job", running.internal_addr("no-sim").unwrap()),
             &marked,
             "copy",
         )
@@ -788,13 +789,16 @@ async fn bad_configs_are_refused_at_start() {
     let m = Machine::start("a", Behaviour::Echo).await;
     let mut bad = config("svc", 1, vec![entry("a", "v1", &m, PoolRole::Active)]);
     bad.machines[0].weight = 0;
-    let err = understudy_proxy::spawn(understudy_proxy::ProcessConfig {
-        admin: "127.0.0.1:0".parse().unwrap(),
-        balancers: vec![understudy_proxy::BalancerSpec {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            config: bad,
-        }],
-    })
+    let err = understudy_proxy::spawn_with(
+        understudy_proxy::ProcessConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![understudy_proxy::BalancerSpec::new(
+                "127.0.0.1:0".parse().unwrap(),
+                bad,
+            )],
+        ),
+        insecure(),
+    )
     .err()
     .expect("refused");
     assert!(
@@ -806,13 +810,16 @@ async fn bad_configs_are_refused_at_start() {
     // A listen address already taken is refused with the address.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let err = understudy_proxy::spawn(understudy_proxy::ProcessConfig {
-        admin: "127.0.0.1:0".parse().unwrap(),
-        balancers: vec![understudy_proxy::BalancerSpec {
-            listen: addr,
-            config: config("svc", 1, vec![entry("a", "v1", &m, PoolRole::Active)]),
-        }],
-    })
+    let err = understudy_proxy::spawn_with(
+        understudy_proxy::ProcessConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![understudy_proxy::BalancerSpec::new(
+                addr,
+                config("svc", 1, vec![entry("a", "v1", &m, PoolRole::Active)]),
+            )],
+        ),
+        insecure(),
+    )
     .err()
     .expect("refused");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
@@ -975,16 +982,17 @@ async fn sets_run_side_by_side_and_shutdown_closes_the_listeners() {
 #[tokio::test]
 async fn a_hanging_active_machine_times_out() {
     let hang = Machine::start("hang", Behaviour::Hang).await;
-    let running = start_with(
+    let running = start_with_limits(
         vec![config(
             "svc",
             1,
             vec![entry("h", "v1", &hang, PoolRole::Active)],
         )],
-        SpawnOptions {
-            upstream_timeout: Duration::from_millis(300),
-            ..SpawnOptions::default()
+        LimitsSpec {
+            machine_answer_timeout_ms: 300,
+            ..LimitsSpec::default()
         },
+        insecure(),
     );
     let http = Http::new();
     let answer = http

@@ -13,26 +13,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_understudy-proxy");
 async fn serves_the_balancers_of_its_config_file() {
     let v1 = Machine::start("v1", Behaviour::Echo).await;
     let mut file = tempfile_in_target("good.toml");
-    write!(
-        file.1,
-        r#"
-admin = "127.0.0.1:0"
-[[balancers]]
-listen = "127.0.0.1:0"
-[balancers.config]
-service = "media"
-version = 1
-[[balancers.config.machines]]
-id = "a"
-version = "v1"
-address = "{}"
-config = "active"
-"#,
-        v1.addr
-    )
-    .unwrap();
+    write!(file.1, "{}", media_config(&v1.addr.to_string(), "")).unwrap();
+    let key = key_file("media.key");
+    let marker = key_file("marker.key");
     let mut child = Command::new(BIN)
         .args(["--config", file.0.to_str().unwrap()])
+        .args(["--key-file", &format!("media={}", key.display())])
+        .args(["--marker-key-file", marker.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -60,24 +47,7 @@ config = "active"
 #[test]
 fn a_bad_file_exits_2_naming_the_field() {
     let mut file = tempfile_in_target("bad.toml");
-    write!(
-        file.1,
-        r#"
-admin = "127.0.0.1:0"
-[[balancers]]
-listen = "127.0.0.1:0"
-[balancers.config]
-service = "media"
-version = 1
-[[balancers.config.machines]]
-id = "a"
-version = "v1"
-address = "127.0.0.1:9"
-weight = 0
-config = "active"
-"#
-    )
-    .unwrap();
+    write!(file.1, "{}", media_config("127.0.0.1:9", "weight = 0")).unwrap();
     let out = Command::new(BIN)
         .args(["--config", file.0.to_str().unwrap()])
         .output()
@@ -88,6 +58,68 @@ config = "active"
         err.contains("balancers[0].config.machines[0].weight"),
         "{err}"
     );
+}
+
+/// Without keys the binary does not start, unless told to run insecure (then it warns).
+#[test]
+fn without_keys_it_refuses_to_start_unless_told_to_run_insecure() {
+    let mut file = tempfile_in_target("keyless.toml");
+    write!(file.1, "{}", media_config("127.0.0.1:9", "")).unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", file.0.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no key for the balancer of \"media\""),
+        "{err}"
+    );
+    assert!(err.contains("--insecure-no-key"), "{err}");
+
+    let mut child = Command::new(BIN)
+        .args(["--config", file.0.to_str().unwrap(), "--insecure-no-key"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("admin http://"));
+    kill_term(child.id());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("WARN") && log.contains("insecure-no-key"),
+        "{log}"
+    );
+}
+
+/// A one-balancer file: `media` with one active machine at `address` (plus `extra`, a TOML line
+/// in the machine's table).
+fn media_config(address: &str, extra: &str) -> String {
+    format!(
+        r#"
+admin = "127.0.0.1:0"
+[[balancers]]
+listen = "127.0.0.1:0"
+[balancers.config]
+service = "media"
+version = 1
+[[balancers.config.machines]]
+id = "a"
+version = "v1"
+address = "{address}"
+config = "active"
+{extra}
+"#
+    )
+}
+
+/// A fresh key file (base64) under the target dir.
+fn key_file(name: &str) -> std::path::PathBuf {
+    let (path, _) = tempfile_in_target(name);
+    understudy_proxy::write_key_file(&path, &understudy_hub::SecretKey::generate()).unwrap();
+    path
 }
 
 /// A file under the target dir, unique per test (no tempfile crate in this package).

@@ -4,117 +4,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use common::raw::{exchange, read_until, RawMachine};
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use understudy_proxy::wire::{MachineEntry, PoolRole};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use understudy_proxy::wire::PoolRole;
 use understudy_proxy::RunningBalancers;
-
-/// A machine speaking raw HTTP/1: for each request it reads (a head, and a body up to
-/// `request_end` when given) it writes `answer`; `close_after` closes the connection after each
-/// answer. The raw requests it saw are kept.
-struct RawMachine {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl RawMachine {
-    async fn start(answer: &'static [u8], request_end: &'static [u8], close_after: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-        let log = seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let mut pending = Vec::new();
-                    loop {
-                        let mut buf = [0u8; 4096];
-                        let Ok(n) = socket.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        pending.extend_from_slice(&buf[..n]);
-                        let Some(head_end) = find(&pending, b"\r\n\r\n") else {
-                            continue;
-                        };
-                        let end = if request_end.is_empty() {
-                            head_end + 4
-                        } else {
-                            match find(&pending[head_end..], request_end) {
-                                Some(at) => head_end + at + request_end.len(),
-                                None => continue,
-                            }
-                        };
-                        log.lock().unwrap().push(pending[..end].to_vec());
-                        pending.drain(..end);
-                        if socket.write_all(answer).await.is_err() || close_after {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        RawMachine { addr, seen }
-    }
-
-    fn entry(&self) -> MachineEntry {
-        MachineEntry {
-            id: "raw".into(),
-            version: "v1".into(),
-            address: self.addr.to_string(),
-            weight: 100,
-            config: PoolRole::Active,
-        }
-    }
-
-    fn seen(&self) -> Vec<String> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| String::from_utf8_lossy(r).into_owned())
-            .collect()
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Sends raw bytes to the balancer and reads until it closes the connection.
-async fn exchange(lb: SocketAddr, raw: &[u8]) -> String {
-    let mut stream = TcpStream::connect(lb).await.unwrap();
-    stream.write_all(raw).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("the balancer closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-/// Reads from `stream` until `count` answers of the echo machine ended (each ends in its body).
-async fn read_until(stream: &mut TcpStream, marker: &str, count: usize) -> String {
-    let mut got = Vec::new();
-    while String::from_utf8_lossy(&got).matches(marker).count() < count {
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("answers in time")
-            .unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&got).into_owned()
-}
 
 /// A balancer for "media" in front of one echo machine ("v1:<body>").
 async fn echo_balancer() -> (Machine, RunningBalancers, SocketAddr) {
@@ -145,8 +41,9 @@ async fn chunked_bodies_pass_through_both_ways() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    // Framing is written by the balancer, not copied.
     assert!(
-        answer.contains("Transfer-Encoding: chunked\r\n"),
+        answer.contains("\r\ntransfer-encoding: chunked\r\n"),
         "{answer}"
     );
     assert!(
@@ -224,7 +121,7 @@ async fn malformed_and_unsupported_requests_are_refused_by_name() {
     let garbage = exchange(lb, b"GET /\x01 HTTP/1.1\r\n\r\n").await;
     assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
     assert!(garbage.contains("malformed message head"), "{garbage}");
-    let connect = exchange(lb, b"CONNECT example:443 HTTP/1.1\r\n\r\n").await;
+    let connect = exchange(lb, b"CONNECT example:443 HTTP/1.1\r\nhost: m\r\n\r\n").await;
     assert!(connect.starts_with("HTTP/1.1 405 "), "{connect}");
     assert!(
         connect.contains("CONNECT method is not proxied"),
@@ -232,7 +129,7 @@ async fn malformed_and_unsupported_requests_are_refused_by_name() {
     );
     let smuggled = exchange(
         lb,
-        b"POST / HTTP/1.1\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: m\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
     )
     .await;
     assert!(smuggled.starts_with("HTTP/1.1 400 "), "{smuggled}");

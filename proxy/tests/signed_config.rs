@@ -7,11 +7,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{config, entry, eventually, start_with, Answer, Behaviour, Http, Machine};
+use common::{
+    config, entry, eventually, signed_read, start_with, Answer, Behaviour, Http, Machine,
+};
 use serde_json::json;
 use understudy_hub::http::HubHttp;
 use understudy_hub::nats::{NatsBackend, NatsServer};
-use understudy_hub::{Backend, EmbeddedHub, Envelope, Keyring, SecretKey, Signer, Verifier};
+use understudy_hub::{
+    Backend, EmbeddedHub, Envelope, Keyring, SecretKey, Signer, Verifier, READ_AUTH_HEADER,
+};
 use understudy_proxy::wire::{config_key_path, config_path, BalancerConfig, KeyRotation, PoolRole};
 use understudy_proxy::{BalancerKey, ConfigFeed, ConfigSigning, SpawnOptions, CONTROLLER_ID};
 
@@ -27,6 +31,7 @@ fn options(keys: &[(&str, SecretKey)], feed: Option<ConfigFeed>) -> SpawnOptions
             feed,
             rotation_grace: Duration::from_secs(60),
         },
+        marker_key: Some(SecretKey::generate()),
         ..SpawnOptions::default()
     }
 }
@@ -54,10 +59,20 @@ fn rejected(metrics: &str, service: &str, reason: &str) -> u64 {
         .unwrap_or_else(|| panic!("no rejected series for {service}/{reason}"))
 }
 
-async fn running_version(http: &Http, admin: &str, service: &str) -> u64 {
-    let answer = http.get(&format!("{admin}{}", config_path(service))).await;
+/// The running config's version, read as the controller reads it: signed with `key`.
+async fn running_version(http: &Http, admin: &str, service: &str, key: &SecretKey) -> u64 {
+    let path = config_path(service);
+    let mut reader = Signer::new(CONTROLLER_ID, key.clone()).unwrap();
+    let answer = http
+        .send(
+            "GET",
+            &format!("{admin}{path}"),
+            &[(READ_AUTH_HEADER, &signed_read(&mut reader, &path))],
+            "",
+        )
+        .await;
     serde_json::from_str::<BalancerConfig>(&answer.body)
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}: {}", answer.body))
         .version
 }
 
@@ -68,7 +83,11 @@ async fn a_keyed_balancer_applies_only_controller_signed_configs() {
     let machines = || vec![entry("m1", "v1", &m1, PoolRole::Active)];
     let running = start_with(
         vec![config("media", 1, machines()), config("db", 1, machines())],
-        options(&[("media", key.clone())], None),
+        // db keeps no key: allowed only in insecure mode, which leaves keyed balancers keyed.
+        SpawnOptions {
+            insecure_no_key: true,
+            ..options(&[("media", key.clone())], None)
+        },
     );
     let admin = format!("http://{}", running.admin_addr());
     let url = format!("{admin}{}", config_path("media"));
@@ -95,7 +114,7 @@ async fn a_keyed_balancer_applies_only_controller_signed_configs() {
     let v2 = signed(&mut controller, &config("media", 2, machines()));
     let ok = put(serde_json::to_string(&v2).unwrap()).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
-    assert_eq!(running_version(&http, &admin, "media").await, 2);
+    assert_eq!(running_version(&http, &admin, "media", &key).await, 2);
 
     // Each refusal names its reason; the running config stays.
     let mut forger = Signer::new(CONTROLLER_ID, SecretKey::generate()).unwrap();
@@ -147,7 +166,7 @@ async fn a_keyed_balancer_applies_only_controller_signed_configs() {
             "{}",
             answer.body
         );
-        assert_eq!(running_version(&http, &admin, "media").await, 2);
+        assert_eq!(running_version(&http, &admin, "media", &key).await, 2);
     }
     // An old signed config replayed after a newer one: refused, the newer one stays.
     let v3 = signed(&mut controller, &config("media", 3, machines()));
@@ -155,7 +174,7 @@ async fn a_keyed_balancer_applies_only_controller_signed_configs() {
     assert_eq!(put(serde_json::to_string(&v4).unwrap()).await.status, 200);
     let old = put(serde_json::to_string(&v3).unwrap()).await;
     assert_eq!((old.status, reason(&old).as_str()), (401, "out_of_order"));
-    assert_eq!(running_version(&http, &admin, "media").await, 4);
+    assert_eq!(running_version(&http, &admin, "media", &key).await, 4);
 
     // A balancer without a key still takes plain configs.
     let db = http
@@ -207,6 +226,7 @@ async fn key_rotation_is_signed_with_the_current_key_and_written_back() {
                 .into(),
                 ..ConfigSigning::default()
             },
+            insecure_no_key: true,
             ..SpawnOptions::default()
         },
     );
@@ -288,7 +308,7 @@ async fn key_rotation_is_signed_with_the_current_key_and_written_back() {
         (answer.status, reason(&answer).as_str()),
         (401, "bad_signature")
     );
-    assert_eq!(running_version(&http, &admin, "media").await, 3);
+    assert_eq!(running_version(&http, &admin, "media", &new_key).await, 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -302,6 +322,9 @@ async fn configs_come_from_the_controllers_hub_over_server_sent_events() {
     let hub = Arc::new(EmbeddedHub::new(&hub_registry).unwrap());
     let mut ring = Keyring::new();
     ring.insert(CONTROLLER_ID, SecretKey::generate()).unwrap();
+    // The balancer subscribes with its own key, as the controller's hub expects by default.
+    let subscriber = understudy_hub::http::balancer_subscriber("media");
+    ring.insert(&subscriber, key.clone()).unwrap();
     let router = understudy_hub::http::router(Arc::new(HubHttp {
         backend: hub.clone(),
         verifier: Arc::new(Mutex::new(
@@ -309,7 +332,7 @@ async fn configs_come_from_the_controllers_hub_over_server_sent_events() {
         )),
         controller_id: CONTROLLER_ID.into(),
         subscriber_capacity: 16,
-        subscriber_auth: false,
+        subscriber_auth: true,
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hub_url = format!("http://{}", listener.local_addr().unwrap());
@@ -347,7 +370,7 @@ async fn configs_come_from_the_controllers_hub_over_server_sent_events() {
         .unwrap();
     let mut version = 0;
     for _ in 0..250 {
-        version = running_version(&http, &admin, "media").await;
+        version = running_version(&http, &admin, "media", &key).await;
         if version == 2 {
             break;
         }
@@ -399,7 +422,7 @@ async fn configs_come_over_nats_and_forged_ones_are_refused() {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if running_version(&http, &admin, "media").await == 2 {
+        if running_version(&http, &admin, "media", &key).await == 2 {
             applied = true;
             break;
         }
@@ -407,7 +430,7 @@ async fn configs_come_over_nats_and_forged_ones_are_refused() {
     assert!(applied, "the signed config arrived over NATS");
     let metrics = http.get(&format!("{admin}/metrics")).await.body;
     assert!(rejected(&metrics, "media", "bad_signature") >= 1);
-    assert_eq!(running_version(&http, &admin, "media").await, 2);
+    assert_eq!(running_version(&http, &admin, "media", &key).await, 2);
 }
 
 async fn async_nats_client(url: &str) -> async_nats::Client {

@@ -11,7 +11,8 @@ use super::spec::Expected;
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioReport {
     pub scenario: String,
-    /// Every outcome as expected, no caller hurt, no simulation side effect.
+    /// Every outcome as expected, no caller hurt, no simulation job on an active machine nor
+    /// caller's job on a simulation-only one, no call moved, no simulation side effect.
     pub passed: bool,
     /// Why `passed` is false, one line per reason.
     pub failures: Vec<String>,
@@ -20,7 +21,16 @@ pub struct ScenarioReport {
     pub release_order: Vec<String>,
     pub active_jobs: ActiveJobs,
     pub dropped_sessions: u64,
+    /// Side effects the machines performed for simulation jobs (only a machine with the
+    /// `leaks_side_effects` fault counts them).
     pub simulation_side_effects: u64,
+    /// Where simulation and callers' jobs landed, as the machines counted them.
+    #[serde(flatten)]
+    pub isolation: Isolation,
+    /// Calls whose jobs reached a machine that did not see them start, over every machine.
+    pub calls_moved: u64,
+    /// The machines that counted such calls, with their count.
+    pub calls_moved_by_machine: BTreeMap<String, u64>,
     pub ops: Vec<OpsRecord>,
     /// The load generator's own report.
     pub load: Option<LoadReport>,
@@ -42,6 +52,23 @@ pub struct ServiceReport {
     pub verdict: serde_json::Value,
     /// Quantiles and rates of both versions over every compared job.
     pub numbers: serde_json::Value,
+}
+
+/// The witness of isolation: jobs counted by the machines that received them, by the role the
+/// scenario and the controller's rollouts give each machine, never by a balancer's view.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Isolation {
+    /// Simulation jobs (`x-understudy-simulation: 1`) received by a machine while it was active:
+    /// by the machines active from the start (until retired or taken out), and by candidates
+    /// after they joined (once copies made before could no longer arrive). Must be 0.
+    pub active_machines_simulation_jobs: u64,
+    /// Callers' jobs received by a machine while it was only in the simulation pool: by controls
+    /// and candidates that never joined, and by candidates before they joined. Must be 0.
+    pub simulation_only_plain_jobs: u64,
+    /// The machines behind the counts, by role.
+    pub always_active_machines: Vec<String>,
+    pub simulation_only_machines: Vec<String>,
+    pub joined_machines: Vec<String>,
 }
 
 /// Jobs as the callers saw them.
@@ -112,6 +139,13 @@ impl ScenarioReport {
             self.active_jobs.ok,
             self.active_jobs.errors,
             self.dropped_sessions
+        );
+        let i = &self.isolation;
+        let _ = writeln!(
+            out,
+            "isolation         {} simulation jobs on active machines, {} callers' jobs on \
+             simulation-only machines; {} calls moved",
+            i.active_machines_simulation_jobs, i.simulation_only_plain_jobs, self.calls_moved
         );
         let _ = writeln!(
             out,

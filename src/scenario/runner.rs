@@ -7,11 +7,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use understudy_loadgen::{run_load, spawn_machine, HubOptions, LoadReport, MachineHandle};
+use understudy_loadgen::{
+    run_load, spawn_machine, HubOptions, JobsInSecond, LoadReport, MachineHandle, MachineStats,
+};
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
 use understudy_proxy::{BalancerSpec, ProcessConfig, RunningBalancers};
 
-use super::report::{ActiveJobs, OpsRecord, ScenarioReport, ServiceReport};
+use super::report::{ActiveJobs, Isolation, OpsRecord, ScenarioReport, ServiceReport};
 use super::spec::{Expected, OpsTrigger, Scenario};
 use crate::client::{AdminClient, ClientError};
 use crate::cluster::Cluster;
@@ -20,6 +22,9 @@ use crate::controller::{self, ControllerConfig, ControllerHandle, RolloutDetail,
 const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
 /// How often the runner looks at the rollouts.
 const WATCH_PERIOD: Duration = Duration::from_millis(100);
+/// A copy not answered this long after it was queued is a timeout: copies made before a
+/// candidate joined reach it at most this long after its balancer took it in.
+const COPY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -43,6 +48,12 @@ pub struct RunOptions {
     pub linger: Option<Duration>,
     /// Print progress lines.
     pub verbose: bool,
+}
+
+/// What one machine counted during the run.
+struct Counted {
+    stats: MachineStats,
+    by_second: Vec<JobsInSecond>,
 }
 
 /// Everything started for a run, stopped in reverse order.
@@ -94,7 +105,17 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<ScenarioRepor
         .listen_addr(&scenario.entry)
         .expect("entry service has a balancer");
     let result = drive(scenario, opts, &client, entry).await;
-    let machine_stats: Vec<_> = started.machines.values().map(|m| m.stats()).collect();
+    let counted: BTreeMap<String, Counted> = started
+        .machines
+        .iter()
+        .map(|(id, m)| {
+            let machine = Counted {
+                stats: m.stats(),
+                by_second: m.jobs_by_second(),
+            };
+            (id.clone(), machine)
+        })
+        .collect();
     let registry = started.controller.core().machine_records();
     let monitor_actions = started.controller.core().monitor_actions();
 
@@ -112,7 +133,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<ScenarioRepor
     if let Some(error) = release_error {
         return Err(RunError::Release(error));
     }
-    let mut report = build_report(scenario, load, &rollouts, ops, &machine_stats);
+    let mut report = build_report(scenario, load, &rollouts, ops, &counted);
     report.machines = registry;
     report.monitor_actions = monitor_actions;
     Ok(report)
@@ -136,54 +157,12 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
         .cluster_with_addresses(&addresses)
         .map_err(|e| RunError::Cluster(e.to_string()))?;
 
-    // (nats: signed configs) every balancer gets a fresh key and the controller signs each
-    // config with it; with a NATS hub the configs go through NATS instead of the admin PUT.
-    let balancer_keys: BTreeMap<String, understudy_hub::SecretKey> = cluster
-        .services
-        .keys()
-        .map(|service| (service.clone(), understudy_hub::SecretKey::generate()))
-        .collect();
-    let (config_feed, delivery) = match &cluster.hub.backend {
-        crate::hub_wiring::HubBackend::Nats { url } => (
-            Some(understudy_proxy::ConfigFeed::Nats { url: url.clone() }),
-            crate::balancer::ConfigDelivery::Hub,
-        ),
-        crate::hub_wiring::HubBackend::Embedded => (None, crate::balancer::ConfigDelivery::Http),
-    };
-    let signing = understudy_proxy::ConfigSigning {
-        keys: balancer_keys
-            .iter()
-            .map(|(s, k)| (s.clone(), understudy_proxy::BalancerKey::given(k.clone())))
-            .collect(),
-        feed: config_feed,
-        ..understudy_proxy::ConfigSigning::default()
-    };
-    let balancers = understudy_proxy::spawn_with(
-        ProcessConfig {
-            admin: any,
-            balancers: cluster
-                .services
-                .keys()
-                .map(|service| BalancerSpec {
-                    listen: any,
-                    config: initial_balancer_config(&cluster, service),
-                })
-                .collect(),
-        },
-        understudy_proxy::SpawnOptions {
-            signing,
-            // The scenario's `[hub] max_clock_skew_ms`, as for the controller.
-            max_clock_skew: cluster.hub.max_clock_skew,
-            ..understudy_proxy::SpawnOptions::default()
-        },
-    )
-    .map_err(|e| RunError::Balancers(e.to_string()))?;
-
+    let (balancers, balancer_keys, delivery) = spawn_balancers(&cluster, any)?;
     for plan in &scenario.machines {
         let dependencies = plan.behaviour.dependencies.iter().map(|dep| {
             let addr = balancers
-                .listen_addr(dep)
-                .expect("every service has a balancer");
+                .internal_addr(dep)
+                .expect("every service has a balancer with an internal listener");
             (dep.clone(), addr)
         });
         machines[&plan.id]
@@ -223,6 +202,66 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
         controller,
         _state_dir: state_dir,
     })
+}
+
+/// Every balancer of the cluster in this process, each with a fresh key (the controller signs
+/// each config with it; with a NATS hub the configs go through NATS instead of the admin PUT),
+/// and the cluster's marker key. Each balancer has a public listener (the load generator's) and
+/// an internal one for the machines calling their dependencies: only those may send simulation
+/// jobs, and each must carry a marker token made with the marker key.
+fn spawn_balancers(
+    cluster: &crate::cluster::Cluster,
+    any: SocketAddr,
+) -> Result<
+    (
+        understudy_proxy::RunningBalancers,
+        BTreeMap<String, understudy_hub::SecretKey>,
+        crate::balancer::ConfigDelivery,
+    ),
+    RunError,
+> {
+    let balancer_keys: BTreeMap<String, understudy_hub::SecretKey> = cluster
+        .services
+        .keys()
+        .map(|service| (service.clone(), understudy_hub::SecretKey::generate()))
+        .collect();
+    let (config_feed, delivery) = match &cluster.hub.backend {
+        crate::hub_wiring::HubBackend::Nats { url } => (
+            Some(understudy_proxy::ConfigFeed::Nats { url: url.clone() }),
+            crate::balancer::ConfigDelivery::Hub,
+        ),
+        crate::hub_wiring::HubBackend::Embedded => (None, crate::balancer::ConfigDelivery::Http),
+    };
+    let signing = understudy_proxy::ConfigSigning {
+        keys: balancer_keys
+            .iter()
+            .map(|(s, k)| (s.clone(), understudy_proxy::BalancerKey::given(k.clone())))
+            .collect(),
+        feed: config_feed,
+        ..understudy_proxy::ConfigSigning::default()
+    };
+    let process = ProcessConfig::new(
+        any,
+        cluster
+            .services
+            .keys()
+            .map(|service| BalancerSpec {
+                internal_listen: Some(any),
+                ..BalancerSpec::new(any, initial_balancer_config(cluster, service))
+            })
+            .collect(),
+    );
+    let options = understudy_proxy::SpawnOptions {
+        signing,
+        marker_key: Some(understudy_hub::SecretKey::generate()),
+        mirror_timeout: COPY_TIMEOUT,
+        // The scenario's `[hub] max_clock_skew_ms`, as for the controller.
+        max_clock_skew: cluster.hub.max_clock_skew,
+        ..understudy_proxy::SpawnOptions::default()
+    };
+    let balancers = understudy_proxy::spawn_with(process, options)
+        .map_err(|e| RunError::Balancers(e.to_string()))?;
+    Ok((balancers, balancer_keys, delivery))
 }
 
 /// Registers every machine with the controller, as a machine does at boot, and has it publish its
@@ -450,7 +489,7 @@ fn build_report(
     load: Option<LoadReport>,
     rollouts: &[RolloutDetail],
     ops: Vec<OpsRecord>,
-    machine_stats: &[understudy_loadgen::MachineStats],
+    counted: &BTreeMap<String, Counted>,
 ) -> ScenarioReport {
     let mut services = BTreeMap::new();
     for (service, expected) in &scenario.expect {
@@ -477,7 +516,6 @@ fn build_report(
             },
         );
     }
-    let release_order = joining_order(rollouts);
     let active_jobs = load
         .as_ref()
         .map_or_else(ActiveJobs::default, |l| ActiveJobs {
@@ -485,13 +523,39 @@ fn build_report(
             ok: l.ok,
             errors: l.errors,
         });
-    let dropped_sessions = load.as_ref().map_or(0, LoadReport::dropped_sessions);
-    let simulation_side_effects = machine_stats
-        .iter()
-        .map(|m| m.simulation_side_effects)
-        .sum();
+    let mut report = ScenarioReport {
+        scenario: scenario.name.clone(),
+        passed: false,
+        failures: Vec::new(),
+        services,
+        release_order: joining_order(rollouts),
+        active_jobs,
+        dropped_sessions: load.as_ref().map_or(0, LoadReport::dropped_sessions),
+        simulation_side_effects: counted
+            .values()
+            .map(|m| m.stats.simulation_side_effects)
+            .sum(),
+        isolation: isolation(scenario, rollouts, counted),
+        calls_moved: counted.values().map(|m| m.stats.calls_moved).sum(),
+        calls_moved_by_machine: counted
+            .iter()
+            .filter(|(_, m)| m.stats.calls_moved > 0)
+            .map(|(id, m)| (id.clone(), m.stats.calls_moved))
+            .collect(),
+        ops,
+        load,
+        machines: Vec::new(),
+        monitor_actions: Vec::new(),
+    };
+    report.failures = failures(scenario, &report);
+    report.passed = report.failures.is_empty();
+    report
+}
+
+/// Why the run is not as expected, one line per reason.
+fn failures(scenario: &Scenario, report: &ScenarioReport) -> Vec<String> {
     let mut failures = Vec::new();
-    for (name, s) in &services {
+    for (name, s) in &report.services {
         if s.outcome != s.expected {
             failures.push(format!(
                 "{name}: expected {}, got {}",
@@ -500,55 +564,163 @@ fn build_report(
             ));
         }
     }
-    if load.is_none() {
+    if report.load.is_none() {
         failures.push("the load did not finish before the scenario's timeout".to_string());
     }
-    if active_jobs.errors > scenario.max_active_errors {
+    let errors = report.active_jobs.errors;
+    if errors > scenario.max_active_errors {
         failures.push(format!(
-            "callers saw {} errors (at most {} allowed)",
-            active_jobs.errors, scenario.max_active_errors
+            "callers saw {errors} errors (at most {} allowed)",
+            scenario.max_active_errors
         ));
     }
-    if dropped_sessions > scenario.max_dropped_sessions {
+    let dropped = report.dropped_sessions;
+    if dropped > scenario.max_dropped_sessions {
         failures.push(format!(
-            "{dropped_sessions} sessions dropped (at most {} allowed)",
+            "{dropped} sessions dropped (at most {} allowed)",
             scenario.max_dropped_sessions
         ));
     }
-    if simulation_side_effects > 0 {
+    let i = &report.isolation;
+    let list = |ids: &[String]| match ids {
+        [] => "none".to_string(),
+        ids => ids.join(", "),
+    };
+    let joined = list(&i.joined_machines);
+    if i.active_machines_simulation_jobs > 0 {
         failures.push(format!(
-            "{simulation_side_effects} side effects performed for simulation jobs"
+            "{} simulation jobs reached active machines (active all along: {}; joined: {joined})",
+            i.active_machines_simulation_jobs,
+            list(&i.always_active_machines),
         ));
     }
-    ScenarioReport {
-        scenario: scenario.name.clone(),
-        passed: failures.is_empty(),
-        failures,
-        services,
-        release_order,
-        active_jobs,
-        dropped_sessions,
-        simulation_side_effects,
-        ops,
-        load,
-        machines: Vec::new(),
-        monitor_actions: Vec::new(),
+    if i.simulation_only_plain_jobs > 0 {
+        failures.push(format!(
+            "{} callers' jobs reached machines only in the simulation pool (never joined: {}; \
+             joined later: {joined})",
+            i.simulation_only_plain_jobs,
+            list(&i.simulation_only_machines),
+        ));
     }
+    if report.calls_moved > scenario.max_calls_moved {
+        let by_machine: Vec<String> = report
+            .calls_moved_by_machine
+            .iter()
+            .map(|(id, n)| format!("{id}: {n}"))
+            .collect();
+        failures.push(format!(
+            "{} calls moved to a machine that did not see them start ({}; at most {} allowed)",
+            report.calls_moved,
+            by_machine.join(", "),
+            scenario.max_calls_moved
+        ));
+    }
+    if report.simulation_side_effects > 0 {
+        failures.push(format!(
+            "{} side effects performed for simulation jobs",
+            report.simulation_side_effects
+        ));
+    }
+    failures
+}
+
+/// Counts, from what the machines received, the simulation jobs that reached a machine while it
+/// was active and the callers' jobs that reached one while it was only in the simulation pool.
+/// Roles come from the scenario and the rollouts the controller recorded, never from a
+/// balancer's view:
+/// - declared active and joining no rollout: active from the start until retired or taken out,
+///   when it leaves every pool (a drain keeps only its calls, callers' jobs): every simulation
+///   job counts;
+/// - declared in the simulation configuration and joining no rollout that reached `joining` (a
+///   control, or a candidate rolled back, aborted or still judged): every caller's job counts;
+/// - a candidate that joined: the jobs out of turn around its joining (see [`out_of_turn`]).
+fn isolation(
+    scenario: &Scenario,
+    rollouts: &[RolloutDetail],
+    machines: &BTreeMap<String, Counted>,
+) -> Isolation {
+    let candidates: BTreeSet<&str> = rollouts
+        .iter()
+        .flat_map(|r| r.rollout.machines.joining.iter().map(String::as_str))
+        .collect();
+    let joined: BTreeMap<&str, u64> = rollouts
+        .iter()
+        .filter_map(|r| Some((r, joined_at(r)?)))
+        .flat_map(|(r, at)| {
+            r.rollout
+                .machines
+                .joining
+                .iter()
+                .map(move |id| (id.as_str(), at))
+        })
+        .collect();
+    let mut isolation = Isolation::default();
+    for plan in &scenario.machines {
+        let id = plan.id.as_str();
+        let Some(counted) = machines.get(id) else {
+            continue;
+        };
+        match (plan.config, joined.get(id)) {
+            (PoolRole::Active, _) if !candidates.contains(id) => {
+                isolation.active_machines_simulation_jobs += counted.stats.simulation_jobs;
+                isolation.always_active_machines.push(plan.id.clone());
+            }
+            (PoolRole::Simulation, None) => {
+                isolation.simulation_only_plain_jobs += counted.stats.plain_jobs;
+                isolation.simulation_only_machines.push(plan.id.clone());
+            }
+            (PoolRole::Simulation, Some(&joined_ms)) => {
+                let (plain, simulation) = out_of_turn(&counted.by_second, joined_ms);
+                isolation.simulation_only_plain_jobs += plain;
+                isolation.active_machines_simulation_jobs += simulation;
+                isolation.joined_machines.push(plan.id.clone());
+            }
+            (PoolRole::Active, _) => {}
+        }
+    }
+    isolation
+}
+
+/// The jobs a candidate that joined at `joined_ms` (the controller's record, committed before
+/// any balancer is told) received out of turn: callers' jobs in the seconds before it, and
+/// simulation jobs after copies made before its balancer took it in could still arrive. Its
+/// first caller's job from the joining second on came after that switch, and a copy arrives
+/// within [`COPY_TIMEOUT`] of being made; one more second for the rounding to seconds.
+fn out_of_turn(seconds: &[JobsInSecond], joined_ms: u64) -> (u64, u64) {
+    let joined_s = joined_ms / 1000;
+    let plain_before = seconds
+        .iter()
+        .filter(|s| s.unix_s < joined_s)
+        .map(|s| s.plain)
+        .sum();
+    let switched_s = seconds
+        .iter()
+        .find(|s| s.unix_s >= joined_s && s.plain > 0)
+        .map_or(joined_s + 1, |s| s.unix_s);
+    let copies_until_s = switched_s + COPY_TIMEOUT.as_secs() + 1;
+    let simulation_after = seconds
+        .iter()
+        .filter(|s| s.unix_s > copies_until_s)
+        .map(|s| s.simulation)
+        .sum();
+    (plain_before, simulation_after)
+}
+
+/// When the rollout's balancer took v2 into the active configuration, if it did.
+fn joined_at(rollout: &RolloutDetail) -> Option<u64> {
+    rollout.transitions.iter().find_map(|t| {
+        let to = t.get("to")?.as_str()?;
+        to.starts_with("joining")
+            .then(|| t.get("at_ms").and_then(serde_json::Value::as_u64))
+            .flatten()
+    })
 }
 
 /// Services in the order their balancers took v2 into the active configuration.
 fn joining_order(rollouts: &[RolloutDetail]) -> Vec<String> {
     let mut joined: Vec<(u64, i64, String)> = rollouts
         .iter()
-        .filter_map(|r| {
-            let at = r.transitions.iter().find_map(|t| {
-                let to = t.get("to")?.as_str()?;
-                to.starts_with("joining")
-                    .then(|| t.get("at_ms").and_then(serde_json::Value::as_u64))
-                    .flatten()
-            })?;
-            Some((at, r.rollout.id, r.rollout.service.clone()))
-        })
+        .filter_map(|r| Some((joined_at(r)?, r.rollout.id, r.rollout.service.clone())))
         .collect();
     joined.sort();
     let mut seen = BTreeSet::new();
@@ -563,4 +735,34 @@ fn generate_token() -> String {
     use rand::Rng;
     let bytes: [u8; 16] = rand::thread_rng().gen();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn second(unix_s: u64, plain: u64, simulation: u64) -> JobsInSecond {
+        JobsInSecond {
+            unix_s,
+            plain,
+            simulation,
+        }
+    }
+
+    #[test]
+    fn a_joined_candidate_counts_callers_jobs_before_it_joined_and_copies_too_late_to_be_old() {
+        // Joined at 100.5 s, first caller's job at 101 s: copies made before may come until 107 s.
+        let seconds = [
+            second(98, 0, 40),
+            second(99, 2, 40),
+            second(100, 0, 40),
+            second(101, 30, 3),
+            second(107, 30, 1),
+            second(108, 30, 5),
+        ];
+        assert_eq!(out_of_turn(&seconds, 100_500), (2, 5));
+        // No caller's job after joining: the switch is taken a second after the controller's.
+        let quiet = [second(100, 0, 1), second(107, 0, 2), second(108, 0, 3)];
+        assert_eq!(out_of_turn(&quiet, 100_500), (0, 3));
+    }
 }

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::toml_spans::{Spanned, Step};
 use serde::Deserialize;
-use toml::Spanned;
 use understudy_loadgen::{LoadSpec, MachineSpec as Behaviour};
 use understudy_proxy::wire::PoolRole;
 
@@ -64,6 +64,10 @@ struct MetaSpec {
     max_active_errors: u64,
     #[serde(default)]
     max_dropped_sessions: u64,
+    /// Calls whose jobs may reach a second machine; 0 by default: a call moves only when its
+    /// machine is removed while holding it (drain timeout, a down machine taken out).
+    #[serde(default)]
+    max_calls_moved: u64,
 }
 
 fn default_timeout_s() -> f64 {
@@ -200,6 +204,7 @@ pub struct Scenario {
     pub timeout: Duration,
     pub max_active_errors: u64,
     pub max_dropped_sessions: u64,
+    pub max_calls_moved: u64,
     pub machines: Vec<MachinePlan>,
     pub load: LoadSpec,
     pub release_at: Duration,
@@ -322,13 +327,14 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
                 })?;
                 used_behaviours.insert(name.get_ref().clone());
                 behaviour_for(table, service, m.version.get_ref(), index, depends_on).map_err(
-                    |(field, reason)| {
-                        let path = if field.is_empty() {
-                            format!("behaviours.{}", name.get_ref())
-                        } else {
-                            format!("behaviours.{}.{field}", name.get_ref())
-                        };
-                        invalid(table.span().start, path, reason)
+                    |(path, reason)| {
+                        let mut full = vec![
+                            Step::Key("behaviours".into()),
+                            Step::Key(name.get_ref().clone()),
+                        ];
+                        full.extend(path);
+                        let field = crate::toml_spans::path_text(&full);
+                        source.invalid_near(field, &full, table.span().start, reason)
                     },
                 )?
             }
@@ -497,6 +503,7 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         timeout: Duration::from_secs_f64(meta.timeout_s),
         max_active_errors: meta.max_active_errors,
         max_dropped_sessions: meta.max_dropped_sessions,
+        max_calls_moved: meta.max_calls_moved,
         machines,
         load,
         release_at: Duration::from_secs_f64(release.at_s),
@@ -513,38 +520,39 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
 
 /// A machine behaviour from its `[behaviours.NAME]` table: service, version and dependencies come
 /// from the machine and the cluster, so a table need not repeat them; the seed differs per machine.
+/// An error gives the path of the field within the table.
 fn behaviour_for(
     table: &Spanned<toml::Table>,
     service: &str,
     version: &str,
     index: usize,
     depends_on: Vec<String>,
-) -> Result<Behaviour, (String, String)> {
+) -> Result<Behaviour, (Vec<Step>, String)> {
     let mut table = table.get_ref().clone();
     for reserved in ["service", "version", "dependencies"] {
         if table.contains_key(reserved) {
             return Err((
-                reserved.to_string(),
+                vec![Step::Key(reserved.to_string())],
                 "is taken from the machine and its service; remove it here".to_string(),
             ));
         }
     }
     table.insert("service".into(), service.into());
     table.insert("version".into(), version.into());
-    let seed = table
-        .get("seed")
-        .and_then(toml::Value::as_integer)
-        .unwrap_or(0)
-        .wrapping_add(index as i64 * 7919);
-    table.insert("seed".into(), toml::Value::Integer(seed));
-    let mut behaviour: Behaviour = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| (String::new(), e.message().to_string()))
-        .map_err(|(f, m)| (f, m.trim_end().to_string()))?;
+    // A seed that is not an integer is left for deserialization to refuse by name.
+    if let Some(seed) = table.get("seed").map_or(Some(0), toml::Value::as_integer) {
+        let seed = seed.wrapping_add(index as i64 * 7919);
+        table.insert("seed".into(), toml::Value::Integer(seed));
+    }
+    let mut behaviour: Behaviour = serde_path_to_error::deserialize(toml::Value::Table(table))
+        .map_err(|e| {
+            let path = crate::toml_spans::steps_of(e.path());
+            (path, e.into_inner().message().trim_end().to_string())
+        })?;
     behaviour.dependencies = depends_on;
     behaviour
         .validate()
-        .map_err(|e| (e.field.clone(), e.problem.clone()))?;
+        .map_err(|e| (crate::toml_spans::parse_path(&e.field), e.problem.clone()))?;
     Ok(behaviour)
 }
 
@@ -582,6 +590,10 @@ fn cluster_spec(raw: ScenarioFile, addresses: &BTreeMap<String, String>) -> Clus
         monitor: raw.monitor,
     }
 }
+
+#[cfg(test)]
+#[path = "spec_tests.rs"]
+mod properties;
 
 #[cfg(test)]
 mod tests {

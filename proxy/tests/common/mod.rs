@@ -1,6 +1,8 @@
 //! In-process machines and a small client for the balancer tests. Everything on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
-use understudy_proxy::{BalancerSpec, ProcessConfig, RunningBalancers, SpawnOptions};
+use understudy_proxy::{BalancerSpec, LimitsSpec, ProcessConfig, RunningBalancers, SpawnOptions};
 
 /// How a test machine answers.
 #[derive(Clone, Copy, Debug)]
@@ -187,25 +189,47 @@ pub fn config(service: &str, version: u64, machines: Vec<MachineEntry>) -> Balan
     }
 }
 
+/// Options of a balancer process without keys: these tests are about the data plane
+/// (signed_config.rs and security.rs test the keys).
+pub fn insecure() -> SpawnOptions {
+    SpawnOptions {
+        insecure_no_key: true,
+        ..SpawnOptions::default()
+    }
+}
+
 pub fn start(configs: Vec<BalancerConfig>) -> RunningBalancers {
-    start_with(configs, SpawnOptions::default())
+    start_with(configs, insecure())
+}
+
+/// Each balancer with a public listener and an internal one (for cluster machines).
+pub fn process(configs: Vec<BalancerConfig>) -> ProcessConfig {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    ProcessConfig::new(
+        any,
+        configs
+            .into_iter()
+            .map(|config| BalancerSpec {
+                internal_listen: Some(any),
+                ..BalancerSpec::new(any, config)
+            })
+            .collect(),
+    )
 }
 
 pub fn start_with(configs: Vec<BalancerConfig>, options: SpawnOptions) -> RunningBalancers {
-    understudy_proxy::spawn_with(
-        ProcessConfig {
-            admin: "127.0.0.1:0".parse().unwrap(),
-            balancers: configs
-                .into_iter()
-                .map(|config| BalancerSpec {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    config,
-                })
-                .collect(),
-        },
-        options,
-    )
-    .unwrap()
+    understudy_proxy::spawn_with(process(configs), options).unwrap()
+}
+
+/// As `start_with`, with these `[limits]`.
+pub fn start_with_limits(
+    configs: Vec<BalancerConfig>,
+    limits: LimitsSpec,
+    options: SpawnOptions,
+) -> RunningBalancers {
+    let mut process = process(configs);
+    process.limits = limits;
+    understudy_proxy::spawn_with(process, options).unwrap()
 }
 
 #[derive(Clone)]
@@ -281,4 +305,14 @@ pub async fn eventually<F: FnMut() -> bool>(limit: Duration, mut check: F) -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     check()
+}
+
+/// The `x-understudy-auth` header of a read of `path` signed by `signer` (the controller).
+pub fn signed_read(signer: &mut understudy_hub::Signer, path: &str) -> String {
+    use base64::Engine;
+    let envelope = signer.sign(
+        understudy_hub::READ_TOPIC,
+        serde_json::json!({ "path": path }),
+    );
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&envelope).unwrap())
 }

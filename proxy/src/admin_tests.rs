@@ -1,0 +1,201 @@
+//! The admin endpoint over HTTP on real balancer processes (`spawn_with`): JSON for every error,
+//! axum's own rejections included, and config pushes that name machines by host name. The
+//! helpers serve `openapi_tests.rs` too.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use understudy_hub::SecretKey;
+
+use crate::wire::{BalancerConfig, MachineEntry, PoolRole};
+use crate::{BalancerKey, ConfigSigning, RunningBalancers, SpawnOptions};
+
+pub(crate) fn media_config(version: u64) -> BalancerConfig {
+    BalancerConfig {
+        service: "media".into(),
+        version,
+        mirror_fraction: 1.0,
+        compare_body: false,
+        drain_timeout_ms: 30_000,
+        machines: vec![MachineEntry {
+            id: "media-1".into(),
+            version: "v1".into(),
+            // Never contacted: no job is sent in these tests.
+            address: "127.0.0.1:9".into(),
+            weight: 100,
+            config: PoolRole::Active,
+        }],
+    }
+}
+
+fn process() -> crate::ProcessConfig {
+    crate::ProcessConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        vec![crate::BalancerSpec::new(
+            "127.0.0.1:0".parse().unwrap(),
+            media_config(1),
+        )],
+    )
+}
+
+/// A balancer of `media` with a key, as `understudy-proxy` starts by default.
+pub(crate) fn keyed() -> RunningBalancers {
+    let options = SpawnOptions {
+        signing: ConfigSigning {
+            keys: [(
+                "media".to_string(),
+                BalancerKey::given(SecretKey::generate()),
+            )]
+            .into(),
+            ..ConfigSigning::default()
+        },
+        marker_key: Some(SecretKey::generate()),
+        ..SpawnOptions::default()
+    };
+    crate::spawn_with(process(), options).unwrap()
+}
+
+/// A balancer of `media` without a key (`--insecure-no-key`).
+pub(crate) fn keyless() -> RunningBalancers {
+    let options = SpawnOptions {
+        insecure_no_key: true,
+        ..SpawnOptions::default()
+    };
+    crate::spawn_with(process(), options).unwrap()
+}
+
+/// One request to the admin endpoint: (status, headers, body).
+pub(crate) async fn call(
+    running: &RunningBalancers,
+    method: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (u16, http::HeaderMap, Bytes) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", running.admin_addr()))
+        .body(Full::new(body.into()))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .expect("the admin endpoint answers within 10 s")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+/// The `error` of a JSON error answer (asserting it is one).
+fn error_of(headers: &http::HeaderMap, body: &Bytes) -> String {
+    assert_eq!(headers[http::header::CONTENT_TYPE], "application/json");
+    let body: Value = serde_json::from_slice(body).expect("a JSON body");
+    let error = body["error"].as_str().expect("an error string").to_string();
+    assert!(!error.is_empty());
+    error
+}
+
+#[tokio::test]
+async fn axum_rejections_unknown_routes_and_methods_are_json_errors() {
+    let running = keyless();
+    let (status, headers, body) = call(&running, "GET", "/api/v1/balancers/%FF/config", "").await;
+    assert_eq!(status, 400);
+    assert!(error_of(&headers, &body).starts_with("bad path"));
+    let (status, headers, body) = call(&running, "GET", "/api/v1/nothing", "").await;
+    assert_eq!(status, 404);
+    assert!(error_of(&headers, &body).starts_with("no such endpoint"));
+    let (status, headers, body) =
+        call(&running, "DELETE", "/api/v1/balancers/media/config", "").await;
+    assert_eq!(status, 405);
+    let allow = headers[http::header::ALLOW].to_str().unwrap().to_string();
+    assert!(allow.contains("GET") && allow.contains("PUT"), "{allow}");
+    assert!(error_of(&headers, &body).contains("DELETE"));
+    // Over axum's default body limit (2 MB).
+    let big = vec![b' '; 3 << 20];
+    let (status, headers, body) =
+        call(&running, "PUT", "/api/v1/balancers/media/config", big).await;
+    assert_eq!(status, 413);
+    assert!(error_of(&headers, &body).starts_with("bad body"));
+    let (status, headers, body) =
+        call(&running, "PUT", "/api/v1/balancers/media/config-key", "{}").await;
+    assert_eq!(status, 409);
+    error_of(&headers, &body);
+}
+
+#[tokio::test]
+async fn stats_refusals_are_json_with_their_reason() {
+    let running = keyless();
+    let (status, headers, body) =
+        call(&running, "GET", "/api/v1/balancers/media/stats?since=x", "").await;
+    assert_eq!(status, 400);
+    assert!(error_of(&headers, &body).starts_with("since"));
+    let (status, headers, body) = call(
+        &running,
+        "GET",
+        "/api/v1/balancers/media/stats?since=99",
+        "",
+    )
+    .await;
+    assert_eq!(status, 400);
+    error_of(&headers, &body);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["reason"], "cursor_ahead");
+    assert_eq!(body["oldest_cursor"], Value::Null);
+    let keyed = keyed();
+    let (status, headers, body) = call(&keyed, "GET", "/api/v1/balancers/media/stats", "").await;
+    assert_eq!(status, 401);
+    error_of(&headers, &body);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["reason"],
+        "unsigned"
+    );
+}
+
+/// (status, error) of a keyless push of version 2 whose machine has `address`.
+async fn push_address(running: &RunningBalancers, address: &str) -> (u16, String) {
+    let mut config = media_config(2);
+    config.machines[0].address = address.into();
+    let body = serde_json::to_vec(&config).unwrap();
+    let (status, _, body) = call(running, "PUT", "/api/v1/balancers/media/config", body).await;
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_machine_named_by_host_resolves_or_is_refused_in_bounded_time() {
+    let running = keyless();
+    // Not a DNS name: refused before any lookup.
+    for address in ["a b:80", "💥:80", "-x:80", "x..y:80", ":80", "x:0"] {
+        let (status, error) = push_address(&running, address).await;
+        assert_eq!(status, 400, "{address}");
+        assert!(error.contains("machines[0].address"), "{address}: {error}");
+    }
+    // A name that does not resolve: refused, naming the field, within the resolution deadline.
+    let started = Instant::now();
+    let (status, error) = push_address(&running, "no-such-host.invalid:80").await;
+    assert_eq!(status, 400);
+    assert!(error.contains("machines[0].address"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _, _) = call(&running, "GET", "/api/v1/balancers/media/config", "").await;
+    assert_eq!(status, 200);
+    // A name that resolves is applied with its address.
+    assert_eq!(push_address(&running, "localhost:7001").await.0, 200);
+    let (_, _, body) = call(&running, "GET", "/api/v1/balancers/media/config", "").await;
+    let config: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(config["machines"][0]["address"], json!("localhost:7001"));
+    // The same version again is a no-op: no lookup, whatever the name.
+    assert_eq!(
+        push_address(&running, "no-such-host.invalid:80").await.0,
+        200
+    );
+}
