@@ -138,6 +138,36 @@ pub fn check(args: CheckArgs) -> u8 {
     }
 }
 
+#[derive(clap::Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the key: base64 of 32 random bytes, mode 0600.
+    pub file: PathBuf,
+    /// Replace the file when it exists (whoever holds the old key then refuses the new one).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Writes a fresh secret key: a balancer's key (`balancer_key_file`, `--key-file`) or the
+/// cluster's marker key (`--marker-key-file`).
+pub fn keygen(args: KeygenArgs) -> u8 {
+    let path = args.file.display();
+    if args.file.exists() && !args.force {
+        eprintln!("{path} exists: not replaced (--force replaces it)");
+        return 2;
+    }
+    let key = understudy_hub::SecretKey::generate();
+    match understudy_proxy::write_key_file(&args.file, &key) {
+        Ok(()) => {
+            println!("key written to {path} (mode 0600)");
+            0
+        }
+        Err(e) => {
+            eprintln!("cannot write {path}: {e}");
+            2
+        }
+    }
+}
+
 pub(crate) fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

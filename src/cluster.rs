@@ -359,6 +359,7 @@ impl Cluster {
         // Versions of the active machines per service, checked below once machines are read.
         let mut machines = Vec::with_capacity(spec.machines.len());
         let mut ids = BTreeSet::new();
+        let mut addresses: BTreeMap<&str, &str> = BTreeMap::new();
         for (index, m) in spec.machines.iter().enumerate() {
             let at = |s: &Spanned<String>| s.span().start;
             let m = m.get_ref();
@@ -387,6 +388,17 @@ impl Cluster {
                 && !m.address.get_ref().contains(':')
             {
                 return Err(source.invalid(at(&m.address), field("address"), "expected host:port"));
+            }
+            // One process answering as two machines would be counted, judged and retired twice.
+            if let Some(first) = addresses.insert(m.address.get_ref(), m.id.get_ref()) {
+                return Err(source.invalid(
+                    at(&m.address),
+                    field("address"),
+                    format!(
+                        "`{}` is already the address of machine `{first}`: a machine is declared once",
+                        m.address.get_ref()
+                    ),
+                ));
             }
             let weight = match &m.weight {
                 Some(w) if !(1..=1000).contains(w.get_ref()) => {

@@ -413,3 +413,18 @@ fn a_balancer_url_with_a_trailing_slash_reads_as_without() {
         Some("http://127.0.0.1:9001")
     );
 }
+
+#[test]
+fn one_address_declared_as_two_machines_is_refused_naming_both() {
+    let text = SAMPLE.replace(
+        "address = \"127.0.0.1:8022\"",
+        "address = \"127.0.0.1:8021\"",
+    );
+    assert_ne!(text, SAMPLE);
+    let err = parse("sample.toml", &text).unwrap_err().to_string();
+    assert!(err.contains("field `machines["), "{err}");
+    assert!(
+        err.contains("127.0.0.1:8021") && err.contains("`media-1`"),
+        "{err}"
+    );
+}

@@ -26,6 +26,8 @@ enum Command {
     Check(understudy::cli::CheckArgs),
     /// Run the controller and its admin endpoint.
     Controller(understudy::cli::ControllerArgs),
+    /// Write a fresh secret key file (a balancer's key, or the cluster's marker key).
+    Keygen(understudy::cli::KeygenArgs),
     /// Show services and rollouts (admin endpoint client).
     Status(understudy::cli::StatusArgs),
     /// Start a release, or show its plan with --dry-run.
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Command::Scenario(cmd) => understudy::scenario::command(cmd),
         Command::Check(args) => understudy::cli::check(args),
         Command::Controller(args) => understudy::cli::controller(args),
+        Command::Keygen(args) => understudy::cli::keygen(args),
         Command::Status(args) => understudy::cli::status(args),
         Command::Release(args) => understudy::cli::release(args),
         Command::Approve(args) => {

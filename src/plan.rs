@@ -411,10 +411,12 @@ mod tests {
             ));
         }
         for (i, (service, _)) in edges.iter().enumerate() {
-            for (version, config) in [("v1", "active"), ("v2", "simulation")] {
+            for (j, (version, config)) in
+                [("v1", "active"), ("v2", "simulation")].iter().enumerate()
+            {
                 text.push_str(&format!(
                     "[[machines]]\nid = \"{service}-{version}\"\nservice = \"{service}\"\nversion = \"{version}\"\naddress = \"127.0.0.1:{}\"\nconfig = \"{config}\"\n",
-                    10_000 + i
+                    10_000 + 2 * i + j
                 ));
             }
         }

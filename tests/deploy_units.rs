@@ -64,18 +64,26 @@ fn temp_dir(prefix: &str) -> tempfile::TempDir {
 }
 
 /// The example cluster file as installed: in a directory of its own with `keys/media.key` (a
-/// fresh key, written as the balancer writes its key files) beside it. Returns the directory
+/// fresh key from `understudy keygen`, as the guide makes it) beside it. Returns the directory
 /// (dropped: removed) and the file.
 fn installed_cluster() -> (tempfile::TempDir, PathBuf) {
     let dir = temp_dir("deploy-cluster-");
     let file = dir.path().join("cluster.toml");
     std::fs::copy(example("cluster.toml"), &file).unwrap();
     std::fs::create_dir(dir.path().join("keys")).unwrap();
-    understudy_proxy::write_key_file(
-        &dir.path().join("keys/media.key"),
-        &understudy_hub::SecretKey::generate(),
-    )
-    .unwrap();
+    let key = dir.path().join("keys/media.key");
+    let made = run(Path::new(UNDERSTUDY), &["keygen", key.to_str().unwrap()]);
+    assert_eq!(made.status.code(), Some(0), "{}", text(&made));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "a key file is readable by its owner only"
+    );
+    // A second keygen would orphan whoever holds the key: refused unless forced.
+    let again = run(Path::new(UNDERSTUDY), &["keygen", key.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
     (dir, file)
 }
 
@@ -277,6 +285,11 @@ fn the_units_run_what_the_guide_describes() {
     );
     let proxy_start = values(&p, "ExecStart")[0];
     assert!(proxy_start.starts_with("/usr/local/bin/understudy-proxy "));
+    assert_eq!(
+        values(&p, "ExecStartPre"),
+        [format!("{proxy_start} --check").as_str()],
+        "the proxy unit checks exactly what it will start"
+    );
     assert_eq!(
         flag_values(proxy_start, "--config"),
         ["/etc/understudy/balancer.toml"]
@@ -584,6 +597,7 @@ fn every_flag_the_guide_and_the_units_show_exists() {
         "rollback",
         "controller",
         "check",
+        "keygen",
     ] {
         helps
             .entry(sub.to_string())

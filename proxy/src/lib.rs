@@ -221,6 +221,28 @@ pub fn spawn(cfg: ProcessConfig) -> Result<RunningBalancers, ProxyError> {
 
 /// Starts the balancers of `cfg`. Everything is validated and every socket bound before anything
 /// runs, so an error leaves nothing behind. Callable from inside a tokio runtime.
+/// Everything [`spawn_with`] checks before it binds a socket: the balancer configs, the keys,
+/// `[limits]` and `[trust]`. `understudy-proxy --check` runs only this. Gives the services.
+pub fn check(cfg: &ProcessConfig, options: &SpawnOptions) -> Result<Vec<String>, ProxyError> {
+    cfg.validated()?;
+    check_keys(cfg, options)?;
+    cfg.limits.validated()?;
+    cfg.trust.marker_max_age()?;
+    let services: Vec<&str> = cfg
+        .balancers
+        .iter()
+        .map(|b| b.config.service.as_str())
+        .collect();
+    let registry = prometheus::Registry::new();
+    signing::ConfigGates::new(
+        &options.signing,
+        &services,
+        options.max_clock_skew,
+        &registry,
+    )?;
+    Ok(services.into_iter().map(str::to_string).collect())
+}
+
 pub fn spawn_with(
     cfg: ProcessConfig,
     options: SpawnOptions,

@@ -1,5 +1,5 @@
 //! `understudy-proxy --config FILE`: runs the balancers described in FILE (TOML, see
-//! docs/balancer.md) until SIGINT or SIGTERM.
+//! docs/balancer.md) until SIGINT or SIGTERM; with `--check`, only checks it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,6 +83,10 @@ struct Args {
     /// restart is not applied after it.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     max_clock_skew_ms: u64,
+    /// Check the config file and the keys as a start would, print what would run, and exit
+    /// (0 when valid, 2 naming the problem otherwise) without binding anything.
+    #[arg(long)]
+    check: bool,
 }
 
 /// Keys (never printed) and the config feed from the command line.
@@ -192,6 +196,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check {
+        return match understudy_proxy::check(&config, &options) {
+            Ok(services) => {
+                println!("valid: balancers of {}", services.join(", "));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", args.config.display());
+                ExitCode::from(2)
+            }
+        };
+    }
     let running = match spawn_with(config, options) {
         Ok(r) => r,
         Err(e) => {

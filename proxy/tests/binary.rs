@@ -94,6 +94,53 @@ fn without_keys_it_refuses_to_start_unless_told_to_run_insecure() {
     );
 }
 
+/// `--check` validates the file and the keys as a start would, binds nothing, and says so.
+#[test]
+fn check_validates_without_starting() {
+    let mut file = tempfile_in_target("check.toml");
+    write!(file.1, "{}", media_config("127.0.0.1:9", "")).unwrap();
+    let key = key_file("check-media.key");
+    let marker = key_file("check-marker.key");
+    let check = |keys: &[&str]| {
+        Command::new(BIN)
+            .args(["--config", file.0.to_str().unwrap(), "--check"])
+            .args(keys)
+            .output()
+            .unwrap()
+    };
+    let key_arg = format!("media={}", key.display());
+    let good = check(&[
+        "--key-file",
+        &key_arg,
+        "--marker-key-file",
+        marker.to_str().unwrap(),
+    ]);
+    assert!(good.status.success(), "{good:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&good.stdout),
+        "valid: balancers of media\n"
+    );
+    // Without the marker key: the start would be refused, so is the check.
+    let bad = check(&["--key-file", &key_arg]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no marker key"));
+    // A key for a service the file does not run is named too.
+    let stray = format!("billing={}", key.display());
+    let bad = check(&[
+        "--key-file",
+        &key_arg,
+        "--key-file",
+        &stray,
+        "--marker-key-file",
+        marker.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("billing"),
+        "{bad:?}"
+    );
+}
+
 /// A one-balancer file: `media` with one active machine at `address` (plus `extra`, a TOML line
 /// in the machine's table).
 fn media_config(address: &str, extra: &str) -> String {

@@ -15,9 +15,12 @@ use crate::cluster::{
     self, Cluster, ClusterSpec, ConfigError, ControllerSpec, DefaultsSpec, ServiceSpec, Source,
 };
 
-/// Address given to machines while the file is only being checked; the runner replaces it with
-/// the address each machine really listens on.
-const PLACEHOLDER_ADDRESS: &str = "127.0.0.1:9";
+/// Address given to machine `index` while the file is only being checked (one per machine, as
+/// a cluster file needs; never connected to); the runner replaces it with the address the
+/// machine really listens on.
+fn placeholder_address(index: usize) -> String {
+    format!("127.0.0.1:{}", 1 + index)
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -465,12 +468,8 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         let placeholders = raw
             .machines
             .iter()
-            .map(|m| {
-                (
-                    m.get_ref().id.get_ref().clone(),
-                    PLACEHOLDER_ADDRESS.to_string(),
-                )
-            })
+            .enumerate()
+            .map(|(i, m)| (m.get_ref().id.get_ref().clone(), placeholder_address(i)))
             .collect();
         Cluster::from_spec(cluster_spec(raw, &placeholders), &source)?
     };
@@ -560,13 +559,14 @@ fn cluster_spec(raw: ScenarioFile, addresses: &BTreeMap<String, String>) -> Clus
     let machines = raw
         .machines
         .into_iter()
-        .map(|entry| {
+        .enumerate()
+        .map(|(i, entry)| {
             let span = entry.span();
             let m = entry.into_inner();
             let address = addresses
                 .get(m.id.get_ref())
                 .cloned()
-                .unwrap_or_else(|| PLACEHOLDER_ADDRESS.to_string());
+                .unwrap_or_else(|| placeholder_address(i));
             Spanned::new(
                 span.clone(),
                 cluster::MachineSpec {
