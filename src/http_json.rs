@@ -60,7 +60,7 @@ pub async fn exchange_with(
     let request = request
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| ExchangeError::BadRequest(e.to_string()))?;
-    let no_answer = |e: &dyn std::fmt::Display| ExchangeError::NoAnswer(e.to_string());
+    let no_answer = |e: &dyn std::error::Error| ExchangeError::NoAnswer(with_sources(e));
     let answer = async {
         let response = client.request(request).await.map_err(|e| no_answer(&e))?;
         let status = response.status().as_u16();
@@ -75,6 +75,22 @@ pub async fn exchange_with(
     tokio::time::timeout(timeout, answer)
         .await
         .map_err(|_| ExchangeError::NoAnswer(format!("no answer within {timeout:?}")))?
+}
+
+/// An error and its causes, outermost first: hyper's "client error (Connect)" says nothing
+/// without the "Connection refused (os error 111)" beneath it.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The `error` field of a JSON error body (`{"error": "..."}`), else the body as text.

@@ -542,3 +542,36 @@ async fn a_restarted_balancer_is_given_its_config_again() {
     );
     assert!(deployment.jobs_of("media-2") >= v2_before + report.sent);
 }
+
+/// A balancer that is down when the controller starts: the controller keeps running, shows why
+/// the push failed (naming the balancer), retries, and the release goes through once it is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_down_at_start_is_retried_with_its_reason() {
+    let mut deployment = Deployment::start().await;
+    deployment.balancer.kill9();
+    let (_controller, client) = deployment.controller();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let views: Vec<serde_json::Value> = client.get("/api/v1/balancers").await.unwrap();
+        if let Some(error) = views[0]["last_push_error"].as_str() {
+            assert_eq!(views[0]["in_sync"], false);
+            break error.to_string();
+        }
+        assert!(Instant::now() < deadline, "no push error shown: {views:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let url = deployment.balancer_admin.trim_end_matches('/');
+    assert!(
+        reason.contains(url) && reason.contains("refused"),
+        "{reason}"
+    );
+    deployment.restart_balancer();
+    let load = Load::start(deployment.listen);
+    release(client.base(), "media=v2");
+    let done = wait_finished(&client, latest_id(&client).await, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, "complete", "{:?}", done.verdict);
+    let (_, errors) = load.finish().await;
+    assert_eq!(errors, 0);
+    let views: Vec<serde_json::Value> = client.get("/api/v1/balancers").await.unwrap();
+    assert_eq!(views[0]["last_push_error"], serde_json::Value::Null);
+}
