@@ -261,7 +261,7 @@ impl Signer {
     /// A single-use token for `GET /api/v1/hub/subscribe` when the hub asks subscribers to
     /// authenticate: base64 of an envelope on topic `hub.subscribe`.
     pub fn subscribe_token(&mut self) -> String {
-        let envelope = self.sign(crate::http::SUBSCRIBE_TOPIC, serde_json::json!({}));
+        let envelope = self.sign(SUBSCRIBE_TOPIC, serde_json::json!({}));
         BASE64.encode(serde_json::to_vec(&envelope).expect("an envelope serializes"))
     }
 
@@ -679,6 +679,8 @@ pub struct ControllerVerifier {
     verifier: Verifier,
 }
 
+/// Topic of the envelope in a hub subscribe token (the HTTP transport checks it).
+pub const SUBSCRIBE_TOPIC: &str = "hub.subscribe";
 /// Topic of configs the controller pushes to balancers.
 pub const CONFIG_TOPIC: &str = "control.balancer-config";
 /// Topic of the controller's signed reads of a balancer's admin endpoint (stats, config): the

@@ -35,8 +35,7 @@ pub const CONTROL_TOPIC_PREFIX: &str = "control.";
 
 /// Header carrying a subscriber's signed token.
 pub const SUBSCRIBE_AUTH_HEADER: &str = "x-understudy-hub-auth";
-/// Topic of the envelope in a subscribe token.
-pub const SUBSCRIBE_TOPIC: &str = "hub.subscribe";
+pub use crate::envelope::SUBSCRIBE_TOPIC;
 
 /// The sender id a balancer subscribes as (its config feed), with its balancer key.
 pub fn balancer_subscriber(service: &str) -> String {

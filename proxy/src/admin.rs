@@ -23,7 +23,10 @@ use crate::openapi::{AnyError, ConfigBody, StatsBadRequest};
 use crate::service::{PushError, PushResult, Service};
 use crate::signing::{ConfigGates, Refusal};
 use crate::stats::CursorError;
-use crate::wire::{BalancerConfig, ErrorBody, KeyRotationAck, PushAck, StatsReport};
+use crate::wire::{
+    BalancerConfig, CursorProblem, CursorRefusal, ErrorBody, KeyRotationAck, PushAck, RefusalBody,
+    StatsReport,
+};
 use understudy_hub::{Envelope, READ_AUTH_HEADER};
 
 pub(crate) struct AdminState {
@@ -55,36 +58,6 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .fallback(crate::extract::no_such_endpoint)
         // After every merge: it applies to the routes registered so far.
         .method_not_allowed_fallback(crate::extract::method_not_allowed)
-}
-
-/// A refused signed message (config, key rotation or read): what was wrong and the reason it is
-/// counted under in `understudy_balancer_config_rejected_total`.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct RefusalBody {
-    pub error: String,
-    /// `unsigned`, `bad_signature`, `unknown_sender`, `replayed`, `out_of_order`,
-    /// `forbidden_topic`, `malformed`, `oversized`, `bad_config` (a verified payload that is not
-    /// a config) or `key_file` (the rotated key could not be written; the old key stays).
-    pub reason: String,
-}
-
-/// Why a stats cursor is refused.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum CursorProblem {
-    /// Ahead of the latest cursor: the balancer restarted; read from 0.
-    CursorAhead,
-    /// Older than the windows kept: read again from `oldest_cursor`.
-    CursorTooOld,
-}
-
-/// A stats read refused for its cursor.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct CursorRefusal {
-    pub error: String,
-    pub reason: CursorProblem,
-    /// The oldest cursor still served (`cursor_too_old`); null for `cursor_ahead`.
-    pub oldest_cursor: Option<u64>,
 }
 
 /// A signed message refused: `{"error", "reason"}` like the hub's refusals.

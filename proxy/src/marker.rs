@@ -23,7 +23,13 @@ use base64::Engine;
 use ipnet::IpNet;
 use understudy_hub::SecretKey;
 
-use crate::h1::MarkerClaim;
+/// A job's claim to be a simulation job: the marker header or its authentication (either one
+/// is a claim; neither is ever forwarded as received). The head parser fills it in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct MarkerClaim {
+    /// The `x-understudy-simulation-auth` value, if any.
+    pub token: Option<String>,
+}
 
 /// Header set on every copy.
 pub const SIMULATION_HEADER: &str = "x-understudy-simulation";

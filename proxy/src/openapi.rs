@@ -18,8 +18,8 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::openapi::{ObjectBuilder, OpenApi as Document, Ref, RefOr, Type};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use crate::admin::{CursorRefusal, RefusalBody};
 use crate::wire::{BalancerConfig, ErrorBody, KeyRotation};
+use crate::wire::{CursorRefusal, RefusalBody};
 use understudy_hub::{Envelope, READ_AUTH_HEADER};
 
 /// The signed-read scheme's name, as the reads list it in `security(("signed_read" = []))`.

@@ -270,3 +270,33 @@ pub struct PushAck {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// A refused signed message (config, key rotation or read): what was wrong and the reason it is
+/// counted under in `understudy_balancer_config_rejected_total`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RefusalBody {
+    pub error: String,
+    /// `unsigned`, `bad_signature`, `unknown_sender`, `replayed`, `out_of_order`,
+    /// `forbidden_topic`, `malformed`, `oversized`, `bad_config` (a verified payload that is not
+    /// a config) or `key_file` (the rotated key could not be written; the old key stays).
+    pub reason: String,
+}
+
+/// Why a stats cursor is refused.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CursorProblem {
+    /// Ahead of the latest cursor: the balancer restarted; read from 0.
+    CursorAhead,
+    /// Older than the windows kept: read again from `oldest_cursor`.
+    CursorTooOld,
+}
+
+/// A stats read refused for its cursor.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CursorRefusal {
+    pub error: String,
+    pub reason: CursorProblem,
+    /// The oldest cursor still served (`cursor_too_old`); null for `cursor_ahead`.
+    pub oldest_cursor: Option<u64>,
+}

@@ -25,7 +25,7 @@ mod request;
 
 pub(crate) use answer::{parse_answer, Answer, AnswerTo};
 pub(crate) use body::{BodyRelay, Output};
-pub(crate) use request::{copy_parts, end_request_head, parse_request, MarkerClaim, Request};
+pub(crate) use request::{copy_parts, end_request_head, parse_request, Request};
 
 use http::Method;
 

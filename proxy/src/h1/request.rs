@@ -6,6 +6,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use super::MAX_HEADERS;
 use super::{head_length, write_framing, write_header, Framing, H1Error, HeadFacts, Known};
+use crate::marker::MarkerClaim;
 
 /// What the balancer needs from a caller's request head.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,14 +31,6 @@ pub(crate) struct Request {
     pub session_end: bool,
     /// The caller claims the job is a simulation job (see `crate::marker`).
     pub marker: Option<MarkerClaim>,
-}
-
-/// A job's claim to be a simulation job: the marker header or its authentication (either one
-/// is a claim; neither is ever forwarded as received).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct MarkerClaim {
-    /// The `x-understudy-simulation-auth` value, if any.
-    pub token: Option<String>,
 }
 
 /// Checks the request line: origin form, or `*` for OPTIONS; never CONNECT.
