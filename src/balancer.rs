@@ -156,15 +156,15 @@ impl CursorProblem {
         }
     }
 
-    /// From a refusal's `reason` and `oldest_cursor` fields.
+    /// From the balancer's refusal of a cursor (`wire::CursorRefusal`); `None` for any other body.
     fn from_body(bytes: &[u8]) -> Option<CursorProblem> {
-        let body: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-        match body.get("reason")?.as_str()? {
-            "cursor_too_old" => Some(CursorProblem::TooOld {
-                oldest: body.get("oldest_cursor")?.as_u64()?,
+        use understudy_proxy::wire::{CursorProblem as Reason, CursorRefusal};
+        let body: CursorRefusal = serde_json::from_slice(bytes).ok()?;
+        match body.reason {
+            Reason::CursorTooOld => Some(CursorProblem::TooOld {
+                oldest: body.oldest_cursor?,
             }),
-            "cursor_ahead" => Some(CursorProblem::Ahead),
-            _ => None,
+            Reason::CursorAhead => Some(CursorProblem::Ahead),
         }
     }
 }

@@ -283,7 +283,7 @@ pub struct RefusalBody {
 }
 
 /// Why a stats cursor is refused.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CursorProblem {
     /// Ahead of the latest cursor: the balancer restarted; read from 0.
@@ -293,7 +293,7 @@ pub enum CursorProblem {
 }
 
 /// A stats read refused for its cursor.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CursorRefusal {
     pub error: String,
     pub reason: CursorProblem,
