@@ -21,7 +21,7 @@ use serde::Deserialize;
 use understudy_hub::{Backend, SecretKey, Signer, CONFIG_TOPIC, READ_AUTH_HEADER, READ_TOPIC};
 use understudy_proxy::wire::{
     config_key_path, config_path, stats_path, BalancerConfig, KeyRotation, KeyRotationAck,
-    MachineState, MachineStatus, PushAck, StatsReport,
+    MachineHealth, MachineState, MachineStatus, PushAck, StatsReport,
 };
 
 /// The controller's sender id on the hub.
@@ -564,6 +564,8 @@ struct FakeService {
     series: Vec<understudy_proxy::wire::SeriesStats>,
     cursor: u64,
     sessions: BTreeMap<String, u64>,
+    /// What the balancer's probes say of a machine (unknown when not set).
+    health: BTreeMap<String, (MachineHealth, Option<String>)>,
     draining: Vec<MachineStatus>,
     unreachable: bool,
     /// Reads with a cursor below this are refused as too old (windows dropped).
@@ -635,6 +637,14 @@ impl FakeBalancer {
         });
     }
 
+    /// Sets what the balancer reports of `machine`'s health probes from now on.
+    pub fn set_health(&self, service: &str, machine: &str, health: MachineHealth, reason: &str) {
+        self.with(service, |s| {
+            let reason = (!reason.is_empty()).then(|| reason.to_string());
+            s.health.insert(machine.to_string(), (health, reason));
+        });
+    }
+
     pub fn set_unreachable(&self, service: &str, unreachable: bool) {
         self.with(service, |s| s.unreachable = unreachable);
     }
@@ -699,6 +709,8 @@ impl BalancerClient for FakeBalancer {
                                 config: m.config,
                                 state: MachineState::Draining,
                                 sessions,
+                                health: MachineHealth::Unknown,
+                                health_reason: None,
                             });
                         }
                     }
@@ -746,12 +758,17 @@ impl BalancerClient for FakeBalancer {
                 .config
                 .iter()
                 .flat_map(|c| c.machines.iter())
-                .map(|m| MachineStatus {
-                    id: m.id.clone(),
-                    version: m.version.clone(),
-                    config: m.config,
-                    state: MachineState::Serving,
-                    sessions: s.sessions.get(&m.id).copied().unwrap_or(0),
+                .map(|m| {
+                    let (health, health_reason) = s.health.get(&m.id).cloned().unwrap_or_default();
+                    MachineStatus {
+                        id: m.id.clone(),
+                        version: m.version.clone(),
+                        config: m.config,
+                        state: MachineState::Serving,
+                        sessions: s.sessions.get(&m.id).copied().unwrap_or(0),
+                        health,
+                        health_reason,
+                    }
                 })
                 .collect();
             machines.extend(s.draining.iter().cloned());
@@ -833,6 +850,7 @@ mod tests {
                 address: "127.0.0.1:1".into(),
                 weight: 100,
                 config: PoolRole::Active,
+                health_path: None,
             }],
         }
     }

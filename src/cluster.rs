@@ -105,6 +105,8 @@ pub struct MachineSpec {
     /// service's current version is an A/A control; one of another version is a release candidate.
     pub config: PoolRole,
     pub weight: Option<Spanned<u32>>,
+    /// Path the balancer probes with `GET` (else it probes with a TCP connect).
+    pub health_path: Option<Spanned<String>>,
 }
 
 /// How a service's rollout proceeds.
@@ -149,6 +151,8 @@ pub struct Machine {
     pub address: String,
     pub weight: u32,
     pub config: PoolRole,
+    /// Probed by the balancer with `GET`; `None`: a TCP connect.
+    pub health_path: Option<String>,
 }
 
 /// Controller settings with defaults applied.
@@ -325,6 +329,82 @@ fn valid_name(name: &str) -> bool {
 
 const NAME_RULE: &str = "must be 1-64 characters of a-z, 0-9, '-' or '_'";
 
+/// One `[[machines]]` entry checked: names, a known service, an address given once, a weight,
+/// a health path the balancer can write into a request line.
+fn machine_from_spec<'s>(
+    index: usize,
+    m: &'s MachineSpec,
+    spec: &ClusterSpec,
+    source: &Source<'_>,
+    ids: &mut BTreeSet<String>,
+    addresses: &mut BTreeMap<&'s str, &'s str>,
+) -> Result<Machine, ConfigError> {
+    let at = |s: &Spanned<String>| s.span().start;
+    let field = |name: &str| format!("machines[{index}].{name}");
+    if !valid_name(m.id.get_ref()) {
+        return Err(source.invalid(at(&m.id), field("id"), NAME_RULE));
+    }
+    if !ids.insert(m.id.get_ref().clone()) {
+        return Err(source.invalid(
+            at(&m.id),
+            field("id"),
+            format!("machine `{}` is declared twice", m.id.get_ref()),
+        ));
+    }
+    if !spec.services.contains_key(m.service.get_ref()) {
+        return Err(source.invalid(
+            at(&m.service),
+            field("service"),
+            format!("unknown service `{}`", m.service.get_ref()),
+        ));
+    }
+    if !valid_name(m.version.get_ref()) {
+        return Err(source.invalid(at(&m.version), field("version"), NAME_RULE));
+    }
+    if m.address.get_ref().parse::<std::net::SocketAddr>().is_err()
+        && !m.address.get_ref().contains(':')
+    {
+        return Err(source.invalid(at(&m.address), field("address"), "expected host:port"));
+    }
+    // One process answering as two machines would be counted, judged and retired twice.
+    if let Some(first) = addresses.insert(m.address.get_ref(), m.id.get_ref()) {
+        return Err(source.invalid(
+            at(&m.address),
+            field("address"),
+            format!(
+                "`{}` is already the address of machine `{first}`: a machine is declared once",
+                m.address.get_ref()
+            ),
+        ));
+    }
+    let weight = match &m.weight {
+        Some(w) if !(1..=1000).contains(w.get_ref()) => {
+            return Err(source.invalid(w.span().start, field("weight"), "must be within 1..=1000"))
+        }
+        Some(w) => *w.get_ref(),
+        None => 100,
+    };
+    let health_path = match &m.health_path {
+        Some(path) => Some(
+            understudy_proxy::check_health_path(path.get_ref())
+                .map_err(|problem| {
+                    source.invalid(path.span().start, field("health_path"), problem)
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(Machine {
+        id: m.id.get_ref().clone(),
+        service: m.service.get_ref().clone(),
+        version: m.version.get_ref().clone(),
+        address: m.address.get_ref().clone(),
+        weight,
+        config: m.config,
+        health_path,
+    })
+}
+
 impl Cluster {
     /// Validates a spec; `source` names the file and locates lines (spans refer to its text).
     pub fn from_spec(spec: ClusterSpec, source: &Source<'_>) -> Result<Cluster, ConfigError> {
@@ -361,64 +441,14 @@ impl Cluster {
         let mut ids = BTreeSet::new();
         let mut addresses: BTreeMap<&str, &str> = BTreeMap::new();
         for (index, m) in spec.machines.iter().enumerate() {
-            let at = |s: &Spanned<String>| s.span().start;
-            let m = m.get_ref();
-            let field = |name: &str| format!("machines[{index}].{name}");
-            if !valid_name(m.id.get_ref()) {
-                return Err(source.invalid(at(&m.id), field("id"), NAME_RULE));
-            }
-            if !ids.insert(m.id.get_ref().clone()) {
-                return Err(source.invalid(
-                    at(&m.id),
-                    field("id"),
-                    format!("machine `{}` is declared twice", m.id.get_ref()),
-                ));
-            }
-            if !spec.services.contains_key(m.service.get_ref()) {
-                return Err(source.invalid(
-                    at(&m.service),
-                    field("service"),
-                    format!("unknown service `{}`", m.service.get_ref()),
-                ));
-            }
-            if !valid_name(m.version.get_ref()) {
-                return Err(source.invalid(at(&m.version), field("version"), NAME_RULE));
-            }
-            if m.address.get_ref().parse::<std::net::SocketAddr>().is_err()
-                && !m.address.get_ref().contains(':')
-            {
-                return Err(source.invalid(at(&m.address), field("address"), "expected host:port"));
-            }
-            // One process answering as two machines would be counted, judged and retired twice.
-            if let Some(first) = addresses.insert(m.address.get_ref(), m.id.get_ref()) {
-                return Err(source.invalid(
-                    at(&m.address),
-                    field("address"),
-                    format!(
-                        "`{}` is already the address of machine `{first}`: a machine is declared once",
-                        m.address.get_ref()
-                    ),
-                ));
-            }
-            let weight = match &m.weight {
-                Some(w) if !(1..=1000).contains(w.get_ref()) => {
-                    return Err(source.invalid(
-                        w.span().start,
-                        field("weight"),
-                        "must be within 1..=1000",
-                    ))
-                }
-                Some(w) => *w.get_ref(),
-                None => 100,
-            };
-            machines.push(Machine {
-                id: m.id.get_ref().clone(),
-                service: m.service.get_ref().clone(),
-                version: m.version.get_ref().clone(),
-                address: m.address.get_ref().clone(),
-                weight,
-                config: m.config,
-            });
+            machines.push(machine_from_spec(
+                index,
+                m.get_ref(),
+                &spec,
+                source,
+                &mut ids,
+                &mut addresses,
+            )?);
         }
 
         let mut services = BTreeMap::new();

@@ -428,3 +428,31 @@ fn one_address_declared_as_two_machines_is_refused_naming_both() {
         "{err}"
     );
 }
+
+#[test]
+fn a_health_path_reaches_the_balancer_config_and_a_bad_one_is_refused_by_line() {
+    let with = |path: &str| {
+        SAMPLE.replace(
+            "address = \"127.0.0.1:8022\"",
+            &format!("address = \"127.0.0.1:8022\"\nhealth_path = \"{path}\""),
+        )
+    };
+    let cluster = parse("sample.toml", &with("/healthz?deep=1")).expect("valid");
+    let probed: Vec<_> = cluster
+        .machines
+        .iter()
+        .filter_map(|m| Some((m.address.as_str(), m.health_path.as_deref()?)))
+        .collect();
+    assert_eq!(probed, [("127.0.0.1:8022", "/healthz?deep=1")]);
+    for (path, problem) in [
+        ("healthz", "does not start with '/'"),
+        ("/a b", "holds ' '"),
+        ("/x#y", "holds '#'"),
+    ] {
+        let err = parse("sample.toml", &with(path)).unwrap_err().to_string();
+        assert!(
+            err.contains("sample.toml:") && err.contains(".health_path`") && err.contains(problem),
+            "{path:?}: {err}"
+        );
+    }
+}

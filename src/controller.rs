@@ -18,7 +18,8 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use understudy_judge::{Baseline, Decision, Judge, Verdict};
 use understudy_proxy::wire::{
-    BalancerConfig, JobPair, MachineEntry, MachineStatus, PoolRole, SeriesStats, StatsReport,
+    BalancerConfig, JobPair, MachineEntry, MachineHealth, MachineStatus, PoolRole, SeriesStats,
+    StatsReport,
 };
 use utoipa::ToSchema;
 
@@ -465,6 +466,10 @@ pub struct MachineView {
     pub role: MachineRole,
     /// Configuration in the service's current balancer config, if it is in it.
     pub config: Option<PoolRole>,
+    /// Whether it answers its balancer's probes (null: not in the last stats read).
+    pub health: Option<MachineHealth>,
+    /// Why it fails them (names the address), while it does.
+    pub health_reason: Option<String>,
     pub history: Vec<serde_json::Value>,
 }
 
@@ -523,6 +528,7 @@ fn desired_machines(
         address: m.address.clone(),
         weight: weight.clamp(1, 1000),
         config,
+        health_path: m.health_path.clone(),
     };
     let scaled = |w: u32, percent: u32| ((w * percent + 50) / 100).max(1);
     let mut out = Vec::new();
@@ -1339,6 +1345,10 @@ impl Core {
         }
         let guard = self.live_guard(state, &report.series, &service);
         if let Some(s) = state.services.get_mut(&service) {
+            let before = s.last_stats.as_ref().map(|st| st.machines.as_slice());
+            for change in crate::machines::health_changes(before, &report.machines) {
+                change.log(&service, &state.cluster);
+            }
             s.cursor = cursor;
             s.stats_reads += 1;
             s.last_stats = Some(StatsView {
@@ -2016,7 +2026,14 @@ impl Core {
                 .into_iter()
                 .map(|h| serde_json::to_value(h).unwrap_or_default())
                 .collect();
+            let seen = state
+                .services
+                .get(&m.service)
+                .and_then(|s| s.last_stats.as_ref())
+                .and_then(|st| st.machines.iter().find(|b| b.id == m.id));
             out.push(MachineView {
+                health: seen.map(|b| b.health),
+                health_reason: seen.and_then(|b| b.health_reason.clone()),
                 id: m.id.clone(),
                 service: m.service.clone(),
                 version: m.version.clone(),

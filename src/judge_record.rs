@@ -86,6 +86,7 @@ pub async fn record(plan: &RecordPlan) -> Result<Vec<RecordedJob>, RecordError> 
         address: addr.to_string(),
         weight: 1,
         config,
+        health_path: None,
     };
     // A recording balancer in this process, read by this process only: no keys to guard it.
     let options = understudy_proxy::SpawnOptions {

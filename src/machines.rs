@@ -18,7 +18,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use understudy_hub::registry::{Change, MachineRevision, Registry, RegistryError};
 use understudy_hub::{Envelope, MachineFilter, MachineRecord, Role, SecretKey, Status};
-use understudy_proxy::wire::PoolRole;
+use understudy_proxy::wire::{MachineHealth, MachineStatus, PoolRole};
 use utoipa::ToSchema;
 
 use crate::admin::{authorize, parse_body, ApiError, ErrorBody};
@@ -95,8 +95,14 @@ pub struct MachineListing {
     pub role: Role,
     /// Its place in the service's current balancer config (`active` | `simulation` | null).
     pub config: Option<PoolRole>,
-    /// Last reported status; null when it never registered nor reported.
+    /// Last reported status; for a machine that never reports (a plain HTTP server), what its
+    /// balancer's probes say (`running` while it answers, `down` while it fails); null when
+    /// neither knows.
     pub status: Option<Status>,
+    /// Whether it answers its balancer's probes (null: its balancer does not list it).
+    pub health: Option<MachineHealth>,
+    /// Why it fails them (names the address), while it does.
+    pub health_reason: Option<String>,
     pub capacity: Option<u32>,
     pub sessions: Option<u32>,
     /// Latest registry revision and its time.
@@ -106,6 +112,73 @@ pub struct MachineListing {
     pub declared: bool,
     /// Role changes `{at_ms, role, version, rollout, cause}` made by the controller.
     pub history: Vec<serde_json::Value>,
+}
+
+/// The status a machine that never reports is shown with: what its balancer sees.
+pub fn status_from_health(health: MachineHealth) -> Option<Status> {
+    match health {
+        MachineHealth::Answering => Some(Status::Running),
+        MachineHealth::Failing => Some(Status::Down),
+        MachineHealth::Unknown => None,
+    }
+}
+
+/// A machine whose health, as its balancer reports it, changed between two stats reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthChange {
+    pub machine: String,
+    pub health: MachineHealth,
+    pub reason: Option<String>,
+}
+
+impl HealthChange {
+    /// A machine that stopped answering is a warning naming it, its address and why; one
+    /// answering again is news.
+    pub fn log(&self, service: &str, cluster: &crate::cluster::Cluster) {
+        let address = cluster
+            .machines
+            .iter()
+            .find(|m| m.id == self.machine)
+            .map_or("?", |m| m.address.as_str());
+        let machine = &self.machine;
+        match self.health {
+            MachineHealth::Failing => tracing::warn!(
+                %service, %machine, %address,
+                "machine does not answer its balancer: {}",
+                self.reason.as_deref().unwrap_or("no reason given")
+            ),
+            MachineHealth::Answering => {
+                tracing::info!(%service, %machine, %address, "machine answers its balancer again")
+            }
+            MachineHealth::Unknown => {}
+        }
+    }
+}
+
+/// The machines whose health changed from `before` (the previous read; `None` at the first) to
+/// `after`. A machine first seen failing is a change; one first seen answering is not.
+pub fn health_changes(
+    before: Option<&[MachineStatus]>,
+    after: &[MachineStatus],
+) -> Vec<HealthChange> {
+    after
+        .iter()
+        .filter(|m| {
+            let was = before
+                .and_then(|b| b.iter().find(|o| o.id == m.id))
+                .map_or(MachineHealth::Unknown, |o| o.health);
+            match m.health {
+                MachineHealth::Failing => was != MachineHealth::Failing,
+                MachineHealth::Answering => was == MachineHealth::Failing,
+                MachineHealth::Unknown => false,
+            }
+        })
+        .map(|m| HealthChange {
+            machine: m.id.clone(),
+            health: m.health,
+            reason: m.health_reason.clone(),
+        })
+        .collect()
 }
 
 /// `GET /api/v1/machines` query: every set field must match.
@@ -361,7 +434,11 @@ impl Core {
                     weight: Some(m.weight),
                     role: m.role.hub_role(),
                     config: m.config,
-                    status: report.map(|r| r.record.status),
+                    status: report
+                        .map(|r| r.record.status)
+                        .or_else(|| m.health.and_then(status_from_health)),
+                    health: m.health,
+                    health_reason: m.health_reason,
                     capacity: report.map(|r| r.record.capacity),
                     sessions: report.map(|r| r.record.sessions),
                     revision: report.map(|r| r.revision),
@@ -389,6 +466,8 @@ impl Core {
                     role: record.role,
                     config: None,
                     status: Some(record.status),
+                    health: None,
+                    health_reason: None,
                     capacity: Some(record.capacity),
                     sessions: Some(record.sessions),
                     revision: Some(r.revision),

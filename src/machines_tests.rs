@@ -767,3 +767,47 @@ async fn history_keeps_the_newest_revisions_per_machine() {
     assert_eq!(history[0].record.role, Role::Active);
     assert_eq!(core.machine_revisions("db-9").unwrap()[0].revision, 2);
 }
+
+#[test]
+fn health_changes_are_the_turns_to_failing_and_back() {
+    use understudy_proxy::wire::{MachineHealth, MachineState, MachineStatus, PoolRole};
+    let status = |id: &str, health: MachineHealth| MachineStatus {
+        id: id.into(),
+        version: "v1".into(),
+        config: PoolRole::Active,
+        state: MachineState::Serving,
+        sessions: 0,
+        health,
+        health_reason: (health == MachineHealth::Failing).then(|| format!("{id} refused")),
+    };
+    use MachineHealth::*;
+    let first = [
+        status("a", Answering),
+        status("b", Failing),
+        status("c", Unknown),
+    ];
+    let turned = |before: Option<&[MachineStatus]>, after: &[MachineStatus]| {
+        crate::machines::health_changes(before, after)
+            .into_iter()
+            .map(|c| (c.machine, c.health, c.reason))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        turned(None, &first),
+        [("b".to_string(), Failing, Some("b refused".to_string()))],
+        "first seen failing is news, first seen answering is not"
+    );
+    assert_eq!(turned(Some(&first), &first), []);
+    let second = [
+        status("a", Failing),
+        status("b", Answering),
+        status("c", Answering),
+    ];
+    assert_eq!(
+        turned(Some(&first), &second),
+        [
+            ("a".to_string(), Failing, Some("a refused".to_string())),
+            ("b".to_string(), Answering, None)
+        ]
+    );
+}

@@ -412,7 +412,8 @@ fn desired_state(state: &State) -> DesiredState {
 /// What is observed: every machine the registry knows (role as the controller assigned it),
 /// whether its balancer has it (in the committed config, or still draining it), and its sessions
 /// (the fewer of what its balancer pins to it and what it reports: either reaching 0 ends a wait).
-fn actual_state(state: &State, now_ms: u64) -> Result<ActualState, StoreError> {
+/// Also gives the machines seen only through their balancer.
+fn actual_state(state: &State, now_ms: u64) -> Result<(ActualState, BTreeSet<String>), StoreError> {
     let latest = SqlMachineStore::new(state.store.conn()).all_latest()?;
     let mut machines = Vec::with_capacity(latest.len());
     for revision in latest {
@@ -455,7 +456,60 @@ fn actual_state(state: &State, now_ms: u64) -> Result<ActualState, StoreError> {
             draining_since_ms,
         });
     }
-    Ok(ActualState { now_ms, machines })
+    let watched = observe_plain_machines(state, &mut machines);
+    Ok((ActualState { now_ms, machines }, watched))
+}
+
+/// Machines that never report (plain HTTP servers) are seen through their balancer's probes,
+/// and only once it has probed them: silence alone is never taken for a dead machine. Gives
+/// the ids of those added.
+fn observe_plain_machines(state: &State, machines: &mut Vec<ObservedMachine>) -> BTreeSet<String> {
+    let mut watched = BTreeSet::new();
+    for m in &state.cluster.machines {
+        if machines.iter().any(|o| o.record.id == m.id) {
+            continue;
+        }
+        let seen = state
+            .services
+            .get(&m.service)
+            .and_then(|s| s.last_stats.as_ref())
+            .and_then(|st| st.machines.iter().find(|b| b.id == m.id));
+        let Some((seen, status)) =
+            seen.and_then(|b| Some((b, crate::machines::status_from_health(b.health)?)))
+        else {
+            continue;
+        };
+        machines.push(ObservedMachine {
+            record: MachineRecord {
+                id: m.id.clone(),
+                service: m.service.clone(),
+                version: m.version.clone(),
+                address: m.address.clone(),
+                role: role_of(state, &m.id).unwrap_or(Role::Standby),
+                status,
+                capacity: 0,
+                sessions: seen.sessions.min(u64::from(u32::MAX)) as u32,
+            },
+            in_balancer: true,
+            draining_since_ms: None,
+        });
+        watched.insert(m.id.clone());
+    }
+    watched
+}
+
+/// Whether `action` takes a machine out of its balancer or asks it to change. Neither is done
+/// to a machine seen only through its balancer: the balancer already sends a failing machine no
+/// caller's job and goes on probing it, which a removal would end (it could then never be seen
+/// answering again), and such a machine does not listen on the hub for an update.
+fn alters_watched(action: &Action, watched: &BTreeSet<String>) -> bool {
+    match action {
+        Action::Drain { machine, .. }
+        | Action::AwaitSessions { machine, .. }
+        | Action::RemoveFromBalancer { machine, .. }
+        | Action::UpdateVersion { machine, .. } => watched.contains(machine),
+        _ => false,
+    }
 }
 
 /// The condition behind an action, for the metric and the listing.
@@ -525,14 +579,15 @@ impl Core {
         let now = self.clock.now_ms();
         let rules = state.cluster.monitor.clone();
         let desired = desired_state(state);
-        let actual = match actual_state(state, now) {
+        let (actual, watched) = match actual_state(state, now) {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("monitor: machine registry not readable: {e}");
                 return Vec::new();
             }
         };
-        let actions = evaluate(&desired, &actual, &rules);
+        let mut actions = evaluate(&desired, &actual, &rules);
+        actions.retain(|a| !alters_watched(a, &watched));
         let mut outbox = Vec::new();
         let mut asked = BTreeSet::new();
         for action in actions {
@@ -858,7 +913,7 @@ mod tests {
 
     use understudy_hub::registry::Registry;
     use understudy_hub::Filter;
-    use understudy_proxy::wire::PoolRole;
+    use understudy_proxy::wire::{MachineHealth, PoolRole};
 
     use super::super::lock;
     use super::*;
@@ -979,6 +1034,71 @@ min_running_active = 3
             .monitor_actions
             .with_label_values(&[rule, action])
             .get()
+    }
+
+    fn listed(core: &Core, id: &str) -> crate::machines::MachineListing {
+        core.machine_listing(&Default::default())
+            .unwrap()
+            .into_iter()
+            .find(|m| m.id == id)
+            .unwrap()
+    }
+
+    /// Machines that never report (plain HTTP servers): the listing and the monitor see them
+    /// through their balancer, a silent one is not taken for dead, and a failing one is left in
+    /// its balancer (which skips it and goes on probing it) while a replacement is asked for.
+    #[tokio::test(start_paused = true)]
+    async fn plain_machines_are_seen_through_their_balancer_and_never_taken_for_dead_by_silence() {
+        let probed = MEDIA.replace(
+            "address = \"127.0.0.1:8002\"",
+            "address = \"127.0.0.1:8002\"\nhealth_path = \"/healthz\"",
+        );
+        let rig = Rig::new(&format!("{probed}{RULES}"));
+        let core = rig.open();
+        core.tick().await;
+        core.tick().await;
+        let pushed = rig.fake.config("media").unwrap();
+        let path_of = |id: &str| {
+            let entry = pushed.machines.iter().find(|m| m.id == id).unwrap();
+            entry.health_path.clone()
+        };
+        assert_eq!(path_of("media-2").as_deref(), Some("/healthz"));
+        assert_eq!(path_of("media-1"), None);
+        let silent = listed(&core, "media-2");
+        assert_eq!(
+            (silent.status, silent.health),
+            (None, Some(MachineHealth::Unknown))
+        );
+        assert!(core.monitor_actions().is_empty(), "silence is not death");
+
+        for id in ["media-1", "media-3", "media-c"] {
+            rig.fake
+                .set_health("media", id, MachineHealth::Answering, "");
+        }
+        let refused = "connecting to 127.0.0.1:7002: Connection refused (os error 111)";
+        rig.fake
+            .set_health("media", "media-2", MachineHealth::Failing, refused);
+        core.tick().await;
+        let failing = listed(&core, "media-2");
+        assert_eq!(failing.status, Some(Status::Down));
+        assert_eq!(failing.health, Some(MachineHealth::Failing));
+        assert_eq!(failing.health_reason.as_deref(), Some(refused));
+        assert_eq!(listed(&core, "media-1").status, Some(Status::Running));
+        assert_eq!(
+            actions(&core),
+            [pair("active_machine_down", "request_replacement")],
+            "asked for a replacement, not taken out"
+        );
+        assert_eq!(
+            in_config(&rig.fake),
+            ["media-1", "media-2", "media-3", "media-c"]
+        );
+
+        rig.fake
+            .set_health("media", "media-2", MachineHealth::Answering, "");
+        core.tick().await;
+        assert_eq!(listed(&core, "media-2").status, Some(Status::Running));
+        assert_eq!(actions(&core).len(), 1, "nothing more to do");
     }
 
     #[tokio::test(start_paused = true)]

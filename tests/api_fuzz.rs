@@ -146,6 +146,7 @@ fn start_balancer(keyed: bool) -> RunningBalancers {
             address: "127.0.0.1:9".into(),
             weight: 100,
             config: PoolRole::Active,
+            health_path: None,
         }],
     };
     let loopback = "127.0.0.1:0".parse().unwrap();

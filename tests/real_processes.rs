@@ -113,6 +113,10 @@ struct Deployment {
     balancer: Process,
     balancer_admin: String,
     listen: SocketAddr,
+    /// Active v1 machines declared at an address where nothing listens.
+    silent: Vec<(&'static str, SocketAddr)>,
+    /// `health_path` of declared machines, by id.
+    health_paths: Vec<(&'static str, &'static str)>,
 }
 
 /// A port free at the time of asking (for a balancer restarted on the same addresses).
@@ -158,6 +162,8 @@ impl Deployment {
             balancer,
             balancer_admin,
             listen,
+            silent: Vec::new(),
+            health_paths: Vec::new(),
         };
         deployment.write_cluster();
         deployment
@@ -196,12 +202,19 @@ balancer_key_file = "media.key"
 "#,
             self.balancer_admin
         );
-        for (id, version, config, machine) in &self.machines {
+        let declared = self
+            .machines
+            .iter()
+            .map(|(id, v, c, m)| (*id, *v, *c, m.addr));
+        let silent = self.silent.iter().map(|(id, a)| (*id, "v1", "active", *a));
+        for (id, version, config, address) in declared.chain(silent) {
             text.push_str(&format!(
                 "\n[[machines]]\nid = \"{id}\"\nservice = \"media\"\nversion = \"{version}\"\n\
-                 address = \"{}\"\nconfig = \"{config}\"\n",
-                machine.addr
+                 address = \"{address}\"\nconfig = \"{config}\"\n"
             ));
+            if let Some((_, path)) = self.health_paths.iter().find(|(m, _)| *m == id) {
+                text.push_str(&format!("health_path = \"{path}\"\n"));
+            }
         }
         std::fs::write(self.dir.path().join("cluster.toml"), text).unwrap();
     }
@@ -574,4 +587,55 @@ async fn a_balancer_down_at_start_is_retried_with_its_reason() {
     assert_eq!(errors, 0);
     let views: Vec<serde_json::Value> = client.get("/api/v1/balancers").await.unwrap();
     assert_eq!(views[0]["last_push_error"], serde_json::Value::Null);
+}
+
+/// The listing's entry for machine `id`, once `done` holds for it.
+async fn machine_when(
+    client: &AdminClient,
+    id: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let listing: Vec<serde_json::Value> = client.get("/api/v1/machines").await.unwrap();
+        let entry = listing.into_iter().find(|m| m["id"] == id).expect("listed");
+        if done(&entry) {
+            return entry;
+        }
+        assert!(Instant::now() < deadline, "machine {id} stayed {entry}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_that_does_not_answer_is_named_and_costs_callers_nothing() {
+    let mut deployment = Deployment::start().await;
+    let nothing_there = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    deployment.silent.push(("media-9", nothing_there));
+    deployment.health_paths.push(("media-1", "/healthz"));
+    deployment.write_cluster();
+    let (_controller, client) = deployment.controller();
+    let load = Load::start(deployment.listen);
+    let dead = machine_when(&client, "media-9", |m| m["health"] == "failing").await;
+    assert_eq!(dead["status"], "down", "{dead}");
+    let reason = dead["health_reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&nothing_there.to_string()) && reason.contains("refused"),
+        "{reason}"
+    );
+    let probed = machine_when(&client, "media-1", |m| m["health"] == "answering").await;
+    assert_eq!(probed["status"], "running", "{probed}");
+    // A silent machine that its balancer has not judged yet is not called dead.
+    let control = machine_when(&client, "media-c", |_| true).await;
+    assert_ne!(control["status"], "down", "{control}");
+
+    release(client.base(), "media=v2");
+    let done = wait_finished(&client, latest_id(&client).await, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, "complete", "{:?}", done.verdict);
+    let (sent, errors) = load.finish().await;
+    assert!(sent > 0);
+    assert_eq!(
+        errors, 0,
+        "callers paid for the machine that does not answer"
+    );
 }

@@ -98,16 +98,7 @@ async fn healthz() -> &'static str {
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     for service in state.services.values() {
         let status = service.router.machine_status();
-        state.metrics.set_sessions(
-            &service.name,
-            status.iter().map(|m| {
-                let s = match m.state {
-                    crate::wire::MachineState::Serving => "serving",
-                    crate::wire::MachineState::Draining => "draining",
-                };
-                (m.id.as_str(), s, m.sessions)
-            }),
-        );
+        state.metrics.set_machines(&service.name, &status);
     }
     (
         [(

@@ -26,6 +26,7 @@ pub(crate) fn media_config(version: u64) -> BalancerConfig {
             address: "127.0.0.1:9".into(),
             weight: 100,
             config: PoolRole::Active,
+            health_path: None,
         }],
     }
 }

@@ -104,6 +104,12 @@ pub struct LimitsSpec {
     pub max_sessions: usize,
     /// The longest `x-session-id` accepted (431 beyond).
     pub max_session_id_bytes: usize,
+    /// How often each machine is probed (its `health_path`, else a TCP connect).
+    pub health_interval_ms: u64,
+    /// A probe with no answer within this fails.
+    pub health_timeout_ms: u64,
+    /// Failed probes (or job connections) in a row that make a machine `failing`.
+    pub health_fall: usize,
 }
 
 impl Default for LimitsSpec {
@@ -119,6 +125,9 @@ impl Default for LimitsSpec {
             machine_keepalive_ms: 50_000,
             max_sessions: 100_000,
             max_session_id_bytes: 256,
+            health_interval_ms: 1_000,
+            health_timeout_ms: 1_000,
+            health_fall: 2,
         }
     }
 }
@@ -136,6 +145,9 @@ pub(crate) struct Limits {
     pub machine_keepalive: Duration,
     pub max_sessions: usize,
     pub max_session_id_bytes: usize,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub health_fall: u32,
 }
 
 impl LimitsSpec {
@@ -175,6 +187,17 @@ impl LimitsSpec {
             machine_keepalive: duration("machine_keepalive_ms", self.machine_keepalive_ms)?,
             max_sessions: cap("max_sessions", self.max_sessions)?,
             max_session_id_bytes: cap("max_session_id_bytes", self.max_session_id_bytes)?,
+            health_interval: duration("health_interval_ms", self.health_interval_ms)?,
+            health_timeout: duration("health_timeout_ms", self.health_timeout_ms)?,
+            health_fall: match cap("health_fall", self.health_fall)? {
+                n @ 1..=100 => n as u32,
+                n => {
+                    return Err(ConfigError::invalid(
+                        "limits.health_fall",
+                        format!("{n} is outside 1..=100"),
+                    ))
+                }
+            },
         })
     }
 }
@@ -289,6 +312,8 @@ pub(crate) struct ValidMachine {
     pub address: SocketAddr,
     pub weight: u32,
     pub role: PoolRole,
+    /// Probed with `GET` when set, else by a TCP connect.
+    pub health_path: Option<Arc<str>>,
 }
 
 /// A [`BalancerConfig`] that passed every check; the raw form is kept for idempotent re-pushes and
@@ -323,6 +348,83 @@ pub(crate) struct CheckedConfig {
     names: Vec<(usize, String)>,
 }
 
+/// One machine entry checked; true when its address is a name still to resolve (the address
+/// is then unspecified, with the port). `ids` collects the ids seen so far.
+fn check_machine<'a>(
+    m: &'a crate::wire::MachineEntry,
+    ids: &mut HashSet<&'a str>,
+) -> Result<(ValidMachine, bool), ConfigError> {
+    if m.id.trim().is_empty() {
+        return Err(ConfigError::invalid("id", "empty machine id"));
+    }
+    if !ids.insert(m.id.as_str()) {
+        return Err(ConfigError::invalid(
+            "id",
+            format!("duplicate machine id {:?}", m.id),
+        ));
+    }
+    if m.version.trim().is_empty() {
+        return Err(ConfigError::invalid("version", "empty version"));
+    }
+    let (address, by_name) = match parse_address(&m.address)
+        .map_err(|problem| ConfigError::invalid("address", problem))?
+    {
+        Address::Ip(address) => (address, false),
+        Address::Name(port) => (SocketAddr::from(([0, 0, 0, 0], port)), true),
+    };
+    if !WEIGHT_RANGE.contains(&m.weight) {
+        return Err(ConfigError::invalid(
+            "weight",
+            format!(
+                "{} is outside {}..={}",
+                m.weight,
+                WEIGHT_RANGE.start(),
+                WEIGHT_RANGE.end()
+            ),
+        ));
+    }
+    let health_path = match &m.health_path {
+        Some(path) => Some(
+            check_health_path(path)
+                .map_err(|problem| ConfigError::invalid("health_path", problem))?
+                .into(),
+        ),
+        None => None,
+    };
+    let machine = ValidMachine {
+        id: m.id.as_str().into(),
+        version: m.version.as_str().into(),
+        address,
+        weight: m.weight,
+        role: m.config,
+        health_path,
+    };
+    Ok((machine, by_name))
+}
+
+/// The longest health path accepted.
+pub const MAX_HEALTH_PATH: usize = 1024;
+
+/// A health path is written into the probe's request line as is: an origin-form target of
+/// visible ASCII only, so that it cannot end the line or smuggle a header.
+pub fn check_health_path(path: &str) -> Result<&str, String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} does not start with '/'"));
+    }
+    if path.len() > MAX_HEALTH_PATH {
+        return Err(format!(
+            "{} bytes, more than the {MAX_HEALTH_PATH} allowed",
+            path.len()
+        ));
+    }
+    if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic() || *c == '#') {
+        return Err(format!(
+            "{path:?} holds {c:?}: only visible ASCII, no '#', is allowed in a request target"
+        ));
+    }
+    Ok(path)
+}
+
 impl CheckedConfig {
     pub(crate) fn new(config: &BalancerConfig) -> Result<Self, ConfigError> {
         if config.service.trim().is_empty() || config.service.contains('/') {
@@ -344,46 +446,12 @@ impl CheckedConfig {
         let mut machines = Vec::with_capacity(config.machines.len());
         let mut names = Vec::new();
         for (i, m) in config.machines.iter().enumerate() {
-            let field = |name: &str| format!("machines[{i}].{name}");
-            if m.id.trim().is_empty() {
-                return Err(ConfigError::invalid(field("id"), "empty machine id"));
+            let (machine, by_name) =
+                check_machine(m, &mut ids).map_err(|e| e.within(&format!("machines[{i}]")))?;
+            if by_name {
+                names.push((i, m.address.clone()));
             }
-            if !ids.insert(m.id.as_str()) {
-                return Err(ConfigError::invalid(
-                    field("id"),
-                    format!("duplicate machine id {:?}", m.id),
-                ));
-            }
-            if m.version.trim().is_empty() {
-                return Err(ConfigError::invalid(field("version"), "empty version"));
-            }
-            let address = match parse_address(&m.address)
-                .map_err(|problem| ConfigError::invalid(field("address"), problem))?
-            {
-                Address::Ip(address) => address,
-                Address::Name(port) => {
-                    names.push((i, m.address.clone()));
-                    SocketAddr::from(([0, 0, 0, 0], port))
-                }
-            };
-            if !WEIGHT_RANGE.contains(&m.weight) {
-                return Err(ConfigError::invalid(
-                    field("weight"),
-                    format!(
-                        "{} is outside {}..={}",
-                        m.weight,
-                        WEIGHT_RANGE.start(),
-                        WEIGHT_RANGE.end()
-                    ),
-                ));
-            }
-            machines.push(ValidMachine {
-                id: m.id.as_str().into(),
-                version: m.version.as_str().into(),
-                address,
-                weight: m.weight,
-                role: m.config,
-            });
+            machines.push(machine);
         }
         if !machines.iter().any(|m| m.role == PoolRole::Active) {
             return Err(ConfigError::invalid(
@@ -547,6 +615,7 @@ mod tests {
             address: "127.0.0.1:9".into(),
             weight: 100,
             config: role,
+            health_path: None,
         }
     }
 

@@ -23,18 +23,26 @@ fn machines() -> impl Strategy<Value = Vec<MachineEntry>> {
         address(),
         WEIGHT_RANGE,
         prop::sample::select(vec![PoolRole::Active, PoolRole::Simulation]),
+        prop::option::of(prop::sample::select(vec![
+            "/healthz",
+            "/status?deep=1",
+            "/",
+        ])),
     );
     proptest::collection::vec(machine, 1..4).prop_map(|list| {
         list.into_iter()
             .enumerate()
-            .map(|(i, (version, address, weight, role))| MachineEntry {
-                id: format!("m-{i}"),
-                version: version.into(),
-                address: address.to_string(),
-                weight,
-                // The first machine is active: a config needs one.
-                config: if i == 0 { PoolRole::Active } else { role },
-            })
+            .map(
+                |(i, (version, address, weight, role, health))| MachineEntry {
+                    id: format!("m-{i}"),
+                    version: version.into(),
+                    address: address.to_string(),
+                    weight,
+                    // The first machine is active: a config needs one.
+                    config: if i == 0 { PoolRole::Active } else { role },
+                    health_path: health.map(String::from),
+                },
+            )
             .collect()
     })
 }
@@ -81,19 +89,25 @@ fn limits() -> impl Strategy<Value = LimitsSpec> {
     (
         (ms(), ms(), ms(), ms(), ms()),
         (ms(), ms(), ms(), 1usize..1_000_000, 1usize..65_536),
+        (ms(), ms(), 1usize..=100),
     )
-        .prop_map(|((a, b, c, d, e), (f, g, h, sessions, id))| LimitsSpec {
-            head_timeout_ms: a,
-            caller_idle_ms: b,
-            caller_body_idle_ms: c,
-            caller_write_timeout_ms: d,
-            machine_connect_timeout_ms: e,
-            machine_write_timeout_ms: f,
-            machine_answer_timeout_ms: g,
-            machine_keepalive_ms: h,
-            max_sessions: sessions,
-            max_session_id_bytes: id,
-        })
+        .prop_map(
+            |((a, b, c, d, e), (f, g, h, sessions, id), (i, j, fall))| LimitsSpec {
+                head_timeout_ms: a,
+                caller_idle_ms: b,
+                caller_body_idle_ms: c,
+                caller_write_timeout_ms: d,
+                machine_connect_timeout_ms: e,
+                machine_write_timeout_ms: f,
+                machine_answer_timeout_ms: g,
+                machine_keepalive_ms: h,
+                max_sessions: sessions,
+                max_session_id_bytes: id,
+                health_interval_ms: i,
+                health_timeout_ms: j,
+                health_fall: fall,
+            },
+        )
 }
 
 fn process() -> impl Strategy<Value = ProcessConfig> {

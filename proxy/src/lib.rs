@@ -17,11 +17,13 @@ mod draft;
 mod extract;
 mod fault;
 mod h1;
+mod health;
 mod marker;
 mod metrics;
 mod mirror;
 mod openapi;
 mod pool;
+mod prober;
 mod proxy;
 mod service;
 mod signing;
@@ -43,7 +45,10 @@ use pingora::server::{
 };
 use pingora::services::Service as PingoraService;
 
-pub use config::{BalancerSpec, ConfigError, LimitsSpec, ProcessConfig, TrustSpec, WEIGHT_RANGE};
+pub use config::{
+    check_health_path, BalancerSpec, ConfigError, LimitsSpec, ProcessConfig, TrustSpec,
+    MAX_HEALTH_PATH, WEIGHT_RANGE,
+};
 pub use marker::{MarkerPolicy, MarkerRejection, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 pub use proxy::{SESSION_EVENT_HEADER, SESSION_HEADER};
 pub use service::PushError;
@@ -301,6 +306,8 @@ pub fn spawn_with(
     };
     let services = shared.services(configs, &options);
     start_sweeper(&services, options.session_idle, &admin_runtime);
+    // Ended with the admin runtime.
+    admin_runtime.spawn(prober::run(services.values().cloned().collect(), limits));
     if let Some(feed) = &options.signing.feed {
         // Ended with the admin runtime.
         signing::start_feed(feed, &gates, &services, admin_runtime.handle());

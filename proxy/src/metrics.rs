@@ -7,7 +7,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::wire::{Outcome, PoolRole};
+use crate::wire::{MachineHealth, MachineState, MachineStatus, Outcome, PoolRole};
 
 pub(crate) const OUTCOMES: [Outcome; 5] = [
     Outcome::Ok,
@@ -39,6 +39,7 @@ pub(crate) struct Metrics {
     marker_stripped: IntCounterVec,
     config_version: IntGaugeVec,
     sessions: IntGaugeVec,
+    machine_failing: IntGaugeVec,
 }
 
 /// A deadline or cap of `[limits]` (see `config::LimitsSpec`), as counted when hit.
@@ -177,6 +178,11 @@ impl Metrics {
                 "Sustained sessions pinned to a machine, by machine state.",
                 &["service", "machine", "state"],
             )?,
+            machine_failing: gauges(
+                "understudy_balancer_machine_failing",
+                "1 while the machine fails its health probes (it gets no new caller job), else 0.",
+                &["service", "machine"],
+            )?,
             registry,
         })
     }
@@ -220,25 +226,32 @@ impl Metrics {
         self.config_version.with_label_values(&[service])
     }
 
-    /// Replaces the session gauges of `service` with `machines` (machine id, state, sessions).
-    pub(crate) fn set_sessions<'a>(
-        &self,
-        service: &str,
-        machines: impl Iterator<Item = (&'a str, &'a str, u64)>,
-    ) {
+    /// Replaces the per-machine gauges of `service` (sessions by state, failing) with those of
+    /// `machines`.
+    pub(crate) fn set_machines(&self, service: &str, machines: &[MachineStatus]) {
         // Gauges of machines that left the pool would otherwise linger at their last value.
-        for family in self.sessions.collect() {
-            for metric in family.get_metric() {
-                let labels: Vec<&str> = metric.get_label().iter().map(|l| l.value()).collect();
-                if labels.first() == Some(&service) {
-                    let _ = self.sessions.remove_label_values(&labels);
+        for vec in [&self.sessions, &self.machine_failing] {
+            for family in vec.collect() {
+                for metric in family.get_metric() {
+                    let labels: Vec<&str> = metric.get_label().iter().map(|l| l.value()).collect();
+                    if labels.first() == Some(&service) {
+                        let _ = vec.remove_label_values(&labels);
+                    }
                 }
             }
         }
-        for (machine, state, count) in machines {
+        for m in machines {
+            let state = match m.state {
+                MachineState::Serving => "serving",
+                MachineState::Draining => "draining",
+            };
             self.sessions
-                .with_label_values(&[service, machine, state])
-                .set(count as i64);
+                .with_label_values(&[service, &m.id, state])
+                .set(m.sessions as i64);
+            let failing = m.health == MachineHealth::Failing;
+            self.machine_failing
+                .with_label_values(&[service, &m.id])
+                .set(i64::from(failing));
         }
     }
 

@@ -27,8 +27,17 @@ pub(crate) struct Machine {
     /// A simulation machine's copy lane (its version's), resolved when the config is applied so
     /// that a copy finds it without a lookup; `None` for active machines.
     pub lane: Option<Arc<Lane>>,
-    /// The keep-alive connections to the machine's address, kept across config versions.
+    /// The keep-alive connections to the machine's address and its health, kept across config
+    /// versions.
     pub upstream: Arc<Upstream>,
+    /// What its probe asks for (`None`: a TCP connect).
+    pub health_path: Option<Arc<str>>,
+}
+
+impl Machine {
+    pub(crate) fn is_failing(&self) -> bool {
+        self.upstream.health.is_failing()
+    }
 }
 
 /// Machines of one pool with a smooth weighted round-robin schedule: each machine gets its share of
@@ -71,6 +80,32 @@ impl Pool {
         }
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
         self.machines.get(self.schedule[slot] as usize)
+    }
+
+    /// The next machine by weight that is not failing; when every machine fails, the next one
+    /// by weight anyway (the job then fails as it would have, rather than being refused here).
+    pub(crate) fn pick_serving(&self) -> Option<&Arc<Machine>> {
+        let picked = self.pick()?;
+        if !picked.is_failing() {
+            return Some(picked);
+        }
+        // Weights are set aside while a machine fails: its share goes round the others in turn.
+        let start = self.next.load(Ordering::Relaxed);
+        let n = self.machines.len();
+        (0..n)
+            .map(|i| &self.machines[(start + i) % n])
+            .find(|m| !m.is_failing())
+            .or(Some(picked))
+    }
+
+    /// A machine to send a job to instead of `failed` (whose connection failed before it got a
+    /// byte): another address, not failing.
+    pub(crate) fn other_than(&self, failed: &Machine) -> Option<&Arc<Machine>> {
+        let start = self.next.load(Ordering::Relaxed);
+        let n = self.machines.len();
+        (0..n)
+            .map(|i| &self.machines[(start + i) % n])
+            .find(|m| m.address != failed.address && !m.is_failing())
     }
 
     fn by_id(&self, id: &str) -> Option<&Arc<Machine>> {
@@ -120,6 +155,7 @@ impl Table {
                     PoolRole::Active => None,
                 },
                 upstream: upstream_of(m.address),
+                health_path: m.health_path.clone(),
             });
             match m.role {
                 PoolRole::Active => active.push((machine, m.weight)),
@@ -142,6 +178,21 @@ impl Table {
             simulation_any: Pool::new(simulation_any),
             config,
         }
+    }
+
+    /// The machine of the table with this id, in either pool.
+    pub(crate) fn machine(&self, id: &str) -> Option<&Arc<Machine>> {
+        self.active
+            .by_id(id)
+            .or_else(|| self.simulation_any.by_id(id))
+    }
+
+    /// Every machine of the table, active first.
+    pub(crate) fn machines(&self) -> impl Iterator<Item = &Arc<Machine>> {
+        self.active
+            .machines
+            .iter()
+            .chain(&self.simulation_any.machines)
     }
 
     /// Whether the job (or the session, when it has one) is in the mirrored fraction. Spread by a
@@ -269,7 +320,7 @@ impl Router {
             let table = self.table();
             let machine = table
                 .active
-                .pick()
+                .pick_serving()
                 .expect("validated configs have an active machine")
                 .clone();
             let mirror = if table.mirrors(job) {
@@ -287,12 +338,22 @@ impl Router {
         // Read under the sessions lock: a swap holds it, so pins and table agree.
         let table = self.table();
         let pin = sessions.pin(session, now, self.max_sessions)?;
+        // A call pinned to a machine that stopped answering moves on: its jobs there would fail.
+        if pin.active.as_ref().is_some_and(|m| m.is_failing()) {
+            if let Some(other) = pin
+                .active
+                .as_deref()
+                .and_then(|m| table.active.other_than(m))
+            {
+                pin.active = Some(other.clone());
+            }
+        }
         let machine = pin
             .active
             .get_or_insert_with(|| {
                 table
                     .active
-                    .pick()
+                    .pick_serving()
                     .expect("validated configs have an active machine")
                     .clone()
             })
@@ -437,15 +498,25 @@ impl Router {
             .config
             .machines
             .iter()
-            .map(|m| MachineStatus {
-                id: m.id.to_string(),
-                version: m.version.to_string(),
-                config: m.role,
-                state: MachineState::Serving,
-                sessions: counts.get(&(&*m.id, m.role)).copied().unwrap_or(0),
+            .map(|m| {
+                let sessions = counts.get(&(&*m.id, m.role)).copied().unwrap_or(0);
+                let (health, health_reason) = table
+                    .machine(&m.id)
+                    .map(|m| m.upstream.health.view())
+                    .unwrap_or_default();
+                MachineStatus {
+                    id: m.id.to_string(),
+                    version: m.version.to_string(),
+                    config: m.role,
+                    state: MachineState::Serving,
+                    sessions,
+                    health,
+                    health_reason,
+                }
             })
             .collect();
         status.extend(sessions.draining.iter().map(|d| {
+            let (health, health_reason) = d.machine.upstream.health.view();
             MachineStatus {
                 id: d.machine.id.to_string(),
                 version: d.machine.version.to_string(),
@@ -455,6 +526,8 @@ impl Router {
                     .get(&(&*d.machine.id, PoolRole::Active))
                     .copied()
                     .unwrap_or(0),
+                health,
+                health_reason,
             }
         }));
         status
@@ -486,6 +559,7 @@ mod tests {
             address: "127.0.0.1:9".into(),
             weight,
             config: role,
+            health_path: None,
         }
     }
 
@@ -507,6 +581,7 @@ mod tests {
                     address,
                     Duration::from_secs(1),
                     Duration::from_secs(50),
+                    2,
                 ))
             },
         )
@@ -545,6 +620,47 @@ mod tests {
         t.config.mirror_fraction = 0.25;
         let mirrored = (0..10_000u64).filter(|j| t.mirrors(*j)).count();
         assert!((2_400..=2_600).contains(&mirrored), "{mirrored}");
+    }
+
+    #[test]
+    fn failing_machines_get_no_new_job_and_their_calls_move_while_another_answers() {
+        let stats = stats();
+        let at = |id: &str, port: &str| MachineEntry {
+            address: format!("127.0.0.1:{port}"),
+            ..entry(id, "v1", 1, PoolRole::Active)
+        };
+        let router = Router::new(table(1, vec![at("a", "7001"), at("b", "7002")], &stats), 10);
+        let t0 = Instant::now();
+        let (call, _) = router.route(1, Some("call"), false, t0).unwrap();
+        let pinned = call.machine.clone();
+        for _ in 0..2 {
+            pinned.upstream.health.failed("refused".into());
+        }
+        assert!(pinned.is_failing());
+        let table = router.table();
+        for job in 2..12 {
+            let (route, _) = router.route(job, None, false, t0).unwrap();
+            assert_ne!(route.machine.id, pinned.id, "job {job}");
+        }
+        let (moved, _) = router.route(12, Some("call"), false, t0).unwrap();
+        assert_ne!(
+            moved.machine.id, pinned.id,
+            "the call left the failing machine"
+        );
+        let other = moved.machine.clone();
+        // Every machine failing: jobs go by weight anyway (they fail as they would have).
+        for _ in 0..2 {
+            other.upstream.health.failed("refused".into());
+        }
+        assert!(table.active.pick_serving().is_some());
+        assert!(table.active.other_than(&pinned).is_none());
+        let (still, _) = router.route(13, Some("call"), false, t0).unwrap();
+        assert_eq!(
+            still.machine.id, other.id,
+            "no better machine: the call stays"
+        );
+        other.upstream.health.passed();
+        assert_eq!(table.active.other_than(&pinned).unwrap().id, other.id);
     }
 
     #[test]

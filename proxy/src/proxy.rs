@@ -26,14 +26,15 @@ use crate::caller::Caller;
 use crate::draft::CopyDraft;
 use crate::fault::{within, Fault};
 use crate::h1::{self, AnswerTo, BodyRelay, Framing, Output, Request};
+use crate::health::Change;
 use crate::marker::{Verdict, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 use crate::metrics::Limit;
 use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest};
 use crate::pool::Machine;
 use crate::service::Service;
 use crate::timing::UpstreamTiming;
-use crate::upstream::{ConnectError, Connection, Upstream};
-use crate::wire::{JobObservation, Outcome};
+use crate::upstream::{Checkout, ConnectError, Connection, Upstream};
+use crate::wire::{JobObservation, Outcome, PoolRole};
 
 /// Header naming a sustained session (a call, a stream).
 pub const SESSION_HEADER: &str = "x-session-id";
@@ -404,7 +405,6 @@ impl Balancer {
         if whole_request_here {
             self.body_complete(job);
         }
-        let upstream = job.machine.upstream.clone();
         // The job's arrival stands for the start of a body-less job's attempt: routing takes
         // microseconds, and each clock read is a measurable share of a job's cost at these rates.
         let begin = if request.framing == Framing::Empty {
@@ -413,7 +413,7 @@ impl Balancer {
             Instant::now()
         };
         job.timing = UpstreamTiming::started(begin);
-        let checkout = match upstream.checkout(begin).await {
+        let checkout = match self.checkout(job, begin).await {
             Ok(checkout) => checkout,
             Err(e) => {
                 self.copy_after_connect_failure(caller, &mut body, job)
@@ -421,6 +421,7 @@ impl Balancer {
                 return Err(Failure::Connect(e));
             }
         };
+        let upstream = job.machine.upstream.clone();
         let mut connection = checkout.connection;
         // Sent again only if nothing can have happened twice: the machine took nothing of it
         // (no answer byte), the request is whole here, and its method is idempotent.
@@ -439,7 +440,13 @@ impl Balancer {
             "a reused connection failed ({error}); sending the job again on a new one"
         );
         job.timing = UpstreamTiming::started(Instant::now());
-        let mut fresh = upstream.connect().await.map_err(Failure::Connect)?;
+        let mut fresh = match upstream.connect().await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                self.unreachable(&job.machine, &e);
+                return Err(Failure::Connect(e));
+            }
+        };
         match self
             .attempt(caller, request, keep_alive, job, &mut fresh, &mut body)
             .await
@@ -447,6 +454,53 @@ impl Balancer {
             Ok(delivered) => Ok(self.settle(&upstream, fresh, delivered, job)),
             Err(AttemptError::BeforeAnswer(e)) => Err(Failure::Machine(e.into())),
             Err(AttemptError::Failed(failure)) => Err(failure),
+        }
+    }
+
+    /// A connection to the job's machine. When none can be had, the machine got no byte of the
+    /// job, so an active job goes (whatever its method) to another active machine that answers,
+    /// once; the job then counts as that machine's.
+    async fn checkout(&self, job: &mut Job, begin: Instant) -> Result<Checkout, ConnectError> {
+        let failed = match job.machine.upstream.checkout(begin).await {
+            Ok(checkout) => return Ok(checkout),
+            Err(e) => e,
+        };
+        self.unreachable(&job.machine, &failed);
+        if job.machine.role != PoolRole::Active {
+            return Err(failed);
+        }
+        let table = self.service.router.table();
+        let Some(other) = table.active.other_than(&job.machine).cloned() else {
+            return Err(failed);
+        };
+        tracing::debug!(
+            service = %self.service.name,
+            job = job.number,
+            "{failed}; sending the job to {} instead",
+            other.id
+        );
+        match other.upstream.checkout(Instant::now()).await {
+            Ok(checkout) => {
+                job.machine = other;
+                Ok(checkout)
+            }
+            Err(e) => {
+                self.unreachable(&other, &e);
+                Err(failed)
+            }
+        }
+    }
+
+    /// A job's connection to `machine` failed: a failed probe, as far as its health goes.
+    fn unreachable(&self, machine: &Machine, error: &ConnectError) {
+        if let Some(Change::NowFailing(reason)) = machine.upstream.health.failed(error.to_string())
+        {
+            tracing::warn!(
+                service = %self.service.name,
+                machine = %machine.id,
+                address = %machine.address,
+                "machine failing: {reason}"
+            );
         }
     }
 

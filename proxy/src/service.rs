@@ -88,6 +88,7 @@ impl Service {
             service: name.clone(),
             connect_timeout: limits.limits.machine_connect,
             keepalive: limits.limits.machine_keepalive,
+            health_fall: limits.limits.health_fall,
             lanes: Mutex::default(),
             upstreams: Mutex::default(),
         };
@@ -171,6 +172,7 @@ struct MachineLinks {
     service: Arc<str>,
     connect_timeout: Duration,
     keepalive: Duration,
+    health_fall: u32,
     lanes: Mutex<HashMap<Arc<str>, Arc<Lane>>>,
     upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
 }
@@ -193,6 +195,7 @@ impl MachineLinks {
                     machine.address,
                     self.connect_timeout,
                     self.keepalive,
+                    self.health_fall,
                 ))
             });
         }

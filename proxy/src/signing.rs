@@ -755,6 +755,7 @@ mod tests {
                 address: "127.0.0.1:9".into(),
                 weight: 100,
                 config: crate::wire::PoolRole::Active,
+                health_path: None,
             }],
         }
     }

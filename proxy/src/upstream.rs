@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use crate::health::Health;
+
 /// Idle connections kept per machine address (per balancer).
 const MAX_IDLE: usize = 128;
 
@@ -65,15 +67,23 @@ pub(crate) struct Upstream {
     /// keep-alive connections after their own timeout (nginx 75 s, many servers 60 s).
     keepalive: Duration,
     idle: Mutex<Vec<IdleConnection>>,
+    /// Whether the address answers (probes and jobs' connections).
+    pub health: Health,
 }
 
 impl Upstream {
-    pub(crate) fn new(address: SocketAddr, connect_timeout: Duration, keepalive: Duration) -> Self {
+    pub(crate) fn new(
+        address: SocketAddr,
+        connect_timeout: Duration,
+        keepalive: Duration,
+        health_fall: u32,
+    ) -> Self {
         Upstream {
             address,
             connect_timeout,
             keepalive,
             idle: Mutex::new(Vec::new()),
+            health: Health::new(health_fall),
         }
     }
 
@@ -218,7 +228,7 @@ mod tests {
     #[tokio::test]
     async fn a_released_connection_is_reused() {
         let (address, accepted) = machine(false).await;
-        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE, 2);
         for round in 0..5 {
             let mut conn = upstream.checkout(Instant::now()).await.unwrap();
             assert_eq!(conn.reused, round > 0);
@@ -231,7 +241,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_closed_or_holding_stray_bytes_is_never_handed_out() {
         let (address, accepted) = machine(true).await;
-        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE, 2);
         let mut conn = upstream.checkout(Instant::now()).await.unwrap();
         conn.connection.tcp.write_all(b"x").await.unwrap();
         // The machine's close arrives (it sends nothing back).
@@ -245,7 +255,7 @@ mod tests {
         accepted_reaches(&accepted, 2).await;
 
         let (address, _) = machine(false).await;
-        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE, 2);
         let mut conn = upstream.checkout(Instant::now()).await.unwrap();
         // The echo answers two bytes; one is read: the other is a stray byte, as a broken
         // machine's answer longer than its framing leaves.
@@ -264,7 +274,7 @@ mod tests {
     #[tokio::test]
     async fn old_idle_connections_are_dropped_and_the_list_is_bounded() {
         let (address, accepted) = machine(false).await;
-        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE, 2);
         let now = Instant::now();
         let mut connections = Vec::new();
         for _ in 0..MAX_IDLE + 3 {
@@ -288,7 +298,7 @@ mod tests {
         let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = unused.local_addr().unwrap();
         drop(unused);
-        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE);
+        let upstream = Upstream::new(address, Duration::from_secs(1), KEEPALIVE, 2);
         let error = upstream.checkout(Instant::now()).await.err().unwrap();
         assert!(error.to_string().contains(&address.to_string()), "{error}");
     }

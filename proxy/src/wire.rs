@@ -96,6 +96,12 @@ pub struct MachineEntry {
     #[schema(minimum = 1, maximum = 1000, default = 100)]
     pub weight: u32,
     pub config: PoolRole,
+    /// Path the balancer probes with `GET` (an answer in 200..=399 passes); without one the
+    /// probe is a TCP connect. Either way a machine failing `limits.health_fall` probes in a row
+    /// gets no new caller job until a probe passes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "/healthz", pattern = "^/[!-~]*$", max_length = 1024)]
+    pub health_path: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -228,6 +234,30 @@ pub enum MachineState {
     Draining,
 }
 
+/// Whether a machine answers, as the balancer's probes and jobs see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineHealth {
+    /// Not probed yet.
+    #[default]
+    Unknown,
+    /// The last probe passed.
+    Answering,
+    /// `limits.health_fall` probes (or connections of jobs) in a row failed: it gets no new
+    /// caller job (copies still go to a failing simulation machine, so that the judge sees it).
+    Failing,
+}
+
+impl MachineHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineHealth::Unknown => "unknown",
+            MachineHealth::Answering => "answering",
+            MachineHealth::Failing => "failing",
+        }
+    }
+}
+
 /// A machine of the running config, or a removed one still draining its sessions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MachineStatus {
@@ -237,6 +267,12 @@ pub struct MachineStatus {
     pub state: MachineState,
     /// Sustained sessions currently pinned to the machine.
     pub sessions: u64,
+    /// Absent from the reports of balancers built before health probes: `unknown`.
+    #[serde(default)]
+    pub health: MachineHealth,
+    /// Why the last failed probe or connection failed (names the address), while failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
 }
 
 /// Everything measured since a cursor. Reading with `since = report.cursor` next time gives the

@@ -279,6 +279,7 @@ fn a_balancer_without_keys_does_not_start_unless_told_to_run_insecure() {
                 address: "127.0.0.1:9".into(),
                 weight: 1,
                 config: PoolRole::Active,
+                health_path: None,
             }],
         )])
     };

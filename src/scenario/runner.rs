@@ -320,6 +320,7 @@ fn initial_balancer_config(cluster: &Cluster, service: &str) -> BalancerConfig {
                 address: m.address.clone(),
                 weight: m.weight,
                 config: PoolRole::Active,
+                health_path: m.health_path.clone(),
             })
             .collect(),
     }

@@ -576,6 +576,7 @@ fn cluster_spec(raw: ScenarioFile, addresses: &BTreeMap<String, String>) -> Clus
                     address: Spanned::new(span, address),
                     config: m.config,
                     weight: m.weight,
+                    health_path: None,
                 },
             )
         })

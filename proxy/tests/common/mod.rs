@@ -175,6 +175,7 @@ pub fn entry(id: &str, version: &str, machine: &Machine, role: PoolRole) -> Mach
         address: machine.addr.to_string(),
         weight: 100,
         config: role,
+        health_path: None,
     }
 }
 

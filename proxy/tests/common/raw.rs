@@ -81,6 +81,7 @@ impl RawMachine {
             address: self.addr.to_string(),
             weight: 100,
             config: role,
+            health_path: None,
         }
     }
 
