@@ -213,7 +213,7 @@ impl Source<'_> {
             + 1
     }
 
-    fn invalid(
+    pub(crate) fn invalid(
         &self,
         offset: usize,
         field: impl Into<String>,

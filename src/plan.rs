@@ -681,7 +681,7 @@ config = "simulation"
         let text = include_str!("../scenarios/subgroup.toml");
         let scenario = crate::scenario::spec::parse("subgroup.toml", text).unwrap();
         assert_eq!(
-            scenario.release_subgroups["media"],
+            scenario.releases[0].subgroups["media"],
             spec(serde_json::json!({"larger_of": {"percent": 33, "count": 2}}))
         );
         let line = text

@@ -106,6 +106,46 @@ fn identical_v2_is_promoted() {
     );
 }
 
+/// One file, three releases of one service in a row, each judged: the first against its v1
+/// control, the next two (no control of their from-version) against the active machines.
+#[test]
+fn release_after_release_judges_every_release() {
+    let report = play("release-after-release.toml");
+    assert_callers_unhurt_and_as_expected(&report);
+    let seen: Vec<(Expected, String, u64)> = report
+        .releases
+        .iter()
+        .map(|r| {
+            let media = &r.services["media"];
+            let baseline = media.verdict["baseline"]
+                .as_str()
+                .unwrap_or("-")
+                .to_string();
+            (media.outcome, baseline, media.jobs_compared)
+        })
+        .map(|(o, b, jobs)| (o, b, u64::from(jobs >= 300)))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Expected::Promoted, "control".to_string(), 1),
+            (Expected::RolledBack, "active".to_string(), 1),
+            (Expected::Promoted, "active".to_string(), 1),
+        ]
+    );
+    let ids: std::collections::BTreeSet<_> =
+        report.releases.iter().map(|r| r.release.unwrap()).collect();
+    assert_eq!(ids.len(), 3, "three releases of their own");
+    // Each as the last release left it.
+    assert_eq!(outcome(&report, "media"), Expected::Promoted);
+    let i = &report.isolation;
+    assert!(
+        i.joined_machines.contains(&"media-3".to_string())
+            && i.joined_machines.contains(&"media-1".to_string()),
+        "{i:?}"
+    );
+}
+
 #[test]
 fn median_regression_is_rolled_back() {
     let report = play("p50-regression.toml");

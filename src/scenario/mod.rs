@@ -102,22 +102,34 @@ fn play(scenario: &Scenario, json: Option<PathBuf>, linger: Option<u64>) -> u8 {
 /// release.
 pub fn check_text(file: &str, text: &str) -> Result<String, crate::cluster::ConfigError> {
     let scenario = spec::parse(file, text)?;
-    let current = scenario
+    let mut current: std::collections::BTreeMap<String, String> = scenario
         .cluster
         .services
         .iter()
         .map(|(name, s)| (name.clone(), s.declared_version.clone()))
         .collect();
-    let plan = crate::plan::Plan::for_release(&scenario.cluster, &current, &scenario.release);
     let mut out = format!(
         "{file}: valid scenario `{}` ({} services, {} machines)\n",
         scenario.name,
         scenario.cluster.services.len(),
         scenario.machines.len()
     );
-    match plan {
-        Ok(plan) => out.push_str(&plan.table()),
-        Err(e) => out.push_str(&format!("release plan: {e}\n")),
+    let several = scenario.releases.len() > 1;
+    for (index, release) in scenario.releases.iter().enumerate() {
+        if several {
+            out.push_str(&format!("release {index}:\n"));
+        }
+        let plan = crate::plan::Plan::for_release(&scenario.cluster, &current, &release.services);
+        match plan {
+            Ok(plan) => out.push_str(&plan.table()),
+            Err(e) => out.push_str(&format!("release plan: {e}\n")),
+        }
+        // The next release starts from what this one is expected to leave.
+        for (service, version) in &release.services {
+            if release.expect.get(service) == Some(&spec::Expected::Promoted) {
+                current.insert(service.clone(), version.clone());
+            }
+        }
     }
     Ok(out)
 }

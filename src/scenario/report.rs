@@ -16,7 +16,10 @@ pub struct ScenarioReport {
     pub passed: bool,
     /// Why `passed` is false, one line per reason.
     pub failures: Vec<String>,
+    /// Each released service as its last release left it.
     pub services: BTreeMap<String, ServiceReport>,
+    /// Every release of the scenario, in order, with the outcome of each of its services.
+    pub releases: Vec<ReleaseReport>,
     /// Services in the order their balancers took v2 into the active configuration.
     pub release_order: Vec<String>,
     pub active_jobs: ActiveJobs,
@@ -39,6 +42,14 @@ pub struct ScenarioReport {
     pub machines: Vec<understudy_hub::MachineRecord>,
     /// What the controller's monitor loop did during the run (`GET /api/v1/monitor/actions`).
     pub monitor_actions: Vec<crate::controller::monitor::ActionRecord>,
+}
+
+/// One release of the scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseReport {
+    /// The controller's release id (none when it was never started).
+    pub release: Option<i64>,
+    pub services: BTreeMap<String, ServiceReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,38 +108,17 @@ impl ScenarioReport {
             "{:<14} {:<12} {:<12} {:>8} {:>10} {:>10} {:>9} {:>9}  rule",
             "service", "expected", "outcome", "jobs", "v1 p99", "v2 p99", "v1 err", "v2 err"
         );
-        for (name, s) in &self.services {
-            let side = |v: &str, key: &str| s.numbers.get(v).and_then(|n| n.get(key)).cloned();
-            let us = |v: Option<serde_json::Value>| {
-                v.and_then(|v| v.as_f64())
-                    .map_or_else(|| "-".to_string(), |us| format!("{:.2}ms", us / 1e3))
-            };
-            let rate = |v: Option<serde_json::Value>| {
-                v.and_then(|v| v.as_f64())
-                    .map_or_else(|| "-".to_string(), |r| format!("{:.2}%", r * 100.0))
-            };
-            let rule = s
-                .verdict
-                .get("rule")
-                .and_then(|r| r.as_str())
-                .unwrap_or("-");
-            let mark = if s.outcome == s.expected {
-                ""
-            } else {
-                "  <-- unexpected"
-            };
-            let _ = writeln!(
-                out,
-                "{:<14} {:<12} {:<12} {:>8} {:>10} {:>10} {:>9} {:>9}  {rule}{mark}",
-                name,
-                s.expected.as_str(),
-                s.outcome.as_str(),
-                s.jobs_compared,
-                us(side("v1", "p99_us")),
-                us(side("v2", "p99_us")),
-                rate(side("v1", "error_rate")),
-                rate(side("v2", "error_rate")),
-            );
+        // One row per service of each release; a sequence numbers its releases.
+        let several = self.releases.len() > 1;
+        for (index, release) in self.releases.iter().enumerate() {
+            for (name, s) in &release.services {
+                let name = if several {
+                    format!("{index}: {name}")
+                } else {
+                    name.clone()
+                };
+                service_row(&mut out, &name, s);
+            }
         }
         let _ = writeln!(out);
         let _ = writeln!(out, "release order     {}", self.release_order.join(" -> "));
@@ -162,4 +152,39 @@ impl ScenarioReport {
         }
         out
     }
+}
+
+/// One line of the verdict table.
+fn service_row(out: &mut String, name: &str, s: &ServiceReport) {
+    let side = |v: &str, key: &str| s.numbers.get(v).and_then(|n| n.get(key)).cloned();
+    let us = |v: Option<serde_json::Value>| {
+        v.and_then(|v| v.as_f64())
+            .map_or_else(|| "-".to_string(), |us| format!("{:.2}ms", us / 1e3))
+    };
+    let rate = |v: Option<serde_json::Value>| {
+        v.and_then(|v| v.as_f64())
+            .map_or_else(|| "-".to_string(), |r| format!("{:.2}%", r * 100.0))
+    };
+    let rule = s
+        .verdict
+        .get("rule")
+        .and_then(|r| r.as_str())
+        .unwrap_or("-");
+    let mark = if s.outcome == s.expected {
+        ""
+    } else {
+        "  <-- unexpected"
+    };
+    let _ = writeln!(
+        out,
+        "{:<14} {:<12} {:<12} {:>8} {:>10} {:>10} {:>9} {:>9}  {rule}{mark}",
+        name,
+        s.expected.as_str(),
+        s.outcome.as_str(),
+        s.jobs_compared,
+        us(side("v1", "p99_us")),
+        us(side("v2", "p99_us")),
+        rate(side("v1", "error_rate")),
+        rate(side("v2", "error_rate")),
+    );
 }

@@ -13,8 +13,10 @@ use understudy_loadgen::{
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
 use understudy_proxy::{BalancerSpec, ProcessConfig, RunningBalancers};
 
-use super::report::{ActiveJobs, Isolation, OpsRecord, ScenarioReport, ServiceReport};
-use super::spec::{Expected, OpsTrigger, Scenario};
+use super::report::{
+    ActiveJobs, Isolation, OpsRecord, ReleaseReport, ScenarioReport, ServiceReport,
+};
+use super::spec::{Expected, OpsTrigger, ReleasePlan, Scenario};
 use crate::client::{AdminClient, ClientError};
 use crate::cluster::Cluster;
 use crate::controller::{self, ControllerConfig, ControllerHandle, RolloutDetail, RolloutView};
@@ -129,11 +131,11 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<ScenarioRepor
     }
     stop_cluster(started).await;
 
-    let (load, rollouts, ops, release_error) = result;
+    let (load, runs, ops, release_error) = result;
     if let Some(error) = release_error {
         return Err(RunError::Release(error));
     }
-    let mut report = build_report(scenario, load, &rollouts, ops, &counted);
+    let mut report = build_report(scenario, load, &runs, ops, &counted);
     report.machines = registry;
     report.monitor_actions = monitor_actions;
     Ok(report)
@@ -336,12 +338,40 @@ async fn stop_cluster(cluster: Running) {
     }
 }
 
+/// What the run saw of one release.
+pub(super) struct ReleaseRun {
+    /// The controller's release id.
+    id: Option<i64>,
+    /// Wall clock when it was asked for (machines count their jobs by wall-clock second).
+    started_unix_ms: u64,
+    details: Vec<RolloutDetail>,
+}
+
 type DriveResult = (
     Option<LoadReport>,
-    Vec<RolloutDetail>,
+    Vec<ReleaseRun>,
     Vec<OpsRecord>,
     Option<ClientError>,
 );
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The load, the releases one after the other, and the ops steps of each, until every release
+/// ended and the load finished, or the scenario's timeout.
+struct Driver<'a> {
+    scenario: &'a Scenario,
+    opts: &'a RunOptions,
+    client: &'a AdminClient,
+    start: Instant,
+    deadline: Instant,
+    load: tokio::task::JoinHandle<Result<LoadReport, understudy_loadgen::LoadError>>,
+    load_report: Option<LoadReport>,
+    ops: Vec<OpsRecord>,
+}
 
 async fn drive(
     scenario: &Scenario,
@@ -350,67 +380,146 @@ async fn drive(
     entry: SocketAddr,
 ) -> DriveResult {
     let start = Instant::now();
-    let deadline = start + scenario.timeout;
     let verbose = opts.verbose;
-    let mut load = tokio::spawn(run_load(scenario.load.clone(), entry, move |p| {
+    let load = tokio::spawn(run_load(scenario.load.clone(), entry, move |p| {
         if verbose {
             println!("load       {p}");
         }
     }));
-
-    tokio::time::sleep_until(start + scenario.release_at).await;
-    let body = serde_json::json!({
-        "services": scenario.release,
-        "rollback_on_failure": scenario.rollback_on_failure,
-        "subgroup": scenario.release_subgroups,
-    });
-    let release_started = Instant::now();
-    let answer: crate::controller::ReleaseAnswer =
-        match client.post("/api/v1/releases", &body).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                load.abort();
-                return (None, Vec::new(), Vec::new(), Some(e));
-            }
-        };
-    let release_id = answer.release;
-    say!(
+    let mut driver = Driver {
+        scenario,
         opts,
-        "release    #{} started: {}",
-        release_id.unwrap_or(0),
-        describe(&scenario.release)
-    );
+        client,
+        start,
+        deadline: start + scenario.timeout,
+        load,
+        load_report: None,
+        ops: Vec::new(),
+    };
+    let mut runs = Vec::with_capacity(scenario.releases.len());
+    let mut previous_end = start;
+    for (index, plan) in scenario.releases.iter().enumerate() {
+        tokio::time::sleep_until((previous_end + plan.at).min(driver.deadline)).await;
+        if Instant::now() >= driver.deadline {
+            break;
+        }
+        match driver.release(index).await {
+            Ok(run) => runs.push(run),
+            Err(e) => {
+                driver.load.abort();
+                return (None, runs, driver.ops, Some(e));
+            }
+        }
+        previous_end = Instant::now();
+    }
+    while driver.load_report.is_none() && Instant::now() < driver.deadline {
+        driver.poll_load().await;
+        tokio::time::sleep(WATCH_PERIOD).await;
+    }
+    if driver.load_report.is_none() {
+        say!(
+            opts,
+            "timeout    the scenario's {}s ran out",
+            scenario.timeout.as_secs()
+        );
+        driver.load.abort();
+    }
+    (driver.load_report, runs, driver.ops, None)
+}
 
-    let mut fired = vec![false; scenario.ops.len()];
-    let mut ops_records = Vec::new();
-    let mut phases: BTreeMap<String, String> = BTreeMap::new();
-    let mut load_report = None;
-    let mut rollouts: Vec<RolloutView> = Vec::new();
-    loop {
-        if load_report.is_none() && load.is_finished() {
-            load_report = (&mut load).await.ok().and_then(Result::ok);
+impl Driver<'_> {
+    async fn poll_load(&mut self) {
+        if self.load_report.is_none() && self.load.is_finished() {
+            self.load_report = (&mut self.load).await.ok().and_then(Result::ok);
         }
-        if let Ok(all) = client.get::<Vec<RolloutView>>("/api/v1/rollouts").await {
-            rollouts = all
-                .into_iter()
-                .filter(|r| Some(r.release) == release_id)
-                .collect();
+    }
+
+    /// Starts release `index`, fires its ops steps and follows its rollouts until they end.
+    async fn release(&mut self, index: usize) -> Result<ReleaseRun, ClientError> {
+        let plan = &self.scenario.releases[index];
+        let body = serde_json::json!({
+            "services": plan.services,
+            "rollback_on_failure": plan.rollback_on_failure,
+            "subgroup": plan.subgroups,
+        });
+        let started_unix_ms = unix_ms();
+        let release_started = Instant::now();
+        let answer: crate::controller::ReleaseAnswer =
+            self.client.post("/api/v1/releases", &body).await?;
+        let release_id = answer.release;
+        say!(
+            self.opts,
+            "release    #{} started: {}",
+            release_id.unwrap_or(0),
+            describe(&plan.services)
+        );
+        let mut fired = vec![false; self.scenario.ops.len()];
+        let mut phases: BTreeMap<String, String> = BTreeMap::new();
+        let mut rollouts: Vec<RolloutView> = Vec::new();
+        loop {
+            self.poll_load().await;
+            if let Ok(all) = self
+                .client
+                .get::<Vec<RolloutView>>("/api/v1/rollouts")
+                .await
+            {
+                rollouts = all
+                    .into_iter()
+                    .filter(|r| Some(r.release) == release_id)
+                    .collect();
+            }
+            self.say_phases(&rollouts, &mut phases);
+            self.fire_ops(index, &rollouts, release_started, &mut fired)
+                .await;
+            let settled = !rollouts.is_empty()
+                && rollouts
+                    .iter()
+                    .all(|r| Expected::of_phase(&r.phase) != Expected::Pending);
+            if settled || Instant::now() >= self.deadline {
+                break;
+            }
+            tokio::time::sleep(WATCH_PERIOD).await;
         }
+        let mut details = Vec::with_capacity(rollouts.len());
         for r in &rollouts {
+            let path = format!("/api/v1/rollouts/{}", r.id);
+            if let Ok(d) = self.client.get::<RolloutDetail>(&path).await {
+                details.push(d);
+            }
+        }
+        Ok(ReleaseRun {
+            id: release_id,
+            started_unix_ms,
+            details,
+        })
+    }
+
+    fn say_phases(&self, rollouts: &[RolloutView], phases: &mut BTreeMap<String, String>) {
+        for r in rollouts {
             let before = phases.insert(r.service.clone(), r.phase.clone());
             if before.as_deref() != Some(r.phase.as_str()) {
                 say!(
-                    opts,
+                    self.opts,
                     "rollout    t={:>5.1}s {:<12} {} -> {}",
-                    start.elapsed().as_secs_f64(),
+                    self.start.elapsed().as_secs_f64(),
                     r.service,
                     before.as_deref().unwrap_or("-"),
                     r.phase
                 );
             }
         }
-        for (index, step) in scenario.ops.iter().enumerate() {
-            if fired[index] {
+    }
+
+    /// Sends the ops steps of release `index` that are due.
+    async fn fire_ops(
+        &mut self,
+        index: usize,
+        rollouts: &[RolloutView],
+        release_started: Instant,
+        fired: &mut [bool],
+    ) {
+        for (n, step) in self.scenario.ops.iter().enumerate() {
+            if fired[n] || step.release != index {
                 continue;
             }
             let Some(rollout) = rollouts.iter().find(|r| r.service == step.service) else {
@@ -423,15 +532,16 @@ async fn drive(
             if !due {
                 continue;
             }
-            fired[index] = true;
+            fired[n] = true;
             let path = format!("/api/v1/rollouts/{}/{}", rollout.id, step.action.as_str());
-            let result = client
+            let result = self
+                .client
                 .post::<serde_json::Value>(&path, &serde_json::json!({}))
                 .await;
+            let at_s = self.start.elapsed().as_secs_f64();
             say!(
-                opts,
-                "ops        t={:>5.1}s {} {} (rollout {}): {}",
-                start.elapsed().as_secs_f64(),
+                self.opts,
+                "ops        t={at_s:>5.1}s {} {} (rollout {}): {}",
                 step.action.as_str(),
                 step.service,
                 rollout.id,
@@ -440,41 +550,15 @@ async fn drive(
                     Err(e) => format!("refused: {e}"),
                 }
             );
-            ops_records.push(OpsRecord {
+            self.ops.push(OpsRecord {
                 action: step.action.as_str().to_string(),
                 service: step.service.clone(),
-                at_s: start.elapsed().as_secs_f64(),
+                at_s,
                 accepted: result.is_ok(),
                 error: result.err().map(|e| e.to_string()),
             });
         }
-        let settled = !rollouts.is_empty()
-            && rollouts
-                .iter()
-                .all(|r| Expected::of_phase(&r.phase) != Expected::Pending);
-        if (settled && load_report.is_some()) || Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(WATCH_PERIOD).await;
     }
-    if load_report.is_none() {
-        say!(
-            opts,
-            "timeout    the scenario's {}s ran out",
-            scenario.timeout.as_secs()
-        );
-        load.abort();
-    }
-    let mut details = Vec::with_capacity(rollouts.len());
-    for r in &rollouts {
-        if let Ok(d) = client
-            .get::<RolloutDetail>(&format!("/api/v1/rollouts/{}", r.id))
-            .await
-        {
-            details.push(d);
-        }
-    }
-    (load_report, details, ops_records, None)
 }
 
 fn describe(release: &BTreeMap<String, String>) -> String {
@@ -488,12 +572,69 @@ fn describe(release: &BTreeMap<String, String>) -> String {
 fn build_report(
     scenario: &Scenario,
     load: Option<LoadReport>,
-    rollouts: &[RolloutDetail],
+    runs: &[ReleaseRun],
     ops: Vec<OpsRecord>,
     counted: &BTreeMap<String, Counted>,
 ) -> ScenarioReport {
+    let releases: Vec<ReleaseReport> = scenario
+        .releases
+        .iter()
+        .enumerate()
+        .map(|(i, plan)| {
+            let run = runs.get(i);
+            ReleaseReport {
+                release: run.and_then(|r| r.id),
+                services: service_reports(plan, run.map_or(&[], |r| r.details.as_slice())),
+            }
+        })
+        .collect();
+    // Each service as its last release left it.
+    let services = releases.iter().flat_map(|r| r.services.clone()).collect();
+    let rollouts: Vec<RolloutDetail> = runs.iter().flat_map(|r| r.details.clone()).collect();
+    let active_jobs = load
+        .as_ref()
+        .map_or_else(ActiveJobs::default, |l| ActiveJobs {
+            sent: l.sent,
+            ok: l.ok,
+            errors: l.errors,
+        });
+    let mut report = ScenarioReport {
+        scenario: scenario.name.clone(),
+        passed: false,
+        failures: Vec::new(),
+        services,
+        releases,
+        release_order: joining_order(&rollouts),
+        active_jobs,
+        dropped_sessions: load.as_ref().map_or(0, LoadReport::dropped_sessions),
+        simulation_side_effects: counted
+            .values()
+            .map(|m| m.stats.simulation_side_effects)
+            .sum(),
+        isolation: isolation(scenario, runs, counted),
+        calls_moved: counted.values().map(|m| m.stats.calls_moved).sum(),
+        calls_moved_by_machine: counted
+            .iter()
+            .filter(|(_, m)| m.stats.calls_moved > 0)
+            .map(|(id, m)| (id.clone(), m.stats.calls_moved))
+            .collect(),
+        ops,
+        load,
+        machines: Vec::new(),
+        monitor_actions: Vec::new(),
+    };
+    report.failures = failures(scenario, &report);
+    report.passed = report.failures.is_empty();
+    report
+}
+
+/// The outcome of each service of a release, beside the one expected.
+fn service_reports(
+    plan: &ReleasePlan,
+    rollouts: &[RolloutDetail],
+) -> BTreeMap<String, ServiceReport> {
     let mut services = BTreeMap::new();
-    for (service, expected) in &scenario.expect {
+    for (service, expected) in &plan.expect {
         let rollout = rollouts.iter().find(|r| &r.rollout.service == service);
         let outcome = rollout.map_or(Expected::Pending, |r| Expected::of_phase(&r.rollout.phase));
         let verdict = rollout
@@ -517,52 +658,27 @@ fn build_report(
             },
         );
     }
-    let active_jobs = load
-        .as_ref()
-        .map_or_else(ActiveJobs::default, |l| ActiveJobs {
-            sent: l.sent,
-            ok: l.ok,
-            errors: l.errors,
-        });
-    let mut report = ScenarioReport {
-        scenario: scenario.name.clone(),
-        passed: false,
-        failures: Vec::new(),
-        services,
-        release_order: joining_order(rollouts),
-        active_jobs,
-        dropped_sessions: load.as_ref().map_or(0, LoadReport::dropped_sessions),
-        simulation_side_effects: counted
-            .values()
-            .map(|m| m.stats.simulation_side_effects)
-            .sum(),
-        isolation: isolation(scenario, rollouts, counted),
-        calls_moved: counted.values().map(|m| m.stats.calls_moved).sum(),
-        calls_moved_by_machine: counted
-            .iter()
-            .filter(|(_, m)| m.stats.calls_moved > 0)
-            .map(|(id, m)| (id.clone(), m.stats.calls_moved))
-            .collect(),
-        ops,
-        load,
-        machines: Vec::new(),
-        monitor_actions: Vec::new(),
-    };
-    report.failures = failures(scenario, &report);
-    report.passed = report.failures.is_empty();
-    report
+    services
 }
 
 /// Why the run is not as expected, one line per reason.
 fn failures(scenario: &Scenario, report: &ScenarioReport) -> Vec<String> {
     let mut failures = Vec::new();
-    for (name, s) in &report.services {
-        if s.outcome != s.expected {
-            failures.push(format!(
-                "{name}: expected {}, got {}",
-                s.expected.as_str(),
-                s.outcome.as_str()
-            ));
+    let several = report.releases.len() > 1;
+    for (index, release) in report.releases.iter().enumerate() {
+        for (name, s) in &release.services {
+            if s.outcome != s.expected {
+                let which = if several {
+                    format!("release {index}: ")
+                } else {
+                    String::new()
+                };
+                failures.push(format!(
+                    "{which}{name}: expected {}, got {}",
+                    s.expected.as_str(),
+                    s.outcome.as_str()
+                ));
+            }
         }
     }
     if report.load.is_none() {
@@ -635,11 +751,69 @@ fn failures(scenario: &Scenario, report: &ScenarioReport) -> Vec<String> {
 /// - declared in the simulation configuration and joining no rollout that reached `joining` (a
 ///   control, or a candidate rolled back, aborted or still judged): every caller's job counts;
 /// - a candidate that joined: the jobs out of turn around its joining (see [`out_of_turn`]).
+///
+/// With several releases, each is judged over its own time window (from its start to the next
+/// one's), with the roles the releases before it left: a candidate that joined is active from
+/// then on, and a machine it replaced leaves every pool (a caller's job there is out of turn).
 fn isolation(
     scenario: &Scenario,
-    rollouts: &[RolloutDetail],
+    runs: &[ReleaseRun],
     machines: &BTreeMap<String, Counted>,
 ) -> Isolation {
+    let mut roles: BTreeMap<&str, PoolRole> = scenario
+        .machines
+        .iter()
+        .map(|m| (m.id.as_str(), m.config))
+        .collect();
+    let mut isolation = Isolation::default();
+    if runs.is_empty() {
+        window_isolation(&roles, &[], machines, 0..u64::MAX, &mut isolation);
+    }
+    for (i, run) in runs.iter().enumerate() {
+        let from_s = if i == 0 {
+            0
+        } else {
+            run.started_unix_ms / 1000
+        };
+        let until_s = runs
+            .get(i + 1)
+            .map_or(u64::MAX, |next| next.started_unix_ms / 1000);
+        window_isolation(
+            &roles,
+            &run.details,
+            machines,
+            from_s..until_s,
+            &mut isolation,
+        );
+        for r in run.details.iter().filter(|r| r.rollout.phase == "complete") {
+            let moved = &r.rollout.machines;
+            for id in &moved.joining {
+                roles.insert(id.as_str(), PoolRole::Active);
+            }
+            for id in &moved.replaced {
+                roles.insert(id.as_str(), PoolRole::Simulation);
+            }
+        }
+    }
+    for list in [
+        &mut isolation.always_active_machines,
+        &mut isolation.simulation_only_machines,
+        &mut isolation.joined_machines,
+    ] {
+        list.sort();
+        list.dedup();
+    }
+    isolation
+}
+
+/// [`isolation`] over the seconds of `window`, with each machine's role at its start.
+fn window_isolation(
+    roles: &BTreeMap<&str, PoolRole>,
+    rollouts: &[RolloutDetail],
+    machines: &BTreeMap<String, Counted>,
+    window: std::ops::Range<u64>,
+    isolation: &mut Isolation,
+) {
     let candidates: BTreeSet<&str> = rollouts
         .iter()
         .flat_map(|r| r.rollout.machines.joining.iter().map(String::as_str))
@@ -655,31 +829,35 @@ fn isolation(
                 .map(move |id| (id.as_str(), at))
         })
         .collect();
-    let mut isolation = Isolation::default();
-    for plan in &scenario.machines {
-        let id = plan.id.as_str();
+    for (&id, &role) in roles {
         let Some(counted) = machines.get(id) else {
             continue;
         };
-        match (plan.config, joined.get(id)) {
+        let seconds: Vec<JobsInSecond> = counted
+            .by_second
+            .iter()
+            .filter(|s| window.contains(&s.unix_s))
+            .cloned()
+            .collect();
+        let sum = |f: fn(&JobsInSecond) -> u64| seconds.iter().map(f).sum::<u64>();
+        match (role, joined.get(id)) {
             (PoolRole::Active, _) if !candidates.contains(id) => {
-                isolation.active_machines_simulation_jobs += counted.stats.simulation_jobs;
-                isolation.always_active_machines.push(plan.id.clone());
+                isolation.active_machines_simulation_jobs += sum(|s| s.simulation);
+                isolation.always_active_machines.push(id.to_string());
             }
             (PoolRole::Simulation, None) => {
-                isolation.simulation_only_plain_jobs += counted.stats.plain_jobs;
-                isolation.simulation_only_machines.push(plan.id.clone());
+                isolation.simulation_only_plain_jobs += sum(|s| s.plain);
+                isolation.simulation_only_machines.push(id.to_string());
             }
             (PoolRole::Simulation, Some(&joined_ms)) => {
-                let (plain, simulation) = out_of_turn(&counted.by_second, joined_ms);
+                let (plain, simulation) = out_of_turn(&seconds, joined_ms);
                 isolation.simulation_only_plain_jobs += plain;
                 isolation.active_machines_simulation_jobs += simulation;
-                isolation.joined_machines.push(plan.id.clone());
+                isolation.joined_machines.push(id.to_string());
             }
             (PoolRole::Active, _) => {}
         }
     }
-    isolation
 }
 
 /// The jobs a candidate that joined at `joined_ms` (the controller's record, committed before

@@ -44,10 +44,15 @@ struct ScenarioFile {
     #[serde(default)]
     behaviours: BTreeMap<String, Spanned<toml::Table>>,
     load: Spanned<LoadSpec>,
-    release: Spanned<ReleaseSpec>,
+    /// One release, its outcomes in `[expect]`; or else `[[releases]]`.
+    release: Option<Spanned<ReleaseSpec>>,
+    /// Releases one after the other, each with its own `expect`.
+    #[serde(default)]
+    releases: Vec<Spanned<ReleaseSpec>>,
     #[serde(default)]
     ops: Vec<Spanned<OpsSpec>>,
-    expect: BTreeMap<String, Spanned<Expected>>,
+    #[serde(default)]
+    expect: Option<Spanned<BTreeMap<String, Spanned<Expected>>>>,
 }
 
 /// `[scenario]`.
@@ -91,11 +96,11 @@ struct MachineEntry {
     behaviour: Option<Spanned<String>>,
 }
 
-/// `[release]`.
+/// `[release]`, or one of `[[releases]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReleaseSpec {
-    /// Seconds after the load starts.
+    /// Seconds after the load starts (the first release), or after the previous release ended.
     #[serde(default = "default_release_at")]
     at_s: f64,
     /// service -> version.
@@ -105,6 +110,8 @@ struct ReleaseSpec {
     /// service -> the sub-group of its active machines to move (default: all).
     #[serde(default)]
     subgroup: BTreeMap<String, understudy_hub::SubgroupSpec>,
+    /// service -> outcome, in `[[releases]]` (a single `[release]` has `[expect]` instead).
+    expect: Option<BTreeMap<String, Spanned<Expected>>>,
 }
 
 fn default_release_at() -> f64 {
@@ -118,6 +125,9 @@ fn default_release_at() -> f64 {
 struct OpsSpec {
     action: OpsKind,
     service: String,
+    /// Which of `[[releases]]` (from 0); default the first.
+    #[serde(default)]
+    release: usize,
     at_s: Option<f64>,
     when_phase: Option<String>,
 }
@@ -185,6 +195,22 @@ pub struct OpsStep {
     pub action: OpsKind,
     pub service: String,
     pub trigger: OpsTrigger,
+    /// Index of the release whose rollout it acts on.
+    pub release: usize,
+}
+
+/// One release of the scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleasePlan {
+    /// After the load started (the first), or after the previous release ended.
+    pub at: Duration,
+    /// service -> version.
+    pub services: BTreeMap<String, String>,
+    /// service -> sub-group of the release (`subgroup.SERVICE`).
+    pub subgroups: BTreeMap<String, understudy_hub::SubgroupSpec>,
+    pub rollback_on_failure: bool,
+    /// service -> the outcome its rollout must end with.
+    pub expect: BTreeMap<String, Expected>,
 }
 
 /// One machine to start.
@@ -210,13 +236,9 @@ pub struct Scenario {
     pub max_calls_moved: u64,
     pub machines: Vec<MachinePlan>,
     pub load: LoadSpec,
-    pub release_at: Duration,
-    pub release: BTreeMap<String, String>,
-    /// service -> sub-group of the release (`[release.subgroup.SERVICE]`).
-    pub release_subgroups: BTreeMap<String, understudy_hub::SubgroupSpec>,
-    pub rollback_on_failure: bool,
+    /// At least one; each starts once the previous one ended.
+    pub releases: Vec<ReleasePlan>,
     pub ops: Vec<OpsStep>,
-    pub expect: BTreeMap<String, Expected>,
     /// The cluster as validated with placeholder addresses (release order, checks).
     pub cluster: Cluster,
     file: String,
@@ -363,106 +385,12 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         ));
     }
 
-    let release_at_offset = raw.release.span().start;
-    let release = raw.release.get_ref().clone();
-    if !(release.at_s.is_finite() && release.at_s >= 0.0 && release.at_s < meta.timeout_s) {
-        return Err(invalid(
-            release_at_offset,
-            "release.at_s".into(),
-            format!(
-                "must be within [0, scenario.timeout_s), got {}",
-                release.at_s
-            ),
-        ));
-    }
-    if release.services.is_empty() {
-        return Err(invalid(
-            release_at_offset,
-            "release.services".into(),
-            "name at least one service = version".into(),
-        ));
-    }
-    for (service, version) in &release.services {
-        let known = raw.machines.iter().any(|m| {
-            m.get_ref().service.get_ref() == service && m.get_ref().version.get_ref() == version
-        });
-        if !known {
-            return Err(invalid(
-                release_at_offset,
-                format!("release.services.{service}"),
-                format!("no machine of service `{service}` runs version `{version}`"),
-            ));
-        }
-    }
-
-    let mut ops = Vec::with_capacity(raw.ops.len());
-    for (index, step) in raw.ops.iter().enumerate() {
-        let at = step.span().start;
-        let s = step.get_ref();
-        if !release.services.contains_key(&s.service) {
-            return Err(invalid(
-                at,
-                format!("ops[{index}].service"),
-                format!("`{}` is not in the release", s.service),
-            ));
-        }
-        let trigger = match (s.at_s, &s.when_phase) {
-            (Some(t), None) if t.is_finite() && t >= 0.0 => {
-                OpsTrigger::After(Duration::from_secs_f64(t))
-            }
-            (Some(t), None) => {
-                return Err(invalid(
-                    at,
-                    format!("ops[{index}].at_s"),
-                    format!("must be a non-negative number, got {t}"),
-                ))
-            }
-            (None, Some(phase)) if crate::rollout::PHASE_NAMES.contains(&phase.as_str()) => {
-                OpsTrigger::Phase(phase.clone())
-            }
-            (None, Some(phase)) => {
-                return Err(invalid(
-                    at,
-                    format!("ops[{index}].when_phase"),
-                    format!(
-                        "unknown phase `{phase}` (one of {})",
-                        crate::rollout::PHASE_NAMES.join(", ")
-                    ),
-                ))
-            }
-            _ => {
-                return Err(invalid(
-                    at,
-                    format!("ops[{index}]"),
-                    "give exactly one of at_s or when_phase".into(),
-                ))
-            }
-        };
-        ops.push(OpsStep {
-            action: s.action,
-            service: s.service.clone(),
-            trigger,
-        });
-    }
-
-    let mut expect = BTreeMap::new();
-    for (service, outcome) in &raw.expect {
-        if !release.services.contains_key(service) {
-            return Err(invalid(
-                outcome.span().start,
-                format!("expect.{service}"),
-                format!("`{service}` is not in the release"),
-            ));
-        }
-        expect.insert(service.clone(), *outcome.get_ref());
-    }
-    if let Some(missing) = release.services.keys().find(|s| !expect.contains_key(*s)) {
-        return Err(invalid(
-            release_at_offset,
-            format!("expect.{missing}"),
-            "every released service needs an expected outcome".into(),
-        ));
-    }
+    let releases = releases_of(&raw, &source, meta.timeout_s)?;
+    let ops = ops_of(&raw, &releases, &source)?;
+    let first_release = release_specs(&raw, &source)?
+        .first()
+        .map(|(spec, prefix)| (spec.span().start, prefix.clone()))
+        .expect("releases_of gave at least one");
 
     let cluster = {
         let placeholders = raw
@@ -474,21 +402,18 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         Cluster::from_spec(cluster_spec(raw, &placeholders), &source)?
     };
 
-    // Sub-groups are checked against the machines the file declares, as the controller will.
+    // The first release's sub-groups are checked against the machines the file declares, as
+    // the controller will; later ones depend on the outcomes before them, and are checked when
+    // they start.
     let roles = crate::plan::declared_roles(&cluster);
-    for (service, spec) in &release.subgroup {
-        let Some(version) = release.services.get(service) else {
-            return Err(invalid(
-                release_at_offset,
-                format!("release.subgroup.{service}"),
-                format!("`{service}` is not in the release"),
-            ));
-        };
+    let (first, (first_at, first_prefix)) = (&releases[0], &first_release);
+    for (service, spec) in &first.subgroups {
+        let version = &first.services[service];
         crate::plan::Selection::choose(&cluster, &roles, service, version, Some(spec)).map_err(
             |e| {
-                invalid(
-                    release_at_offset,
-                    format!("release.subgroup.{service}"),
+                source.invalid(
+                    *first_at,
+                    format!("{first_prefix}.subgroup.{service}"),
                     e.to_string(),
                 )
             },
@@ -505,16 +430,246 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         max_calls_moved: meta.max_calls_moved,
         machines,
         load,
-        release_at: Duration::from_secs_f64(release.at_s),
-        release: release.services,
-        release_subgroups: release.subgroup,
-        rollback_on_failure: release.rollback_on_failure,
+        releases,
         ops,
-        expect,
         cluster,
         file: file.to_string(),
         text: text.to_string(),
     })
+}
+
+/// The file's releases with the field path each is named by: `[release]` (outcomes in
+/// `[expect]`) or `[[releases]]` (each with its `expect`), never both.
+fn release_specs<'a>(
+    raw: &'a ScenarioFile,
+    source: &Source<'_>,
+) -> Result<Vec<(&'a Spanned<ReleaseSpec>, String)>, ConfigError> {
+    match (&raw.release, raw.releases.as_slice()) {
+        (Some(one), []) => Ok(vec![(one, "release".to_string())]),
+        (None, []) => Err(source.invalid(
+            0,
+            "release",
+            "give a [release] (with [expect]) or a sequence of [[releases]]",
+        )),
+        (Some(one), _) => Err(source.invalid(
+            one.span().start,
+            "release",
+            "give either one [release] or [[releases]], not both",
+        )),
+        (None, many) => Ok(many
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r, format!("releases[{i}]")))
+            .collect()),
+    }
+}
+
+/// Every release checked: a start within the run, known versions, an outcome expected for
+/// each service released and for no other.
+fn releases_of(
+    raw: &ScenarioFile,
+    source: &Source<'_>,
+    timeout_s: f64,
+) -> Result<Vec<ReleasePlan>, ConfigError> {
+    let specs = release_specs(raw, source)?;
+    let single = raw.release.is_some();
+    match (&raw.expect, single) {
+        (Some(e), false) => {
+            return Err(source.invalid(
+                e.span().start,
+                "expect",
+                "[[releases]] give their outcomes in their own `expect`",
+            ))
+        }
+        (None, true) => {
+            return Err(source.invalid(
+                0,
+                "expect",
+                "a [release] needs an [expect] table: service = outcome",
+            ))
+        }
+        _ => {}
+    }
+    let mut plans = Vec::with_capacity(specs.len());
+    for (spec, prefix) in specs {
+        let at = spec.span().start;
+        let r = spec.get_ref();
+        let (expect, expect_field) = match (&r.expect, &raw.expect) {
+            (Some(e), _) if single => {
+                return Err(source.invalid(
+                    at,
+                    format!("{prefix}.expect"),
+                    "a single [release] gives its outcomes in [expect]",
+                ))
+            }
+            (Some(e), _) => (e, format!("{prefix}.expect")),
+            (None, Some(e)) => (e.get_ref(), "expect".to_string()),
+            (None, None) => {
+                return Err(source.invalid(
+                    at,
+                    format!("{prefix}.expect"),
+                    "every release needs `expect`: service = outcome",
+                ))
+            }
+        };
+        plans.push(release_plan(
+            r,
+            at,
+            &prefix,
+            expect,
+            &expect_field,
+            raw,
+            source,
+            timeout_s,
+        )?);
+    }
+    Ok(plans)
+}
+
+/// One release checked against the machines of the file.
+#[allow(clippy::too_many_arguments)]
+fn release_plan(
+    r: &ReleaseSpec,
+    at: usize,
+    prefix: &str,
+    expect: &BTreeMap<String, Spanned<Expected>>,
+    expect_field: &str,
+    raw: &ScenarioFile,
+    source: &Source<'_>,
+    timeout_s: f64,
+) -> Result<ReleasePlan, ConfigError> {
+    if !(r.at_s.is_finite() && r.at_s >= 0.0 && r.at_s < timeout_s) {
+        return Err(source.invalid(
+            at,
+            format!("{prefix}.at_s"),
+            format!("must be within [0, scenario.timeout_s), got {}", r.at_s),
+        ));
+    }
+    if r.services.is_empty() {
+        return Err(source.invalid(
+            at,
+            format!("{prefix}.services"),
+            "name at least one service = version",
+        ));
+    }
+    for (service, version) in &r.services {
+        let known = raw.machines.iter().any(|m| {
+            m.get_ref().service.get_ref() == service && m.get_ref().version.get_ref() == version
+        });
+        if !known {
+            return Err(source.invalid(
+                at,
+                format!("{prefix}.services.{service}"),
+                format!("no machine of service `{service}` runs version `{version}`"),
+            ));
+        }
+    }
+    for service in r.subgroup.keys() {
+        if !r.services.contains_key(service) {
+            return Err(source.invalid(
+                at,
+                format!("{prefix}.subgroup.{service}"),
+                format!("`{service}` is not in the release"),
+            ));
+        }
+    }
+    for (service, outcome) in expect {
+        if !r.services.contains_key(service) {
+            return Err(source.invalid(
+                outcome.span().start,
+                format!("{expect_field}.{service}"),
+                format!("`{service}` is not in the release"),
+            ));
+        }
+    }
+    if let Some(missing) = r.services.keys().find(|s| !expect.contains_key(*s)) {
+        return Err(source.invalid(
+            at,
+            format!("{expect_field}.{missing}"),
+            "every released service needs an expected outcome",
+        ));
+    }
+    Ok(ReleasePlan {
+        at: Duration::from_secs_f64(r.at_s),
+        services: r.services.clone(),
+        subgroups: r.subgroup.clone(),
+        rollback_on_failure: r.rollback_on_failure,
+        expect: expect
+            .iter()
+            .map(|(s, o)| (s.clone(), *o.get_ref()))
+            .collect(),
+    })
+}
+
+/// The ops steps, each on a service of the release it names.
+fn ops_of(
+    raw: &ScenarioFile,
+    releases: &[ReleasePlan],
+    source: &Source<'_>,
+) -> Result<Vec<OpsStep>, ConfigError> {
+    let mut ops = Vec::with_capacity(raw.ops.len());
+    for (index, step) in raw.ops.iter().enumerate() {
+        let at = step.span().start;
+        let s = step.get_ref();
+        let field = |name: &str| format!("ops[{index}].{name}");
+        let Some(release) = releases.get(s.release) else {
+            return Err(source.invalid(
+                at,
+                field("release"),
+                format!(
+                    "no release {} (releases count from 0; the file has {})",
+                    s.release,
+                    releases.len()
+                ),
+            ));
+        };
+        if !release.services.contains_key(&s.service) {
+            return Err(source.invalid(
+                at,
+                field("service"),
+                format!("`{}` is not in the release", s.service),
+            ));
+        }
+        let trigger = match (s.at_s, &s.when_phase) {
+            (Some(t), None) if t.is_finite() && t >= 0.0 => {
+                OpsTrigger::After(Duration::from_secs_f64(t))
+            }
+            (Some(t), None) => {
+                return Err(source.invalid(
+                    at,
+                    field("at_s"),
+                    format!("must be a non-negative number, got {t}"),
+                ))
+            }
+            (None, Some(phase)) if crate::rollout::PHASE_NAMES.contains(&phase.as_str()) => {
+                OpsTrigger::Phase(phase.clone())
+            }
+            (None, Some(phase)) => {
+                return Err(source.invalid(
+                    at,
+                    field("when_phase"),
+                    format!(
+                        "unknown phase `{phase}` (one of {})",
+                        crate::rollout::PHASE_NAMES.join(", ")
+                    ),
+                ))
+            }
+            _ => {
+                return Err(source.invalid(
+                    at,
+                    format!("ops[{index}]"),
+                    "give exactly one of at_s or when_phase",
+                ))
+            }
+        };
+        ops.push(OpsStep {
+            action: s.action,
+            service: s.service.clone(),
+            trigger,
+            release: s.release,
+        });
+    }
+    Ok(ops)
 }
 
 /// A machine behaviour from its `[behaviours.NAME]` table: service, version and dependencies come
@@ -667,8 +822,8 @@ media = "promoted"
             s.machines[1].behaviour.seed, s.machines[2].behaviour.seed,
             "machines get their own seeds"
         );
-        assert_eq!(s.expect["media"], Expected::Promoted);
-        assert_eq!(s.release_at, Duration::from_secs(1));
+        assert_eq!(s.releases[0].expect["media"], Expected::Promoted);
+        assert_eq!(s.releases[0].at, Duration::from_secs(1));
     }
 
     #[test]
@@ -723,6 +878,87 @@ media = "promoted"
         let fine = format!("{MINIMAL}\n[[ops]]\naction = \"abort\"\nservice = \"media\"\nwhen_phase = \"simulating\"\n");
         let s = parse("s.toml", &fine).unwrap();
         assert_eq!(s.ops[0].trigger, OpsTrigger::Phase("simulating".into()));
+    }
+
+    /// MINIMAL with its `[release]` and `[expect]` replaced by `releases`.
+    fn sequence(releases: &str) -> String {
+        let head = MINIMAL.split("[release]").next().unwrap();
+        format!("{head}{releases}")
+    }
+
+    #[test]
+    fn a_sequence_of_releases_each_with_its_outcome() {
+        let s = parse(
+            "s.toml",
+            &sequence(
+                "[[releases]]\nservices = { media = \"v2\" }\nexpect = { media = \"promoted\" }\n\
+                 [[releases]]\nat_s = 2.5\nservices = { media = \"v1\" }\n\
+                 [releases.expect]\nmedia = \"rolled_back\"\n\
+                 [[ops]]\naction = \"rollback\"\nservice = \"media\"\nrelease = 1\nat_s = 0.5\n",
+            ),
+        )
+        .unwrap();
+        let seen: Vec<_> = s
+            .releases
+            .iter()
+            .map(|r| (r.at, r.services["media"].as_str(), r.expect["media"]))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (Duration::from_secs(1), "v2", Expected::Promoted),
+                (Duration::from_millis(2500), "v1", Expected::RolledBack),
+            ]
+        );
+        assert_eq!(s.ops[0].release, 1);
+    }
+
+    #[test]
+    fn a_sequence_is_refused_by_name_when_half_given() {
+        let one =
+            "[[releases]]\nservices = { media = \"v2\" }\nexpect = { media = \"promoted\" }\n";
+        let both = format!("{MINIMAL}{one}");
+        assert!(
+            error_of(&both)
+                .contains("field `release`: give either one [release] or [[releases]], not both"),
+            "{}",
+            error_of(&both)
+        );
+        let no_expect = sequence("[[releases]]\nservices = { media = \"v2\" }\n");
+        assert!(
+            error_of(&no_expect).contains("releases[0].expect"),
+            "{}",
+            error_of(&no_expect)
+        );
+        let stray = sequence(&format!("{one}[expect]\nmedia = \"promoted\"\n"));
+        assert!(
+            error_of(&stray).contains("field `expect`: [[releases]] give their outcomes"),
+            "{}",
+            error_of(&stray)
+        );
+        let wrong = sequence(&format!(
+            "{one}[[releases]]\nservices = {{ media = \"v9\" }}\nexpect = {{ media = \"promoted\" }}\n"
+        ));
+        assert!(
+            error_of(&wrong).contains("releases[1].services.media"),
+            "{}",
+            error_of(&wrong)
+        );
+        let far = sequence(&format!(
+            "{one}[[ops]]\naction = \"abort\"\nservice = \"media\"\nrelease = 1\nat_s = 1.0\n"
+        ));
+        assert!(
+            error_of(&far)
+                .contains("`ops[0].release`: no release 1 (releases count from 0; the file has 1)"),
+            "{}",
+            error_of(&far)
+        );
+        let none = sequence("");
+        assert!(
+            error_of(&none).contains("field `release`"),
+            "{}",
+            error_of(&none)
+        );
     }
 
     #[test]

@@ -143,13 +143,8 @@ fn essence(s: &Scenario) -> String {
                 &s.machines,
                 &s.load
             ),
-            (
-                s.release_at,
-                &s.release,
-                &s.release_subgroups,
-                s.rollback_on_failure
-            ),
-            (&s.ops, &s.expect, &s.cluster),
+            &s.releases,
+            (&s.ops, &s.cluster),
         )
     )
 }
