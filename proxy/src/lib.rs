@@ -305,13 +305,7 @@ pub fn spawn_with(
         },
     };
     let services = shared.services(configs, &options);
-    start_sweeper(&services, options.session_idle, &admin_runtime);
-    // Ended with the admin runtime.
-    admin_runtime.spawn(prober::run(services.values().cloned().collect(), limits));
-    if let Some(feed) = &options.signing.feed {
-        // Ended with the admin runtime.
-        signing::start_feed(feed, &gates, &services, admin_runtime.handle());
-    }
+    start_background(&services, &options, limits, &gates, &admin_runtime);
     let admin_state = Arc::new(admin::AdminState {
         services: services.clone(),
         listen: bound.listen.clone(),
@@ -465,6 +459,22 @@ fn bind(addr: SocketAddr, what: String) -> Result<TcpListener, ProxyError> {
         .set_nonblocking(true)
         .map_err(|source| ProxyError::Bind { addr, what, source })?;
     Ok(listener)
+}
+
+/// The balancers' background tasks, on the admin runtime (ended with it): the session sweeper,
+/// the health probes, the hub feed of configs when there is one.
+fn start_background(
+    services: &HashMap<String, Arc<service::Service>>,
+    options: &SpawnOptions,
+    limits: config::Limits,
+    gates: &Arc<signing::ConfigGates>,
+    runtime: &BackgroundRuntime,
+) {
+    start_sweeper(services, options.session_idle, runtime);
+    runtime.spawn(prober::run(services.values().cloned().collect(), limits));
+    if let Some(feed) = &options.signing.feed {
+        signing::start_feed(feed, gates, services, runtime.handle());
+    }
 }
 
 /// Sessions idle out and drains end on a timer, on the admin runtime.

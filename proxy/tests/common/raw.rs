@@ -59,8 +59,12 @@ impl RawMachine {
         tokio::spawn(async move {
             loop {
                 let (socket, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(socket, request_end, log.clone(), script.clone()));
+                let job = Job {
+                    log: log.clone(),
+                    connections: count.clone(),
+                    script: script.clone(),
+                };
+                tokio::spawn(serve(socket, request_end, job));
             }
         });
         RawMachine {
@@ -94,25 +98,38 @@ impl RawMachine {
             .collect()
     }
 
-    /// Connections the balancer opened to this machine.
+    /// Connections the balancer opened to this machine that carried bytes (its health probe, a
+    /// bare TCP connect, sends none).
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
 }
 
-async fn serve(
-    mut socket: TcpStream,
-    request_end: &'static [u8],
+/// What one connection's task shares with the machine.
+struct Job {
     log: Arc<Mutex<Vec<Vec<u8>>>>,
+    connections: Arc<AtomicUsize>,
     script: Script,
-) {
+}
+
+async fn serve(mut socket: TcpStream, request_end: &'static [u8], job: Job) {
+    let Job {
+        log,
+        connections,
+        script,
+    } = job;
     let mut pending = Vec::new();
     let mut n = 0;
+    let mut counted = false;
     loop {
         let mut buf = [0u8; 4096];
         let Ok(read) = socket.read(&mut buf).await else {
             return;
         };
+        if read > 0 && !counted {
+            counted = true;
+            connections.fetch_add(1, Ordering::SeqCst);
+        }
         if read == 0 {
             // What arrived without ending a request is kept too: a partial request.
             if !pending.is_empty() {
