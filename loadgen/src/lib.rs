@@ -9,7 +9,8 @@
 pub mod calls;
 pub mod load;
 pub mod machine;
-pub mod publish;
+mod presence;
+mod publish;
 pub mod schedule;
 pub mod spec;
 #[cfg(test)]

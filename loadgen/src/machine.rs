@@ -9,6 +9,7 @@ use crate::calls::{
     Whereabouts,
 };
 use crate::load::{SESSION_EVENT_HEADER, SESSION_HEADER};
+use crate::presence::{Presence, PresenceEvent};
 use crate::publish::{
     hub_link, now_ms, HubCounters, HubLink, HubOptions, HubOptionsError, Publisher, QueuedEvent,
     Transport,
@@ -515,51 +516,6 @@ fn bump(counter: &AtomicU64) {
 
 type DependencyClient = Client<HttpConnector, Full<Bytes>>;
 
-/// Whether the machine is up, as it reports itself on the hub.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Presence {
-    /// Serving, but a slow-start fault is still warming it up.
-    Starting,
-    Running,
-    /// Told to drain: still serving, reported `draining`.
-    Draining,
-    /// Crashed or shut down.
-    Down,
-    /// Every job hangs from now on (a `hang` fault with fraction 1 fired).
-    Hung,
-}
-
-/// What changes a machine's presence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PresenceEvent {
-    /// The slow start is over.
-    Warmed,
-    Drain,
-    Crash,
-    HangEverything,
-    Shutdown,
-}
-
-impl Presence {
-    pub(crate) fn is_final(self) -> bool {
-        matches!(self, Presence::Down | Presence::Hung)
-    }
-
-    /// The one transition function: down and hung are final.
-    fn next(self, event: PresenceEvent) -> Presence {
-        if self.is_final() {
-            return self;
-        }
-        match (self, event) {
-            (Presence::Starting, PresenceEvent::Warmed) => Presence::Running,
-            (other, PresenceEvent::Warmed) => other,
-            (_, PresenceEvent::Drain) => Presence::Draining,
-            (_, PresenceEvent::Crash | PresenceEvent::Shutdown) => Presence::Down,
-            (_, PresenceEvent::HangEverything) => Presence::Hung,
-        }
-    }
-}
-
 pub(crate) struct MachineState {
     pub(crate) service: String,
     pub(crate) version: String,
@@ -576,6 +532,24 @@ pub(crate) struct MachineState {
     calls: CallTracker,
     hub: OnceLock<HubLink>,
     pub(crate) hub_counters: HubCounters,
+}
+
+impl crate::publish::Reported for MachineState {
+    fn service(&self) -> &str {
+        &self.service
+    }
+    fn version(&self) -> &str {
+        &self.version
+    }
+    fn presence(&self) -> watch::Receiver<Presence> {
+        self.presence.subscribe()
+    }
+    fn sessions_held(&self) -> usize {
+        MachineState::sessions_held(self)
+    }
+    fn hub_counters(&self) -> &HubCounters {
+        &self.hub_counters
+    }
 }
 
 impl MachineState {

@@ -4,7 +4,7 @@
 //! change, every heartbeat) and `call.state` (batched call status events). See docs/loadgen.md.
 
 use crate::calls::CallStatus;
-use crate::machine::{MachineState, Presence};
+use crate::presence::Presence;
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
@@ -360,9 +360,19 @@ fn refusal_reason(status: StatusCode, body: &[u8]) -> String {
     }
 }
 
+/// What the publisher reads of its machine (the machine's state implements it).
+pub(crate) trait Reported: Send + Sync {
+    fn service(&self) -> &str;
+    fn version(&self) -> &str;
+    fn presence(&self) -> tokio::sync::watch::Receiver<Presence>;
+    /// Calls it holds now.
+    fn sessions_held(&self) -> usize;
+    fn hub_counters(&self) -> &HubCounters;
+}
+
 /// The publisher task's own state.
 pub(crate) struct Publisher {
-    pub(crate) state: Arc<MachineState>,
+    pub(crate) state: Arc<dyn Reported>,
     pub(crate) options: HubOptions,
     pub(crate) address: String,
     pub(crate) signer: Signer,
@@ -376,7 +386,7 @@ pub(crate) struct Publisher {
 
 impl Publisher {
     pub(crate) fn new(
-        state: Arc<MachineState>,
+        state: Arc<dyn Reported>,
         options: HubOptions,
         address: String,
         signer: Signer,
@@ -399,7 +409,7 @@ impl Publisher {
     /// Runs until the machine is down (or hung): state at once, on changes and every
     /// heartbeat; call events in batches.
     pub(crate) async fn run(mut self) {
-        let mut presence = self.state.presence.subscribe();
+        let mut presence = self.state.presence();
         let mut heartbeat = tokio::time::interval(Duration::from_millis(self.options.heartbeat_ms));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(CALL_FLUSH_INTERVAL);
@@ -466,8 +476,8 @@ impl Publisher {
         };
         MachineRecord {
             id: self.options.id.clone(),
-            service: self.state.service.clone(),
-            version: self.state.version.clone(),
+            service: self.state.service().to_string(),
+            version: self.state.version().to_string(),
             address: self.address.clone(),
             role: *self.inbox.role.borrow(),
             status,
@@ -498,8 +508,8 @@ impl Publisher {
                 continue;
             }
             let payload = CallStateBatch {
-                service: self.state.service.clone(),
-                version: self.state.version.clone(),
+                service: self.state.service().to_string(),
+                version: self.state.version().to_string(),
                 config: if simulation { "simulation" } else { "active" }.to_string(),
                 machine: self.options.id.clone(),
                 events,
@@ -518,7 +528,7 @@ impl Publisher {
             }
         }
         let envelope = self.signer.sign(topic, payload);
-        let counters = &self.state.hub_counters;
+        let counters = self.state.hub_counters();
         match self.transport.send(&envelope).await {
             Ok(()) => {
                 counters.published.fetch_add(1, Ordering::Relaxed);

@@ -24,8 +24,7 @@ use prometheus::IntCounter;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::marker::{MarkerPolicy, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
-use crate::pool::Machine;
-use crate::stats::{PairSlot, Stats};
+use crate::stats::{PairSlot, SeriesHandle, Stats};
 use crate::wire::{JobObservation, Outcome};
 
 /// Limits of the mirror path.
@@ -42,9 +41,19 @@ pub(crate) struct MirrorLimits {
     pub connect_timeout: Duration,
 }
 
+/// What a copy needs of the machine it goes to. The routing table's machines implement it
+/// (`pool.rs`), so that the mirror does not depend on the table that holds its lanes.
+pub(crate) trait CopyTarget: Send + Sync {
+    fn id(&self) -> &str;
+    fn version(&self) -> &str;
+    fn address(&self) -> std::net::SocketAddr;
+    /// Where the copy's latency and outcome are recorded.
+    fn series(&self) -> &SeriesHandle;
+}
+
 /// One copy to send.
 pub(crate) struct Copy {
-    pub target: Arc<Machine>,
+    pub target: Arc<dyn CopyTarget>,
     pub method: Method,
     pub path_and_query: String,
     pub headers: HeaderMap,
@@ -243,10 +252,10 @@ async fn send(
             Ok(value) => {
                 headers.insert(SIMULATION_AUTH_HEADER, value);
             }
-            Err(_) => return expire_now(&target, &stats, &slot, Outcome::ServerError),
+            Err(_) => return expire_now(&*target, &stats, &slot, Outcome::ServerError),
         }
     }
-    let uri = format!("http://{}{}", target.address, path_and_query);
+    let uri = format!("http://{}{}", target.address(), path_and_query);
     let mut request = match Request::builder()
         .method(method)
         .uri(uri)
@@ -254,7 +263,7 @@ async fn send(
     {
         Ok(r) => r,
         // The path is in origin form, checked when the job was parsed; this cannot fail.
-        Err(_) => return expire_now(&target, &stats, &slot, Outcome::ServerError),
+        Err(_) => return expire_now(&*target, &stats, &slot, Outcome::ServerError),
     };
     *request.headers_mut() = headers;
 
@@ -286,12 +295,12 @@ async fn send(
         Ok(Err(outcome)) => (outcome, None, None),
         Err(_elapsed) => (Outcome::Timeout, None, None),
     };
-    record(&target, &stats, &slot, latency_us, outcome, status, digest);
+    record(&*target, &stats, &slot, latency_us, outcome, status, digest);
 }
 
 /// A copy that could not be built: its side of the pair completes as failed, so the pair is
 /// not left waiting.
-fn expire_now(target: &Machine, stats: &Stats, slot: &PairSlot, outcome: Outcome) {
+fn expire_now(target: &dyn CopyTarget, stats: &Stats, slot: &PairSlot, outcome: Outcome) {
     record(target, stats, slot, 0, outcome, None, None);
 }
 
@@ -305,7 +314,7 @@ fn expire(copy: Copy) {
         ..
     } = copy;
     record(
-        &target,
+        &*target,
         &stats,
         &slot,
         latency_us,
@@ -316,7 +325,7 @@ fn expire(copy: Copy) {
 }
 
 fn record(
-    target: &Machine,
+    target: &dyn CopyTarget,
     stats: &Stats,
     slot: &PairSlot,
     latency_us: u64,
@@ -324,11 +333,11 @@ fn record(
     status: Option<u16>,
     digest: Option<u64>,
 ) {
-    stats.record(&target.series, latency_us, outcome);
+    stats.record(target.series(), latency_us, outcome);
     slot.complete_simulation((
         JobObservation {
-            machine: target.id.to_string(),
-            version: target.version.to_string(),
+            machine: target.id().to_string(),
+            version: target.version().to_string(),
             latency_us,
             outcome,
             status,

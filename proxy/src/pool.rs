@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::ValidConfig;
-use crate::mirror::Lane;
+use crate::mirror::{CopyTarget, Lane};
 use crate::stats::{SeriesHandle, Stats};
 use crate::upstream::Upstream;
 use crate::wire::{MachineState, MachineStatus, PoolRole};
@@ -37,6 +37,21 @@ pub(crate) struct Machine {
 impl Machine {
     pub(crate) fn is_failing(&self) -> bool {
         self.upstream.health.is_failing()
+    }
+}
+
+impl CopyTarget for Machine {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn version(&self) -> &str {
+        &self.version
+    }
+    fn address(&self) -> SocketAddr {
+        self.address
+    }
+    fn series(&self) -> &SeriesHandle {
+        &self.series
     }
 }
 
