@@ -24,8 +24,7 @@ use understudy_proxy::wire::{
     MachineHealth, MachineState, MachineStatus, PushAck, StatsReport,
 };
 
-/// The controller's sender id on the hub.
-pub const CONTROLLER_ID: &str = "controller";
+pub use understudy_hub::CONTROLLER_ID;
 
 /// A balancer's secret key as the controller holds it. `Debug` never shows the key.
 #[derive(Clone)]

@@ -80,22 +80,7 @@ pub struct RolloutIdArgs {
     pub endpoint: EndpointArgs,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum Action {
-    Approve,
-    Abort,
-    Rollback,
-}
-
-impl Action {
-    fn path(self) -> &'static str {
-        match self {
-            Action::Approve => "approve",
-            Action::Abort => "abort",
-            Action::Rollback => "rollback",
-        }
-    }
-}
+use crate::rollout::OpsAction;
 
 /// What `check` prints for a valid cluster: counts and the release order in waves.
 pub fn describe_cluster(cluster: &Cluster) -> String {
@@ -607,7 +592,7 @@ fn offline_plan(
     }
 }
 
-pub fn rollout_action(args: RolloutIdArgs, action: Action) -> u8 {
+pub fn rollout_action(args: RolloutIdArgs, action: OpsAction) -> u8 {
     if args.id.parse::<i64>().is_err() {
         eprintln!("error: rollout id `{}` is not a number", args.id);
         return 2;
@@ -617,7 +602,7 @@ pub fn rollout_action(args: RolloutIdArgs, action: Action) -> u8 {
         Err(code) => return code,
     };
     let Some(rt) = runtime() else { return 2 };
-    let path = format!("/api/v1/rollouts/{}/{}", args.id, action.path());
+    let path = format!("/api/v1/rollouts/{}/{}", args.id, action.as_str());
     rt.block_on(async {
         match client
             .post::<RolloutDetail>(&path, &serde_json::json!({}))

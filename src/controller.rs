@@ -2114,22 +2114,7 @@ impl Core {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpsAction {
-    Approve,
-    Abort,
-    Rollback,
-}
-
-impl OpsAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpsAction::Approve => "approve",
-            OpsAction::Abort => "abort",
-            OpsAction::Rollback => "rollback",
-        }
-    }
-}
+pub use crate::rollout::OpsAction;
 
 #[derive(Debug, thiserror::Error)]
 enum ApplyError {

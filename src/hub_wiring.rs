@@ -24,8 +24,7 @@ use crate::cluster::{ConfigError, Source};
 use crate::controller::Core;
 use crate::store::{MachineKeyRow, Store, StoreError};
 
-/// The controller's sender id on the hub: the only one allowed on `control.*` topics.
-pub const CONTROLLER_ID: &str = "controller";
+pub use understudy_hub::CONTROLLER_ID;
 
 /// Which pub-sub backend carries the hub's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -64,13 +64,13 @@ fn main() -> ExitCode {
         Command::Status(args) => understudy::cli::status(args),
         Command::Release(args) => understudy::cli::release(args),
         Command::Approve(args) => {
-            understudy::cli::rollout_action(args, understudy::cli::Action::Approve)
+            understudy::cli::rollout_action(args, understudy::rollout::OpsAction::Approve)
         }
         Command::Abort(args) => {
-            understudy::cli::rollout_action(args, understudy::cli::Action::Abort)
+            understudy::cli::rollout_action(args, understudy::rollout::OpsAction::Abort)
         }
         Command::Rollback(args) => {
-            understudy::cli::rollout_action(args, understudy::cli::Action::Rollback)
+            understudy::cli::rollout_action(args, understudy::rollout::OpsAction::Rollback)
         }
         Command::Judge(args) => understudy::judge_cli::judge(args),
         Command::JudgeBench(args) => understudy::judge_cli::judge_bench(args),

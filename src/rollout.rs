@@ -6,6 +6,27 @@ use understudy_judge::Decision;
 
 use crate::cluster::RolloutPolicy;
 
+/// What ops can ask of a rollout: the admin endpoint's actions, the CLI's commands and a
+/// scenario's `[[ops]]` steps are this one type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpsAction {
+    Approve,
+    Abort,
+    Rollback,
+}
+
+impl OpsAction {
+    /// Its name, as in the endpoint's path (`/api/v1/rollouts/{id}/approve`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpsAction::Approve => "approve",
+            OpsAction::Abort => "abort",
+            OpsAction::Rollback => "rollback",
+        }
+    }
+}
+
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]

@@ -681,6 +681,8 @@ pub struct ControllerVerifier {
 
 /// Topic of the envelope in a hub subscribe token (the HTTP transport checks it).
 pub const SUBSCRIBE_TOPIC: &str = "hub.subscribe";
+/// The controller's sender id: what balancers and machines accept controller messages from.
+pub const CONTROLLER_ID: &str = "controller";
 /// Topic of configs the controller pushes to balancers.
 pub const CONFIG_TOPIC: &str = "control.balancer-config";
 /// Topic of the controller's signed reads of a balancer's admin endpoint (stats, config): the

@@ -13,7 +13,7 @@ pub mod subgroup;
 
 pub use envelope::{
     canonical_bytes, ControllerVerifier, Envelope, Keyring, Rejection, SecretKey, Signer, Verifier,
-    CONFIG_TOPIC, READ_AUTH_HEADER, READ_TOPIC,
+    CONFIG_TOPIC, CONTROLLER_ID, READ_AUTH_HEADER, READ_TOPIC,
 };
 pub use hub::{Backend, BackendError, DisconnectReason, EmbeddedHub, Filter, Subscription};
 pub use monitor::{

@@ -125,7 +125,7 @@ pub struct DwellConfig {
     pub limits: BTreeMap<String, f64>,
 }
 
-/// When is v2's probability of failure "clearly higher" than v1's (see [`mod@crate::compare`]).
+/// When is v2's probability of failure "clearly higher" than v1's (see `compare.rs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompareConfig {

@@ -33,8 +33,7 @@ use understudy_hub::{
 use crate::service::{PushError, PushResult, Service};
 use crate::wire::{BalancerConfig, KeyRotation};
 
-/// The controller's sender id on the hub.
-pub const CONTROLLER_ID: &str = "controller";
+pub use understudy_hub::CONTROLLER_ID;
 /// Largest signed message read (a config with many machines stays far below).
 pub const MAX_SIGNED_BYTES: usize = 1 << 20;
 /// Default of [`crate::SpawnOptions::max_clock_skew`] (the controller's `[hub] max_clock_skew_ms`).

@@ -123,7 +123,7 @@ fn default_release_at() -> f64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OpsSpec {
-    action: OpsKind,
+    action: OpsAction,
     service: String,
     /// Which of `[[releases]]` (from 0); default the first.
     #[serde(default)]
@@ -132,23 +132,7 @@ struct OpsSpec {
     when_phase: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OpsKind {
-    Approve,
-    Abort,
-    Rollback,
-}
-
-impl OpsKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpsKind::Approve => "approve",
-            OpsKind::Abort => "abort",
-            OpsKind::Rollback => "rollback",
-        }
-    }
-}
+use crate::rollout::OpsAction;
 
 /// What a service's rollout ends as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -192,7 +176,7 @@ pub enum OpsTrigger {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpsStep {
-    pub action: OpsKind,
+    pub action: OpsAction,
     pub service: String,
     pub trigger: OpsTrigger,
     /// Index of the release whose rollout it acts on.
