@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::pairing::PairFeed;
 use crate::plan::{Plan, PlanError, Selection};
 use crate::rollout::{transition, Actor, Event, Phase, TransitionError};
+use crate::step;
 use crate::store::{self, MachineRole, Store, StoreError, StoredPair, TransitionRecord};
 
 /// Everything the controller needs to run.
@@ -320,6 +321,86 @@ impl ServiceState {
             _ => false,
         }
     }
+}
+
+/// What the pure release step (`step.rs`) decides on, read from the state: the unfinished
+/// releases, every rollout, each service's policy and balancer, and which machines of a
+/// retiring rollout report holding no session (the one store read).
+fn snapshot(state: &State) -> step::Snapshot<'_> {
+    let releases = state
+        .releases
+        .values()
+        .filter(|r| !state.release_finished(r))
+        .map(|r| step::ReleaseFacts {
+            id: r.id,
+            rollouts: &r.rollouts,
+            rollback_on_failure: r.rollback_on_failure,
+        })
+        .collect();
+    let rollouts = state
+        .rollouts
+        .iter()
+        .map(|(id, r)| {
+            let facts = step::RolloutFacts {
+                id: r.id,
+                service: &r.service,
+                from_version: &r.from_version,
+                after: &r.after,
+                phase: r.phase,
+                entered_ms: r.entered_ms,
+                replaced: &r.selection.replaced,
+            };
+            (*id, facts)
+        })
+        .collect();
+    let services = state
+        .cluster
+        .services
+        .iter()
+        .map(|(name, spec)| {
+            let s = state.services.get(name);
+            let desired = s.and_then(|s| s.desired.as_ref()).map(|c| c.version);
+            let facts = step::ServiceFacts {
+                policy: &spec.policy,
+                drain_timeout: spec.drain_timeout,
+                synced: s.is_some_and(|s| desired == s.acked),
+                desired_version: desired.unwrap_or(0),
+                reported: s
+                    .and_then(|s| s.last_stats.as_ref())
+                    .map(|st| (st.config_version, st.machines.as_slice())),
+            };
+            (name.as_str(), facts)
+        })
+        .collect();
+    let report_no_sessions = retiring_with_sessions(state)
+        .filter(|id| monitor::reports_no_sessions(&state.store, id))
+        .map(str::to_string)
+        .collect();
+    step::Snapshot {
+        releases,
+        rollouts,
+        services,
+        report_no_sessions,
+    }
+}
+
+/// Machines a retiring rollout replaces that their balancer still pins sessions to.
+fn retiring_with_sessions(state: &State) -> impl Iterator<Item = &str> {
+    state
+        .rollouts
+        .values()
+        .filter(|r| r.phase == Phase::Retiring)
+        .flat_map(move |r| {
+            let stats = state
+                .services
+                .get(&r.service)
+                .and_then(|s| s.last_stats.as_ref());
+            stats
+                .into_iter()
+                .flat_map(|st| st.machines.iter())
+                .filter(move |m| r.selection.replaced.contains(&m.id) && m.sessions > 0)
+                .map(|m| m.id.as_str())
+        })
 }
 
 /// The last stats read from a balancer.
@@ -1057,174 +1138,14 @@ impl Core {
 
     fn advance_once(&self, state: &mut State) -> bool {
         let now = self.clock.now_ms();
-        let mut moves: Vec<(i64, Event, String)> = Vec::new();
-        for release in state.releases.values() {
-            if state.release_finished(release) {
-                continue;
-            }
-            let phase_of = |service: &str| {
-                release
-                    .rollouts
-                    .iter()
-                    .map(|id| &state.rollouts[id])
-                    .find(|r| r.service == service)
-                    .map(|r| r.phase)
-            };
-            // A dependency's balancer must run its new config before dependents move.
-            let synced = |service: &str| {
-                state
-                    .services
-                    .get(service)
-                    .is_some_and(|s| s.desired.as_ref().map(|c| c.version) == s.acked)
-            };
-            let failed: Vec<&str> = release
-                .rollouts
-                .iter()
-                .map(|id| &state.rollouts[id])
-                .filter(|r| r.phase.is_failed())
-                .map(|r| r.service.as_str())
-                .collect();
-            if release.rollback_on_failure && !failed.is_empty() {
-                // Unwind in reverse dependency order: a rollout goes once its dependents are out.
-                for id in release.rollouts.iter().rev() {
-                    let r = &state.rollouts[id];
-                    if r.phase.is_failed() {
-                        continue;
-                    }
-                    if r.phase == Phase::Complete {
-                        let newest = state
-                            .rollouts
-                            .values()
-                            .rev()
-                            .find(|o| o.service == r.service)
-                            .map(|o| o.id);
-                        if newest != Some(r.id) {
-                            continue;
-                        }
-                    }
-                    let dependents_out = release
-                        .rollouts
-                        .iter()
-                        .map(|d| &state.rollouts[d])
-                        .filter(|d| d.after.contains(&r.service))
-                        .all(|d| d.phase.is_failed());
-                    if dependents_out {
-                        moves.push((
-                            r.id,
-                            Event::Rollback,
-                            format!(
-                                "release {} rolling back: {} failed",
-                                release.id,
-                                failed.join(", ")
-                            ),
-                        ));
-                    }
-                }
-                continue;
-            }
-            for id in &release.rollouts {
-                let r = &state.rollouts[id];
-                let Some(spec) = state.cluster.services.get(&r.service) else {
-                    continue;
-                };
-                let policy = &spec.policy;
-                let in_phase_ms = now.saturating_sub(r.entered_ms);
-                match r.phase {
-                    Phase::Pending => {
-                        let dep_failed = r
-                            .after
-                            .iter()
-                            .find(|d| phase_of(d).is_some_and(|p| p.is_failed()));
-                        if let Some(dep) = dep_failed {
-                            moves.push((
-                                r.id,
-                                Event::DependencyFailed,
-                                format!("dependency {dep} did not join"),
-                            ));
-                        } else if r
-                            .after
-                            .iter()
-                            .all(|d| phase_of(d).is_none_or(|p| p.has_joined()) && synced(d))
-                        {
-                            let cause = if r.after.is_empty() {
-                                "no dependency in the release".to_string()
-                            } else {
-                                format!("dependencies joined: {}", r.after.join(", "))
-                            };
-                            moves.push((r.id, Event::DependenciesJoined, cause));
-                        }
-                    }
-                    Phase::Simulating => {
-                        if let Some(limit) = policy.simulation_timeout {
-                            if in_phase_ms >= limit.as_millis() as u64 {
-                                moves.push((
-                                    r.id,
-                                    Event::SimulationTimedOut,
-                                    format!(
-                                        "not enough data after {} ms of simulation",
-                                        limit.as_millis()
-                                    ),
-                                ));
-                            }
-                        }
-                    }
-                    Phase::Judged { passed } => {
-                        let cause = match (passed, policy.requires_approval) {
-                            (false, _) => "the joining condition failed",
-                            (true, true) => "passed; the service asks for ops approval",
-                            (true, false) => "passed",
-                        };
-                        moves.push((r.id, Event::Route, cause.to_string()));
-                    }
-                    Phase::Joining { step }
-                        if in_phase_ms >= policy.join_step.as_millis() as u64 =>
-                    {
-                        moves.push((
-                            r.id,
-                            Event::StepHeld,
-                            format!(
-                                "joining step {step} held {} ms",
-                                policy.join_step.as_millis()
-                            ),
-                        ));
-                    }
-                    Phase::Retiring => {
-                        let s = &state.services[&r.service];
-                        let desired = s.desired.as_ref().map_or(0, |c| c.version);
-                        // Only the replaced machines drain: a v1 control stays in the simulation
-                        // pool for good, and so does every active machine outside a sub-group.
-                        // A machine is done when its balancer dropped it (its drain ended) or
-                        // it reports holding no session itself.
-                        let drained = s.last_stats.as_ref().is_some_and(|st| {
-                            st.config_version >= desired
-                                && !st.machines.iter().any(|m| {
-                                    r.selection.replaced.contains(&m.id)
-                                        && m.config == PoolRole::Active
-                                        && m.sessions > 0
-                                        && !monitor::reports_no_sessions(&state.store, &m.id)
-                                })
-                        });
-                        let timeout = spec.drain_timeout.as_millis() as u64;
-                        if drained {
-                            moves.push((
-                                r.id,
-                                Event::Drained,
-                                format!("no {} machine left on the balancer", r.from_version),
-                            ));
-                        } else if in_phase_ms >= timeout {
-                            moves.push((
-                                r.id,
-                                Event::Drained,
-                                format!("drain timeout of {timeout} ms passed"),
-                            ));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let moves = step::step(&snapshot(state), now);
         let mut moved = false;
-        for (id, event, cause) in moves {
+        for step::Move {
+            rollout: id,
+            event,
+            cause,
+        } in moves
+        {
             // A move computed above may no longer apply after an earlier one in this pass.
             match self.apply(
                 state,

@@ -21,6 +21,7 @@ pub mod predict_cli;
 pub mod prediction;
 pub mod rollout;
 pub mod scenario;
+pub mod step;
 pub mod store;
 pub mod table;
 pub mod telemetry;
