@@ -329,6 +329,211 @@ fn valid_name(name: &str) -> bool {
 
 const NAME_RULE: &str = "must be 1-64 characters of a-z, 0-9, '-' or '_'";
 
+/// One `[services.NAME]` table checked, its defaults applied. The second value is a problem
+/// reported only if the file has no dependency cycle (the more fundamental error).
+fn service_from_spec(
+    name: &str,
+    spanned: &Spanned<ServiceSpec>,
+    spec: &ClusterSpec,
+    machines: &[Machine],
+    source: &Source<'_>,
+) -> Result<(Service, Option<ConfigError>), ConfigError> {
+    let at = spanned.span().start;
+    let s = spanned.get_ref();
+    let defaults = &spec.defaults;
+    if !valid_name(name) {
+        return Err(source.invalid(at, format!("services.{name}"), NAME_RULE));
+    }
+    let depends_on = depends_on_of(name, s, spec, source)?;
+    let mirror_fraction = mirror_fraction_of(name, s, defaults, source)?;
+    let condition = match s.condition.as_ref().or(defaults.condition.as_ref()) {
+        Some(c) => {
+            c.get_ref().validate().map_err(|e| {
+                source.invalid(
+                    c.span().start,
+                    format!("services.{name}.condition"),
+                    e.to_string(),
+                )
+            })?;
+            c.get_ref().clone()
+        }
+        None => Condition::default(),
+    };
+    if let Some(url) = &s.balancer {
+        check_balancer_url(url)
+            .map_err(|reason| source.invalid(at, format!("services.{name}.balancer"), reason))?;
+    }
+    let balancer_key = balancer_key_of(name, s, source)?;
+    if s.config_delivery == Some(crate::balancer::ConfigDelivery::Hub) && balancer_key.is_none() {
+        return Err(source.invalid(
+            at,
+            format!("services.{name}.config_delivery"),
+            "\"hub\" needs balancer_key_file: the balancer takes only signed configs from the hub",
+        ));
+    }
+    let (declared_version, problem) = match declared_version_of(name, machines) {
+        Ok(version) => (version, None),
+        Err(problem) => (
+            String::new(),
+            Some(source.invalid(at, format!("services.{name}"), problem)),
+        ),
+    };
+    let service = Service {
+        name: name.to_string(),
+        depends_on,
+        balancer: s
+            .balancer
+            .as_deref()
+            .map(|u| u.trim_end_matches('/').to_string()),
+        policy: RolloutPolicy {
+            requires_approval: s
+                .requires_approval
+                .or(defaults.requires_approval)
+                .unwrap_or(false),
+            join_steps: join_steps_of(name, s, defaults, source)?,
+            join_step: Duration::from_millis(
+                s.join_step_ms.or(defaults.join_step_ms).unwrap_or(1_000),
+            ),
+            simulation_timeout: s
+                .simulation_timeout_ms
+                .or(defaults.simulation_timeout_ms)
+                .map(Duration::from_millis),
+        },
+        condition,
+        mirror_fraction,
+        compare_body: s.compare_body.or(defaults.compare_body).unwrap_or(false),
+        drain_timeout: Duration::from_millis(
+            s.drain_timeout_ms
+                .or(defaults.drain_timeout_ms)
+                .unwrap_or(30_000),
+        ),
+        declared_version,
+        balancer_key,
+        config_delivery: s.config_delivery.unwrap_or_default(),
+    };
+    Ok((service, problem))
+}
+
+/// The share of jobs copied while the service is judged, within (0, 1].
+fn mirror_fraction_of(
+    name: &str,
+    s: &ServiceSpec,
+    defaults: &DefaultsSpec,
+    source: &Source<'_>,
+) -> Result<f64, ConfigError> {
+    match s
+        .mirror_fraction
+        .as_ref()
+        .or(defaults.mirror_fraction.as_ref())
+    {
+        Some(f) if !(0.0..=1.0).contains(f.get_ref()) || *f.get_ref() == 0.0 => Err(source
+            .invalid(
+                f.span().start,
+                format!("services.{name}.mirror_fraction"),
+                "must be within (0, 1]",
+            )),
+        Some(f) => Ok(*f.get_ref()),
+        None => Ok(1.0),
+    }
+}
+
+/// The services `name` depends on: known, not itself, each once.
+fn depends_on_of(
+    name: &str,
+    s: &ServiceSpec,
+    spec: &ClusterSpec,
+    source: &Source<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut depends_on = Vec::new();
+    for dep in &s.depends_on {
+        let dep_name = dep.get_ref();
+        if !spec.services.contains_key(dep_name) {
+            return Err(source.invalid(
+                dep.span().start,
+                format!("services.{name}.depends_on"),
+                format!("unknown service `{dep_name}`"),
+            ));
+        }
+        if dep_name == name {
+            return Err(ConfigError::Cycle {
+                file: source.file.to_string(),
+                services: vec![name.to_string(), name.to_string()],
+            });
+        }
+        if !depends_on.contains(dep_name) {
+            depends_on.push(dep_name.clone());
+        }
+    }
+    Ok(depends_on)
+}
+
+/// v2's share at each joining step: strictly increasing percentages within 1..=99.
+fn join_steps_of(
+    name: &str,
+    s: &ServiceSpec,
+    defaults: &DefaultsSpec,
+    source: &Source<'_>,
+) -> Result<Vec<u32>, ConfigError> {
+    let Some(steps) = s.join_steps.as_ref().or(defaults.join_steps.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let list = steps.get_ref();
+    let increasing = list.windows(2).all(|w| w[0] < w[1]);
+    if list.iter().any(|p| *p == 0 || *p >= 100) || !increasing {
+        return Err(source.invalid(
+            steps.span().start,
+            format!("services.{name}.join_steps"),
+            "percentages must increase strictly, each within 1..=99",
+        ));
+    }
+    Ok(list.clone())
+}
+
+/// The balancer's key, read from its file (a relative path is beside the cluster file).
+fn balancer_key_of(
+    name: &str,
+    s: &ServiceSpec,
+    source: &Source<'_>,
+) -> Result<Option<crate::balancer::BalancerSecret>, ConfigError> {
+    let Some(file) = &s.balancer_key_file else {
+        return Ok(None);
+    };
+    let path = Path::new(source.file)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .join(file.get_ref());
+    crate::balancer::BalancerSecret::from_file(&path)
+        .map(Some)
+        .map_err(|reason| {
+            source.invalid(
+                file.span().start,
+                format!("services.{name}.balancer_key_file"),
+                reason,
+            )
+        })
+}
+
+/// The one version the service's active machines run.
+fn declared_version_of(name: &str, machines: &[Machine]) -> Result<String, String> {
+    let active_versions: BTreeSet<&str> = machines
+        .iter()
+        .filter(|m| m.service == name && m.config == PoolRole::Active)
+        .map(|m| m.version.as_str())
+        .collect();
+    match active_versions.len() {
+        1 => Ok(active_versions
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+            .to_string()),
+        0 => Err("needs at least one machine with config = \"active\"".to_string()),
+        _ => Err(format!(
+            "active machines run several versions ({}): the active configuration must run one",
+            active_versions.into_iter().collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 /// One `[[machines]]` entry checked: names, a known service, an address given once, a weight,
 /// a health path the balancer can write into a request line.
 fn machine_from_spec<'s>(
@@ -452,179 +657,14 @@ impl Cluster {
         }
 
         let mut services = BTreeMap::new();
+        // Reported after the cycle check: a cycle is the more fundamental error.
         let mut deferred: Option<ConfigError> = None;
         for (name, spanned) in &spec.services {
-            let at = spanned.span().start;
-            let s = spanned.get_ref();
-            if !valid_name(name) {
-                return Err(source.invalid(at, format!("services.{name}"), NAME_RULE));
+            let (service, problem) = service_from_spec(name, spanned, &spec, &machines, source)?;
+            if let Some(problem) = problem {
+                deferred.get_or_insert(problem);
             }
-            let mut depends_on = Vec::new();
-            for dep in &s.depends_on {
-                let dep_name = dep.get_ref();
-                if !spec.services.contains_key(dep_name) {
-                    return Err(source.invalid(
-                        dep.span().start,
-                        format!("services.{name}.depends_on"),
-                        format!("unknown service `{dep_name}`"),
-                    ));
-                }
-                if dep_name == name {
-                    return Err(ConfigError::Cycle {
-                        file: source.file.to_string(),
-                        services: vec![name.clone(), name.clone()],
-                    });
-                }
-                if !depends_on.contains(dep_name) {
-                    depends_on.push(dep_name.clone());
-                }
-            }
-            let join_steps_spec = s.join_steps.as_ref().or(defaults.join_steps.as_ref());
-            let join_steps = match join_steps_spec {
-                Some(steps) => {
-                    let list = steps.get_ref();
-                    let increasing = list.windows(2).all(|w| w[0] < w[1]);
-                    if list.iter().any(|p| *p == 0 || *p >= 100) || !increasing {
-                        return Err(source.invalid(
-                            steps.span().start,
-                            format!("services.{name}.join_steps"),
-                            "percentages must increase strictly, each within 1..=99",
-                        ));
-                    }
-                    list.clone()
-                }
-                None => Vec::new(),
-            };
-            let mirror_fraction = match s
-                .mirror_fraction
-                .as_ref()
-                .or(defaults.mirror_fraction.as_ref())
-            {
-                Some(f) if !(0.0..=1.0).contains(f.get_ref()) || *f.get_ref() == 0.0 => {
-                    return Err(source.invalid(
-                        f.span().start,
-                        format!("services.{name}.mirror_fraction"),
-                        "must be within (0, 1]",
-                    ))
-                }
-                Some(f) => *f.get_ref(),
-                None => 1.0,
-            };
-            let condition = match s.condition.as_ref().or(defaults.condition.as_ref()) {
-                Some(c) => {
-                    c.get_ref().validate().map_err(|e| {
-                        source.invalid(
-                            c.span().start,
-                            format!("services.{name}.condition"),
-                            e.to_string(),
-                        )
-                    })?;
-                    c.get_ref().clone()
-                }
-                None => Condition::default(),
-            };
-            if let Some(url) = &s.balancer {
-                check_balancer_url(url).map_err(|reason| {
-                    source.invalid(at, format!("services.{name}.balancer"), reason)
-                })?;
-            }
-            // (nats: signed configs) a relative key file is beside the cluster file.
-            let balancer_key = match &s.balancer_key_file {
-                Some(file) => {
-                    let path = Path::new(source.file)
-                        .parent()
-                        .unwrap_or(Path::new(""))
-                        .join(file.get_ref());
-                    Some(
-                        crate::balancer::BalancerSecret::from_file(&path).map_err(|reason| {
-                            source.invalid(
-                                file.span().start,
-                                format!("services.{name}.balancer_key_file"),
-                                reason,
-                            )
-                        })?,
-                    )
-                }
-                None => None,
-            };
-            if s.config_delivery == Some(crate::balancer::ConfigDelivery::Hub)
-                && balancer_key.is_none()
-            {
-                return Err(source.invalid(
-                    at,
-                    format!("services.{name}.config_delivery"),
-                    "\"hub\" needs balancer_key_file: the balancer takes only signed configs from the hub",
-                ));
-            }
-            let own: Vec<&Machine> = machines.iter().filter(|m| &m.service == name).collect();
-            let active_versions: BTreeSet<&str> = own
-                .iter()
-                .filter(|m| m.config == PoolRole::Active)
-                .map(|m| m.version.as_str())
-                .collect();
-            // Reported after the cycle check: a cycle is the more fundamental error.
-            let declared_version = match active_versions.len() {
-                1 => active_versions
-                    .into_iter()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                0 => {
-                    deferred.get_or_insert(source.invalid(
-                        at,
-                        format!("services.{name}"),
-                        "needs at least one machine with config = \"active\"",
-                    ));
-                    String::new()
-                }
-                _ => {
-                    deferred.get_or_insert(source.invalid(
-                        at,
-                        format!("services.{name}"),
-                        format!(
-                            "active machines run several versions ({}): the active configuration must run one",
-                            active_versions.into_iter().collect::<Vec<_>>().join(", ")
-                        ),
-                    ));
-                    String::new()
-                }
-            };
-            services.insert(
-                name.clone(),
-                Service {
-                    name: name.clone(),
-                    depends_on,
-                    balancer: s
-                        .balancer
-                        .as_deref()
-                        .map(|u| u.trim_end_matches('/').to_string()),
-                    policy: RolloutPolicy {
-                        requires_approval: s
-                            .requires_approval
-                            .or(defaults.requires_approval)
-                            .unwrap_or(false),
-                        join_steps,
-                        join_step: Duration::from_millis(
-                            s.join_step_ms.or(defaults.join_step_ms).unwrap_or(1_000),
-                        ),
-                        simulation_timeout: s
-                            .simulation_timeout_ms
-                            .or(defaults.simulation_timeout_ms)
-                            .map(Duration::from_millis),
-                    },
-                    condition,
-                    mirror_fraction,
-                    compare_body: s.compare_body.or(defaults.compare_body).unwrap_or(false),
-                    drain_timeout: Duration::from_millis(
-                        s.drain_timeout_ms
-                            .or(defaults.drain_timeout_ms)
-                            .unwrap_or(30_000),
-                    ),
-                    declared_version,
-                    balancer_key,
-                    config_delivery: s.config_delivery.unwrap_or_default(),
-                },
-            );
+            services.insert(name.clone(), service);
         }
         let cluster = Cluster {
             controller,
