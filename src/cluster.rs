@@ -109,22 +109,7 @@ pub struct MachineSpec {
     pub health_path: Option<Spanned<String>>,
 }
 
-/// How a service's rollout proceeds.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RolloutPolicy {
-    pub requires_approval: bool,
-    /// v2 share in percent per joining step; empty = one step at the declared weights.
-    pub join_steps: Vec<u32>,
-    pub join_step: Duration,
-    pub simulation_timeout: Option<Duration>,
-}
-
-impl RolloutPolicy {
-    /// Number of joining steps (at least one).
-    pub fn step_count(&self) -> u32 {
-        self.join_steps.len().max(1) as u32
-    }
-}
+pub use crate::rollout::RolloutPolicy;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
