@@ -98,6 +98,20 @@ impl Health {
     }
 }
 
+impl Change {
+    /// Logs the change of the machines `ids` at `address`: a warning when they stop answering.
+    pub(crate) fn log(&self, service: &str, ids: &str, address: SocketAddr) {
+        match self {
+            Change::NowFailing(reason) => {
+                tracing::warn!(%service, machine = %ids, %address, "machine failing: {reason}")
+            }
+            Change::Recovered => {
+                tracing::info!(%service, machine = %ids, %address, "machine answering again")
+            }
+        }
+    }
+}
+
 /// One probe of `address`: `GET path` when given (an answer in 200..=399 passes), else a TCP
 /// connect. The error names the address and what went wrong.
 pub(crate) async fn probe(

@@ -104,23 +104,23 @@ impl Pool {
         if !picked.is_failing() {
             return Some(picked);
         }
-        // Weights are set aside while a machine fails: its share goes round the others in turn.
-        let start = self.next.load(Ordering::Relaxed);
-        let n = self.machines.len();
-        (0..n)
-            .map(|i| &self.machines[(start + i) % n])
-            .find(|m| !m.is_failing())
-            .or(Some(picked))
+        self.answering_where(|_| true).or(Some(picked))
     }
 
     /// A machine to send a job to instead of `failed` (whose connection failed before it got a
     /// byte): another address, not failing.
     pub(crate) fn other_than(&self, failed: &Machine) -> Option<&Arc<Machine>> {
+        self.answering_where(|m| m.address != failed.address)
+    }
+
+    /// The first machine not failing that `fits`, going round from the schedule's position:
+    /// weights are set aside while a machine fails, its share going round the others in turn.
+    fn answering_where(&self, fits: impl Fn(&Machine) -> bool) -> Option<&Arc<Machine>> {
         let start = self.next.load(Ordering::Relaxed);
         let n = self.machines.len();
         (0..n)
             .map(|i| &self.machines[(start + i) % n])
-            .find(|m| m.address != failed.address && !m.is_failing())
+            .find(|m| fits(m) && !m.is_failing())
     }
 
     fn by_id(&self, id: &str) -> Option<&Arc<Machine>> {

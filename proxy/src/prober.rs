@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Limits;
-use crate::health::{probe, Change};
+use crate::health::probe;
 use crate::pool::Machine;
 use crate::service::Service;
 
@@ -55,15 +55,8 @@ async fn probe_one(
         Ok(()) => health.passed(),
         Err(reason) => health.failed(reason),
     };
-    let ids: Vec<&str> = machines.iter().map(|m| &*m.id).collect();
-    let ids = ids.join(",");
-    match change {
-        Some(Change::NowFailing(reason)) => {
-            tracing::warn!(%service, machine = %ids, %address, "machine failing: {reason}")
-        }
-        Some(Change::Recovered) => {
-            tracing::info!(%service, machine = %ids, %address, "machine answering again")
-        }
-        None => {}
+    if let Some(change) = change {
+        let ids: Vec<&str> = machines.iter().map(|m| &*m.id).collect();
+        change.log(&service, &ids.join(","), address);
     }
 }

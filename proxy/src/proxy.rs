@@ -26,7 +26,6 @@ use crate::caller::Caller;
 use crate::draft::CopyDraft;
 use crate::fault::{within, Fault};
 use crate::h1::{self, AnswerTo, BodyRelay, Framing, Output, Request};
-use crate::health::Change;
 use crate::marker::{Verdict, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 use crate::metrics::Limit;
 use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest};
@@ -493,14 +492,8 @@ impl Balancer {
 
     /// A job's connection to `machine` failed: a failed probe, as far as its health goes.
     fn unreachable(&self, machine: &Machine, error: &ConnectError) {
-        if let Some(Change::NowFailing(reason)) = machine.upstream.health.failed(error.to_string())
-        {
-            tracing::warn!(
-                service = %self.service.name,
-                machine = %machine.id,
-                address = %machine.address,
-                "machine failing: {reason}"
-            );
+        if let Some(change) = machine.upstream.health.failed(error.to_string()) {
+            change.log(&self.service.name, &machine.id, machine.address);
         }
     }
 
