@@ -369,12 +369,8 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         ));
     }
 
-    let releases = releases_of(&raw, &source, meta.timeout_s)?;
+    let (releases, first_release) = releases_of(&raw, &source, meta.timeout_s)?;
     let ops = ops_of(&raw, &releases, &source)?;
-    let first_release = release_specs(&raw, &source)?
-        .first()
-        .map(|(spec, prefix)| (spec.span().start, prefix.clone()))
-        .expect("releases_of gave at least one");
 
     let cluster = {
         let placeholders = raw
@@ -449,13 +445,18 @@ fn release_specs<'a>(
 }
 
 /// Every release checked: a start within the run, known versions, an outcome expected for
-/// each service released and for no other.
+/// each service released and for no other. Also gives where the first one is written (its
+/// offset and field path), for the errors found once the cluster is built.
 fn releases_of(
     raw: &ScenarioFile,
     source: &Source<'_>,
     timeout_s: f64,
-) -> Result<Vec<ReleasePlan>, ConfigError> {
+) -> Result<(Vec<ReleasePlan>, (usize, String)), ConfigError> {
     let specs = release_specs(raw, source)?;
+    let first = specs
+        .first()
+        .map(|(spec, prefix)| (spec.span().start, prefix.clone()))
+        .expect("release_specs gives at least one");
     let single = raw.release.is_some();
     match (&raw.expect, single) {
         (Some(e), false) => {
@@ -479,7 +480,7 @@ fn releases_of(
         let at = spec.span().start;
         let r = spec.get_ref();
         let (expect, expect_field) = match (&r.expect, &raw.expect) {
-            (Some(e), _) if single => {
+            (Some(_), _) if single => {
                 return Err(source.invalid(
                     at,
                     format!("{prefix}.expect"),
@@ -507,7 +508,7 @@ fn releases_of(
             timeout_s,
         )?);
     }
-    Ok(plans)
+    Ok((plans, first))
 }
 
 /// One release checked against the machines of the file.
