@@ -39,13 +39,13 @@ enum Command {
     /// Roll a rollout back.
     Rollback(understudy::cli::RolloutIdArgs),
     /// Judge recorded mirrored-job pairs exactly as the live controller would.
-    Judge(understudy::judge_cli::JudgeArgs),
+    Judge(understudy::offline::judge::JudgeArgs),
     /// Run the judge's self-test battery (A/A and known regressions).
-    JudgeBench(understudy::judge_cli::JudgeBenchArgs),
+    JudgeBench(understudy::offline::judge::JudgeBenchArgs),
     /// Predict, from observed transition counts, the probability of ending in each failure state.
-    Predict(understudy::predict_cli::PredictArgs),
+    Predict(understudy::offline::predict::PredictArgs),
     /// Show the live predictive models, their comparison and recent alerts (admin endpoint client).
-    Predictions(understudy::prediction::PredictionsArgs),
+    Predictions(understudy::runtime::predictions::PredictionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,18 +64,18 @@ fn main() -> ExitCode {
         Command::Status(args) => understudy::cli::status(args),
         Command::Release(args) => understudy::cli::release(args),
         Command::Approve(args) => {
-            understudy::cli::rollout_action(args, understudy::rollout::OpsAction::Approve)
+            understudy::cli::rollout_action(args, understudy::core::rollout::OpsAction::Approve)
         }
         Command::Abort(args) => {
-            understudy::cli::rollout_action(args, understudy::rollout::OpsAction::Abort)
+            understudy::cli::rollout_action(args, understudy::core::rollout::OpsAction::Abort)
         }
         Command::Rollback(args) => {
-            understudy::cli::rollout_action(args, understudy::rollout::OpsAction::Rollback)
+            understudy::cli::rollout_action(args, understudy::core::rollout::OpsAction::Rollback)
         }
-        Command::Judge(args) => understudy::judge_cli::judge(args),
-        Command::JudgeBench(args) => understudy::judge_cli::judge_bench(args),
-        Command::Predict(args) => understudy::predict_cli::predict(args),
-        Command::Predictions(args) => understudy::prediction::predictions_command(args),
+        Command::Judge(args) => understudy::offline::judge::judge(args),
+        Command::JudgeBench(args) => understudy::offline::judge::judge_bench(args),
+        Command::Predict(args) => understudy::offline::predict::predict(args),
+        Command::Predictions(args) => understudy::runtime::predictions::predictions_command(args),
     };
     ExitCode::from(code)
 }

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use understudy::balancer::FakeBalancer;
-use understudy::client::AdminClient;
-use understudy::controller::{self, ControllerConfig, ControllerHandle};
+use understudy::api::client::AdminClient;
+use understudy::runtime::balancer::FakeBalancer;
+use understudy::runtime::controller::{self, ControllerConfig, ControllerHandle};
 use understudy_hub::SecretKey;
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
 use understudy_proxy::{
@@ -103,7 +103,8 @@ fn require_schemathesis() {
 }
 
 async fn start_controller(state: &Path) -> ControllerHandle {
-    let cluster = understudy::cluster::parse("api_fuzz.toml", CLUSTER).expect("valid cluster");
+    let cluster =
+        understudy::config::cluster::parse("api_fuzz.toml", CLUSTER).expect("valid cluster");
     let config = ControllerConfig {
         tick: cluster.controller.tick,
         database: state.join("understudy.db"),

@@ -143,7 +143,7 @@ fn the_balancer_example_is_valid_and_agrees_with_the_cluster() {
     // validation `spawn` runs before anything starts (no socket is bound here).
     let process = balancer_example();
     let (_dir, file) = installed_cluster();
-    let cluster = understudy::cluster::load_file(&file).unwrap_or_else(|e| panic!("{e}"));
+    let cluster = understudy::config::cluster::load_file(&file).unwrap_or_else(|e| panic!("{e}"));
 
     assert_eq!(process.balancers.len(), 1);
     let spec = &process.balancers[0];

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use understudy::client::AdminClient;
-use understudy::controller::{RolloutDetail, RolloutView};
+use understudy::api::client::AdminClient;
+use understudy::runtime::controller::{RolloutDetail, RolloutView};
 
 const UNDERSTUDY: &str = env!("CARGO_BIN_EXE_understudy");
 const TOKEN: &str = "real-processes-token";

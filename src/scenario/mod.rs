@@ -100,7 +100,7 @@ fn play(scenario: &Scenario, json: Option<PathBuf>, linger: Option<u64>) -> u8 {
 
 /// Validates a scenario file for `understudy check`: the release order of its cluster and of its
 /// release.
-pub fn check_text(file: &str, text: &str) -> Result<String, crate::cluster::ConfigError> {
+pub fn check_text(file: &str, text: &str) -> Result<String, crate::config::cluster::ConfigError> {
     let scenario = spec::parse(file, text)?;
     let mut current: std::collections::BTreeMap<String, String> = scenario
         .cluster
@@ -119,7 +119,8 @@ pub fn check_text(file: &str, text: &str) -> Result<String, crate::cluster::Conf
         if several {
             out.push_str(&format!("release {index}:\n"));
         }
-        let plan = crate::plan::Plan::for_release(&scenario.cluster, &current, &release.services);
+        let plan =
+            crate::core::plan::Plan::for_release(&scenario.cluster, &current, &release.services);
         match plan {
             Ok(plan) => out.push_str(&plan.table()),
             Err(e) => out.push_str(&format!("release plan: {e}\n")),

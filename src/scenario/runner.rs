@@ -17,9 +17,11 @@ use super::report::{
     ActiveJobs, Isolation, OpsRecord, ReleaseReport, ScenarioReport, ServiceReport,
 };
 use super::spec::{Expected, OpsTrigger, ReleasePlan, Scenario};
-use crate::client::{AdminClient, ClientError};
-use crate::cluster::Cluster;
-use crate::controller::{self, ControllerConfig, ControllerHandle, RolloutDetail, RolloutView};
+use crate::api::client::{AdminClient, ClientError};
+use crate::config::cluster::Cluster;
+use crate::runtime::controller::{
+    self, ControllerConfig, ControllerHandle, RolloutDetail, RolloutView,
+};
 
 const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
 /// How often the runner looks at the rollouts.
@@ -180,7 +182,7 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
         cluster
             .set_balancer_url(service, &balancer_url)
             .map_err(RunError::Cluster)?;
-        let key = crate::balancer::BalancerSecret::given(balancer_keys[service].clone());
+        let key = crate::runtime::balancer::BalancerSecret::given(balancer_keys[service].clone());
         cluster
             .set_balancer_key(service, key, delivery)
             .map_err(RunError::Cluster)?;
@@ -212,13 +214,13 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
 /// an internal one for the machines calling their dependencies: only those may send simulation
 /// jobs, and each must carry a marker token made with the marker key.
 fn spawn_balancers(
-    cluster: &crate::cluster::Cluster,
+    cluster: &crate::config::cluster::Cluster,
     any: SocketAddr,
 ) -> Result<
     (
         understudy_proxy::RunningBalancers,
         BTreeMap<String, understudy_hub::SecretKey>,
-        crate::balancer::ConfigDelivery,
+        crate::runtime::balancer::ConfigDelivery,
     ),
     RunError,
 > {
@@ -228,11 +230,13 @@ fn spawn_balancers(
         .map(|service| (service.clone(), understudy_hub::SecretKey::generate()))
         .collect();
     let (config_feed, delivery) = match &cluster.hub.backend {
-        crate::hub_wiring::HubBackend::Nats { url } => (
+        crate::runtime::hub::HubBackend::Nats { url } => (
             Some(understudy_proxy::ConfigFeed::Nats { url: url.clone() }),
-            crate::balancer::ConfigDelivery::Hub,
+            crate::runtime::balancer::ConfigDelivery::Hub,
         ),
-        crate::hub_wiring::HubBackend::Embedded => (None, crate::balancer::ConfigDelivery::Http),
+        crate::runtime::hub::HubBackend::Embedded => {
+            (None, crate::runtime::balancer::ConfigDelivery::Http)
+        }
     };
     let signing = understudy_proxy::ConfigSigning {
         keys: balancer_keys
@@ -289,7 +293,7 @@ async fn join_hub(
             "version": plan.version,
             "address": machine.addr().to_string(),
         });
-        let answer: crate::machines::Registration = client
+        let answer: crate::runtime::machines::Registration = client
             .post("/api/v1/machines", &body)
             .await
             .map_err(|e| failed(e.to_string()))?;
@@ -444,7 +448,7 @@ impl Driver<'_> {
         });
         let started_unix_ms = unix_ms();
         let release_started = Instant::now();
-        let answer: crate::controller::ReleaseAnswer =
+        let answer: crate::runtime::controller::ReleaseAnswer =
             self.client.post("/api/v1/releases", &body).await?;
         let release_id = answer.release;
         say!(

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::toml_spans::{Spanned, Step};
+use crate::config::toml_spans::{Spanned, Step};
 use serde::Deserialize;
 use understudy_loadgen::{LoadSpec, MachineSpec as Behaviour};
 use understudy_proxy::wire::PoolRole;
 
-use crate::cluster::{
+use crate::config::cluster::{
     self, Cluster, ClusterSpec, ConfigError, ControllerSpec, DefaultsSpec, ServiceSpec, Source,
 };
 
@@ -32,13 +32,13 @@ struct ScenarioFile {
     defaults: DefaultsSpec,
     /// `[hub]`, as in a cluster file.
     #[serde(default)]
-    hub: crate::hub_wiring::HubSpec,
+    hub: crate::runtime::hub::HubSpec,
     /// `[predict]`, as in a cluster file.
     #[serde(default)]
-    predict: Option<Spanned<crate::prediction::PredictSection>>,
+    predict: Option<Spanned<crate::runtime::predictions::PredictSection>>,
     /// `[monitor]`, as in a cluster file.
     #[serde(default)]
-    monitor: Option<Spanned<crate::controller::monitor::MonitorSection>>,
+    monitor: Option<Spanned<crate::runtime::monitor::MonitorSection>>,
     services: BTreeMap<String, Spanned<ServiceSpec>>,
     machines: Vec<Spanned<MachineEntry>>,
     #[serde(default)]
@@ -132,7 +132,7 @@ struct OpsSpec {
     when_phase: Option<String>,
 }
 
-use crate::rollout::OpsAction;
+use crate::core::rollout::OpsAction;
 
 /// What a service's rollout ends as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -342,7 +342,7 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
                             Step::Key(name.get_ref().clone()),
                         ];
                         full.extend(path);
-                        let field = crate::toml_spans::path_text(&full);
+                        let field = crate::config::toml_spans::path_text(&full);
                         source.invalid_near(field, &full, table.span().start, reason)
                     },
                 )?
@@ -385,19 +385,18 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
     // The first release's sub-groups are checked against the machines the file declares, as
     // the controller will; later ones depend on the outcomes before them, and are checked when
     // they start.
-    let roles = crate::plan::declared_roles(&cluster);
+    let roles = crate::core::plan::declared_roles(&cluster);
     let (first, (first_at, first_prefix)) = (&releases[0], &first_release);
     for (service, spec) in &first.subgroups {
         let version = &first.services[service];
-        crate::plan::Selection::choose(&cluster, &roles, service, version, Some(spec)).map_err(
-            |e| {
+        crate::core::plan::Selection::choose(&cluster, &roles, service, version, Some(spec))
+            .map_err(|e| {
                 source.invalid(
                     *first_at,
                     format!("{first_prefix}.subgroup.{service}"),
                     e.to_string(),
                 )
-            },
-        )?;
+            })?;
     }
 
     Ok(Scenario {
@@ -626,7 +625,7 @@ fn ops_of(
                     format!("must be a non-negative number, got {t}"),
                 ))
             }
-            (None, Some(phase)) if crate::rollout::PHASE_NAMES.contains(&phase.as_str()) => {
+            (None, Some(phase)) if crate::core::rollout::PHASE_NAMES.contains(&phase.as_str()) => {
                 OpsTrigger::Phase(phase.clone())
             }
             (None, Some(phase)) => {
@@ -635,7 +634,7 @@ fn ops_of(
                     field("when_phase"),
                     format!(
                         "unknown phase `{phase}` (one of {})",
-                        crate::rollout::PHASE_NAMES.join(", ")
+                        crate::core::rollout::PHASE_NAMES.join(", ")
                     ),
                 ))
             }
@@ -685,13 +684,16 @@ fn behaviour_for(
     }
     let mut behaviour: Behaviour = serde_path_to_error::deserialize(toml::Value::Table(table))
         .map_err(|e| {
-            let path = crate::toml_spans::steps_of(e.path());
+            let path = crate::config::toml_spans::steps_of(e.path());
             (path, e.into_inner().message().trim_end().to_string())
         })?;
     behaviour.dependencies = depends_on;
-    behaviour
-        .validate()
-        .map_err(|e| (crate::toml_spans::parse_path(&e.field), e.problem.clone()))?;
+    behaviour.validate().map_err(|e| {
+        (
+            crate::config::toml_spans::parse_path(&e.field),
+            e.problem.clone(),
+        )
+    })?;
     Ok(behaviour)
 }
 

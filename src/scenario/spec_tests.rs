@@ -7,8 +7,8 @@ use toml::{Table, Value};
 use understudy_testkit as kit;
 
 use super::{parse, Scenario};
-use crate::cluster::properties::{extras, field_tables, machines, shared_tables, NAMING};
-use crate::cluster::ConfigError;
+use crate::config::cluster::properties::{extras, field_tables, machines, shared_tables, NAMING};
+use crate::config::cluster::ConfigError;
 
 const CASES: u32 = 96;
 

@@ -76,11 +76,11 @@ pub enum BenchSource {
 const SHIPPED_RECORDINGS: [(&str, &str); 2] = [
     (
         "bench/data/balancer-aa-control-pairs.csv",
-        include_str!("../bench/data/balancer-aa-control-pairs.csv"),
+        include_str!("../../bench/data/balancer-aa-control-pairs.csv"),
     ),
     (
         "bench/data/balancer-aa-active-pairs.csv",
-        include_str!("../bench/data/balancer-aa-active-pairs.csv"),
+        include_str!("../../bench/data/balancer-aa-active-pairs.csv"),
     ),
 ];
 
@@ -593,7 +593,7 @@ fn record(path: &Path, args: &JudgeBenchArgs) -> u8 {
             return 2;
         }
     }
-    let plan = crate::judge_record::RecordPlan {
+    let plan = crate::offline::record::RecordPlan {
         rate: args.record_rate,
         duration_s: args.record_seconds,
         seed: args.seed,
@@ -608,7 +608,7 @@ fn record(path: &Path, args: &JudgeBenchArgs) -> u8 {
             return 2;
         }
     };
-    match runtime.block_on(crate::judge_record::record_to(path, &plan)) {
+    match runtime.block_on(crate::offline::record::record_to(path, &plan)) {
         Ok((files, count)) => {
             println!(
                 "recorded {count} A/A jobs through the balancer into {}",

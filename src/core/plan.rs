@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use understudy_hub::{MachineRecord, Role, Status, SubgroupSpec};
 use utoipa::ToSchema;
 
-use crate::cluster::Cluster;
+use crate::config::cluster::Cluster;
 use crate::store::MachineRole;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -78,7 +78,7 @@ impl Selection {
         subgroup: Option<&SubgroupSpec>,
     ) -> Result<Selection, PlanError> {
         let role_of = |id: &str| roles.get(id).copied().unwrap_or(MachineRole::Retired);
-        let replaceable: Vec<&crate::cluster::Machine> = cluster
+        let replaceable: Vec<&crate::config::cluster::Machine> = cluster
             .machines_of(service)
             .filter(|m| role_of(&m.id) == MachineRole::Active && m.version != to_version)
             .collect();
@@ -398,10 +398,10 @@ fn nearest_released_dependencies(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::parse;
+    use crate::config::cluster::parse;
 
     /// Builds a cluster from `service: deps` lines, each with a v1 and a v2 machine.
-    fn cluster(edges: &[(&str, &[&str])]) -> Result<Cluster, crate::cluster::ConfigError> {
+    fn cluster(edges: &[(&str, &[&str])]) -> Result<Cluster, crate::config::cluster::ConfigError> {
         let mut text = String::new();
         for (service, deps) in edges {
             let deps: Vec<String> = deps.iter().map(|d| format!("\"{d}\"")).collect();
@@ -477,7 +477,7 @@ mod tests {
     fn cycle_is_refused_with_names() {
         let err = cluster(&[("a", &["b"]), ("b", &["c"]), ("c", &["a"]), ("d", &[])]).unwrap_err();
         match err {
-            crate::cluster::ConfigError::Cycle { services, .. } => {
+            crate::config::cluster::ConfigError::Cycle { services, .. } => {
                 assert_eq!(services.len(), 4, "{services:?}");
                 assert_eq!(services.first(), services.last());
                 let named: BTreeSet<&str> = services.iter().map(String::as_str).collect();
@@ -518,10 +518,10 @@ mod subgroup_tests {
     use understudy_proxy::wire::PoolRole;
 
     use super::*;
-    use crate::balancer::FakeBalancer;
-    use crate::cluster::parse;
-    use crate::controller::tests::identical_pairs;
-    use crate::controller::{Core, ReleaseRequest, RequestError};
+    use crate::config::cluster::parse;
+    use crate::runtime::balancer::FakeBalancer;
+    use crate::runtime::controller::tests::identical_pairs;
+    use crate::runtime::controller::{Core, ReleaseRequest, RequestError};
     use crate::store::Store;
 
     /// Four v1 machines serving, a v1 control, three v2 machines waiting.
@@ -678,7 +678,7 @@ config = "simulation"
 
     #[test]
     fn scenario_sub_groups_are_checked_when_the_file_is_read() {
-        let text = include_str!("../scenarios/subgroup.toml");
+        let text = include_str!("../../scenarios/subgroup.toml");
         let scenario = crate::scenario::spec::parse("subgroup.toml", text).unwrap();
         assert_eq!(
             scenario.releases[0].subgroups["media"],

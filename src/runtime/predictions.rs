@@ -35,9 +35,9 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::admin::ErrorBody;
-use crate::controller::Clock;
-use crate::extract::ApiPath;
+use crate::api::admin::ErrorBody;
+use crate::api::extract::ApiPath;
+use crate::runtime::controller::Clock;
 
 /// The hub topic machines publish their calls' states on.
 pub const CALL_STATE_TOPIC: &str = "call.state";
@@ -245,7 +245,9 @@ impl PredictSection {
         }
         let config: PredictConfig = serde_path_to_error::deserialize(toml::Value::Table(model))
             .map_err(|e| {
-                let path = crate::toml_spans::path_text(&crate::toml_spans::steps_of(e.path()));
+                let path = crate::config::toml_spans::path_text(
+                    &crate::config::toml_spans::steps_of(e.path()),
+                );
                 let e = e.into_inner();
                 let reason = e.message().trim().to_string();
                 // An unknown key of the section itself is named by its message only.
@@ -1402,5 +1404,5 @@ pub fn predictions_command(args: PredictionsArgs) -> u8 {
 }
 
 #[cfg(test)]
-#[path = "prediction_tests.rs"]
+#[path = "predictions_tests.rs"]
 mod tests;

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::{AdminClient, ClientError};
-use crate::cluster::{self, Cluster, ConfigError};
-use crate::controller::{
+use crate::api::client::{AdminClient, ClientError};
+use crate::config::cluster::{self, Cluster, ConfigError};
+use crate::runtime::controller::{
     self, ControllerConfig, ReleaseAnswer, RolloutDetail, RolloutView, ServiceView,
 };
 use crate::table;
@@ -80,7 +80,7 @@ pub struct RolloutIdArgs {
     pub endpoint: EndpointArgs,
 }
 
-use crate::rollout::OpsAction;
+use crate::core::rollout::OpsAction;
 
 /// What `check` prints for a valid cluster: counts and the release order in waves.
 pub fn describe_cluster(cluster: &Cluster) -> String {
@@ -297,7 +297,7 @@ pub fn rollouts_table(rollouts: &[RolloutView]) -> String {
             jobs,
             p99,
             errors,
-            crate::plan::describe_moves(&r.machines),
+            crate::core::plan::describe_moves(&r.machines),
         ]);
     }
     table::render(&rows)
@@ -466,7 +466,7 @@ pub fn plan_table(answer: &ReleaseAnswer) -> String {
             } else {
                 line.after.join(",")
             },
-            crate::plan::describe_moves(&line.machines),
+            crate::core::plan::describe_moves(&line.machines),
         ]);
     }
     table::render(&rows)
@@ -535,17 +535,17 @@ pub fn plan_from_file(
         .values()
         .map(|s| (s.name.clone(), s.declared_version.clone()))
         .collect();
-    let plan =
-        crate::plan::Plan::for_release(&cluster, &current, services).map_err(|e| e.to_string())?;
+    let plan = crate::core::plan::Plan::for_release(&cluster, &current, services)
+        .map_err(|e| e.to_string())?;
     if let Some(stray) = subgroups.keys().find(|s| !services.contains_key(*s)) {
         return Err(format!(
             "subgroup.{stray}: service `{stray}` is not in this release"
         ));
     }
-    let roles = crate::plan::declared_roles(&cluster);
+    let roles = crate::core::plan::declared_roles(&cluster);
     let mut selections = BTreeMap::new();
     for (service, version) in services {
-        let selection = crate::plan::Selection::choose(
+        let selection = crate::core::plan::Selection::choose(
             &cluster,
             &roles,
             service,
@@ -561,7 +561,7 @@ pub fn plan_from_file(
         plan: plan
             .entries
             .into_iter()
-            .map(|e| crate::controller::PlanLine {
+            .map(|e| crate::runtime::controller::PlanLine {
                 wave: e.wave,
                 from_version: current.get(&e.service).cloned().unwrap_or_default(),
                 machines: selections.remove(&e.service).unwrap_or_default(),
@@ -635,7 +635,7 @@ mod tests {
     fn check_prints_order_and_refuses_bad_files() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.toml");
-        std::fs::write(&good, crate::cluster::tests::SAMPLE).unwrap();
+        std::fs::write(&good, crate::config::cluster::tests::SAMPLE).unwrap();
         let text = check_cluster_file(&good).unwrap();
         assert!(text.contains("1. db, media"), "{text}");
         assert!(text.contains("3. edge"), "{text}");

@@ -27,7 +27,7 @@ pub const BEARER: &str = "bearer";
         license(name = "Apache-2.0")
     ),
     paths(openapi_json),
-    components(schemas(crate::admin::ErrorBody)),
+    components(schemas(crate::api::admin::ErrorBody)),
     modifiers(&BearerScheme),
     tags(
         (name = "controller", description = "Health, metrics, services, balancers"),

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::toml_spans::Spanned;
+use crate::config::toml_spans::Spanned;
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -20,8 +20,8 @@ use understudy_hub::{
     Backend, BackendError, DisconnectReason, EmbeddedHub, Filter, Keyring, SecretKey, Verifier,
 };
 
-use crate::cluster::{ConfigError, Source};
-use crate::controller::Core;
+use crate::config::cluster::{ConfigError, Source};
+use crate::runtime::controller::Core;
 use crate::store::{MachineKeyRow, Store, StoreError};
 
 pub use understudy_hub::CONTROLLER_ID;
@@ -439,7 +439,7 @@ impl ControllerHub {
 
     /// Lets each keyed balancer subscribe to the hub (its config feed) as
     /// `balancer.{service}`, proving it with its own key.
-    pub fn install_balancer_subscribers(&self, cluster: &crate::cluster::Cluster) {
+    pub fn install_balancer_subscribers(&self, cluster: &crate::config::cluster::Cluster) {
         for service in cluster.services.values() {
             let Some(secret) = &service.balancer_key else {
                 continue;

@@ -16,13 +16,13 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::controller::monitor;
-use crate::controller::{
+use crate::api::extract::{ApiBody, ApiPath, ApiQuery};
+use crate::runtime::controller::{
     BalancerView, Core, OpsAction, ReleaseAnswer, ReleaseRequest, ReleaseView, RequestError,
     RolloutDetail, RolloutView, ServiceView,
 };
-use crate::extract::{ApiBody, ApiPath, ApiQuery};
-use crate::machines;
+use crate::runtime::machines;
+use crate::runtime::monitor;
 
 pub struct ApiError {
     status: StatusCode,
@@ -71,11 +71,11 @@ type Shared = State<Arc<Core>>;
 /// for unknown routes and methods.
 pub fn router(core: Arc<Core>) -> Router {
     let (routes, served) = documented_routes(core.clone()).split_for_parts();
-    let document = crate::openapi::document(served);
+    let document = crate::api::openapi::document(served);
     routes
         // The hub's publish/subscribe routes (their own auth: signed messages).
         .merge(core.hub().router())
-        .merge(crate::openapi::router(&document))
+        .merge(crate::api::openapi::router(&document))
         .fallback(no_such_endpoint)
         // After every merge: it applies to the routes registered so far.
         .method_not_allowed_fallback(method_not_allowed)
@@ -105,7 +105,9 @@ fn documented_routes(core: Arc<Core>) -> OpenApiRouter {
         .routes(routes!(rollback))
         .with_state(core.clone())
         // Predictive monitoring reads (src/prediction.rs).
-        .merge(crate::prediction::router(core.predictions.clone()))
+        .merge(crate::runtime::predictions::router(
+            core.predictions.clone(),
+        ))
 }
 
 async fn no_such_endpoint(method: Method, uri: Uri) -> ApiError {
@@ -437,14 +439,15 @@ async fn rollback(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::FakeBalancer;
+    use crate::runtime::balancer::FakeBalancer;
     use crate::store::Store;
     use axum::body::Body;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
     fn core() -> Arc<Core> {
-        let cluster = crate::cluster::parse("t.toml", crate::cluster::tests::SAMPLE).unwrap();
+        let cluster =
+            crate::config::cluster::parse("t.toml", crate::config::cluster::tests::SAMPLE).unwrap();
         let store = Store::open_in_memory().unwrap();
         Arc::new(
             Core::open(
@@ -719,6 +722,6 @@ mod tests {
         assert!(text.contains("understudy_rollout_phase{"));
         assert!(text.contains("understudy_balancer_push_seconds_bucket"));
         assert!(text.contains("understudy_rollout_transitions_total{"));
-        crate::metrics::promtool_check(&text);
+        crate::runtime::metrics::promtool_check(&text);
     }
 }

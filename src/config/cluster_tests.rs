@@ -376,7 +376,7 @@ fn a_condition_file_reads_alike_flat_or_wrapped_and_names_bad_fields() {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let load = crate::judge_cli::load_condition;
+    let load = crate::offline::judge::load_condition;
     let flat = load(&write(
         "flat.toml",
         "min_jobs = 50\n[[latency]]\nquantile = 0.5\nmax_ratio = 1.1\n",

@@ -8,12 +8,13 @@ use serde_json::Value;
 use tower::ServiceExt;
 use understudy_proxy::wire;
 
-use crate::balancer::FakeBalancer;
-use crate::controller::Core;
+use crate::runtime::balancer::FakeBalancer;
+use crate::runtime::controller::Core;
 use crate::store::Store;
 
 fn core() -> Arc<Core> {
-    let cluster = crate::cluster::parse("t.toml", crate::cluster::tests::SAMPLE).unwrap();
+    let cluster =
+        crate::config::cluster::parse("t.toml", crate::config::cluster::tests::SAMPLE).unwrap();
     let store = Store::open_in_memory().unwrap();
     let balancers = Arc::new(FakeBalancer::new());
     Arc::new(Core::open(cluster, store, balancers, "s3cret".into()).unwrap())
@@ -23,7 +24,10 @@ async fn served_document() -> Value {
     let request = http::Request::get("/api/v1/openapi.json")
         .body(Body::empty())
         .unwrap();
-    let response = crate::admin::router(core()).oneshot(request).await.unwrap();
+    let response = crate::api::admin::router(core())
+        .oneshot(request)
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -96,7 +100,7 @@ async fn every_documented_operation_is_routed() {
             .uri(&uri)
             .body(Body::empty())
             .unwrap();
-        let response = crate::admin::router(core.clone())
+        let response = crate::api::admin::router(core.clone())
             .oneshot(request)
             .await
             .unwrap();
@@ -237,7 +241,7 @@ async fn every_reference_resolves() {
 #[tokio::test]
 async fn an_alert_record_shows_the_fields_its_schema_names() {
     let document = served_document().await;
-    let record = crate::prediction::AlertRecord {
+    let record = crate::runtime::predictions::AlertRecord {
         at_ms: 1,
         config: wire::PoolRole::Simulation,
         alert: understudy_predict::Alert {

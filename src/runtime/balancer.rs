@@ -246,7 +246,7 @@ impl HttpBalancerClient {
     }
 
     /// The client for a cluster: every service with a `balancer_key` is signed for.
-    pub fn for_cluster(cluster: &crate::cluster::Cluster) -> Self {
+    pub fn for_cluster(cluster: &crate::config::cluster::Cluster) -> Self {
         cluster
             .services
             .values()
@@ -1087,19 +1087,20 @@ mod tests {
         let text = format!(
             "[services.db]\nbalancer = \"{url}\"\n[[machines]]\nid = \"db-1\"\nservice = \"db\"\nversion = \"v1\"\naddress = \"127.0.0.1:1\"\nconfig = \"active\"\n"
         );
-        let mut cluster = crate::cluster::parse("c.toml", &text).unwrap();
+        let mut cluster = crate::config::cluster::parse("c.toml", &text).unwrap();
         cluster
             .set_balancer_key("db", BalancerSecret::given(key), ConfigDelivery::Http)
             .unwrap();
-        let controller = crate::controller::start(crate::controller::ControllerConfig {
-            cluster,
-            database: ":memory:".into(),
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            token: "t0ken".into(),
-            tick: Duration::from_millis(50),
-        })
-        .await
-        .unwrap();
+        let controller =
+            crate::runtime::controller::start(crate::runtime::controller::ControllerConfig {
+                cluster,
+                database: ":memory:".into(),
+                admin_addr: "127.0.0.1:0".parse().unwrap(),
+                token: "t0ken".into(),
+                tick: Duration::from_millis(50),
+            })
+            .await
+            .unwrap();
         let http = http_json::client();
         let rotate = |service: &str, token: &str| {
             let url = format!(
@@ -1142,11 +1143,11 @@ mod tests {
         understudy_proxy::write_key_file(&dir.path().join("keys/db.key"), &key).unwrap();
         let file = dir.path().join("cluster.toml");
         let file = file.to_str().unwrap();
-        let sample = crate::cluster::tests::SAMPLE;
+        let sample = crate::config::cluster::tests::SAMPLE;
         let with_key =
             |extra: &str| sample.replace("[services.db]\n", &format!("[services.db]\n{extra}\n"));
         // Relative to the cluster file; configs to that balancer are then signed.
-        let cluster = crate::cluster::parse(
+        let cluster = crate::config::cluster::parse(
             file,
             &with_key("balancer_key_file = \"keys/db.key\"\nconfig_delivery = \"hub\""),
         )
@@ -1164,7 +1165,9 @@ mod tests {
         );
         // Errors name the field and the line; the key never appears.
         let text = with_key("balancer_key_file = \"keys/missing.key\"");
-        let err = crate::cluster::parse(file, &text).unwrap_err().to_string();
+        let err = crate::config::cluster::parse(file, &text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("services.db.balancer_key_file"), "{err}");
         assert!(err.contains("missing.key"), "{err}");
         let line = text
@@ -1176,16 +1179,17 @@ mod tests {
             err.contains(&format!("line {line}")) || err.contains(&format!(":{line}")),
             "{err}"
         );
-        let err = crate::cluster::parse(file, &with_key("config_delivery = \"hub\""))
+        let err = crate::config::cluster::parse(file, &with_key("config_delivery = \"hub\""))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("config_delivery") && err.contains("balancer_key_file"),
             "{err}"
         );
-        let err = crate::cluster::parse(file, &with_key("config_delivery = \"carrier-pigeon\""))
-            .unwrap_err()
-            .to_string();
+        let err =
+            crate::config::cluster::parse(file, &with_key("config_delivery = \"carrier-pigeon\""))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("carrier-pigeon"), "{err}");
     }
 

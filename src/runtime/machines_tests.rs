@@ -12,13 +12,14 @@ use tower::ServiceExt;
 use understudy_hub::{SecretKey, Signer};
 
 use super::*;
-use crate::balancer::FakeBalancer;
+use crate::runtime::balancer::FakeBalancer;
 use crate::store::Store;
 
 const TOKEN: &str = "s3cret";
 
 fn open_core(store: Store) -> Arc<Core> {
-    let cluster = crate::cluster::parse("t.toml", crate::cluster::tests::SAMPLE).unwrap();
+    let cluster =
+        crate::config::cluster::parse("t.toml", crate::config::cluster::tests::SAMPLE).unwrap();
     Arc::new(Core::open(cluster, store, Arc::new(FakeBalancer::new()), TOKEN.into()).unwrap())
 }
 
@@ -57,7 +58,7 @@ async fn call(
     if let Some(t) = token {
         request = request.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
-    let response = crate::admin::router(core.clone())
+    let response = crate::api::admin::router(core.clone())
         .oneshot(request.body(Body::from(body.to_string())).unwrap())
         .await
         .unwrap();
@@ -202,7 +203,7 @@ async fn registration_needs_the_token_and_refuses_bad_bodies_naming_the_field() 
 async fn signed_reports_become_revisions_and_forgeries_are_refused_and_counted() {
     let core = core();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let recorder = crate::hub_wiring::spawn_recorder(core.clone(), stop);
+    let recorder = crate::runtime::hub::spawn_recorder(core.clone(), stop);
     let key = register(&core, "media-9", "media", "v2").await;
     // Let the recorder subscribe before the first publish.
     for _ in 0..100 {
@@ -309,7 +310,7 @@ async fn signed_reports_become_revisions_and_forgeries_are_refused_and_counted()
         ),
         1.0
     );
-    crate::metrics::promtool_check(&text);
+    crate::runtime::metrics::promtool_check(&text);
 
     stop_tx.send(true).unwrap();
     recorder.await.unwrap();
@@ -559,7 +560,7 @@ async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String 
 
 #[tokio::test]
 async fn a_running_controller_hosts_the_hub_and_shuts_down_with_subscribers_open() {
-    let metrics = hosts_the_hub(crate::cluster::tests::SAMPLE.to_string()).await;
+    let metrics = hosts_the_hub(crate::config::cluster::tests::SAMPLE.to_string()).await;
     assert!(!metrics.contains("understudy_hub_nats"));
 }
 
@@ -569,7 +570,7 @@ async fn over_nats_reports_are_verified_and_recorded_the_same_way() {
     let server = understudy_hub::nats::NatsServer::start().expect("nats-server");
     let text = format!(
         "{}\n[hub]\nbackend = \"nats\"\nnats_url = \"{}\"\n",
-        crate::cluster::tests::SAMPLE,
+        crate::config::cluster::tests::SAMPLE,
         server.url()
     );
     let metrics = hosts_the_hub(text).await;
@@ -582,17 +583,18 @@ async fn over_nats_reports_are_verified_and_recorded_the_same_way() {
 /// A controller started on `cluster_text`: a machine registers over HTTP, publishes its state,
 /// an SSE subscriber sees it, the registry records it, and shutdown ends the subscriber.
 async fn hosts_the_hub(cluster_text: String) -> String {
-    let cluster = crate::cluster::parse("t.toml", &cluster_text).unwrap();
-    let config = crate::controller::ControllerConfig {
+    let cluster = crate::config::cluster::parse("t.toml", &cluster_text).unwrap();
+    let config = crate::runtime::controller::ControllerConfig {
         database: std::path::PathBuf::from(":memory:"),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         token: TOKEN.into(),
         tick: Duration::from_millis(50),
         cluster,
     };
-    let handle = crate::controller::start_with_client(config, Arc::new(FakeBalancer::new()))
-        .await
-        .unwrap();
+    let handle =
+        crate::runtime::controller::start_with_client(config, Arc::new(FakeBalancer::new()))
+            .await
+            .unwrap();
     let addr = handle.admin_addr();
     let core = handle.core().clone();
 
@@ -662,7 +664,7 @@ async fn a_message_captured_before_a_restart_is_refused_after_it() {
     let (key, lagging_key, captured, long_ago) = {
         let core = open_core(file_store(&db));
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let recorder = crate::hub_wiring::spawn_recorder(core.clone(), stop);
+        let recorder = crate::runtime::hub::spawn_recorder(core.clone(), stop);
         let key = register(&core, "media-9", "media", "v2").await;
         let lagging_key = register(&core, "db-9", "db", "v2").await;
         // Signed 3 s ago (longer than the default 2 s skew), then one signed now.
@@ -717,8 +719,8 @@ async fn a_message_captured_before_a_restart_is_refused_after_it() {
 }
 
 fn core_with_hub_table(store: Store, hub: &str) -> Arc<Core> {
-    let text = format!("{}\n[hub]\n{hub}\n", crate::cluster::tests::SAMPLE);
-    let cluster = crate::cluster::parse("t.toml", &text).unwrap();
+    let text = format!("{}\n[hub]\n{hub}\n", crate::config::cluster::tests::SAMPLE);
+    let cluster = crate::config::cluster::parse("t.toml", &text).unwrap();
     Arc::new(Core::open(cluster, store, Arc::new(FakeBalancer::new()), TOKEN.into()).unwrap())
 }
 
@@ -787,7 +789,7 @@ fn health_changes_are_the_turns_to_failing_and_back() {
         status("c", Unknown),
     ];
     let turned = |before: Option<&[MachineStatus]>, after: &[MachineStatus]| {
-        crate::machines::health_changes(before, after)
+        crate::runtime::machines::health_changes(before, after)
             .into_iter()
             .map(|c| (c.machine, c.health, c.reason))
             .collect::<Vec<_>>()

@@ -15,7 +15,7 @@ use understudy_hub::{MachineStore, Role, SecretKey};
 use understudy_judge::PairSample;
 use understudy_proxy::wire::BalancerConfig;
 
-use crate::rollout::{Actor, Phase};
+use crate::core::rollout::{Actor, Phase};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

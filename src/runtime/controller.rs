@@ -23,13 +23,14 @@ use understudy_proxy::wire::{
 };
 use utoipa::ToSchema;
 
-use crate::balancer::{BalancerClient, BalancerError, HttpBalancerClient};
-use crate::cluster::{Cluster, Service};
-use crate::metrics::Metrics;
-use crate::pairing::PairFeed;
-use crate::plan::{Plan, PlanError, Selection};
-use crate::rollout::{transition, Actor, Event, Phase, TransitionError};
-use crate::step;
+use crate::config::cluster::{Cluster, Service};
+use crate::core::pairing::PairFeed;
+use crate::core::plan::{Plan, PlanError, Selection};
+use crate::core::rollout::{transition, Actor, Event, Phase, TransitionError};
+use crate::core::step;
+use crate::runtime::balancer::{BalancerClient, BalancerError, HttpBalancerClient};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::monitor;
 use crate::store::{self, MachineRole, Store, StoreError, StoredPair, TransitionRecord};
 
 /// Everything the controller needs to run.
@@ -78,7 +79,7 @@ pub enum ControllerError {
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("hub: {0}")]
-    Hub(#[from] crate::hub_wiring::HubError),
+    Hub(#[from] crate::runtime::hub::HubError),
 }
 
 /// Why an admin request was refused; maps onto an HTTP status.
@@ -232,31 +233,31 @@ impl PairNumbers {
     }
 }
 
-struct RolloutState {
-    id: i64,
-    release: i64,
-    service: String,
-    from_version: String,
-    to_version: String,
-    after: Vec<String>,
-    phase: Phase,
-    entered_ms: u64,
-    created_ms: u64,
-    machines_before: BTreeMap<String, MachineRole>,
+pub(super) struct RolloutState {
+    pub(super) id: i64,
+    pub(super) release: i64,
+    pub(super) service: String,
+    pub(super) from_version: String,
+    pub(super) to_version: String,
+    pub(super) after: Vec<String>,
+    pub(super) phase: Phase,
+    pub(super) entered_ms: u64,
+    pub(super) created_ms: u64,
+    pub(super) machines_before: BTreeMap<String, MachineRole>,
     /// The machines it moves (a sub-group, or the whole service).
-    selection: Selection,
-    transitions: Vec<TransitionRecord>,
-    verdict: Option<serde_json::Value>,
+    pub(super) selection: Selection,
+    pub(super) transitions: Vec<TransitionRecord>,
+    pub(super) verdict: Option<serde_json::Value>,
     /// Present while the rollout may still be judged.
-    judge: Option<Judge>,
+    pub(super) judge: Option<Judge>,
     /// Forms the judge's pairs (v2 against the control job by job, or against the active machine).
-    feed: PairFeed,
-    numbers: PairNumbers,
-    next_seq: u64,
+    pub(super) feed: PairFeed,
+    pub(super) numbers: PairNumbers,
+    pub(super) next_seq: u64,
     /// Callers' jobs per version while v2 is active (joining, retiring), for the live guard.
-    live: LiveCounts,
+    pub(super) live: LiveCounts,
     /// Copies answered by v2 machines since the rollout (or the controller) started.
-    copies_seen: u64,
+    pub(super) copies_seen: u64,
 }
 
 /// Outcomes of callers' jobs (active configuration) per side, from the balancer's series.
@@ -284,36 +285,36 @@ impl LiveCounts {
     }
 }
 
-struct ReleaseState {
-    id: i64,
-    created_ms: u64,
-    rollback_on_failure: bool,
+pub(super) struct ReleaseState {
+    pub(super) id: i64,
+    pub(super) created_ms: u64,
+    pub(super) rollback_on_failure: bool,
     /// Rollout ids in plan order.
-    rollouts: Vec<i64>,
+    pub(super) rollouts: Vec<i64>,
 }
 
 #[derive(Default)]
-struct ServiceState {
-    version: String,
-    cursor: u64,
+pub(super) struct ServiceState {
+    pub(super) version: String,
+    pub(super) cursor: u64,
     /// Last committed config (the one to run).
-    desired: Option<BalancerConfig>,
+    pub(super) desired: Option<BalancerConfig>,
     /// Version the balancer acknowledged since this controller started.
-    acked: Option<u64>,
-    last_push_error: Option<String>,
-    last_push_ms: Option<u64>,
-    last_stats: Option<StatsView>,
-    last_stats_error: Option<String>,
+    pub(super) acked: Option<u64>,
+    pub(super) last_push_error: Option<String>,
+    pub(super) last_push_ms: Option<u64>,
+    pub(super) last_stats: Option<StatsView>,
+    pub(super) last_stats_error: Option<String>,
     /// Stats reads taken in, and how many had been when the last push was acknowledged: a read
     /// from before the acknowledgement shows the config it replaced, not a lost one.
-    stats_reads: u64,
-    reads_at_ack: u64,
+    pub(super) stats_reads: u64,
+    pub(super) reads_at_ack: u64,
 }
 
 impl ServiceState {
     /// The balancer reports, since it acknowledged a config, an older one: it lost its state (it
     /// restarted on its own file), so the committed config is pushed to it again.
-    fn lost_config(&self) -> bool {
+    pub(super) fn lost_config(&self) -> bool {
         match (&self.last_stats, self.acked) {
             (Some(stats), Some(acked)) => {
                 self.stats_reads > self.reads_at_ack && stats.config_version < acked
@@ -405,38 +406,38 @@ fn retiring_with_sessions(state: &State) -> impl Iterator<Item = &str> {
 
 /// The last stats read from a balancer.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-struct StatsView {
-    at_ms: u64,
-    config_version: u64,
-    cursor: u64,
-    machines: Vec<MachineStatus>,
-    pairs_lost: u64,
-    mirror_dropped: u64,
+pub(super) struct StatsView {
+    pub(super) at_ms: u64,
+    pub(super) config_version: u64,
+    pub(super) cursor: u64,
+    pub(super) machines: Vec<MachineStatus>,
+    pub(super) pairs_lost: u64,
+    pub(super) mirror_dropped: u64,
 }
 
-struct State {
-    cluster: Cluster,
-    store: Store,
-    services: BTreeMap<String, ServiceState>,
-    rollouts: BTreeMap<i64, RolloutState>,
-    releases: BTreeMap<i64, ReleaseState>,
-    roles: BTreeMap<String, MachineRole>,
+pub(super) struct State {
+    pub(super) cluster: Cluster,
+    pub(super) store: Store,
+    pub(super) services: BTreeMap<String, ServiceState>,
+    pub(super) rollouts: BTreeMap<i64, RolloutState>,
+    pub(super) releases: BTreeMap<i64, ReleaseState>,
+    pub(super) roles: BTreeMap<String, MachineRole>,
     /// Machines the monitor took out of their balancer, its recent actions (src/monitor.rs).
-    monitor: monitor::MonitorState,
+    pub(super) monitor: monitor::MonitorState,
 }
 
 /// The controller proper, shared by the reconcile loop and the admin endpoint.
 pub struct Core {
-    state: Mutex<State>,
+    pub(super) state: Mutex<State>,
     client: Arc<dyn BalancerClient>,
     pub(crate) metrics: Metrics,
-    clock: Clock,
+    pub(super) clock: Clock,
     token: String,
     wake: Notify,
     /// The hub it hosts and the keys of registered machines (src/hub_wiring.rs, src/machines.rs).
-    pub(crate) hub: crate::hub_wiring::ControllerHub,
+    pub(crate) hub: crate::runtime::hub::ControllerHub,
     /// Predictive monitoring of calls (src/prediction.rs).
-    pub(crate) predictions: Arc<crate::prediction::Predictions>,
+    pub(crate) predictions: Arc<crate::runtime::predictions::Predictions>,
 }
 
 /// A release request (`POST /api/v1/releases`).
@@ -445,7 +446,7 @@ pub struct Core {
 #[schema(example = json!({"services": {"db": "v2"}, "dry_run": true}))]
 pub struct ReleaseRequest {
     /// service -> version.
-    #[schema(schema_with = crate::openapi::service_versions)]
+    #[schema(schema_with = crate::api::openapi::service_versions)]
     pub services: BTreeMap<String, String>,
     /// When a service fails, roll back what already joined, in reverse dependency order.
     #[serde(default)]
@@ -570,7 +571,7 @@ pub struct BalancerView {
     pub config: Option<BalancerConfig>,
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+pub(super) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding the lock leaves memory possibly ahead of nothing: the store is the
     // truth and memory is only changed after a commit, so the data is still usable.
     state.lock().unwrap_or_else(|p| p.into_inner())
@@ -596,14 +597,14 @@ fn is_judging(phase: Option<Phase>) -> bool {
 /// A rollout moves only its selection: the machines it replaces leave (in weight steps while
 /// joining, then at once when retiring) and its joining machines take their place; every other
 /// machine keeps its place. Machines the monitor took out (`held_out`) are left out.
-fn desired_machines(
+pub(super) fn desired_machines(
     cluster: &Cluster,
     service: &Service,
     roles: &BTreeMap<String, MachineRole>,
     rollout: Option<(Phase, &Selection)>,
     held_out: &BTreeSet<String>,
 ) -> Vec<MachineEntry> {
-    let entry = |m: &crate::cluster::Machine, weight: u32, config: PoolRole| MachineEntry {
+    let entry = |m: &crate::config::cluster::Machine, weight: u32, config: PoolRole| MachineEntry {
         id: m.id.clone(),
         version: m.version.clone(),
         address: m.address.clone(),
@@ -659,19 +660,19 @@ fn desired_machines(
 }
 
 impl State {
-    fn service(&self, name: &str) -> &Service {
+    pub(super) fn service(&self, name: &str) -> &Service {
         &self.cluster.services[name]
     }
 
     /// The service's unfinished rollout.
-    fn open_rollout(&self, service: &str) -> Option<&RolloutState> {
+    pub(super) fn open_rollout(&self, service: &str) -> Option<&RolloutState> {
         self.rollouts
             .values()
             .rev()
             .find(|r| r.service == service && !r.phase.is_finished())
     }
 
-    fn release_finished(&self, release: &ReleaseState) -> bool {
+    pub(super) fn release_finished(&self, release: &ReleaseState) -> bool {
         let phases: Vec<Phase> = release
             .rollouts
             .iter()
@@ -683,7 +684,7 @@ impl State {
     }
 
     /// Services taking part in an unfinished release.
-    fn busy_services(&self) -> BTreeSet<String> {
+    pub(super) fn busy_services(&self) -> BTreeSet<String> {
         self.releases
             .values()
             .filter(|r| !self.release_finished(r))
@@ -697,7 +698,7 @@ impl State {
 
     /// Computes the config for `service` under `roles` and `rollout`; returns it with a new version
     /// when it differs from the committed one.
-    fn next_config(
+    pub(super) fn next_config(
         &self,
         service: &str,
         roles: &BTreeMap<String, MachineRole>,
@@ -777,7 +778,7 @@ impl Core {
         client: Arc<dyn BalancerClient>,
         token: String,
     ) -> Result<Core, ControllerError> {
-        let hub = crate::hub_wiring::ControllerHub::embedded(
+        let hub = crate::runtime::hub::ControllerHub::embedded(
             &cluster.hub,
             &store,
             Clock::new().now_ms(),
@@ -791,7 +792,7 @@ impl Core {
         store: Store,
         client: Arc<dyn BalancerClient>,
         token: String,
-        hub: crate::hub_wiring::ControllerHub,
+        hub: crate::runtime::hub::ControllerHub,
     ) -> Result<Core, ControllerError> {
         let clock = Clock::new();
         let metrics = Metrics::new()?;
@@ -836,7 +837,7 @@ impl Core {
         })?;
         state.roles = state.store.machine_roles()?;
         state.monitor.held_out = monitor::held_out(state.store.conn())?;
-        let mut selections = crate::plan::stored::all(state.store.conn())?;
+        let mut selections = crate::core::plan::stored::all(state.store.conn())?;
         for row in state.store.services()? {
             if !state.cluster.services.contains_key(&row.name) {
                 continue;
@@ -932,7 +933,7 @@ impl Core {
                 },
             );
         }
-        let predictions = Arc::new(crate::prediction::Predictions::new(
+        let predictions = Arc::new(crate::runtime::predictions::Predictions::new(
             state.cluster.predict.clone(),
             clock,
         )?);
@@ -1267,7 +1268,7 @@ impl Core {
         let guard = self.live_guard(state, &report.series, &service);
         if let Some(s) = state.services.get_mut(&service) {
             let before = s.last_stats.as_ref().map(|st| st.machines.as_slice());
-            for change in crate::machines::health_changes(before, &report.machines) {
+            for change in crate::runtime::machines::health_changes(before, &report.machines) {
                 change.log(&service, &state.cluster);
             }
             s.cursor = cursor;
@@ -1759,7 +1760,7 @@ impl Core {
                     now,
                     &before,
                 )?;
-                crate::plan::stored::insert(tx, id, &line.machines)?;
+                crate::core::plan::stored::insert(tx, id, &line.machines)?;
                 ids.push(id);
             }
             Ok((release, ids))
@@ -2035,7 +2036,7 @@ impl Core {
     }
 }
 
-pub use crate::rollout::OpsAction;
+pub use crate::core::rollout::OpsAction;
 
 #[derive(Debug, thiserror::Error)]
 enum ApplyError {
@@ -2118,7 +2119,7 @@ fn stored_pair(pair: &JobPair, from: &str, to: &str) -> Option<StoredPair> {
     Some(StoredPair {
         control,
         job: pair.job,
-        sample: crate::pairing::sample_of(pair),
+        sample: crate::core::pairing::sample_of(pair),
     })
 }
 
@@ -2249,7 +2250,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, Control
     Ok(handle)
 }
 
-/// Starts the controller with a given balancer client (tests use [`crate::balancer::FakeBalancer`]).
+/// Starts the controller with a given balancer client (tests use [`crate::runtime::balancer::FakeBalancer`]).
 pub async fn start_with_client(
     config: ControllerConfig,
     client: Arc<dyn BalancerClient>,
@@ -2270,7 +2271,7 @@ pub async fn start_with_client(
     } else {
         Store::open(&config.database)?
     };
-    let hub = crate::hub_wiring::ControllerHub::connect(
+    let hub = crate::runtime::hub::ControllerHub::connect(
         &config.cluster.hub,
         &store,
         Clock::new().now_ms(),
@@ -2314,9 +2315,9 @@ pub async fn start_with_client(
     });
     core.hub()
         .set_advertised_url(format!("http://{admin_addr}"));
-    let recorder = crate::hub_wiring::spawn_recorder(core.clone(), watcher.clone());
+    let recorder = crate::runtime::hub::spawn_recorder(core.clone(), watcher.clone());
     let predicting = core.predictions.start(core.hub_backend(), watcher.clone());
-    let router = crate::admin::router(core.clone());
+    let router = crate::api::admin::router(core.clone());
     let mut http_stop = watcher;
     let server = tokio::spawn(async move {
         let result = axum::serve(listener, router)
@@ -2343,7 +2344,3 @@ pub async fn start_with_client(
 #[cfg(test)]
 #[path = "controller_tests.rs"]
 pub(crate) mod tests;
-
-// The monitor loop, a child module so it works on the controller's state directly.
-#[path = "monitor.rs"]
-pub mod monitor;

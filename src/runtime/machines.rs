@@ -21,10 +21,10 @@ use understudy_hub::{Envelope, MachineFilter, MachineRecord, Role, SecretKey, St
 use understudy_proxy::wire::{MachineHealth, MachineStatus, PoolRole};
 use utoipa::ToSchema;
 
-use crate::admin::{authorize, parse_body, ApiError, ErrorBody};
-use crate::controller::{Core, RequestError};
-use crate::extract::{ApiBody, ApiPath};
-use crate::hub_wiring::{ControllerHub, CONTROLLER_ID, MAX_ROTATION_GRACE_MS};
+use crate::api::admin::{authorize, parse_body, ApiError, ErrorBody};
+use crate::api::extract::{ApiBody, ApiPath};
+use crate::runtime::controller::{Core, RequestError};
+use crate::runtime::hub::{ControllerHub, CONTROLLER_ID, MAX_ROTATION_GRACE_MS};
 use crate::store::{self, SqlMachineStore, StoreError};
 
 /// `POST /api/v1/machines`.
@@ -134,7 +134,7 @@ pub struct HealthChange {
 impl HealthChange {
     /// A machine that stopped answering is a warning naming it, its address and why; one
     /// answering again is news.
-    pub fn log(&self, service: &str, cluster: &crate::cluster::Cluster) {
+    pub fn log(&self, service: &str, cluster: &crate::config::cluster::Cluster) {
         let address = cluster
             .machines
             .iter()

@@ -18,8 +18,8 @@ use understudy_loadgen::{run_load, spawn_machine, LoadSpec, MachineSpec};
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole, StatsReport};
 use understudy_proxy::{BalancerSpec, ProcessConfig};
 
-use crate::balancer::{BalancerClient, HttpBalancerClient};
-use crate::pairing::{same_path_pair, sample_of, JobJoiner};
+use crate::core::pairing::{same_path_pair, sample_of, JobJoiner};
+use crate::runtime::balancer::{BalancerClient, HttpBalancerClient};
 
 const SERVICE: &str = "media";
 

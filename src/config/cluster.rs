@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::toml_spans::Spanned;
+use crate::config::toml_spans::Spanned;
 use serde::Deserialize;
 use understudy_judge::Condition;
 use understudy_proxy::wire::PoolRole;
@@ -28,13 +28,13 @@ pub struct ClusterSpec {
     pub machines: Vec<Spanned<MachineSpec>>,
     /// `[hub]`: the state channel's backend and limits (src/hub_wiring.rs).
     #[serde(default)]
-    pub hub: crate::hub_wiring::HubSpec,
+    pub hub: crate::runtime::hub::HubSpec,
     /// `[predict]`: predictive monitoring (src/prediction.rs).
     #[serde(default)]
-    pub predict: Option<Spanned<crate::prediction::PredictSection>>,
+    pub predict: Option<Spanned<crate::runtime::predictions::PredictSection>>,
     /// `[monitor]`: the monitor loop's when/then rules (src/monitor.rs).
     #[serde(default)]
-    pub monitor: Option<Spanned<crate::controller::monitor::MonitorSection>>,
+    pub monitor: Option<Spanned<crate::runtime::monitor::MonitorSection>>,
 }
 
 /// `[controller]`: where the controller listens and keeps its state.
@@ -90,7 +90,7 @@ pub struct ServiceSpec {
     /// every config pushed to that balancer is signed with it (docs/balancer.md).
     pub balancer_key_file: Option<Spanned<PathBuf>>,
     /// How signed configs reach the balancer: `http` (PUT, default) or `hub`.
-    pub config_delivery: Option<crate::balancer::ConfigDelivery>,
+    pub config_delivery: Option<crate::runtime::balancer::ConfigDelivery>,
 }
 
 /// `[[machines]]`.
@@ -109,7 +109,7 @@ pub struct MachineSpec {
     pub health_path: Option<Spanned<String>>,
 }
 
-pub use crate::rollout::RolloutPolicy;
+pub use crate::core::rollout::RolloutPolicy;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -124,8 +124,8 @@ pub struct Service {
     /// Version of the active machines declared in the file.
     pub declared_version: String,
     /// The balancer's key: configs pushed to it are signed (none: plain configs).
-    pub balancer_key: Option<crate::balancer::BalancerSecret>,
-    pub config_delivery: crate::balancer::ConfigDelivery,
+    pub balancer_key: Option<crate::runtime::balancer::BalancerSecret>,
+    pub config_delivery: crate::runtime::balancer::ConfigDelivery,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,8 +155,8 @@ pub struct Cluster {
     pub controller: ControllerSettings,
     pub services: BTreeMap<String, Service>,
     pub machines: Vec<Machine>,
-    pub hub: crate::hub_wiring::HubSettings,
-    pub predict: crate::prediction::PredictionSettings,
+    pub hub: crate::runtime::hub::HubSettings,
+    pub predict: crate::runtime::predictions::PredictionSettings,
     /// The monitor's rules (the standard ones when the file has no `[monitor]`).
     pub monitor: understudy_hub::Rules,
 }
@@ -221,8 +221,8 @@ impl Source<'_> {
         let reason = err.message().trim_end().to_string();
         let table = err
             .span()
-            .and_then(|span| crate::toml_spans::path_at(self.text, span.start))
-            .map(|path| crate::toml_spans::path_text(&path))
+            .and_then(|span| crate::config::toml_spans::path_at(self.text, span.start))
+            .map(|path| crate::config::toml_spans::path_text(&path))
             .unwrap_or_default();
         let field = Some(with_missing(table, &reason))
             .filter(|f| !f.is_empty())
@@ -241,13 +241,13 @@ impl Source<'_> {
     pub fn invalid_near(
         &self,
         field: impl Into<String>,
-        path: &[crate::toml_spans::Step],
+        path: &[crate::config::toml_spans::Step],
         fallback: usize,
         reason: impl Into<String>,
     ) -> ConfigError {
         let offset = (1..=path.len())
             .rev()
-            .find_map(|n| crate::toml_spans::span_of(self.text, &path[..n]))
+            .find_map(|n| crate::config::toml_spans::span_of(self.text, &path[..n]))
             .map_or(fallback, |span| span.start);
         self.invalid(offset, field, reason)
     }
@@ -349,7 +349,9 @@ fn service_from_spec(
             .map_err(|reason| source.invalid(at, format!("services.{name}.balancer"), reason))?;
     }
     let balancer_key = balancer_key_of(name, s, source)?;
-    if s.config_delivery == Some(crate::balancer::ConfigDelivery::Hub) && balancer_key.is_none() {
+    if s.config_delivery == Some(crate::runtime::balancer::ConfigDelivery::Hub)
+        && balancer_key.is_none()
+    {
         return Err(source.invalid(
             at,
             format!("services.{name}.config_delivery"),
@@ -479,7 +481,7 @@ fn balancer_key_of(
     name: &str,
     s: &ServiceSpec,
     source: &Source<'_>,
-) -> Result<Option<crate::balancer::BalancerSecret>, ConfigError> {
+) -> Result<Option<crate::runtime::balancer::BalancerSecret>, ConfigError> {
     let Some(file) = &s.balancer_key_file else {
         return Ok(None);
     };
@@ -487,7 +489,7 @@ fn balancer_key_of(
         .parent()
         .unwrap_or(Path::new(""))
         .join(file.get_ref());
-    crate::balancer::BalancerSecret::from_file(&path)
+    crate::runtime::balancer::BalancerSecret::from_file(&path)
         .map(Some)
         .map_err(|reason| {
             source.invalid(
@@ -599,14 +601,14 @@ impl Cluster {
     /// Validates a spec; `source` names the file and locates lines (spans refer to its text).
     pub fn from_spec(spec: ClusterSpec, source: &Source<'_>) -> Result<Cluster, ConfigError> {
         let controller = controller_settings(&spec.controller, source)?;
-        let hub = crate::hub_wiring::HubSettings::from_spec(&spec.hub, source)?;
+        let hub = crate::runtime::hub::HubSettings::from_spec(&spec.hub, source)?;
         let predict = match &spec.predict {
             Some(section) => section.get_ref().validate().map_err(|e| {
                 let field = format!("predict.{}", e.field);
-                let path = crate::toml_spans::parse_path(&field);
+                let path = crate::config::toml_spans::parse_path(&field);
                 source.invalid_near(field, &path, section.span().start, e.reason)
             })?,
-            None => crate::prediction::PredictionSettings::default(),
+            None => crate::runtime::predictions::PredictionSettings::default(),
         };
         let monitor = match &spec.monitor {
             Some(section) => section
@@ -686,8 +688,8 @@ impl Cluster {
     pub fn set_balancer_key(
         &mut self,
         service: &str,
-        key: crate::balancer::BalancerSecret,
-        delivery: crate::balancer::ConfigDelivery,
+        key: crate::runtime::balancer::BalancerSecret,
+        delivery: crate::runtime::balancer::ConfigDelivery,
     ) -> Result<(), String> {
         let entry = self
             .services
@@ -766,7 +768,7 @@ impl Cluster {
             .values()
             .map(|s| (s.name.clone(), s.declared_version.clone()))
             .collect();
-        match crate::plan::Plan::build(self, &all) {
+        match crate::core::plan::Plan::build(self, &all) {
             Ok(plan) => plan.waves(),
             Err(_) => Vec::new(),
         }

@@ -714,13 +714,17 @@ fn alike_pairs(first: u64, n: u64) -> Vec<understudy_proxy::wire::JobPair> {
 
 async fn simulating_core(
     cluster_text: &str,
-) -> (crate::controller::Core, Arc<crate::balancer::FakeBalancer>) {
-    let cluster = crate::cluster::parse("test.toml", cluster_text).expect("cluster");
-    let fake = Arc::new(crate::balancer::FakeBalancer::new());
+) -> (
+    crate::runtime::controller::Core,
+    Arc<crate::runtime::balancer::FakeBalancer>,
+) {
+    let cluster = crate::config::cluster::parse("test.toml", cluster_text).expect("cluster");
+    let fake = Arc::new(crate::runtime::balancer::FakeBalancer::new());
     let store = crate::store::Store::open_in_memory().expect("store");
     let core =
-        crate::controller::Core::open(cluster, store, fake.clone(), "secret".into()).expect("core");
-    let request = crate::controller::ReleaseRequest {
+        crate::runtime::controller::Core::open(cluster, store, fake.clone(), "secret".into())
+            .expect("core");
+    let request = crate::runtime::controller::ReleaseRequest {
         services: [("media".to_string(), "v2".to_string())].into(),
         ..Default::default()
     };
@@ -735,8 +739,8 @@ async fn simulating_core(
 /// 200 alike pairs (still the judge's warm-up, so only the prediction can decide) and 150 calls
 /// each: v1's all complete, one in three of v2's fails.
 fn v2_fails_one_call_in_three_in_the_warm_up(
-    core: &crate::controller::Core,
-    fake: &crate::balancer::FakeBalancer,
+    core: &crate::runtime::controller::Core,
+    fake: &crate::runtime::balancer::FakeBalancer,
 ) {
     fake.add_pairs("media", alike_pairs(1, 200));
     calls(&core.predictions, "media", "v1", "active", "a", 150, None);

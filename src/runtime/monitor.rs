@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::toml_spans::Spanned;
+use crate::config::toml_spans::Spanned;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use understudy_hub::monitor::{
@@ -32,8 +32,8 @@ use understudy_hub::{MachineRecord, MachineStore, Role, SecretKey, Signer, Statu
 use understudy_proxy::wire::MachineState;
 use utoipa::ToSchema;
 
-use super::{desired_machines, Core, State};
-use crate::cluster::{ConfigError, Source};
+use crate::config::cluster::{ConfigError, Source};
+use crate::runtime::controller::{desired_machines, Core, State};
 use crate::store::{self, MachineRole, SqlMachineStore, Store, StoreError};
 
 /// Topic of replacement requests (payload `{"service", "missing", "machines_down"}`).
@@ -475,7 +475,7 @@ fn observe_plain_machines(state: &State, machines: &mut Vec<ObservedMachine>) ->
             .and_then(|s| s.last_stats.as_ref())
             .and_then(|st| st.machines.iter().find(|b| b.id == m.id));
         let Some((seen, status)) =
-            seen.and_then(|b| Some((b, crate::machines::status_from_health(b.health)?)))
+            seen.and_then(|b| Some((b, crate::runtime::machines::status_from_health(b.health)?)))
         else {
             continue;
         };
@@ -802,9 +802,9 @@ impl Core {
             return;
         }
         let envelopes: Vec<_> = {
-            let mut state = super::lock(&self.state);
+            let mut state = crate::runtime::controller::lock(&self.state);
             let signer = state.monitor.signer.get_or_insert_with(|| {
-                Signer::new(crate::hub_wiring::CONTROLLER_ID, SecretKey::generate())
+                Signer::new(crate::runtime::hub::CONTROLLER_ID, SecretKey::generate())
                     .expect("the controller id is a valid sender name")
             });
             outbox
@@ -823,19 +823,19 @@ impl Core {
 
     /// The most recent monitor actions, oldest first.
     pub fn monitor_actions(&self) -> Vec<ActionRecord> {
-        let state = super::lock(&self.state);
+        let state = crate::runtime::controller::lock(&self.state);
         state.monitor.recent.iter().cloned().collect()
     }
 
     /// Every declared machine's place on its balancer (serving, draining, absent), the sessions
     /// its balancer pins to it and those it reports, and whether the monitor holds it out.
     pub fn balancer_presence(&self) -> Vec<MachinePresence> {
-        presence(&super::lock(&self.state))
+        presence(&crate::runtime::controller::lock(&self.state))
     }
 
     /// Held-out machines and every machine a balancer drains, with the sessions it holds.
     pub fn monitor_view(&self) -> MonitorView {
-        let state = super::lock(&self.state);
+        let state = crate::runtime::controller::lock(&self.state);
         MonitorView {
             drain_timeout_ms: state.cluster.monitor.drain_timeout_ms,
             held_out: state.monitor.held_out.clone(),
@@ -915,11 +915,11 @@ mod tests {
     use understudy_hub::Filter;
     use understudy_proxy::wire::{MachineHealth, PoolRole};
 
-    use super::super::lock;
     use super::*;
-    use crate::balancer::FakeBalancer;
-    use crate::cluster::parse;
-    use crate::controller::tests::{identical_pairs, Rig};
+    use crate::config::cluster::parse;
+    use crate::runtime::balancer::FakeBalancer;
+    use crate::runtime::controller::lock;
+    use crate::runtime::controller::tests::{identical_pairs, Rig};
 
     const MEDIA: &str = r#"
 [controller]
@@ -1036,7 +1036,7 @@ min_running_active = 3
             .get()
     }
 
-    fn listed(core: &Core, id: &str) -> crate::machines::MachineListing {
+    fn listed(core: &Core, id: &str) -> crate::runtime::machines::MachineListing {
         core.machine_listing(&Default::default())
             .unwrap()
             .into_iter()
@@ -1138,7 +1138,7 @@ min_running_active = 3
         assert_eq!(in_config(&rig.fake), ["media-1", "media-3", "media-c"]);
         assert_eq!(rig.fake.config("media").unwrap().version, 2);
         let asked = scale.recv().await.expect("published");
-        assert_eq!(asked.sender, crate::hub_wiring::CONTROLLER_ID);
+        assert_eq!(asked.sender, crate::runtime::hub::CONTROLLER_ID);
         assert_eq!(asked.payload["service"], "media");
         assert_eq!(asked.payload["missing"], 1);
         assert_eq!(
@@ -1424,7 +1424,7 @@ min_running_active = 3
             .header("authorization", "Bearer secret")
             .body(axum::body::Body::from(body.to_string()))
             .unwrap();
-        let response = crate::admin::router(core.clone())
+        let response = crate::api::admin::router(core.clone())
             .oneshot(request)
             .await
             .unwrap();
@@ -1483,7 +1483,7 @@ min_running_active = 3
         let core = rig.open();
         core.tick().await;
         all_running(&core);
-        let request = crate::controller::ReleaseRequest {
+        let request = crate::runtime::controller::ReleaseRequest {
             services: BTreeMap::from([("media".to_string(), "v2".to_string())]),
             subgroup: BTreeMap::from([(
                 "media".to_string(),
@@ -1554,8 +1554,8 @@ min_running_active = 3
             "[services.media]\njoin_steps = [25]\n",
         );
         let cluster = parse("steps.toml", &text).unwrap();
-        let roles = crate::plan::declared_roles(&cluster);
-        let selection = crate::plan::Selection::choose(
+        let roles = crate::core::plan::declared_roles(&cluster);
+        let selection = crate::core::plan::Selection::choose(
             &cluster,
             &roles,
             "media",
@@ -1577,7 +1577,7 @@ min_running_active = 3
         };
         let w = |id: &str, weight: u32, config: PoolRole| (id.to_string(), weight, config);
         assert_eq!(
-            weights(crate::rollout::Phase::Joining { step: 0 }),
+            weights(crate::core::rollout::Phase::Joining { step: 0 }),
             [
                 w("media-1", 100, PoolRole::Active),
                 w("media-2", 75, PoolRole::Active),
@@ -1587,7 +1587,7 @@ min_running_active = 3
             ]
         );
         assert_eq!(
-            weights(crate::rollout::Phase::Retiring),
+            weights(crate::core::rollout::Phase::Retiring),
             [
                 w("media-1", 100, PoolRole::Active),
                 w("media-3", 100, PoolRole::Active),

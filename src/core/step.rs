@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use understudy_proxy::wire::{MachineStatus, PoolRole};
 
-use crate::rollout::{Event, Phase, RolloutPolicy};
+use crate::core::rollout::{Event, Phase, RolloutPolicy};
 
 /// One transition to ask for, and why (recorded as its cause).
 #[derive(Debug, Clone, PartialEq, Eq)]

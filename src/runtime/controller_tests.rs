@@ -10,9 +10,9 @@ use understudy_judge::{Condition, Decision, Judge, PairSample};
 use understudy_proxy::wire::{JobObservation, JobPair, Outcome, PoolRole};
 
 use super::*;
-use crate::balancer::FakeBalancer;
-use crate::cluster::parse;
-use crate::cluster::tests::SAMPLE;
+use crate::config::cluster::parse;
+use crate::config::cluster::tests::SAMPLE;
+use crate::runtime::balancer::FakeBalancer;
 
 /// Seeded synthetic latencies (µs): log-normal-ish around 2 ms with a tail.
 fn latency(rng: &mut StdRng) -> u64 {
@@ -801,7 +801,8 @@ async fn in_process_start_serves_the_admin_endpoint_and_shuts_down() {
         .await
         .expect("start");
     assert_ne!(handle.admin_addr().port(), 0);
-    let client = crate::client::AdminClient::new(&handle.admin_url(), Some("tok".into())).unwrap();
+    let client =
+        crate::api::client::AdminClient::new(&handle.admin_url(), Some("tok".into())).unwrap();
     let services: Vec<ServiceView> = client.get("/api/v1/services").await.unwrap();
     assert_eq!(services.len(), 4);
     let answer: ReleaseAnswer = client

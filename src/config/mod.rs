@@ -1,0 +1,5 @@
+//! The cluster file read into typed settings. Every table of the file has its type here, so the
+//! features that use a table import it from below instead of the cluster model importing them.
+
+pub mod cluster;
+pub mod toml_spans;

@@ -1,0 +1,10 @@
+//! The I/O shell around the pure core: the reconcile loop and its state, the balancer client, the
+//! hub host, machine registration, the monitor tick, live predictions and metrics.
+
+pub mod balancer;
+pub mod controller;
+pub mod hub;
+pub mod machines;
+pub mod metrics;
+pub mod monitor;
+pub mod predictions;
