@@ -28,13 +28,13 @@ pub struct ClusterSpec {
     pub machines: Vec<Spanned<MachineSpec>>,
     /// `[hub]`: the state channel's backend and limits (src/hub_wiring.rs).
     #[serde(default)]
-    pub hub: crate::runtime::hub::HubSpec,
+    pub hub: crate::config::hub::HubSpec,
     /// `[predict]`: predictive monitoring (src/prediction.rs).
     #[serde(default)]
-    pub predict: Option<Spanned<crate::runtime::predictions::PredictSection>>,
+    pub predict: Option<Spanned<crate::config::predict::PredictSection>>,
     /// `[monitor]`: the monitor loop's when/then rules (src/monitor.rs).
     #[serde(default)]
-    pub monitor: Option<Spanned<crate::runtime::monitor::MonitorSection>>,
+    pub monitor: Option<Spanned<crate::config::monitor::MonitorSection>>,
 }
 
 /// `[controller]`: where the controller listens and keeps its state.
@@ -90,7 +90,7 @@ pub struct ServiceSpec {
     /// every config pushed to that balancer is signed with it (docs/balancer.md).
     pub balancer_key_file: Option<Spanned<PathBuf>>,
     /// How signed configs reach the balancer: `http` (PUT, default) or `hub`.
-    pub config_delivery: Option<crate::runtime::balancer::ConfigDelivery>,
+    pub config_delivery: Option<crate::config::balancer::ConfigDelivery>,
 }
 
 /// `[[machines]]`.
@@ -109,7 +109,22 @@ pub struct MachineSpec {
     pub health_path: Option<Spanned<String>>,
 }
 
-pub use crate::core::rollout::RolloutPolicy;
+/// How a service's rollout proceeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutPolicy {
+    pub requires_approval: bool,
+    /// v2 share in percent per joining step; empty = one step at the declared weights.
+    pub join_steps: Vec<u32>,
+    pub join_step: Duration,
+    pub simulation_timeout: Option<Duration>,
+}
+
+impl RolloutPolicy {
+    /// Number of joining steps (at least one).
+    pub fn step_count(&self) -> u32 {
+        self.join_steps.len().max(1) as u32
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -124,8 +139,8 @@ pub struct Service {
     /// Version of the active machines declared in the file.
     pub declared_version: String,
     /// The balancer's key: configs pushed to it are signed (none: plain configs).
-    pub balancer_key: Option<crate::runtime::balancer::BalancerSecret>,
-    pub config_delivery: crate::runtime::balancer::ConfigDelivery,
+    pub balancer_key: Option<crate::config::balancer::BalancerSecret>,
+    pub config_delivery: crate::config::balancer::ConfigDelivery,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,8 +170,8 @@ pub struct Cluster {
     pub controller: ControllerSettings,
     pub services: BTreeMap<String, Service>,
     pub machines: Vec<Machine>,
-    pub hub: crate::runtime::hub::HubSettings,
-    pub predict: crate::runtime::predictions::PredictionSettings,
+    pub hub: crate::config::hub::HubSettings,
+    pub predict: crate::config::predict::PredictionSettings,
     /// The monitor's rules (the standard ones when the file has no `[monitor]`).
     pub monitor: understudy_hub::Rules,
 }
@@ -349,7 +364,7 @@ fn service_from_spec(
             .map_err(|reason| source.invalid(at, format!("services.{name}.balancer"), reason))?;
     }
     let balancer_key = balancer_key_of(name, s, source)?;
-    if s.config_delivery == Some(crate::runtime::balancer::ConfigDelivery::Hub)
+    if s.config_delivery == Some(crate::config::balancer::ConfigDelivery::Hub)
         && balancer_key.is_none()
     {
         return Err(source.invalid(
@@ -481,7 +496,7 @@ fn balancer_key_of(
     name: &str,
     s: &ServiceSpec,
     source: &Source<'_>,
-) -> Result<Option<crate::runtime::balancer::BalancerSecret>, ConfigError> {
+) -> Result<Option<crate::config::balancer::BalancerSecret>, ConfigError> {
     let Some(file) = &s.balancer_key_file else {
         return Ok(None);
     };
@@ -489,7 +504,7 @@ fn balancer_key_of(
         .parent()
         .unwrap_or(Path::new(""))
         .join(file.get_ref());
-    crate::runtime::balancer::BalancerSecret::from_file(&path)
+    crate::config::balancer::BalancerSecret::from_file(&path)
         .map(Some)
         .map_err(|reason| {
             source.invalid(
@@ -601,14 +616,14 @@ impl Cluster {
     /// Validates a spec; `source` names the file and locates lines (spans refer to its text).
     pub fn from_spec(spec: ClusterSpec, source: &Source<'_>) -> Result<Cluster, ConfigError> {
         let controller = controller_settings(&spec.controller, source)?;
-        let hub = crate::runtime::hub::HubSettings::from_spec(&spec.hub, source)?;
+        let hub = crate::config::hub::HubSettings::from_spec(&spec.hub, source)?;
         let predict = match &spec.predict {
             Some(section) => section.get_ref().validate().map_err(|e| {
                 let field = format!("predict.{}", e.field);
                 let path = crate::config::toml_spans::parse_path(&field);
                 source.invalid_near(field, &path, section.span().start, e.reason)
             })?,
-            None => crate::runtime::predictions::PredictionSettings::default(),
+            None => crate::config::predict::PredictionSettings::default(),
         };
         let monitor = match &spec.monitor {
             Some(section) => section
@@ -688,8 +703,8 @@ impl Cluster {
     pub fn set_balancer_key(
         &mut self,
         service: &str,
-        key: crate::runtime::balancer::BalancerSecret,
-        delivery: crate::runtime::balancer::ConfigDelivery,
+        key: crate::config::balancer::BalancerSecret,
+        delivery: crate::config::balancer::ConfigDelivery,
     ) -> Result<(), String> {
         let entry = self
             .services
@@ -759,19 +774,6 @@ impl Cluster {
             }
         }
         None
-    }
-
-    /// Release order of every service: waves of services whose dependencies are all in earlier waves.
-    pub fn release_waves(&self) -> Vec<Vec<String>> {
-        let all: BTreeMap<String, String> = self
-            .services
-            .values()
-            .map(|s| (s.name.clone(), s.declared_version.clone()))
-            .collect();
-        match crate::core::plan::Plan::build(self, &all) {
-            Ok(plan) => plan.waves(),
-            Err(_) => Vec::new(),
-        }
     }
 }
 
@@ -926,7 +928,7 @@ config = "simulation"
         assert_eq!(cluster.services["db"].declared_version, "v1");
         assert_eq!(cluster.controller.tick, Duration::from_millis(100));
         assert_eq!(
-            cluster.release_waves(),
+            crate::core::plan::release_waves(&cluster),
             vec![
                 vec!["db".to_string(), "media".to_string()],
                 vec!["router".to_string()],

@@ -3,3 +3,7 @@
 
 pub mod cluster;
 pub mod toml_spans;
+pub mod balancer;
+pub mod hub;
+pub mod monitor;
+pub mod predict;

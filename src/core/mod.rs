@@ -5,3 +5,5 @@ pub mod pairing;
 pub mod plan;
 pub mod rollout;
 pub mod step;
+pub mod monitor;
+pub mod roles;

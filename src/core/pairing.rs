@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use understudy_judge::{Baseline, Judge, PairSample};
 use understudy_proxy::wire::JobPair;
 
-use crate::store::StoredPair;
 
 /// Halves kept while waiting for their partner; a half whose partner was dropped (mirror queue
 /// full) is forgotten oldest first beyond this.
@@ -129,6 +128,16 @@ pub fn same_path_pair(control: &PairSample, candidate: &PairSample) -> PairSampl
         v2_ok: candidate.v2_ok,
         matched: candidate.matched,
     }
+}
+
+/// One recorded pair of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoredPair {
+    /// A v1/v1 A/A control pair rather than v1/v2.
+    pub control: bool,
+    /// The balancer's job number: a v2 pair and a control pair of one job share it.
+    pub job: u64,
+    pub sample: PairSample,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use understudy_hub::{MachineRecord, Role, Status, SubgroupSpec};
 use utoipa::ToSchema;
 
 use crate::config::cluster::Cluster;
-use crate::store::MachineRole;
+use crate::core::roles::MachineRole;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PlanEntry {
@@ -290,37 +290,16 @@ impl Plan {
     }
 }
 
-/// Storage of a rollout's [`Selection`] (table `rollout_selections` in src/store.rs's schema).
-pub mod stored {
-    use std::collections::BTreeMap;
-
-    use rusqlite::{params, Connection};
-
-    use super::Selection;
-    use crate::store::StoreError;
-
-    pub fn insert(tx: &Connection, rollout: i64, selection: &Selection) -> Result<(), StoreError> {
-        let json =
-            serde_json::to_string(selection).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        tx.execute(
-            "INSERT INTO rollout_selections(rollout_id, selection_json) VALUES (?1, ?2)",
-            params![rollout, json],
-        )?;
-        Ok(())
-    }
-
-    /// Every stored selection, by rollout id.
-    pub fn all(conn: &Connection) -> Result<BTreeMap<i64, Selection>, StoreError> {
-        let mut stmt = conn.prepare("SELECT rollout_id, selection_json FROM rollout_selections")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-        let mut out = BTreeMap::new();
-        for row in rows {
-            let (id, json) = row?;
-            let selection = serde_json::from_str(&json)
-                .map_err(|e| StoreError::Corrupt(format!("selection of rollout {id}: {e}")))?;
-            out.insert(id, selection);
-        }
-        Ok(out)
+/// Release order of every service: waves of services whose dependencies are all in earlier waves.
+pub fn release_waves(cluster: &Cluster) -> Vec<Vec<String>> {
+    let all: BTreeMap<String, String> = cluster
+        .services
+        .values()
+        .map(|s| (s.name.clone(), s.declared_version.clone()))
+        .collect();
+    match Plan::build(cluster, &all) {
+        Ok(plan) => plan.waves(),
+        Err(_) => Vec::new(),
     }
 }
 

@@ -1,27 +1,11 @@
 //! The rollout state machine of one service in a release: its phases, the events that move it, and
 //! the single function, [`transition`], that decides every move.
 
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use understudy_judge::Decision;
 
-/// How a service's rollout proceeds.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RolloutPolicy {
-    pub requires_approval: bool,
-    /// v2 share in percent per joining step; empty = one step at the declared weights.
-    pub join_steps: Vec<u32>,
-    pub join_step: Duration,
-    pub simulation_timeout: Option<Duration>,
-}
-
-impl RolloutPolicy {
-    /// Number of joining steps (at least one).
-    pub fn step_count(&self) -> u32 {
-        self.join_steps.len().max(1) as u32
-    }
-}
+use crate::config::cluster::RolloutPolicy;
 
 /// What ops can ask of a rollout: the admin endpoint's actions, the CLI's commands and a
 /// scenario's `[[ops]]` steps are this one type.

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use understudy_proxy::wire::{MachineStatus, PoolRole};
 
-use crate::core::rollout::{Event, Phase, RolloutPolicy};
+use crate::config::cluster::RolloutPolicy;
+use crate::core::rollout::{Event, Phase};
 
 /// One transition to ask for, and why (recorded as its cause).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::config::balancer::{BalancerSecret, ConfigDelivery};
 use crate::http_json::{self, error_message, ExchangeError, JsonClient};
 use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use bytes::Bytes;
-use serde::Deserialize;
 use understudy_hub::{Backend, SecretKey, Signer, CONFIG_TOPIC, READ_AUTH_HEADER, READ_TOPIC};
 use understudy_proxy::wire::{
     config_key_path, config_path, stats_path, BalancerConfig, KeyRotation, KeyRotationAck,
@@ -25,75 +25,6 @@ use understudy_proxy::wire::{
 };
 
 pub use understudy_hub::CONTROLLER_ID;
-
-/// A balancer's secret key as the controller holds it. `Debug` never shows the key.
-#[derive(Clone)]
-pub struct BalancerSecret {
-    key: SecretKey,
-    /// Where it was read from; a rotated key is written back there.
-    file: Option<PathBuf>,
-}
-
-impl BalancerSecret {
-    /// Reads a key file (base64, as the balancer's `--key-file`).
-    pub fn from_file(path: &Path) -> Result<BalancerSecret, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
-        let key = SecretKey::from_base64(&text)
-            .map_err(|e| format!("key file {}: {e}", path.display()))?;
-        Ok(BalancerSecret {
-            key,
-            file: Some(path.to_path_buf()),
-        })
-    }
-
-    /// A key handed over in memory (the scenario runner generates one per balancer).
-    pub fn given(key: SecretKey) -> BalancerSecret {
-        BalancerSecret { key, file: None }
-    }
-
-    pub fn key(&self) -> &SecretKey {
-        &self.key
-    }
-
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
-    }
-}
-
-impl std::fmt::Debug for BalancerSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BalancerSecret")
-            .field("key", &self.key)
-            .field("file", &self.file)
-            .finish()
-    }
-}
-
-impl PartialEq for BalancerSecret {
-    fn eq(&self, other: &Self) -> bool {
-        use subtle::ConstantTimeEq;
-        let same_key: bool = self
-            .key
-            .to_base64()
-            .as_bytes()
-            .ct_eq(other.key.to_base64().as_bytes())
-            .into();
-        same_key && self.file == other.file
-    }
-}
-
-/// How a signed config reaches its balancer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConfigDelivery {
-    /// `PUT` on the balancer's admin port.
-    #[default]
-    Http,
-    /// Published on the controller's hub (topic `control.balancer-config`); the balancer
-    /// subscribes to it (`--config-feed-hub` / `--config-feed-nats`).
-    Hub,
-}
 
 /// How often a config published on the hub is published again while its balancer does not run it.
 const REPUBLISH: Duration = Duration::from_millis(500);
@@ -230,7 +161,7 @@ impl HttpBalancerClient {
         delivery: ConfigDelivery,
     ) -> Self {
         let signer =
-            Signer::new(CONTROLLER_ID, secret.key.clone()).expect("the controller id is valid");
+            Signer::new(CONTROLLER_ID, secret.key().clone()).expect("the controller id is valid");
         self.signing
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -238,7 +169,7 @@ impl HttpBalancerClient {
                 service.to_string(),
                 Signing {
                     signer,
-                    file: secret.file.clone(),
+                    file: secret.file().map(Path::to_path_buf),
                     delivery,
                 },
             );

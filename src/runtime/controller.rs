@@ -31,7 +31,9 @@ use crate::core::step;
 use crate::runtime::balancer::{BalancerClient, BalancerError, HttpBalancerClient};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::monitor;
-use crate::store::{self, MachineRole, Store, StoreError, StoredPair, TransitionRecord};
+use crate::store::{self, Store, StoreError, TransitionRecord};
+use crate::core::roles::MachineRole;
+use crate::core::pairing::StoredPair;
 
 /// Everything the controller needs to run.
 #[derive(Debug, Clone)]
@@ -374,7 +376,7 @@ fn snapshot(state: &State) -> step::Snapshot<'_> {
         })
         .collect();
     let report_no_sessions = retiring_with_sessions(state)
-        .filter(|id| monitor::reports_no_sessions(&state.store, id))
+        .filter(|id| crate::store::monitor::reports_no_sessions(&state.store, id))
         .map(str::to_string)
         .collect();
     step::Snapshot {
@@ -836,8 +838,8 @@ impl Core {
             Ok(())
         })?;
         state.roles = state.store.machine_roles()?;
-        state.monitor.held_out = monitor::held_out(state.store.conn())?;
-        let mut selections = crate::core::plan::stored::all(state.store.conn())?;
+        state.monitor.held_out = crate::store::monitor::held_out(state.store.conn())?;
+        let mut selections = crate::store::plans::all(state.store.conn())?;
         for row in state.store.services()? {
             if !state.cluster.services.contains_key(&row.name) {
                 continue;
@@ -1760,7 +1762,7 @@ impl Core {
                     now,
                     &before,
                 )?;
-                crate::core::plan::stored::insert(tx, id, &line.machines)?;
+                crate::store::plans::insert(tx, id, &line.machines)?;
                 ids.push(id);
             }
             Ok((release, ids))

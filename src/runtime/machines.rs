@@ -24,7 +24,8 @@ use utoipa::ToSchema;
 use crate::api::admin::{authorize, parse_body, ApiError, ErrorBody};
 use crate::api::extract::{ApiBody, ApiPath};
 use crate::runtime::controller::{Core, RequestError};
-use crate::runtime::hub::{ControllerHub, CONTROLLER_ID, MAX_ROTATION_GRACE_MS};
+use crate::config::hub::MAX_ROTATION_GRACE_MS;
+use crate::runtime::hub::{ControllerHub, CONTROLLER_ID};
 use crate::store::{self, SqlMachineStore, StoreError};
 
 /// `POST /api/v1/machines`.

@@ -33,7 +33,7 @@ fn promote(core: &Core, id: &str, service: &str, version: &str) {
                     id,
                     service,
                     version,
-                    crate::store::MachineRole::Active,
+                    crate::core::roles::MachineRole::Active,
                     core.now_ms(),
                     None,
                     "test promotion",

@@ -139,7 +139,7 @@ impl Metrics {
             &["rule", "action"],
         )?;
         registry.register(Box::new(monitor_actions.clone()))?;
-        for (rule, action) in crate::runtime::monitor::ACTION_LABELS {
+        for (rule, action) in crate::core::monitor::ACTION_LABELS {
             monitor_actions.with_label_values(&[rule, action]);
         }
         Ok(Metrics {

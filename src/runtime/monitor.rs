@@ -21,20 +21,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::config::toml_spans::Spanned;
-use rusqlite::{params, Connection};
-use serde::{Deserialize, Serialize};
+use rusqlite::Connection;
+use serde::Serialize;
 use understudy_hub::monitor::{
-    evaluate, Action, ActualState, Condition, DesiredService, DesiredState, ObservedMachine,
-    RuleAction, Rules, RulesError,
+    evaluate, Action, ActualState, DesiredService, DesiredState, ObservedMachine,
 };
 use understudy_hub::{MachineRecord, MachineStore, Role, SecretKey, Signer, Status};
 use understudy_proxy::wire::MachineState;
 use utoipa::ToSchema;
 
-use crate::config::cluster::{ConfigError, Source};
+use crate::core::monitor::{action_name, alters_watched, repeat_key, rule_of, ActionRecord, HeldOut, HoldReason};
+use crate::store::monitor::{drop_held_out, put_held_out};
 use crate::runtime::controller::{desired_machines, Core, State};
-use crate::store::{self, MachineRole, SqlMachineStore, Store, StoreError};
+use crate::store::{self, SqlMachineStore, StoreError};
+use crate::core::roles::MachineRole;
 
 /// Topic of replacement requests (payload `{"service", "missing", "machines_down"}`).
 pub const SCALE_TOPIC: &str = "control.scale";
@@ -42,69 +42,6 @@ pub const SCALE_TOPIC: &str = "control.scale";
 pub const UPDATE_TOPIC: &str = "control.update";
 /// How many actions `GET /api/v1/monitor/actions` keeps.
 pub const RECENT_ACTIONS: usize = 256;
-
-/// Every (rule, action) pair the counter is exported with from 0.
-pub const ACTION_LABELS: [(&str, &str); 9] = [
-    ("active_machine_down", "drain"),
-    ("active_machine_down", "await_sessions"),
-    ("active_machine_down", "remove_from_balancer"),
-    ("active_machine_down", "request_replacement"),
-    ("running_not_in_balancer", "add_to_balancer"),
-    ("version_drift", "report_drift"),
-    ("version_drift", "drain"),
-    ("version_drift", "await_sessions"),
-    ("version_drift", "update_version"),
-];
-
-/// Why the monitor took a machine out of its balancer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum HoldReason {
-    /// It is down (rule `active_machine_down`).
-    Down,
-    /// It runs another version and is to be updated (rule `version_drift`, `update_version`).
-    Update,
-}
-
-impl HoldReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HoldReason::Down => "down",
-            HoldReason::Update => "update",
-        }
-    }
-
-    fn parse(s: &str) -> Option<HoldReason> {
-        match s {
-            "down" => Some(HoldReason::Down),
-            "update" => Some(HoldReason::Update),
-            _ => None,
-        }
-    }
-}
-
-/// A machine the monitor took out of its balancer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
-pub struct HeldOut {
-    pub service: String,
-    pub since_ms: u64,
-    pub reason: HoldReason,
-}
-
-/// One action as `GET /api/v1/monitor/actions` lists it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ActionRecord {
-    /// Increasing number of the record (since the controller started).
-    pub seq: u64,
-    pub at_ms: u64,
-    /// The condition that asked for it.
-    pub rule: &'static str,
-    /// The action with its fields (`{"action": "remove_from_balancer", "service", "machine"}`).
-    #[serde(flatten)]
-    pub action: Action,
-    /// What the controller did about it.
-    pub outcome: String,
-}
 
 /// The monitor's part of the controller state.
 #[derive(Default)]
@@ -150,219 +87,7 @@ pub struct MachinePresence {
 }
 
 // ---- the cluster file's `[monitor]` table ----
-
-/// `[monitor]` in a cluster (or scenario) file: the rules of `understudy_hub::monitor::Rules`,
-/// read here with their positions so an error names the file, the line and the field.
-/// Without the table the standard rules apply (take down machines out, put running ones back,
-/// report drift); with it, exactly the rules it lists.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MonitorSection {
-    /// How long a machine holding sessions may drain before it is altered anyway (default 30).
-    pub drain_timeout_secs: Option<Spanned<u64>>,
-    #[serde(default)]
-    pub rule: Vec<Spanned<RuleSection>>,
-    pub scaling: Option<Spanned<ScalingSection>>,
-}
-
-/// `[[monitor.rule]]`: when a condition holds, then these actions.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleSection {
-    pub when: Spanned<Condition>,
-    pub then: Spanned<Vec<RuleAction>>,
-}
-
-/// `[monitor.scaling]`: the threshold below which a replacement is asked for.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScalingSection {
-    pub min_running_active: Option<u32>,
-    #[serde(default)]
-    pub per_service: BTreeMap<String, u32>,
-}
-
-fn snake<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-impl MonitorSection {
-    /// Validates into rules; `is_service` tells the cluster's service names.
-    pub fn validate(
-        &self,
-        at: usize,
-        source: &Source<'_>,
-        is_service: impl Fn(&str) -> bool,
-    ) -> Result<Rules, ConfigError> {
-        let invalid = |offset: usize, field: String, reason: String| ConfigError::Invalid {
-            file: source.file.to_string(),
-            line: source.line_of(offset),
-            field,
-            reason,
-        };
-        let mut table = toml::Table::new();
-        if let Some(t) = &self.drain_timeout_secs {
-            table.insert(
-                "drain_timeout_secs".into(),
-                toml::Value::Integer(i64::try_from(*t.get_ref()).unwrap_or(i64::MAX)),
-            );
-        }
-        let rules: Vec<toml::Value> = self
-            .rule
-            .iter()
-            .map(|r| {
-                let r = r.get_ref();
-                let mut rule = toml::Table::new();
-                rule.insert("when".into(), toml::Value::String(snake(r.when.get_ref())));
-                rule.insert(
-                    "then".into(),
-                    toml::Value::Array(
-                        r.then
-                            .get_ref()
-                            .iter()
-                            .map(|a| toml::Value::String(snake(a)))
-                            .collect(),
-                    ),
-                );
-                toml::Value::Table(rule)
-            })
-            .collect();
-        table.insert("rule".into(), toml::Value::Array(rules));
-        if let Some(scaling) = &self.scaling {
-            let s = scaling.get_ref();
-            if let Some(unknown) = s.per_service.keys().find(|name| !is_service(name)) {
-                return Err(invalid(
-                    scaling.span().start,
-                    format!("monitor.scaling.per_service.{unknown}"),
-                    format!("unknown service `{unknown}`"),
-                ));
-            }
-            let mut t = toml::Table::new();
-            if let Some(n) = s.min_running_active {
-                t.insert("min_running_active".into(), toml::Value::Integer(n.into()));
-            }
-            t.insert(
-                "per_service".into(),
-                toml::Value::Table(
-                    s.per_service
-                        .iter()
-                        .map(|(k, v)| (k.clone(), toml::Value::Integer((*v).into())))
-                        .collect(),
-                ),
-            );
-            table.insert("scaling".into(), toml::Value::Table(t));
-        }
-        let rule_at = |index: usize, then: bool| {
-            self.rule.get(index).map_or(at, |r| {
-                if then {
-                    r.get_ref().then.span().start
-                } else {
-                    r.get_ref().when.span().start
-                }
-            })
-        };
-        Rules::from_toml(&table.to_string()).map_err(|e| {
-            // The hub's messages start with `rules: `; the field is named here instead.
-            let reason = e.to_string();
-            let reason = reason.strip_prefix("rules: ").unwrap_or(&reason);
-            // ... and `rule[0].then: ` too: the field is named in full below.
-            let reason = match reason.split_once(": ") {
-                Some((head, rest)) if head.starts_with("rule[") => rest.to_string(),
-                _ => reason.to_string(),
-            };
-            match e {
-                RulesError::ActionNotAllowed { index, .. }
-                | RulesError::EmptyThen { index }
-                | RulesError::NoScalingThreshold { index } => invalid(
-                    rule_at(index, true),
-                    format!("monitor.rule[{index}].then"),
-                    reason,
-                ),
-                RulesError::DuplicateWhen { index, .. } => invalid(
-                    rule_at(index, false),
-                    format!("monitor.rule[{index}].when"),
-                    reason,
-                ),
-                RulesError::ZeroDrainTimeout => invalid(
-                    self.drain_timeout_secs
-                        .as_ref()
-                        .map_or(at, |t| t.span().start),
-                    "monitor.drain_timeout_secs".into(),
-                    "must be at least 1".into(),
-                ),
-                RulesError::Toml(_) => invalid(at, "monitor".into(), reason),
-            }
-        })
-    }
-}
-
 // ---- storage (tables in src/store.rs's schema) ----
-
-/// The machines the monitor holds out, as stored.
-pub(crate) fn held_out(conn: &Connection) -> Result<BTreeMap<String, HeldOut>, StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT machine, service, since_ms, reason FROM monitor_held_out")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, String>(3)?,
-        ))
-    })?;
-    let mut out = BTreeMap::new();
-    for row in rows {
-        let (machine, service, since, reason) = row?;
-        let reason = HoldReason::parse(&reason).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "monitor_held_out: machine `{machine}`: reason `{reason}`"
-            ))
-        })?;
-        out.insert(
-            machine,
-            HeldOut {
-                service,
-                since_ms: since as u64,
-                reason,
-            },
-        );
-    }
-    Ok(out)
-}
-
-fn put_held_out(tx: &Connection, machine: &str, held: &HeldOut) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO monitor_held_out(machine, service, since_ms, reason) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(machine) DO UPDATE SET service = excluded.service,
-             since_ms = excluded.since_ms, reason = excluded.reason",
-        params![
-            machine,
-            held.service,
-            held.since_ms as i64,
-            held.reason.as_str()
-        ],
-    )?;
-    Ok(())
-}
-
-fn drop_held_out(tx: &Connection, machine: &str) -> Result<(), StoreError> {
-    tx.execute(
-        "DELETE FROM monitor_held_out WHERE machine = ?1",
-        params![machine],
-    )?;
-    Ok(())
-}
-
-/// The machine's latest report (registry) says it holds no session.
-pub(crate) fn reports_no_sessions(store: &Store, id: &str) -> bool {
-    matches!(
-        SqlMachineStore::new(store.conn()).latest(id),
-        Ok(Some(rev)) if rev.record.sessions == 0
-    )
-}
 
 fn role_of(state: &State, id: &str) -> Option<Role> {
     state.roles.get(id).map(|r| match r {
@@ -497,82 +222,6 @@ fn observe_plain_machines(state: &State, machines: &mut Vec<ObservedMachine>) ->
     }
     watched
 }
-
-/// Whether `action` takes a machine out of its balancer or asks it to change. Neither is done
-/// to a machine seen only through its balancer: the balancer already sends a failing machine no
-/// caller's job and goes on probing it, which a removal would end (it could then never be seen
-/// answering again), and such a machine does not listen on the hub for an update.
-fn alters_watched(action: &Action, watched: &BTreeSet<String>) -> bool {
-    match action {
-        Action::Drain { machine, .. }
-        | Action::AwaitSessions { machine, .. }
-        | Action::RemoveFromBalancer { machine, .. }
-        | Action::UpdateVersion { machine, .. } => watched.contains(machine),
-        _ => false,
-    }
-}
-
-/// The condition behind an action, for the metric and the listing.
-fn rule_of(action: &Action, actual: &ActualState) -> &'static str {
-    match action {
-        Action::RemoveFromBalancer { .. } | Action::RequestReplacement { .. } => {
-            "active_machine_down"
-        }
-        Action::AddToBalancer { .. } => "running_not_in_balancer",
-        Action::ReportDrift { .. } | Action::UpdateVersion { .. } => "version_drift",
-        Action::Drain { machine, .. } | Action::AwaitSessions { machine, .. } => {
-            let down = actual.machines.iter().any(|m| {
-                &m.record.id == machine
-                    && m.record.status == Status::Down
-                    && m.record.role == Role::Active
-            });
-            if down {
-                "active_machine_down"
-            } else {
-                "version_drift"
-            }
-        }
-    }
-}
-
-/// What makes an action "the same as last tick": a drain or a wait whose session count moved is
-/// still the same drain.
-fn repeat_key(action: &Action) -> Action {
-    match action.clone() {
-        Action::Drain {
-            service, machine, ..
-        } => Action::Drain {
-            service,
-            machine,
-            sessions: 0,
-        },
-        Action::AwaitSessions {
-            service,
-            machine,
-            until_ms,
-            ..
-        } => Action::AwaitSessions {
-            service,
-            machine,
-            sessions: 0,
-            until_ms,
-        },
-        other => other,
-    }
-}
-
-fn action_name(action: &Action) -> &'static str {
-    match action {
-        Action::Drain { .. } => "drain",
-        Action::AwaitSessions { .. } => "await_sessions",
-        Action::RemoveFromBalancer { .. } => "remove_from_balancer",
-        Action::AddToBalancer { .. } => "add_to_balancer",
-        Action::RequestReplacement { .. } => "request_replacement",
-        Action::ReportDrift { .. } => "report_drift",
-        Action::UpdateVersion { .. } => "update_version",
-    }
-}
-
 impl Core {
     /// One monitor round on the locked state; returns the messages to publish on the hub.
     pub(super) fn monitor_tick(&self, state: &mut State) -> Vec<Outbound> {
@@ -916,6 +565,7 @@ mod tests {
     use understudy_proxy::wire::{MachineHealth, PoolRole};
 
     use super::*;
+    use understudy_hub::monitor::Rules;
     use crate::config::cluster::parse;
     use crate::runtime::balancer::FakeBalancer;
     use crate::runtime::controller::lock;

@@ -7,6 +7,7 @@ use tower::ServiceExt;
 use understudy_hub::{EmbeddedHub, Envelope};
 
 use super::*;
+use crate::config::predict::{PredictSection, PredictSectionError, PredictionSettings};
 
 fn section(text: &str) -> Result<PredictionSettings, PredictSectionError> {
     let section: PredictSection = toml::from_str(text).map_err(|e| PredictSectionError {

@@ -41,7 +41,7 @@ pub struct ScenarioReport {
     /// state (machines publish it to the controller's hub).
     pub machines: Vec<understudy_hub::MachineRecord>,
     /// What the controller's monitor loop did during the run (`GET /api/v1/monitor/actions`).
-    pub monitor_actions: Vec<crate::runtime::monitor::ActionRecord>,
+    pub monitor_actions: Vec<crate::core::monitor::ActionRecord>,
 }
 
 /// One release of the scenario.

@@ -182,7 +182,7 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
         cluster
             .set_balancer_url(service, &balancer_url)
             .map_err(RunError::Cluster)?;
-        let key = crate::runtime::balancer::BalancerSecret::given(balancer_keys[service].clone());
+        let key = crate::config::balancer::BalancerSecret::given(balancer_keys[service].clone());
         cluster
             .set_balancer_key(service, key, delivery)
             .map_err(RunError::Cluster)?;
@@ -220,7 +220,7 @@ fn spawn_balancers(
     (
         understudy_proxy::RunningBalancers,
         BTreeMap<String, understudy_hub::SecretKey>,
-        crate::runtime::balancer::ConfigDelivery,
+        crate::config::balancer::ConfigDelivery,
     ),
     RunError,
 > {
@@ -230,12 +230,12 @@ fn spawn_balancers(
         .map(|service| (service.clone(), understudy_hub::SecretKey::generate()))
         .collect();
     let (config_feed, delivery) = match &cluster.hub.backend {
-        crate::runtime::hub::HubBackend::Nats { url } => (
+        crate::config::hub::HubBackend::Nats { url } => (
             Some(understudy_proxy::ConfigFeed::Nats { url: url.clone() }),
-            crate::runtime::balancer::ConfigDelivery::Hub,
+            crate::config::balancer::ConfigDelivery::Hub,
         ),
-        crate::runtime::hub::HubBackend::Embedded => {
-            (None, crate::runtime::balancer::ConfigDelivery::Http)
+        crate::config::hub::HubBackend::Embedded => {
+            (None, crate::config::balancer::ConfigDelivery::Http)
         }
     };
     let signing = understudy_proxy::ConfigSigning {

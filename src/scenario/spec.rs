@@ -32,13 +32,13 @@ struct ScenarioFile {
     defaults: DefaultsSpec,
     /// `[hub]`, as in a cluster file.
     #[serde(default)]
-    hub: crate::runtime::hub::HubSpec,
+    hub: crate::config::hub::HubSpec,
     /// `[predict]`, as in a cluster file.
     #[serde(default)]
-    predict: Option<Spanned<crate::runtime::predictions::PredictSection>>,
+    predict: Option<Spanned<crate::config::predict::PredictSection>>,
     /// `[monitor]`, as in a cluster file.
     #[serde(default)]
-    monitor: Option<Spanned<crate::runtime::monitor::MonitorSection>>,
+    monitor: Option<Spanned<crate::config::monitor::MonitorSection>>,
     services: BTreeMap<String, Spanned<ServiceSpec>>,
     machines: Vec<Spanned<MachineEntry>>,
     #[serde(default)]

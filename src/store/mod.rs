@@ -9,13 +9,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use understudy_hub::registry::{MachineRevision, MachineUpdate, Registry, RegistryError};
-use understudy_hub::{MachineStore, Role, SecretKey};
+use understudy_hub::{MachineStore, SecretKey};
 use understudy_judge::PairSample;
 use understudy_proxy::wire::BalancerConfig;
 
+use crate::core::pairing::StoredPair;
+use crate::core::roles::MachineRole;
 use crate::core::rollout::{Actor, Phase};
+
+pub mod monitor;
+pub mod plans;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,57 +34,6 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database holds unreadable data: {0}")]
     Corrupt(String),
-}
-
-/// What a machine is for, as the controller tracks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MachineRole {
-    /// Serves callers (active configuration).
-    Active,
-    /// In the simulation pool at all times (declared there at the service's version): answers
-    /// simulation jobs from services above, and is the A/A control of rollouts from its version.
-    /// A release of its service leaves it a control.
-    Control,
-    /// Runs another version, waiting for a release (simulation pool while one simulates it).
-    Standby,
-    /// Its version was replaced; out of every pool (a later release of its version brings it back).
-    Retired,
-}
-
-impl MachineRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MachineRole::Active => "active",
-            MachineRole::Control => "control",
-            MachineRole::Standby => "standby",
-            MachineRole::Retired => "retired",
-        }
-    }
-    /// Can be brought in by a release of its version (not serving, not the A/A control).
-    pub fn is_candidate(self) -> bool {
-        matches!(self, MachineRole::Standby | MachineRole::Retired)
-    }
-
-    /// The same name in the hub's registry model.
-    pub fn hub_role(self) -> Role {
-        match self {
-            MachineRole::Active => Role::Active,
-            MachineRole::Control => Role::Control,
-            MachineRole::Standby => Role::Standby,
-            MachineRole::Retired => Role::Retired,
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<MachineRole> {
-        Some(match s {
-            "active" => MachineRole::Active,
-            "control" => MachineRole::Control,
-            "standby" => MachineRole::Standby,
-            "retired" => MachineRole::Retired,
-            _ => return None,
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -140,16 +94,6 @@ pub struct MachineKeyRow {
     /// The key a rotation replaced and until when (wall-clock ms) it is still accepted.
     pub previous: Option<(SecretKey, u64)>,
     pub issued_ms: u64,
-}
-
-/// One recorded pair of a rollout.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StoredPair {
-    /// A v1/v1 A/A control pair rather than v1/v2.
-    pub control: bool,
-    /// The balancer's job number: a v2 pair and a control pair of one job share it.
-    pub job: u64,
-    pub sample: PairSample,
 }
 
 pub struct Store {
@@ -943,6 +887,7 @@ impl MachineStore for SqlMachineStore<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use understudy_hub::Role;
 
     #[test]
     fn rollout_round_trip_and_atomic_write() {
