@@ -45,7 +45,7 @@ enum Command {
     /// Predict, from observed transition counts, the probability of ending in each failure state.
     Predict(understudy::offline::predict::PredictArgs),
     /// Show the live predictive models, their comparison and recent alerts (admin endpoint client).
-    Predictions(understudy::runtime::predictions::PredictionsArgs),
+    Predictions(understudy::cli::predictions::PredictionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
         Command::Judge(args) => understudy::offline::judge::judge(args),
         Command::JudgeBench(args) => understudy::offline::judge::judge_bench(args),
         Command::Predict(args) => understudy::offline::predict::predict(args),
-        Command::Predictions(args) => understudy::runtime::predictions::predictions_command(args),
+        Command::Predictions(args) => understudy::cli::predictions::predictions_command(args),
     };
     ExitCode::from(code)
 }

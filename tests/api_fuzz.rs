@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use understudy::api::client::AdminClient;
+use understudy::app::{self, ControllerConfig, ControllerHandle};
 use understudy::runtime::balancer::FakeBalancer;
-use understudy::runtime::controller::{self, ControllerConfig, ControllerHandle};
 use understudy_hub::SecretKey;
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
 use understudy_proxy::{
@@ -112,7 +112,7 @@ async fn start_controller(state: &Path) -> ControllerHandle {
         token: TOKEN.to_string(),
         cluster,
     };
-    controller::start_with_client(config, Arc::new(FakeBalancer::new()))
+    app::start_with_client(config, Arc::new(FakeBalancer::new()))
         .await
         .expect("the controller starts")
 }

@@ -7,22 +7,22 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::api::auth::require_token;
 use crate::api::extract::{ApiBody, ApiPath, ApiQuery};
+use crate::api::{machines, monitor};
 use crate::runtime::controller::{
     BalancerView, Core, OpsAction, ReleaseAnswer, ReleaseRequest, ReleaseView, RequestError,
     RolloutDetail, RolloutView, ServiceView,
 };
-use crate::runtime::machines;
-use crate::runtime::monitor;
 
 pub struct ApiError {
     status: StatusCode,
@@ -88,26 +88,34 @@ fn documented_routes(core: Arc<Core>) -> OpenApiRouter {
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(services))
-        .routes(routes!(machines::list, machines::register))
+        .routes(routes!(machines::list))
         .routes(routes!(machines::history))
-        .routes(routes!(machines::rotate_key))
         .routes(routes!(balancers))
-        // (nats: signed configs) a fresh key for a service's balancer.
-        .routes(routes!(rotate_balancer_key))
         .routes(routes!(monitor::view_route))
         .routes(routes!(monitor::actions_route))
         .routes(routes!(rollouts))
         .routes(routes!(rollout))
         .routes(routes!(pairs_csv))
-        .routes(routes!(release, releases))
+        .routes(routes!(releases))
+        .with_state(core.clone())
+        .merge(mutations(core.clone()))
+        .merge(crate::api::predictions::router(core.predictions.clone()))
+}
+
+/// Every route that changes something: behind the bearer token, checked by a layer that runs
+/// only when one of these routes matched (an unknown route stays a 404, a wrong method a 405).
+fn mutations(core: Arc<Core>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(machines::register))
+        .routes(routes!(machines::rotate_key))
+        // (nats: signed configs) a fresh key for a service's balancer.
+        .routes(routes!(rotate_balancer_key))
+        .routes(routes!(release))
         .routes(routes!(approve))
         .routes(routes!(abort))
         .routes(routes!(rollback))
-        .with_state(core.clone())
-        // Predictive monitoring reads (src/prediction.rs).
-        .merge(crate::runtime::predictions::router(
-            core.predictions.clone(),
-        ))
+        .route_layer(middleware::from_fn_with_state(core.clone(), require_token))
+        .with_state(core)
 }
 
 async fn no_such_endpoint(method: Method, uri: Uri) -> ApiError {
@@ -123,29 +131,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         StatusCode::METHOD_NOT_ALLOWED,
         format!("method {method} is not allowed on {}", uri.path()),
     )
-}
-
-/// Checks the bearer token in constant time.
-pub(crate) fn authorize(core: &Core, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(presented) = presented else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing bearer token (Authorization: Bearer TOKEN)",
-        ));
-    };
-    if bool::from(presented.as_bytes().ct_eq(core.token().as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "wrong bearer token",
-        ))
-    }
 }
 
 fn parse_id(raw: &str) -> Result<i64, ApiError> {
@@ -304,12 +289,7 @@ async fn pairs_csv(
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn release(
-    State(core): Shared,
-    headers: HeaderMap,
-    ApiBody(body): ApiBody,
-) -> Result<Response, ApiError> {
-    authorize(&core, &headers)?;
+async fn release(State(core): Shared, ApiBody(body): ApiBody) -> Result<Response, ApiError> {
     // Parsed by hand so a bad body is a 400 with serde's message, not axum's 415/422.
     let request: ReleaseRequest = parse_body("release", &body)?;
     let answer = core.release(&request)?;
@@ -348,20 +328,12 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
 )]
 async fn rotate_balancer_key(
     State(core): Shared,
-    headers: HeaderMap,
     ApiPath(service): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&core, &headers)?;
     Ok(Json(core.rotate_balancer_key(&service).await?).into_response())
 }
 
-async fn act(
-    core: Arc<Core>,
-    headers: HeaderMap,
-    id: String,
-    action: OpsAction,
-) -> Result<Response, ApiError> {
-    authorize(&core, &headers)?;
+async fn act(core: Arc<Core>, id: String, action: OpsAction) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     Ok(Json(core.act(id, action)?).into_response())
 }
@@ -381,12 +353,8 @@ async fn act(
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn approve(
-    State(core): Shared,
-    headers: HeaderMap,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    act(core, headers, id, OpsAction::Approve).await
+async fn approve(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    act(core, id, OpsAction::Approve).await
 }
 
 #[utoipa::path(
@@ -404,12 +372,8 @@ async fn approve(
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn abort(
-    State(core): Shared,
-    headers: HeaderMap,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    act(core, headers, id, OpsAction::Abort).await
+async fn abort(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    act(core, id, OpsAction::Abort).await
 }
 
 #[utoipa::path(
@@ -428,12 +392,8 @@ async fn abort(
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn rollback(
-    State(core): Shared,
-    headers: HeaderMap,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    act(core, headers, id, OpsAction::Rollback).await
+async fn rollback(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    act(core, id, OpsAction::Rollback).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
 //! The admin HTTP API: router, typed errors, auth layer, OpenAPI document, and a client for it.
 
 pub mod admin;
+pub mod auth;
 pub mod client;
 pub mod extract;
+pub mod machines;
+pub mod monitor;
 pub mod openapi;
+pub mod predictions;

@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{Object, ObjectBuilder, OpenApi as Document, Type};
+use utoipa::openapi::OpenApi as Document;
 use utoipa::{Modify, OpenApi};
 
 /// The bearer scheme's name, as mutating operations list it in `security(("bearer" = []))`.
@@ -83,17 +83,6 @@ pub fn router(document: &Document) -> Router {
 )]
 async fn openapi_json(State(json): State<Bytes>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], json).into_response()
-}
-
-/// `ReleaseRequest.services`: service -> version, at least one (utoipa has no field attribute for
-/// `minProperties`).
-pub fn service_versions() -> Object {
-    ObjectBuilder::new()
-        .schema_type(Type::Object)
-        .additional_properties(Some(ObjectBuilder::new().schema_type(Type::String)))
-        .min_properties(Some(1))
-        .description(Some("service -> version, at least one"))
-        .build()
 }
 
 #[cfg(test)]

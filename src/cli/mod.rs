@@ -2,15 +2,16 @@
 //! (`status`, `release`, `approve`, `abort`, `rollback`). Each returns the exit code:
 //! 0 done, 1 refused (or the endpoint could not be reached), 2 bad use / invalid input.
 
+pub mod predictions;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::client::{AdminClient, ClientError};
+use crate::app::ControllerConfig;
 use crate::config::cluster::{self, Cluster, ConfigError};
-use crate::runtime::controller::{
-    self, ControllerConfig, ReleaseAnswer, RolloutDetail, RolloutView, ServiceView,
-};
+use crate::runtime::controller::{ReleaseAnswer, RolloutDetail, RolloutView, ServiceView};
 use crate::table;
 use understudy_hub::subgroup::PercentAndCount;
 use understudy_hub::SubgroupSpec;
@@ -89,7 +90,10 @@ pub fn describe_cluster(cluster: &Cluster) -> String {
         cluster.services.len(),
         cluster.machines.len()
     );
-    for (i, wave) in crate::core::plan::release_waves(&cluster).iter().enumerate() {
+    for (i, wave) in crate::core::plan::release_waves(&cluster)
+        .iter()
+        .enumerate()
+    {
         out.push_str(&format!("  {}. {}\n", i + 1, wave.join(", ")));
     }
     out
@@ -182,7 +186,7 @@ pub fn controller(args: ControllerArgs) -> u8 {
     let config = ControllerConfig::from_cluster(cluster, token);
     let Some(rt) = runtime() else { return 2 };
     rt.block_on(async {
-        let handle = match controller::start(config).await {
+        let handle = match crate::app::start(config).await {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("controller: {e}");

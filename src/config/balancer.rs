@@ -74,4 +74,3 @@ pub enum ConfigDelivery {
     /// subscribes to it (`--config-feed-hub` / `--config-feed-nats`).
     Hub,
 }
-

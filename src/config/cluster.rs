@@ -346,33 +346,8 @@ fn service_from_spec(
     }
     let depends_on = depends_on_of(name, s, spec, source)?;
     let mirror_fraction = mirror_fraction_of(name, s, defaults, source)?;
-    let condition = match s.condition.as_ref().or(defaults.condition.as_ref()) {
-        Some(c) => {
-            c.get_ref().validate().map_err(|e| {
-                source.invalid(
-                    c.span().start,
-                    format!("services.{name}.condition"),
-                    e.to_string(),
-                )
-            })?;
-            c.get_ref().clone()
-        }
-        None => Condition::default(),
-    };
-    if let Some(url) = &s.balancer {
-        check_balancer_url(url)
-            .map_err(|reason| source.invalid(at, format!("services.{name}.balancer"), reason))?;
-    }
-    let balancer_key = balancer_key_of(name, s, source)?;
-    if s.config_delivery == Some(crate::config::balancer::ConfigDelivery::Hub)
-        && balancer_key.is_none()
-    {
-        return Err(source.invalid(
-            at,
-            format!("services.{name}.config_delivery"),
-            "\"hub\" needs balancer_key_file: the balancer takes only signed configs from the hub",
-        ));
-    }
+    let condition = condition_of(name, s, defaults, source)?;
+    let balancer_key = balancer_of(name, at, s, source)?;
     let (declared_version, problem) = match declared_version_of(name, machines) {
         Ok(version) => (version, None),
         Err(problem) => (
@@ -387,20 +362,7 @@ fn service_from_spec(
             .balancer
             .as_deref()
             .map(|u| u.trim_end_matches('/').to_string()),
-        policy: RolloutPolicy {
-            requires_approval: s
-                .requires_approval
-                .or(defaults.requires_approval)
-                .unwrap_or(false),
-            join_steps: join_steps_of(name, s, defaults, source)?,
-            join_step: Duration::from_millis(
-                s.join_step_ms.or(defaults.join_step_ms).unwrap_or(1_000),
-            ),
-            simulation_timeout: s
-                .simulation_timeout_ms
-                .or(defaults.simulation_timeout_ms)
-                .map(Duration::from_millis),
-        },
+        policy: policy_of(name, s, defaults, source)?,
         condition,
         mirror_fraction,
         compare_body: s.compare_body.or(defaults.compare_body).unwrap_or(false),
@@ -414,6 +376,72 @@ fn service_from_spec(
         config_delivery: s.config_delivery.unwrap_or_default(),
     };
     Ok((service, problem))
+}
+
+/// The service's judging condition (its own, else the default one), checked.
+fn condition_of(
+    name: &str,
+    s: &ServiceSpec,
+    defaults: &DefaultsSpec,
+    source: &Source<'_>,
+) -> Result<Condition, ConfigError> {
+    let Some(c) = s.condition.as_ref().or(defaults.condition.as_ref()) else {
+        return Ok(Condition::default());
+    };
+    c.get_ref().validate().map_err(|e| {
+        source.invalid(
+            c.span().start,
+            format!("services.{name}.condition"),
+            e.to_string(),
+        )
+    })?;
+    Ok(c.get_ref().clone())
+}
+
+/// The balancer fields checked together: its URL, its key, and how configs reach it (the hub
+/// delivers signed configs only, so `hub` needs a key). Gives the key.
+fn balancer_of(
+    name: &str,
+    at: usize,
+    s: &ServiceSpec,
+    source: &Source<'_>,
+) -> Result<Option<crate::config::balancer::BalancerSecret>, ConfigError> {
+    if let Some(url) = &s.balancer {
+        check_balancer_url(url)
+            .map_err(|reason| source.invalid(at, format!("services.{name}.balancer"), reason))?;
+    }
+    let balancer_key = balancer_key_of(name, s, source)?;
+    if s.config_delivery == Some(crate::config::balancer::ConfigDelivery::Hub)
+        && balancer_key.is_none()
+    {
+        return Err(source.invalid(
+            at,
+            format!("services.{name}.config_delivery"),
+            "\"hub\" needs balancer_key_file: the balancer takes only signed configs from the hub",
+        ));
+    }
+    Ok(balancer_key)
+}
+
+/// The rollout policy: the service's own settings, else `[defaults]`, else the built-in ones.
+fn policy_of(
+    name: &str,
+    s: &ServiceSpec,
+    defaults: &DefaultsSpec,
+    source: &Source<'_>,
+) -> Result<RolloutPolicy, ConfigError> {
+    Ok(RolloutPolicy {
+        requires_approval: s
+            .requires_approval
+            .or(defaults.requires_approval)
+            .unwrap_or(false),
+        join_steps: join_steps_of(name, s, defaults, source)?,
+        join_step: Duration::from_millis(s.join_step_ms.or(defaults.join_step_ms).unwrap_or(1_000)),
+        simulation_timeout: s
+            .simulation_timeout_ms
+            .or(defaults.simulation_timeout_ms)
+            .map(Duration::from_millis),
+    })
 }
 
 /// The share of jobs copied while the service is judged, within (0, 1].

@@ -95,137 +95,150 @@ impl Default for HubSettings {
 impl HubSettings {
     /// Validates `[hub]`; errors name the file, line and field.
     pub fn from_spec(spec: &HubSpec, source: &Source<'_>) -> Result<HubSettings, ConfigError> {
-        let invalid = |offset: usize, field: &str, reason: String| ConfigError::Invalid {
-            file: source.file.to_string(),
-            line: source.line_of(offset),
-            field: format!("hub.{field}"),
-            reason,
-        };
-        let kind = spec.backend.as_ref().map(|b| *b.get_ref());
-        // Where `backend` is written, for errors about what it asks for.
-        let backend_at = spec.backend.as_ref().map_or(0, |b| b.span().start);
-        let backend = match (kind.unwrap_or(BackendKind::Embedded), &spec.nats_url) {
-            (BackendKind::Embedded, None) => HubBackend::Embedded,
-            (BackendKind::Embedded, Some(url)) => {
-                return Err(invalid(
-                    url.span().start,
-                    "nats_url",
-                    "set, but backend is not \"nats\"".into(),
-                ))
-            }
-            (BackendKind::Nats, None) => {
-                return Err(invalid(
-                    backend_at,
-                    "nats_url",
-                    "required with backend = \"nats\" (nats://host:port)".into(),
-                ))
-            }
-            (BackendKind::Nats, Some(url)) => {
-                let text = url.get_ref().trim();
-                let parsed: Option<http::Uri> = text.parse().ok();
-                let ok = parsed.as_ref().is_some_and(|u| {
-                    u.scheme_str() == Some("nats")
-                        && u.authority().is_some_and(|a| a.port().is_some())
-                });
-                if !ok {
-                    return Err(invalid(
-                        url.span().start,
-                        "nats_url",
-                        format!("`{text}` is not nats://host:port"),
-                    ));
-                }
-                HubBackend::Nats {
-                    url: text.to_string(),
-                }
-            }
-        };
-        fn in_range<T: PartialOrd + Copy + std::fmt::Display>(
-            value: &Option<Spanned<T>>,
-            field: &str,
-            range: std::ops::RangeInclusive<T>,
-            default: T,
-            invalid: impl Fn(usize, &str, String) -> ConfigError,
-        ) -> Result<T, ConfigError> {
-            match value {
-                Some(v) if !range.contains(v.get_ref()) => Err(invalid(
-                    v.span().start,
-                    field,
-                    format!("must be within {}..={}", range.start(), range.end()),
-                )),
-                Some(v) => Ok(*v.get_ref()),
-                None => Ok(default),
-            }
-        }
+        let backend = backend_of(spec, source)?;
         let max_message_bytes = in_range(
+            source,
             &spec.max_message_bytes,
             "max_message_bytes",
             MAX_MESSAGE_BYTES_RANGE,
             DEFAULT_MAX_MESSAGE_BYTES,
-            invalid,
         )?;
         let subscriber_queue = in_range(
+            source,
             &spec.subscriber_queue,
             "subscriber_queue",
             SUBSCRIBER_QUEUE_RANGE,
             DEFAULT_SUBSCRIBER_QUEUE,
-            invalid,
         )?;
         let max_clock_skew_ms = in_range(
+            source,
             &spec.max_clock_skew_ms,
             "max_clock_skew_ms",
             MAX_CLOCK_SKEW_MS_RANGE,
             DEFAULT_MAX_CLOCK_SKEW_MS,
-            invalid,
         )?;
         let history_per_machine = in_range(
+            source,
             &spec.history_per_machine,
             "history_per_machine",
             HISTORY_PER_MACHINE_RANGE,
             DEFAULT_HISTORY_PER_MACHINE,
-            invalid,
         )?;
-        let rotation_grace = match &spec.rotation_grace_ms {
-            Some(g) if *g.get_ref() > MAX_ROTATION_GRACE_MS => {
-                return Err(invalid(
-                    g.span().start,
-                    "rotation_grace_ms",
-                    format!("must be at most {MAX_ROTATION_GRACE_MS} (one day)"),
-                ))
-            }
-            Some(g) => Duration::from_millis(*g.get_ref()),
-            None => DEFAULT_ROTATION_GRACE,
-        };
-        let public_url = match &spec.public_url {
-            Some(url) => {
-                let text = url.get_ref().trim().trim_end_matches('/');
-                let parsed: Option<http::Uri> = text.parse().ok();
-                let ok = parsed.as_ref().is_some_and(|u| {
-                    matches!(u.scheme_str(), Some("http" | "https"))
-                        && u.authority().is_some()
-                        && matches!(u.path(), "" | "/")
-                });
-                if !ok {
-                    return Err(invalid(
-                        url.span().start,
-                        "public_url",
-                        format!("`{text}` is not http://host:port (no path)"),
-                    ));
-                }
-                Some(text.to_string())
-            }
-            None => None,
-        };
         Ok(HubSettings {
             backend,
             max_message_bytes,
             subscriber_queue,
             subscriber_auth: spec.subscriber_auth.unwrap_or(true),
-            rotation_grace,
-            public_url,
+            rotation_grace: rotation_grace_of(spec, source)?,
+            public_url: public_url_of(spec, source)?,
             max_clock_skew: Duration::from_millis(max_clock_skew_ms),
             history_per_machine,
         })
     }
+}
+
+/// An error about `hub.FIELD`.
+fn invalid(source: &Source<'_>, offset: usize, field: &str, reason: String) -> ConfigError {
+    source.invalid(offset, format!("hub.{field}"), reason)
+}
+
+/// `backend` and `nats_url` together: the URL is required with NATS and refused without it.
+fn backend_of(spec: &HubSpec, source: &Source<'_>) -> Result<HubBackend, ConfigError> {
+    let kind = spec.backend.as_ref().map(|b| *b.get_ref());
+    // Where `backend` is written, for errors about what it asks for.
+    let backend_at = spec.backend.as_ref().map_or(0, |b| b.span().start);
+    match (kind.unwrap_or(BackendKind::Embedded), &spec.nats_url) {
+        (BackendKind::Embedded, None) => Ok(HubBackend::Embedded),
+        (BackendKind::Embedded, Some(url)) => Err(invalid(
+            source,
+            url.span().start,
+            "nats_url",
+            "set, but backend is not \"nats\"".into(),
+        )),
+        (BackendKind::Nats, None) => Err(invalid(
+            source,
+            backend_at,
+            "nats_url",
+            "required with backend = \"nats\" (nats://host:port)".into(),
+        )),
+        (BackendKind::Nats, Some(url)) => nats_backend(url, source),
+    }
+}
+
+/// A `nats://host:port` URL (the port is required: NATS has no implied one here).
+fn nats_backend(url: &Spanned<String>, source: &Source<'_>) -> Result<HubBackend, ConfigError> {
+    let text = url.get_ref().trim();
+    let parsed: Option<http::Uri> = text.parse().ok();
+    let ok = parsed.as_ref().is_some_and(|u| {
+        u.scheme_str() == Some("nats") && u.authority().is_some_and(|a| a.port().is_some())
+    });
+    if !ok {
+        return Err(invalid(
+            source,
+            url.span().start,
+            "nats_url",
+            format!("`{text}` is not nats://host:port"),
+        ));
+    }
+    Ok(HubBackend::Nats {
+        url: text.to_string(),
+    })
+}
+
+/// An optional bound checked against its range, or its default when not written.
+fn in_range<T: PartialOrd + Copy + std::fmt::Display>(
+    source: &Source<'_>,
+    value: &Option<Spanned<T>>,
+    field: &str,
+    range: std::ops::RangeInclusive<T>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        Some(v) if !range.contains(v.get_ref()) => Err(invalid(
+            source,
+            v.span().start,
+            field,
+            format!("must be within {}..={}", range.start(), range.end()),
+        )),
+        Some(v) => Ok(*v.get_ref()),
+        None => Ok(default),
+    }
+}
+
+fn rotation_grace_of(spec: &HubSpec, source: &Source<'_>) -> Result<Duration, ConfigError> {
+    match &spec.rotation_grace_ms {
+        Some(g) if *g.get_ref() > MAX_ROTATION_GRACE_MS => Err(invalid(
+            source,
+            g.span().start,
+            "rotation_grace_ms",
+            format!("must be at most {MAX_ROTATION_GRACE_MS} (one day)"),
+        )),
+        Some(g) => Ok(Duration::from_millis(*g.get_ref())),
+        None => Ok(DEFAULT_ROTATION_GRACE),
+    }
+}
+
+/// `public_url` without its trailing slash; only a scheme and an authority (no path).
+fn public_url_of(spec: &HubSpec, source: &Source<'_>) -> Result<Option<String>, ConfigError> {
+    let Some(url) = &spec.public_url else {
+        return Ok(None);
+    };
+    let text = url.get_ref().trim().trim_end_matches('/');
+    let parsed: Option<http::Uri> = text.parse().ok();
+    let ok = parsed.as_ref().is_some_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https"))
+            && u.authority().is_some()
+            && matches!(u.path(), "" | "/")
+    });
+    if !ok {
+        return Err(invalid(
+            source,
+            url.span().start,
+            "public_url",
+            format!("`{text}` is not http://host:port (no path)"),
+        ));
+    }
+    Ok(Some(text.to_string()))
 }
 #[cfg(test)]
 mod tests {

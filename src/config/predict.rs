@@ -244,4 +244,3 @@ fn unknown_field_of(error: &toml::de::Error) -> String {
         .unwrap_or("(section)")
         .to_string()
 }
-

@@ -9,7 +9,6 @@ use understudy_hub::monitor::{Action, ActualState};
 use understudy_hub::{Role, Status};
 use utoipa::ToSchema;
 
-
 /// Every (rule, action) pair the counter is exported with from 0.
 pub const ACTION_LABELS: [(&str, &str); 9] = [
     ("active_machine_down", "drain"),
@@ -72,7 +71,6 @@ pub struct ActionRecord {
     /// What the controller did about it.
     pub outcome: String,
 }
-
 
 /// Whether `action` takes a machine out of its balancer or asks it to change. Neither is done
 /// to a machine seen only through its balancer: the balancer already sends a failing machine no
@@ -148,4 +146,3 @@ pub fn action_name(action: &Action) -> &'static str {
         Action::UpdateVersion { .. } => "update_version",
     }
 }
-

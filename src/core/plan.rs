@@ -82,6 +82,7 @@ impl Selection {
             .machines_of(service)
             .filter(|m| role_of(&m.id) == MachineRole::Active && m.version != to_version)
             .collect();
+        // Sorted and without repeats: a sub-group takes the first candidates by id.
         let candidates: Vec<String> = cluster
             .machines_of(service)
             .filter(|m| m.version == to_version && role_of(&m.id).is_candidate())
@@ -96,46 +97,7 @@ impl Selection {
                 joining: candidates.into_iter().collect(),
             });
         };
-        let problem = |e: understudy_hub::subgroup::SubgroupError| PlanError::Subgroup {
-            service: service.to_string(),
-            // The hub names fields `target.count`; here the request field is `subgroup.SERVICE`.
-            problem: e
-                .to_string()
-                .strip_prefix("target")
-                .map(str::to_string)
-                .unwrap_or_else(|| format!(": {e}")),
-        };
-        let subgroup = spec.validate().map_err(problem)?;
-        // The sub-group chooses among the machines that can be replaced: active, other version.
-        let records: Vec<MachineRecord> = replaceable
-            .iter()
-            .map(|m| MachineRecord {
-                id: m.id.clone(),
-                service: m.service.clone(),
-                version: m.version.clone(),
-                address: m.address.clone(),
-                role: Role::Active,
-                status: Status::Running,
-                capacity: m.weight,
-                sessions: 0,
-            })
-            .collect();
-        let replaced: BTreeSet<String> = subgroup
-            .select(service, &records)
-            .map_err(|e| match e {
-                understudy_hub::subgroup::SubgroupError::UnknownMachine(id, _) => {
-                    PlanError::Subgroup {
-                        service: service.to_string(),
-                        problem: format!(
-                            ".machines: `{id}` is not an active machine of `{service}` running a version other than `{to_version}` (those are: {})",
-                            names(records.iter().map(|r| r.id.as_str()))
-                        ),
-                    }
-                }
-                other => problem(other),
-            })?
-            .into_iter()
-            .collect();
+        let replaced = select_replaced(spec, service, to_version, &replaceable)?;
         if candidates.len() < replaced.len() {
             return Err(PlanError::Subgroup {
                 service: service.to_string(),
@@ -158,6 +120,56 @@ impl Selection {
     /// Whether the rollout moves the whole service (no sub-group).
     pub fn is_whole_service(&self) -> bool {
         self.subgroup.is_none()
+    }
+}
+
+/// The active machines a sub-group picks among those that can be replaced (active, of another
+/// version than `to_version`).
+fn select_replaced(
+    spec: &SubgroupSpec,
+    service: &str,
+    to_version: &str,
+    replaceable: &[&crate::config::cluster::Machine],
+) -> Result<BTreeSet<String>, PlanError> {
+    let subgroup = spec.validate().map_err(|e| subgroup_problem(service, e))?;
+    let records: Vec<MachineRecord> = replaceable.iter().map(|m| active_record(m)).collect();
+    let replaced = subgroup.select(service, &records).map_err(|e| match e {
+        understudy_hub::subgroup::SubgroupError::UnknownMachine(id, _) => PlanError::Subgroup {
+            service: service.to_string(),
+            problem: format!(
+                ".machines: `{id}` is not an active machine of `{service}` running a version other than `{to_version}` (those are: {})",
+                names(records.iter().map(|r| r.id.as_str()))
+            ),
+        },
+        other => subgroup_problem(service, other),
+    })?;
+    Ok(replaced.into_iter().collect())
+}
+
+/// A sub-group error of the hub, about the request's `subgroup.SERVICE` field.
+fn subgroup_problem(service: &str, e: understudy_hub::subgroup::SubgroupError) -> PlanError {
+    PlanError::Subgroup {
+        service: service.to_string(),
+        // The hub names fields `target.count`; here the request field is `subgroup.SERVICE`.
+        problem: e
+            .to_string()
+            .strip_prefix("target")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!(": {e}")),
+    }
+}
+
+/// A cluster machine as the hub's sub-group selection sees it: active and running, no sessions.
+fn active_record(m: &crate::config::cluster::Machine) -> MachineRecord {
+    MachineRecord {
+        id: m.id.clone(),
+        service: m.service.clone(),
+        version: m.version.clone(),
+        address: m.address.clone(),
+        role: Role::Active,
+        status: Status::Running,
+        capacity: m.weight,
+        sessions: 0,
     }
 }
 

@@ -1,7 +1,6 @@
 //! The rollout state machine of one service in a release: its phases, the events that move it, and
 //! the single function, [`transition`], that decides every move.
 
-
 use serde::{Deserialize, Serialize};
 use understudy_judge::Decision;
 

@@ -405,10 +405,14 @@ fn evidence_cell(value: f64) -> String {
     }
 }
 
+/// A number of the verdict's details; NaN when absent (printed as such, never hidden).
+fn number(value: &serde_json::Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
 fn render_verdict(result: &OfflineVerdict) -> String {
     let verdict = &result.verdict;
     let details = &verdict.details;
-    let number = |value: &serde_json::Value| value.as_f64().unwrap_or(f64::NAN);
     let mut out = format!(
         "verdict: {}{}\njobs used: {}\nrule: {}\n",
         verdict.decision.as_str(),
@@ -416,53 +420,81 @@ fn render_verdict(result: &OfflineVerdict) -> String {
         result.jobs_used,
         verdict.rule
     );
+    out.push_str(&latency_table(details));
+    out.push_str(&shift_line(&details["paired_ratio"]));
+    out.push_str(&errors_line(&details["errors"]));
+    out.push_str(&mismatches_line(&details["mismatches"]));
     out.push_str(&format!(
+        "false-fail rate {} (per test {:.5}), false-pass rate {}",
+        details["false_fail_rate"],
+        number(&details["per_test_false_fail_rate"]),
+        details["false_pass_rate"]
+    ));
+    out
+}
+
+/// The latency table: its header, then one row per percentile, lowest first.
+fn latency_table(details: &serde_json::Value) -> String {
+    let mut out = format!(
         "\n{:<8} {:>10} {:>10} {:>7} {:>6} {:>16} {:>9} {:>9}\n",
         "latency", "v1 us", "v2 us", "ratio", "limit", "ratio 99% CI", "fail ev", "pass ev"
-    ));
+    );
     if let Some(latency) = details["latency"].as_object() {
         let mut rows: Vec<_> = latency.iter().collect();
         rows.sort_by(|a, b| number(&a.1["quantile"]).total_cmp(&number(&b.1["quantile"])));
         for (name, row) in rows {
-            let judged = row["judged"].as_bool().unwrap_or(false);
-            out.push_str(&format!(
-                "{:<8} {:>10.0} {:>10.0} {:>7.3} {:>6.2} {:>7.3}..{:<7.3} {:>9} {:>9}\n",
-                name,
-                number(&row["v1_us"]),
-                number(&row["v2_us"]),
-                number(&row["ratio"]),
-                number(&row["max_ratio"]),
-                number(&row["ratio_interval"][0]),
-                number(&row["ratio_interval"][1]),
-                if judged {
-                    evidence_cell(number(&row["test"]["fail_evidence"]))
-                } else {
-                    "-".to_string()
-                },
-                if judged {
-                    evidence_cell(number(&row["test"]["pass_evidence"]))
-                } else {
-                    format!("<{}", row["floor_jobs"])
-                },
-            ));
+            out.push_str(&latency_row(name, row));
         }
     }
-    let paired = &details["paired_ratio"];
-    if paired.is_object() {
-        out.push_str(&format!(
-            "{:<8} per-job ratio v2/v1: p10 {:.3}, median {:.3} (limit {:.2}), p90 {:.3}; \
-             fail ev {}, pass ev {}\n",
-            "shift",
-            number(&paired["p10"]),
-            number(&paired["p50"]),
-            number(&paired["max_ratio"]),
-            number(&paired["p90"]),
-            evidence_cell(number(&paired["test"]["fail_evidence"])),
-            evidence_cell(number(&paired["test"]["pass_evidence"])),
-        ));
+    out
+}
+
+/// One percentile's row; a percentile not judged yet shows the jobs it still needs instead of
+/// its evidence.
+fn latency_row(name: &str, row: &serde_json::Value) -> String {
+    let judged = row["judged"].as_bool().unwrap_or(false);
+    format!(
+        "{:<8} {:>10.0} {:>10.0} {:>7.3} {:>6.2} {:>7.3}..{:<7.3} {:>9} {:>9}\n",
+        name,
+        number(&row["v1_us"]),
+        number(&row["v2_us"]),
+        number(&row["ratio"]),
+        number(&row["max_ratio"]),
+        number(&row["ratio_interval"][0]),
+        number(&row["ratio_interval"][1]),
+        if judged {
+            evidence_cell(number(&row["test"]["fail_evidence"]))
+        } else {
+            "-".to_string()
+        },
+        if judged {
+            evidence_cell(number(&row["test"]["pass_evidence"]))
+        } else {
+            format!("<{}", row["floor_jobs"])
+        },
+    )
+}
+
+/// The per-job ratio line; empty when the verdict has no paired-ratio test.
+fn shift_line(paired: &serde_json::Value) -> String {
+    if !paired.is_object() {
+        return String::new();
     }
-    let errors = &details["errors"];
-    out.push_str(&format!(
+    format!(
+        "{:<8} per-job ratio v2/v1: p10 {:.3}, median {:.3} (limit {:.2}), p90 {:.3}; \
+         fail ev {}, pass ev {}\n",
+        "shift",
+        number(&paired["p10"]),
+        number(&paired["p50"]),
+        number(&paired["max_ratio"]),
+        number(&paired["p90"]),
+        evidence_cell(number(&paired["test"]["fail_evidence"])),
+        evidence_cell(number(&paired["test"]["pass_evidence"])),
+    )
+}
+
+fn errors_line(errors: &serde_json::Value) -> String {
+    format!(
         "\nerrors: v1 {:.3}%  v2 {:.3}%  (v1 ok/v2 error {}, v1 error/v2 ok {})  increase {:.3} points, \
          interval {:.3}..{:.3}, margin {:.3}\n",
         number(&errors["v1_rate"]) * 100.0,
@@ -473,22 +505,17 @@ fn render_verdict(result: &OfflineVerdict) -> String {
         number(&errors["increase"]["interval"][0]) * 100.0,
         number(&errors["increase"]["interval"][1]) * 100.0,
         number(&errors["increase"]["margin"]) * 100.0,
-    ));
-    let mismatches = &details["mismatches"];
-    out.push_str(&format!(
+    )
+}
+
+fn mismatches_line(mismatches: &serde_json::Value) -> String {
+    format!(
         "mismatches: {} of {} compared ({:.3}%), margin {:.3}%\n",
         mismatches["mismatched"],
         mismatches["compared"],
         number(&mismatches["rate"]) * 100.0,
         number(&mismatches["test"]["margin"]) * 100.0,
-    ));
-    out.push_str(&format!(
-        "false-fail rate {} (per test {:.5}), false-pass rate {}",
-        details["false_fail_rate"],
-        number(&details["per_test_false_fail_rate"]),
-        details["false_pass_rate"]
-    ));
-    out
+    )
 }
 
 pub fn judge_bench(args: JudgeBenchArgs) -> u8 {

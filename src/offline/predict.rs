@@ -93,46 +93,12 @@ pub fn read_table(
         .trim(csv::Trim::All)
         .flexible(true)
         .from_reader(reader);
-    let line_error = |line: u64, message: String| PredictInputError::Line {
-        path: shown_path.to_string(),
-        line,
-        message,
-    };
+    let errors = TableErrors { path: shown_path };
     let header = csv_reader
         .headers()
-        .map_err(|e| line_error(1, e.to_string()))?
+        .map_err(|e| errors.line(1, e.to_string()))?
         .clone();
-    if header.iter().all(str::is_empty) {
-        return Err(PredictInputError::File {
-            path: shown_path.to_string(),
-            message: "empty file: expected the header `from,to,count`".to_string(),
-        });
-    }
-    // positions[k] is the CSV column holding COLUMNS[k].
-    let mut positions = [None; 3];
-    for (index, name) in header.iter().enumerate() {
-        let Some(slot) = COLUMNS.iter().position(|known| *known == name) else {
-            return Err(line_error(
-                1,
-                format!(
-                    "column {}: unknown column `{name}` (expected `from,to,count`)",
-                    index + 1
-                ),
-            ));
-        };
-        if positions[slot].replace(index).is_some() {
-            return Err(line_error(
-                1,
-                format!("column {}: column `{name}` appears twice", index + 1),
-            ));
-        }
-    }
-    let mut columns = [0usize; 3];
-    for (slot, position) in positions.iter().enumerate() {
-        columns[slot] =
-            position.ok_or_else(|| line_error(1, format!("missing column `{}`", COLUMNS[slot])))?;
-    }
-    let count_column = columns[2];
+    let columns = column_positions(&header, &errors)?;
 
     let mut table = TransitionTable::new();
     let mut seen: BTreeMap<(String, String), u64> = BTreeMap::new();
@@ -141,67 +107,25 @@ pub fn read_table(
     loop {
         let more = csv_reader.read_record(&mut record).map_err(|e| {
             let line = e.position().map(|p| p.line()).unwrap_or(rows + 2);
-            line_error(line, e.to_string())
+            errors.line(line, e.to_string())
         })?;
         if !more {
             break;
         }
         rows += 1;
         let line = record.position().map(|p| p.line()).unwrap_or(rows + 1);
-        if record.len() == 1 && record.get(0) == Some("") {
-            continue; // a blank line
-        }
-        if record.len() > COLUMNS.len() {
-            return Err(line_error(
-                line,
-                format!(
-                    "column {}: unexpected extra field `{}` (the header has 3 columns)",
-                    COLUMNS.len() + 1,
-                    &record[COLUMNS.len()]
-                ),
-            ));
-        }
-        let field_error = |slot: usize, message: String| PredictInputError::Field {
-            path: shown_path.to_string(),
+        let row = RowReader {
+            record: &record,
             line,
-            column: columns[slot] + 1,
-            name: COLUMNS[slot],
-            message,
+            columns: &columns,
+            errors: &errors,
         };
-        let state = |slot: usize| -> Result<&str, PredictInputError> {
-            match record.get(columns[slot]) {
-                None => Err(field_error(slot, "missing".to_string())),
-                Some("") => Err(field_error(
-                    slot,
-                    "a state name cannot be empty".to_string(),
-                )),
-                Some(name) => Ok(name),
-            }
+        let Some((from, to, count)) = row.transition(artifacts)? else {
+            continue; // a blank line
         };
-        let from = state(0)?;
-        let to = state(1)?;
-        let count_text = record
-            .get(count_column)
-            .ok_or_else(|| field_error(2, "missing".to_string()))?;
-        let count = count_text
-            .parse::<f64>()
-            .ok()
-            .filter(|c| c.is_finite() && *c >= 0.0)
-            .ok_or_else(|| {
-                field_error(
-                    2,
-                    format!("`{count_text}` is not a count (a non-negative number)"),
-                )
-            })?;
-        if artifacts.iter().any(|a| a == from) {
-            return Err(field_error(
-                0,
-                format!("`{from}` is an artifact: it ends an object's life, nothing leaves it"),
-            ));
-        }
         let pair = (from.to_string(), to.to_string());
         if let Some(first) = seen.insert(pair, line) {
-            return Err(line_error(
+            return Err(errors.line(
                 line,
                 format!("the pair `{from}` -> `{to}` was already given on line {first}"),
             ));
@@ -209,12 +133,145 @@ pub fn read_table(
         table.add(from, to, count);
     }
     if seen.is_empty() {
-        return Err(PredictInputError::File {
-            path: shown_path.to_string(),
-            message: "no transitions after the header".to_string(),
-        });
+        return Err(errors.file("no transitions after the header"));
     }
     Ok(table)
+}
+
+/// Builds the errors of one table, each naming its file.
+struct TableErrors<'a> {
+    path: &'a str,
+}
+
+impl TableErrors<'_> {
+    fn line(&self, line: u64, message: String) -> PredictInputError {
+        PredictInputError::Line {
+            path: self.path.to_string(),
+            line,
+            message,
+        }
+    }
+
+    fn file(&self, message: &str) -> PredictInputError {
+        PredictInputError::File {
+            path: self.path.to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The CSV column of each of `COLUMNS` (`[from, to, count]`), from the header: every column
+/// known, none twice, none missing.
+fn column_positions(
+    header: &csv::StringRecord,
+    errors: &TableErrors<'_>,
+) -> Result<[usize; 3], PredictInputError> {
+    if header.iter().all(str::is_empty) {
+        return Err(errors.file("empty file: expected the header `from,to,count`"));
+    }
+    // positions[k] is the CSV column holding COLUMNS[k].
+    let mut positions = [None; 3];
+    for (index, name) in header.iter().enumerate() {
+        let Some(slot) = COLUMNS.iter().position(|known| *known == name) else {
+            return Err(errors.line(
+                1,
+                format!(
+                    "column {}: unknown column `{name}` (expected `from,to,count`)",
+                    index + 1
+                ),
+            ));
+        };
+        if positions[slot].replace(index).is_some() {
+            return Err(errors.line(
+                1,
+                format!("column {}: column `{name}` appears twice", index + 1),
+            ));
+        }
+    }
+    let mut columns = [0usize; 3];
+    for (slot, position) in positions.iter().enumerate() {
+        columns[slot] = position
+            .ok_or_else(|| errors.line(1, format!("missing column `{}`", COLUMNS[slot])))?;
+    }
+    Ok(columns)
+}
+
+/// One data row of the table, read through the header's column positions.
+struct RowReader<'r> {
+    record: &'r csv::StringRecord,
+    line: u64,
+    columns: &'r [usize; 3],
+    errors: &'r TableErrors<'r>,
+}
+
+impl<'r> RowReader<'r> {
+    /// The row's transition `(from, to, count)`, checked; `None` for a blank line.
+    fn transition(
+        &self,
+        artifacts: &[String],
+    ) -> Result<Option<(&'r str, &'r str, f64)>, PredictInputError> {
+        let record = self.record;
+        if record.len() == 1 && record.get(0) == Some("") {
+            return Ok(None);
+        }
+        if record.len() > COLUMNS.len() {
+            return Err(self.errors.line(
+                self.line,
+                format!(
+                    "column {}: unexpected extra field `{}` (the header has 3 columns)",
+                    COLUMNS.len() + 1,
+                    &record[COLUMNS.len()]
+                ),
+            ));
+        }
+        let from = self.state(0)?;
+        let to = self.state(1)?;
+        let count = self.count()?;
+        if artifacts.iter().any(|a| a == from) {
+            return Err(self.field_error(
+                0,
+                format!("`{from}` is an artifact: it ends an object's life, nothing leaves it"),
+            ));
+        }
+        Ok(Some((from, to, count)))
+    }
+
+    /// The state name in column `slot` (`from` or `to`).
+    fn state(&self, slot: usize) -> Result<&'r str, PredictInputError> {
+        match self.record.get(self.columns[slot]) {
+            None => Err(self.field_error(slot, "missing".to_string())),
+            Some("") => Err(self.field_error(slot, "a state name cannot be empty".to_string())),
+            Some(name) => Ok(name),
+        }
+    }
+
+    /// The `count` field: a finite, non-negative number.
+    fn count(&self) -> Result<f64, PredictInputError> {
+        let count_text = self
+            .record
+            .get(self.columns[2])
+            .ok_or_else(|| self.field_error(2, "missing".to_string()))?;
+        count_text
+            .parse::<f64>()
+            .ok()
+            .filter(|c| c.is_finite() && *c >= 0.0)
+            .ok_or_else(|| {
+                self.field_error(
+                    2,
+                    format!("`{count_text}` is not a count (a non-negative number)"),
+                )
+            })
+    }
+
+    fn field_error(&self, slot: usize, message: String) -> PredictInputError {
+        PredictInputError::Field {
+            path: self.errors.path.to_string(),
+            line: self.line,
+            column: self.columns[slot] + 1,
+            name: COLUMNS[slot],
+            message,
+        }
+    }
 }
 
 /// Solves the table. A state nothing leaves that is not an artifact is where objects ended well:

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use understudy_judge::PairSample;
-use understudy_loadgen::{run_load, spawn_machine, LoadSpec, MachineSpec};
+use understudy_loadgen::{run_load, spawn_machine, LoadSpec, MachineHandle, MachineSpec};
 use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole, StatsReport};
 use understudy_proxy::{BalancerSpec, ProcessConfig};
 
@@ -69,75 +69,167 @@ pub struct RecordedJob {
 /// Runs the recording and returns the jobs both copies answered, in arrival order.
 pub async fn record(plan: &RecordPlan) -> Result<Vec<RecordedJob>, RecordError> {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    let spec: MachineSpec =
-        toml::from_str(MACHINE).map_err(|e| RecordError::Setup(e.to_string()))?;
-    let active = spawn_machine(spec.clone(), any)
-        .await
-        .map_err(|e| RecordError::Setup(e.to_string()))?;
-    let control = spawn_machine(spec.clone(), any)
-        .await
-        .map_err(|e| RecordError::Setup(e.to_string()))?;
-    let candidate = spawn_machine(spec, any)
-        .await
-        .map_err(|e| RecordError::Setup(e.to_string()))?;
-    let entry = |id: &str, version: &str, addr: SocketAddr, config: PoolRole| MachineEntry {
-        id: id.to_string(),
-        version: version.to_string(),
-        address: addr.to_string(),
-        weight: 1,
-        config,
-        health_path: None,
-    };
+    let machines = Machines::spawn(any).await?;
     // A recording balancer in this process, read by this process only: no keys to guard it.
     let options = understudy_proxy::SpawnOptions {
         insecure_no_key: true,
         ..understudy_proxy::SpawnOptions::default()
     };
-    let process = ProcessConfig::new(
-        any,
-        vec![BalancerSpec::new(
-            any,
-            BalancerConfig {
-                service: SERVICE.to_string(),
-                version: 1,
-                mirror_fraction: 1.0,
-                compare_body: true,
-                drain_timeout_ms: 1_000,
-                machines: vec![
-                    entry("media-active", "v1", active.addr(), PoolRole::Active),
-                    entry("media-control", "v1", control.addr(), PoolRole::Simulation),
-                    entry("media-v2", "v2", candidate.addr(), PoolRole::Simulation),
-                ],
-            },
-        )],
-    );
-    let balancers = understudy_proxy::spawn_with(process, options)
+    let balancers = understudy_proxy::spawn_with(machines.balancer_process(any), options)
         .map_err(|e| RecordError::Setup(e.to_string()))?;
     let target = balancers
         .listen_addr(SERVICE)
         .expect("the balancer listens");
     let admin = format!("http://{}", balancers.admin_addr());
 
-    let load = LoadSpec::from_toml_str(&format!(
+    let mut load = tokio::spawn(run_load(load_spec(plan)?, target, |_| {}));
+    let mut reader = PairReader::new(admin);
+    let outcome = reader.follow(&mut load).await?;
+    // The last copies finish after their active jobs: wait for the mirror to settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reader.read().await?;
+    let _ = tokio::task::spawn_blocking(move || balancers.shutdown()).await;
+    machines.shutdown().await;
+    outcome
+        .map_err(|e| RecordError::Load(e.to_string()))?
+        .map_err(|e| RecordError::Load(e.to_string()))?;
+    Ok(reader.into_jobs())
+}
+
+/// The three machines of the recording, all running [`MACHINE`].
+struct Machines {
+    active: MachineHandle,
+    control: MachineHandle,
+    candidate: MachineHandle,
+}
+
+impl Machines {
+    async fn spawn(any: SocketAddr) -> Result<Machines, RecordError> {
+        let spec: MachineSpec =
+            toml::from_str(MACHINE).map_err(|e| RecordError::Setup(e.to_string()))?;
+        let spawn = move |spec: MachineSpec| async move {
+            spawn_machine(spec, any)
+                .await
+                .map_err(|e| RecordError::Setup(e.to_string()))
+        };
+        Ok(Machines {
+            active: spawn(spec.clone()).await?,
+            control: spawn(spec.clone()).await?,
+            candidate: spawn(spec).await?,
+        })
+    }
+
+    /// One balancer for the service: v1 active, and the v1 control and "v2" simulated, with
+    /// every job copied to both.
+    fn balancer_process(&self, any: SocketAddr) -> ProcessConfig {
+        let entry = |id: &str, version: &str, addr: SocketAddr, config: PoolRole| MachineEntry {
+            id: id.to_string(),
+            version: version.to_string(),
+            address: addr.to_string(),
+            weight: 1,
+            config,
+            health_path: None,
+        };
+        ProcessConfig::new(
+            any,
+            vec![BalancerSpec::new(
+                any,
+                BalancerConfig {
+                    service: SERVICE.to_string(),
+                    version: 1,
+                    mirror_fraction: 1.0,
+                    compare_body: true,
+                    drain_timeout_ms: 1_000,
+                    machines: vec![
+                        entry("media-active", "v1", self.active.addr(), PoolRole::Active),
+                        entry(
+                            "media-control",
+                            "v1",
+                            self.control.addr(),
+                            PoolRole::Simulation,
+                        ),
+                        entry(
+                            "media-v2",
+                            "v2",
+                            self.candidate.addr(),
+                            PoolRole::Simulation,
+                        ),
+                    ],
+                },
+            )],
+        )
+    }
+
+    async fn shutdown(self) {
+        for machine in [self.active, self.control, self.candidate] {
+            machine.shutdown().await;
+        }
+    }
+}
+
+/// The open-loop call/SMS mix of the recording.
+fn load_spec(plan: &RecordPlan) -> Result<LoadSpec, RecordError> {
+    LoadSpec::from_toml_str(&format!(
         "rate = {}\nduration_s = {}\nseed = {}\n[mix]\nsms = 0.7\nvoice = 0.3\n",
         plan.rate, plan.duration_s, plan.seed
     ))
-    .map_err(|e| RecordError::Setup(e.to_string()))?;
-    let mut load = tokio::spawn(run_load(load, target, |_| {}));
+    .map_err(|e| RecordError::Setup(e.to_string()))
+}
 
-    // Read the pairs while the load runs, so the balancer's retention never overflows.
-    let client = HttpBalancerClient::new(Duration::from_secs(5));
-    let mut joiner = JobJoiner::default();
-    let mut jobs = Vec::new();
-    let mut cursor = 0;
-    let mut collect = |report: StatsReport| -> Result<u64, RecordError> {
+/// Reads the balancer's pairs from a cursor and joins each job's two copies.
+struct PairReader {
+    client: HttpBalancerClient,
+    admin: String,
+    cursor: u64,
+    joiner: JobJoiner,
+    /// (job number, job): copies complete in any order, sorted once the reading is over.
+    jobs: Vec<(u64, RecordedJob)>,
+}
+
+impl PairReader {
+    fn new(admin: String) -> PairReader {
+        PairReader {
+            client: HttpBalancerClient::new(Duration::from_secs(5)),
+            admin,
+            cursor: 0,
+            joiner: JobJoiner::default(),
+            jobs: Vec::new(),
+        }
+    }
+
+    /// Reads the pairs while the load runs, so the balancer's retention never overflows; gives
+    /// the load task's outcome.
+    async fn follow<T>(
+        &mut self,
+        load: &mut tokio::task::JoinHandle<T>,
+    ) -> Result<Result<T, tokio::task::JoinError>, RecordError> {
+        loop {
+            tokio::select! {
+                finished = &mut *load => return Ok(finished),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => self.read().await?,
+            }
+        }
+    }
+
+    /// One read of the pairs since the cursor.
+    async fn read(&mut self) -> Result<(), RecordError> {
+        let report = self
+            .client
+            .stats(&self.admin, SERVICE, self.cursor)
+            .await
+            .map_err(|e| RecordError::Stats(e.to_string()))?;
+        self.cursor = self.collect(report)?;
+        Ok(())
+    }
+
+    fn collect(&mut self, report: StatsReport) -> Result<u64, RecordError> {
         if report.pairs_lost > 0 {
             return Err(RecordError::Lost(report.pairs_lost));
         }
         for pair in &report.pairs {
             let control = pair.simulation.version != "v2";
-            if let Some((control, v2)) = joiner.offer(pair.job, control, sample_of(pair)) {
-                jobs.push((
+            if let Some((control, v2)) = self.joiner.offer(pair.job, control, sample_of(pair)) {
+                self.jobs.push((
                     pair.job,
                     RecordedJob {
                         against_active: v2,
@@ -147,34 +239,13 @@ pub async fn record(plan: &RecordPlan) -> Result<Vec<RecordedJob>, RecordError> 
             }
         }
         Ok(report.cursor)
-    };
-    let outcome = loop {
-        tokio::select! {
-            finished = &mut load => break finished,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                let report = client.stats(&admin, SERVICE, cursor).await
-                    .map_err(|e| RecordError::Stats(e.to_string()))?;
-                cursor = collect(report)?;
-            }
-        }
-    };
-    // The last copies finish after their active jobs: wait for the mirror to settle.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let report = client
-        .stats(&admin, SERVICE, cursor)
-        .await
-        .map_err(|e| RecordError::Stats(e.to_string()))?;
-    collect(report)?;
-    let _ = tokio::task::spawn_blocking(move || balancers.shutdown()).await;
-    for machine in [active, control, candidate] {
-        machine.shutdown().await;
     }
-    outcome
-        .map_err(|e| RecordError::Load(e.to_string()))?
-        .map_err(|e| RecordError::Load(e.to_string()))?;
-    // Copies complete in any order; the judge reads jobs in arrival order.
-    jobs.sort_by_key(|(job, _)| *job);
-    Ok(jobs.into_iter().map(|(_, job)| job).collect())
+
+    /// The jobs in arrival order, as the judge reads them.
+    fn into_jobs(mut self) -> Vec<RecordedJob> {
+        self.jobs.sort_by_key(|(job, _)| *job);
+        self.jobs.into_iter().map(|(_, job)| job).collect()
+    }
 }
 
 /// The pairs in `understudy judge`'s CSV form.

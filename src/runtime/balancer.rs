@@ -1022,16 +1022,15 @@ mod tests {
         cluster
             .set_balancer_key("db", BalancerSecret::given(key), ConfigDelivery::Http)
             .unwrap();
-        let controller =
-            crate::runtime::controller::start(crate::runtime::controller::ControllerConfig {
-                cluster,
-                database: ":memory:".into(),
-                admin_addr: "127.0.0.1:0".parse().unwrap(),
-                token: "t0ken".into(),
-                tick: Duration::from_millis(50),
-            })
-            .await
-            .unwrap();
+        let controller = crate::app::start(crate::app::ControllerConfig {
+            cluster,
+            database: ":memory:".into(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            token: "t0ken".into(),
+            tick: Duration::from_millis(50),
+        })
+        .await
+        .unwrap();
         let http = http_json::client();
         let rotate = |service: &str, token: &str| {
             let url = format!(

@@ -8,14 +8,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use understudy_judge::{Baseline, Decision, Judge, Verdict};
 use understudy_proxy::wire::{
     BalancerConfig, JobPair, MachineEntry, MachineHealth, MachineStatus, PoolRole, SeriesStats,
@@ -25,42 +23,15 @@ use utoipa::ToSchema;
 
 use crate::config::cluster::{Cluster, Service};
 use crate::core::pairing::PairFeed;
+use crate::core::pairing::StoredPair;
 use crate::core::plan::{Plan, PlanError, Selection};
+use crate::core::roles::MachineRole;
 use crate::core::rollout::{transition, Actor, Event, Phase, TransitionError};
 use crate::core::step;
-use crate::runtime::balancer::{BalancerClient, BalancerError, HttpBalancerClient};
+use crate::runtime::balancer::{BalancerClient, BalancerError};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::monitor;
 use crate::store::{self, Store, StoreError, TransitionRecord};
-use crate::core::roles::MachineRole;
-use crate::core::pairing::StoredPair;
-
-/// Everything the controller needs to run.
-#[derive(Debug, Clone)]
-pub struct ControllerConfig {
-    pub cluster: Cluster,
-    /// SQLite file; created when missing. `:memory:` keeps the state in memory (lost on exit).
-    pub database: PathBuf,
-    /// Admin endpoint address; port 0 picks a free one (see [`ControllerHandle::admin_addr`]).
-    pub admin_addr: SocketAddr,
-    /// Bearer token for mutating admin calls.
-    pub token: String,
-    /// Reconcile period.
-    pub tick: Duration,
-}
-
-impl ControllerConfig {
-    /// Takes address, database and tick from the cluster's `[controller]` table.
-    pub fn from_cluster(cluster: Cluster, token: String) -> ControllerConfig {
-        ControllerConfig {
-            database: cluster.controller.database.clone(),
-            admin_addr: cluster.controller.admin_addr,
-            tick: cluster.controller.tick,
-            cluster,
-            token,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -442,13 +413,26 @@ pub struct Core {
     pub(crate) predictions: Arc<crate::runtime::predictions::Predictions>,
 }
 
+/// `ReleaseRequest.services`: service -> version, at least one (utoipa has no field attribute for
+/// `minProperties`).
+fn service_versions() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::Object)
+        .additional_properties(Some(
+            utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::String),
+        ))
+        .min_properties(Some(1))
+        .description(Some("service -> version, at least one"))
+        .build()
+}
+
 /// A release request (`POST /api/v1/releases`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"services": {"db": "v2"}, "dry_run": true}))]
 pub struct ReleaseRequest {
     /// service -> version.
-    #[schema(schema_with = crate::api::openapi::service_versions)]
+    #[schema(schema_with = service_versions)]
     pub services: BTreeMap<String, String>,
     /// When a service fails, roll back what already joined, in reverse dependency order.
     #[serde(default)]
@@ -964,6 +948,11 @@ impl Core {
     /// Asks the reconcile loop to run now.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// Resolves when [`Core::wake`] is called (the reconcile loop ticks early).
+    pub async fn woken(&self) {
+        self.wake.notified().await
     }
 
     /// Runs `f` on the store, the machines' roles and the cluster under the state lock (the
@@ -2210,137 +2199,6 @@ fn detail(state: &State, r: &RolloutState) -> RolloutDetail {
             .map(|t| serde_json::to_value(t).unwrap_or_default())
             .collect(),
     }
-}
-
-/// A running controller: reconcile loop and admin endpoint.
-pub struct ControllerHandle {
-    admin_addr: SocketAddr,
-    core: Arc<Core>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl ControllerHandle {
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
-    }
-
-    /// `http://ADDR`, the base URL of the admin endpoint.
-    pub fn admin_url(&self) -> String {
-        format!("http://{}", self.admin_addr)
-    }
-
-    pub fn core(&self) -> &Arc<Core> {
-        &self.core
-    }
-
-    /// Stops the loop and the endpoint and waits for both.
-    pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-    }
-}
-
-/// Starts the controller with the HTTP balancer client.
-pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, ControllerError> {
-    // (nats: signed configs) keyed balancers get signed configs; hub delivery once the hub runs.
-    let client = Arc::new(HttpBalancerClient::for_cluster(&config.cluster));
-    let handle = start_with_client(config, client.clone()).await?;
-    client.set_hub(handle.core().hub_backend());
-    Ok(handle)
-}
-
-/// Starts the controller with a given balancer client (tests use [`crate::runtime::balancer::FakeBalancer`]).
-pub async fn start_with_client(
-    config: ControllerConfig,
-    client: Arc<dyn BalancerClient>,
-) -> Result<ControllerHandle, ControllerError> {
-    if config.token.is_empty() {
-        return Err(ControllerError::NoToken);
-    }
-    if let Some(s) = config
-        .cluster
-        .services
-        .values()
-        .find(|s| s.balancer.is_none())
-    {
-        return Err(ControllerError::NoBalancer(s.name.clone()));
-    }
-    let store = if config.database.as_os_str() == ":memory:" {
-        Store::open_in_memory()?
-    } else {
-        Store::open(&config.database)?
-    };
-    let hub = crate::runtime::hub::ControllerHub::connect(
-        &config.cluster.hub,
-        &store,
-        Clock::new().now_ms(),
-    )
-    .await?;
-    hub.install_balancer_subscribers(&config.cluster);
-    let core = Arc::new(Core::open_with_hub(
-        config.cluster,
-        store,
-        client,
-        config.token,
-        hub,
-    )?);
-    let listener = tokio::net::TcpListener::bind(config.admin_addr)
-        .await
-        .map_err(|source| ControllerError::Bind {
-            addr: config.admin_addr,
-            source,
-        })?;
-    let admin_addr = listener
-        .local_addr()
-        .map_err(|source| ControllerError::Bind {
-            addr: config.admin_addr,
-            source,
-        })?;
-    let (shutdown, watcher) = watch::channel(false);
-    let loop_core = core.clone();
-    let mut loop_stop = watcher.clone();
-    let tick = config.tick;
-    let reconcile = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                _ = loop_core.wake.notified() => {}
-                _ = loop_stop.changed() => break,
-            }
-            loop_core.tick().await;
-        }
-    });
-    core.hub()
-        .set_advertised_url(format!("http://{admin_addr}"));
-    let recorder = crate::runtime::hub::spawn_recorder(core.clone(), watcher.clone());
-    let predicting = core.predictions.start(core.hub_backend(), watcher.clone());
-    let router = crate::api::admin::router(core.clone());
-    let mut http_stop = watcher;
-    let server = tokio::spawn(async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.changed().await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!("admin endpoint stopped: {e}");
-        }
-    });
-    tracing::info!(%admin_addr, "controller started");
-    Ok(ControllerHandle {
-        admin_addr,
-        core,
-        shutdown,
-        tasks: vec![reconcile, server, recorder]
-            .into_iter()
-            .chain(predicting)
-            .collect(),
-    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Controller tests: whole releases against the in-memory balancer, with tokio's paused clock and
 //! SQLite in a temporary directory; restarts; the joining condition through the judge crate.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use understudy_judge::{Condition, Decision, Judge, PairSample};
 use understudy_proxy::wire::{JobObservation, JobPair, Outcome, PoolRole};
 
 use super::*;
+use crate::app::{start_with_client, ControllerConfig};
 use crate::config::cluster::parse;
 use crate::config::cluster::tests::SAMPLE;
 use crate::runtime::balancer::FakeBalancer;

@@ -24,7 +24,6 @@ use crate::store::{MachineKeyRow, Store, StoreError};
 
 pub use understudy_hub::CONTROLLER_ID;
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error("hub keys: {0}")]

@@ -584,17 +584,16 @@ async fn over_nats_reports_are_verified_and_recorded_the_same_way() {
 /// an SSE subscriber sees it, the registry records it, and shutdown ends the subscriber.
 async fn hosts_the_hub(cluster_text: String) -> String {
     let cluster = crate::config::cluster::parse("t.toml", &cluster_text).unwrap();
-    let config = crate::runtime::controller::ControllerConfig {
+    let config = crate::app::ControllerConfig {
         database: std::path::PathBuf::from(":memory:"),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         token: TOKEN.into(),
         tick: Duration::from_millis(50),
         cluster,
     };
-    let handle =
-        crate::runtime::controller::start_with_client(config, Arc::new(FakeBalancer::new()))
-            .await
-            .unwrap();
+    let handle = crate::app::start_with_client(config, Arc::new(FakeBalancer::new()))
+        .await
+        .unwrap();
     let addr = handle.admin_addr();
     let core = handle.core().clone();
 

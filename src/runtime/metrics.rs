@@ -1,5 +1,6 @@
 //! The controller's Prometheus metrics (names per CONTRACT.md; base units, `_total` counters).
 
+use prometheus::core::Collector;
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -26,138 +27,142 @@ pub struct Metrics {
     pub monitor_actions: CounterVec,
 }
 
+/// One metric family: its name, help text and label names.
+struct Def {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+const ROLLOUT_PHASE: Def = Def {
+    name: "understudy_rollout_phase",
+    help: "1 for the phase a rollout is in, 0 for the others.",
+    labels: &["service", "rollout", "phase"],
+};
+const TRANSITIONS: Def = Def {
+    name: "understudy_rollout_transitions_total",
+    help: "Rollout transitions performed.",
+    labels: &["service", "from", "to"],
+};
+const PUSH_SECONDS: Def = Def {
+    name: "understudy_balancer_push_seconds",
+    help: "Time to push a config to a balancer and get its answer.",
+    labels: &["service"],
+};
+const PUSH_SECONDS_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+const PUSH_FAILURES: Def = Def {
+    name: "understudy_balancer_push_failures_total",
+    help: "Config pushes a balancer did not acknowledge.",
+    labels: &["service"],
+};
+const CURSOR_RESETS: Def = Def {
+    name: "understudy_balancer_stats_cursor_resets_total",
+    help: "Stats cursors a balancer could not serve (too old, or ahead after its restart), \
+           replaced by one it can.",
+    labels: &["service", "reason"],
+};
+const STATS_FAILURES: Def = Def {
+    name: "understudy_balancer_stats_failures_total",
+    help: "Stats reads from a balancer that failed.",
+    labels: &["service"],
+};
+const VERDICT_LATENCY: Def = Def {
+    name: "understudy_verdict_latency_seconds",
+    help: "Latency percentile (p50, p99, p99.9) of the mirrored jobs a rollout compared, per version and configuration.",
+    // Not `quantile`: that label is reserved for summaries.
+    labels: &["service", "rollout", "version", "config", "percentile"],
+};
+const VERDICT_ERROR_RATIO: Def = Def {
+    name: "understudy_verdict_error_ratio",
+    help: "Share of the compared jobs that failed, per version and configuration.",
+    labels: &["service", "rollout", "version", "config"],
+};
+const VERDICT_JOBS: Def = Def {
+    name: "understudy_verdict_jobs",
+    help: "Mirrored job pairs behind a rollout's latest verdict.",
+    labels: &["service", "rollout"],
+};
+const VERDICT_MISMATCH_RATIO: Def = Def {
+    name: "understudy_verdict_mismatch_ratio",
+    help: "Share of compared pairs whose answers differed.",
+    labels: &["service", "rollout"],
+};
+const VERDICT_DECISION: Def = Def {
+    name: "understudy_verdict_decision",
+    help: "1 for a rollout's current judge decision (pass, fail, not_enough_data).",
+    labels: &["service", "rollout", "decision"],
+};
+const JUDGE_STARVED: Def = Def {
+    name: "understudy_rollout_judge_starved",
+    help: "1 while a simulating rollout's v2 answers copies and not one pair reaches its \
+           judge (the API shows why in the rollout's `problem`).",
+    labels: &["service", "rollout"],
+};
+const MONITOR_ACTIONS: Def = Def {
+    name: "understudy_monitor_actions_total",
+    help: "Actions the monitor loop took, by the rule that asked for them and the action.",
+    labels: &["rule", "action"],
+};
+
+/// Creates each metric from its [`Def`] and registers it at once, so `Metrics::new` reads as a
+/// list of the families rather than pairs of constructor and registration calls.
+struct Registrar<'r> {
+    registry: &'r Registry,
+}
+
+impl Registrar<'_> {
+    fn register<C: Collector + Clone + 'static>(&self, metric: C) -> Result<C, prometheus::Error> {
+        self.registry.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    fn counter(&self, def: &Def) -> Result<CounterVec, prometheus::Error> {
+        self.register(CounterVec::new(Opts::new(def.name, def.help), def.labels)?)
+    }
+
+    fn gauge(&self, def: &Def) -> Result<GaugeVec, prometheus::Error> {
+        self.register(GaugeVec::new(Opts::new(def.name, def.help), def.labels)?)
+    }
+
+    fn int_gauge(&self, def: &Def) -> Result<IntGaugeVec, prometheus::Error> {
+        self.register(IntGaugeVec::new(Opts::new(def.name, def.help), def.labels)?)
+    }
+
+    fn histogram(&self, def: &Def, buckets: &[f64]) -> Result<HistogramVec, prometheus::Error> {
+        let opts = HistogramOpts::new(def.name, def.help).buckets(buckets.to_vec());
+        self.register(HistogramVec::new(opts, def.labels)?)
+    }
+}
+
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let rollout_phase = IntGaugeVec::new(
-            Opts::new(
-                "understudy_rollout_phase",
-                "1 for the phase a rollout is in, 0 for the others.",
-            ),
-            &["service", "rollout", "phase"],
-        )?;
-        let transitions = CounterVec::new(
-            Opts::new(
-                "understudy_rollout_transitions_total",
-                "Rollout transitions performed.",
-            ),
-            &["service", "from", "to"],
-        )?;
-        let push_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "understudy_balancer_push_seconds",
-                "Time to push a config to a balancer and get its answer.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-            &["service"],
-        )?;
-        let push_failures = CounterVec::new(
-            Opts::new(
-                "understudy_balancer_push_failures_total",
-                "Config pushes a balancer did not acknowledge.",
-            ),
-            &["service"],
-        )?;
-        let cursor_resets = CounterVec::new(
-            Opts::new(
-                "understudy_balancer_stats_cursor_resets_total",
-                "Stats cursors a balancer could not serve (too old, or ahead after its restart), \
-                 replaced by one it can.",
-            ),
-            &["service", "reason"],
-        )?;
-        let stats_failures = CounterVec::new(
-            Opts::new(
-                "understudy_balancer_stats_failures_total",
-                "Stats reads from a balancer that failed.",
-            ),
-            &["service"],
-        )?;
-        let verdict_latency = GaugeVec::new(
-            Opts::new(
-                "understudy_verdict_latency_seconds",
-                "Latency percentile (p50, p99, p99.9) of the mirrored jobs a rollout compared, per version and configuration.",
-            ),
-            // Not `quantile`: that label is reserved for summaries.
-            &["service", "rollout", "version", "config", "percentile"],
-        )?;
-        let verdict_error_ratio = GaugeVec::new(
-            Opts::new(
-                "understudy_verdict_error_ratio",
-                "Share of the compared jobs that failed, per version and configuration.",
-            ),
-            &["service", "rollout", "version", "config"],
-        )?;
-        let verdict_jobs = IntGaugeVec::new(
-            Opts::new(
-                "understudy_verdict_jobs",
-                "Mirrored job pairs behind a rollout's latest verdict.",
-            ),
-            &["service", "rollout"],
-        )?;
-        let verdict_mismatch_ratio = GaugeVec::new(
-            Opts::new(
-                "understudy_verdict_mismatch_ratio",
-                "Share of compared pairs whose answers differed.",
-            ),
-            &["service", "rollout"],
-        )?;
-        let verdict_decision = IntGaugeVec::new(
-            Opts::new(
-                "understudy_verdict_decision",
-                "1 for a rollout's current judge decision (pass, fail, not_enough_data).",
-            ),
-            &["service", "rollout", "decision"],
-        )?;
-        let judge_starved = IntGaugeVec::new(
-            Opts::new(
-                "understudy_rollout_judge_starved",
-                "1 while a simulating rollout's v2 answers copies and not one pair reaches its \
-                 judge (the API shows why in the rollout's `problem`).",
-            ),
-            &["service", "rollout"],
-        )?;
-        registry.register(Box::new(judge_starved.clone()))?;
-        registry.register(Box::new(rollout_phase.clone()))?;
-        registry.register(Box::new(transitions.clone()))?;
-        registry.register(Box::new(push_seconds.clone()))?;
-        registry.register(Box::new(push_failures.clone()))?;
-        registry.register(Box::new(stats_failures.clone()))?;
-        registry.register(Box::new(cursor_resets.clone()))?;
-        registry.register(Box::new(verdict_latency.clone()))?;
-        registry.register(Box::new(verdict_error_ratio.clone()))?;
-        registry.register(Box::new(verdict_jobs.clone()))?;
-        registry.register(Box::new(verdict_mismatch_ratio.clone()))?;
-        registry.register(Box::new(verdict_decision.clone()))?;
-        let monitor_actions = CounterVec::new(
-            Opts::new(
-                "understudy_monitor_actions_total",
-                "Actions the monitor loop took, by the rule that asked for them and the action.",
-            ),
-            &["rule", "action"],
-        )?;
-        registry.register(Box::new(monitor_actions.clone()))?;
-        for (rule, action) in crate::core::monitor::ACTION_LABELS {
-            monitor_actions.with_label_values(&[rule, action]);
-        }
-        Ok(Metrics {
+        let r = Registrar {
+            registry: &registry,
+        };
+        let metrics = Metrics {
+            rollout_phase: r.int_gauge(&ROLLOUT_PHASE)?,
+            transitions: r.counter(&TRANSITIONS)?,
+            push_seconds: r.histogram(&PUSH_SECONDS, &PUSH_SECONDS_BUCKETS)?,
+            push_failures: r.counter(&PUSH_FAILURES)?,
+            stats_failures: r.counter(&STATS_FAILURES)?,
+            cursor_resets: r.counter(&CURSOR_RESETS)?,
+            verdict_latency: r.gauge(&VERDICT_LATENCY)?,
+            verdict_error_ratio: r.gauge(&VERDICT_ERROR_RATIO)?,
+            verdict_jobs: r.int_gauge(&VERDICT_JOBS)?,
+            verdict_mismatch_ratio: r.gauge(&VERDICT_MISMATCH_RATIO)?,
+            verdict_decision: r.int_gauge(&VERDICT_DECISION)?,
+            judge_starved: r.int_gauge(&JUDGE_STARVED)?,
+            monitor_actions: r.counter(&MONITOR_ACTIONS)?,
             registry,
-            rollout_phase,
-            transitions,
-            push_seconds,
-            push_failures,
-            stats_failures,
-            cursor_resets,
-            verdict_latency,
-            verdict_error_ratio,
-            verdict_jobs,
-            verdict_mismatch_ratio,
-            verdict_decision,
-            judge_starved,
-            monitor_actions,
-        })
+        };
+        // Every rule/action pair shows (at 0) before the monitor first acts.
+        for (rule, action) in crate::core::monitor::ACTION_LABELS {
+            metrics.monitor_actions.with_label_values(&[rule, action]);
+        }
+        Ok(metrics)
     }
 
     /// Sets the phase gauge of a rollout: 1 for `phase`, 0 for the others.

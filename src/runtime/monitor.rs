@@ -30,11 +30,13 @@ use understudy_hub::{MachineRecord, MachineStore, Role, SecretKey, Signer, Statu
 use understudy_proxy::wire::MachineState;
 use utoipa::ToSchema;
 
-use crate::core::monitor::{action_name, alters_watched, repeat_key, rule_of, ActionRecord, HeldOut, HoldReason};
-use crate::store::monitor::{drop_held_out, put_held_out};
-use crate::runtime::controller::{desired_machines, Core, State};
-use crate::store::{self, SqlMachineStore, StoreError};
+use crate::core::monitor::{
+    action_name, alters_watched, repeat_key, rule_of, ActionRecord, HeldOut, HoldReason,
+};
 use crate::core::roles::MachineRole;
+use crate::runtime::controller::{desired_machines, Core, State};
+use crate::store::monitor::{drop_held_out, put_held_out};
+use crate::store::{self, SqlMachineStore, StoreError};
 
 /// Topic of replacement requests (payload `{"service", "missing", "machines_down"}`).
 pub const SCALE_TOPIC: &str = "control.scale";
@@ -528,33 +530,6 @@ fn presence(state: &State) -> Vec<MachinePresence> {
     machines
 }
 
-/// `GET /api/v1/monitor`.
-#[utoipa::path(
-    get,
-    path = "/api/v1/monitor",
-    tag = "monitor",
-    responses((status = 200, description = "Machines held out and draining", body = MonitorView))
-)]
-pub async fn view_route(
-    axum::extract::State(core): axum::extract::State<std::sync::Arc<Core>>,
-) -> axum::Json<MonitorView> {
-    axum::Json(core.monitor_view())
-}
-
-/// `GET /api/v1/monitor/actions`: the most recent actions, oldest first.
-#[utoipa::path(
-    get,
-    path = "/api/v1/monitor/actions",
-    tag = "monitor",
-    responses((status = 200, description = "The most recent actions, oldest first",
-        body = [ActionRecord]))
-)]
-pub async fn actions_route(
-    axum::extract::State(core): axum::extract::State<std::sync::Arc<Core>>,
-) -> axum::Json<Vec<ActionRecord>> {
-    axum::Json(core.monitor_actions())
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -565,11 +540,11 @@ mod tests {
     use understudy_proxy::wire::{MachineHealth, PoolRole};
 
     use super::*;
-    use understudy_hub::monitor::Rules;
     use crate::config::cluster::parse;
     use crate::runtime::balancer::FakeBalancer;
     use crate::runtime::controller::lock;
     use crate::runtime::controller::tests::{identical_pairs, Rig};
+    use understudy_hub::monitor::Rules;
 
     const MEDIA: &str = r#"
 [controller]

@@ -16,10 +16,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -27,17 +23,12 @@ use tokio::task::JoinHandle;
 use understudy_hub::{Backend, Envelope, Filter};
 use understudy_judge::{Decision, Verdict};
 use understudy_predict::{
-    Alert, Comparison, DwellSummary, Observed, Outlook, Predictor,
-    Timestamp, Update,
+    Alert, Comparison, DwellSummary, Observed, Outlook, Predictor, Timestamp, Update,
 };
 use understudy_proxy::wire::PoolRole;
-use utoipa::{IntoParams, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
+use utoipa::ToSchema;
 
-use crate::api::admin::ErrorBody;
 use crate::config::predict::{PredictionSettings, WebhookSettings};
-use crate::api::extract::ApiPath;
 use crate::runtime::controller::Clock;
 
 /// The hub topic machines publish their calls' states on.
@@ -724,6 +715,11 @@ impl Predictions {
     }
 
     /// The recent alerts, newest first, optionally of one service (and version).
+    /// Alerts raised since start (the listing keeps only the recent ones).
+    pub fn alerts_total(&self) -> u64 {
+        lock(&self.inner).alerts_total
+    }
+
     pub fn alerts(
         &self,
         service: Option<&str>,
@@ -843,325 +839,6 @@ async fn send_webhooks(
             tracing::warn!(url = %webhook.url, alerts = batch.len(), "prediction webhook: {reason}");
         }
     }
-}
-
-// ---- HTTP ----
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-struct AlertQuery {
-    /// Only this service's alerts.
-    service: Option<String>,
-    /// Only this version's (with `service`).
-    version: Option<String>,
-    /// At most this many (default `[predict] recent_alerts`).
-    limit: Option<usize>,
-}
-
-/// `GET /api/v1/predictions/alerts`.
-#[derive(Debug, Serialize, ToSchema)]
-struct AlertsView {
-    alerts_total: u64,
-    /// Newest first.
-    alerts: Vec<AlertRecord>,
-}
-
-fn not_found(message: String) -> Response {
-    (StatusCode::NOT_FOUND, Json(ErrorBody { error: message })).into_response()
-}
-
-/// `GET /api/v1/predictions`, `/api/v1/predictions/{service}`, `/{service}/{version}` and
-/// `/api/v1/predictions/alerts` (reads: no token, like every other read of the admin endpoint).
-pub fn router(predictions: Arc<Predictions>) -> OpenApiRouter {
-    OpenApiRouter::new()
-        .routes(routes!(all_models))
-        .routes(routes!(recent_alerts))
-        .routes(routes!(service_models))
-        .routes(routes!(version_models))
-        .with_state(predictions)
-}
-
-type Shared = State<Arc<Predictions>>;
-
-#[utoipa::path(
-    get,
-    path = "/api/v1/predictions",
-    tag = "predictions",
-    responses((status = 200, description = "Every model and v2-against-v1 comparison",
-        body = PredictionsView))
-)]
-async fn all_models(State(p): Shared) -> Response {
-    Json(p.view(None, None)).into_response()
-}
-
-#[utoipa::path(
-    get,
-    path = "/api/v1/predictions/{service}",
-    tag = "predictions",
-    params(("service" = String, Path, description = "Service name", example = "db")),
-    responses(
-        (status = 200, description = "The service's models", body = PredictionsView),
-        (status = 404, description = "No call of the service was reported yet", body = ErrorBody),
-    )
-)]
-async fn service_models(State(p): Shared, ApiPath(service): ApiPath<String>) -> Response {
-    let view = p.view(Some(&service), None);
-    if view.models.is_empty() {
-        return not_found(format!("no call of service `{service}` was reported yet"));
-    }
-    Json(view).into_response()
-}
-
-#[utoipa::path(
-    get,
-    path = "/api/v1/predictions/{service}/{version}",
-    tag = "predictions",
-    params(
-        ("service" = String, Path, description = "Service name", example = "db"),
-        ("version" = String, Path, description = "Version", example = "v1"),
-    ),
-    responses(
-        (status = 200, description = "The version's models, one per configuration",
-            body = PredictionsView),
-        (status = 404, description = "No call of that version was reported yet", body = ErrorBody),
-    )
-)]
-async fn version_models(
-    State(p): Shared,
-    ApiPath((service, version)): ApiPath<(String, String)>,
-) -> Response {
-    let view = p.view(Some(&service), Some(&version));
-    if view.models.is_empty() {
-        return not_found(format!(
-            "no call of service `{service}` version `{version}` was reported yet"
-        ));
-    }
-    Json(view).into_response()
-}
-
-#[utoipa::path(
-    get,
-    path = "/api/v1/predictions/alerts",
-    tag = "predictions",
-    params(AlertQuery),
-    responses(
-        (status = 200, description = "The most recent alerts", body = AlertsView),
-        (status = 400, description = "An unknown or bad query parameter", body = ErrorBody),
-    )
-)]
-async fn recent_alerts(
-    State(p): Shared,
-    query: Result<Query<AlertQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(query) = match query {
-        Ok(q) => q,
-        Err(e) => {
-            let error = ErrorBody {
-                error: e.body_text(),
-            };
-            return (StatusCode::BAD_REQUEST, Json(error)).into_response();
-        }
-    };
-    let limit = query.limit.unwrap_or(p.settings.recent_alerts);
-    let alerts = p.alerts(query.service.as_deref(), query.version.as_deref(), limit);
-    Json(AlertsView {
-        alerts_total: lock(&p.inner).alerts_total,
-        alerts,
-    })
-    .into_response()
-}
-
-// ---- CLI: `understudy predictions` ----
-
-#[derive(clap::Args, Debug)]
-pub struct PredictionsArgs {
-    /// Only this service.
-    pub service: Option<String>,
-    /// Only this version of the service: one table per configuration, state by state.
-    pub version: Option<String>,
-    /// The recent alerts instead of the models.
-    #[arg(long, conflicts_with = "version")]
-    pub alerts: bool,
-    /// Print the endpoint's JSON answer.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub endpoint: crate::cli::EndpointArgs,
-}
-
-fn number(value: &serde_json::Value, digits: usize) -> String {
-    value
-        .as_f64()
-        .map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
-}
-
-/// One row per model, then the v2-against-v1 comparisons.
-fn models_text(view: &serde_json::Value) -> String {
-    let mut rows = vec![[
-        "service",
-        "version",
-        "config",
-        "P(failure) from start",
-        "starts",
-        "states",
-    ]
-    .map(String::from)
-    .to_vec()];
-    let start = view["start_state"].as_str().unwrap_or("");
-    for m in view["models"].as_array().into_iter().flatten() {
-        rows.push(vec![
-            m["service"].as_str().unwrap_or("").to_string(),
-            m["version"].as_str().unwrap_or("").to_string(),
-            m["config"].as_str().unwrap_or("").to_string(),
-            number(&m["start_failure"], 4),
-            number(&m["outlook"]["states"][start]["exits"], 1),
-            m["outlook"]["order"]
-                .as_array()
-                .map_or(0, Vec::len)
-                .to_string(),
-        ]);
-    }
-    let mut out = format!(
-        "MODELS (start state `{start}`)\n{}",
-        crate::table::render(&rows)
-    );
-    let mut rows = vec![[
-        "service",
-        "v1 (active)",
-        "v2 (simulation)",
-        "P1",
-        "P2",
-        "z",
-        "clearly higher",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for c in view["comparisons"].as_array().into_iter().flatten() {
-        let n = &c["comparison"];
-        rows.push(vec![
-            c["service"].as_str().unwrap_or("").to_string(),
-            c["baseline"]["version"].as_str().unwrap_or("").to_string(),
-            c["candidate"]["version"].as_str().unwrap_or("").to_string(),
-            number(&n["baseline"]["failure"], 4),
-            number(&n["candidate"]["failure"], 4),
-            number(&n["z"], 2),
-            n["clearly_higher"].as_bool().unwrap_or(false).to_string(),
-        ]);
-    }
-    out.push_str(&format!("COMPARISONS\n{}", crate::table::render(&rows)));
-    out
-}
-
-/// State by state: departures, P(each artifact), mean and p99 dwell.
-fn states_text(view: &serde_json::Value) -> String {
-    let artifacts: Vec<String> = view["artifacts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.as_str().map(String::from))
-        .collect();
-    let mut out = String::new();
-    for m in view["models"].as_array().into_iter().flatten() {
-        let mut header = vec![
-            "state".to_string(),
-            "role".to_string(),
-            "departures".to_string(),
-        ];
-        header.extend(artifacts.iter().map(|a| format!("P({a})")));
-        header.extend(["mean dwell s".to_string(), "p99 dwell s".to_string()]);
-        let mut rows = vec![header];
-        for state in m["outlook"]["order"].as_array().into_iter().flatten() {
-            let name = state.as_str().unwrap_or("");
-            let s = &m["outlook"]["states"][name];
-            let dwell = &m["dwell"][name];
-            let mut row = vec![
-                name.to_string(),
-                s["role"].as_str().unwrap_or("").to_string(),
-                number(&s["exits"], 1),
-            ];
-            row.extend(artifacts.iter().map(|a| number(&s["artifacts"][a], 4)));
-            row.extend([
-                number(&dwell["mean_secs"], 3),
-                number(&dwell["p99_secs"], 3),
-            ]);
-            rows.push(row);
-        }
-        out.push_str(&format!(
-            "{} {} ({})\n{}",
-            m["service"].as_str().unwrap_or(""),
-            m["version"].as_str().unwrap_or(""),
-            m["config"].as_str().unwrap_or(""),
-            crate::table::render(&rows)
-        ));
-    }
-    out
-}
-
-fn alerts_text(answer: &serde_json::Value) -> String {
-    let mut rows = vec![[
-        "at_ms", "service", "version", "config", "object", "state", "artifact", "P", "cause",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for a in answer["alerts"].as_array().into_iter().flatten() {
-        let text = |key: &str| a[key].as_str().unwrap_or("").to_string();
-        rows.push(vec![
-            a["at_ms"].to_string(),
-            text("service"),
-            text("version"),
-            text("config"),
-            text("object"),
-            text("state"),
-            text("artifact"),
-            number(&a["probability"], 4),
-            text("cause"),
-        ]);
-    }
-    format!(
-        "ALERTS ({} raised in all)\n{}",
-        answer["alerts_total"],
-        crate::table::render(&rows)
-    )
-}
-
-/// `understudy predictions`: 0 shown, 1 refused or unreachable, 2 bad use.
-pub fn predictions_command(args: PredictionsArgs) -> u8 {
-    let client = match crate::cli::admin(&args.endpoint) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let Some(rt) = crate::cli::runtime() else {
-        return 2;
-    };
-    let path = match (&args.service, &args.version, args.alerts) {
-        (service, _, true) => format!(
-            "/api/v1/predictions/alerts{}",
-            service
-                .as_ref()
-                .map_or(String::new(), |s| format!("?service={s}"))
-        ),
-        (Some(service), Some(version), false) => format!("/api/v1/predictions/{service}/{version}"),
-        (Some(service), None, false) => format!("/api/v1/predictions/{service}"),
-        (None, _, false) => "/api/v1/predictions".to_string(),
-    };
-    let answer: serde_json::Value = match rt.block_on(client.get(&path)) {
-        Ok(v) => v,
-        Err(e) => return crate::cli::failure(&e),
-    };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&answer).unwrap_or_default()
-        );
-    } else if args.alerts {
-        print!("{}", alerts_text(&answer));
-    } else if args.version.is_some() {
-        print!("{}", states_text(&answer));
-    } else {
-        print!("{}", models_text(&answer));
-    }
-    0
 }
 
 #[cfg(test)]

@@ -7,7 +7,11 @@ use tower::ServiceExt;
 use understudy_hub::{EmbeddedHub, Envelope};
 
 use super::*;
+use crate::api::predictions::router;
+use crate::cli::predictions::{alerts_text, models_text, states_text};
 use crate::config::predict::{PredictSection, PredictSectionError, PredictionSettings};
+use axum::http::StatusCode;
+use axum::Json;
 
 fn section(text: &str) -> Result<PredictionSettings, PredictSectionError> {
     let section: PredictSection = toml::from_str(text).map_err(|e| PredictSectionError {

@@ -18,10 +18,9 @@ use super::report::{
 };
 use super::spec::{Expected, OpsTrigger, ReleasePlan, Scenario};
 use crate::api::client::{AdminClient, ClientError};
+use crate::app::{ControllerConfig, ControllerHandle};
 use crate::config::cluster::Cluster;
-use crate::runtime::controller::{
-    self, ControllerConfig, ControllerHandle, RolloutDetail, RolloutView,
-};
+use crate::runtime::controller::{RolloutDetail, RolloutView};
 
 const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
 /// How often the runner looks at the rollouts.
@@ -196,7 +195,7 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
         token: token.to_string(),
         cluster,
     };
-    let controller = controller::start(config)
+    let controller = crate::app::start(config)
         .await
         .map_err(|e| RunError::Controller(e.to_string()))?;
     join_hub(scenario, &machines, &controller, token).await?;

@@ -260,145 +260,16 @@ pub fn load_file(path: &Path) -> Result<Scenario, ConfigError> {
 pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
     let source = Source { file, text };
     let raw: ScenarioFile = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
-    let invalid = |offset: usize, field: String, reason: String| ConfigError::Invalid {
-        file: file.to_string(),
-        line: source.line_of(offset),
-        field,
-        reason,
-    };
-
-    let meta_at = raw.scenario.span().start;
-    let meta = raw.scenario.get_ref().clone();
-    if meta.name.trim().is_empty() {
-        return Err(invalid(
-            meta_at,
-            "scenario.name".into(),
-            "must not be empty".into(),
-        ));
-    }
-    if !raw.services.contains_key(meta.entry.get_ref()) {
-        return Err(invalid(
-            meta.entry.span().start,
-            "scenario.entry".into(),
-            format!("unknown service `{}`", meta.entry.get_ref()),
-        ));
-    }
-    if !(meta.timeout_s.is_finite() && meta.timeout_s > 0.0 && meta.timeout_s <= 3600.0) {
-        return Err(invalid(
-            meta_at,
-            "scenario.timeout_s".into(),
-            format!("must be within (0, 3600], got {}", meta.timeout_s),
-        ));
-    }
-
+    let meta = meta_of(&raw, &source)?;
     let load_at = raw.load.span().start;
     let load = raw.load.get_ref().clone();
     load.plan()
-        .map_err(|e| invalid(load_at, format!("load.{}", e.field), e.problem))?;
-
-    let mut machines = Vec::with_capacity(raw.machines.len());
-    let mut used_behaviours = BTreeSet::new();
-    for (index, entry) in raw.machines.iter().enumerate() {
-        let m = entry.get_ref();
-        let service = m.service.get_ref();
-        let depends_on: Vec<String> = raw
-            .services
-            .get(service)
-            .map(|s| {
-                s.get_ref()
-                    .depends_on
-                    .iter()
-                    .map(|d| d.get_ref().clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let behaviour = match &m.behaviour {
-            None => {
-                let mut b = Behaviour::new(service.clone(), m.version.get_ref().clone());
-                b.dependencies = depends_on;
-                b
-            }
-            Some(name) => {
-                let table = raw.behaviours.get(name.get_ref()).ok_or_else(|| {
-                    invalid(
-                        name.span().start,
-                        format!("machines[{index}].behaviour"),
-                        format!(
-                            "no behaviour `{}` in [behaviours] (known: {})",
-                            name.get_ref(),
-                            raw.behaviours
-                                .keys()
-                                .cloned()
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )
-                })?;
-                used_behaviours.insert(name.get_ref().clone());
-                behaviour_for(table, service, m.version.get_ref(), index, depends_on).map_err(
-                    |(path, reason)| {
-                        let mut full = vec![
-                            Step::Key("behaviours".into()),
-                            Step::Key(name.get_ref().clone()),
-                        ];
-                        full.extend(path);
-                        let field = crate::config::toml_spans::path_text(&full);
-                        source.invalid_near(field, &full, table.span().start, reason)
-                    },
-                )?
-            }
-        };
-        machines.push(MachinePlan {
-            id: m.id.get_ref().clone(),
-            service: service.clone(),
-            version: m.version.get_ref().clone(),
-            config: m.config,
-            weight: m.weight.as_ref().map(|w| *w.get_ref()),
-            behaviour,
-        });
-    }
-    if let Some((name, table)) = raw
-        .behaviours
-        .iter()
-        .find(|(name, _)| !used_behaviours.contains(*name))
-    {
-        return Err(invalid(
-            table.span().start,
-            format!("behaviours.{name}"),
-            "no machine uses this behaviour".into(),
-        ));
-    }
-
+        .map_err(|e| source.invalid(load_at, format!("load.{}", e.field), e.problem))?;
+    let machines = machine_plans(&raw, &source)?;
     let (releases, first_release) = releases_of(&raw, &source, meta.timeout_s)?;
     let ops = ops_of(&raw, &releases, &source)?;
-
-    let cluster = {
-        let placeholders = raw
-            .machines
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.get_ref().id.get_ref().clone(), placeholder_address(i)))
-            .collect();
-        Cluster::from_spec(cluster_spec(raw, &placeholders), &source)?
-    };
-
-    // The first release's sub-groups are checked against the machines the file declares, as
-    // the controller will; later ones depend on the outcomes before them, and are checked when
-    // they start.
-    let roles = crate::core::plan::declared_roles(&cluster);
-    let (first, (first_at, first_prefix)) = (&releases[0], &first_release);
-    for (service, spec) in &first.subgroups {
-        let version = &first.services[service];
-        crate::core::plan::Selection::choose(&cluster, &roles, service, version, Some(spec))
-            .map_err(|e| {
-                source.invalid(
-                    *first_at,
-                    format!("{first_prefix}.subgroup.{service}"),
-                    e.to_string(),
-                )
-            })?;
-    }
-
+    let cluster = placeholder_cluster(raw, &source)?;
+    check_first_subgroups(&cluster, &releases[0], &first_release, &source)?;
     Ok(Scenario {
         name: meta.name,
         description: meta.description,
@@ -415,6 +286,159 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ConfigError> {
         file: file.to_string(),
         text: text.to_string(),
     })
+}
+
+/// `[scenario]` checked: a name, a known entry service, a timeout of at most an hour.
+fn meta_of(raw: &ScenarioFile, source: &Source<'_>) -> Result<MetaSpec, ConfigError> {
+    let meta_at = raw.scenario.span().start;
+    let meta = raw.scenario.get_ref().clone();
+    if meta.name.trim().is_empty() {
+        return Err(source.invalid(meta_at, "scenario.name", "must not be empty"));
+    }
+    if !raw.services.contains_key(meta.entry.get_ref()) {
+        return Err(source.invalid(
+            meta.entry.span().start,
+            "scenario.entry",
+            format!("unknown service `{}`", meta.entry.get_ref()),
+        ));
+    }
+    if !(meta.timeout_s.is_finite() && meta.timeout_s > 0.0 && meta.timeout_s <= 3600.0) {
+        return Err(source.invalid(
+            meta_at,
+            "scenario.timeout_s",
+            format!("must be within (0, 3600], got {}", meta.timeout_s),
+        ));
+    }
+    Ok(meta)
+}
+
+/// The machines to start, in file order, each with its behaviour. A behaviour no machine uses
+/// is refused: it is most likely a misspelt name.
+fn machine_plans(raw: &ScenarioFile, source: &Source<'_>) -> Result<Vec<MachinePlan>, ConfigError> {
+    let mut machines = Vec::with_capacity(raw.machines.len());
+    let mut used_behaviours = BTreeSet::new();
+    for (index, entry) in raw.machines.iter().enumerate() {
+        let m = entry.get_ref();
+        let behaviour = machine_behaviour(raw, source, index, m)?;
+        if let Some(name) = &m.behaviour {
+            used_behaviours.insert(name.get_ref().clone());
+        }
+        machines.push(MachinePlan {
+            id: m.id.get_ref().clone(),
+            service: m.service.get_ref().clone(),
+            version: m.version.get_ref().clone(),
+            config: m.config,
+            weight: m.weight.as_ref().map(|w| *w.get_ref()),
+            behaviour,
+        });
+    }
+    if let Some((name, table)) = raw
+        .behaviours
+        .iter()
+        .find(|(name, _)| !used_behaviours.contains(*name))
+    {
+        return Err(source.invalid(
+            table.span().start,
+            format!("behaviours.{name}"),
+            "no machine uses this behaviour",
+        ));
+    }
+    Ok(machines)
+}
+
+/// Machine `index`'s behaviour: the one it names in `[behaviours]`, or else one that answers at
+/// once and never fails. Either way it calls the services its own service depends on.
+fn machine_behaviour(
+    raw: &ScenarioFile,
+    source: &Source<'_>,
+    index: usize,
+    m: &MachineEntry,
+) -> Result<Behaviour, ConfigError> {
+    let service = m.service.get_ref();
+    let depends_on = dependencies_of(raw, service);
+    let Some(name) = &m.behaviour else {
+        let mut b = Behaviour::new(service.clone(), m.version.get_ref().clone());
+        b.dependencies = depends_on;
+        return Ok(b);
+    };
+    let table = raw.behaviours.get(name.get_ref()).ok_or_else(|| {
+        source.invalid(
+            name.span().start,
+            format!("machines[{index}].behaviour"),
+            format!(
+                "no behaviour `{}` in [behaviours] (known: {})",
+                name.get_ref(),
+                raw.behaviours
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    behaviour_for(table, service, m.version.get_ref(), index, depends_on).map_err(
+        |(path, reason)| {
+            // The path is within the behaviour's table: name it from the file's root.
+            let mut full = vec![
+                Step::Key("behaviours".into()),
+                Step::Key(name.get_ref().clone()),
+            ];
+            full.extend(path);
+            let field = crate::config::toml_spans::path_text(&full);
+            source.invalid_near(field, &full, table.span().start, reason)
+        },
+    )
+}
+
+/// The services `service` depends on, as its `[services]` table lists them.
+fn dependencies_of(raw: &ScenarioFile, service: &str) -> Vec<String> {
+    raw.services
+        .get(service)
+        .map(|s| {
+            s.get_ref()
+                .depends_on
+                .iter()
+                .map(|d| d.get_ref().clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The cluster validated with a placeholder address per machine (the real ones are known only
+/// once the machines listen).
+fn placeholder_cluster(raw: ScenarioFile, source: &Source<'_>) -> Result<Cluster, ConfigError> {
+    let placeholders = raw
+        .machines
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.get_ref().id.get_ref().clone(), placeholder_address(i)))
+        .collect();
+    Cluster::from_spec(cluster_spec(raw, &placeholders), source)
+}
+
+/// The first release's sub-groups are checked against the machines the file declares, as the
+/// controller will; later ones depend on the outcomes before them, and are checked when they
+/// start. `first_release` is where the first release is written (offset, field path).
+fn check_first_subgroups(
+    cluster: &Cluster,
+    first: &ReleasePlan,
+    first_release: &(usize, String),
+    source: &Source<'_>,
+) -> Result<(), ConfigError> {
+    let roles = crate::core::plan::declared_roles(cluster);
+    let (first_at, first_prefix) = first_release;
+    for (service, spec) in &first.subgroups {
+        let version = &first.services[service];
+        crate::core::plan::Selection::choose(cluster, &roles, service, version, Some(spec))
+            .map_err(|e| {
+                source.invalid(
+                    *first_at,
+                    format!("{first_prefix}.subgroup.{service}"),
+                    e.to_string(),
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// The file's releases with the field path each is named by: `[release]` (outcomes in

@@ -41,7 +41,11 @@ pub(crate) fn held_out(conn: &Connection) -> Result<BTreeMap<String, HeldOut>, S
     Ok(out)
 }
 
-pub(crate) fn put_held_out(tx: &Connection, machine: &str, held: &HeldOut) -> Result<(), StoreError> {
+pub(crate) fn put_held_out(
+    tx: &Connection,
+    machine: &str,
+    held: &HeldOut,
+) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO monitor_held_out(machine, service, since_ms, reason) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(machine) DO UPDATE SET service = excluded.service,

@@ -8,8 +8,7 @@ use crate::core::plan::Selection;
 use crate::store::StoreError;
 
 pub fn insert(tx: &Connection, rollout: i64, selection: &Selection) -> Result<(), StoreError> {
-    let json =
-        serde_json::to_string(selection).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let json = serde_json::to_string(selection).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     tx.execute(
         "INSERT INTO rollout_selections(rollout_id, selection_json) VALUES (?1, ?2)",
         params![rollout, json],
