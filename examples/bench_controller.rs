@@ -17,7 +17,7 @@ use understudy::runtime::balancer::FakeBalancer;
 use understudy::runtime::controller::{Core, ReleaseRequest};
 use understudy::store::Store;
 use understudy_judge::{judge_window, Condition, Judge, PairSample, WindowOutcomes};
-use understudy_proxy::wire::{JobObservation, JobPair, Outcome};
+use understudy_wire::{JobObservation, JobPair, Outcome};
 
 struct Args {
     jobs: u64,

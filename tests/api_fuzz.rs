@@ -25,10 +25,10 @@ use understudy::api::client::AdminClient;
 use understudy::app::{self, ControllerConfig, ControllerHandle};
 use understudy::runtime::balancer::FakeBalancer;
 use understudy_hub::SecretKey;
-use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
 use understudy_proxy::{
     BalancerKey, BalancerSpec, ConfigSigning, ProcessConfig, RunningBalancers, SpawnOptions,
 };
+use understudy_wire::{BalancerConfig, MachineEntry, PoolRole};
 
 const TOKEN: &str = "fuzz-token";
 /// Same seed, same cases: a failure is reproduced by running the test again.

@@ -185,8 +185,7 @@ fn the_balancer_example_is_valid_and_agrees_with_the_cluster() {
     let steady: BTreeSet<(String, String, String, u32, String)> = cluster
         .machines_of("media")
         .filter(|m| {
-            m.config == understudy_proxy::wire::PoolRole::Active
-                || m.version == media.declared_version
+            m.config == understudy_wire::PoolRole::Active || m.version == media.declared_version
         })
         .map(|m| {
             (

@@ -70,7 +70,7 @@ fn a_release_runs_through_nats() {
 
     // The configs travelled over NATS, signed by the controller: media's went from the
     // simulation configuration to v2 active with v1 gone.
-    let configs: Vec<understudy_proxy::wire::BalancerConfig> = observed
+    let configs: Vec<understudy_wire::BalancerConfig> = observed
         .get(understudy_hub::CONFIG_TOPIC)
         .map(|envelopes| {
             envelopes
@@ -92,7 +92,7 @@ fn a_release_runs_through_nats() {
     assert!(
         last.machines
             .iter()
-            .filter(|m| m.config == understudy_proxy::wire::PoolRole::Active)
+            .filter(|m| m.config == understudy_wire::PoolRole::Active)
             .all(|m| m.version == "v2"),
         "the last config over NATS has v2 alone active: {last:?}"
     );

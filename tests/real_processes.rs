@@ -133,7 +133,7 @@ impl Deployment {
         let dir = tempfile::tempdir().unwrap();
         for name in ["media.key", "marker.key"] {
             let key = understudy_hub::SecretKey::generate();
-            understudy_proxy::write_key_file(&dir.path().join(name), &key).unwrap();
+            understudy_wire::write_key_file(&dir.path().join(name), &key).unwrap();
         }
         let mut machines = Vec::new();
         for (id, version, config, fail_every) in [
@@ -351,14 +351,14 @@ async fn phase_chain(client: &AdminClient, id: i64) -> Vec<String> {
     let detail: RolloutDetail = client.get(&format!("/api/v1/rollouts/{id}")).await.unwrap();
     let mut chain = vec!["pending".to_string()];
     for t in &detail.transitions {
-        let from = t["from"].as_str().unwrap();
+        let from = t.from.to_string();
         assert_eq!(
-            from,
+            &from,
             chain.last().unwrap(),
             "rollout {id}: a transition lost: {:?}",
             detail.transitions
         );
-        chain.push(t["to"].as_str().unwrap().to_string());
+        chain.push(t.to.to_string());
     }
     chain
 }
@@ -386,7 +386,7 @@ async fn releases_run_on_plain_services_across_processes() {
     release(&url, "media=v3");
     let second = wait_finished(&client, latest_id(&client).await, Duration::from_secs(60)).await;
     assert_eq!(second.phase, "rolled_back", "{:?}", second.verdict);
-    let verdict = second.verdict.expect("judged");
+    let verdict = serde_json::to_value(second.verdict.expect("judged")).unwrap();
     assert_eq!(
         verdict["baseline"], "active",
         "no control runs v2: {verdict}"

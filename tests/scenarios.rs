@@ -80,6 +80,11 @@ fn assert_isolated_and_calls_stayed(report: &ScenarioReport) {
     );
 }
 
+/// A service's verdict as the `--json` report shows it.
+fn verdict_of(service: &scenario::report::ServiceReport) -> serde_json::Value {
+    serde_json::to_value(&service.verdict).expect("a report serialises")
+}
+
 #[test]
 fn identical_v2_is_promoted() {
     let report = play("identical.toml");
@@ -117,7 +122,7 @@ fn release_after_release_judges_every_release() {
         .iter()
         .map(|r| {
             let media = &r.services["media"];
-            let baseline = media.verdict["baseline"]
+            let baseline = verdict_of(media)["baseline"]
                 .as_str()
                 .unwrap_or("-")
                 .to_string();
@@ -264,7 +269,8 @@ fn low_traffic_is_not_enough_data_never_a_failure() {
     let report = play("low-traffic.toml");
     assert_callers_unhurt_and_as_expected(&report);
     assert_eq!(outcome(&report, "media"), Expected::Pending);
-    let rule = report.services["media"].verdict["decision"].as_str();
+    let verdict = verdict_of(&report.services["media"]);
+    let rule = verdict["decision"].as_str();
     assert_eq!(rule, Some("not_enough_data"));
 }
 
@@ -313,9 +319,10 @@ fn late_failure_is_rolled_back_by_the_prediction_before_the_error_rate() {
     assert_callers_unhurt_and_as_expected(&report);
     assert_eq!(outcome(&report, "media"), Expected::RolledBack);
     let predicted = &report.services["media"];
-    let rule = predicted.verdict["rule"].as_str().unwrap_or_default();
+    let verdict = verdict_of(predicted);
+    let rule = verdict["rule"].as_str().unwrap_or_default();
     assert!(rule.starts_with("prediction:"), "decided by: {rule}");
-    let numbers = &predicted.verdict["details"]["prediction"];
+    let numbers = &verdict["details"]["prediction"];
     assert!(numbers["v2_failure"].as_f64() > numbers["v1_failure"].as_f64());
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/late-failure.toml");
@@ -327,7 +334,8 @@ fn late_failure_is_rolled_back_by_the_prediction_before_the_error_rate() {
     let without = play_scenario(&scenario);
     assert_callers_unhurt_and_as_expected(&without);
     let judged = &without.services["media"];
-    let rule = judged.verdict["rule"].as_str().unwrap_or_default();
+    let verdict = verdict_of(judged);
+    let rule = verdict["rule"].as_str().unwrap_or_default();
     assert!(rule.starts_with("fail: errors"), "decided by: {rule}");
     println!(
         "late-failure: prediction decided after {} mirrored jobs, the error-rate condition after {}",

@@ -310,93 +310,131 @@ fn sessions_gate(m: &ObservedMachine, now_ms: u64, drain_timeout_ms: u64) -> Res
     }
 }
 
+/// `alter` when the machine may be altered now, otherwise the action that protects its sessions.
+fn gated(
+    m: &ObservedMachine,
+    now_ms: u64,
+    drain_timeout_ms: u64,
+    alter: impl FnOnce() -> Action,
+) -> Action {
+    match sessions_gate(m, now_ms, drain_timeout_ms) {
+        Ok(()) => alter(),
+        Err(protect) => protect,
+    }
+}
+
 /// One tick of the monitor.
 pub fn evaluate(desired: &DesiredState, actual: &ActualState, rules: &Rules) -> Vec<Action> {
     let mut actions = BTreeSet::new();
-    let now = actual.now_ms;
     for m in &actual.machines {
-        let r = &m.record;
-        let Some(want) = desired.services.get(&r.service) else {
+        let Some(want) = desired.services.get(&m.record.service) else {
             continue;
         };
-        // A machine is altered at most once per tick: removal takes precedence over an update.
-        let mut altered = false;
-
-        if r.role == Role::Active
-            && r.status == Status::Down
-            && m.in_balancer
-            && rules.does(Condition::ActiveMachineDown, RuleAction::RemoveFromBalancer)
-        {
-            altered = true;
-            actions.insert(match sessions_gate(m, now, rules.drain_timeout_ms) {
-                Ok(()) => Action::RemoveFromBalancer {
-                    service: r.service.clone(),
-                    machine: r.id.clone(),
-                },
-                Err(protect) => protect,
-            });
-        }
-
-        if r.status == Status::Running
-            && !m.in_balancer
-            && want.balancer_members.contains(&r.id)
-            && rules.does(Condition::RunningNotInBalancer, RuleAction::AddToBalancer)
-        {
-            actions.insert(Action::AddToBalancer {
-                service: r.service.clone(),
-                machine: r.id.clone(),
-            });
-        }
-
-        if let Some(desired_version) = want.version_for(r) {
-            if r.version != desired_version {
-                if rules.does(Condition::VersionDrift, RuleAction::ReportDrift) {
-                    actions.insert(Action::ReportDrift {
-                        service: r.service.clone(),
-                        machine: r.id.clone(),
-                        running: r.version.clone(),
-                        desired: desired_version.to_string(),
-                    });
-                }
-                if !altered && rules.does(Condition::VersionDrift, RuleAction::UpdateVersion) {
-                    actions.insert(match sessions_gate(m, now, rules.drain_timeout_ms) {
-                        Ok(()) => Action::UpdateVersion {
-                            service: r.service.clone(),
-                            machine: r.id.clone(),
-                            to_version: desired_version.to_string(),
-                        },
-                        Err(protect) => protect,
-                    });
-                }
-            }
-        }
+        machine_actions(m, want, actual.now_ms, rules, &mut actions);
     }
-
     if rules.does(Condition::ActiveMachineDown, RuleAction::RequestReplacement) {
         for service in desired.services.keys() {
-            let Some(threshold) = rules.threshold(service) else {
-                continue;
-            };
-            let machines = actual
-                .machines
-                .iter()
-                .map(|m| &m.record)
-                .filter(|r| &r.service == service);
-            let any_down = machines
-                .clone()
-                .any(|r| r.role == Role::Active && r.status == Status::Down);
-            let healthy = machines
-                .filter(|r| r.role == Role::Active && r.status == Status::Running)
-                .count() as u32;
-            if any_down && healthy < threshold {
-                actions.insert(Action::RequestReplacement {
-                    service: service.clone(),
-                    missing: threshold - healthy,
-                });
+            if let Some(request) = replacement_request(service, actual, rules) {
+                actions.insert(request);
             }
         }
     }
     actions.into_iter().collect()
+}
+
+/// What one machine of a desired service calls for: removal, addition, drift.
+fn machine_actions(
+    m: &ObservedMachine,
+    want: &DesiredService,
+    now: u64,
+    rules: &Rules,
+    actions: &mut BTreeSet<Action>,
+) {
+    let r = &m.record;
+    // A machine is altered at most once per tick: removal takes precedence over an update.
+    let mut altered = false;
+
+    if r.role == Role::Active
+        && r.status == Status::Down
+        && m.in_balancer
+        && rules.does(Condition::ActiveMachineDown, RuleAction::RemoveFromBalancer)
+    {
+        altered = true;
+        actions.insert(gated(m, now, rules.drain_timeout_ms, || {
+            Action::RemoveFromBalancer {
+                service: r.service.clone(),
+                machine: r.id.clone(),
+            }
+        }));
+    }
+
+    if r.status == Status::Running
+        && !m.in_balancer
+        && want.balancer_members.contains(&r.id)
+        && rules.does(Condition::RunningNotInBalancer, RuleAction::AddToBalancer)
+    {
+        actions.insert(Action::AddToBalancer {
+            service: r.service.clone(),
+            machine: r.id.clone(),
+        });
+    }
+
+    if let Some(desired_version) = want.version_for(r) {
+        if r.version != desired_version {
+            drift_actions(m, desired_version, !altered, now, rules, actions);
+        }
+    }
+}
+
+/// A machine runs another version than `desired_version`: report it, and update it unless
+/// `may_update` is false (it was already altered this tick).
+fn drift_actions(
+    m: &ObservedMachine,
+    desired_version: &str,
+    may_update: bool,
+    now: u64,
+    rules: &Rules,
+    actions: &mut BTreeSet<Action>,
+) {
+    let r = &m.record;
+    if rules.does(Condition::VersionDrift, RuleAction::ReportDrift) {
+        actions.insert(Action::ReportDrift {
+            service: r.service.clone(),
+            machine: r.id.clone(),
+            running: r.version.clone(),
+            desired: desired_version.to_string(),
+        });
+    }
+    if may_update && rules.does(Condition::VersionDrift, RuleAction::UpdateVersion) {
+        actions.insert(gated(m, now, rules.drain_timeout_ms, || {
+            Action::UpdateVersion {
+                service: r.service.clone(),
+                machine: r.id.clone(),
+                to_version: desired_version.to_string(),
+            }
+        }));
+    }
+}
+
+/// Replacements for `service` when an active machine is down and fewer than its threshold of
+/// active machines run.
+fn replacement_request(service: &str, actual: &ActualState, rules: &Rules) -> Option<Action> {
+    let threshold = rules.threshold(service)?;
+    let machines = actual
+        .machines
+        .iter()
+        .map(|m| &m.record)
+        .filter(|r| r.service == service);
+    let any_down = machines
+        .clone()
+        .any(|r| r.role == Role::Active && r.status == Status::Down);
+    let healthy = machines
+        .filter(|r| r.role == Role::Active && r.status == Status::Running)
+        .count() as u32;
+    (any_down && healthy < threshold).then(|| Action::RequestReplacement {
+        service: service.to_string(),
+        missing: threshold - healthy,
+    })
 }
 
 #[cfg(test)]

@@ -160,42 +160,37 @@ impl Condition {
 
     /// Checks ranges and coherence; the error names the field.
     pub fn validate(&self) -> Result<(), ConditionError> {
+        // The checks run in this order so the first bad field is the one named.
+        self.validate_latency()?;
+        self.validate_sample_sizes()?;
+        self.validate_error_margins()?;
+        if self.require_control && self.baseline == Baseline::Control {
+            // v2 would be differenced against the control twice.
+            return Err(invalid(
+                "require_control",
+                "differences v2-vs-active against control-vs-active; with baseline = \"control\" v2 is \
+                 already judged against the control job by job: set baseline = \"active\" to use it",
+            ));
+        }
+        if !rate_in_range(self.max_mismatch_rate) {
+            return Err(invalid(
+                "max_mismatch_rate",
+                format!("{} is not in [0, 1)", self.max_mismatch_rate),
+            ));
+        }
+        self.validate_windows()?;
+        self.validate_error_probabilities()
+    }
+
+    /// The quantiles (at least one, each in (0, 1) with a ratio >= 1, none twice) and the
+    /// paired ratio.
+    fn validate_latency(&self) -> Result<(), ConditionError> {
         if self.latency.is_empty() {
             // Without any quantile the judge would pass a v2 whose latency is arbitrarily bad.
             return Err(invalid("latency", "at least one quantile must be judged"));
         }
         for (index, limit) in self.latency.iter().enumerate() {
-            if !(limit.quantile > 0.0 && limit.quantile < 1.0) {
-                return Err(invalid(
-                    "latency.quantile",
-                    format!(
-                        "latency[{index}]: {} is not strictly between 0 and 1",
-                        limit.quantile
-                    ),
-                ));
-            }
-            if !(limit.max_ratio.is_finite() && limit.max_ratio >= 1.0) {
-                return Err(invalid(
-                    "latency.max_ratio",
-                    format!(
-                        "latency[{index}] ({}): {} must be a finite ratio >= 1",
-                        limit.name(),
-                        limit.max_ratio
-                    ),
-                ));
-            }
-            if self.latency[..index]
-                .iter()
-                .any(|other| other.quantile == limit.quantile)
-            {
-                return Err(invalid(
-                    "latency.quantile",
-                    format!(
-                        "latency[{index}]: quantile {} is listed twice",
-                        limit.quantile
-                    ),
-                ));
-            }
+            validate_limit(index, limit, &self.latency[..index])?;
         }
         if !(self.max_paired_ratio.is_finite() && self.max_paired_ratio >= 1.0) {
             return Err(invalid(
@@ -203,13 +198,21 @@ impl Condition {
                 format!("{} must be a finite ratio >= 1", self.max_paired_ratio),
             ));
         }
+        Ok(())
+    }
+
+    fn validate_sample_sizes(&self) -> Result<(), ConditionError> {
         if self.min_jobs == 0 {
             return Err(invalid("min_jobs", "must be at least 1"));
         }
         if self.min_tail_exceedances == 0 {
             return Err(invalid("min_tail_exceedances", "must be at least 1"));
         }
-        let rate_in_range = |value: f64| value.is_finite() && (0.0..1.0).contains(&value);
+        Ok(())
+    }
+
+    /// The error-rate margin, and the hard margin strictly above it.
+    fn validate_error_margins(&self) -> Result<(), ConditionError> {
         if !rate_in_range(self.max_error_rate_increase) {
             return Err(invalid(
                 "max_error_rate_increase",
@@ -228,26 +231,21 @@ impl Condition {
                 ),
             ));
         }
-        if self.require_control && self.baseline == Baseline::Control {
-            // v2 would be differenced against the control twice.
-            return Err(invalid(
-                "require_control",
-                "differences v2-vs-active against control-vs-active; with baseline = \"control\" v2 is \
-                 already judged against the control job by job: set baseline = \"active\" to use it",
-            ));
-        }
-        if !rate_in_range(self.max_mismatch_rate) {
-            return Err(invalid(
-                "max_mismatch_rate",
-                format!("{} is not in [0, 1)", self.max_mismatch_rate),
-            ));
-        }
+        Ok(())
+    }
+
+    fn validate_windows(&self) -> Result<(), ConditionError> {
         if self.window_jobs == 0 {
             return Err(invalid("window_jobs", "must be at least 1"));
         }
         if self.consecutive_passes == 0 {
             return Err(invalid("consecutive_passes", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// The false-fail and false-pass rates (alpha and beta).
+    fn validate_error_probabilities(&self) -> Result<(), ConditionError> {
         let probability_ok = |value: f64| value.is_finite() && value > 0.0 && value <= 0.5;
         if !probability_ok(self.false_fail_rate) {
             return Err(invalid(
@@ -263,6 +261,48 @@ impl Condition {
         }
         Ok(())
     }
+}
+
+/// A rate margin: finite and in [0, 1).
+fn rate_in_range(value: f64) -> bool {
+    value.is_finite() && (0.0..1.0).contains(&value)
+}
+
+/// One latency limit, `earlier` being the limits listed before it.
+fn validate_limit(
+    index: usize,
+    limit: &LatencyLimit,
+    earlier: &[LatencyLimit],
+) -> Result<(), ConditionError> {
+    if !(limit.quantile > 0.0 && limit.quantile < 1.0) {
+        return Err(invalid(
+            "latency.quantile",
+            format!(
+                "latency[{index}]: {} is not strictly between 0 and 1",
+                limit.quantile
+            ),
+        ));
+    }
+    if !(limit.max_ratio.is_finite() && limit.max_ratio >= 1.0) {
+        return Err(invalid(
+            "latency.max_ratio",
+            format!(
+                "latency[{index}] ({}): {} must be a finite ratio >= 1",
+                limit.name(),
+                limit.max_ratio
+            ),
+        ));
+    }
+    if earlier.iter().any(|other| other.quantile == limit.quantile) {
+        return Err(invalid(
+            "latency.quantile",
+            format!(
+                "latency[{index}]: quantile {} is listed twice",
+                limit.quantile
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

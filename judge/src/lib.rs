@@ -82,6 +82,12 @@ fn latency_histogram() -> Histogram<u64> {
         .expect("static histogram bounds are valid")
 }
 
+/// Finer buckets (0.1%) for the sources of the thresholds: the thresholds decide, the other
+/// histograms only report.
+fn threshold_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3).expect("static histogram bounds are valid")
+}
+
 /// One metric's statistic, optionally differenced against the A/A control stream: the i-th v2
 /// value is paired with the i-th control value, and the test sees `v2 - control`.
 #[derive(Debug, Clone)]
@@ -143,6 +149,11 @@ impl ControlledStream {
         }
     }
 
+    /// The test's report once it shows v2 beyond its margin.
+    fn failed(&self) -> Option<MarginReport> {
+        (self.test.evidence() == Evidence::Fail).then(|| self.test.report())
+    }
+
     fn control_mean(&self) -> Option<f64> {
         (self.control_count > 0).then(|| self.control_sum / self.control_count as f64)
     }
@@ -175,6 +186,21 @@ struct LatencyTest {
 }
 
 impl LatencyTest {
+    /// A test with no threshold yet (the first refresh sets it), fed through `stream`.
+    fn new(limit: &LatencyLimit, min_tail_exceedances: u64, stream: ControlledStream) -> Self {
+        LatencyTest {
+            limit: limit.clone(),
+            name: limit.name(),
+            // Decisions wait for `min_jobs` anyway; the floor only keeps a tail test from
+            // betting before enough jobs reach that far into the tail.
+            floor_jobs: limit.floor_jobs(min_tail_exceedances),
+            threshold_us: f64::INFINITY,
+            stream,
+            v2_only_exceed: 0,
+            v1_only_exceed: 0,
+        }
+    }
+
     fn indicator(&self, pair: &PairSample) -> (f64, bool, bool) {
         let v2_exceeds = pair.v2_latency_us as f64 > self.threshold_us;
         // `>=` on v1's side: with tied (bucketed, integer) latencies an exact copy of v1 then
@@ -259,27 +285,12 @@ impl Judge {
         // a pass needs every pass test, so each may use the whole false-pass budget.
         let fail_capable_tests = 4 + condition.latency.len();
         let per_test_false_fail_rate = condition.false_fail_rate / fail_capable_tests as f64;
-        let errors = ControlledStream::new(
-            &condition,
-            condition.max_error_rate_increase,
-            -1.0,
-            1.0,
-            per_test_false_fail_rate,
-        );
-        let hard_errors = ControlledStream::new(
-            &condition,
-            condition.hard_error_rate_increase,
-            -1.0,
-            1.0,
-            per_test_false_fail_rate,
-        );
-        let mismatches = ControlledStream::new(
-            &condition,
-            condition.max_mismatch_rate,
-            0.0,
-            1.0,
-            per_test_false_fail_rate,
-        );
+        let stream = |margin: f64, low: f64, high: f64| {
+            ControlledStream::new(&condition, margin, low, high, per_test_false_fail_rate)
+        };
+        let errors = stream(condition.max_error_rate_increase, -1.0, 1.0);
+        let hard_errors = stream(condition.hard_error_rate_increase, -1.0, 1.0);
+        let mismatches = stream(condition.max_mismatch_rate, 0.0, 1.0);
         // Latency statistics against a control compare v2 with the control directly: each side
         // is an indicator in [0, 1] (see `observe_control`); without one they are in [-1, 1].
         let (side_low, side_high) = if condition.require_control {
@@ -287,32 +298,13 @@ impl Judge {
         } else {
             (-1.0, 1.0)
         };
-        let paired_shift = ControlledStream::new(
-            &condition,
-            0.0,
-            side_low,
-            side_high,
-            per_test_false_fail_rate,
-        );
+        let paired_shift = stream(0.0, side_low, side_high);
         let latency = condition
             .latency
             .iter()
-            .map(|limit| LatencyTest {
-                limit: limit.clone(),
-                name: limit.name(),
-                // Decisions wait for `min_jobs` anyway; the floor only keeps a tail test from
-                // betting before enough jobs reach that far into the tail.
-                floor_jobs: limit.floor_jobs(condition.min_tail_exceedances),
-                threshold_us: f64::INFINITY,
-                stream: ControlledStream::new(
-                    &condition,
-                    0.0,
-                    side_low,
-                    side_high,
-                    per_test_false_fail_rate,
-                ),
-                v2_only_exceed: 0,
-                v1_only_exceed: 0,
+            .map(|limit| {
+                let stream = stream(0.0, side_low, side_high);
+                LatencyTest::new(limit, condition.min_tail_exceedances, stream)
             })
             .collect();
         Judge {
@@ -321,14 +313,10 @@ impl Judge {
             judged_jobs: 0,
             control_jobs: 0,
             judged_control_jobs: 0,
-            // Finer buckets (0.1%) here: the thresholds decide, the other histograms only report.
-            v1_thresholds_source: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
-                .expect("static histogram bounds are valid"),
+            v1_thresholds_source: threshold_histogram(),
             next_threshold_refresh: 1,
-            control_thresholds_source: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
-                .expect("static histogram bounds are valid"),
-            control_ratio_source: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
-                .expect("static histogram bounds are valid"),
+            control_thresholds_source: threshold_histogram(),
+            control_ratio_source: threshold_histogram(),
             control_median_ratio: f64::INFINITY,
             v1_judged: latency_histogram(),
             v2_judged: latency_histogram(),
@@ -517,39 +505,16 @@ impl Judge {
         self.next_threshold_refresh = self.jobs + (self.jobs / 16).max(32);
     }
 
+    /// The first test that shows v2 beyond its limit, most severe first: whether the failure is
+    /// hard, and the rule in words.
     fn failing_reason(&self) -> Option<(bool, String)> {
-        if self.hard_errors.test.evidence() == Evidence::Fail {
-            let report = self.hard_errors.test.report();
-            return Some((
-                true,
-                format!(
-                    "hard failure: v2's error rate is more than {:.2} points above {} \
-                     (estimated increase {:.2} points, evidence {} >= {:.0})",
-                    report.margin * 100.0,
-                    self.baseline_name(),
-                    report.estimate * 100.0,
-                    evidence_text(report.fail_evidence),
-                    report.fail_threshold
-                ),
-            ));
+        if let Some(report) = self.hard_errors.failed() {
+            return Some((true, self.error_rate_reason("hard failure", &report)));
         }
-        if self.errors.test.evidence() == Evidence::Fail {
-            let report = self.errors.test.report();
-            return Some((
-                false,
-                format!(
-                    "errors: v2's error rate is more than {:.2} points above {} \
-                     (estimated increase {:.2} points, evidence {} >= {:.0})",
-                    report.margin * 100.0,
-                    self.baseline_name(),
-                    report.estimate * 100.0,
-                    evidence_text(report.fail_evidence),
-                    report.fail_threshold
-                ),
-            ));
+        if let Some(report) = self.errors.failed() {
+            return Some((false, self.error_rate_reason("errors", &report)));
         }
-        if self.mismatches.test.evidence() == Evidence::Fail {
-            let report = self.mismatches.test.report();
+        if let Some(report) = self.mismatches.failed() {
             return Some((
                 false,
                 format!(
@@ -562,41 +527,57 @@ impl Judge {
                 ),
             ));
         }
-        if self.paired_shift.test.evidence() == Evidence::Fail {
-            let report = self.paired_shift.test.report();
-            return Some((
-                false,
-                format!(
-                    "paired shift: on the same jobs v2 is typically more than {:.2} x slower than \
-                     {} (v2 beyond the limit in {:.1}% more jobs than below it, evidence {} >= {:.0})",
-                    self.condition.max_paired_ratio,
-                    if self.condition.require_control { "the control" } else { "v1" },
-                    report.estimate * 100.0,
-                    evidence_text(report.fail_evidence),
-                    report.fail_threshold
-                ),
-            ));
+        if let Some(report) = self.paired_shift.failed() {
+            return Some((false, self.paired_shift_reason(&report)));
         }
         self.latency.iter().find_map(|test| {
-            (test.stream.test.evidence() == Evidence::Fail).then(|| {
-                let report = test.stream.test.report();
-                (
-                    false,
-                    format!(
-                        "latency {}: v2's {} is more than {:.2} x {} (v2 beyond {:.0} us in \
-                         {} more pairs than v1 scaled, evidence {} >= {:.0})",
-                        test.name,
-                        test.name,
-                        test.limit.max_ratio,
-                        self.baseline_name(),
-                        test.threshold_us,
-                        test.v2_only_exceed as i64 - test.v1_only_exceed as i64,
-                        evidence_text(report.fail_evidence),
-                        report.fail_threshold
-                    ),
-                )
-            })
+            let report = test.stream.failed()?;
+            Some((false, self.latency_reason(test, &report)))
         })
+    }
+
+    /// The rule of a failed error-rate test (`kind`: "hard failure" or "errors").
+    fn error_rate_reason(&self, kind: &str, report: &MarginReport) -> String {
+        format!(
+            "{kind}: v2's error rate is more than {:.2} points above {} \
+             (estimated increase {:.2} points, evidence {} >= {:.0})",
+            report.margin * 100.0,
+            self.baseline_name(),
+            report.estimate * 100.0,
+            evidence_text(report.fail_evidence),
+            report.fail_threshold
+        )
+    }
+
+    fn paired_shift_reason(&self, report: &MarginReport) -> String {
+        format!(
+            "paired shift: on the same jobs v2 is typically more than {:.2} x slower than \
+             {} (v2 beyond the limit in {:.1}% more jobs than below it, evidence {} >= {:.0})",
+            self.condition.max_paired_ratio,
+            if self.condition.require_control {
+                "the control"
+            } else {
+                "v1"
+            },
+            report.estimate * 100.0,
+            evidence_text(report.fail_evidence),
+            report.fail_threshold
+        )
+    }
+
+    fn latency_reason(&self, test: &LatencyTest, report: &MarginReport) -> String {
+        format!(
+            "latency {}: v2's {} is more than {:.2} x {} (v2 beyond {:.0} us in \
+             {} more pairs than v1 scaled, evidence {} >= {:.0})",
+            test.name,
+            test.name,
+            test.limit.max_ratio,
+            self.baseline_name(),
+            test.threshold_us,
+            test.v2_only_exceed as i64 - test.v1_only_exceed as i64,
+            evidence_text(report.fail_evidence),
+            report.fail_threshold
+        )
     }
 
     fn baseline_name(&self) -> &'static str {
@@ -708,51 +689,8 @@ impl Judge {
         let latency: BTreeMap<String, LatencyDetails> = self
             .latency
             .iter()
-            .map(|test| {
-                let q = test.limit.quantile;
-                let v1 = quantile_with_interval(&self.v1_judged, q);
-                let v2 = quantile_with_interval(&self.v2_judged, q);
-                let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-                (
-                    test.name.clone(),
-                    LatencyDetails {
-                        quantile: q,
-                        max_ratio: test.limit.max_ratio,
-                        floor_jobs: test.floor_jobs,
-                        judged: self.judged_jobs > test.floor_jobs,
-                        v1_us: v1.0,
-                        v2_us: v2.0,
-                        ratio: ratio(v2.0, v1.0),
-                        ratio_interval: [ratio(v2.1, v1.2), ratio(v2.2, v1.1)],
-                        control_us: (self.judged_control_jobs > 0)
-                            .then(|| self.control_judged.value_at_quantile(q) as f64),
-                        threshold_us: test.threshold_us.is_finite().then_some(test.threshold_us),
-                        v2_only_exceed: test.v2_only_exceed,
-                        v1_only_exceed: test.v1_only_exceed,
-                        control_exceedance_difference: test.stream.control_mean(),
-                        test: test.stream.test.report(),
-                    },
-                )
-            })
+            .map(|test| (test.name.clone(), self.latency_details(test)))
             .collect();
-        let rate = |count: u64, total: u64| {
-            if total == 0 {
-                0.0
-            } else {
-                count as f64 / total as f64
-            }
-        };
-        let paired_ratio = if self.paired_ratio.is_empty() {
-            None
-        } else {
-            Some(PairedRatio {
-                p10: self.paired_ratio.value_at_quantile(0.1) as f64 / RATIO_SCALE,
-                p50: self.paired_ratio.value_at_quantile(0.5) as f64 / RATIO_SCALE,
-                p90: self.paired_ratio.value_at_quantile(0.9) as f64 / RATIO_SCALE,
-                max_ratio: self.condition.max_paired_ratio,
-                test: self.paired_shift.test.report(),
-            })
-        };
         let details = Details {
             jobs: self.jobs,
             judged_jobs: self.judged_jobs,
@@ -766,30 +704,85 @@ impl Judge {
             window_jobs: self.condition.window_jobs,
             consecutive_passes: self.consecutive_passes,
             consecutive_passes_needed: self.condition.consecutive_passes,
-            errors: ErrorDetails {
-                v1_errors: self.counts.v1_errors,
-                v2_errors: self.counts.v2_errors,
-                v1_ok_v2_error: self.counts.v1_ok_v2_error,
-                v1_error_v2_ok: self.counts.v1_error_v2_ok,
-                v1_rate: rate(self.counts.v1_errors, self.judged_jobs),
-                v2_rate: rate(self.counts.v2_errors, self.judged_jobs),
-                control_rate: (self.judged_control_jobs > 0)
-                    .then(|| rate(self.control_counts.v2_errors, self.judged_control_jobs)),
-                increase: self.errors.test.report(),
-                hard: self.hard_errors.test.report(),
-            },
-            mismatches: MismatchDetails {
-                compared: self.counts.compared,
-                mismatched: self.counts.mismatched,
-                rate: rate(self.counts.mismatched, self.counts.compared),
-                control_rate: (self.control_counts.compared > 0)
-                    .then(|| rate(self.control_counts.mismatched, self.control_counts.compared)),
-                test: self.mismatches.test.report(),
-            },
+            errors: self.error_details(),
+            mismatches: self.mismatch_details(),
             latency,
-            paired_ratio,
+            paired_ratio: self.paired_ratio_details(),
         };
         serde_json::to_value(details).expect("details serialize to JSON")
+    }
+
+    fn latency_details(&self, test: &LatencyTest) -> LatencyDetails {
+        let q = test.limit.quantile;
+        let v1 = quantile_with_interval(&self.v1_judged, q);
+        let v2 = quantile_with_interval(&self.v2_judged, q);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        LatencyDetails {
+            quantile: q,
+            max_ratio: test.limit.max_ratio,
+            floor_jobs: test.floor_jobs,
+            judged: self.judged_jobs > test.floor_jobs,
+            v1_us: v1.0,
+            v2_us: v2.0,
+            ratio: ratio(v2.0, v1.0),
+            ratio_interval: [ratio(v2.1, v1.2), ratio(v2.2, v1.1)],
+            control_us: (self.judged_control_jobs > 0)
+                .then(|| self.control_judged.value_at_quantile(q) as f64),
+            threshold_us: test.threshold_us.is_finite().then_some(test.threshold_us),
+            v2_only_exceed: test.v2_only_exceed,
+            v1_only_exceed: test.v1_only_exceed,
+            control_exceedance_difference: test.stream.control_mean(),
+            test: test.stream.test.report(),
+        }
+    }
+
+    fn error_details(&self) -> ErrorDetails {
+        ErrorDetails {
+            v1_errors: self.counts.v1_errors,
+            v2_errors: self.counts.v2_errors,
+            v1_ok_v2_error: self.counts.v1_ok_v2_error,
+            v1_error_v2_ok: self.counts.v1_error_v2_ok,
+            v1_rate: rate(self.counts.v1_errors, self.judged_jobs),
+            v2_rate: rate(self.counts.v2_errors, self.judged_jobs),
+            control_rate: (self.judged_control_jobs > 0)
+                .then(|| rate(self.control_counts.v2_errors, self.judged_control_jobs)),
+            increase: self.errors.test.report(),
+            hard: self.hard_errors.test.report(),
+        }
+    }
+
+    fn mismatch_details(&self) -> MismatchDetails {
+        MismatchDetails {
+            compared: self.counts.compared,
+            mismatched: self.counts.mismatched,
+            rate: rate(self.counts.mismatched, self.counts.compared),
+            control_rate: (self.control_counts.compared > 0)
+                .then(|| rate(self.control_counts.mismatched, self.control_counts.compared)),
+            test: self.mismatches.test.report(),
+        }
+    }
+
+    /// Quantiles of the per-job ratio; `None` before any judged pair.
+    fn paired_ratio_details(&self) -> Option<PairedRatio> {
+        if self.paired_ratio.is_empty() {
+            return None;
+        }
+        Some(PairedRatio {
+            p10: self.paired_ratio.value_at_quantile(0.1) as f64 / RATIO_SCALE,
+            p50: self.paired_ratio.value_at_quantile(0.5) as f64 / RATIO_SCALE,
+            p90: self.paired_ratio.value_at_quantile(0.9) as f64 / RATIO_SCALE,
+            max_ratio: self.condition.max_paired_ratio,
+            test: self.paired_shift.test.report(),
+        })
+    }
+}
+
+/// `count / total`, 0 when there is nothing to count.
+fn rate(count: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        count as f64 / total as f64
     }
 }
 

@@ -63,37 +63,7 @@ pub fn judge_window(
 ) -> WindowVerdict {
     let jobs = v1_outcomes.jobs.min(v2_outcomes.jobs);
     let latency_jobs = v1.len().min(v2.len());
-    let quantiles: Vec<QuantileComparison> = condition
-        .latency
-        .iter()
-        .map(|limit| {
-            let judged = latency_jobs >= limit.floor_jobs(condition.min_tail_exceedances)
-                && latency_jobs > 0;
-            let v1_us = if v1.is_empty() {
-                0
-            } else {
-                v1.value_at_quantile(limit.quantile)
-            };
-            let v2_us = if v2.is_empty() {
-                0
-            } else {
-                v2.value_at_quantile(limit.quantile)
-            };
-            QuantileComparison {
-                name: limit.name(),
-                quantile: limit.quantile,
-                v1_us,
-                v2_us,
-                ratio: if v1_us == 0 {
-                    0.0
-                } else {
-                    v2_us as f64 / v1_us as f64
-                },
-                max_ratio: limit.max_ratio,
-                judged,
-            }
-        })
-        .collect();
+    let quantiles = compare_quantiles(condition, v1, v2, latency_jobs);
     let error_increase = v2_outcomes.error_rate() - v1_outcomes.error_rate();
     let mismatch_rate = if v2_outcomes.jobs == 0 {
         0.0
@@ -114,88 +84,173 @@ pub fn judge_window(
         "max_mismatch_rate": condition.max_mismatch_rate,
         "quantiles": quantiles,
     });
-    let verdict = |decision, hard, rule: String| Verdict {
+    let counts = WindowCounts {
+        jobs,
+        latency_jobs,
+        error_increase,
+        mismatch_rate,
+    };
+    let (decision, hard, rule) = window_rule(condition, &counts, &quantiles);
+    let verdict = Verdict {
         decision,
         hard,
         rule,
         jobs,
-        details: details.clone(),
+        details,
     };
-    let verdict = if jobs < condition.min_jobs {
-        verdict(
+    WindowVerdict { quantiles, verdict }
+}
+
+/// Each configured quantile of both versions, with whether the window reached its floor.
+fn compare_quantiles(
+    condition: &Condition,
+    v1: &Histogram<u64>,
+    v2: &Histogram<u64>,
+    latency_jobs: u64,
+) -> Vec<QuantileComparison> {
+    condition
+        .latency
+        .iter()
+        .map(|limit| {
+            let judged = latency_jobs >= limit.floor_jobs(condition.min_tail_exceedances)
+                && latency_jobs > 0;
+            let v1_us = value_at_quantile(v1, limit.quantile);
+            let v2_us = value_at_quantile(v2, limit.quantile);
+            QuantileComparison {
+                name: limit.name(),
+                quantile: limit.quantile,
+                v1_us,
+                v2_us,
+                ratio: if v1_us == 0 {
+                    0.0
+                } else {
+                    v2_us as f64 / v1_us as f64
+                },
+                max_ratio: limit.max_ratio,
+                judged,
+            }
+        })
+        .collect()
+}
+
+/// A histogram's quantile, 0 for an empty histogram (a side that recorded nothing).
+fn value_at_quantile(histogram: &Histogram<u64>, quantile: f64) -> u64 {
+    if histogram.is_empty() {
+        0
+    } else {
+        histogram.value_at_quantile(quantile)
+    }
+}
+
+/// The window's numbers the rules are checked against.
+struct WindowCounts {
+    /// Jobs of the version with fewer.
+    jobs: u64,
+    /// Latencies recorded by the version with fewer.
+    latency_jobs: u64,
+    error_increase: f64,
+    mismatch_rate: f64,
+}
+
+/// The first rule that decides, in order of severity: too few jobs, a failure (see
+/// `window_failure`), too few latencies, else a pass.
+fn window_rule(
+    condition: &Condition,
+    counts: &WindowCounts,
+    quantiles: &[QuantileComparison],
+) -> (Decision, bool, String) {
+    if counts.jobs < condition.min_jobs {
+        return (
             Decision::NotEnoughData,
             false,
             format!(
-                "not enough data: {jobs} of {} minimum jobs",
-                condition.min_jobs
+                "not enough data: {} of {} minimum jobs",
+                counts.jobs, condition.min_jobs
             ),
-        )
-    } else if error_increase > condition.hard_error_rate_increase {
-        verdict(
-            Decision::Fail,
+        );
+    }
+    if let Some((hard, rule)) = window_failure(condition, counts, quantiles) {
+        return (Decision::Fail, hard, rule);
+    }
+    if counts.latency_jobs < condition.min_jobs {
+        return (
+            Decision::NotEnoughData,
+            false,
+            format!(
+                "not enough data: {} latencies recorded of {} minimum",
+                counts.latency_jobs, condition.min_jobs
+            ),
+        );
+    }
+    (Decision::Pass, false, pass_rule(quantiles))
+}
+
+/// The first limit the window breaks, most severe first: hard error increase, error increase,
+/// mismatches, a judged quantile beyond its ratio. Whether it is hard, and the rule in words.
+fn window_failure(
+    condition: &Condition,
+    counts: &WindowCounts,
+    quantiles: &[QuantileComparison],
+) -> Option<(bool, String)> {
+    let (error_increase, mismatch_rate) = (counts.error_increase, counts.mismatch_rate);
+    if error_increase > condition.hard_error_rate_increase {
+        return Some((
             true,
             format!(
                 "hard failure: error rate {:.2} points above v1's (hard margin {:.2})",
                 error_increase * 100.0,
                 condition.hard_error_rate_increase * 100.0
             ),
-        )
-    } else if error_increase > condition.max_error_rate_increase {
-        verdict(
-            Decision::Fail,
+        ));
+    }
+    if error_increase > condition.max_error_rate_increase {
+        return Some((
             false,
             format!(
                 "fail: errors: error rate {:.2} points above v1's (margin {:.2})",
                 error_increase * 100.0,
                 condition.max_error_rate_increase * 100.0
             ),
-        )
-    } else if mismatch_rate > condition.max_mismatch_rate {
-        verdict(
-            Decision::Fail,
+        ));
+    }
+    if mismatch_rate > condition.max_mismatch_rate {
+        return Some((
             false,
             format!(
                 "fail: mismatches: {:.2}% of answers differ (margin {:.2}%)",
                 mismatch_rate * 100.0,
                 condition.max_mismatch_rate * 100.0
             ),
-        )
-    } else if let Some(slow) = quantiles.iter().find(|q| q.judged && q.ratio > q.max_ratio) {
-        verdict(
-            Decision::Fail,
-            false,
-            format!(
-                "fail: latency {}: v2 {} us is {:.3} x v1's {} us (limit {:.2})",
-                slow.name, slow.v2_us, slow.ratio, slow.v1_us, slow.max_ratio
-            ),
-        )
-    } else if latency_jobs < condition.min_jobs {
-        verdict(
-            Decision::NotEnoughData,
-            false,
-            format!(
-                "not enough data: {latency_jobs} latencies recorded of {} minimum",
-                condition.min_jobs
-            ),
-        )
+        ));
+    }
+    let slow = quantiles
+        .iter()
+        .find(|q| q.judged && q.ratio > q.max_ratio)?;
+    Some((
+        false,
+        format!(
+            "fail: latency {}: v2 {} us is {:.3} x v1's {} us (limit {:.2})",
+            slow.name, slow.v2_us, slow.ratio, slow.v1_us, slow.max_ratio
+        ),
+    ))
+}
+
+/// The pass rule's words, naming the quantiles left unjudged for want of jobs.
+fn pass_rule(quantiles: &[QuantileComparison]) -> String {
+    let unjudged: Vec<&str> = quantiles
+        .iter()
+        .filter(|q| !q.judged)
+        .map(|q| q.name.as_str())
+        .collect();
+    if unjudged.is_empty() {
+        "pass: every quantile, the error rate and the mismatch rate within limits".to_string()
     } else {
-        let unjudged: Vec<&str> = quantiles
-            .iter()
-            .filter(|q| !q.judged)
-            .map(|q| q.name.as_str())
-            .collect();
-        let rule = if unjudged.is_empty() {
-            "pass: every quantile, the error rate and the mismatch rate within limits".to_string()
-        } else {
-            format!(
-                "pass: judged quantiles, error rate and mismatch rate within limits \
-                 ({} not judged: too few jobs for that quantile)",
-                unjudged.join(", ")
-            )
-        };
-        verdict(Decision::Pass, false, rule)
-    };
-    WindowVerdict { quantiles, verdict }
+        format!(
+            "pass: judged quantiles, error rate and mismatch rate within limits \
+             ({} not judged: too few jobs for that quantile)",
+            unjudged.join(", ")
+        )
+    }
 }
 
 #[cfg(test)]

@@ -190,6 +190,7 @@ impl MachineSpec {
     }
 
     fn behaviour(&self) -> Result<Behaviour, SpecError> {
+        // The order of the checks (fault triggers last) decides which bad field an error names.
         if self.service.trim().is_empty() {
             return Err(SpecError::new("service", "must not be empty"));
         }
@@ -197,13 +198,7 @@ impl MachineSpec {
             return Err(SpecError::new("version", "must not be empty"));
         }
         let latency = self.latency.validate("latency")?;
-        let tail = match &self.tail {
-            Some(t) => Some((
-                check_range("tail.fraction", t.fraction, 0.0, 1.0)?,
-                check_range("tail.multiplier", t.multiplier, 0.0, 1e6)?,
-            )),
-            None => None,
-        };
+        let tail = self.tail.as_ref().map(TailSpec::validate).transpose()?;
         let error_rate = check_range("error_rate", self.error_rate, 0.0, 1.0)?;
         let error_status = StatusCode::from_u16(self.error_status)
             .ok()
@@ -214,6 +209,42 @@ impl MachineSpec {
                     format!("must be a 4xx or 5xx status, got {}", self.error_status),
                 )
             })?;
+        self.validate_dependencies()?;
+        let f = &self.faults;
+        let slow_start = f
+            .slow_start
+            .as_ref()
+            .map(SlowStartSpec::validate)
+            .transpose()?;
+        let creep = f
+            .latency_creep
+            .as_ref()
+            .map(LatencyCreepSpec::validate)
+            .transpose()?;
+        let late_failure = f
+            .late_failure
+            .as_ref()
+            .map(|l| l.validate("faults.late_failure"))
+            .transpose()?;
+        Ok(Behaviour {
+            latency,
+            tail,
+            error_rate,
+            error_status,
+            dependency_timeout: Duration::from_millis(self.dependency_timeout_ms),
+            hang: trigger("hang", f.hang.as_ref())?,
+            reset: trigger("reset", f.reset.as_ref())?,
+            mismatch: trigger("mismatch", f.mismatch.as_ref())?,
+            crash_after_jobs: f.crash_after_jobs,
+            slow_start,
+            creep,
+            leaks_side_effects: f.leaks_side_effects,
+            late_failure,
+        })
+    }
+
+    /// Dependencies named once each, and a timeout to call them with.
+    fn validate_dependencies(&self) -> Result<(), SpecError> {
         let mut seen = HashSet::new();
         for (i, dep) in self.dependencies.iter().enumerate() {
             if dep.trim().is_empty() {
@@ -235,66 +266,60 @@ impl MachineSpec {
                 "must be at least 1",
             ));
         }
-        let trigger =
-            |name: &str, t: &Option<FaultTrigger>| -> Result<Option<Trigger>, SpecError> {
-                t.as_ref()
-                    .map(|t| {
-                        Ok(Trigger {
-                            after_jobs: t.after_jobs,
-                            fraction: check_range(
-                                &join(&format!("faults.{name}"), "fraction"),
-                                t.fraction,
-                                0.0,
-                                1.0,
-                            )?,
-                        })
-                    })
-                    .transpose()
-            };
-        let f = &self.faults;
-        let slow_start = match &f.slow_start {
-            Some(s) => {
-                if s.over_jobs == 0 {
-                    return Err(SpecError::new(
-                        "faults.slow_start.over_jobs",
-                        "must be at least 1",
-                    ));
-                }
-                Some((
-                    check_range("faults.slow_start.extra_ms", s.extra_ms, 0.0, 3.6e6)?,
-                    s.over_jobs,
-                ))
-            }
-            None => None,
-        };
-        let creep = match &f.latency_creep {
-            Some(c) => Some((
-                check_range("faults.latency_creep.per_job_us", c.per_job_us, 0.0, 1e9)?,
-                check_positive("faults.latency_creep.max_ms", c.max_ms)?,
-            )),
-            None => None,
-        };
-        let late_failure = f
-            .late_failure
-            .as_ref()
-            .map(|l| l.validate("faults.late_failure"))
-            .transpose()?;
-        Ok(Behaviour {
-            latency,
-            tail,
-            error_rate,
-            error_status,
-            dependency_timeout: Duration::from_millis(self.dependency_timeout_ms),
-            hang: trigger("hang", &f.hang)?,
-            reset: trigger("reset", &f.reset)?,
-            mismatch: trigger("mismatch", &f.mismatch)?,
-            crash_after_jobs: f.crash_after_jobs,
-            slow_start,
-            creep,
-            leaks_side_effects: f.leaks_side_effects,
-            late_failure,
-        })
+        Ok(())
     }
+}
+
+impl TailSpec {
+    /// (fraction, multiplier).
+    fn validate(&self) -> Result<(f64, f64), SpecError> {
+        Ok((
+            check_range("tail.fraction", self.fraction, 0.0, 1.0)?,
+            check_range("tail.multiplier", self.multiplier, 0.0, 1e6)?,
+        ))
+    }
+}
+
+impl SlowStartSpec {
+    /// (extra_ms, over_jobs).
+    fn validate(&self) -> Result<(f64, u64), SpecError> {
+        if self.over_jobs == 0 {
+            return Err(SpecError::new(
+                "faults.slow_start.over_jobs",
+                "must be at least 1",
+            ));
+        }
+        Ok((
+            check_range("faults.slow_start.extra_ms", self.extra_ms, 0.0, 3.6e6)?,
+            self.over_jobs,
+        ))
+    }
+}
+
+impl LatencyCreepSpec {
+    /// (per_job_us, max_ms).
+    fn validate(&self) -> Result<(f64, f64), SpecError> {
+        Ok((
+            check_range("faults.latency_creep.per_job_us", self.per_job_us, 0.0, 1e9)?,
+            check_positive("faults.latency_creep.max_ms", self.max_ms)?,
+        ))
+    }
+}
+
+/// The fault `faults.NAME`'s trigger, if it is configured.
+fn trigger(name: &str, t: Option<&FaultTrigger>) -> Result<Option<Trigger>, SpecError> {
+    t.map(|t| {
+        Ok(Trigger {
+            after_jobs: t.after_jobs,
+            fraction: check_range(
+                &join(&format!("faults.{name}"), "fraction"),
+                t.fraction,
+                0.0,
+                1.0,
+            )?,
+        })
+    })
+    .transpose()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1009,12 +1034,9 @@ async fn serve_job(
     call: &JobCall,
     fails_late: bool,
 ) -> Result<Response<Full<Bytes>>, ResetFault> {
-    let simulation = call.simulation;
-    let session = &call.session;
-
     let input = input_digest(&state.service, &parts.method, parts.uri.path(), body);
-    let mut rng =
-        StdRng::seed_from_u64(state.seed ^ input ^ session.as_deref().map_or(0, digest_str));
+    let session = call.session.as_deref();
+    let mut rng = StdRng::seed_from_u64(state.seed ^ input ^ session.map_or(0, digest_str));
     match state.behaviour.fate(job, &mut rng) {
         Fate::Hang => {
             bump(&state.counters.hung);
@@ -1039,55 +1061,89 @@ async fn serve_job(
             }
             let mut answer = FnvHasher::default();
             answer.write_u64(input);
-            for dependency in &state.declared {
-                match forward(
-                    state,
-                    dependency,
-                    &parts.method,
-                    &parts.uri,
-                    &parts.headers,
-                    body,
-                )
-                .await
-                {
-                    Ok(dependency_answer) => answer.write(&dependency_answer),
-                    Err(message) => {
-                        bump(&state.counters.forward_errors);
-                        bump(&state.counters.errors);
-                        return Ok(text(StatusCode::BAD_GATEWAY, message));
-                    }
-                }
-            }
-            if fails_late {
-                bump(&state.counters.late_failures);
+            if let Err(message) = call_dependencies(state, parts, body, &mut answer).await {
+                bump(&state.counters.forward_errors);
                 bump(&state.counters.errors);
-                let status = state
-                    .behaviour
-                    .late_failure
-                    .and_then(|l| l.status)
-                    .unwrap_or(state.behaviour.error_status);
-                return Ok(text(status, "simulated late failure\n"));
+                return Ok(text(StatusCode::BAD_GATEWAY, message));
             }
-            if error {
-                bump(&state.counters.errors);
-                return Ok(text(state.behaviour.error_status, "simulated error\n"));
-            }
-            if mismatch {
-                bump(&state.counters.mismatches);
-                answer.write(b"mismatch");
-            }
-            if !simulation {
-                bump(&state.counters.side_effects);
-            } else if state.behaviour.leaks_side_effects {
-                bump(&state.counters.simulation_side_effects);
-            }
-            bump(&state.counters.ok);
-            Ok(text(
-                StatusCode::OK,
-                format!("{} {:016x}\n", state.service, answer.finish()),
-            ))
+            let outcome = AnswerOutcome {
+                fails_late,
+                error,
+                mismatch,
+                simulation: call.simulation,
+            };
+            Ok(answer_job(state, answer, outcome))
         }
     }
+}
+
+/// Calls every declared dependency in turn, folding their answers into `answer`; the first
+/// failure's message ends the job.
+async fn call_dependencies(
+    state: &MachineState,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    answer: &mut FnvHasher,
+) -> Result<(), String> {
+    for dependency in &state.declared {
+        let dependency_answer = forward(
+            state,
+            dependency,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            body,
+        )
+        .await?;
+        answer.write(&dependency_answer);
+    }
+    Ok(())
+}
+
+/// What decides the answer to a job whose dependencies answered: its seeded draws (error,
+/// mismatch), whether its call fails late, and whether it is a simulation copy.
+struct AnswerOutcome {
+    fails_late: bool,
+    error: bool,
+    mismatch: bool,
+    simulation: bool,
+}
+
+/// The answer to a job whose dependencies answered: a late failure, an error, or the digest of
+/// its input and its dependencies' answers (changed by a mismatch), with its side effect.
+fn answer_job(
+    state: &MachineState,
+    mut answer: FnvHasher,
+    outcome: AnswerOutcome,
+) -> Response<Full<Bytes>> {
+    if outcome.fails_late {
+        bump(&state.counters.late_failures);
+        bump(&state.counters.errors);
+        let status = state
+            .behaviour
+            .late_failure
+            .and_then(|l| l.status)
+            .unwrap_or(state.behaviour.error_status);
+        return text(status, "simulated late failure\n");
+    }
+    if outcome.error {
+        bump(&state.counters.errors);
+        return text(state.behaviour.error_status, "simulated error\n");
+    }
+    if outcome.mismatch {
+        bump(&state.counters.mismatches);
+        answer.write(b"mismatch");
+    }
+    if !outcome.simulation {
+        bump(&state.counters.side_effects);
+    } else if state.behaviour.leaks_side_effects {
+        bump(&state.counters.simulation_side_effects);
+    }
+    bump(&state.counters.ok);
+    text(
+        StatusCode::OK,
+        format!("{} {:016x}\n", state.service, answer.finish()),
+    )
 }
 
 /// Digest of what determines a job's answer: never the version, so versions answer alike.

@@ -164,89 +164,206 @@ pub fn solve(
             order.push(artifact.clone());
         }
     }
-    let role_of = |state: &str| {
-        if absorbing.artifacts.iter().any(|a| a == state) {
-            StateRole::Artifact
-        } else if absorbing.successes.contains(state) {
-            StateRole::Success
-        } else if table.exits(state) > 0.0 {
-            StateRole::Transient
-        } else {
-            StateRole::Unobserved
-        }
-    };
-    let transient: Vec<&str> = order
+    let chain = Chain::new(table, absorbing, &order);
+    let solved = chain.solve(mean_dwell_seconds);
+    let states = order
         .iter()
-        .map(String::as_str)
-        .filter(|s| role_of(s) == StateRole::Transient)
+        .map(|state| (state.clone(), chain.outlook(state, &solved)))
         .collect();
-    let solvable = states_that_can_end(table, &transient, &role_of);
-    let index: BTreeMap<&str, usize> = solvable.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    Outlook {
+        artifacts: absorbing.artifacts.clone(),
+        order,
+        states,
+        table: table.clone(),
+    }
+}
 
-    // Right-hand columns: one per artifact, then success, unknown, trapped, steps, seconds, and the
-    // identity (whose solution is the fundamental matrix: expected visits to each state).
-    let artifact_count = absorbing.artifacts.len();
-    let (success_col, unknown_col, trapped_col) =
-        (artifact_count, artifact_count + 1, artifact_count + 2);
-    let (steps_col, seconds_col) = (artifact_count + 3, artifact_count + 4);
-    let visits_col = artifact_count + 5;
-    let n = solvable.len();
-    let width = visits_col + n;
-    let mut matrix = vec![vec![0.0; n]; n];
-    let mut rhs = vec![vec![0.0; width]; n];
-    let mut seconds_known = vec![true; n];
-    for (i, state) in solvable.iter().enumerate() {
-        matrix[i][i] = 1.0;
-        let exits = table.exits(state);
-        for (to, weight) in &table.rows()[*state] {
-            let p = weight / exits;
-            if let Some(&j) = index.get(to.as_str()) {
-                matrix[i][j] -= p;
-                continue;
-            }
-            let column = match role_of(to) {
-                StateRole::Artifact => absorbing.artifacts.iter().position(|a| a == to).unwrap(),
-                StateRole::Success => success_col,
-                StateRole::Unobserved => unknown_col,
-                // A transient state outside `solvable` can never end.
-                StateRole::Transient => trapped_col,
-            };
-            rhs[i][column] += p;
-        }
-        rhs[i][steps_col] = 1.0;
-        rhs[i][visits_col + i] = 1.0;
-        match mean_dwell_seconds.get(*state) {
-            Some(seconds) => rhs[i][seconds_col] = *seconds,
-            None => seconds_known[i] = false,
+fn role_of(table: &TransitionTable, absorbing: &Absorbing, state: &str) -> StateRole {
+    if absorbing.artifacts.iter().any(|a| a == state) {
+        StateRole::Artifact
+    } else if absorbing.successes.contains(state) {
+        StateRole::Success
+    } else if table.exits(state) > 0.0 {
+        StateRole::Transient
+    } else {
+        StateRole::Unobserved
+    }
+}
+
+/// Where each quantity sits among the right-hand columns of the linear system: one per artifact,
+/// then success, unknown, trapped, steps, seconds, and the identity (whose solution is the
+/// fundamental matrix: expected visits to each state).
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    artifacts: usize,
+}
+
+impl Columns {
+    fn success(self) -> usize {
+        self.artifacts
+    }
+    fn unknown(self) -> usize {
+        self.artifacts + 1
+    }
+    fn trapped(self) -> usize {
+        self.artifacts + 2
+    }
+    fn steps(self) -> usize {
+        self.artifacts + 3
+    }
+    fn seconds(self) -> usize {
+        self.artifacts + 4
+    }
+    /// The identity column of solvable state `row` (with `row` = their count: the width).
+    fn visits(self, row: usize) -> usize {
+        self.artifacts + 5 + row
+    }
+}
+
+/// (I - Q) X = rhs, with whether each row's state has a mean dwell time.
+struct LinearSystem {
+    matrix: Vec<Vec<f64>>,
+    rhs: Vec<Vec<f64>>,
+    seconds_known: Vec<bool>,
+}
+
+/// The solution, and what the per-state outlooks need besides.
+struct Solved {
+    /// Row i belongs to solvable state i; `None` when I - Q is singular.
+    solution: Option<Vec<Vec<f64>>>,
+    /// Whether a solvable state's expected time is defined: it and every state it can reach must
+    /// have a mean dwell time.
+    seconds_defined: Vec<bool>,
+    /// Each solvable row's variance of the failure probability (see `failure_variance`).
+    row_variance: Vec<f64>,
+}
+
+/// A chain sorted out for solving: its transient states that can end are the rows of the system.
+struct Chain<'a> {
+    table: &'a TransitionTable,
+    absorbing: &'a Absorbing,
+    solvable: Vec<&'a str>,
+    index: BTreeMap<&'a str, usize>,
+    columns: Columns,
+}
+
+impl<'a> Chain<'a> {
+    fn new(table: &'a TransitionTable, absorbing: &'a Absorbing, order: &'a [String]) -> Self {
+        let role = |state: &str| role_of(table, absorbing, state);
+        let transient: Vec<&str> = order
+            .iter()
+            .map(String::as_str)
+            .filter(|s| role(s) == StateRole::Transient)
+            .collect();
+        let solvable = states_that_can_end(table, &transient, &role);
+        let index = solvable.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+        Chain {
+            table,
+            absorbing,
+            solvable,
+            index,
+            columns: Columns {
+                artifacts: absorbing.artifacts.len(),
+            },
         }
     }
-    let solution = gaussian_elimination(matrix, rhs);
-    // Whether a solvable state's expected time is defined: it and every state it can reach must
-    // have a mean dwell time.
-    let seconds_defined = reach_all(table, &solvable, &index, &seconds_known);
-    // Probability of failure from any state: what each row's outcomes are worth.
-    let failure_from = |state: &str| -> f64 {
-        match (role_of(state), index.get(state), &solution) {
-            (StateRole::Artifact, _, _) => 1.0,
-            (StateRole::Transient, Some(&j), Some(solution)) => solution[j][..artifact_count]
-                .iter()
-                .map(|p| clamp01(*p))
-                .sum(),
-            _ => 0.0,
-        }
-    };
-    let row_variance: Vec<f64> = solvable
-        .iter()
-        .map(|state| failure_variance(&table.rows()[*state], &failure_from))
-        .collect();
 
-    let mut states = BTreeMap::new();
-    for state in &order {
-        let role = role_of(state);
+    fn role_of(&self, state: &str) -> StateRole {
+        role_of(self.table, self.absorbing, state)
+    }
+
+    fn solve(&self, mean_dwell_seconds: &BTreeMap<String, f64>) -> Solved {
+        let system = self.system(mean_dwell_seconds);
+        let solution = gaussian_elimination(system.matrix, system.rhs);
+        let seconds_defined = reach_all(
+            self.table,
+            &self.solvable,
+            &self.index,
+            &system.seconds_known,
+        );
+        let row_variance = self.row_variances(solution.as_deref());
+        Solved {
+            solution,
+            seconds_defined,
+            row_variance,
+        }
+    }
+
+    fn system(&self, mean_dwell_seconds: &BTreeMap<String, f64>) -> LinearSystem {
+        let columns = self.columns;
+        let n = self.solvable.len();
+        let mut matrix = vec![vec![0.0; n]; n];
+        let mut rhs = vec![vec![0.0; columns.visits(n)]; n];
+        let mut seconds_known = vec![true; n];
+        for (i, state) in self.solvable.iter().enumerate() {
+            matrix[i][i] = 1.0;
+            let exits = self.table.exits(state);
+            for (to, weight) in &self.table.rows()[*state] {
+                let p = weight / exits;
+                if let Some(&j) = self.index.get(to.as_str()) {
+                    matrix[i][j] -= p;
+                    continue;
+                }
+                rhs[i][self.outcome_column(to)] += p;
+            }
+            rhs[i][columns.steps()] = 1.0;
+            rhs[i][columns.visits(i)] = 1.0;
+            match mean_dwell_seconds.get(*state) {
+                Some(seconds) => rhs[i][columns.seconds()] = *seconds,
+                None => seconds_known[i] = false,
+            }
+        }
+        LinearSystem {
+            matrix,
+            rhs,
+            seconds_known,
+        }
+    }
+
+    /// The right-hand column a step from a solvable state to the non-solvable `to` adds to.
+    fn outcome_column(&self, to: &str) -> usize {
+        match self.role_of(to) {
+            StateRole::Artifact => self
+                .absorbing
+                .artifacts
+                .iter()
+                .position(|a| a == to)
+                .unwrap(),
+            StateRole::Success => self.columns.success(),
+            StateRole::Unobserved => self.columns.unknown(),
+            // A transient state outside `solvable` can never end.
+            StateRole::Transient => self.columns.trapped(),
+        }
+    }
+
+    fn row_variances(&self, solution: Option<&[Vec<f64>]>) -> Vec<f64> {
+        // Probability of failure from any state: what each row's outcomes are worth.
+        let failure_from = |state: &str| -> f64 {
+            match (self.role_of(state), self.index.get(state), solution) {
+                (StateRole::Artifact, _, _) => 1.0,
+                (StateRole::Transient, Some(&j), Some(solution)) => solution[j]
+                    [..self.columns.artifacts]
+                    .iter()
+                    .map(|p| clamp01(*p))
+                    .sum(),
+                _ => 0.0,
+            }
+        };
+        self.solvable
+            .iter()
+            .map(|state| failure_variance(&self.table.rows()[*state], &failure_from))
+            .collect()
+    }
+
+    /// The outlook of any state: an end state's is certain, a transient one's is read from its
+    /// row of the solution (or it is trapped when it has none).
+    fn outlook(&self, state: &str, solved: &Solved) -> StateOutlook {
+        let role = self.role_of(state);
         let mut outlook = StateOutlook {
             role,
-            exits: table.exits(state),
-            artifacts: absorbing
+            exits: self.table.exits(state),
+            artifacts: self
+                .absorbing
                 .artifacts
                 .iter()
                 .map(|a| (a.clone(), if a == state { 1.0 } else { 0.0 }))
@@ -263,24 +380,8 @@ pub fn solve(
             expected_seconds: (role != StateRole::Unobserved).then_some(0.0),
         };
         if role == StateRole::Transient {
-            match (index.get(state.as_str()), &solution) {
-                (Some(&i), Some(solution)) => {
-                    let row = &solution[i];
-                    for (k, artifact) in absorbing.artifacts.iter().enumerate() {
-                        outlook.artifacts.insert(artifact.clone(), clamp01(row[k]));
-                    }
-                    outlook.success = clamp01(row[success_col]);
-                    outlook.unknown = clamp01(row[unknown_col]);
-                    outlook.trapped = clamp01(row[trapped_col]);
-                    let variance: f64 = (0..n)
-                        .map(|s| row[visits_col + s].powi(2) * row_variance[s])
-                        .sum();
-                    outlook.failure_std_error = variance.max(0.0).sqrt();
-                    let ends_surely = outlook.trapped <= 1e-12;
-                    outlook.expected_steps = ends_surely.then_some(row[steps_col]);
-                    outlook.expected_seconds =
-                        (ends_surely && seconds_defined[i]).then_some(row[seconds_col]);
-                }
+            match (self.index.get(state), &solved.solution) {
+                (Some(&i), Some(solution)) => self.read_row(&mut outlook, i, solved, solution),
                 _ => {
                     outlook.trapped = 1.0;
                     outlook.expected_steps = None;
@@ -288,13 +389,32 @@ pub fn solve(
                 }
             }
         }
-        states.insert(state.clone(), outlook);
+        outlook
     }
-    Outlook {
-        artifacts: absorbing.artifacts.clone(),
-        order,
-        states,
-        table: table.clone(),
+
+    /// Fills a solvable state's outlook from row `i` of the solution.
+    fn read_row(
+        &self,
+        outlook: &mut StateOutlook,
+        i: usize,
+        solved: &Solved,
+        solution: &[Vec<f64>],
+    ) {
+        let (columns, row) = (self.columns, &solution[i]);
+        for (k, artifact) in self.absorbing.artifacts.iter().enumerate() {
+            outlook.artifacts.insert(artifact.clone(), clamp01(row[k]));
+        }
+        outlook.success = clamp01(row[columns.success()]);
+        outlook.unknown = clamp01(row[columns.unknown()]);
+        outlook.trapped = clamp01(row[columns.trapped()]);
+        let variance: f64 = (0..self.solvable.len())
+            .map(|s| row[columns.visits(s)].powi(2) * solved.row_variance[s])
+            .sum();
+        outlook.failure_std_error = variance.max(0.0).sqrt();
+        let ends_surely = outlook.trapped <= 1e-12;
+        outlook.expected_steps = ends_surely.then_some(row[columns.steps()]);
+        outlook.expected_seconds =
+            (ends_surely && solved.seconds_defined[i]).then_some(row[columns.seconds()]);
     }
 }
 

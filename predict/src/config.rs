@@ -299,8 +299,48 @@ impl PredictConfig {
 
     /// Checks every field; the error names the first that is wrong.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
+        // Fields are checked in the order they are declared, so the first wrong one is named.
         let half_life = HalfLife::new(seconds("half_life_secs", self.half_life_secs)?)
             .ok_or_else(|| invalid("half_life_secs", "must be positive"))?;
+        self.validate_artifacts()?;
+        let successes = self.validate_successes()?;
+        let absorbing =
+            |name: &str| self.artifacts.iter().any(|a| a == name) || successes.contains(name);
+        if let Some(start) = &self.start_state {
+            state_name("start_state", start)?;
+            if absorbing(start) {
+                return Err(invalid(
+                    "start_state",
+                    format!("`{start}` is an end state (artifact or success)"),
+                ));
+            }
+        }
+        let rules = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| rule.validate(i))
+            .collect::<Result<Vec<Rule>, ConfigError>>()?;
+        let alerts = self.alerts.validate()?;
+        let (default_dwell_limit, dwell_limits) = self.dwell.validate(&absorbing)?;
+        let compare = self.compare.validate()?;
+        Ok(Settings {
+            half_life,
+            artifacts: self.artifacts.clone(),
+            time_threshold_artifact: self.time_threshold_artifact.clone(),
+            successes,
+            start_state: self.start_state.clone(),
+            rules,
+            alerts,
+            default_dwell_limit,
+            dwell_limits,
+            compare,
+            resolve_interval: Duration::from_millis(self.resolve_interval_ms),
+        })
+    }
+
+    /// At least one artifact, each named once, the time threshold artifact among them.
+    fn validate_artifacts(&self) -> Result<(), ConfigError> {
         if self.artifacts.is_empty() {
             return Err(invalid("artifacts", "name at least one artifact state"));
         }
@@ -320,6 +360,11 @@ impl PredictConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The success states, each named once and none an artifact.
+    fn validate_successes(&self) -> Result<BTreeSet<String>, ConfigError> {
         let mut successes = BTreeSet::new();
         for (i, success) in self.successes.iter().enumerate() {
             let field = format!("successes[{i}]");
@@ -331,56 +376,66 @@ impl PredictConfig {
                 return Err(invalid(field, format!("`{success}` is listed twice")));
             }
         }
-        let absorbing =
-            |name: &str| self.artifacts.iter().any(|a| a == name) || successes.contains(name);
-        if let Some(start) = &self.start_state {
-            state_name("start_state", start)?;
-            if absorbing(start) {
-                return Err(invalid(
-                    "start_state",
-                    format!("`{start}` is an end state (artifact or success)"),
-                ));
-            }
+        Ok(successes)
+    }
+}
+
+impl RuleConfig {
+    /// Checks `rules[i]`.
+    fn validate(&self, i: usize) -> Result<Rule, ConfigError> {
+        if self.kind.trim().is_empty() {
+            return Err(invalid(format!("rules[{i}].kind"), "cannot be empty"));
         }
-        let mut rules = Vec::with_capacity(self.rules.len());
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.kind.trim().is_empty() {
-                return Err(invalid(format!("rules[{i}].kind"), "cannot be empty"));
-            }
-            if let Some(key) = rule.when.keys().find(|k| k.trim().is_empty()) {
-                return Err(invalid(
-                    format!("rules[{i}].when"),
-                    format!("field name `{key}` cannot be empty"),
-                ));
-            }
-            state_name(&format!("rules[{i}].state"), &rule.state)?;
-            rules.push(Rule {
-                kind: rule.kind.clone(),
-                when: rule.when.clone(),
-                state: rule.state.clone(),
-            });
+        if let Some(key) = self.when.keys().find(|k| k.trim().is_empty()) {
+            return Err(invalid(
+                format!("rules[{i}].when"),
+                format!("field name `{key}` cannot be empty"),
+            ));
         }
-        let threshold = self.alerts.threshold;
+        state_name(&format!("rules[{i}].state"), &self.state)?;
+        Ok(Rule {
+            kind: self.kind.clone(),
+            when: self.when.clone(),
+            state: self.state.clone(),
+        })
+    }
+}
+
+impl AlertConfig {
+    fn validate(&self) -> Result<AlertPolicy, ConfigError> {
+        let threshold = self.threshold;
         if !(threshold > 0.0 && threshold <= 1.0) {
             return Err(invalid(
                 "alerts.threshold",
                 format!("must be a probability in (0, 1], got {threshold}"),
             ));
         }
-        let min_exits = self.alerts.min_exits;
+        let min_exits = self.min_exits;
         if !(min_exits.is_finite() && min_exits >= 0.0) {
             return Err(invalid(
                 "alerts.min_exits",
                 format!("must be a non-negative number, got {min_exits}"),
             ));
         }
+        Ok(AlertPolicy {
+            threshold,
+            min_exits,
+        })
+    }
+}
+
+/// The default dwell limit and the per-state ones.
+type DwellLimits = (Option<Duration>, BTreeMap<String, Duration>);
+
+impl DwellConfig {
+    /// `absorbing` says which states are ends: they cannot have a limit.
+    fn validate(&self, absorbing: &dyn Fn(&str) -> bool) -> Result<DwellLimits, ConfigError> {
         let default_dwell_limit = self
-            .dwell
             .limit_secs
             .map(|value| seconds("dwell.limit_secs", value))
             .transpose()?;
         let mut dwell_limits = BTreeMap::new();
-        for (state, value) in &self.dwell.limits {
+        for (state, value) in &self.limits {
             let field = format!("dwell.limits.\"{state}\"");
             state_name(&field, state)?;
             if absorbing(state) {
@@ -391,44 +446,34 @@ impl PredictConfig {
             }
             dwell_limits.insert(state.clone(), seconds(&field, *value)?);
         }
-        let compare = &self.compare;
-        if !(compare.min_starts.is_finite() && compare.min_starts >= 0.0) {
+        Ok((default_dwell_limit, dwell_limits))
+    }
+}
+
+impl CompareConfig {
+    fn validate(&self) -> Result<CompareRule, ConfigError> {
+        if !(self.min_starts.is_finite() && self.min_starts >= 0.0) {
             return Err(invalid(
                 "compare.min_starts",
-                format!("must be a non-negative number, got {}", compare.min_starts),
+                format!("must be a non-negative number, got {}", self.min_starts),
             ));
         }
-        if !(compare.margin >= 0.0 && compare.margin < 1.0) {
+        if !(self.margin >= 0.0 && self.margin < 1.0) {
             return Err(invalid(
                 "compare.margin",
-                format!("must be a probability in [0, 1), got {}", compare.margin),
+                format!("must be a probability in [0, 1), got {}", self.margin),
             ));
         }
-        if !(compare.z.is_finite() && compare.z > 0.0) {
+        if !(self.z.is_finite() && self.z > 0.0) {
             return Err(invalid(
                 "compare.z",
-                format!("must be a positive number, got {}", compare.z),
+                format!("must be a positive number, got {}", self.z),
             ));
         }
-        Ok(Settings {
-            half_life,
-            artifacts: self.artifacts.clone(),
-            time_threshold_artifact: self.time_threshold_artifact.clone(),
-            successes,
-            start_state: self.start_state.clone(),
-            rules,
-            alerts: AlertPolicy {
-                threshold,
-                min_exits,
-            },
-            default_dwell_limit,
-            dwell_limits,
-            compare: CompareRule {
-                min_starts: compare.min_starts,
-                margin: compare.margin,
-                z: compare.z,
-            },
-            resolve_interval: Duration::from_millis(self.resolve_interval_ms),
+        Ok(CompareRule {
+            min_starts: self.min_starts,
+            margin: self.margin,
+            z: self.z,
         })
     }
 }

@@ -13,6 +13,11 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Serialize;
+use understudy_hub::{Envelope, READ_AUTH_HEADER};
+use understudy_wire::{
+    BalancerConfig, CursorProblem, CursorRefusal, ErrorBody, KeyRotationAck, PushAck, RefusalBody,
+    StatsReport,
+};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -23,11 +28,6 @@ use crate::openapi::{AnyError, ConfigBody, StatsBadRequest};
 use crate::service::{PushError, PushResult, Service};
 use crate::signing::{ConfigGates, Refusal};
 use crate::stats::CursorError;
-use crate::wire::{
-    BalancerConfig, CursorProblem, CursorRefusal, ErrorBody, KeyRotationAck, PushAck, RefusalBody,
-    StatsReport,
-};
-use understudy_hub::{Envelope, READ_AUTH_HEADER};
 
 pub(crate) struct AdminState {
     pub services: HashMap<String, Arc<Service>>,

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use understudy_hub::SecretKey;
+use understudy_wire::{BalancerConfig, MachineEntry, PoolRole};
 
-use crate::wire::{BalancerConfig, MachineEntry, PoolRole};
 use crate::{BalancerKey, ConfigSigning, RunningBalancers, SpawnOptions};
 
 pub(crate) fn media_config(version: u64) -> BalancerConfig {

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-
-use crate::wire::{BalancerConfig, PoolRole};
+use understudy_wire::{check_health_path, BalancerConfig, PoolRole};
 
 /// Weights outside this range are refused (0 would mean "remove the machine").
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
@@ -351,7 +350,7 @@ pub(crate) struct CheckedConfig {
 /// One machine entry checked; true when its address is a name still to resolve (the address
 /// is then unspecified, with the port). `ids` collects the ids seen so far.
 fn check_machine<'a>(
-    m: &'a crate::wire::MachineEntry,
+    m: &'a understudy_wire::MachineEntry,
     ids: &mut HashSet<&'a str>,
 ) -> Result<(ValidMachine, bool), ConfigError> {
     if m.id.trim().is_empty() {
@@ -400,29 +399,6 @@ fn check_machine<'a>(
         health_path,
     };
     Ok((machine, by_name))
-}
-
-/// The longest health path accepted.
-pub const MAX_HEALTH_PATH: usize = 1024;
-
-/// A health path is written into the probe's request line as is: an origin-form target of
-/// visible ASCII only, so that it cannot end the line or smuggle a header.
-pub fn check_health_path(path: &str) -> Result<&str, String> {
-    if !path.starts_with('/') {
-        return Err(format!("{path:?} does not start with '/'"));
-    }
-    if path.len() > MAX_HEALTH_PATH {
-        return Err(format!(
-            "{} bytes, more than the {MAX_HEALTH_PATH} allowed",
-            path.len()
-        ));
-    }
-    if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic() || *c == '#') {
-        return Err(format!(
-            "{path:?} holds {c:?}: only visible ASCII, no '#', is allowed in a request target"
-        ));
-    }
-    Ok(path)
 }
 
 impl CheckedConfig {
@@ -606,7 +582,7 @@ mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::MachineEntry;
+    use understudy_wire::MachineEntry;
 
     fn machine(id: &str, role: PoolRole) -> MachineEntry {
         MachineEntry {

@@ -7,9 +7,9 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use toml::{Table, Value};
 use understudy_testkit::{self as kit, KeyPath};
+use understudy_wire::{BalancerConfig, MachineEntry, PoolRole};
 
 use super::*;
-use crate::wire::{BalancerConfig, MachineEntry, PoolRole};
 
 const CASES: u32 = 128;
 

@@ -12,8 +12,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
-
-use crate::wire::ErrorBody;
+use understudy_wire::ErrorBody;
 
 /// A JSON error answer: `{"error": message}`.
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {

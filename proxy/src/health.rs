@@ -17,8 +17,7 @@ use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-
-use crate::wire::MachineHealth;
+use understudy_wire::MachineHealth;
 
 /// The health of one machine address, shared by every config version that names it.
 pub(crate) struct Health {

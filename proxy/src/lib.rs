@@ -8,8 +8,6 @@
 //!
 //! [`spawn`] starts a set of balancers (one listener each) and their shared admin endpoint.
 
-pub mod wire;
-
 mod admin;
 mod caller;
 mod config;
@@ -45,18 +43,18 @@ use pingora::server::{
 };
 use pingora::services::Service as PingoraService;
 
-pub use config::{
-    check_health_path, BalancerSpec, ConfigError, LimitsSpec, ProcessConfig, TrustSpec,
-    MAX_HEALTH_PATH, WEIGHT_RANGE,
-};
+pub use config::{BalancerSpec, ConfigError, LimitsSpec, ProcessConfig, TrustSpec, WEIGHT_RANGE};
 pub use marker::{MarkerPolicy, MarkerRejection, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 pub use proxy::{SESSION_EVENT_HEADER, SESSION_HEADER};
 pub use service::PushError;
 pub use signing::{
-    write_key_file, BalancerKey, ConfigFeed, ConfigSigning, KeyLoadError, KeySource, SigningError,
-    CONTROLLER_ID,
+    BalancerKey, ConfigFeed, ConfigSigning, KeyLoadError, KeySource, SigningError, CONTROLLER_ID,
 };
 pub use stats::{decode_histogram, encode_histogram, CursorError};
+/// The message vocabulary, now the `understudy-wire` crate: kept here so that
+/// `understudy_proxy::wire::...` still names it.
+pub use understudy_wire as wire;
+pub use understudy_wire::{check_health_path, write_key_file, MAX_HEALTH_PATH};
 
 /// Why balancers could not start.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-use crate::wire::{MachineHealth, MachineState, MachineStatus, Outcome, PoolRole};
+use understudy_wire::{MachineHealth, MachineState, MachineStatus, Outcome, PoolRole};
 
 pub(crate) const OUTCOMES: [Outcome; 5] = [
     Outcome::Ok,

@@ -22,10 +22,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, Notify, Semaphore};
+use understudy_wire::{JobObservation, Outcome};
 
 use crate::marker::{MarkerPolicy, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 use crate::stats::{PairSlot, SeriesHandle, Stats};
-use crate::wire::{JobObservation, Outcome};
 
 /// Limits of the mirror path.
 #[derive(Debug, Clone, Copy)]

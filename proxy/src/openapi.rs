@@ -18,9 +18,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::openapi::{ObjectBuilder, OpenApi as Document, Ref, RefOr, Type};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use crate::wire::{BalancerConfig, ErrorBody, KeyRotation};
-use crate::wire::{CursorRefusal, RefusalBody};
 use understudy_hub::{Envelope, READ_AUTH_HEADER};
+use understudy_wire::{BalancerConfig, ErrorBody, KeyRotation};
+use understudy_wire::{CursorRefusal, RefusalBody};
 
 /// The signed-read scheme's name, as the reads list it in `security(("signed_read" = []))`.
 pub(crate) const SIGNED_READ: &str = "signed_read";

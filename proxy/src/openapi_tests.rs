@@ -174,7 +174,7 @@ async fn the_wire_types_are_the_schemas_and_the_config_body_is_either_form() {
         json!(1000)
     );
     // The documented example is a config this balancer takes.
-    let example: crate::wire::BalancerConfig =
+    let example: understudy_wire::BalancerConfig =
         serde_json::from_value(config["example"].clone()).unwrap();
     crate::config::ValidConfig::new(&example).unwrap();
     let body = &operation(&document, "PUT", "/api/v1/balancers/{service}/config")["requestBody"];

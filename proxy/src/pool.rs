@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use understudy_wire::{MachineState, MachineStatus, PoolRole};
+
 use crate::config::ValidConfig;
 use crate::mirror::{CopyTarget, Lane};
 use crate::stats::{SeriesHandle, Stats};
 use crate::upstream::Upstream;
-use crate::wire::{MachineState, MachineStatus, PoolRole};
 
 /// A machine and its weight, as a pool is built.
 type Weighted = (Arc<Machine>, u32);
@@ -554,7 +555,7 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::stats::Retention;
-    use crate::wire::{BalancerConfig, MachineEntry};
+    use understudy_wire::{BalancerConfig, MachineEntry};
 
     fn stats() -> Stats {
         Stats::new(

@@ -21,6 +21,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use understudy_wire::{JobObservation, Outcome, PoolRole};
 
 use crate::caller::Caller;
 use crate::draft::CopyDraft;
@@ -33,7 +34,6 @@ use crate::pool::Machine;
 use crate::service::Service;
 use crate::timing::UpstreamTiming;
 use crate::upstream::{Checkout, ConnectError, Connection, Upstream};
-use crate::wire::{JobObservation, Outcome, PoolRole};
 
 /// Header naming a sustained session (a call, a stream).
 pub const SESSION_HEADER: &str = "x-session-id";
@@ -160,7 +160,7 @@ impl ServerApp for Balancer {
 }
 
 fn error_body(message: &str) -> Vec<u8> {
-    serde_json::to_vec(&crate::wire::ErrorBody {
+    serde_json::to_vec(&understudy_wire::ErrorBody {
         error: message.to_owned(),
     })
     .unwrap_or_default()

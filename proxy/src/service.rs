@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
+use understudy_wire::{BalancerConfig, PoolRole, StatsReport};
 
 use crate::config::{CheckedConfig, ConfigError, Limits, ValidConfig};
 use crate::marker::MarkerPolicy;
@@ -15,7 +16,6 @@ use crate::mirror::{ActiveInFlight, Lane, Mirror};
 use crate::pool::{Router, Table};
 use crate::stats::Stats;
 use crate::upstream::Upstream;
-use crate::wire::{BalancerConfig, PoolRole, StatsReport};
 
 /// How long a push may take to resolve its machine names: under the controller's push deadline
 /// (3 s), so that it gets the refusal naming the address rather than a timeout of its own.

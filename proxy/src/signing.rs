@@ -14,7 +14,6 @@
 //! captured within it could be applied once, until the controller's next push supersedes it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,9 +28,9 @@ use understudy_hub::{
     Backend, ControllerVerifier, Filter, Rejection, SecretKey, CONFIG_TOPIC, READ_AUTH_HEADER,
     READ_TOPIC,
 };
+use understudy_wire::{write_key_file, BalancerConfig, KeyRotation};
 
 use crate::service::{PushError, PushResult, Service};
-use crate::wire::{BalancerConfig, KeyRotation};
 
 pub use understudy_hub::CONTROLLER_ID;
 /// Largest signed message read (a config with many machines stays far below).
@@ -117,26 +116,6 @@ impl BalancerKey {
             source: KeySource::Given,
         }
     }
-}
-
-/// Writes `key` (base64) to `path` atomically (a temporary file renamed over it), readable by
-/// its owner only.
-pub fn write_key_file(path: &Path, key: &SecretKey) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp-rotate");
-    {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp)?;
-        file.write_all(key.to_base64().as_bytes())?;
-        file.write_all(b"\n")?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 /// Besides the admin `PUT`, where a balancer takes its configs from.
@@ -747,13 +726,13 @@ mod tests {
             mirror_fraction: 1.0,
             compare_body: false,
             drain_timeout_ms: 30_000,
-            machines: vec![crate::wire::MachineEntry {
+            machines: vec![understudy_wire::MachineEntry {
                 id: "media-1".into(),
                 version: "v1".into(),
                 // Never contacted: only configs are pushed here.
                 address: "127.0.0.1:9".into(),
                 weight: 100,
-                config: crate::wire::PoolRole::Active,
+                config: understudy_wire::PoolRole::Active,
                 health_path: None,
             }],
         }
@@ -793,7 +772,7 @@ mod tests {
         let url = format!(
             "http://{}{}",
             running.admin_addr(),
-            crate::wire::config_path("media")
+            understudy_wire::config_path("media")
         );
         let request = http::Request::put(url)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -892,12 +871,7 @@ mod tests {
         let loaded = BalancerKey::from_file(&path).unwrap();
         assert_eq!(loaded.key.to_base64(), key.to_base64());
         assert!(!format!("{loaded:?}").contains(&key.to_base64()));
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
+        // The file's mode (owner only) is `understudy_wire::write_key_file`'s own test.
         std::fs::write(&path, "c2hvcnQ=").unwrap();
         let err = BalancerKey::from_file(&path).unwrap_err().to_string();
         assert!(

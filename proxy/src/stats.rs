@@ -12,9 +12,9 @@ use base64::Engine;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use prometheus::IntCounter;
+use understudy_wire::{JobObservation, JobPair, Outcome, OutcomeCounts, PoolRole, SeriesStats};
 
 use crate::metrics::{Metrics, SeriesMetrics};
-use crate::wire::{JobObservation, JobPair, Outcome, OutcomeCounts, PoolRole, SeriesStats};
 
 /// Latency range recorded, in microseconds: 1 us .. 1 hour, 3 significant digits.
 const HIST_LOW_US: u64 = 1;

@@ -318,7 +318,7 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     security(("bearer" = [])),
     params(("service" = String, Path, description = "Service name", example = "db")),
     responses(
-        (status = 200, description = "The balancer took the new key", body = understudy_proxy::wire::KeyRotationAck),
+        (status = 200, description = "The balancer took the new key", body = understudy_wire::KeyRotationAck),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such service", body = ErrorBody),
         (status = 409, description = "The balancer refused the rotation", body = ErrorBody),

@@ -3,7 +3,7 @@
 //! Each operation is described on its handler (`#[utoipa::path]`) and registered with
 //! `utoipa_axum::routes!` (src/admin.rs), which routes and documents it in one step; the hub's two
 //! routes come from `understudy_hub::http::HubApi`. The balancer's wire types the API shows are
-//! `understudy_proxy::wire`'s own (their schemas are derived there).
+//! `understudy_wire`'s own (their schemas are derived there).
 
 use axum::extract::State;
 use axum::http::header;

@@ -6,7 +6,7 @@ use axum::http::{header, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
-use understudy_proxy::wire;
+use understudy_wire as wire;
 
 use crate::runtime::balancer::FakeBalancer;
 use crate::runtime::controller::Core;
@@ -194,7 +194,7 @@ fn references(value: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// The balancer's wire types are `understudy_proxy::wire`'s own schemas: every reference to them
+/// The balancer's wire types are `understudy_wire`'s own schemas: every reference to them
 /// (and to anything else) names a component the document holds.
 #[tokio::test]
 async fn every_reference_resolves() {

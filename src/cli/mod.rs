@@ -145,7 +145,7 @@ pub fn keygen(args: KeygenArgs) -> u8 {
         return 2;
     }
     let key = understudy_hub::SecretKey::generate();
-    match understudy_proxy::write_key_file(&args.file, &key) {
+    match understudy_wire::write_key_file(&args.file, &key) {
         Ok(()) => {
             println!("key written to {path} (mode 0600)");
             0
@@ -244,31 +244,17 @@ fn phase_cell(r: &RolloutView) -> String {
 }
 
 fn verdict_cells(r: &RolloutView) -> [String; 4] {
-    let v = r.verdict.as_ref();
-    let decision = v
-        .and_then(|v| v.get("decision"))
-        .and_then(|d| d.as_str())
-        .unwrap_or("-")
-        .to_string();
+    let decision = r.verdict.as_ref().map_or("-", |v| v.decision.as_str());
     let n = &r.numbers;
-    let jobs = n.get("jobs").and_then(|j| j.as_u64()).unwrap_or(0);
-    let p99 = |side: &str| {
-        n.get(side)
-            .and_then(|s| s.get("p99_us"))
-            .and_then(|p| p.as_f64())
-            .unwrap_or(0.0)
-    };
-    let err = |side: &str| {
-        n.get(side)
-            .and_then(|s| s.get("error_rate"))
-            .and_then(|p| p.as_f64())
-            .unwrap_or(0.0)
-    };
     [
-        decision,
-        jobs.to_string(),
-        format!("{:.0}/{:.0}", p99("v1"), p99("v2")),
-        format!("{:.2}%/{:.2}%", err("v1") * 100.0, err("v2") * 100.0),
+        decision.to_string(),
+        n.jobs.to_string(),
+        format!("{:.0}/{:.0}", n.v1.p99_us, n.v2.p99_us),
+        format!(
+            "{:.2}%/{:.2}%",
+            n.v1.error_rate * 100.0,
+            n.v2.error_rate * 100.0
+        ),
     ]
 }
 

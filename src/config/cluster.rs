@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::config::toml_spans::Spanned;
 use serde::Deserialize;
 use understudy_judge::Condition;
-use understudy_proxy::wire::PoolRole;
+use understudy_wire::PoolRole;
 
 /// Whole cluster file. A scenario file may embed [`ServiceSpec`], [`MachineSpec`], [`DefaultsSpec`] and
 /// [`ControllerSpec`] under the same keys and assemble a `ClusterSpec` itself.
@@ -621,7 +621,7 @@ fn machine_from_spec<'s>(
     };
     let health_path = match &m.health_path {
         Some(path) => Some(
-            understudy_proxy::check_health_path(path.get_ref())
+            understudy_wire::check_health_path(path.get_ref())
                 .map_err(|problem| {
                     source.invalid(path.span().start, field("health_path"), problem)
                 })?

@@ -7,3 +7,4 @@ pub mod plan;
 pub mod roles;
 pub mod rollout;
 pub mod step;
+pub mod verdict;

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use understudy_judge::{Baseline, Judge, PairSample};
-use understudy_proxy::wire::JobPair;
+use understudy_wire::JobPair;
 
 /// Halves kept while waiting for their partner; a half whose partner was dropped (mirror queue
 /// full) is forgotten oldest first beyond this.

@@ -325,11 +325,11 @@ pub fn declared_roles(cluster: &Cluster) -> BTreeMap<String, MachineRole> {
         .map(|m| {
             let declared = &cluster.services[&m.service].declared_version;
             let role = match m.config {
-                understudy_proxy::wire::PoolRole::Active => MachineRole::Active,
-                understudy_proxy::wire::PoolRole::Simulation if &m.version == declared => {
+                understudy_wire::PoolRole::Active => MachineRole::Active,
+                understudy_wire::PoolRole::Simulation if &m.version == declared => {
                     MachineRole::Control
                 }
-                understudy_proxy::wire::PoolRole::Simulation => MachineRole::Standby,
+                understudy_wire::PoolRole::Simulation => MachineRole::Standby,
             };
             (m.id.clone(), role)
         })
@@ -506,7 +506,7 @@ mod subgroup_tests {
 
     use rand::rngs::StdRng;
     use rand::SeedableRng;
-    use understudy_proxy::wire::PoolRole;
+    use understudy_wire::PoolRole;
 
     use super::*;
     use crate::config::cluster::parse;

@@ -142,6 +142,68 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// The display form back (`joining[1]`, `judged(pass)`, `retiring`), as transitions are stored
+/// and shown.
+impl std::str::FromStr for Phase {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Phase, String> {
+        let unknown = || format!("unknown phase `{text}`");
+        let (name, detail) = match text.split_once(['[', '(']) {
+            None => (text, 0),
+            Some((name, rest)) => {
+                let inner = rest.strip_suffix([']', ')']).ok_or_else(unknown)?;
+                let detail = match inner {
+                    "pass" => 1,
+                    "fail" => 0,
+                    step => step.parse().map_err(|_| unknown())?,
+                };
+                (name, detail)
+            }
+        };
+        let phase = Phase::from_parts(name, detail).ok_or_else(unknown)?;
+        // Only the exact display form: `judged` alone or `retiring[2]` are not phases.
+        if phase.to_string() == text {
+            Ok(phase)
+        } else {
+            Err(unknown())
+        }
+    }
+}
+
+/// One move of a rollout, as recorded and shown (`transitions` of a rollout's detail).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TransitionRecord {
+    pub at_ms: u64,
+    #[serde(with = "phase_text")]
+    #[schema(value_type = String, example = "simulating")]
+    pub from: Phase,
+    #[serde(with = "phase_text")]
+    #[schema(value_type = String, example = "judged(pass)")]
+    pub to: Phase,
+    pub cause: String,
+    #[schema(value_type = String, example = "controller")]
+    pub actor: Actor,
+    /// Numbers behind the move (the verdict, for a judgement).
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+/// A phase as its display text in JSON.
+mod phase_text {
+    use super::Phase;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(phase: &Phase, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(phase)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Phase, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {

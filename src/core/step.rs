@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use understudy_proxy::wire::{MachineStatus, PoolRole};
+use understudy_wire::{MachineStatus, PoolRole};
 
 use crate::config::cluster::RolloutPolicy;
 use crate::core::rollout::{Event, Phase};
@@ -264,7 +264,7 @@ fn drained(snapshot: &Snapshot<'_>, r: &RolloutFacts<'_>, service: &ServiceFacts
 #[cfg(test)]
 mod tests {
     use super::*;
-    use understudy_proxy::wire::{MachineHealth, MachineState};
+    use understudy_wire::{MachineHealth, MachineState};
 
     fn policy() -> RolloutPolicy {
         RolloutPolicy {

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use understudy_judge::PairSample;
 use understudy_loadgen::{run_load, spawn_machine, LoadSpec, MachineHandle, MachineSpec};
-use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole, StatsReport};
 use understudy_proxy::{BalancerSpec, ProcessConfig};
+use understudy_wire::{BalancerConfig, MachineEntry, PoolRole, StatsReport};
 
 use crate::core::pairing::{same_path_pair, sample_of, JobJoiner};
 use crate::runtime::balancer::{BalancerClient, HttpBalancerClient};

@@ -1,4 +1,4 @@
-//! Talking to the per-service balancers, only through their HTTP contract (`understudy_proxy::wire`):
+//! Talking to the per-service balancers, only through their HTTP contract (`understudy_wire`):
 //! `PUT config` (versioned, idempotent) and `GET stats since cursor`.
 //!
 //! Signed configs: a service whose balancer has a key (cluster file `balancer_key_file`) gets
@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use bytes::Bytes;
 use understudy_hub::{Backend, SecretKey, Signer, CONFIG_TOPIC, READ_AUTH_HEADER, READ_TOPIC};
-use understudy_proxy::wire::{
+use understudy_wire::{
     config_key_path, config_path, stats_path, BalancerConfig, KeyRotation, KeyRotationAck,
     MachineHealth, MachineState, MachineStatus, PushAck, StatsReport,
 };
@@ -88,7 +88,7 @@ impl CursorProblem {
 
     /// From the balancer's refusal of a cursor (`wire::CursorRefusal`); `None` for any other body.
     fn from_body(bytes: &[u8]) -> Option<CursorProblem> {
-        use understudy_proxy::wire::{CursorProblem as Reason, CursorRefusal};
+        use understudy_wire::{CursorProblem as Reason, CursorRefusal};
         let body: CursorRefusal = serde_json::from_slice(bytes).ok()?;
         match body.reason {
             Reason::CursorTooOld => Some(CursorProblem::TooOld {
@@ -431,7 +431,7 @@ impl BalancerClient for HttpBalancerClient {
         };
         let next = file.as_ref().map(|f| f.with_extension("next"));
         if let Some(next) = &next {
-            understudy_proxy::write_key_file(next, &new_key)
+            understudy_wire::write_key_file(next, &new_key)
                 .map_err(|e| protocol(format!("cannot write {}: {e}", next.display())))?;
         }
         let (envelope, _) = self.sign(service, payload).expect("checked above");
@@ -490,8 +490,8 @@ struct FakeService {
     /// Every config accepted, in order (idempotent repeats not included).
     accepted: Vec<BalancerConfig>,
     pushes: u64,
-    queued: Vec<understudy_proxy::wire::JobPair>,
-    series: Vec<understudy_proxy::wire::SeriesStats>,
+    queued: Vec<understudy_wire::JobPair>,
+    series: Vec<understudy_wire::SeriesStats>,
     cursor: u64,
     sessions: BTreeMap<String, u64>,
     /// What the balancer's probes say of a machine (unknown when not set).
@@ -516,13 +516,13 @@ impl FakeBalancer {
     /// to every simulation version, a job given only with its v2 copy also gets its control copy
     /// when the running config has a control (a simulation machine of the active version): the
     /// control answers as the active v1 machine did.
-    pub fn add_pairs(&self, service: &str, pairs: Vec<understudy_proxy::wire::JobPair>) {
+    pub fn add_pairs(&self, service: &str, pairs: Vec<understudy_wire::JobPair>) {
         self.with(service, |s| {
             let control = s.config.as_ref().and_then(|c| {
                 c.machines
                     .iter()
                     .find(|m| {
-                        m.config == understudy_proxy::wire::PoolRole::Simulation
+                        m.config == understudy_wire::PoolRole::Simulation
                             && pairs.iter().any(|p| p.active.version == m.version)
                     })
                     .map(|m| (m.id.clone(), m.version.clone()))
@@ -539,8 +539,8 @@ impl FakeBalancer {
                     && pair.simulation.version != *version
                     && !has_control_copy
                 {
-                    s.queued.push(understudy_proxy::wire::JobPair {
-                        simulation: understudy_proxy::wire::JobObservation {
+                    s.queued.push(understudy_wire::JobPair {
+                        simulation: understudy_wire::JobObservation {
                             machine: id.clone(),
                             ..pair.active.clone()
                         },
@@ -553,7 +553,7 @@ impl FakeBalancer {
     }
 
     /// Queues per-(version, config) series for the next stats read only.
-    pub fn add_series(&self, service: &str, series: Vec<understudy_proxy::wire::SeriesStats>) {
+    pub fn add_series(&self, service: &str, series: Vec<understudy_wire::SeriesStats>) {
         self.with(service, |s| s.series.extend(series));
     }
 
@@ -723,7 +723,7 @@ mod tests {
     use axum::http::StatusCode;
     use axum::routing::{get, put};
     use axum::{Json, Router};
-    use understudy_proxy::wire::{ErrorBody, MachineEntry, PoolRole};
+    use understudy_wire::{ErrorBody, MachineEntry, PoolRole};
 
     /// A stand-in balancer admin port: accepts version 5 only, refuses older (409) or empty (400).
     async fn serve() -> String {
@@ -900,7 +900,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("db.key");
         let key = SecretKey::generate();
-        understudy_proxy::write_key_file(&key_file, &key).unwrap();
+        understudy_wire::write_key_file(&key_file, &key).unwrap();
         let (_balancer, url) = keyed_balancer(
             Some(understudy_proxy::BalancerKey::from_file(&key_file).unwrap()),
             None,
@@ -1070,7 +1070,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("keys")).unwrap();
         let key = SecretKey::generate();
-        understudy_proxy::write_key_file(&dir.path().join("keys/db.key"), &key).unwrap();
+        understudy_wire::write_key_file(&dir.path().join("keys/db.key"), &key).unwrap();
         let file = dir.path().join("cluster.toml");
         let file = file.to_str().unwrap();
         let sample = crate::config::cluster::tests::SAMPLE;

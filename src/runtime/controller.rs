@@ -11,11 +11,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use understudy_judge::{Baseline, Decision, Judge, Verdict};
-use understudy_proxy::wire::{
+use understudy_judge::{Decision, Judge};
+use understudy_wire::{
     BalancerConfig, JobPair, MachineEntry, MachineHealth, MachineStatus, PoolRole, SeriesStats,
     StatsReport,
 };
@@ -26,12 +25,14 @@ use crate::core::pairing::PairFeed;
 use crate::core::pairing::StoredPair;
 use crate::core::plan::{Plan, PlanError, Selection};
 use crate::core::roles::MachineRole;
+use crate::core::rollout::TransitionRecord;
 use crate::core::rollout::{transition, Actor, Event, Phase, TransitionError};
 use crate::core::step;
+use crate::core::verdict::{PairNumbers, PairSummary, RolloutVerdict};
 use crate::runtime::balancer::{BalancerClient, BalancerError};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::monitor;
-use crate::store::{self, Store, StoreError, TransitionRecord};
+use crate::store::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -104,108 +105,6 @@ impl Default for Clock {
     }
 }
 
-/// Display numbers of the pairs a rollout compared (the judge keeps the statistics that decide).
-#[derive(Debug, Clone)]
-pub struct PairNumbers {
-    v1: Histogram<u64>,
-    v2: Histogram<u64>,
-    pub jobs: u64,
-    pub v1_errors: u64,
-    pub v2_errors: u64,
-    pub compared: u64,
-    pub mismatches: u64,
-    pub control_jobs: u64,
-    pub control_errors: u64,
-}
-
-impl Default for PairNumbers {
-    fn default() -> Self {
-        // Fixed bounds (1 µs .. 1 h): `saturating_record` clamps rather than resizes.
-        let histogram = || {
-            Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
-                .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
-        };
-        PairNumbers {
-            v1: histogram(),
-            v2: histogram(),
-            jobs: 0,
-            v1_errors: 0,
-            v2_errors: 0,
-            compared: 0,
-            mismatches: 0,
-            control_jobs: 0,
-            control_errors: 0,
-        }
-    }
-}
-
-impl PairNumbers {
-    pub fn record(&mut self, pair: &StoredPair) {
-        let s = &pair.sample;
-        if pair.control {
-            self.control_jobs += 1;
-            self.control_errors += u64::from(!s.v2_ok);
-            return;
-        }
-        self.jobs += 1;
-        self.v1.saturating_record(s.v1_latency_us);
-        self.v2.saturating_record(s.v2_latency_us);
-        self.v1_errors += u64::from(!s.v1_ok);
-        self.v2_errors += u64::from(!s.v2_ok);
-        if let Some(matched) = s.matched {
-            self.compared += 1;
-            self.mismatches += u64::from(!matched);
-        }
-    }
-
-    fn ratio(part: u64, whole: u64) -> f64 {
-        if whole == 0 {
-            0.0
-        } else {
-            part as f64 / whole as f64
-        }
-    }
-
-    /// Quantile in seconds of v1 (`false`) or v2 (`true`).
-    pub fn quantile_seconds(&self, v2: bool, q: f64) -> f64 {
-        let h = if v2 { &self.v2 } else { &self.v1 };
-        if h.is_empty() {
-            0.0
-        } else {
-            h.value_at_quantile(q) as f64 / 1e6
-        }
-    }
-
-    pub fn error_rate(&self, v2: bool) -> f64 {
-        Self::ratio(if v2 { self.v2_errors } else { self.v1_errors }, self.jobs)
-    }
-
-    pub fn mismatch_rate(&self) -> f64 {
-        Self::ratio(self.mismatches, self.compared)
-    }
-
-    pub fn summary(&self) -> serde_json::Value {
-        let side = |v2: bool| {
-            serde_json::json!({
-                "p50_us": (self.quantile_seconds(v2, 0.5) * 1e6).round(),
-                "p99_us": (self.quantile_seconds(v2, 0.99) * 1e6).round(),
-                "p999_us": (self.quantile_seconds(v2, 0.999) * 1e6).round(),
-                "error_rate": self.error_rate(v2),
-                "errors": if v2 { self.v2_errors } else { self.v1_errors },
-            })
-        };
-        serde_json::json!({
-            "jobs": self.jobs,
-            "v1": side(false),
-            "v2": side(true),
-            "compared": self.compared,
-            "mismatch_rate": self.mismatch_rate(),
-            "control_jobs": self.control_jobs,
-            "control_error_rate": Self::ratio(self.control_errors, self.control_jobs),
-        })
-    }
-}
-
 pub(super) struct RolloutState {
     pub(super) id: i64,
     pub(super) release: i64,
@@ -220,7 +119,7 @@ pub(super) struct RolloutState {
     /// The machines it moves (a sub-group, or the whole service).
     pub(super) selection: Selection,
     pub(super) transitions: Vec<TransitionRecord>,
-    pub(super) verdict: Option<serde_json::Value>,
+    pub(super) verdict: Option<RolloutVerdict>,
     /// Present while the rollout may still be judged.
     pub(super) judge: Option<Judge>,
     /// Forms the judge's pairs (v2 against the control job by job, or against the active machine).
@@ -481,9 +380,9 @@ pub struct RolloutView {
     pub after: Vec<String>,
     pub requires_approval: bool,
     /// Latest verdict with the numbers behind it.
-    pub verdict: Option<serde_json::Value>,
+    pub verdict: Option<RolloutVerdict>,
     /// Display numbers of the pairs compared so far.
-    pub numbers: serde_json::Value,
+    pub numbers: PairSummary,
     /// The machines the rollout moves (its sub-group, if it has one).
     #[serde(default)]
     pub machines: Selection,
@@ -498,7 +397,7 @@ pub struct RolloutDetail {
     #[serde(flatten)]
     pub rollout: RolloutView,
     /// `{at_ms, from, to, cause, actor, details}`, oldest first.
-    pub transitions: Vec<serde_json::Value>,
+    pub transitions: Vec<TransitionRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -726,7 +625,7 @@ impl Core {
     pub async fn rotate_balancer_key(
         &self,
         service: &str,
-    ) -> Result<understudy_proxy::wire::KeyRotationAck, RequestError> {
+    ) -> Result<understudy_wire::KeyRotationAck, RequestError> {
         let url = {
             let state = lock(&self.state);
             let s = state
@@ -883,7 +782,7 @@ impl Core {
             for t in &transitions {
                 metrics
                     .transitions
-                    .with_label_values(&[&row.service, &t.source_phase(), &t.target_phase()])
+                    .with_label_values(&[&row.service, t.from.name(), t.to.name()])
                     .inc();
             }
             metrics.set_phase(&row.service, row.id, row.phase.name());
@@ -1053,8 +952,8 @@ impl Core {
         let config = state.next_config(&service, &roles, open_after);
         let record = TransitionRecord {
             at_ms: now,
-            from: from.to_string(),
-            to: to.to_string(),
+            from,
+            to,
             cause: cause.to_string(),
             actor,
             details,
@@ -1065,7 +964,7 @@ impl Core {
             .map(|m| (m.id.clone(), (m.service.clone(), m.version.clone())))
             .collect();
         state.store.write(|tx| {
-            store::record_transition(tx, rollout_id, from, to, &record)?;
+            store::record_transition(tx, rollout_id, &record)?;
             for (id, role) in &role_changes {
                 // A machine the cluster file no longer declares has no balancer entry to change.
                 let Some((svc, version)) = machines.get(id) else {
@@ -1182,7 +1081,7 @@ impl Core {
                 .filter_map(|p| stored_pair(p, from, to))
                 .collect();
         }
-        let mut verdict_json = None;
+        let mut shown = None;
         let mut decided = None;
         if let Some((id, _, to, _)) = &simulating {
             if let Some(r) = state.rollouts.get_mut(id) {
@@ -1200,36 +1099,36 @@ impl Core {
                             numbers.record(p);
                         }
                         let verdict = judge.verdict();
-                        let json = verdict_json_of(&verdict, &numbers, &r.feed);
+                        let json = RolloutVerdict::of(&verdict, &numbers, &r.feed);
                         if verdict.decision != Decision::NotEnoughData {
                             decided = Some(verdict);
                         }
-                        verdict_json = Some(json);
+                        shown = Some(json);
                     }
                 }
             }
         }
         // The early signal (src/prediction.rs): v2's calls clearly end in failure more often.
         if let (None, Some((id, from, to, _))) = (&decided, &simulating) {
-            let judged = verdict_json
+            let judged = shown
                 .clone()
                 .or_else(|| state.rollouts.get(id).and_then(|r| r.verdict.clone()));
             if let Some(early) =
                 self.predictions
                     .early_fail(*id, &service, from, to, judged.as_ref())
             {
-                verdict_json = Some(early.json);
+                shown = Some(early.shown);
                 decided = Some(early.verdict);
             }
         }
         let cursor = report.cursor;
         let unchanged = state.services.get(&service).map(|s| s.cursor) == Some(cursor);
         // An idle balancer's report changes nothing worth a write.
-        if !(unchanged && pairs.is_empty() && verdict_json.is_none()) {
+        if !(unchanged && pairs.is_empty() && shown.is_none()) {
             let written = state.store.write(|tx| {
                 if let Some((id, _, _, seq)) = &simulating {
                     store::insert_pairs(tx, *id, *seq, &pairs)?;
-                    if let Some(v) = &verdict_json {
+                    if let Some(v) = &shown {
                         store::set_verdict(tx, *id, v)?;
                     }
                 }
@@ -1250,7 +1149,7 @@ impl Core {
                     r.numbers.record(p);
                 }
                 r.next_seq += pairs.len() as u64;
-                if let Some(v) = verdict_json.clone() {
+                if let Some(v) = shown.clone() {
                     r.verdict = Some(v);
                 }
                 self.publish_verdict(r);
@@ -1276,7 +1175,7 @@ impl Core {
         }
         if let (Some((id, _, _, _)), Some(verdict)) = (simulating, decided) {
             let cause = format!("judge: {} ({})", verdict.decision.as_str(), verdict.rule);
-            let details = verdict_json.unwrap_or_default();
+            let details = serde_json::to_value(&shown).unwrap_or_default();
             self.apply(
                 state,
                 id,
@@ -1429,9 +1328,8 @@ impl Core {
         let decision = r
             .verdict
             .as_ref()
-            .and_then(|v| v.get("decision"))
-            .and_then(|d| d.as_str())
-            .unwrap_or("not_enough_data");
+            .map_or(Decision::NotEnoughData, |v| v.decision)
+            .as_str();
         for name in ["pass", "fail", "not_enough_data"] {
             self.metrics
                 .verdict_decision
@@ -2039,24 +1937,6 @@ enum ApplyError {
     Store(#[from] StoreError),
 }
 
-impl TransitionRecord {
-    fn source_phase(&self) -> String {
-        phase_name_of(&self.from)
-    }
-    fn target_phase(&self) -> String {
-        phase_name_of(&self.to)
-    }
-}
-
-/// `joining[1]` -> `joining`, `judged(pass)` -> `judged`.
-fn phase_name_of(display: &str) -> String {
-    display
-        .split(['[', '('])
-        .next()
-        .unwrap_or(display)
-        .to_string()
-}
-
 /// What a rollout stored before sub-groups moved: every active machine of another version out,
 /// every candidate of the new version in (roles as they were when it started).
 fn whole_service_selection(
@@ -2112,27 +1992,6 @@ fn stored_pair(pair: &JobPair, from: &str, to: &str) -> Option<StoredPair> {
         job: pair.job,
         sample: crate::core::pairing::sample_of(pair),
     })
-}
-
-fn verdict_json_of(verdict: &Verdict, numbers: &PairNumbers, feed: &PairFeed) -> serde_json::Value {
-    let mut json = serde_json::to_value(verdict).unwrap_or_default();
-    if let Some(obj) = json.as_object_mut() {
-        obj.insert("numbers".to_string(), numbers.summary());
-        // What v2 was paired with, job by job (the judge's v1 side).
-        let baseline = if feed.against_control() {
-            Baseline::Control
-        } else {
-            Baseline::Active
-        };
-        obj.insert("baseline".to_string(), baseline.as_str().into());
-        if feed.fell_back() {
-            obj.insert(
-                "baseline_note".to_string(),
-                "no control runs the from-version: v2 is judged against the active machines".into(),
-            );
-        }
-    }
-    json
 }
 
 fn view(state: &State, r: &RolloutState) -> RolloutView {
@@ -2193,11 +2052,7 @@ fn starved(r: &RolloutState) -> Option<String> {
 fn detail(state: &State, r: &RolloutState) -> RolloutDetail {
     RolloutDetail {
         rollout: view(state, r),
-        transitions: r
-            .transitions
-            .iter()
-            .map(|t| serde_json::to_value(t).unwrap_or_default())
-            .collect(),
+        transitions: r.transitions.clone(),
     }
 }
 

@@ -8,13 +8,14 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use understudy_judge::{Condition, Decision, Judge, PairSample};
-use understudy_proxy::wire::{JobObservation, JobPair, Outcome, PoolRole};
+use understudy_wire::{JobObservation, JobPair, Outcome, PoolRole};
 
 use super::*;
 use crate::app::{start_with_client, ControllerConfig};
 use crate::config::cluster::parse;
 use crate::config::cluster::tests::SAMPLE;
 use crate::runtime::balancer::FakeBalancer;
+use crate::testing::json;
 
 /// Seeded synthetic latencies (µs): log-normal-ish around 2 ms with a tail.
 fn latency(rng: &mut StdRng) -> u64 {
@@ -227,7 +228,7 @@ async fn whole_release_in_dependency_order() {
     assert_eq!(phase(&core, "media"), "joining[0]");
     // Weight step 10%: v1 keeps serving with 90.
     let step0 = fake.config("media").unwrap();
-    let weight = |c: &understudy_proxy::wire::BalancerConfig, id: &str| {
+    let weight = |c: &understudy_wire::BalancerConfig, id: &str| {
         c.machines.iter().find(|m| m.id == id).map(|m| m.weight)
     };
     assert_eq!(weight(&step0, "media-1"), Some(90));
@@ -290,10 +291,10 @@ async fn whole_release_in_dependency_order() {
 
     // The record: every transition with time, cause and actor; the verdict with its numbers.
     let detail = core.rollout(id).unwrap();
-    let phases: Vec<&str> = detail
+    let phases: Vec<String> = detail
         .transitions
         .iter()
-        .map(|t| t["to"].as_str().unwrap())
+        .map(|t| t.to.to_string())
         .collect();
     assert_eq!(
         phases,
@@ -306,9 +307,9 @@ async fn whole_release_in_dependency_order() {
             "complete"
         ]
     );
-    assert_eq!(detail.transitions[3]["actor"], "ops");
-    assert_eq!(detail.transitions[1]["actor"], "controller");
-    let verdict = detail.rollout.verdict.expect("verdict kept");
+    assert_eq!(detail.transitions[3].actor, Actor::Ops);
+    assert_eq!(detail.transitions[1].actor, Actor::Controller);
+    let verdict = json(&detail.rollout.verdict.expect("verdict kept"));
     assert_eq!(verdict["decision"], "pass");
     let numbers = &verdict["numbers"];
     assert!(numbers["jobs"].as_u64().unwrap() > 0);
@@ -374,10 +375,7 @@ async fn drain_timeout_completes_retiring() {
     core.tick().await;
     assert_eq!(phase(&core, "db"), "complete");
     let last = core.rollout(rollout_id(&core, "db")).unwrap();
-    let cause = last.transitions.last().unwrap()["cause"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cause = last.transitions.last().unwrap().cause.clone();
     assert!(cause.contains("drain timeout"), "{cause}");
 }
 
@@ -405,8 +403,8 @@ async fn hard_failure_rolls_back_and_stops_dependents() {
     assert_eq!(phase(&core, "db"), "rolled_back");
     let detail = core.rollout(rollout_id(&core, "db")).unwrap();
     // Straight from simulating: no judged step for a hard failure.
-    assert_eq!(detail.transitions.last().unwrap()["from"], "simulating");
-    assert_eq!(detail.rollout.verdict.as_ref().unwrap()["hard"], true);
+    assert_eq!(detail.transitions.last().unwrap().from, Phase::Simulating);
+    assert!(detail.rollout.verdict.as_ref().unwrap().hard);
     assert_eq!(phase(&core, "router"), "aborted");
     assert_eq!(phase(&core, "edge"), "aborted");
     // v2 pulled: back to the resting config.
@@ -470,10 +468,9 @@ async fn failure_unwinds_joined_services_in_reverse_order() {
         .unwrap()
         .transitions
         .last()
-        .unwrap()["cause"]
-        .as_str()
         .unwrap()
-        .to_string();
+        .cause
+        .clone();
     assert!(cause.contains("router failed"), "{cause}");
 }
 
@@ -516,7 +513,7 @@ async fn restart_mid_release_resumes_where_it_stood() {
     );
     // The judge was rebuilt from the recorded pairs.
     assert_eq!(
-        core.rollout(media_id).unwrap().rollout.numbers["jobs"],
+        core.rollout(media_id).unwrap().rollout.numbers.jobs,
         (pairs_before - 1) as u64
     );
     core.tick().await;
@@ -544,11 +541,7 @@ async fn restart_mid_release_resumes_where_it_stood() {
     let detail = core.rollout(media_id).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for t in &detail.transitions {
-        assert!(
-            seen.insert(t["to"].as_str().unwrap().to_string()),
-            "{:?}",
-            detail.transitions
-        );
+        assert!(seen.insert(t.to.to_string()), "{:?}", detail.transitions);
     }
 }
 
@@ -556,7 +549,7 @@ async fn restart_mid_release_resumes_where_it_stood() {
 async fn stale_balancer_version_is_overtaken() {
     let rig = Rig::new(SAMPLE);
     // A balancer that runs version 40 from an earlier controller whose database was lost.
-    let old = understudy_proxy::wire::BalancerConfig {
+    let old = understudy_wire::BalancerConfig {
         service: "db".into(),
         version: 40,
         mirror_fraction: 1.0,
@@ -845,11 +838,11 @@ async fn in_process_start_serves_the_admin_endpoint_and_shuts_down() {
     ));
 }
 
-fn series(version: &str, ok: u64, errors: u64) -> understudy_proxy::wire::SeriesStats {
-    understudy_proxy::wire::SeriesStats {
+fn series(version: &str, ok: u64, errors: u64) -> understudy_wire::SeriesStats {
+    understudy_wire::SeriesStats {
         version: version.into(),
         config: PoolRole::Active,
-        outcomes: understudy_proxy::wire::OutcomeCounts {
+        outcomes: understudy_wire::OutcomeCounts {
             ok,
             server_error: errors,
             ..Default::default()
@@ -888,7 +881,7 @@ async fn live_guard_pulls_a_v2_that_fails_callers_while_joining() {
     core.tick().await;
     assert_eq!(phase(&core, "db"), "rolled_back");
     let detail = core.rollout(rollout_id(&core, "db")).unwrap();
-    let last = detail.transitions.last().unwrap();
+    let last = json(detail.transitions.last().unwrap());
     assert!(
         last["cause"].as_str().unwrap().starts_with("live guard"),
         "{last}"
@@ -976,23 +969,23 @@ async fn display_numbers_follow_the_recorded_pairs_live_and_after_restart() {
         assert_eq!(phase(&core, "media"), "joining[0]");
         let id = rollout_id(&core, "media");
         let csv = core.pairs_csv(id, false).unwrap();
-        let live = core.rollout(id).unwrap().rollout.numbers;
+        let live = json(&core.rollout(id).unwrap().rollout.numbers);
         assert_numbers_follow_pairs(&live, &csv);
         // The verdict keeps the same numbers as the view.
-        let verdict = core.rollout(id).unwrap().rollout.verdict.unwrap();
+        let verdict = json(&core.rollout(id).unwrap().rollout.verdict.unwrap());
         assert_eq!(verdict["numbers"], live);
         for _ in 0..4 {
             tokio::time::advance(Duration::from_millis(210)).await;
             core.tick().await;
         }
         assert_eq!(phase(&core, "media"), "complete");
-        assert_eq!(core.rollout(id).unwrap().rollout.numbers, live);
+        assert_eq!(json(&core.rollout(id).unwrap().rollout.numbers), live);
         (id, live)
     };
     // A restarted controller shows the finished rollout's numbers as they were.
     let core = rig.open();
     let csv = core.pairs_csv(id, false).unwrap();
-    let restored = core.rollout(id).unwrap().rollout.numbers;
+    let restored = json(&core.rollout(id).unwrap().rollout.numbers);
     assert_numbers_follow_pairs(&restored, &csv);
     assert_eq!(restored, live);
 }
@@ -1107,7 +1100,7 @@ async fn pairs_the_store_refused_are_not_counted_twice_by_the_judge() {
         identical_pairs(&mut rng, 1, 100, "v1", "v2", false),
     );
     core.tick().await;
-    let judged = |core: &Core| core.rollout(id).unwrap().rollout.verdict.unwrap()["jobs"].clone();
+    let judged = |core: &Core| core.rollout(id).unwrap().rollout.verdict.unwrap().jobs;
     assert_eq!(judged(&core), 100);
 
     // The next batch cannot be committed (a failing disk, simulated by a trigger from a second
@@ -1128,7 +1121,7 @@ async fn pairs_the_store_refused_are_not_counted_twice_by_the_judge() {
     core.tick().await;
     assert_eq!(core.pairs_csv(id, false).unwrap().lines().count(), 151);
     assert_eq!(judged(&core), 150, "each pair judged once");
-    assert_eq!(core.rollout(id).unwrap().rollout.numbers["jobs"], 150);
+    assert_eq!(core.rollout(id).unwrap().rollout.numbers.jobs, 150);
 }
 
 /// One service released v1 -> v2 -> v3 (its control stays at v1): the second rollout has no
@@ -1211,7 +1204,7 @@ async fn release_after_release_falls_back_to_the_active_baseline() {
     )
     .await;
     assert_eq!(first.phase, "complete");
-    let verdict = first.verdict.expect("judged");
+    let verdict = json(&first.verdict.expect("judged"));
     assert_eq!(verdict["baseline"], "control");
     assert!(verdict.get("baseline_note").is_none(), "{verdict}");
 
@@ -1232,7 +1225,7 @@ async fn release_after_release_falls_back_to_the_active_baseline() {
     )
     .await;
     assert_eq!(second.phase, "rolled_back", "{:?}", second.verdict);
-    let verdict = second.verdict.expect("judged");
+    let verdict = json(&second.verdict.expect("judged"));
     assert_eq!(verdict["baseline"], "active");
     assert!(verdict["baseline_note"]
         .as_str()

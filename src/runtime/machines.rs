@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use understudy_hub::registry::{Change, MachineRevision, Registry, RegistryError};
 use understudy_hub::{Envelope, MachineFilter, MachineRecord, Role, SecretKey, Status};
-use understudy_proxy::wire::{MachineHealth, MachineStatus, PoolRole};
+use understudy_wire::{MachineHealth, MachineStatus, PoolRole};
 use utoipa::ToSchema;
 
 use crate::config::hub::MAX_ROTATION_GRACE_MS;

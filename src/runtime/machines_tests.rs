@@ -771,7 +771,7 @@ async fn history_keeps_the_newest_revisions_per_machine() {
 
 #[test]
 fn health_changes_are_the_turns_to_failing_and_back() {
-    use understudy_proxy::wire::{MachineHealth, MachineState, MachineStatus, PoolRole};
+    use understudy_wire::{MachineHealth, MachineState, MachineStatus, PoolRole};
     let status = |id: &str, health: MachineHealth| MachineStatus {
         id: id.into(),
         version: "v1".into(),

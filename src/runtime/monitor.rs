@@ -27,7 +27,7 @@ use understudy_hub::monitor::{
     evaluate, Action, ActualState, DesiredService, DesiredState, ObservedMachine,
 };
 use understudy_hub::{MachineRecord, MachineStore, Role, SecretKey, Signer, Status};
-use understudy_proxy::wire::MachineState;
+use understudy_wire::MachineState;
 use utoipa::ToSchema;
 
 use crate::core::monitor::{
@@ -537,7 +537,7 @@ mod tests {
 
     use understudy_hub::registry::Registry;
     use understudy_hub::Filter;
-    use understudy_proxy::wire::{MachineHealth, PoolRole};
+    use understudy_wire::{MachineHealth, PoolRole};
 
     use super::*;
     use crate::config::cluster::parse;

@@ -25,10 +25,11 @@ use understudy_judge::{Decision, Verdict};
 use understudy_predict::{
     Alert, Comparison, DwellSummary, Observed, Outlook, Predictor, Timestamp, Update,
 };
-use understudy_proxy::wire::PoolRole;
+use understudy_wire::PoolRole;
 use utoipa::ToSchema;
 
 use crate::config::predict::{PredictionSettings, WebhookSettings};
+use crate::core::verdict::RolloutVerdict;
 use crate::runtime::controller::Clock;
 
 /// The hub topic machines publish their calls' states on.
@@ -319,7 +320,8 @@ pub struct PredictionsView {
 #[derive(Debug, Clone)]
 pub struct EarlyFail {
     pub verdict: Verdict,
-    pub json: serde_json::Value,
+    /// As the rollout shows it: with the judge's numbers when there were any.
+    pub shown: RolloutVerdict,
 }
 
 impl Predictions {
@@ -563,7 +565,7 @@ impl Predictions {
         service: &str,
         baseline: &str,
         candidate: &str,
-        judge: Option<&serde_json::Value>,
+        judge: Option<&RolloutVerdict>,
     ) -> Option<EarlyFail> {
         if !self.settings.enabled {
             return None;
@@ -581,10 +583,7 @@ impl Predictions {
         if !comparison.clearly_higher {
             return None;
         }
-        let jobs = judge
-            .and_then(|j| j.get("jobs"))
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0);
+        let jobs = judge.map_or(0, |j| j.jobs);
         let rule = format!(
             "{PREDICTION_RULE}: from `{}`, {candidate}'s calls end in a failure with probability {:.4} \
              against {:.4} for {baseline} ({:.2} standard errors, {} needed; margin {})",
@@ -611,14 +610,13 @@ impl Predictions {
             "reason": comparison.reason,
         });
         let mut details = judge
-            .and_then(|j| j.get("details"))
-            .cloned()
+            .map(|j| j.details.clone())
             .filter(serde_json::Value::is_object)
             .unwrap_or_else(|| serde_json::json!({}));
         if let Some(obj) = details.as_object_mut() {
             obj.insert(PREDICTION_RULE.to_string(), prediction);
-            if let Some(rule) = judge.and_then(|j| j.get("rule")) {
-                obj.insert("judge_rule".to_string(), rule.clone());
+            if let Some(j) = judge {
+                obj.insert("judge_rule".to_string(), j.rule.clone().into());
             }
         }
         let verdict = Verdict {
@@ -628,15 +626,13 @@ impl Predictions {
             jobs,
             details,
         };
-        let mut json = serde_json::to_value(&verdict).unwrap_or_default();
-        if let (Some(obj), Some(numbers)) =
-            (json.as_object_mut(), judge.and_then(|j| j.get("numbers")))
-        {
-            obj.insert("numbers".to_string(), numbers.clone());
-        }
         self.metrics.signals.with_label_values(&[service]).inc();
         tracing::warn!(%service, %baseline, %candidate, jobs, "early signal: {}", verdict.rule);
-        Some(EarlyFail { verdict, json })
+        let shown = RolloutVerdict {
+            numbers: judge.and_then(|j| j.numbers.clone()),
+            ..RolloutVerdict::bare(verdict.clone())
+        };
+        Some(EarlyFail { verdict, shown })
     }
 
     /// Every model (optionally of one service, one version), with the v2-against-v1 comparisons.

@@ -10,6 +10,7 @@ use super::*;
 use crate::api::predictions::router;
 use crate::cli::predictions::{alerts_text, models_text, states_text};
 use crate::config::predict::{PredictSection, PredictSectionError, PredictionSettings};
+use crate::testing::json;
 use axum::http::StatusCode;
 use axum::Json;
 
@@ -574,13 +575,19 @@ async fn the_api_shows_tables_probabilities_dwell_and_the_comparison() {
 // ---- the early signal ----
 
 /// The judge's verdict JSON while it still lacks data, as the controller passes it.
-fn judge_json() -> serde_json::Value {
-    serde_json::json!({
+fn judge_json() -> RolloutVerdict {
+    let mut verdict = serde_json::json!({
         "decision": "not_enough_data", "hard": false, "jobs": 640,
         "rule": "not enough data: evidence still open for errors",
         "details": { "errors": { "v2_rate": 0.004 } },
         "numbers": { "jobs": 640 },
-    })
+    });
+    // The numbers a real verdict carries, with `jobs` as given.
+    verdict["numbers"] = json(&crate::core::verdict::PairSummary {
+        jobs: 640,
+        ..Default::default()
+    });
+    serde_json::from_value(verdict).expect("a verdict")
 }
 
 #[tokio::test(start_paused = true)]
@@ -608,17 +615,17 @@ async fn v2_failing_late_in_its_calls_is_failed_by_the_prediction() {
         early.verdict.rule
     );
     assert_eq!(early.verdict.jobs, 640);
-    let numbers = &early.json["details"]["prediction"];
+    let numbers = &json(&early.shown)["details"]["prediction"];
     assert!((numbers["v2_failure"].as_f64().unwrap() - 51.0 / 150.0).abs() < 1e-9);
     assert_eq!(numbers["v1_failure"].as_f64(), Some(0.0));
     assert!(numbers["z"].as_f64().unwrap() >= 3.09);
     assert_eq!(
-        early.json["details"]["errors"]["v2_rate"].as_f64(),
+        json(&early.shown)["details"]["errors"]["v2_rate"].as_f64(),
         Some(0.004)
     );
-    assert_eq!(early.json["rule"], early.verdict.rule.as_str());
-    assert_eq!(early.json["decision"], "fail");
-    assert_eq!(early.json["numbers"]["jobs"], 640);
+    assert_eq!(json(&early.shown)["rule"], early.verdict.rule.as_str());
+    assert_eq!(json(&early.shown)["decision"], "fail");
+    assert_eq!(json(&early.shown)["numbers"]["jobs"], 640);
     assert_eq!(p.metrics.signals.with_label_values(&["media"]).get(), 1);
 }
 
@@ -697,8 +704,8 @@ resolve_interval_ms = 0
 "#;
 
 /// `n` mirrored pairs where both versions answer alike: the judge alone has nothing to fail.
-fn alike_pairs(first: u64, n: u64) -> Vec<understudy_proxy::wire::JobPair> {
-    use understudy_proxy::wire::{JobObservation, JobPair, Outcome};
+fn alike_pairs(first: u64, n: u64) -> Vec<understudy_wire::JobPair> {
+    use understudy_wire::{JobObservation, JobPair, Outcome};
     let observation = |machine: &str, version: &str, job: u64| JobObservation {
         machine: machine.into(),
         version: version.into(),
@@ -767,7 +774,7 @@ async fn the_controller_rolls_back_on_the_early_signal_before_the_judge_decides(
     core.tick().await;
     let rollout = &core.rollouts()[0];
     assert_eq!(rollout.phase, "rolled_back");
-    let verdict = rollout.verdict.as_ref().expect("verdict");
+    let verdict = json(rollout.verdict.as_ref().expect("verdict"));
     assert_eq!(verdict["decision"], "fail");
     let rule = verdict["rule"].as_str().unwrap();
     assert!(rule.starts_with("prediction:"), "{rule}");
@@ -789,10 +796,7 @@ async fn the_controller_rolls_back_on_the_early_signal_before_the_judge_decides(
         .starts_with("not enough data"));
     // The transition names the rule; the metrics page has the part's metrics.
     let detail = core.rollout(rollout.id).expect("detail");
-    let cause = detail.transitions.last().unwrap()["cause"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cause = detail.transitions.last().unwrap().cause.clone();
     assert!(cause.contains("prediction"), "{cause}");
     let metrics = core.metrics_text();
     assert!(metrics.contains("understudy_prediction_rollbacks_total{service=\"media\"} 1"));

@@ -1,5 +1,6 @@
 //! The scenario report: `--json` output (see CONTRACT.md) and the verdict table.
 
+use crate::core::verdict::{PairSummary, RolloutVerdict};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -60,9 +61,9 @@ pub struct ServiceReport {
     pub phase: Option<String>,
     pub jobs_compared: u64,
     /// The judge's last verdict with the numbers behind it.
-    pub verdict: serde_json::Value,
+    pub verdict: Option<RolloutVerdict>,
     /// Quantiles and rates of both versions over every compared job.
-    pub numbers: serde_json::Value,
+    pub numbers: Option<PairSummary>,
 }
 
 /// The witness of isolation: jobs counted by the machines that received them, by the role the
@@ -156,20 +157,10 @@ impl ScenarioReport {
 
 /// One line of the verdict table.
 fn service_row(out: &mut String, name: &str, s: &ServiceReport) {
-    let side = |v: &str, key: &str| s.numbers.get(v).and_then(|n| n.get(key)).cloned();
-    let us = |v: Option<serde_json::Value>| {
-        v.and_then(|v| v.as_f64())
-            .map_or_else(|| "-".to_string(), |us| format!("{:.2}ms", us / 1e3))
-    };
-    let rate = |v: Option<serde_json::Value>| {
-        v.and_then(|v| v.as_f64())
-            .map_or_else(|| "-".to_string(), |r| format!("{:.2}%", r * 100.0))
-    };
-    let rule = s
-        .verdict
-        .get("rule")
-        .and_then(|r| r.as_str())
-        .unwrap_or("-");
+    let side = |v2: bool| s.numbers.as_ref().map(|n| if v2 { &n.v2 } else { &n.v1 });
+    let us = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |us| format!("{:.2}ms", us / 1e3));
+    let rate = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |r| format!("{:.2}%", r * 100.0));
+    let rule = s.verdict.as_ref().map_or("-", |v| v.rule.as_str());
     let mark = if s.outcome == s.expected {
         ""
     } else {
@@ -182,9 +173,9 @@ fn service_row(out: &mut String, name: &str, s: &ServiceReport) {
         s.expected.as_str(),
         s.outcome.as_str(),
         s.jobs_compared,
-        us(side("v1", "p99_us")),
-        us(side("v2", "p99_us")),
-        rate(side("v1", "error_rate")),
-        rate(side("v2", "error_rate")),
+        us(side(false).map(|n| n.p99_us)),
+        us(side(true).map(|n| n.p99_us)),
+        rate(side(false).map(|n| n.error_rate)),
+        rate(side(true).map(|n| n.error_rate)),
     );
 }

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use understudy_loadgen::{
     run_load, spawn_machine, HubOptions, JobsInSecond, LoadReport, MachineHandle, MachineStats,
 };
-use understudy_proxy::wire::{BalancerConfig, MachineEntry, PoolRole};
 use understudy_proxy::{BalancerSpec, ProcessConfig, RunningBalancers};
+use understudy_wire::{BalancerConfig, MachineEntry, PoolRole};
 
 use super::report::{
     ActiveJobs, Isolation, OpsRecord, ReleaseReport, ScenarioReport, ServiceReport,
@@ -640,14 +640,12 @@ fn service_reports(
     for (service, expected) in &plan.expect {
         let rollout = rollouts.iter().find(|r| &r.rollout.service == service);
         let outcome = rollout.map_or(Expected::Pending, |r| Expected::of_phase(&r.rollout.phase));
-        let verdict = rollout
-            .and_then(|r| r.rollout.verdict.clone())
-            .unwrap_or(serde_json::Value::Null);
-        let numbers = rollout.map_or(serde_json::Value::Null, |r| r.rollout.numbers.clone());
+        let verdict = rollout.and_then(|r| r.rollout.verdict.clone());
+        let numbers = rollout.map(|r| r.rollout.numbers.clone());
         let jobs_compared = verdict
-            .get("jobs")
-            .and_then(serde_json::Value::as_u64)
-            .or_else(|| numbers.get("jobs").and_then(serde_json::Value::as_u64))
+            .as_ref()
+            .map(|v| v.jobs)
+            .or_else(|| numbers.as_ref().map(|n| n.jobs))
             .unwrap_or(0);
         services.insert(
             service.clone(),
@@ -890,12 +888,11 @@ fn out_of_turn(seconds: &[JobsInSecond], joined_ms: u64) -> (u64, u64) {
 
 /// When the rollout's balancer took v2 into the active configuration, if it did.
 fn joined_at(rollout: &RolloutDetail) -> Option<u64> {
-    rollout.transitions.iter().find_map(|t| {
-        let to = t.get("to")?.as_str()?;
-        to.starts_with("joining")
-            .then(|| t.get("at_ms").and_then(serde_json::Value::as_u64))
-            .flatten()
-    })
+    rollout
+        .transitions
+        .iter()
+        .find(|t| matches!(t.to, crate::core::rollout::Phase::Joining { .. }))
+        .map(|t| t.at_ms)
 }
 
 /// Services in the order their balancers took v2 into the active configuration.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::config::toml_spans::{Spanned, Step};
 use serde::Deserialize;
 use understudy_loadgen::{LoadSpec, MachineSpec as Behaviour};
-use understudy_proxy::wire::PoolRole;
+use understudy_wire::PoolRole;
 
 use crate::config::cluster::{
     self, Cluster, ClusterSpec, ConfigError, ControllerSpec, DefaultsSpec, ServiceSpec, Source,

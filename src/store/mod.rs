@@ -13,11 +13,12 @@ use serde::Serialize;
 use understudy_hub::registry::{MachineRevision, MachineUpdate, Registry, RegistryError};
 use understudy_hub::{MachineStore, SecretKey};
 use understudy_judge::PairSample;
-use understudy_proxy::wire::BalancerConfig;
+use understudy_wire::BalancerConfig;
 
 use crate::core::pairing::StoredPair;
 use crate::core::roles::MachineRole;
-use crate::core::rollout::{Actor, Phase};
+use crate::core::rollout::{Actor, Phase, TransitionRecord};
+use crate::core::verdict::RolloutVerdict;
 
 pub mod monitor;
 pub mod plans;
@@ -36,17 +37,6 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TransitionRecord {
-    pub at_ms: u64,
-    pub from: String,
-    pub to: String,
-    pub cause: String,
-    pub actor: Actor,
-    /// Numbers behind the move (the verdict, for a judgement).
-    pub details: serde_json::Value,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutRow {
     pub id: i64,
@@ -57,7 +47,7 @@ pub struct RolloutRow {
     pub after: Vec<String>,
     pub phase: Phase,
     pub entered_ms: u64,
-    pub verdict: Option<serde_json::Value>,
+    pub verdict: Option<RolloutVerdict>,
     pub machines_before: BTreeMap<String, MachineRole>,
     pub created_ms: u64,
 }
@@ -330,18 +320,17 @@ pub fn insert_rollout(
 pub fn record_transition(
     tx: &Connection,
     rollout: i64,
-    from: Phase,
-    to: Phase,
     record: &TransitionRecord,
 ) -> Result<(), StoreError> {
+    let to = record.to;
     tx.execute(
         "INSERT INTO transitions(rollout_id, at_ms, from_phase, to_phase, cause, actor, details_json)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             rollout,
             record.at_ms as i64,
-            from.to_string(),
-            to.to_string(),
+            record.from.to_string(),
+            record.to.to_string(),
             record.cause,
             record.actor.as_str(),
             record.details.to_string(),
@@ -360,11 +349,12 @@ pub fn record_transition(
 pub fn set_verdict(
     tx: &Connection,
     rollout: i64,
-    verdict: &serde_json::Value,
+    verdict: &RolloutVerdict,
 ) -> Result<(), StoreError> {
+    let json = serde_json::to_string(verdict).map_err(json_err)?;
     tx.execute(
         "UPDATE rollouts SET verdict_json = ?2 WHERE id = ?1",
-        params![rollout, verdict.to_string()],
+        params![rollout, json],
     )?;
     Ok(())
 }
@@ -547,54 +537,29 @@ impl Store {
                     entered_ms, verdict_json, machines_before_json, created_ms
              FROM rollouts ORDER BY id",
         )?;
-        let raw = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, i64>(8)?,
-                r.get::<_, Option<String>>(9)?,
-                r.get::<_, String>(10)?,
-                r.get::<_, i64>(11)?,
-            ))
-        })?;
+        let mut rows = stmt.query([])?;
         let mut out = Vec::new();
-        for row in raw {
-            let (
-                id,
-                release,
-                service,
-                from,
-                to,
-                after,
-                phase,
-                detail,
-                entered,
-                verdict,
-                before,
-                created,
-            ) = row?;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let phase: String = r.get(6)?;
+            let verdict: Option<String> = r.get(9)?;
             out.push(RolloutRow {
                 id,
-                release,
-                service,
-                from_version: from,
-                to_version: to,
-                after: serde_json::from_str(&after).map_err(json_err)?,
-                phase: Phase::from_parts(&phase, detail)
+                release: r.get(1)?,
+                service: r.get(2)?,
+                from_version: r.get(3)?,
+                to_version: r.get(4)?,
+                after: serde_json::from_str(&r.get::<_, String>(5)?).map_err(json_err)?,
+                phase: Phase::from_parts(&phase, r.get(7)?)
                     .ok_or_else(|| corrupt(format!("rollout {id}: phase `{phase}`")))?,
-                entered_ms: entered as u64,
+                entered_ms: r.get::<_, i64>(8)? as u64,
                 verdict: verdict
                     .map(|v| serde_json::from_str(&v))
                     .transpose()
                     .map_err(json_err)?,
-                machines_before: serde_json::from_str(&before).map_err(json_err)?,
-                created_ms: created as u64,
+                machines_before: serde_json::from_str(&r.get::<_, String>(10)?)
+                    .map_err(json_err)?,
+                created_ms: r.get::<_, i64>(11)? as u64,
             });
         }
         Ok(out)
@@ -605,26 +570,21 @@ impl Store {
             "SELECT at_ms, from_phase, to_phase, cause, actor, details_json FROM transitions
              WHERE rollout_id = ?1 ORDER BY id",
         )?;
-        let raw = stmt.query_map([rollout], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-            ))
-        })?;
+        let mut rows = stmt.query([rollout])?;
+        let phase = |text: String| {
+            text.parse::<Phase>()
+                .map_err(|_| corrupt(format!("rollout {rollout}: transition phase `{text}`")))
+        };
         let mut out = Vec::new();
-        for row in raw {
-            let (at, from, to, cause, actor, details) = row?;
+        while let Some(r) = rows.next()? {
+            let actor: String = r.get(4)?;
             out.push(TransitionRecord {
-                at_ms: at as u64,
-                from,
-                to,
-                cause,
+                at_ms: r.get::<_, i64>(0)? as u64,
+                from: phase(r.get(1)?)?,
+                to: phase(r.get(2)?)?,
+                cause: r.get(3)?,
                 actor: Actor::parse(&actor).ok_or_else(|| corrupt(format!("actor `{actor}`")))?,
-                details: serde_json::from_str(&details).map_err(json_err)?,
+                details: serde_json::from_str(&r.get::<_, String>(5)?).map_err(json_err)?,
             });
         }
         Ok(out)
@@ -902,18 +862,18 @@ mod tests {
             .unwrap();
         let record = TransitionRecord {
             at_ms: 9,
-            from: "pending".into(),
-            to: "simulating".into(),
+            from: Phase::Pending,
+            to: Phase::Simulating,
             cause: "no dependency in the release".into(),
             actor: Actor::Controller,
             details: serde_json::json!({}),
         };
         store
-            .write(|tx| record_transition(tx, id, Phase::Pending, Phase::Simulating, &record))
+            .write(|tx| record_transition(tx, id, &record))
             .unwrap();
         // A failing transaction leaves nothing behind.
         let failed: Result<(), StoreError> = store.write(|tx| {
-            record_transition(tx, id, Phase::Simulating, Phase::Aborted, &record)?;
+            record_transition(tx, id, &record)?;
             Err(corrupt("simulated failure"))
         });
         assert!(failed.is_err());

@@ -2,11 +2,20 @@
 //!
 //! The controller pushes a [`BalancerConfig`] (`PUT /api/v1/balancers/{service}/config`) and reads
 //! a [`StatsReport`] since a cursor (`GET /api/v1/balancers/{service}/stats?since=CURSOR`).
-//! These types are the contract between `proxy/` and `src/`; both sides use this very module.
-//! Their OpenAPI schemas (`utoipa::ToSchema`) are derived here too, so the balancer's document
+//! These types are the contract between `proxy/` and `src/`; both sides use this very crate, so
+//! the controller does not need the balancer (pingora) for them. Their OpenAPI schemas
+//! (`utoipa::ToSchema`) are derived here too, so the balancer's document
 //! (`GET /api/v1/openapi.json` on its admin port) and the controller's show these very types.
+//!
+//! Two helpers both sides share live here too: [`check_health_path`] (the check of a
+//! [`MachineEntry::health_path`]) and [`write_key_file`] (a balancer's key file, written by the
+//! balancer on rotation and by the controller's CLI).
+
+use std::io::Write;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use understudy_hub::SecretKey;
 use utoipa::ToSchema;
 
 /// Admin path of a balancer's config, for `service`.
@@ -335,4 +344,102 @@ pub struct CursorRefusal {
     pub reason: CursorProblem,
     /// The oldest cursor still served (`cursor_too_old`); null for `cursor_ahead`.
     pub oldest_cursor: Option<u64>,
+}
+
+/// The longest health path accepted.
+pub const MAX_HEALTH_PATH: usize = 1024;
+
+/// A health path is written into the probe's request line as is: an origin-form target of
+/// visible ASCII only, so that it cannot end the line or smuggle a header.
+pub fn check_health_path(path: &str) -> Result<&str, String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} does not start with '/'"));
+    }
+    if path.len() > MAX_HEALTH_PATH {
+        return Err(format!(
+            "{} bytes, more than the {MAX_HEALTH_PATH} allowed",
+            path.len()
+        ));
+    }
+    if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic() || *c == '#') {
+        return Err(format!(
+            "{path:?} holds {c:?}: only visible ASCII, no '#', is allowed in a request target"
+        ));
+    }
+    Ok(path)
+}
+
+/// Writes `key` (base64) to `path` atomically (a temporary file renamed over it), readable by
+/// its owner only.
+pub fn write_key_file(path: &Path, key: &SecretKey) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp-rotate");
+    {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&tmp)?;
+        file.write_all(key.to_base64().as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_health_path_that_could_end_the_request_line_is_refused() {
+        assert_eq!(check_health_path("/healthz"), Ok("/healthz"));
+        assert_eq!(check_health_path("/a/b?c=d&e=%20"), Ok("/a/b?c=d&e=%20"));
+        for (path, problem) in [
+            ("healthz", "does not start with '/'"),
+            ("/a b", "' '"),
+            ("/a\r\nX-Injected: 1", "holds '"),
+            ("/#frag", "'#'"),
+            ("/caf\u{e9}", "only visible ASCII"),
+        ] {
+            let err = check_health_path(path).unwrap_err();
+            assert!(err.contains(problem), "{path:?}: {err}");
+        }
+        let longest = format!("/{}", "a".repeat(MAX_HEALTH_PATH - 1));
+        assert!(check_health_path(&longest).is_ok());
+        let err = check_health_path(&format!("{longest}a")).unwrap_err();
+        assert!(err.contains("more than the 1024 allowed"), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_is_written_whole_and_for_its_owner_only() {
+        let dir = std::env::temp_dir().join(format!("understudy-wire-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("media.key");
+        let key = SecretKey::generate();
+        write_key_file(&path, &key).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, format!("{}\n", key.to_base64()));
+        assert_eq!(
+            SecretKey::from_base64(&text).unwrap().to_base64(),
+            key.to_base64()
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Rewritten (a rotation): the new key replaces the old, no temporary file is left.
+        let next = SecretKey::generate();
+        write_key_file(&path, &next).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().trim(),
+            next.to_base64()
+        );
+        assert!(!path.with_extension("tmp-rotate").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
