@@ -1,6 +1,125 @@
-//! Fixtures shared by the unit tests of several modules.
+//! Fixtures shared by the unit tests of several modules: a controller over the in-memory
+//! balancer, seeded synthetic pairs, the API's JSON form of a value.
+
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use understudy_wire::{JobObservation, JobPair, Outcome};
+
+use crate::config::cluster::{parse, Cluster};
+use crate::runtime::balancer::FakeBalancer;
+use crate::runtime::controller::Core;
+use crate::store::Store;
 
 /// A value as the admin API shows it in JSON, for assertions on the wire form.
 pub fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).expect("API values serialise")
+}
+
+/// Seeded synthetic latencies (µs): log-normal-ish around 2 ms with a tail.
+pub(crate) fn latency(rng: &mut StdRng) -> u64 {
+    let u: f64 = rng.gen_range(0.0001..1.0);
+    (2_000.0 * (-u.ln()).powf(0.7) + 500.0) as u64
+}
+
+/// `n` identical v1/v2 pairs (and, when `control`, as many v1/v1 control pairs) from job `first`.
+pub(crate) fn identical_pairs(
+    rng: &mut StdRng,
+    first: u64,
+    n: u64,
+    from: &str,
+    to: &str,
+    control: bool,
+) -> Vec<JobPair> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let l = latency(rng);
+        let obs = |machine: &str, version: &str| JobObservation {
+            machine: machine.to_string(),
+            version: version.to_string(),
+            latency_us: l,
+            outcome: Outcome::Ok,
+            status: Some(200),
+        };
+        let job = first + i;
+        out.push(JobPair {
+            job,
+            session: None,
+            active: obs("a", from),
+            simulation: obs("s", to),
+            matched: true,
+        });
+        if control {
+            out.push(JobPair {
+                job,
+                session: None,
+                active: obs("a", from),
+                simulation: obs("c", from),
+                matched: true,
+            });
+        }
+    }
+    out
+}
+
+/// v2 fails every job (a hard failure); the control copy of each job succeeds.
+pub(crate) fn failing_pairs(first: u64, n: u64, from: &str, to: &str) -> Vec<JobPair> {
+    let observation = |machine: &str, version: &str, outcome, status| JobObservation {
+        machine: machine.into(),
+        version: version.into(),
+        latency_us: 1_000,
+        outcome,
+        status: Some(status),
+    };
+    (0..n)
+        .flat_map(|i| {
+            let active = observation("a", from, Outcome::Ok, 200);
+            [
+                JobPair {
+                    job: first + i,
+                    session: None,
+                    active: active.clone(),
+                    simulation: observation("s", to, Outcome::ServerError, 500),
+                    matched: false,
+                },
+                JobPair {
+                    job: first + i,
+                    session: None,
+                    active,
+                    simulation: observation("c", from, Outcome::Ok, 200),
+                    matched: true,
+                },
+            ]
+        })
+        .collect()
+}
+
+/// A controller over an in-memory balancer, its SQLite state in a temporary directory (reopened
+/// by `open`, as after a restart).
+pub(crate) struct Rig {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) fake: Arc<FakeBalancer>,
+    pub(crate) cluster: Cluster,
+}
+
+impl Rig {
+    pub(crate) fn new(text: &str) -> Rig {
+        Rig {
+            dir: tempfile::tempdir().expect("tempdir"),
+            fake: Arc::new(FakeBalancer::new()),
+            cluster: parse("test.toml", text).expect("valid cluster"),
+        }
+    }
+
+    pub(crate) fn open(&self) -> Core {
+        let store = Store::open(&self.dir.path().join("state.db")).expect("store");
+        Core::open(
+            self.cluster.clone(),
+            store,
+            self.fake.clone(),
+            "secret".into(),
+        )
+        .expect("core")
+    }
 }

@@ -2,7 +2,10 @@
 //! (`status`, `release`, `approve`, `abort`, `rollback`). Each returns the exit code:
 //! 0 done, 1 refused (or the endpoint could not be reached), 2 bad use / invalid input.
 
+pub mod error;
 pub mod predictions;
+
+pub use error::{exit_code, CliError, CliResult};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,6 +20,70 @@ use understudy_hub::subgroup::PercentAndCount;
 use understudy_hub::SubgroupSpec;
 
 const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+
+/// Every `understudy` command.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Play scenarios/demo.toml: a whole telephony cluster on loopback, a release, a verdict.
+    Demo(crate::scenario::DemoArgs),
+    /// Scenario files.
+    #[command(subcommand)]
+    Scenario(crate::scenario::ScenarioCommand),
+    /// Validate a cluster or scenario file and print the release order.
+    Check(CheckArgs),
+    /// Run the controller and its admin endpoint.
+    Controller(ControllerArgs),
+    /// Write a fresh secret key file (a balancer's key, or the cluster's marker key).
+    Keygen(KeygenArgs),
+    /// Show services and rollouts (admin endpoint client).
+    Status(StatusArgs),
+    /// Start a release, or show its plan with --dry-run.
+    Release(ReleaseArgs),
+    /// Approve a rollout that awaits approval.
+    Approve(RolloutIdArgs),
+    /// Abort a rollout.
+    Abort(RolloutIdArgs),
+    /// Roll a rollout back.
+    Rollback(RolloutIdArgs),
+    /// Judge recorded mirrored-job pairs exactly as the live controller would.
+    Judge(crate::offline::judge::JudgeArgs),
+    /// Run the judge's self-test battery (A/A and known regressions).
+    JudgeBench(crate::offline::judge::JudgeBenchArgs),
+    /// Predict, from observed transition counts, the probability of ending in each failure state.
+    Predict(crate::offline::predict::PredictArgs),
+    /// Show the live predictive models, their comparison and recent alerts (admin endpoint client).
+    Predictions(predictions::PredictionsArgs),
+}
+
+impl Command {
+    /// The log filter: the controller logs as a server, every other command quietly.
+    pub fn log_filter(&self) -> &'static str {
+        match self {
+            Command::Controller(_) => crate::telemetry::SERVER_FILTER,
+            _ => crate::telemetry::QUIET_FILTER,
+        }
+    }
+}
+
+/// Runs a command. Scenario and offline commands print their own outcome and give its code.
+pub fn run(command: Command) -> CliResult {
+    match command {
+        Command::Demo(args) => CliError::from_code(crate::scenario::demo(args)),
+        Command::Scenario(cmd) => CliError::from_code(crate::scenario::command(cmd)),
+        Command::Check(args) => check(args),
+        Command::Controller(args) => controller(args),
+        Command::Keygen(args) => keygen(args),
+        Command::Status(args) => status(args),
+        Command::Release(args) => release(args),
+        Command::Approve(args) => rollout_action(args, OpsAction::Approve),
+        Command::Abort(args) => rollout_action(args, OpsAction::Abort),
+        Command::Rollback(args) => rollout_action(args, OpsAction::Rollback),
+        Command::Judge(args) => CliError::from_code(crate::offline::judge::judge(args)),
+        Command::JudgeBench(args) => CliError::from_code(crate::offline::judge::judge_bench(args)),
+        Command::Predict(args) => CliError::from_code(crate::offline::predict::predict(args)),
+        Command::Predictions(args) => predictions::predictions_command(args),
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -114,17 +181,10 @@ pub fn check_file(file: &std::path::Path) -> Result<String, ConfigError> {
     }
 }
 
-pub fn check(args: CheckArgs) -> u8 {
-    match check_file(&args.file) {
-        Ok(text) => {
-            print!("{text}");
-            0
-        }
-        Err(e) => {
-            eprintln!("invalid: {e}");
-            2
-        }
-    }
+pub fn check(args: CheckArgs) -> CliResult {
+    let text = check_file(&args.file).map_err(|e| CliError::usage(format!("invalid: {e}")))?;
+    print!("{text}");
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -138,65 +198,44 @@ pub struct KeygenArgs {
 
 /// Writes a fresh secret key: a balancer's key (`balancer_key_file`, `--key-file`) or the
 /// cluster's marker key (`--marker-key-file`).
-pub fn keygen(args: KeygenArgs) -> u8 {
+pub fn keygen(args: KeygenArgs) -> CliResult {
     let path = args.file.display();
     if args.file.exists() && !args.force {
-        eprintln!("{path} exists: not replaced (--force replaces it)");
-        return 2;
+        return Err(CliError::usage(format!(
+            "{path} exists: not replaced (--force replaces it)"
+        )));
     }
     let key = understudy_hub::SecretKey::generate();
-    match understudy_wire::write_key_file(&args.file, &key) {
-        Ok(()) => {
-            println!("key written to {path} (mode 0600)");
-            0
-        }
-        Err(e) => {
-            eprintln!("cannot write {path}: {e}");
-            2
-        }
-    }
+    understudy_wire::write_key_file(&args.file, &key)
+        .map_err(|e| CliError::usage(format!("cannot write {path}: {e}")))?;
+    println!("key written to {path} (mode 0600)");
+    Ok(())
 }
 
-pub(crate) fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => Some(rt),
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            None
-        }
-    }
+        .map_err(|e| CliError::usage(format!("cannot start the async runtime: {e}")))
 }
 
-pub fn controller(args: ControllerArgs) -> u8 {
-    let cluster = match cluster::load_file(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("invalid: {e}");
-            return 2;
-        }
-    };
+pub fn controller(args: ControllerArgs) -> CliResult {
+    let cluster =
+        cluster::load_file(&args.config).map_err(|e| CliError::usage(format!("invalid: {e}")))?;
     let token = std::env::var("UNDERSTUDY_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
         .or_else(|| cluster.controller.token.clone())
         .unwrap_or_default();
     let config = ControllerConfig::from_cluster(cluster, token);
-    let Some(rt) = runtime() else { return 2 };
-    rt.block_on(async {
-        let handle = match crate::app::start(config).await {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("controller: {e}");
-                return 2;
-            }
-        };
+    runtime()?.block_on(async {
+        let handle = crate::app::start(config)
+            .await
+            .map_err(|e| CliError::usage(format!("controller: {e}")))?;
         println!("admin endpoint: {}", handle.admin_url());
         stop_signal().await;
         handle.shutdown().await;
-        0
+        Ok(())
     })
 }
 
@@ -217,23 +256,11 @@ async fn stop_signal() {
     }
 }
 
-pub(crate) fn admin(endpoint: &EndpointArgs) -> Result<AdminClient, u8> {
+pub(crate) fn admin(endpoint: &EndpointArgs) -> Result<AdminClient, CliError> {
     let token = std::env::var("UNDERSTUDY_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
-    AdminClient::new(&endpoint.url, token).map_err(|e| {
-        eprintln!("{e}");
-        2
-    })
-}
-
-/// Exit code of a client error: a 400 is bad use (2), anything else refused or not done (1).
-pub(crate) fn failure(e: &ClientError) -> u8 {
-    eprintln!("error: {e}");
-    match e {
-        ClientError::Refused { status: 400, .. } | ClientError::BadUrl { .. } => 2,
-        _ => 1,
-    }
+    AdminClient::new(&endpoint.url, token).map_err(|e| CliError::usage(e.to_string()))
 }
 
 fn phase_cell(r: &RolloutView) -> String {
@@ -334,17 +361,14 @@ async fn status_once(client: &AdminClient) -> Result<String, ClientError> {
     ))
 }
 
-pub fn status(args: StatusArgs) -> u8 {
-    let client = match admin(&args.endpoint) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+pub fn status(args: StatusArgs) -> CliResult {
+    let client = admin(&args.endpoint)?;
     if !(args.interval.is_finite() && args.interval > 0.0) {
-        eprintln!("--interval must be a positive number of seconds");
-        return 2;
+        return Err(CliError::usage(
+            "--interval must be a positive number of seconds",
+        ));
     }
-    let Some(rt) = runtime() else { return 2 };
-    rt.block_on(async {
+    runtime()?.block_on(async {
         loop {
             match status_once(&client).await {
                 Ok(text) => {
@@ -354,19 +378,15 @@ pub fn status(args: StatusArgs) -> u8 {
                     }
                     print!("{text}");
                 }
-                Err(e) => {
-                    if !args.watch {
-                        return failure(&e);
-                    }
-                    eprintln!("error: {e}");
-                }
+                Err(e) if !args.watch => return Err(e.into()),
+                Err(e) => eprintln!("error: {e}"),
             }
             if !args.watch {
-                return 0;
+                return Ok(());
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs_f64(args.interval)) => {}
-                _ = tokio::signal::ctrl_c() => return 0,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
             }
         }
     })
@@ -462,55 +482,34 @@ pub fn plan_table(answer: &ReleaseAnswer) -> String {
     table::render(&rows)
 }
 
-pub fn release(args: ReleaseArgs) -> u8 {
-    let services = match parse_release_targets(&args.services) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
-    let subgroups = match parse_subgroups(&args.subgroups) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
+pub fn release(args: ReleaseArgs) -> CliResult {
+    let bad = |e: String| CliError::usage(format!("error: {e}"));
+    let services = parse_release_targets(&args.services).map_err(bad)?;
+    let subgroups = parse_subgroups(&args.subgroups).map_err(bad)?;
     if let Some(file) = &args.config {
-        return offline_plan(file, &services, &subgroups);
+        let answer = plan_from_file(file, &services, &subgroups).map_err(bad)?;
+        println!("plan (dry run from {}, nothing changed)", file.display());
+        print!("{}", plan_table(&answer));
+        return Ok(());
     }
-    let client = match admin(&args.endpoint) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+    let client = admin(&args.endpoint)?;
     let body = serde_json::json!({
         "services": services,
         "rollback_on_failure": args.rollback_on_failure,
         "dry_run": args.dry_run,
         "subgroup": subgroups,
     });
-    let Some(rt) = runtime() else { return 2 };
-    rt.block_on(async {
-        match client
-            .post::<ReleaseAnswer>("/api/v1/releases", &body)
-            .await
-        {
-            Ok(answer) => {
-                match answer.release {
-                    Some(id) => println!("release {id} started"),
-                    None => println!("plan (dry run, nothing changed)"),
-                }
-                print!("{}", plan_table(&answer));
-                if !answer.rollouts.is_empty() {
-                    println!();
-                    print!("{}", rollouts_table(&answer.rollouts));
-                }
-                0
-            }
-            Err(e) => failure(&e),
-        }
-    })
+    let answer: ReleaseAnswer = runtime()?.block_on(client.post("/api/v1/releases", &body))?;
+    match answer.release {
+        Some(id) => println!("release {id} started"),
+        None => println!("plan (dry run, nothing changed)"),
+    }
+    print!("{}", plan_table(&answer));
+    if !answer.rollouts.is_empty() {
+        println!();
+        print!("{}", rollouts_table(&answer.rollouts));
+    }
+    Ok(())
 }
 
 /// The plan of a release from a cluster file alone, against the versions the file declares active.
@@ -525,86 +524,31 @@ pub fn plan_from_file(
         .values()
         .map(|s| (s.name.clone(), s.declared_version.clone()))
         .collect();
-    let plan = crate::core::plan::Plan::for_release(&cluster, &current, services)
-        .map_err(|e| e.to_string())?;
-    if let Some(stray) = subgroups.keys().find(|s| !services.contains_key(*s)) {
-        return Err(format!(
-            "subgroup.{stray}: service `{stray}` is not in this release"
-        ));
-    }
     let roles = crate::core::plan::declared_roles(&cluster);
-    let mut selections = BTreeMap::new();
-    for (service, version) in services {
-        let selection = crate::core::plan::Selection::choose(
-            &cluster,
-            &roles,
-            service,
-            version,
-            subgroups.get(service),
-        )
-        .map_err(|e| e.to_string())?;
-        selections.insert(service.clone(), selection);
-    }
+    let busy = std::collections::BTreeSet::new();
+    let plan =
+        crate::core::plan::plan_release(&cluster, &roles, &current, &busy, services, subgroups)
+            .map_err(|e| e.to_string())?;
     Ok(ReleaseAnswer {
         release: None,
         dry_run: true,
-        plan: plan
-            .entries
-            .into_iter()
-            .map(|e| crate::runtime::controller::PlanLine {
-                wave: e.wave,
-                from_version: current.get(&e.service).cloned().unwrap_or_default(),
-                machines: selections.remove(&e.service).unwrap_or_default(),
-                service: e.service,
-                to_version: e.version,
-                after: e.after,
-            })
-            .collect(),
+        plan,
         rollouts: Vec::new(),
     })
 }
 
-fn offline_plan(
-    file: &std::path::Path,
-    services: &BTreeMap<String, String>,
-    subgroups: &BTreeMap<String, SubgroupSpec>,
-) -> u8 {
-    match plan_from_file(file, services, subgroups) {
-        Ok(answer) => {
-            println!("plan (dry run from {}, nothing changed)", file.display());
-            print!("{}", plan_table(&answer));
-            0
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            2
-        }
-    }
-}
-
-pub fn rollout_action(args: RolloutIdArgs, action: OpsAction) -> u8 {
+pub fn rollout_action(args: RolloutIdArgs, action: OpsAction) -> CliResult {
     if args.id.parse::<i64>().is_err() {
-        eprintln!("error: rollout id `{}` is not a number", args.id);
-        return 2;
+        return Err(CliError::usage(format!(
+            "error: rollout id `{}` is not a number",
+            args.id
+        )));
     }
-    let client = match admin(&args.endpoint) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let Some(rt) = runtime() else { return 2 };
+    let client = admin(&args.endpoint)?;
     let path = format!("/api/v1/rollouts/{}/{}", args.id, action.as_str());
-    rt.block_on(async {
-        match client
-            .post::<RolloutDetail>(&path, &serde_json::json!({}))
-            .await
-        {
-            Ok(detail) => {
-                print!("{}", rollouts_table(std::slice::from_ref(&detail.rollout)));
-                0
-            }
-            Err(e) => failure(&e),
-        }
-    })
+    let detail: RolloutDetail = runtime()?.block_on(client.post(&path, &serde_json::json!({})))?;
+    print!("{}", rollouts_table(std::slice::from_ref(&detail.rollout)));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -629,11 +573,11 @@ mod tests {
         let text = check_cluster_file(&good).unwrap();
         assert!(text.contains("1. db, media"), "{text}");
         assert!(text.contains("3. edge"), "{text}");
-        assert_eq!(check(CheckArgs { file: good }), 0);
+        assert_eq!(exit_code(check(CheckArgs { file: good })), 0);
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "[services.a]\nfoo = 1\n").unwrap();
         let err = check_cluster_file(&bad).unwrap_err().to_string();
         assert!(err.contains("bad.toml:2") && err.contains("foo"), "{err}");
-        assert_eq!(check(CheckArgs { file: bad }), 2);
+        assert_eq!(exit_code(check(CheckArgs { file: bad })), 2);
     }
 }

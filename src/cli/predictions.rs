@@ -1,6 +1,8 @@
 //! `understudy predictions`: the live predictive models, their comparison and recent alerts, read
 //! from the admin endpoint and printed as tables.
 
+use crate::cli::error::CliResult;
+
 #[derive(clap::Args, Debug)]
 pub struct PredictionsArgs {
     /// Only this service.
@@ -153,14 +155,9 @@ pub(crate) fn alerts_text(answer: &serde_json::Value) -> String {
 }
 
 /// `understudy predictions`: 0 shown, 1 refused or unreachable, 2 bad use.
-pub fn predictions_command(args: PredictionsArgs) -> u8 {
-    let client = match crate::cli::admin(&args.endpoint) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let Some(rt) = crate::cli::runtime() else {
-        return 2;
-    };
+pub fn predictions_command(args: PredictionsArgs) -> CliResult {
+    let client = crate::cli::admin(&args.endpoint)?;
+    let rt = crate::cli::runtime()?;
     let path = match (&args.service, &args.version, args.alerts) {
         (service, _, true) => format!(
             "/api/v1/predictions/alerts{}",
@@ -172,10 +169,7 @@ pub fn predictions_command(args: PredictionsArgs) -> u8 {
         (Some(service), None, false) => format!("/api/v1/predictions/{service}"),
         (None, _, false) => "/api/v1/predictions".to_string(),
     };
-    let answer: serde_json::Value = match rt.block_on(client.get(&path)) {
-        Ok(v) => v,
-        Err(e) => return crate::cli::failure(&e),
-    };
+    let answer: serde_json::Value = rt.block_on(client.get(&path))?;
     if args.json {
         println!(
             "{}",
@@ -188,5 +182,5 @@ pub fn predictions_command(args: PredictionsArgs) -> u8 {
     } else {
         print!("{}", models_text(&answer));
     }
-    0
+    Ok(())
 }

@@ -302,6 +302,89 @@ impl Plan {
     }
 }
 
+/// One service of a planned release: its wave, versions, what it waits for, the machines it moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlanLine {
+    pub wave: usize,
+    pub service: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub after: Vec<String>,
+    /// The machines the rollout moves: replaced (active) and joining (the new version).
+    #[serde(default)]
+    pub machines: Selection,
+}
+
+/// Why a release cannot be planned: a bad request, or one that clashes with the cluster's state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Bad(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The plan of a release, checked as every release is (the admin endpoint's and the CLI's dry
+/// runs alike): the order from the dependency graph, a candidate machine of each new version,
+/// sub-groups only of services in the release, each service's machines, none already busy.
+pub fn plan_release(
+    cluster: &Cluster,
+    roles: &BTreeMap<String, MachineRole>,
+    current: &BTreeMap<String, String>,
+    busy: &BTreeSet<String>,
+    services: &BTreeMap<String, String>,
+    subgroups: &BTreeMap<String, SubgroupSpec>,
+) -> Result<Vec<PlanLine>, Refusal> {
+    let plan = Plan::for_release(cluster, current, services).map_err(|e| match e {
+        PlanError::AlreadyRunning { .. } => Refusal::Conflict(e.to_string()),
+        other => Refusal::Bad(other.to_string()),
+    })?;
+    for (service, version) in services {
+        let available = cluster
+            .machines_of(service)
+            .any(|m| &m.version == version && roles.get(&m.id).is_some_and(|r| r.is_candidate()));
+        if !available {
+            return Err(Refusal::Bad(format!(
+                "service `{service}` has no machine of version `{version}` outside the active configuration"
+            )));
+        }
+    }
+    if let Some(stray) = subgroups.keys().find(|s| !services.contains_key(*s)) {
+        return Err(Refusal::Bad(format!(
+            "subgroup.{stray}: service `{stray}` is not in this release"
+        )));
+    }
+    let mut selections = BTreeMap::new();
+    for (service, version) in services {
+        let selection = Selection::choose(cluster, roles, service, version, subgroups.get(service))
+            .map_err(|e| Refusal::Bad(e.to_string()))?;
+        selections.insert(service.clone(), selection);
+    }
+    let clashing: Vec<&str> = services
+        .keys()
+        .filter(|s| busy.contains(*s))
+        .map(String::as_str)
+        .collect();
+    if !clashing.is_empty() {
+        return Err(Refusal::Conflict(format!(
+            "already in a release that has not finished: {}",
+            clashing.join(", ")
+        )));
+    }
+    Ok(plan
+        .entries
+        .into_iter()
+        .map(|e| PlanLine {
+            wave: e.wave,
+            from_version: current.get(&e.service).cloned().unwrap_or_default(),
+            machines: selections.remove(&e.service).unwrap_or_default(),
+            service: e.service,
+            to_version: e.version,
+            after: e.after,
+        })
+        .collect())
+}
+
 /// Release order of every service: waves of services whose dependencies are all in earlier waves.
 pub fn release_waves(cluster: &Cluster) -> Vec<Vec<String>> {
     let all: BTreeMap<String, String> = cluster
@@ -511,9 +594,9 @@ mod subgroup_tests {
     use super::*;
     use crate::config::cluster::parse;
     use crate::runtime::balancer::FakeBalancer;
-    use crate::runtime::controller::tests::identical_pairs;
     use crate::runtime::controller::{Core, ReleaseRequest, RequestError};
     use crate::store::Store;
+    use crate::testing::identical_pairs;
 
     /// Four v1 machines serving, a v1 control, three v2 machines waiting.
     const FLEET: &str = r#"

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use understudy_judge::{Decision, Judge};
+use understudy_judge::{Decision, Judge, Verdict};
 use understudy_wire::{
     BalancerConfig, JobPair, MachineEntry, MachineHealth, MachineStatus, PoolRole, SeriesStats,
     StatsReport,
@@ -23,8 +23,8 @@ use utoipa::ToSchema;
 use crate::config::cluster::{Cluster, Service};
 use crate::core::pairing::PairFeed;
 use crate::core::pairing::StoredPair;
-use crate::core::plan::{Plan, PlanError, Selection};
-use crate::core::roles::MachineRole;
+use crate::core::plan::{plan_release, PlanLine, Refusal, Selection};
+use crate::core::roles::{consequences, Consequences, MachineRole, RoleChange, RolloutMachines};
 use crate::core::rollout::TransitionRecord;
 use crate::core::rollout::{transition, Actor, Event, Phase, TransitionError};
 use crate::core::step;
@@ -105,6 +105,70 @@ impl Default for Clock {
     }
 }
 
+/// The rollout a stats report feeds: the one simulating on the report's service.
+struct Simulating {
+    id: i64,
+    service: String,
+    from: String,
+    to: String,
+    /// Sequence number of the next pair stored for it.
+    next_seq: u64,
+}
+
+impl Simulating {
+    fn of(state: &State, service: &str) -> Option<Simulating> {
+        let r = state
+            .open_rollout(service)
+            .filter(|r| r.phase == Phase::Simulating)?;
+        Some(Simulating {
+            id: r.id,
+            service: r.service.clone(),
+            from: r.from_version.clone(),
+            to: r.to_version.clone(),
+            next_seq: r.next_seq,
+        })
+    }
+
+    /// The report's pairs that compare this rollout's versions.
+    fn pairs_of(&self, pairs: &[JobPair]) -> Vec<StoredPair> {
+        pairs
+            .iter()
+            .filter_map(|p| stored_pair(p, &self.from, &self.to))
+            .collect()
+    }
+}
+
+/// What the judge (or the early signal) made of a report.
+#[derive(Default)]
+struct Judgement {
+    /// The verdict to show and store, decided or not.
+    shown: Option<RolloutVerdict>,
+    /// Set when it decides: the rollout moves.
+    decided: Option<Verdict>,
+}
+
+/// A move the controller asks of a rollout on its own: the event, its cause, the numbers behind.
+struct Move {
+    rollout: i64,
+    event: Event,
+    cause: String,
+    details: serde_json::Value,
+}
+
+impl Move {
+    fn of_verdict(rollout: i64, verdict: &Verdict, shown: &Option<RolloutVerdict>) -> Move {
+        Move {
+            rollout,
+            event: Event::Verdict {
+                decision: verdict.decision,
+                hard: verdict.hard,
+            },
+            cause: format!("judge: {} ({})", verdict.decision.as_str(), verdict.rule),
+            details: serde_json::to_value(shown).unwrap_or_default(),
+        }
+    }
+}
+
 pub(super) struct RolloutState {
     pub(super) id: i64,
     pub(super) release: i64,
@@ -130,6 +194,20 @@ pub(super) struct RolloutState {
     pub(super) live: LiveCounts,
     /// Copies answered by v2 machines since the rollout (or the controller) started.
     pub(super) copies_seen: u64,
+}
+
+impl RolloutState {
+    /// The rollout moved: its phase, since when, its history; its judge is dropped once it
+    /// left simulation for good.
+    fn enter(&mut self, record: TransitionRecord) {
+        let to = record.to;
+        self.phase = to;
+        self.entered_ms = record.at_ms;
+        self.transitions.push(record);
+        if to != Phase::Simulating && !matches!(to, Phase::Pending) {
+            self.judge = None;
+        }
+    }
 }
 
 /// Outcomes of callers' jobs (active configuration) per side, from the balancer's series.
@@ -353,18 +431,6 @@ pub struct ReleaseAnswer {
     pub rollouts: Vec<RolloutView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct PlanLine {
-    pub wave: usize,
-    pub service: String,
-    pub from_version: String,
-    pub to_version: String,
-    pub after: Vec<String>,
-    /// The machines the rollout moves: replaced (active) and joining (the new version).
-    #[serde(default)]
-    pub machines: Selection,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RolloutView {
     pub id: i64,
@@ -544,6 +610,219 @@ pub(super) fn desired_machines(
     out
 }
 
+/// A config a balancer does not run yet.
+struct Push {
+    service: String,
+    url: String,
+    config: BalancerConfig,
+}
+
+/// Pushing: what is due and what a refusal changes.
+impl State {
+    /// Every desired config its balancer has not acknowledged (or lost), the service whose
+    /// rollout moved last going last: dependencies first.
+    fn pending_pushes(&self) -> Vec<Push> {
+        let mut order: Vec<(u64, Push)> = self
+            .services
+            .iter()
+            .filter_map(|(name, s)| {
+                let desired = s.desired.as_ref()?;
+                if s.acked == Some(desired.version) && !s.lost_config() {
+                    return None;
+                }
+                if s.lost_config() {
+                    let running = s.last_stats.as_ref().map_or(0, |st| st.config_version);
+                    tracing::warn!(
+                        service = %name,
+                        "the balancer runs config version {running} though it acknowledged \
+                         {}: it lost its config (a restart?); pushing version {} again",
+                        s.acked.unwrap_or_default(),
+                        desired.version
+                    );
+                }
+                let url = self.cluster.services.get(name)?.balancer.clone()?;
+                let moved_at = self
+                    .rollouts
+                    .values()
+                    .filter(|r| &r.service == name)
+                    .map(|r| r.entered_ms)
+                    .max()
+                    .unwrap_or(0);
+                let push = Push {
+                    service: name.clone(),
+                    url,
+                    config: desired.clone(),
+                };
+                Some((moved_at, push))
+            })
+            .collect();
+        order.sort_by(|a, b| (a.0, &a.1.service).cmp(&(b.0, &b.1.service)));
+        order.into_iter().map(|(_, push)| push).collect()
+    }
+
+    /// The balancer runs a newer version than the one pushed (a lost database): the desired
+    /// config moves past it.
+    fn move_past_stale(&mut self, push: &Push) {
+        let running = self
+            .services
+            .get(&push.service)
+            .and_then(|s| s.last_stats.as_ref())
+            .map_or(0, |st| st.config_version);
+        let bumped = BalancerConfig {
+            version: running.max(push.config.version) + 1,
+            ..push.config.clone()
+        };
+        if self
+            .store
+            .write(|tx| store::set_config(tx, &bumped))
+            .is_err()
+        {
+            return;
+        }
+        if let Some(s) = self.services.get_mut(&push.service) {
+            if s.desired.as_ref().map(|d| d.version) == Some(push.config.version) {
+                s.desired = Some(bumped);
+            }
+        }
+    }
+}
+
+/// Opening: the state rebuilt from the store and the cluster file.
+impl State {
+    /// Every service of the file, and every machine the store does not know yet with the role
+    /// the file gives it.
+    fn declare_machines(&mut self, now: u64) -> Result<(), StoreError> {
+        let known = self.store.machine_roles()?;
+        let declared = crate::core::plan::declared_roles(&self.cluster);
+        let cluster = &self.cluster;
+        self.store.write(|tx| {
+            for service in cluster.services.values() {
+                store::upsert_service(tx, &service.name, &service.declared_version)?;
+            }
+            for m in cluster
+                .machines
+                .iter()
+                .filter(|m| !known.contains_key(&m.id))
+            {
+                let role = declared[&m.id];
+                let why = "declared in the cluster file";
+                store::set_machine_role(tx, &m.id, &m.service, &m.version, role, now, None, why)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The services the file still declares, with their stored version, cursor and config.
+    fn load_services(&mut self, metrics: &Metrics) -> Result<(), StoreError> {
+        for row in self.store.services()? {
+            if !self.cluster.services.contains_key(&row.name) {
+                continue;
+            }
+            metrics.register_service(&row.name);
+            let service = ServiceState {
+                version: row.version,
+                cursor: row.stats_cursor,
+                desired: row.config,
+                ..ServiceState::default()
+            };
+            self.services.insert(row.name, service);
+        }
+        Ok(())
+    }
+
+    /// Every release and rollout, finished or not; an unfinished rollout of a service the file
+    /// no longer declares is refused.
+    fn load_rollouts(&mut self, metrics: &Metrics) -> Result<(), ControllerError> {
+        for row in self.store.releases()? {
+            let release = ReleaseState {
+                id: row.id,
+                created_ms: row.created_ms,
+                rollback_on_failure: row.rollback_on_failure,
+                rollouts: Vec::new(),
+            };
+            self.releases.insert(row.id, release);
+        }
+        let mut selections = crate::store::plans::all(self.store.conn())?;
+        for row in self.store.rollouts()? {
+            if !row.phase.is_finished() && !self.cluster.services.contains_key(&row.service) {
+                return Err(ControllerError::Inconsistent(format!(
+                    "rollout {} of service `{}` is unfinished, and the cluster no longer declares `{}`",
+                    row.id, row.service, row.service
+                )));
+            }
+            metrics.set_phase(&row.service, row.id, row.phase.name());
+            if let Some(release) = self.releases.get_mut(&row.release) {
+                release.rollouts.push(row.id);
+            }
+            let selection = selections.remove(&row.id);
+            let rollout = self.restore_rollout(row, selection, metrics)?;
+            self.rollouts.insert(rollout.id, rollout);
+        }
+        Ok(())
+    }
+
+    /// A stored rollout back in memory. Replaying the recorded pairs in order rebuilds the display
+    /// numbers of every rollout (finished ones are shown too) and the judge of an unfinished one
+    /// exactly as it stood.
+    fn restore_rollout(
+        &self,
+        row: store::RolloutRow,
+        selection: Option<Selection>,
+        metrics: &Metrics,
+    ) -> Result<RolloutState, StoreError> {
+        let condition = self
+            .cluster
+            .services
+            .get(&row.service)
+            .map(|s| s.condition.clone())
+            .unwrap_or_default();
+        let against_control = has_control(&self.cluster, &row.machines_before, &row.from_version);
+        let mut feed = PairFeed::new(condition.baseline, against_control);
+        let mut judge = (!row.phase.is_finished()).then(|| Judge::new(condition));
+        let mut numbers = PairNumbers::default();
+        let mut next_seq = 0;
+        for pair in self.store.pairs(row.id)? {
+            if let Some(j) = judge.as_mut() {
+                feed.feed(j, &pair);
+            }
+            numbers.record(&pair);
+            next_seq += 1;
+        }
+        let transitions = self.store.transitions(row.id)?;
+        for t in &transitions {
+            metrics
+                .transitions
+                .with_label_values(&[&row.service, t.from.name(), t.to.name()])
+                .inc();
+        }
+        // A rollout stored before sub-groups moved the whole service as it stood then.
+        let selection = selection.unwrap_or_else(|| {
+            whole_service_selection(&self.cluster, &row.machines_before, &row.to_version)
+        });
+        Ok(RolloutState {
+            id: row.id,
+            release: row.release,
+            service: row.service,
+            from_version: row.from_version,
+            to_version: row.to_version,
+            after: row.after,
+            phase: row.phase,
+            entered_ms: row.entered_ms,
+            created_ms: row.created_ms,
+            machines_before: row.machines_before,
+            selection,
+            transitions,
+            verdict: row.verdict,
+            judge,
+            feed,
+            numbers,
+            next_seq,
+            live: LiveCounts::default(),
+            copies_seen: 0,
+        })
+    }
+}
+
 impl State {
     pub(super) fn service(&self, name: &str) -> &Service {
         &self.cluster.services[name]
@@ -690,134 +969,11 @@ impl Core {
             roles: BTreeMap::new(),
             monitor: monitor::MonitorState::default(),
         };
-        let now = clock.now_ms();
-        let known = state.store.machine_roles()?;
-        let cluster = state.cluster.clone();
-        state.store.write(|tx| {
-            for service in cluster.services.values() {
-                store::upsert_service(tx, &service.name, &service.declared_version)?;
-            }
-            for m in &cluster.machines {
-                if known.contains_key(&m.id) {
-                    continue;
-                }
-                let declared = &cluster.services[&m.service].declared_version;
-                let role = match m.config {
-                    PoolRole::Active => MachineRole::Active,
-                    PoolRole::Simulation if &m.version == declared => MachineRole::Control,
-                    PoolRole::Simulation => MachineRole::Standby,
-                };
-                store::set_machine_role(
-                    tx,
-                    &m.id,
-                    &m.service,
-                    &m.version,
-                    role,
-                    now,
-                    None,
-                    "declared in the cluster file",
-                )?;
-            }
-            Ok(())
-        })?;
+        state.declare_machines(clock.now_ms())?;
         state.roles = state.store.machine_roles()?;
         state.monitor.held_out = crate::store::monitor::held_out(state.store.conn())?;
-        let mut selections = crate::store::plans::all(state.store.conn())?;
-        for row in state.store.services()? {
-            if !state.cluster.services.contains_key(&row.name) {
-                continue;
-            }
-            metrics.register_service(&row.name);
-            state.services.insert(
-                row.name.clone(),
-                ServiceState {
-                    version: row.version,
-                    cursor: row.stats_cursor,
-                    desired: row.config,
-                    ..ServiceState::default()
-                },
-            );
-        }
-        for row in state.store.releases()? {
-            state.releases.insert(
-                row.id,
-                ReleaseState {
-                    id: row.id,
-                    created_ms: row.created_ms,
-                    rollback_on_failure: row.rollback_on_failure,
-                    rollouts: Vec::new(),
-                },
-            );
-        }
-        for row in state.store.rollouts()? {
-            if !row.phase.is_finished() && !state.cluster.services.contains_key(&row.service) {
-                return Err(ControllerError::Inconsistent(format!(
-                    "rollout {} of service `{}` is unfinished, and the cluster no longer declares `{}`",
-                    row.id, row.service, row.service
-                )));
-            }
-            // Replaying the recorded pairs in order rebuilds the display numbers of every rollout
-            // (finished ones are shown too) and the judge of an unfinished one exactly as it stood.
-            let condition = state
-                .cluster
-                .services
-                .get(&row.service)
-                .map(|s| s.condition.clone())
-                .unwrap_or_default();
-            let mut feed = PairFeed::new(
-                condition.baseline,
-                has_control(&state.cluster, &row.machines_before, &row.from_version),
-            );
-            let mut judge = (!row.phase.is_finished()).then(|| Judge::new(condition));
-            let mut numbers = PairNumbers::default();
-            let mut next_seq = 0;
-            for pair in state.store.pairs(row.id)? {
-                if let Some(j) = judge.as_mut() {
-                    feed.feed(j, &pair);
-                }
-                numbers.record(&pair);
-                next_seq += 1;
-            }
-            let transitions = state.store.transitions(row.id)?;
-            for t in &transitions {
-                metrics
-                    .transitions
-                    .with_label_values(&[&row.service, t.from.name(), t.to.name()])
-                    .inc();
-            }
-            metrics.set_phase(&row.service, row.id, row.phase.name());
-            if let Some(release) = state.releases.get_mut(&row.release) {
-                release.rollouts.push(row.id);
-            }
-            // A rollout stored before sub-groups moved the whole service as it stood then.
-            let selection = selections.remove(&row.id).unwrap_or_else(|| {
-                whole_service_selection(&state.cluster, &row.machines_before, &row.to_version)
-            });
-            state.rollouts.insert(
-                row.id,
-                RolloutState {
-                    id: row.id,
-                    release: row.release,
-                    service: row.service,
-                    from_version: row.from_version,
-                    to_version: row.to_version,
-                    after: row.after,
-                    phase: row.phase,
-                    entered_ms: row.entered_ms,
-                    created_ms: row.created_ms,
-                    machines_before: row.machines_before,
-                    selection,
-                    transitions,
-                    verdict: row.verdict,
-                    judge,
-                    feed,
-                    numbers,
-                    next_seq,
-                    live: LiveCounts::default(),
-                    copies_seen: 0,
-                },
-            );
-        }
+        state.load_services(&metrics)?;
+        state.load_rollouts(&metrics)?;
         let predictions = Arc::new(crate::runtime::predictions::Predictions::new(
             state.cluster.predict.clone(),
             clock,
@@ -906,46 +1062,19 @@ impl Core {
         let from = r.phase;
         let to = transition(from, event, &policy)?;
 
-        // Consequences on machine roles and the service's version.
         let mut roles = state.roles.clone();
-        let mut role_changes: Vec<(String, MachineRole)> = Vec::new();
-        let mut new_version = None;
-        if to == Phase::Complete {
-            // Only the rollout's selection moves; a control stays (it keeps answering simulation
-            // jobs from services above), and so does every machine outside a sub-group.
-            for m in state.cluster.machines_of(&service) {
-                let role = roles.get(&m.id).copied().unwrap_or(MachineRole::Retired);
-                let next = if r.selection.joining.contains(&m.id) && role.is_candidate() {
-                    MachineRole::Active
-                } else if r.selection.replaced.contains(&m.id) && role == MachineRole::Active {
-                    MachineRole::Retired
-                } else {
-                    role
-                };
-                if next != role {
-                    role_changes.push((m.id.clone(), next));
-                    roles.insert(m.id.clone(), next);
-                }
-            }
-            // The service runs the new version once no active machine runs another one; after a
-            // sub-group it still runs the old one (a later release moves the rest).
-            let mixed = state.cluster.machines_of(&service).any(|m| {
-                roles.get(&m.id) == Some(&MachineRole::Active) && m.version != r.to_version
-            });
-            if !mixed {
-                new_version = Some(r.to_version.clone());
-            }
-        }
-        if to == Phase::RolledBack && from == Phase::Complete {
-            for (id, before) in &r.machines_before {
-                if roles.get(id) != Some(before) {
-                    role_changes.push((id.clone(), *before));
-                }
-            }
-            new_version = Some(r.from_version.clone());
-        }
-        for (id, role) in &role_changes {
-            roles.insert(id.clone(), *role);
+        let moved = RolloutMachines {
+            selection: &r.selection,
+            before: &r.machines_before,
+            from_version: &r.from_version,
+            to_version: &r.to_version,
+        };
+        let Consequences {
+            role_changes,
+            new_version,
+        } = consequences(&state.cluster, &service, &roles, &moved, from, to);
+        for change in &role_changes {
+            roles.insert(change.machine.clone(), change.role);
         }
         let selection = r.selection.clone();
         let open_after = (!to.is_finished()).then_some((to, &selection));
@@ -965,7 +1094,7 @@ impl Core {
             .collect();
         state.store.write(|tx| {
             store::record_transition(tx, rollout_id, &record)?;
-            for (id, role) in &role_changes {
+            for RoleChange { machine: id, role } in &role_changes {
                 // A machine the cluster file no longer declares has no balancer entry to change.
                 let Some((svc, version)) = machines.get(id) else {
                     continue;
@@ -991,16 +1120,19 @@ impl Core {
             s.desired = Some(c);
         }
         if let Some(r) = state.rollouts.get_mut(&rollout_id) {
-            r.phase = to;
-            r.entered_ms = now;
-            r.transitions.push(record);
-            if to != Phase::Simulating && !matches!(to, Phase::Pending) {
-                r.judge = None;
-            }
+            r.enter(record);
         }
-        self.metrics.set_phase(&service, rollout_id, to.name());
+        self.count_transition(&service, rollout_id, from, to);
+        tracing::info!(rollout = rollout_id, %service, %from, %to, cause, actor = actor.as_str(), "transition");
+        Ok(to)
+    }
+
+    /// A transition on `/metrics`: the phase gauge, the counter, and a starved judge no longer so
+    /// once the rollout leaves simulation.
+    fn count_transition(&self, service: &str, rollout: i64, from: Phase, to: Phase) {
+        self.metrics.set_phase(service, rollout, to.name());
         if to != Phase::Simulating {
-            let labels = [service.as_str(), &rollout_id.to_string()];
+            let labels = [service, &rollout.to_string()];
             if let Ok(gauge) = self
                 .metrics
                 .judge_starved
@@ -1011,10 +1143,8 @@ impl Core {
         }
         self.metrics
             .transitions
-            .with_label_values(&[&service, from.name(), to.name()])
+            .with_label_values(&[service, from.name(), to.name()])
             .inc();
-        tracing::info!(rollout = rollout_id, %service, %from, %to, cause, actor = actor.as_str(), "transition");
-        Ok(to)
     }
 
     /// Moves every release forward as far as it can go now: dependencies, timers, unwinding.
@@ -1061,144 +1191,159 @@ impl Core {
     /// the cursor, feeds the judge, and moves the rollout when the judge decided.
     fn take_stats(&self, state: &mut State, report: StatsReport) -> Result<(), ApplyError> {
         let service = report.service.clone();
-        let now = self.clock.now_ms();
-        let simulating = state
-            .open_rollout(&service)
-            .filter(|r| r.phase == Phase::Simulating)
-            .map(|r| {
-                (
-                    r.id,
-                    r.from_version.clone(),
-                    r.to_version.clone(),
-                    r.next_seq,
-                )
-            });
-        let mut pairs = Vec::new();
-        if let Some((_, from, to, _)) = &simulating {
-            pairs = report
-                .pairs
-                .iter()
-                .filter_map(|p| stored_pair(p, from, to))
-                .collect();
-        }
-        let mut shown = None;
-        let mut decided = None;
-        if let Some((id, _, to, _)) = &simulating {
-            if let Some(r) = state.rollouts.get_mut(id) {
-                if let Some(judge) = r.judge.as_mut() {
-                    for p in &pairs {
-                        r.feed.feed(judge, p);
-                    }
-                }
-                let copies = report.pairs.iter().filter(|p| p.simulation.version == *to);
-                self.count_copies(r, copies.count() as u64);
-                if let Some(judge) = r.judge.as_mut() {
-                    if !pairs.is_empty() || r.verdict.is_none() {
-                        let mut numbers = r.numbers.clone();
-                        for p in &pairs {
-                            numbers.record(p);
-                        }
-                        let verdict = judge.verdict();
-                        let json = RolloutVerdict::of(&verdict, &numbers, &r.feed);
-                        if verdict.decision != Decision::NotEnoughData {
-                            decided = Some(verdict);
-                        }
-                        shown = Some(json);
-                    }
-                }
-            }
-        }
-        // The early signal (src/prediction.rs): v2's calls clearly end in failure more often.
-        if let (None, Some((id, from, to, _))) = (&decided, &simulating) {
-            let judged = shown
-                .clone()
-                .or_else(|| state.rollouts.get(id).and_then(|r| r.verdict.clone()));
-            if let Some(early) =
-                self.predictions
-                    .early_fail(*id, &service, from, to, judged.as_ref())
-            {
-                shown = Some(early.shown);
-                decided = Some(early.verdict);
-            }
-        }
-        let cursor = report.cursor;
-        let unchanged = state.services.get(&service).map(|s| s.cursor) == Some(cursor);
-        // An idle balancer's report changes nothing worth a write.
-        if !(unchanged && pairs.is_empty() && shown.is_none()) {
-            let written = state.store.write(|tx| {
-                if let Some((id, _, _, seq)) = &simulating {
-                    store::insert_pairs(tx, *id, *seq, &pairs)?;
-                    if let Some(v) = &shown {
-                        store::set_verdict(tx, *id, v)?;
-                    }
-                }
-                store::set_cursor(tx, &service, cursor)
-            });
-            if let Err(e) = written {
-                // The judge took in pairs the store did not: the same pairs come again on the
-                // next read, so the judge goes back to what was committed.
-                if let Some((id, _, _, _)) = &simulating {
-                    Self::rebuild_judge(state, *id);
-                }
-                return Err(e.into());
-            }
-        }
-        if let Some((id, _, _, _)) = &simulating {
-            if let Some(r) = state.rollouts.get_mut(id) {
-                for p in &pairs {
-                    r.numbers.record(p);
-                }
-                r.next_seq += pairs.len() as u64;
-                if let Some(v) = shown.clone() {
-                    r.verdict = Some(v);
-                }
-                self.publish_verdict(r);
-            }
+        let simulating = Simulating::of(state, &service);
+        let pairs = simulating
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.pairs_of(&report.pairs));
+        let judgement = match &simulating {
+            Some(s) => self.judge_pairs(state, s, &pairs, &report.pairs),
+            None => Judgement::default(),
+        };
+        self.commit_stats(
+            state,
+            &service,
+            simulating.as_ref(),
+            &pairs,
+            &judgement,
+            report.cursor,
+        )?;
+        if let Some(s) = &simulating {
+            self.keep_judged(state, s.id, &pairs, &judgement);
         }
         let guard = self.live_guard(state, &report.series, &service);
-        if let Some(s) = state.services.get_mut(&service) {
-            let before = s.last_stats.as_ref().map(|st| st.machines.as_slice());
-            for change in crate::runtime::machines::health_changes(before, &report.machines) {
-                change.log(&service, &state.cluster);
-            }
-            s.cursor = cursor;
-            s.stats_reads += 1;
-            s.last_stats = Some(StatsView {
-                at_ms: now,
-                config_version: report.config_version,
-                cursor,
-                machines: report.machines,
-                pairs_lost: report.pairs_lost,
-                mirror_dropped: report.mirror_dropped,
-            });
-            s.last_stats_error = None;
-        }
-        if let (Some((id, _, _, _)), Some(verdict)) = (simulating, decided) {
-            let cause = format!("judge: {} ({})", verdict.decision.as_str(), verdict.rule);
-            let details = serde_json::to_value(&shown).unwrap_or_default();
+        self.keep_stats_view(state, &service, report);
+        let judged = simulating
+            .zip(judgement.decided)
+            .map(|(s, verdict)| Move::of_verdict(s.id, &verdict, &judgement.shown));
+        for ask in judged.into_iter().chain(guard) {
             self.apply(
                 state,
-                id,
-                Event::Verdict {
-                    decision: verdict.decision,
-                    hard: verdict.hard,
-                },
-                &cause,
+                ask.rollout,
+                ask.event,
+                &ask.cause,
                 Actor::Controller,
-                details,
-            )?;
-        }
-        if let Some((id, cause, details)) = guard {
-            self.apply(
-                state,
-                id,
-                Event::Rollback,
-                &cause,
-                Actor::Controller,
-                details,
+                ask.details,
             )?;
         }
         Ok(())
+    }
+
+    /// Feeds the report's pairs to the simulating rollout's judge, then the early signal
+    /// (src/runtime/predictions.rs) when the judge has not decided.
+    fn judge_pairs(
+        &self,
+        state: &mut State,
+        s: &Simulating,
+        pairs: &[StoredPair],
+        copies: &[JobPair],
+    ) -> Judgement {
+        let mut judgement = Judgement::default();
+        if let Some(r) = state.rollouts.get_mut(&s.id) {
+            if let Some(judge) = r.judge.as_mut() {
+                for p in pairs {
+                    r.feed.feed(judge, p);
+                }
+            }
+            let answered = copies.iter().filter(|p| p.simulation.version == s.to);
+            self.count_copies(r, answered.count() as u64);
+            if let Some(judge) = r.judge.as_mut() {
+                if !pairs.is_empty() || r.verdict.is_none() {
+                    let mut numbers = r.numbers.clone();
+                    for p in pairs {
+                        numbers.record(p);
+                    }
+                    let verdict = judge.verdict();
+                    judgement.shown = Some(RolloutVerdict::of(&verdict, &numbers, &r.feed));
+                    judgement.decided =
+                        (verdict.decision != Decision::NotEnoughData).then_some(verdict);
+                }
+            }
+        }
+        if judgement.decided.is_none() {
+            let judged = judgement
+                .shown
+                .clone()
+                .or_else(|| state.rollouts.get(&s.id).and_then(|r| r.verdict.clone()));
+            let early =
+                self.predictions
+                    .early_fail(s.id, &s.service, &s.from, &s.to, judged.as_ref());
+            if let Some(early) = early {
+                judgement.shown = Some(early.shown);
+                judgement.decided = Some(early.verdict);
+            }
+        }
+        judgement
+    }
+
+    /// Writes the pairs, the verdict and the cursor in one transaction. On failure the judge goes
+    /// back to what was committed: the same pairs come again on the next read.
+    fn commit_stats(
+        &self,
+        state: &mut State,
+        service: &str,
+        simulating: Option<&Simulating>,
+        pairs: &[StoredPair],
+        judgement: &Judgement,
+        cursor: u64,
+    ) -> Result<(), ApplyError> {
+        let unchanged = state.services.get(service).map(|s| s.cursor) == Some(cursor);
+        // An idle balancer's report changes nothing worth a write.
+        if unchanged && pairs.is_empty() && judgement.shown.is_none() {
+            return Ok(());
+        }
+        let written = state.store.write(|tx| {
+            if let Some(s) = simulating {
+                store::insert_pairs(tx, s.id, s.next_seq, pairs)?;
+                if let Some(v) = &judgement.shown {
+                    store::set_verdict(tx, s.id, v)?;
+                }
+            }
+            store::set_cursor(tx, service, cursor)
+        });
+        if let Err(e) = written {
+            if let Some(s) = simulating {
+                Self::rebuild_judge(state, s.id);
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The committed pairs and verdict in the rollout's memory, and on `/metrics`.
+    fn keep_judged(&self, state: &mut State, id: i64, pairs: &[StoredPair], judgement: &Judgement) {
+        if let Some(r) = state.rollouts.get_mut(&id) {
+            for p in pairs {
+                r.numbers.record(p);
+            }
+            r.next_seq += pairs.len() as u64;
+            if let Some(v) = judgement.shown.clone() {
+                r.verdict = Some(v);
+            }
+            self.publish_verdict(r);
+        }
+    }
+
+    /// The report as the listing shows it, logging each machine's change of health.
+    fn keep_stats_view(&self, state: &mut State, service: &str, report: StatsReport) {
+        let now = self.clock.now_ms();
+        let Some(s) = state.services.get_mut(service) else {
+            return;
+        };
+        let before = s.last_stats.as_ref().map(|st| st.machines.as_slice());
+        for change in crate::runtime::machines::health_changes(before, &report.machines) {
+            change.log(service, &state.cluster);
+        }
+        s.cursor = report.cursor;
+        s.stats_reads += 1;
+        s.last_stats = Some(StatsView {
+            at_ms: now,
+            config_version: report.config_version,
+            cursor: report.cursor,
+            machines: report.machines,
+            pairs_lost: report.pairs_lost,
+            mirror_dropped: report.mirror_dropped,
+        });
+        s.last_stats_error = None;
     }
 
     /// Counts v2's answered copies and shows a starved judge (log, `/metrics`) when it becomes so.
@@ -1248,12 +1393,7 @@ impl Core {
     /// While v2 serves callers (joining, retiring), counts callers' outcomes per version; a v2
     /// whose error rate exceeds v1's by the condition's hard margin is pulled (the judge decided
     /// on mirrored copies; this catches what only real traffic shows).
-    fn live_guard(
-        &self,
-        state: &mut State,
-        series: &[SeriesStats],
-        service: &str,
-    ) -> Option<(i64, String, serde_json::Value)> {
+    fn live_guard(&self, state: &mut State, series: &[SeriesStats], service: &str) -> Option<Move> {
         let condition = state.cluster.services.get(service)?.condition.clone();
         let id = state
             .open_rollout(service)
@@ -1283,7 +1423,12 @@ impl Core {
             r.from_version,
             condition.hard_error_rate_increase * 100.0
         );
-        Some((id, cause, serde_json::to_value(r.live).unwrap_or_default()))
+        Some(Move {
+            rollout: id,
+            event: Event::Rollback,
+            cause,
+            details: serde_json::to_value(r.live).unwrap_or_default(),
+        })
     }
 
     fn publish_verdict(&self, r: &RolloutState) {
@@ -1438,109 +1583,49 @@ impl Core {
 
     /// Pushes every committed config the balancer has not acknowledged, in release order.
     async fn push_pending(&self) {
-        let pushes: Vec<(String, String, BalancerConfig)> = {
-            let state = lock(&self.state);
-            let mut order: Vec<(u64, String, String, BalancerConfig)> = state
-                .services
-                .iter()
-                .filter_map(|(name, s)| {
-                    let desired = s.desired.as_ref()?;
-                    if s.acked == Some(desired.version) && !s.lost_config() {
-                        return None;
-                    }
-                    if s.lost_config() {
-                        let running = s.last_stats.as_ref().map_or(0, |st| st.config_version);
-                        tracing::warn!(
-                            service = %name,
-                            "the balancer runs config version {running} though it acknowledged \
-                             {}: it lost its config (a restart?); pushing version {} again",
-                            s.acked.unwrap_or_default(),
-                            desired.version
-                        );
-                    }
-                    let url = state.cluster.services.get(name)?.balancer.clone()?;
-                    // The service whose rollout moved last goes last: dependencies first.
-                    let moved_at = state
-                        .rollouts
-                        .values()
-                        .filter(|r| &r.service == name)
-                        .map(|r| r.entered_ms)
-                        .max()
-                        .unwrap_or(0);
-                    Some((moved_at, name.clone(), url, desired.clone()))
-                })
-                .collect();
-            order.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-            order.into_iter().map(|(_, n, u, c)| (n, u, c)).collect()
-        };
-        for (service, url, config) in pushes {
+        let pushes = lock(&self.state).pending_pushes();
+        for push in pushes {
             let started = std::time::Instant::now();
-            let result = self.client.push(&url, &config).await;
+            let result = self.client.push(&push.url, &push.config).await;
             self.metrics
                 .push_seconds
-                .with_label_values(&[&service])
+                .with_label_values(&[&push.service])
                 .observe(started.elapsed().as_secs_f64());
             let mut state = lock(&self.state);
             let now = self.clock.now_ms();
-            match result {
-                Ok(ack) if ack.version == config.version => {
-                    if let Some(s) = state.services.get_mut(&service) {
+            let failure = match result {
+                Ok(ack) if ack.version == push.config.version => {
+                    if let Some(s) = state.services.get_mut(&push.service) {
                         s.acked = Some(ack.version);
                         s.reads_at_ack = s.stats_reads;
                         s.last_push_error = None;
                         s.last_push_ms = Some(now);
                     }
+                    continue;
                 }
-                Ok(ack) => {
-                    self.metrics
-                        .push_failures
-                        .with_label_values(&[&service])
-                        .inc();
-                    if let Some(s) = state.services.get_mut(&service) {
-                        s.last_push_error = Some(format!(
-                            "acknowledged version {} instead of {}",
-                            ack.version, config.version
-                        ));
-                    }
-                }
+                Ok(ack) => format!(
+                    "acknowledged version {} instead of {}",
+                    ack.version, push.config.version
+                ),
                 Err(e) => {
-                    self.metrics
-                        .push_failures
-                        .with_label_values(&[&service])
-                        .inc();
-                    let stale = matches!(e, BalancerError::Stale { .. });
-                    if let Some(s) = state.services.get_mut(&service) {
-                        // Retried every tick: log when the failure starts or changes, not each time.
-                        let message = e.to_string();
-                        if s.last_push_error.as_deref() != Some(message.as_str()) {
-                            tracing::warn!(%service, "push of config {} failed: {message}", config.version);
-                        }
-                        s.last_push_error = Some(message);
+                    if matches!(e, BalancerError::Stale { .. }) {
+                        state.move_past_stale(&push);
                     }
-                    if stale {
-                        // The balancer runs a newer version (a lost database): move past it.
-                        let running = state
-                            .services
-                            .get(&service)
-                            .and_then(|s| s.last_stats.as_ref())
-                            .map_or(0, |st| st.config_version);
-                        let bumped = BalancerConfig {
-                            version: running.max(config.version) + 1,
-                            ..config.clone()
-                        };
-                        if state
-                            .store
-                            .write(|tx| store::set_config(tx, &bumped))
-                            .is_ok()
-                        {
-                            if let Some(s) = state.services.get_mut(&service) {
-                                if s.desired.as_ref().map(|d| d.version) == Some(config.version) {
-                                    s.desired = Some(bumped);
-                                }
-                            }
-                        }
+                    // Retried every tick: log when the failure starts or changes, not each time.
+                    let message = e.to_string();
+                    let last = state.services.get(&push.service);
+                    if last.and_then(|s| s.last_push_error.as_deref()) != Some(message.as_str()) {
+                        tracing::warn!(service = %push.service, "push of config {} failed: {message}", push.config.version);
                     }
+                    message
                 }
+            };
+            self.metrics
+                .push_failures
+                .with_label_values(&[&push.service])
+                .inc();
+            if let Some(s) = state.services.get_mut(&push.service) {
+                s.last_push_error = Some(failure);
             }
         }
     }
@@ -1554,72 +1639,18 @@ impl Core {
             .iter()
             .map(|(k, v)| (k.clone(), v.version.clone()))
             .collect();
-        let plan =
-            Plan::for_release(&state.cluster, &current, &request.services).map_err(
-                |e| match e {
-                    PlanError::AlreadyRunning { .. } => RequestError::Conflict(e.to_string()),
-                    other => RequestError::BadRequest(other.to_string()),
-                },
-            )?;
-        for (service, version) in &request.services {
-            let available = state.cluster.machines_of(service).any(|m| {
-                &m.version == version && state.roles.get(&m.id).is_some_and(|r| r.is_candidate())
-            });
-            if !available {
-                return Err(RequestError::BadRequest(format!(
-                    "service `{service}` has no machine of version `{version}` outside the active configuration"
-                )));
-            }
-        }
-        if let Some(stray) = request
-            .subgroup
-            .keys()
-            .find(|s| !request.services.contains_key(*s))
-        {
-            return Err(RequestError::BadRequest(format!(
-                "subgroup.{stray}: service `{stray}` is not in this release"
-            )));
-        }
-        let mut selections = BTreeMap::new();
-        for (service, version) in &request.services {
-            let selection = Selection::choose(
-                &state.cluster,
-                &state.roles,
-                service,
-                version,
-                request.subgroup.get(service),
-            )
-            .map_err(|e| RequestError::BadRequest(e.to_string()))?;
-            selections.insert(service.clone(), selection);
-        }
-        let busy = state.busy_services();
-        let clashing: Vec<&String> = request
-            .services
-            .keys()
-            .filter(|s| busy.contains(*s))
-            .collect();
-        if !clashing.is_empty() {
-            return Err(RequestError::Conflict(format!(
-                "already in a release that has not finished: {}",
-                clashing
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        let lines: Vec<PlanLine> = plan
-            .entries
-            .iter()
-            .map(|e| PlanLine {
-                wave: e.wave,
-                service: e.service.clone(),
-                from_version: current.get(&e.service).cloned().unwrap_or_default(),
-                to_version: e.version.clone(),
-                after: e.after.clone(),
-                machines: selections.get(&e.service).cloned().unwrap_or_default(),
-            })
-            .collect();
+        let lines = plan_release(
+            &state.cluster,
+            &state.roles,
+            &current,
+            &state.busy_services(),
+            &request.services,
+            &request.subgroup,
+        )
+        .map_err(|refusal| match refusal {
+            Refusal::Bad(message) => RequestError::BadRequest(message),
+            Refusal::Conflict(message) => RequestError::Conflict(message),
+        })?;
         if request.dry_run {
             return Ok(ReleaseAnswer {
                 release: None,
@@ -1629,65 +1660,10 @@ impl Core {
             });
         }
         let now = self.clock.now_ms();
-        let roles = state.roles.clone();
-        let cluster = state.cluster.clone();
-        let (release_id, ids) = state.store.write(|tx| {
-            let release = store::insert_release(tx, now, request.rollback_on_failure)?;
-            let mut ids = Vec::new();
-            for line in &lines {
-                let before: BTreeMap<String, MachineRole> = cluster
-                    .machines_of(&line.service)
-                    .filter_map(|m| roles.get(&m.id).map(|r| (m.id.clone(), *r)))
-                    .collect();
-                let id = store::insert_rollout(
-                    tx,
-                    release,
-                    &line.service,
-                    &line.from_version,
-                    &line.to_version,
-                    &line.after,
-                    now,
-                    &before,
-                )?;
-                crate::store::plans::insert(tx, id, &line.machines)?;
-                ids.push(id);
-            }
-            Ok((release, ids))
-        })?;
+        let (release_id, ids) = Self::store_release(&mut state, request, &lines, now)?;
         for (line, id) in lines.iter().zip(&ids) {
-            let condition = state.service(&line.service).condition.clone();
-            let before = cluster
-                .machines_of(&line.service)
-                .filter_map(|m| roles.get(&m.id).map(|r| (m.id.clone(), *r)))
-                .collect();
-            let feed = PairFeed::new(
-                condition.baseline,
-                has_control(&cluster, &before, &line.from_version),
-            );
-            state.rollouts.insert(
-                *id,
-                RolloutState {
-                    id: *id,
-                    release: release_id,
-                    service: line.service.clone(),
-                    from_version: line.from_version.clone(),
-                    to_version: line.to_version.clone(),
-                    after: line.after.clone(),
-                    phase: Phase::Pending,
-                    entered_ms: now,
-                    created_ms: now,
-                    machines_before: before,
-                    selection: line.machines.clone(),
-                    transitions: Vec::new(),
-                    verdict: None,
-                    feed,
-                    judge: Some(Judge::new(condition)),
-                    numbers: PairNumbers::default(),
-                    next_seq: 0,
-                    live: LiveCounts::default(),
-                    copies_seen: 0,
-                },
-            );
+            let rollout = Self::new_rollout(&state, line, *id, release_id, now);
+            state.rollouts.insert(*id, rollout);
             self.metrics.set_phase(&line.service, *id, "pending");
         }
         state.releases.insert(
@@ -1712,6 +1688,76 @@ impl Core {
             plan: lines,
             rollouts,
         })
+    }
+
+    /// The release, its rollouts (each with the roles its machines had) and their selections, in
+    /// one transaction.
+    fn store_release(
+        state: &mut State,
+        request: &ReleaseRequest,
+        lines: &[PlanLine],
+        now: u64,
+    ) -> Result<(i64, Vec<i64>), StoreError> {
+        let befores: Vec<_> = lines
+            .iter()
+            .map(|line| roles_before(state, &line.service))
+            .collect();
+        state.store.write(|tx| {
+            let release = store::insert_release(tx, now, request.rollback_on_failure)?;
+            let mut ids = Vec::new();
+            for (line, before) in lines.iter().zip(&befores) {
+                let id = store::insert_rollout(
+                    tx,
+                    release,
+                    &line.service,
+                    &line.from_version,
+                    &line.to_version,
+                    &line.after,
+                    now,
+                    before,
+                )?;
+                crate::store::plans::insert(tx, id, &line.machines)?;
+                ids.push(id);
+            }
+            Ok((release, ids))
+        })
+    }
+
+    /// A rollout as it starts: pending, with a fresh judge of its service's condition.
+    fn new_rollout(
+        state: &State,
+        line: &PlanLine,
+        id: i64,
+        release: i64,
+        now: u64,
+    ) -> RolloutState {
+        let condition = state.service(&line.service).condition.clone();
+        let before = roles_before(state, &line.service);
+        let feed = PairFeed::new(
+            condition.baseline,
+            has_control(&state.cluster, &before, &line.from_version),
+        );
+        RolloutState {
+            id,
+            release,
+            service: line.service.clone(),
+            from_version: line.from_version.clone(),
+            to_version: line.to_version.clone(),
+            after: line.after.clone(),
+            phase: Phase::Pending,
+            entered_ms: now,
+            created_ms: now,
+            machines_before: before,
+            selection: line.machines.clone(),
+            transitions: Vec::new(),
+            verdict: None,
+            feed,
+            judge: Some(Judge::new(condition)),
+            numbers: PairNumbers::default(),
+            next_seq: 0,
+            live: LiveCounts::default(),
+            copies_seen: 0,
+        }
     }
 
     /// Ops action on a rollout: approve, abort or rollback.
@@ -1935,6 +1981,15 @@ enum ApplyError {
     NotFound(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The roles a service's machines have now, kept by a rollout as where it started from.
+fn roles_before(state: &State, service: &str) -> BTreeMap<String, MachineRole> {
+    state
+        .cluster
+        .machines_of(service)
+        .filter_map(|m| state.roles.get(&m.id).map(|r| (m.id.clone(), *r)))
+        .collect()
 }
 
 /// What a rollout stored before sub-groups moved: every active machine of another version out,

@@ -2,7 +2,6 @@
 //! SQLite in a temporary directory; restarts; the joining condition through the judge crate.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -12,117 +11,9 @@ use understudy_wire::{JobObservation, JobPair, Outcome, PoolRole};
 
 use super::*;
 use crate::app::{start_with_client, ControllerConfig};
-use crate::config::cluster::parse;
 use crate::config::cluster::tests::SAMPLE;
 use crate::runtime::balancer::FakeBalancer;
-use crate::testing::json;
-
-/// Seeded synthetic latencies (µs): log-normal-ish around 2 ms with a tail.
-fn latency(rng: &mut StdRng) -> u64 {
-    let u: f64 = rng.gen_range(0.0001..1.0);
-    (2_000.0 * (-u.ln()).powf(0.7) + 500.0) as u64
-}
-
-/// `n` identical v1/v2 pairs (and, when `control`, as many v1/v1 control pairs) from job `first`.
-pub(crate) fn identical_pairs(
-    rng: &mut StdRng,
-    first: u64,
-    n: u64,
-    from: &str,
-    to: &str,
-    control: bool,
-) -> Vec<JobPair> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let l = latency(rng);
-        let obs = |machine: &str, version: &str| JobObservation {
-            machine: machine.to_string(),
-            version: version.to_string(),
-            latency_us: l,
-            outcome: Outcome::Ok,
-            status: Some(200),
-        };
-        let job = first + i;
-        out.push(JobPair {
-            job,
-            session: None,
-            active: obs("a", from),
-            simulation: obs("s", to),
-            matched: true,
-        });
-        if control {
-            out.push(JobPair {
-                job,
-                session: None,
-                active: obs("a", from),
-                simulation: obs("c", from),
-                matched: true,
-            });
-        }
-    }
-    out
-}
-
-/// v2 fails every job (a hard failure); the control copy of each job succeeds.
-fn failing_pairs(first: u64, n: u64, from: &str, to: &str) -> Vec<JobPair> {
-    let observation = |machine: &str, version: &str, outcome, status| JobObservation {
-        machine: machine.into(),
-        version: version.into(),
-        latency_us: 1_000,
-        outcome,
-        status: Some(status),
-    };
-    (0..n)
-        .flat_map(|i| {
-            let active = observation("a", from, Outcome::Ok, 200);
-            [
-                JobPair {
-                    job: first + i,
-                    session: None,
-                    active: active.clone(),
-                    simulation: observation("s", to, Outcome::ServerError, 500),
-                    matched: false,
-                },
-                JobPair {
-                    job: first + i,
-                    session: None,
-                    active,
-                    simulation: observation("c", from, Outcome::Ok, 200),
-                    matched: true,
-                },
-            ]
-        })
-        .collect()
-}
-
-/// A controller over an in-memory balancer, its SQLite state in a temporary directory (reopened
-/// by `open`, as after a restart). Shared with the monitor's tests.
-pub(crate) struct Rig {
-    dir: tempfile::TempDir,
-    pub(crate) fake: Arc<FakeBalancer>,
-    cluster: Cluster,
-}
-
-impl Rig {
-    pub(crate) fn new(text: &str) -> Rig {
-        Rig {
-            dir: tempfile::tempdir().expect("tempdir"),
-            fake: Arc::new(FakeBalancer::new()),
-            cluster: parse("test.toml", text).expect("valid cluster"),
-        }
-    }
-
-    pub(crate) fn open(&self) -> Core {
-        let store = Store::open(&self.dir.path().join("state.db")).expect("store");
-        Core::open(
-            self.cluster.clone(),
-            store,
-            self.fake.clone(),
-            "secret".into(),
-        )
-        .expect("core")
-    }
-}
+use crate::testing::{failing_pairs, identical_pairs, json, latency, Rig};
 
 fn phase(core: &Core, service: &str) -> String {
     core.rollouts()

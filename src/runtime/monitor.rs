@@ -246,73 +246,90 @@ impl Core {
             let fresh = !state.monitor.previous.contains(&key);
             asked.insert(key);
             let rule = rule_of(&action, &actual);
-            let outcome = match &action {
-                Action::Drain {
-                    service, machine, ..
-                }
-                | Action::RemoveFromBalancer { service, machine } => {
-                    let reason = if rule == "active_machine_down" {
-                        HoldReason::Down
-                    } else {
-                        HoldReason::Update
-                    };
-                    self.hold_out(state, service, machine, reason, now)
-                }
-                Action::AwaitSessions { until_ms, .. } => {
-                    format!("draining: kept until its sessions end or {until_ms} ms")
-                }
-                Action::AddToBalancer { service, machine } => {
-                    self.put_back(state, service, machine)
-                }
-                Action::RequestReplacement { service, missing } => {
-                    if fresh {
-                        let down: Vec<&str> = actual
-                            .machines
-                            .iter()
-                            .filter(|m| {
-                                &m.record.service == service
-                                    && m.record.role == Role::Active
-                                    && m.record.status == Status::Down
-                            })
-                            .map(|m| m.record.id.as_str())
-                            .collect();
-                        outbox.push(Outbound {
-                            topic: SCALE_TOPIC,
-                            payload: serde_json::json!({
-                                "service": service,
-                                "missing": missing,
-                                "machines_down": down,
-                            }),
-                        });
-                    }
-                    format!("asked for {missing} machine(s) on {SCALE_TOPIC}")
-                }
-                Action::ReportDrift { .. } => "reported".to_string(),
-                Action::UpdateVersion {
-                    service,
-                    machine,
-                    to_version,
-                } => {
-                    let held = self.hold_out(state, service, machine, HoldReason::Update, now);
-                    if fresh {
-                        outbox.push(Outbound {
-                            topic: UPDATE_TOPIC,
-                            payload: serde_json::json!({
-                                "service": service,
-                                "machine": machine,
-                                "to_version": to_version,
-                            }),
-                        });
-                    }
-                    format!("{held}; update asked on {UPDATE_TOPIC}")
-                }
-            };
+            let (outcome, message) = self.perform(state, &action, rule, &actual, now);
+            if fresh {
+                outbox.extend(message);
+            }
             if fresh {
                 self.record_action(state, now, rule, action, outcome);
             }
         }
         state.monitor.previous = asked;
         outbox
+    }
+
+    /// Does what an action asks of the controller's own state and says what it did; a request
+    /// to someone else (a replacement, an update) is the message to publish.
+    fn perform(
+        &self,
+        state: &mut State,
+        action: &Action,
+        rule: &'static str,
+        actual: &ActualState,
+        now: u64,
+    ) -> (String, Option<Outbound>) {
+        match action {
+            Action::Drain {
+                service, machine, ..
+            }
+            | Action::RemoveFromBalancer { service, machine } => {
+                let reason = if rule == "active_machine_down" {
+                    HoldReason::Down
+                } else {
+                    HoldReason::Update
+                };
+                (self.hold_out(state, service, machine, reason, now), None)
+            }
+            Action::AwaitSessions { until_ms, .. } => (
+                format!("draining: kept until its sessions end or {until_ms} ms"),
+                None,
+            ),
+            Action::AddToBalancer { service, machine } => {
+                (self.put_back(state, service, machine), None)
+            }
+            Action::RequestReplacement { service, missing } => {
+                let down: Vec<&str> = actual
+                    .machines
+                    .iter()
+                    .filter(|m| {
+                        &m.record.service == service
+                            && m.record.role == Role::Active
+                            && m.record.status == Status::Down
+                    })
+                    .map(|m| m.record.id.as_str())
+                    .collect();
+                let message = Outbound {
+                    topic: SCALE_TOPIC,
+                    payload: serde_json::json!({
+                        "service": service,
+                        "missing": missing,
+                        "machines_down": down,
+                    }),
+                };
+                let outcome = format!("asked for {missing} machine(s) on {SCALE_TOPIC}");
+                (outcome, Some(message))
+            }
+            Action::ReportDrift { .. } => ("reported".to_string(), None),
+            Action::UpdateVersion {
+                service,
+                machine,
+                to_version,
+            } => {
+                let held = self.hold_out(state, service, machine, HoldReason::Update, now);
+                let message = Outbound {
+                    topic: UPDATE_TOPIC,
+                    payload: serde_json::json!({
+                        "service": service,
+                        "machine": machine,
+                        "to_version": to_version,
+                    }),
+                };
+                (
+                    format!("{held}; update asked on {UPDATE_TOPIC}"),
+                    Some(message),
+                )
+            }
+        }
     }
 
     fn record_action(
@@ -543,7 +560,7 @@ mod tests {
     use crate::config::cluster::parse;
     use crate::runtime::balancer::FakeBalancer;
     use crate::runtime::controller::lock;
-    use crate::runtime::controller::tests::{identical_pairs, Rig};
+    use crate::testing::{identical_pairs, Rig};
     use understudy_hub::monitor::Rules;
 
     const MEDIA: &str = r#"
