@@ -263,7 +263,7 @@ async fn bench_controller_path(a: &Args) {
         busy.as_secs_f64() * 1e3,
         busy.as_nanos() as f64 / fed as f64,
         rollout.phase,
-        rollout.numbers["jobs"]
+        rollout.numbers.jobs
     );
     drop(core);
     let t = Instant::now();
@@ -277,7 +277,7 @@ async fn bench_controller_path(a: &Args) {
         .expect("rollout");
     println!(
         "restart: reopen and replay {} recorded pairs into the judge: {:.1} ms ({})",
-        r.numbers["jobs"],
+        r.numbers.jobs,
         elapsed.as_secs_f64() * 1e3,
         r.phase
     );

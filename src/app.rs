@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::cluster::Cluster;
 use crate::runtime::balancer::{BalancerClient, HttpBalancerClient};
-use crate::runtime::controller::{Clock, ControllerError, Core};
+use crate::runtime::clock::Clock;
+use crate::runtime::controller::{ControllerError, Core};
 use crate::runtime::hub::ControllerHub;
 use crate::store::Store;
 
@@ -105,7 +106,7 @@ pub async fn start_with_client(
     let mut tasks = vec![
         spawn_reconcile(core.clone(), tick, watcher.clone()),
         serve_admin(core.clone(), listener, watcher.clone()),
-        crate::runtime::hub::spawn_recorder(core.clone(), watcher.clone()),
+        crate::runtime::controller::recording::spawn_recorder(core.clone(), watcher.clone()),
     ];
     tasks.extend(core.predictions.start(core.hub_backend(), watcher));
     tracing::info!(%admin_addr, "controller started");

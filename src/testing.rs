@@ -12,6 +12,94 @@ use crate::runtime::balancer::FakeBalancer;
 use crate::runtime::controller::Core;
 use crate::store::Store;
 
+/// A small cluster: edge -> router -> media, router -> db.
+pub(crate) const SAMPLE: &str = r#"
+[controller]
+tick_ms = 100
+
+[defaults]
+join_step_ms = 200
+
+[services.edge]
+depends_on = ["router"]
+balancer = "http://127.0.0.1:9001"
+
+[services.router]
+depends_on = ["media", "db"]
+requires_approval = true
+balancer = "http://127.0.0.1:9001"
+
+[services.media]
+balancer = "http://127.0.0.1:9001"
+join_steps = [10, 50]
+
+[services.db]
+balancer = "http://127.0.0.1:9001"
+
+[[machines]]
+id = "edge-1"
+service = "edge"
+version = "v1"
+address = "127.0.0.1:8001"
+config = "active"
+
+[[machines]]
+id = "edge-2"
+service = "edge"
+version = "v2"
+address = "127.0.0.1:8002"
+config = "simulation"
+
+[[machines]]
+id = "router-1"
+service = "router"
+version = "v1"
+address = "127.0.0.1:8011"
+config = "active"
+
+[[machines]]
+id = "router-2"
+service = "router"
+version = "v2"
+address = "127.0.0.1:8012"
+config = "simulation"
+
+[[machines]]
+id = "media-1"
+service = "media"
+version = "v1"
+address = "127.0.0.1:8021"
+config = "active"
+
+[[machines]]
+id = "media-c"
+service = "media"
+version = "v1"
+address = "127.0.0.1:8023"
+config = "simulation"
+
+[[machines]]
+id = "media-2"
+service = "media"
+version = "v2"
+address = "127.0.0.1:8022"
+config = "simulation"
+
+[[machines]]
+id = "db-1"
+service = "db"
+version = "v1"
+address = "127.0.0.1:8031"
+config = "active"
+
+[[machines]]
+id = "db-2"
+service = "db"
+version = "v2"
+address = "127.0.0.1:8032"
+config = "simulation"
+"#;
+
 /// A value as the admin API shows it in JSON, for assertions on the wire form.
 pub fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).expect("API values serialise")

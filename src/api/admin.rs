@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware;
@@ -17,53 +16,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::auth::require_token;
+use crate::api::error::{parse_body, ApiError, ErrorBody};
 use crate::api::extract::{ApiBody, ApiPath, ApiQuery};
 use crate::api::{machines, monitor};
 use crate::runtime::controller::{
-    BalancerView, Core, OpsAction, ReleaseAnswer, ReleaseRequest, ReleaseView, RequestError,
-    RolloutDetail, RolloutView, ServiceView,
+    BalancerView, Core, OpsAction, ReleaseAnswer, ReleaseRequest, ReleaseView, RolloutDetail,
+    RolloutView, ServiceView,
 };
-
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-/// The body of every error the admin endpoint answers.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: String,
-}
-
-impl ApiError {
-    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<RequestError> for ApiError {
-    fn from(e: RequestError) -> Self {
-        let status = match &e {
-            RequestError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            RequestError::NotFound(_) => StatusCode::NOT_FOUND,
-            RequestError::Conflict(_) => StatusCode::CONFLICT,
-            RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: self.message,
-        };
-        (self.status, Json(body)).into_response()
-    }
-}
 
 type Shared = State<Arc<Core>>;
 
@@ -301,15 +260,6 @@ async fn release(State(core): Shared, ApiBody(body): ApiBody) -> Result<Response
     Ok((status, Json(answer)).into_response())
 }
 
-/// A JSON body, or a 400 naming what it is and serde's complaint.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
-    what: &str,
-    body: &Bytes,
-) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad {what} body: {e}")))
-}
-
 /// (nats: signed configs) `POST /api/v1/balancers/{service}/rotate-key` (bearer token).
 #[utoipa::path(
     post,
@@ -406,8 +356,7 @@ mod tests {
     use tower::ServiceExt;
 
     fn core() -> Arc<Core> {
-        let cluster =
-            crate::config::cluster::parse("t.toml", crate::config::cluster::tests::SAMPLE).unwrap();
+        let cluster = crate::config::cluster::parse("t.toml", crate::testing::SAMPLE).unwrap();
         let store = Store::open_in_memory().unwrap();
         Arc::new(
             Core::open(

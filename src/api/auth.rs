@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use subtle::ConstantTimeEq;
 
-use crate::api::admin::ApiError;
+use crate::api::error::ApiError;
 use crate::runtime::controller::Core;
 
 /// `route_layer` middleware: lets the request through only with `Authorization: Bearer TOKEN`.

@@ -8,7 +8,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::api::admin::ApiError;
+use crate::api::error::ApiError;
 
 /// [`Path`] with a JSON rejection.
 pub struct ApiPath<T>(pub T);

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use understudy_hub::registry::MachineRevision;
 
-use crate::api::admin::{parse_body, ApiError, ErrorBody};
+use crate::api::error::{parse_body, ApiError, ErrorBody};
 use crate::api::extract::{ApiBody, ApiPath};
 use crate::runtime::controller::Core;
 use crate::runtime::machines::{

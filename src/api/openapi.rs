@@ -1,7 +1,7 @@
 //! The admin endpoint's OpenAPI 3 document, served at `GET /api/v1/openapi.json`.
 //!
 //! Each operation is described on its handler (`#[utoipa::path]`) and registered with
-//! `utoipa_axum::routes!` (src/admin.rs), which routes and documents it in one step; the hub's two
+//! `utoipa_axum::routes!` (src/api/admin.rs), which routes and documents it in one step; the hub's two
 //! routes come from `understudy_hub::http::HubApi`. The balancer's wire types the API shows are
 //! `understudy_wire`'s own (their schemas are derived there).
 
@@ -27,7 +27,7 @@ pub const BEARER: &str = "bearer";
         license(name = "Apache-2.0")
     ),
     paths(openapi_json),
-    components(schemas(crate::api::admin::ErrorBody)),
+    components(schemas(crate::api::error::ErrorBody)),
     modifiers(&BearerScheme),
     tags(
         (name = "controller", description = "Health, metrics, services, balancers"),

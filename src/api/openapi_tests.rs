@@ -13,8 +13,7 @@ use crate::runtime::controller::Core;
 use crate::store::Store;
 
 fn core() -> Arc<Core> {
-    let cluster =
-        crate::config::cluster::parse("t.toml", crate::config::cluster::tests::SAMPLE).unwrap();
+    let cluster = crate::config::cluster::parse("t.toml", crate::testing::SAMPLE).unwrap();
     let store = Store::open_in_memory().unwrap();
     let balancers = Arc::new(FakeBalancer::new());
     Arc::new(Core::open(cluster, store, balancers, "s3cret".into()).unwrap())

@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::admin::ErrorBody;
+use crate::api::error::ErrorBody;
 use crate::api::extract::ApiPath;
 use crate::runtime::predictions::{AlertRecord, Predictions, PredictionsView};
 

@@ -157,7 +157,7 @@ pub fn describe_cluster(cluster: &Cluster) -> String {
         cluster.services.len(),
         cluster.machines.len()
     );
-    for (i, wave) in crate::core::plan::release_waves(&cluster)
+    for (i, wave) in crate::core::plan::release_waves(cluster)
         .iter()
         .enumerate()
     {
@@ -569,7 +569,7 @@ mod tests {
     fn check_prints_order_and_refuses_bad_files() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.toml");
-        std::fs::write(&good, crate::config::cluster::tests::SAMPLE).unwrap();
+        std::fs::write(&good, crate::testing::SAMPLE).unwrap();
         let text = check_cluster_file(&good).unwrap();
         assert!(text.contains("1. db, media"), "{text}");
         assert!(text.contains("3. edge"), "{text}");

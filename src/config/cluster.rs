@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::config::source::{ConfigError, Source};
 use crate::config::toml_spans::Spanned;
 use serde::Deserialize;
 use understudy_judge::Condition;
@@ -26,13 +27,13 @@ pub struct ClusterSpec {
     pub services: BTreeMap<String, Spanned<ServiceSpec>>,
     #[serde(default)]
     pub machines: Vec<Spanned<MachineSpec>>,
-    /// `[hub]`: the state channel's backend and limits (src/hub_wiring.rs).
+    /// `[hub]`: the state channel's backend and limits (src/runtime/hub.rs).
     #[serde(default)]
     pub hub: crate::config::hub::HubSpec,
-    /// `[predict]`: predictive monitoring (src/prediction.rs).
+    /// `[predict]`: predictive monitoring (src/runtime/predictions.rs).
     #[serde(default)]
     pub predict: Option<Spanned<crate::config::predict::PredictSection>>,
-    /// `[monitor]`: the monitor loop's when/then rules (src/monitor.rs).
+    /// `[monitor]`: the monitor loop's when/then rules (src/runtime/monitor.rs).
     #[serde(default)]
     pub monitor: Option<Spanned<crate::config::monitor::MonitorSection>>,
 }
@@ -174,126 +175,6 @@ pub struct Cluster {
     pub predict: crate::config::predict::PredictionSettings,
     /// The monitor's rules (the standard ones when the file has no `[monitor]`).
     pub monitor: understudy_hub::Rules,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}:{line}: field `{field}`: {reason}")]
-    Invalid {
-        file: String,
-        line: usize,
-        field: String,
-        reason: String,
-    },
-    #[error("{file}: dependency cycle between services: {}", services.join(" -> "))]
-    Cycle { file: String, services: Vec<String> },
-}
-
-/// Where a spec came from, to name file and line in errors.
-#[derive(Debug, Clone)]
-pub struct Source<'a> {
-    pub file: &'a str,
-    pub text: &'a str,
-}
-
-impl Source<'_> {
-    /// 1-based line of a byte offset.
-    pub fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-            + 1
-    }
-
-    pub(crate) fn invalid(
-        &self,
-        offset: usize,
-        field: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line: self.line_of(offset),
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-
-    /// Turns a toml parse/deserialize error into one naming file, line and field: the key path
-    /// at the error's position (`services.media.condition.min_jobs`), or the missing field in
-    /// the table there.
-    pub fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
-        let offset = err.span().map(|s| s.start).unwrap_or(0);
-        let line = self.line_of(offset);
-        let reason = err.message().trim_end().to_string();
-        let table = err
-            .span()
-            .and_then(|span| crate::config::toml_spans::path_at(self.text, span.start))
-            .map(|path| crate::config::toml_spans::path_text(&path))
-            .unwrap_or_default();
-        let field = Some(with_missing(table, &reason))
-            .filter(|f| !f.is_empty())
-            .or_else(|| err.span().and_then(|_| field_at_line(self.text, line)))
-            .unwrap_or_else(|| "(document)".to_string());
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line,
-            field,
-            reason,
-        }
-    }
-
-    /// An error about `field`, on the line of the deepest part of `path` (the field's key path,
-    /// or a part of it) that is written in the text, else at `fallback`.
-    pub fn invalid_near(
-        &self,
-        field: impl Into<String>,
-        path: &[crate::config::toml_spans::Step],
-        fallback: usize,
-        reason: impl Into<String>,
-    ) -> ConfigError {
-        let offset = (1..=path.len())
-            .rev()
-            .find_map(|n| crate::config::toml_spans::span_of(self.text, &path[..n]))
-            .map_or(fallback, |span| span.start);
-        self.invalid(offset, field, reason)
-    }
-}
-
-/// `table.field` when `reason` says a field of `table` is missing (toml places that error on the
-/// table).
-fn with_missing(table: String, reason: &str) -> String {
-    let missing = reason
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next());
-    match missing {
-        Some(name) if table.is_empty() => name.to_string(),
-        Some(name) => format!("{table}.{name}"),
-        None => table,
-    }
-}
-
-/// The key assigned on a line (`key = ...`) or the table a header names (`[a.b]`).
-fn field_at_line(text: &str, line: usize) -> Option<String> {
-    let raw = text.lines().nth(line.checked_sub(1)?)?.trim();
-    if let Some(header) = raw.strip_prefix('[') {
-        return Some(
-            header
-                .trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_string(),
-        );
-    }
-    let (key, _) = raw.split_once('=')?;
-    Some(key.trim().to_string())
 }
 
 /// Reads and validates a cluster file.
@@ -856,96 +737,9 @@ fn controller_settings(
 pub(crate) mod properties;
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A small cluster: edge -> router -> media, router -> db.
-    pub(crate) const SAMPLE: &str = r#"
-[controller]
-tick_ms = 100
-
-[defaults]
-join_step_ms = 200
-
-[services.edge]
-depends_on = ["router"]
-balancer = "http://127.0.0.1:9001"
-
-[services.router]
-depends_on = ["media", "db"]
-requires_approval = true
-balancer = "http://127.0.0.1:9001"
-
-[services.media]
-balancer = "http://127.0.0.1:9001"
-join_steps = [10, 50]
-
-[services.db]
-balancer = "http://127.0.0.1:9001"
-
-[[machines]]
-id = "edge-1"
-service = "edge"
-version = "v1"
-address = "127.0.0.1:8001"
-config = "active"
-
-[[machines]]
-id = "edge-2"
-service = "edge"
-version = "v2"
-address = "127.0.0.1:8002"
-config = "simulation"
-
-[[machines]]
-id = "router-1"
-service = "router"
-version = "v1"
-address = "127.0.0.1:8011"
-config = "active"
-
-[[machines]]
-id = "router-2"
-service = "router"
-version = "v2"
-address = "127.0.0.1:8012"
-config = "simulation"
-
-[[machines]]
-id = "media-1"
-service = "media"
-version = "v1"
-address = "127.0.0.1:8021"
-config = "active"
-
-[[machines]]
-id = "media-c"
-service = "media"
-version = "v1"
-address = "127.0.0.1:8023"
-config = "simulation"
-
-[[machines]]
-id = "media-2"
-service = "media"
-version = "v2"
-address = "127.0.0.1:8022"
-config = "simulation"
-
-[[machines]]
-id = "db-1"
-service = "db"
-version = "v1"
-address = "127.0.0.1:8031"
-config = "active"
-
-[[machines]]
-id = "db-2"
-service = "db"
-version = "v2"
-address = "127.0.0.1:8032"
-config = "simulation"
-"#;
+    use crate::testing::SAMPLE;
 
     #[test]
     fn sample_is_valid() {

@@ -6,8 +6,8 @@ use proptest::prelude::*;
 use toml::{Table, Value};
 use understudy_testkit::{self as kit, KeyPath, Seg};
 
-use super::tests::SAMPLE;
 use super::{parse, ConfigError};
+use crate::testing::SAMPLE;
 
 const CASES: u32 = 96;
 const SERVICES: [&str; 4] = ["edge", "router", "media", "db"];

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::cluster::{ConfigError, Source};
+use crate::config::source::{ConfigError, Source};
 use crate::config::toml_spans::Spanned;
 /// Which pub-sub backend carries the hub's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

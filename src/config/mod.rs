@@ -6,4 +6,5 @@ pub mod cluster;
 pub mod hub;
 pub mod monitor;
 pub mod predict;
+pub mod source;
 pub mod toml_spans;

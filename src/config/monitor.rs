@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use understudy_hub::monitor::{Condition, RuleAction, Rules, RulesError};
 
-use crate::config::cluster::{ConfigError, Source};
+use crate::config::source::{ConfigError, Source};
 use crate::config::toml_spans::Spanned;
 
 /// `[monitor]` in a cluster (or scenario) file: the rules of `understudy_hub::monitor::Rules`,

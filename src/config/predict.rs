@@ -7,7 +7,7 @@ use serde::Deserialize;
 use understudy_predict::{PredictConfig, Settings};
 
 /// The model part of `[predict]` when the cluster file leaves it out: the machines' call statuses
-/// (docs/loadgen.md) mapped to the states of issue 7, received -> routed -> queued -> media ->
+/// (docs/loadgen.md) mapped to the states of a call, received -> routed -> queued -> media ->
 /// completed, or an error, or a timeout. Any top-level key the file sets replaces the default's.
 const DEFAULT_MODEL: &str = r#"
 successes = ["completed"]

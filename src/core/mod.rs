@@ -1,6 +1,7 @@
 //! Pure decisions: no tokio, SQLite, axum or hyper. The runtime gathers a snapshot, asks these
 //! modules what to do, and performs it.
 
+pub mod consequences;
 pub mod monitor;
 pub mod pairing;
 pub mod plan;

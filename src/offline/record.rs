@@ -5,7 +5,7 @@
 //! both, and the load generator sends an open-loop call/SMS mix. Two files in `understudy judge`'s
 //! CSV form come out, one row per job that both copies answered:
 //! - `PREFIX-control-pairs.csv`: the control's answer against v2's, what the live judge sees with
-//!   the default baseline (`understudy_judge::Baseline::Control`, see src/pairing.rs);
+//!   the default baseline (`understudy_judge::Baseline::Control`, see src/core/pairing.rs);
 //! - `PREFIX-active-pairs.csv`: the active machine's answer against v2's (baseline `active`).
 
 use std::fmt::Write as _;

@@ -1073,7 +1073,7 @@ mod tests {
         understudy_wire::write_key_file(&dir.path().join("keys/db.key"), &key).unwrap();
         let file = dir.path().join("cluster.toml");
         let file = file.to_str().unwrap();
-        let sample = crate::config::cluster::tests::SAMPLE;
+        let sample = crate::testing::SAMPLE;
         let with_key =
             |extra: &str| sample.replace("[services.db]\n", &format!("[services.db]\n{extra}\n"));
         // Relative to the cluster file; configs to that balancer are then signed.

@@ -1,25 +1,19 @@
-//! The hub on the controller (issue 6): the cluster file's `[hub]` table, the backend (embedded by
+//! The hub on the controller (its settings are `[hub]`, src/config/hub.rs): the backend (embedded by
 //! default, NATS when asked), the [`Verifier`] holding every registered machine's key, the hub's
 //! HTTP routes (merged into the admin router) and its metrics, and the task that records each
-//! verified `machine.state` message in the machine registry (src/machines.rs).
+//! verified `machine.state` message in the machine registry (src/runtime/machines.rs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use understudy_hub::envelope::{restart_floor, KeyError, MetricsError};
 use understudy_hub::http::HubHttp;
 use understudy_hub::nats::{NatsBackend, NatsOptions, Receive};
-use understudy_hub::registry::STATE_TOPIC;
-use understudy_hub::{
-    Backend, BackendError, DisconnectReason, EmbeddedHub, Filter, Keyring, SecretKey, Verifier,
-};
+use understudy_hub::{Backend, BackendError, EmbeddedHub, Keyring, SecretKey, Verifier};
 
 use crate::config::hub::{HubBackend, HubSettings};
-use crate::runtime::controller::Core;
 use crate::store::{MachineKeyRow, Store, StoreError};
 
 pub use understudy_hub::CONTROLLER_ID;
@@ -240,7 +234,7 @@ impl ControllerHub {
     }
 
     /// Senders whose last accepted sequence number moved past what was last saved.
-    fn unsaved_sequences(&self) -> Vec<(String, u64)> {
+    pub(crate) fn unsaved_sequences(&self) -> Vec<(String, u64)> {
         let saved = self
             .saved_sequences
             .lock()
@@ -252,7 +246,7 @@ impl ControllerHub {
             .collect()
     }
 
-    fn mark_saved(&self, sequences: Vec<(String, u64)>) {
+    pub(crate) fn mark_saved(&self, sequences: Vec<(String, u64)>) {
         self.saved_sequences
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -341,88 +335,4 @@ fn install_stored(
             .map_err(key_error)?,
     }
     Ok(())
-}
-
-/// How often the recorder saves the senders' last sequence numbers (only those that moved): a
-/// write per second at most, whatever the message rate.
-const SEQUENCE_SAVE_INTERVAL: Duration = Duration::from_secs(1);
-
-impl Core {
-    /// Saves the last accepted sequence number of every sender whose number moved since the last
-    /// save (one transaction); returns how many were written. The recorder calls it every second
-    /// and at shutdown. What a crash loses (at most the last second) is covered by the clock floor
-    /// of the next start as long as the restart takes longer than `max_clock_skew_ms`.
-    pub fn save_hub_sequences(&self) -> Result<usize, StoreError> {
-        let changed = self.hub.unsaved_sequences();
-        if changed.is_empty() {
-            return Ok(0);
-        }
-        self.with_store(|store, _, _| {
-            store.write(|tx| crate::store::save_hub_sequences(tx, &changed))
-        })?;
-        let count = changed.len();
-        self.hub.mark_saved(changed);
-        Ok(count)
-    }
-}
-
-fn save_sequences(core: &Core) {
-    if let Err(e) = core.save_hub_sequences() {
-        tracing::warn!("saving hub sequence numbers: {e}");
-    }
-}
-
-/// How long the recorder waits before subscribing again after the backend refused.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
-
-/// Subscribes to `machine.state` through the controller's backend and records every message as a
-/// registry revision until `stop`; then closes the embedded hub so SSE subscribers end. Every
-/// second, and once more at the end, it saves the senders' last sequence numbers
-/// ([`Core::save_hub_sequences`]).
-pub fn spawn_recorder(core: Arc<Core>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let filter = Filter {
-            topic: Some(STATE_TOPIC.to_string()),
-            ..Filter::default()
-        };
-        let capacity = core.hub().settings().subscriber_queue;
-        let mut save = tokio::time::interval(SEQUENCE_SAVE_INTERVAL);
-        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        'subscribe: loop {
-            let mut subscription =
-                match core.hub_backend().subscribe(filter.clone(), capacity).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("registry cannot subscribe to {STATE_TOPIC}: {e}");
-                        tokio::select! {
-                            _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue 'subscribe,
-                            _ = stop.changed() => break 'subscribe,
-                        }
-                    }
-                };
-            loop {
-                tokio::select! {
-                    message = subscription.recv() => match message {
-                        Some(envelope) => {
-                            if let Err(e) = core.record_machine_state(&envelope) {
-                                tracing::warn!(sender = %envelope.sender, "machine.state not recorded: {e}");
-                            }
-                        }
-                        None => match subscription.disconnect_reason() {
-                            Some(DisconnectReason::HubClosed) => break 'subscribe,
-                            reason => {
-                                // Reports lost while cut off are superseded by the next heartbeat.
-                                tracing::warn!(?reason, "registry subscription ended; subscribing again");
-                                continue 'subscribe;
-                            }
-                        },
-                    },
-                    _ = save.tick() => save_sequences(&core),
-                    _ = stop.changed() => break 'subscribe,
-                }
-            }
-        }
-        core.hub().close();
-        save_sequences(&core);
-    })
 }

@@ -18,8 +18,7 @@ use crate::store::Store;
 const TOKEN: &str = "s3cret";
 
 fn open_core(store: Store) -> Arc<Core> {
-    let cluster =
-        crate::config::cluster::parse("t.toml", crate::config::cluster::tests::SAMPLE).unwrap();
+    let cluster = crate::config::cluster::parse("t.toml", crate::testing::SAMPLE).unwrap();
     Arc::new(Core::open(cluster, store, Arc::new(FakeBalancer::new()), TOKEN.into()).unwrap())
 }
 
@@ -203,7 +202,7 @@ async fn registration_needs_the_token_and_refuses_bad_bodies_naming_the_field() 
 async fn signed_reports_become_revisions_and_forgeries_are_refused_and_counted() {
     let core = core();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let recorder = crate::runtime::hub::spawn_recorder(core.clone(), stop);
+    let recorder = crate::runtime::controller::recording::spawn_recorder(core.clone(), stop);
     let key = register(&core, "media-9", "media", "v2").await;
     // Let the recorder subscribe before the first publish.
     for _ in 0..100 {
@@ -560,7 +559,7 @@ async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String 
 
 #[tokio::test]
 async fn a_running_controller_hosts_the_hub_and_shuts_down_with_subscribers_open() {
-    let metrics = hosts_the_hub(crate::config::cluster::tests::SAMPLE.to_string()).await;
+    let metrics = hosts_the_hub(crate::testing::SAMPLE.to_string()).await;
     assert!(!metrics.contains("understudy_hub_nats"));
 }
 
@@ -570,7 +569,7 @@ async fn over_nats_reports_are_verified_and_recorded_the_same_way() {
     let server = understudy_hub::nats::NatsServer::start().expect("nats-server");
     let text = format!(
         "{}\n[hub]\nbackend = \"nats\"\nnats_url = \"{}\"\n",
-        crate::config::cluster::tests::SAMPLE,
+        crate::testing::SAMPLE,
         server.url()
     );
     let metrics = hosts_the_hub(text).await;
@@ -663,7 +662,7 @@ async fn a_message_captured_before_a_restart_is_refused_after_it() {
     let (key, lagging_key, captured, long_ago) = {
         let core = open_core(file_store(&db));
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let recorder = crate::runtime::hub::spawn_recorder(core.clone(), stop);
+        let recorder = crate::runtime::controller::recording::spawn_recorder(core.clone(), stop);
         let key = register(&core, "media-9", "media", "v2").await;
         let lagging_key = register(&core, "db-9", "db", "v2").await;
         // Signed 3 s ago (longer than the default 2 s skew), then one signed now.
@@ -718,7 +717,7 @@ async fn a_message_captured_before_a_restart_is_refused_after_it() {
 }
 
 fn core_with_hub_table(store: Store, hub: &str) -> Arc<Core> {
-    let text = format!("{}\n[hub]\n{hub}\n", crate::config::cluster::tests::SAMPLE);
+    let text = format!("{}\n[hub]\n{hub}\n", crate::testing::SAMPLE);
     let cluster = crate::config::cluster::parse("t.toml", &text).unwrap();
     Arc::new(Core::open(cluster, store, Arc::new(FakeBalancer::new()), TOKEN.into()).unwrap())
 }

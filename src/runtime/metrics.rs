@@ -23,7 +23,7 @@ pub struct Metrics {
     pub verdict_decision: IntGaugeVec,
     /// 1 while a simulating rollout's v2 answers copies and none reaches its judge.
     pub judge_starved: IntGaugeVec,
-    /// Monitor actions by rule and action (src/monitor.rs).
+    /// Monitor actions by rule and action (src/runtime/monitor.rs).
     pub monitor_actions: CounterVec,
 }
 

@@ -2,6 +2,7 @@
 //! hub host, machine registration, the monitor tick, live predictions and metrics.
 
 pub mod balancer;
+pub mod clock;
 pub mod controller;
 pub mod hub;
 pub mod machines;

@@ -1,4 +1,4 @@
-//! Predictive monitoring wired into the controller (issue 7).
+//! Predictive monitoring wired into the controller.
 //!
 //! Machines publish the states of their calls on the hub (topic `call.state`). This part
 //! subscribes to that topic through the controller's backend, turns each event into an
@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 
 use crate::config::predict::{PredictionSettings, WebhookSettings};
 use crate::core::verdict::RolloutVerdict;
-use crate::runtime::controller::Clock;
+use crate::runtime::clock::Clock;
 
 /// The hub topic machines publish their calls' states on.
 pub const CALL_STATE_TOPIC: &str = "call.state";

@@ -110,13 +110,13 @@ CREATE TABLE IF NOT EXISTS rollouts(
     verdict_json TEXT,
     machines_before_json TEXT NOT NULL
 );
--- The machines a rollout moves (src/plan.rs `Selection`: its sub-group, replaced, joining).
+-- The machines a rollout moves (src/core/plan.rs `Selection`: its sub-group, replaced, joining).
 -- A rollout without a row here predates sub-groups: it moves the whole service.
 CREATE TABLE IF NOT EXISTS rollout_selections(
     rollout_id INTEGER PRIMARY KEY REFERENCES rollouts(id),
     selection_json TEXT NOT NULL
 );
--- Machines the monitor took out of their balancer (src/monitor.rs), and since when.
+-- Machines the monitor took out of their balancer (src/runtime/monitor.rs), and since when.
 CREATE TABLE IF NOT EXISTS monitor_held_out(
     machine TEXT PRIMARY KEY,
     service TEXT NOT NULL,

@@ -11,8 +11,8 @@ use understudy_wire::{JobObservation, JobPair, Outcome, PoolRole};
 
 use super::*;
 use crate::app::{start_with_client, ControllerConfig};
-use crate::config::cluster::tests::SAMPLE;
 use crate::runtime::balancer::FakeBalancer;
+use crate::testing::SAMPLE;
 use crate::testing::{failing_pairs, identical_pairs, json, latency, Rig};
 
 fn phase(core: &Core, service: &str) -> String {

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -21,15 +20,17 @@ use understudy_wire::{
 use utoipa::ToSchema;
 
 use crate::config::cluster::{Cluster, Service};
+use crate::core::consequences::{consequences, Consequences, RoleChange, RolloutMachines};
 use crate::core::pairing::PairFeed;
 use crate::core::pairing::StoredPair;
 use crate::core::plan::{plan_release, PlanLine, Refusal, Selection};
-use crate::core::roles::{consequences, Consequences, MachineRole, RoleChange, RolloutMachines};
+use crate::core::roles::MachineRole;
 use crate::core::rollout::TransitionRecord;
 use crate::core::rollout::{transition, Actor, Event, Phase, TransitionError};
 use crate::core::step;
 use crate::core::verdict::{PairNumbers, PairSummary, RolloutVerdict};
 use crate::runtime::balancer::{BalancerClient, BalancerError};
+use crate::runtime::clock::Clock;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::monitor;
 use crate::store::{self, Store, StoreError};
@@ -72,36 +73,6 @@ pub enum RequestError {
 impl From<StoreError> for RequestError {
     fn from(e: StoreError) -> Self {
         RequestError::Internal(e.to_string())
-    }
-}
-
-/// Wall-clock milliseconds that advance with tokio's clock (so a paused test clock drives them too).
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    base_ms: u64,
-    base: tokio::time::Instant,
-}
-
-impl Clock {
-    pub fn new() -> Clock {
-        let base_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        Clock {
-            base_ms,
-            base: tokio::time::Instant::now(),
-        }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.base_ms + self.base.elapsed().as_millis() as u64
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -372,7 +343,7 @@ pub(super) struct State {
     pub(super) rollouts: BTreeMap<i64, RolloutState>,
     pub(super) releases: BTreeMap<i64, ReleaseState>,
     pub(super) roles: BTreeMap<String, MachineRole>,
-    /// Machines the monitor took out of their balancer, its recent actions (src/monitor.rs).
+    /// Machines the monitor took out of their balancer, its recent actions (src/runtime/monitor.rs).
     pub(super) monitor: monitor::MonitorState,
 }
 
@@ -384,9 +355,9 @@ pub struct Core {
     pub(super) clock: Clock,
     token: String,
     wake: Notify,
-    /// The hub it hosts and the keys of registered machines (src/hub_wiring.rs, src/machines.rs).
+    /// The hub it hosts and the keys of registered machines (src/runtime/hub.rs, src/runtime/machines.rs).
     pub(crate) hub: crate::runtime::hub::ControllerHub,
-    /// Predictive monitoring of calls (src/prediction.rs).
+    /// Predictive monitoring of calls (src/runtime/predictions.rs).
     pub(crate) predictions: Arc<crate::runtime::predictions::Predictions>,
 }
 
@@ -615,6 +586,46 @@ struct Push {
     service: String,
     url: String,
     config: BalancerConfig,
+}
+
+/// Moving: a rollout's move committed with everything it implies.
+impl State {
+    /// The transition, the machines' new roles, the service's version and its balancer's next
+    /// config, in one transaction.
+    fn commit_move(
+        &mut self,
+        rollout: i64,
+        record: &TransitionRecord,
+        role_changes: &[RoleChange],
+        new_version: Option<&str>,
+        config: Option<&BalancerConfig>,
+    ) -> Result<(), StoreError> {
+        let service = &self.rollouts[&rollout].service;
+        let machines: BTreeMap<String, (String, String)> = self
+            .cluster
+            .machines_of(service)
+            .map(|m| (m.id.clone(), (m.service.clone(), m.version.clone())))
+            .collect();
+        let service = service.clone();
+        let (now, cause) = (record.at_ms, record.cause.as_str());
+        self.store.write(|tx| {
+            store::record_transition(tx, rollout, record)?;
+            for RoleChange { machine: id, role } in role_changes {
+                // A machine the cluster file no longer declares has no balancer entry to change.
+                let Some((svc, version)) = machines.get(id) else {
+                    continue;
+                };
+                store::set_machine_role(tx, id, svc, version, *role, now, Some(rollout), cause)?;
+            }
+            if let Some(v) = new_version {
+                store::set_service_version(tx, &service, v)?;
+            }
+            if let Some(c) = config {
+                store::set_config(tx, c)?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Pushing: what is due and what a refusal changes.
@@ -1087,28 +1098,13 @@ impl Core {
             actor,
             details,
         };
-        let machines: BTreeMap<String, (String, String)> = state
-            .cluster
-            .machines_of(&service)
-            .map(|m| (m.id.clone(), (m.service.clone(), m.version.clone())))
-            .collect();
-        state.store.write(|tx| {
-            store::record_transition(tx, rollout_id, &record)?;
-            for RoleChange { machine: id, role } in &role_changes {
-                // A machine the cluster file no longer declares has no balancer entry to change.
-                let Some((svc, version)) = machines.get(id) else {
-                    continue;
-                };
-                store::set_machine_role(tx, id, svc, version, *role, now, Some(rollout_id), cause)?;
-            }
-            if let Some(v) = &new_version {
-                store::set_service_version(tx, &service, v)?;
-            }
-            if let Some(c) = &config {
-                store::set_config(tx, c)?;
-            }
-            Ok(())
-        })?;
+        state.commit_move(
+            rollout_id,
+            &record,
+            &role_changes,
+            new_version.as_deref(),
+            config.as_ref(),
+        )?;
 
         // Committed: now memory follows.
         state.roles = roles;
@@ -2111,6 +2107,14 @@ fn detail(state: &State, r: &RolloutState) -> RolloutDetail {
     }
 }
 
+// The controller's operations by concern, each on the state behind the one lock.
+mod monitoring;
+pub mod recording;
+mod registry;
+
 #[cfg(test)]
 #[path = "controller_tests.rs"]
 pub(crate) mod tests;
+
+#[cfg(test)]
+mod subgroup_tests;
