@@ -157,10 +157,7 @@ pub fn describe_cluster(cluster: &Cluster) -> String {
         cluster.services.len(),
         cluster.machines.len()
     );
-    for (i, wave) in crate::core::plan::release_waves(cluster)
-        .iter()
-        .enumerate()
-    {
+    for (i, wave) in crate::core::plan::release_waves(cluster).iter().enumerate() {
         out.push_str(&format!("  {}. {}\n", i + 1, wave.join(", ")));
     }
     out

@@ -581,6 +581,30 @@ pub(super) fn desired_machines(
     out
 }
 
+/// A stats read to make: whose, where, from which cursor.
+struct StatsRead {
+    service: String,
+    url: String,
+    cursor: u64,
+}
+
+impl State {
+    /// One read per service with a balancer, from its persisted cursor.
+    fn stats_reads(&self) -> Vec<StatsRead> {
+        self.cluster
+            .services
+            .values()
+            .filter_map(|s| {
+                Some(StatsRead {
+                    service: s.name.clone(),
+                    url: s.balancer.clone()?,
+                    cursor: self.services.get(&s.name).map_or(0, |x| x.cursor),
+                })
+            })
+            .collect()
+    }
+}
+
 /// A config a balancer does not run yet.
 struct Push {
     service: String,
@@ -1482,62 +1506,58 @@ impl Core {
     /// One reconcile round: read stats, move rollouts, push what changed.
     pub async fn tick(&self) {
         self.predictions.tick();
-        let targets: Vec<(String, String, u64)> = {
-            let state = lock(&self.state);
-            state
-                .cluster
-                .services
-                .values()
-                .filter_map(|s| {
-                    let url = s.balancer.clone()?;
-                    Some((
-                        s.name.clone(),
-                        url,
-                        state.services.get(&s.name).map_or(0, |x| x.cursor),
-                    ))
-                })
-                .collect()
-        };
-        let mut reads = tokio::task::JoinSet::new();
-        for (service, url, cursor) in targets {
+        let reads = lock(&self.state).stats_reads();
+        let mut replies = tokio::task::JoinSet::new();
+        for read in reads {
             let client = self.client.clone();
-            reads.spawn(async move {
-                let result = client.stats(&url, &service, cursor).await;
-                (service, cursor, result)
+            replies.spawn(async move {
+                let result = client.stats(&read.url, &read.service, read.cursor).await;
+                (read, result)
             });
         }
         let mut reports = Vec::new();
-        while let Some(joined) = reads.join_next().await {
+        while let Some(joined) = replies.join_next().await {
             if let Ok(r) = joined {
                 reports.push(r);
             }
         }
-        reports.sort_by(|a, b| a.0.cmp(&b.0));
+        reports.sort_by(|a, b| a.0.service.cmp(&b.0.service));
         let monitor_outbox = {
             let mut state = lock(&self.state);
-            for (service, cursor, result) in reports {
-                match result {
-                    Ok(report) => {
-                        // A read based on a cursor that moved meanwhile would count pairs twice.
-                        if state.services.get(&service).map(|s| s.cursor) != Some(cursor) {
-                            continue;
-                        }
-                        if report.service != service {
-                            tracing::warn!(%service, other = %report.service, "stats of another service ignored");
-                            continue;
-                        }
-                        if let Err(e) = self.take_stats(&mut state, report) {
-                            tracing::error!(%service, "stats not recorded: {e}");
-                        }
-                    }
-                    Err(e) => self.stats_failed(&mut state, &service, cursor, e),
-                }
+            for (read, result) in reports {
+                self.take_reply(&mut state, read, result);
             }
             self.advance(&mut state);
             self.monitor_tick(&mut state)
         };
         self.monitor_publish(monitor_outbox).await;
         self.push_pending().await;
+    }
+
+    /// A balancer's answer to a stats read, taken in or counted as a failure.
+    fn take_reply(
+        &self,
+        state: &mut State,
+        read: StatsRead,
+        result: Result<StatsReport, BalancerError>,
+    ) {
+        let service = read.service;
+        match result {
+            Ok(report) => {
+                // A read based on a cursor that moved meanwhile would count pairs twice.
+                if state.services.get(&service).map(|s| s.cursor) != Some(read.cursor) {
+                    return;
+                }
+                if report.service != service {
+                    tracing::warn!(%service, other = %report.service, "stats of another service ignored");
+                    return;
+                }
+                if let Err(e) = self.take_stats(state, report) {
+                    tracing::error!(%service, "stats not recorded: {e}");
+                }
+            }
+            Err(e) => self.stats_failed(state, &service, read.cursor, e),
+        }
     }
 
     /// A stats read failed. A cursor the balancer cannot serve is replaced by one it can (the
