@@ -138,6 +138,7 @@ fn start_balancer(keyed: bool) -> RunningBalancers {
     let config = BalancerConfig {
         service: "media".into(),
         version: 1,
+        epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
         drain_timeout_ms: 30_000,

@@ -15,8 +15,8 @@ use axum::{Json, Router};
 use serde::Serialize;
 use understudy_hub::{Envelope, READ_AUTH_HEADER};
 use understudy_wire::{
-    BalancerConfig, CursorProblem, CursorRefusal, ErrorBody, KeyRotationAck, PushAck, RefusalBody,
-    StatsReport,
+    BalancerConfig, ConfigRefusal, CursorProblem, CursorRefusal, ErrorBody, KeyRotationAck,
+    PushAck, RefusalBody, RefusalReason, StatsReport,
 };
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -191,6 +191,15 @@ async fn get_config(
     Json(balancer.running_config()).into_response()
 }
 
+/// A 409: the config is older than what runs, by version or by fencing epoch.
+fn refusal(e: PushError, reason: RefusalReason) -> Response {
+    let body = ConfigRefusal {
+        error: e.to_string(),
+        reason,
+    };
+    (StatusCode::CONFLICT, Json(body)).into_response()
+}
+
 #[utoipa::path(
     put,
     path = "/api/v1/balancers/{service}/config",
@@ -210,7 +219,7 @@ async fn get_config(
             `bad_signature`, `unknown_sender`, `replayed` or `out_of_order`", body = RefusalBody),
         (status = 403, description = "`forbidden_topic`: signed for another topic", body = RefusalBody),
         (status = 404, description = "No balancer for this service in this process", body = ErrorBody),
-        (status = 409, description = "The version is older than the running one", body = ErrorBody),
+        (status = 409, description = "Older than what runs: its version, or its fencing epoch (another controller has taken over)", body = ConfigRefusal),
         (status = 413, description = "A signed message over 1 MiB (`oversized`), or a body over \
             the endpoint's limit", body = AnyError),
     )
@@ -244,7 +253,8 @@ async fn put_config(
             }
             Json(PushAck { service, version }).into_response()
         }
-        Err(e @ PushError::Stale { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ PushError::Stale { .. }) => refusal(e, RefusalReason::StaleVersion),
+        Err(e @ PushError::StaleEpoch { .. }) => refusal(e, RefusalReason::StaleEpoch),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("bad config: {e}")),
     }
 }

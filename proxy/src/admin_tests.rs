@@ -16,6 +16,7 @@ pub(crate) fn media_config(version: u64) -> BalancerConfig {
     BalancerConfig {
         service: "media".into(),
         version,
+        epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
         drain_timeout_ms: 30_000,
@@ -199,4 +200,64 @@ async fn a_machine_named_by_host_resolves_or_is_refused_in_bounded_time() {
         push_address(&running, "no-such-host.invalid:80").await.0,
         200
     );
+}
+
+/// (status, body) of a keyless push of `config`.
+async fn push(running: &RunningBalancers, config: &BalancerConfig) -> (u16, Value) {
+    let body = serde_json::to_vec(config).unwrap();
+    let (status, _, body) = call(running, "PUT", "/api/v1/balancers/media/config", body).await;
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+/// The `media` lines of the epoch gauge and the refusal counter on `/metrics`.
+async fn epoch_metrics(running: &RunningBalancers) -> (String, String) {
+    let (_, _, body) = call(running, "GET", "/metrics", "").await;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains("service=\"media\""))
+            .unwrap_or_default()
+            .to_string()
+    };
+    (
+        line("understudy_balancer_config_epoch{"),
+        line("understudy_balancer_config_refused_total{"),
+    )
+}
+
+#[tokio::test]
+async fn a_config_from_an_older_fencing_epoch_is_refused_whatever_its_version() {
+    let running = keyless();
+    let at = |version, epoch| BalancerConfig {
+        epoch,
+        ..media_config(version)
+    };
+    // A new leader (epoch 3) pushes the running version again: nothing to swap, but its epoch
+    // becomes the floor.
+    assert_eq!(push(&running, &at(1, 3)).await.0, 200);
+    let (epoch, _) = epoch_metrics(&running).await;
+    assert!(epoch.ends_with(" 3"), "{epoch}");
+    // The old leader (epoch 2) is refused even with a newer version, and says why.
+    let (status, body) = push(&running, &at(5, 2)).await;
+    assert_eq!(status, 409);
+    assert_eq!(body["reason"], "stale_epoch");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("epoch 2") && error.contains("epoch 3"),
+        "{error}"
+    );
+    let (_, _, config) = call(&running, "GET", "/api/v1/balancers/media/config", "").await;
+    let config: Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(config["version"], 1, "nothing was switched");
+    let (epoch, refused) = epoch_metrics(&running).await;
+    assert!(
+        refused.contains("reason=\"stale_epoch\"") && refused.ends_with(" 1"),
+        "{refused}"
+    );
+    assert!(epoch.ends_with(" 3"), "{epoch}");
+    // The leader goes on; an older version from it is refused for its version, not its epoch.
+    assert_eq!(push(&running, &at(6, 3)).await.0, 200);
+    let (status, body) = push(&running, &at(4, 3)).await;
+    assert_eq!(status, 409);
+    assert_eq!(body["reason"], "stale_version");
 }

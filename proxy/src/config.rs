@@ -599,6 +599,7 @@ mod tests {
         BalancerConfig {
             service: "media".into(),
             version: 1,
+            epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
             drain_timeout_ms: 1000,

@@ -61,6 +61,7 @@ fn balancer(index: usize) -> impl Strategy<Value = BalancerSpec> {
                 config: BalancerConfig {
                     service: format!("service-{index}"),
                     version,
+                    epoch: 0,
                     mirror_fraction: fraction,
                     compare_body: compare,
                     drain_timeout_ms: drain,

@@ -37,6 +37,8 @@ pub(crate) struct Metrics {
     limit_hits: IntCounterVec,
     marker_stripped: IntCounterVec,
     config_version: IntGaugeVec,
+    config_epoch: IntGaugeVec,
+    config_refused: IntCounterVec,
     sessions: IntGaugeVec,
     machine_failing: IntGaugeVec,
 }
@@ -172,6 +174,17 @@ impl Metrics {
                 "Version of the running balancer config.",
                 &["service"],
             )?,
+            config_epoch: gauges(
+                "understudy_balancer_config_epoch",
+                "Highest controller fencing epoch applied; a config from a lower epoch is refused.",
+                &["service"],
+            )?,
+            config_refused: counters(
+                "understudy_balancer_config_refused_total",
+                "Pushed configs refused for where they came from, by reason (stale_epoch: a \
+                 controller that lost its lead).",
+                &["service", "reason"],
+            )?,
             sessions: gauges(
                 "understudy_balancer_sessions",
                 "Sustained sessions pinned to a machine, by machine state.",
@@ -223,6 +236,14 @@ impl Metrics {
 
     pub(crate) fn config_version(&self, service: &str) -> IntGauge {
         self.config_version.with_label_values(&[service])
+    }
+
+    pub(crate) fn config_epoch(&self, service: &str) -> IntGauge {
+        self.config_epoch.with_label_values(&[service])
+    }
+
+    pub(crate) fn config_refused(&self, service: &str, reason: &str) -> IntCounter {
+        self.config_refused.with_label_values(&[service, reason])
     }
 
     /// Replaces the per-machine gauges of `service` (sessions by state, failing) with those of

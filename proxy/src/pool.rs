@@ -583,6 +583,7 @@ mod tests {
         let config = BalancerConfig {
             service: "svc".into(),
             version,
+            epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
             drain_timeout_ms: 1000,

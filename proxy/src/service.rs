@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,12 @@ pub enum PushError {
     WrongService { pushed: String, serving: String },
     #[error("config version {pushed} is older than the running version {running}")]
     Stale { pushed: u64, running: u64 },
+    /// Pushed by a controller that lost its lead: another one has pushed from a higher epoch.
+    #[error(
+        "config from fencing epoch {pushed} refused: epoch {highest} was already applied \
+         (another controller has taken over)"
+    )]
+    StaleEpoch { pushed: u64, highest: u64 },
 }
 
 pub(crate) struct Service {
@@ -64,6 +70,10 @@ pub(crate) struct Service {
     pub active_in_flight: Arc<ActiveInFlight>,
     links: MachineLinks,
     config_version: IntGauge,
+    /// The highest fencing epoch applied; a config from a lower one is refused.
+    epoch: AtomicU64,
+    config_epoch: IntGauge,
+    stale_epoch: IntCounter,
     /// Serializes pushes so that the version check, the name lookups and the swap are one step.
     push: tokio::sync::Mutex<()>,
 }
@@ -80,6 +90,10 @@ impl Service {
         let name = config.service.clone();
         let config_version = metrics.config_version(&name);
         config_version.set(config.version as i64);
+        let config_epoch = metrics.config_epoch(&name);
+        config_epoch.set(config.raw.epoch as i64);
+        let epoch = AtomicU64::new(config.raw.epoch);
+        let stale_epoch = metrics.config_refused(&name, "stale_epoch");
         let active_in_flight: Arc<ActiveInFlight> = Arc::default();
         let links = MachineLinks {
             mirror,
@@ -107,6 +121,9 @@ impl Service {
             active_in_flight,
             links,
             config_version,
+            epoch,
+            config_epoch,
+            stale_epoch,
             push: tokio::sync::Mutex::new(()),
         }
     }
@@ -123,6 +140,23 @@ impl Service {
             });
         }
         let _one_at_a_time = self.push.lock().await;
+        let highest = self.epoch.load(Ordering::Acquire);
+        if config.epoch < highest {
+            self.stale_epoch.inc();
+            return Err(PushError::StaleEpoch {
+                pushed: config.epoch,
+                highest,
+            });
+        }
+        let result = self.push_version(checked).await?;
+        // An idempotent push from a newer leader fences the old one as surely as a new version.
+        self.epoch.store(config.epoch, Ordering::Release);
+        self.config_epoch.set(config.epoch as i64);
+        Ok(result)
+    }
+
+    /// The version check and the swap, under the push lock.
+    async fn push_version(&self, checked: CheckedConfig) -> Result<PushResult, PushError> {
         let running = self.router.table().config.version;
         if checked.version() < running {
             return Err(PushError::Stale {

@@ -490,6 +490,9 @@ async fn apply_from_feed(gates: &ConfigGates, service: &Service, raw: &[u8]) {
         Err(e @ PushError::Stale { .. }) => {
             tracing::debug!(service = &*service.name, "hub config ignored: {e}")
         }
+        Err(e @ PushError::StaleEpoch { .. }) => {
+            tracing::warn!(service = &*service.name, "hub config fenced off: {e}")
+        }
         Err(e) => tracing::warn!(service = &*service.name, "hub config refused: {e}"),
     }
 }
@@ -723,6 +726,7 @@ mod tests {
         BalancerConfig {
             service: "media".into(),
             version,
+            epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
             drain_timeout_ms: 30_000,

@@ -137,6 +137,7 @@ impl Machines {
                 BalancerConfig {
                     service: SERVICE.to_string(),
                     version: 1,
+                    epoch: 0,
                     mirror_fraction: 1.0,
                     compare_body: true,
                     drain_timeout_ms: 1_000,

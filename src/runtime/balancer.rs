@@ -20,8 +20,9 @@ use base64::Engine;
 use bytes::Bytes;
 use understudy_hub::{Backend, SecretKey, Signer, CONFIG_TOPIC, READ_AUTH_HEADER, READ_TOPIC};
 use understudy_wire::{
-    config_key_path, config_path, stats_path, BalancerConfig, KeyRotation, KeyRotationAck,
-    MachineHealth, MachineState, MachineStatus, PushAck, StatsReport,
+    config_key_path, config_path, stats_path, BalancerConfig, ConfigRefusal, KeyRotation,
+    KeyRotationAck, MachineHealth, MachineState, MachineStatus, PushAck, RefusalReason,
+    StatsReport,
 };
 
 pub use understudy_hub::CONTROLLER_ID;
@@ -43,6 +44,9 @@ pub enum BalancerError {
     /// 409: the balancer runs a newer config version than the one pushed.
     #[error("balancer {url} runs a newer config: {message}")]
     Stale { url: String, message: String },
+    /// 409: the balancer applied a config from a newer fencing epoch: another controller leads.
+    #[error("balancer {url} is fenced off by a newer controller: {message}")]
+    Fenced { url: String, message: String },
     #[error("balancer {url} refused ({status}): {message}")]
     Refused {
         url: String,
@@ -100,6 +104,25 @@ impl CursorProblem {
 }
 
 /// The two calls the controller makes to a balancer whose admin base URL is `url`.
+/// A 409 to a push: a newer version runs (`Stale`), or a newer fencing epoch was applied
+/// (`Fenced`); a body without a reason is taken for the former, as older balancers answer.
+fn conflict(url: &str, bytes: &[u8]) -> BalancerError {
+    let url = url.to_string();
+    match serde_json::from_slice::<ConfigRefusal>(bytes) {
+        Ok(ConfigRefusal {
+            error,
+            reason: RefusalReason::StaleEpoch,
+        }) => BalancerError::Fenced {
+            url,
+            message: error,
+        },
+        _ => BalancerError::Stale {
+            url,
+            message: error_message(bytes),
+        },
+    }
+}
+
 #[async_trait]
 pub trait BalancerClient: Send + Sync + 'static {
     async fn push(&self, url: &str, config: &BalancerConfig) -> Result<PushAck, BalancerError>;
@@ -363,10 +386,7 @@ impl BalancerClient for HttpBalancerClient {
                 url: url.to_string(),
                 reason: e.to_string(),
             }),
-            409 => Err(BalancerError::Stale {
-                url: url.to_string(),
-                message: error_message(&bytes),
-            }),
+            409 => Err(conflict(url, &bytes)),
             status => Err(BalancerError::Refused {
                 url: url.to_string(),
                 status,
@@ -500,6 +520,8 @@ struct FakeService {
     unreachable: bool,
     /// Reads with a cursor below this are refused as too old (windows dropped).
     oldest_cursor: u64,
+    /// The highest fencing epoch applied, as a real balancer keeps it.
+    epoch: u64,
 }
 
 impl FakeBalancer {
@@ -599,6 +621,11 @@ impl FakeBalancer {
     }
 
     /// Push calls received, accepted or not.
+    /// The highest fencing epoch the service's balancer applied.
+    pub fn epoch(&self, service: &str) -> u64 {
+        self.with(service, |s| s.epoch)
+    }
+
     pub fn pushes(&self, service: &str) -> u64 {
         self.with(service, |s| s.pushes)
     }
@@ -620,6 +647,13 @@ impl BalancerClient for FakeBalancer {
                     reason: "fake balancer set unreachable".to_string(),
                 });
             }
+            if config.epoch < s.epoch {
+                return Err(BalancerError::Fenced {
+                    url: url.to_string(),
+                    message: format!("epoch {} was already applied", s.epoch),
+                });
+            }
+            s.epoch = config.epoch;
             let running = s.config.as_ref().map(|c| c.version).unwrap_or(0);
             if config.version < running {
                 return Err(BalancerError::Stale {
@@ -771,6 +805,7 @@ mod tests {
         BalancerConfig {
             service: "db".into(),
             version,
+            epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
             drain_timeout_ms: 1000,
@@ -830,8 +865,25 @@ mod tests {
         (running, url)
     }
 
+    #[test]
+    fn a_conflict_says_whether_a_newer_version_or_a_newer_epoch_stands() {
+        let fenced = conflict(
+            "u",
+            br#"{"error": "epoch 9 applied", "reason": "stale_epoch"}"#,
+        );
+        assert!(
+            matches!(fenced, BalancerError::Fenced { ref message, .. } if message == "epoch 9 applied")
+        );
+        let stale = conflict("u", br#"{"error": "older", "reason": "stale_version"}"#);
+        assert!(matches!(stale, BalancerError::Stale { .. }), "{stale:?}");
+        // A balancer from before the epoch gives no reason: a version conflict.
+        let old = conflict("u", br#"{"error": "older"}"#);
+        assert!(matches!(old, BalancerError::Stale { ref message, .. } if message == "older"));
+    }
+
     /// Reads of a keyed balancer are signed by the client; a cursor whose windows the balancer
     /// dropped comes back as a typed refusal naming the oldest cursor it still serves.
+
     #[tokio::test]
     async fn stats_reads_are_signed_and_a_dropped_cursor_names_the_oldest() {
         let key = SecretKey::generate();
@@ -893,6 +945,40 @@ mod tests {
             other => panic!("not a cursor refusal: {other:?}"),
         }
         running.shutdown();
+    }
+
+    /// A real balancer behind a signed push: a config from an older fencing epoch comes back as
+    /// `Fenced`, whatever its version, and nothing is switched.
+    #[tokio::test]
+    async fn a_real_balancer_fences_off_an_older_epoch() {
+        let key = SecretKey::generate();
+        let (balancer, url) = keyed_balancer(
+            Some(understudy_proxy::BalancerKey::given(key.clone())),
+            None,
+        );
+        let secret = BalancerSecret::given(key);
+        let client = HttpBalancerClient::new(Duration::from_secs(2)).with_key(
+            "db",
+            &secret,
+            ConfigDelivery::Http,
+        );
+        let at = |version, epoch| BalancerConfig {
+            epoch,
+            ..config(version)
+        };
+        assert_eq!(client.push(&url, &at(2, 7)).await.unwrap().version, 2);
+        match client.push(&url, &at(3, 6)).await {
+            Err(BalancerError::Fenced { message, .. }) => {
+                assert!(message.contains("epoch 6"), "{message}")
+            }
+            other => panic!("not fenced: {other:?}"),
+        }
+        match client.push(&url, &at(1, 7)).await {
+            Err(BalancerError::Stale { .. }) => {}
+            other => panic!("not a version conflict: {other:?}"),
+        }
+        assert_eq!(client.push(&url, &at(3, 8)).await.unwrap().version, 3);
+        balancer.shutdown();
     }
 
     #[tokio::test]

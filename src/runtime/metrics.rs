@@ -25,6 +25,10 @@ pub struct Metrics {
     pub judge_starved: IntGaugeVec,
     /// Monitor actions by rule and action (src/runtime/monitor.rs).
     pub monitor_actions: CounterVec,
+    /// The fencing epoch this controller pushes configs with.
+    pub epoch: IntGaugeVec,
+    /// Pushes a balancer refused because it applied a newer epoch: another controller leads.
+    pub fenced: CounterVec,
 }
 
 /// One metric family: its name, help text and label names.
@@ -100,6 +104,18 @@ const JUDGE_STARVED: Def = Def {
            judge (the API shows why in the rollout's `problem`).",
     labels: &["service", "rollout"],
 };
+const EPOCH: Def = Def {
+    name: "understudy_controller_epoch",
+    help: "The fencing epoch this controller sends in every balancer config (one more at each \
+           start or takeover).",
+    labels: &[],
+};
+const FENCED: Def = Def {
+    name: "understudy_balancer_push_fenced_total",
+    help: "Config pushes a balancer refused for a newer fencing epoch it applied: another \
+           controller has taken over.",
+    labels: &["service"],
+};
 const MONITOR_ACTIONS: Def = Def {
     name: "understudy_monitor_actions_total",
     help: "Actions the monitor loop took, by the rule that asked for them and the action.",
@@ -156,6 +172,8 @@ impl Metrics {
             verdict_decision: r.int_gauge(&VERDICT_DECISION)?,
             judge_starved: r.int_gauge(&JUDGE_STARVED)?,
             monitor_actions: r.counter(&MONITOR_ACTIONS)?,
+            epoch: r.int_gauge(&EPOCH)?,
+            fenced: r.counter(&FENCED)?,
             registry,
         };
         // Every rule/action pair shows (at 0) before the monitor first acts.

@@ -313,6 +313,7 @@ fn initial_balancer_config(cluster: &Cluster, service: &str) -> BalancerConfig {
     BalancerConfig {
         service: service.to_string(),
         version: 0,
+        epoch: 0,
         mirror_fraction: spec.mirror_fraction,
         compare_body: spec.compare_body,
         drain_timeout_ms: spec.drain_timeout.as_millis() as u64,

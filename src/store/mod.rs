@@ -190,7 +190,16 @@ CREATE TABLE IF NOT EXISTS hub_sequences(
     sender TEXT PRIMARY KEY,
     seq INTEGER NOT NULL
 );
+-- The fencing epoch: one more at each controller start (each takeover), sent in every config so
+-- a balancer refuses the configs of a controller that no longer leads.
+CREATE TABLE IF NOT EXISTS controller_epoch(
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch INTEGER NOT NULL
+);
 "#;
+
+/// Low bits of a fencing epoch that tell apart controllers of the same takeover count.
+pub const EPOCH_SALT_BITS: u32 = 16;
 
 /// So registry operations can run inside [`Store::write_with`].
 impl From<StoreError> for RegistryError<StoreError> {
@@ -719,6 +728,29 @@ impl Store {
         Ok(out)
     }
 
+    /// Takes the next fencing epoch and records it: the caller now leads. Its high bits count
+    /// the takeovers of this store, so each is above every earlier one; its low 16 bits are
+    /// random, so two controllers wrongly given different stores but the same balancers still
+    /// hold different epochs, and the balancers refuse one of them instead of obeying both.
+    pub fn take_epoch(&mut self) -> Result<u64, StoreError> {
+        let salt: u64 = rand::random::<u16>().into();
+        self.write(|tx| {
+            let last: Option<i64> = tx
+                .query_row("SELECT epoch FROM controller_epoch WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let takeovers = (last.unwrap_or(0) as u64 >> EPOCH_SALT_BITS) + 1;
+            let epoch = takeovers << EPOCH_SALT_BITS | salt;
+            tx.execute(
+                "INSERT INTO controller_epoch(id, epoch) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET epoch = excluded.epoch",
+                params![epoch as i64],
+            )?;
+            Ok(epoch)
+        })
+    }
+
     /// The hub sequence numbers saved by [`save_hub_sequences`], by sender.
     pub fn hub_sequences(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let mut stmt = self.conn.prepare("SELECT sender, seq FROM hub_sequences")?;
@@ -848,6 +880,20 @@ impl MachineStore for SqlMachineStore<'_> {
 mod tests {
     use super::*;
     use understudy_hub::Role;
+
+    #[test]
+    fn each_opening_takes_a_higher_epoch_that_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let first = Store::open(&path).unwrap().take_epoch().unwrap();
+        let second = Store::open(&path).unwrap().take_epoch().unwrap();
+        assert_eq!(first >> EPOCH_SALT_BITS, 1);
+        assert_eq!(second >> EPOCH_SALT_BITS, 2);
+        assert!(second > first);
+        // Another store starts its own count: the salt tells its controller apart.
+        let other = Store::open_in_memory().unwrap().take_epoch().unwrap();
+        assert_eq!(other >> EPOCH_SALT_BITS, 1);
+    }
 
     #[test]
     fn rollout_round_trip_and_atomic_write() {

@@ -136,6 +136,12 @@ pub struct BalancerConfig {
     /// Monotonic config version; a push with a version lower than the running one is refused
     /// and a push of the running version is an idempotent no-op.
     pub version: u64,
+    /// The pushing controller's fencing epoch, which grows at each takeover: a balancer refuses
+    /// a config from an epoch lower than the highest it has applied (a controller that lost its
+    /// lead cannot switch anything), whatever the config's version.
+    #[serde(default)]
+    #[schema(default = 0)]
+    pub epoch: u64,
     /// Fraction of jobs copied to the simulation pool, 0.0..=1.0.
     #[serde(default = "default_mirror_fraction")]
     #[schema(minimum = 0.0, maximum = 1.0, default = 1.0)]
@@ -151,6 +157,24 @@ pub struct BalancerConfig {
     /// At least one `active`; ids unique.
     #[schema(min_items = 1)]
     pub machines: Vec<MachineEntry>,
+}
+
+/// A balancer's refusal of a pushed config (409): the message, and why, for the controller to act
+/// on (a newer version runs: move past it; a newer epoch was applied: another controller leads).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ConfigRefusal {
+    pub error: String,
+    pub reason: RefusalReason,
+}
+
+/// Why a pushed config was refused with 409.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// Its version is older than the running one.
+    StaleVersion,
+    /// Its fencing epoch is older than the highest applied.
+    StaleEpoch,
 }
 
 fn default_mirror_fraction() -> f64 {

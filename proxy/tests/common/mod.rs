@@ -183,6 +183,7 @@ pub fn config(service: &str, version: u64, machines: Vec<MachineEntry>) -> Balan
     BalancerConfig {
         service: service.into(),
         version,
+        epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
         drain_timeout_ms: 30_000,

@@ -443,6 +443,7 @@ async fn stale_balancer_version_is_overtaken() {
     let old = understudy_wire::BalancerConfig {
         service: "db".into(),
         version: 40,
+        epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
         drain_timeout_ms: 1,
@@ -1184,4 +1185,44 @@ async fn a_judge_that_gets_no_pairs_while_copies_flow_is_shown_as_starved() {
     );
     core.tick().await;
     assert_eq!(starved(&core), (None, false));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_controller_that_lost_its_lead_is_fenced_off_and_switches_nothing() {
+    let rig = Rig::new(SAMPLE);
+    let old = rig.open();
+    old.tick().await;
+    let first = rig.fake.config("media").expect("pushed");
+    assert_eq!(first.epoch, old.epoch(), "every config carries the epoch");
+    // A second controller takes over the store: a higher epoch, which its first push applies.
+    let new = rig.open();
+    assert!(new.epoch() > old.epoch());
+    assert_eq!(
+        new.epoch() >> crate::store::EPOCH_SALT_BITS,
+        (old.epoch() >> crate::store::EPOCH_SALT_BITS) + 1,
+        "one more takeover"
+    );
+    new.tick().await;
+    assert_eq!(rig.fake.epoch("media"), new.epoch());
+    // The old one wakes up and starts a release: the balancers refuse every config it pushes.
+    old.release(&release_of(&[("media", "v2")], false)).unwrap();
+    let accepted = rig.fake.accepted("media").len();
+    old.tick().await;
+    assert_eq!(
+        rig.fake.accepted("media").len(),
+        accepted,
+        "nothing switched"
+    );
+    let running = rig.fake.config("media").unwrap();
+    assert_eq!(rig.fake.epoch("media"), new.epoch());
+    assert!(
+        running.machines.iter().all(|m| m.version == "v1"),
+        "{running:?}"
+    );
+    let fenced = old.metrics.fenced.with_label_values(&["media"]).get();
+    assert_eq!(fenced, 1.0);
+    let text = old.metrics_text();
+    assert!(text.contains("understudy_balancer_push_fenced_total{service=\"media\"} 1"));
+    let epoch_line = format!("understudy_controller_epoch {}", old.epoch());
+    assert!(text.contains(&epoch_line), "{epoch_line}");
 }

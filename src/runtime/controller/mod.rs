@@ -353,6 +353,8 @@ pub struct Core {
     client: Arc<dyn BalancerClient>,
     pub(crate) metrics: Metrics,
     pub(super) clock: Clock,
+    /// The fencing epoch every config is pushed with.
+    epoch: u64,
     token: String,
     wake: Notify,
     /// The hub it hosts and the keys of registered machines (src/runtime/hub.rs, src/runtime/machines.rs).
@@ -910,6 +912,8 @@ impl State {
         let candidate = BalancerConfig {
             service: service.to_string(),
             version: current.map_or(1, |c| c.version + 1),
+            // Stamped with the controller's fencing epoch when pushed.
+            epoch: 0,
             mirror_fraction: if is_judging(rollout.map(|(p, _)| p)) {
                 spec.mirror_fraction
             } else {
@@ -960,9 +964,9 @@ impl Core {
             self.hub().rotate_key(&sender, new_key, grace);
         }
         ack.map_err(|e| match e {
-            BalancerError::Refused { .. } | BalancerError::Stale { .. } => {
-                RequestError::Conflict(e.to_string())
-            }
+            BalancerError::Refused { .. }
+            | BalancerError::Stale { .. }
+            | BalancerError::Fenced { .. } => RequestError::Conflict(e.to_string()),
             BalancerError::Unreachable { .. }
             | BalancerError::Protocol { .. }
             | BalancerError::Cursor { .. } => RequestError::Internal(e.to_string()),
@@ -1004,6 +1008,11 @@ impl Core {
             roles: BTreeMap::new(),
             monitor: monitor::MonitorState::default(),
         };
+        let epoch = state.store.take_epoch()?;
+        metrics
+            .epoch
+            .with_label_values(&[] as &[&str])
+            .set(epoch as i64);
         state.declare_machines(clock.now_ms())?;
         state.roles = state.store.machine_roles()?;
         state.monitor.held_out = crate::store::monitor::held_out(state.store.conn())?;
@@ -1018,6 +1027,7 @@ impl Core {
             client,
             metrics,
             clock,
+            epoch,
             token,
             wake: Notify::new(),
             hub,
@@ -1025,6 +1035,11 @@ impl Core {
         };
         core.commit_configs()?;
         Ok(core)
+    }
+
+    /// The fencing epoch this controller pushes configs with.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn token(&self) -> &str {
@@ -1602,7 +1617,11 @@ impl Core {
         let pushes = lock(&self.state).pending_pushes();
         for push in pushes {
             let started = std::time::Instant::now();
-            let result = self.client.push(&push.url, &push.config).await;
+            let sent = BalancerConfig {
+                epoch: self.epoch,
+                ..push.config.clone()
+            };
+            let result = self.client.push(&push.url, &sent).await;
             self.metrics
                 .push_seconds
                 .with_label_values(&[&push.service])
@@ -1624,8 +1643,13 @@ impl Core {
                     ack.version, push.config.version
                 ),
                 Err(e) => {
-                    if matches!(e, BalancerError::Stale { .. }) {
-                        state.move_past_stale(&push);
+                    match e {
+                        BalancerError::Stale { .. } => state.move_past_stale(&push),
+                        BalancerError::Fenced { .. } => {
+                            let labels = [push.service.as_str()];
+                            self.metrics.fenced.with_label_values(&labels).inc();
+                        }
+                        _ => {}
                     }
                     // Retried every tick: log when the failure starts or changes, not each time.
                     let message = e.to_string();
