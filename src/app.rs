@@ -127,7 +127,7 @@ async fn open_core(
         return Err(ControllerError::NoToken);
     }
     let services = config.cluster.services.values();
-    if let Some(s) = services.clone().find(|s| s.balancer.is_none()) {
+    if let Some(s) = services.into_iter().find(|s| s.balancer.is_none()) {
         return Err(ControllerError::NoBalancer(s.name.clone()));
     }
     let store = if config.database.as_os_str() == ":memory:" {

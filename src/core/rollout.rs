@@ -328,6 +328,45 @@ mod tests {
         hard: false,
     };
 
+    /// Transitions are stored as display text and read back: every phase comes back as itself,
+    /// and text that is not exactly a phase's display form is refused.
+    #[test]
+    fn phases_read_back_from_their_display_text_and_nothing_else() {
+        let phases = [
+            Phase::Pending,
+            Phase::Simulating,
+            Phase::Judged { passed: true },
+            Phase::Judged { passed: false },
+            Phase::AwaitingApproval,
+            Phase::Joining { step: 0 },
+            Phase::Joining { step: 12 },
+            Phase::Retiring,
+            Phase::Complete,
+            Phase::RolledBack,
+            Phase::Aborted,
+        ];
+        for phase in phases {
+            assert_eq!(phase.to_string().parse::<Phase>(), Ok(phase));
+        }
+        for bad in [
+            "",
+            "judged",
+            "joining",
+            "joining[x]",
+            "joining[1",
+            "judged(maybe)",
+            "pending[0]",
+            "retiring(pass)",
+            "Complete",
+            "joining[-1]",
+        ] {
+            assert!(
+                bad.parse::<Phase>().is_err(),
+                "{bad:?} was taken for a phase"
+            );
+        }
+    }
+
     #[test]
     fn happy_path_with_steps_and_approval() {
         let p = policy(true, vec![10, 50]);

@@ -64,17 +64,6 @@ impl RolloutVerdict {
             baseline_note: None,
         }
     }
-
-    /// The judge's part.
-    pub fn verdict(&self) -> Verdict {
-        Verdict {
-            decision: self.decision,
-            hard: self.hard,
-            rule: self.rule.clone(),
-            jobs: self.jobs,
-            details: self.details.clone(),
-        }
-    }
 }
 
 /// One side's display numbers (latencies in µs, rounded).

@@ -2,8 +2,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::core::rollout::PHASE_NAMES;
@@ -26,7 +26,7 @@ pub struct Metrics {
     /// Monitor actions by rule and action (src/runtime/monitor.rs).
     pub monitor_actions: CounterVec,
     /// The fencing epoch this controller pushes configs with.
-    pub epoch: IntGaugeVec,
+    pub epoch: IntGauge,
     /// Pushes a balancer refused because it applied a newer epoch: another controller leads.
     pub fenced: CounterVec,
 }
@@ -172,7 +172,7 @@ impl Metrics {
             verdict_decision: r.int_gauge(&VERDICT_DECISION)?,
             judge_starved: r.int_gauge(&JUDGE_STARVED)?,
             monitor_actions: r.counter(&MONITOR_ACTIONS)?,
-            epoch: r.int_gauge(&EPOCH)?,
+            epoch: r.register(IntGauge::new(EPOCH.name, EPOCH.help)?)?,
             fenced: r.counter(&FENCED)?,
             registry,
         };

@@ -576,18 +576,19 @@ async fn the_api_shows_tables_probabilities_dwell_and_the_comparison() {
 
 /// The judge's verdict JSON while it still lacks data, as the controller passes it.
 fn judge_json() -> RolloutVerdict {
-    let mut verdict = serde_json::json!({
-        "decision": "not_enough_data", "hard": false, "jobs": 640,
-        "rule": "not enough data: evidence still open for errors",
-        "details": { "errors": { "v2_rate": 0.004 } },
-        "numbers": { "jobs": 640 },
-    });
-    // The numbers a real verdict carries, with `jobs` as given.
-    verdict["numbers"] = json(&crate::core::verdict::PairSummary {
+    RolloutVerdict {
+        decision: Decision::NotEnoughData,
+        hard: false,
         jobs: 640,
-        ..Default::default()
-    });
-    serde_json::from_value(verdict).expect("a verdict")
+        rule: "not enough data: evidence still open for errors".into(),
+        details: serde_json::json!({ "errors": { "v2_rate": 0.004 } }),
+        numbers: Some(crate::core::verdict::PairSummary {
+            jobs: 640,
+            ..Default::default()
+        }),
+        baseline: None,
+        baseline_note: None,
+    }
 }
 
 #[tokio::test(start_paused = true)]

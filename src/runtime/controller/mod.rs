@@ -1009,10 +1009,7 @@ impl Core {
             monitor: monitor::MonitorState::default(),
         };
         let epoch = state.store.take_epoch()?;
-        metrics
-            .epoch
-            .with_label_values(&[] as &[&str])
-            .set(epoch as i64);
+        metrics.epoch.set(epoch as i64);
         state.declare_machines(clock.now_ms())?;
         state.roles = state.store.machine_roles()?;
         state.monitor.held_out = crate::store::monitor::held_out(state.store.conn())?;

@@ -3,7 +3,10 @@
 use super::{Core, RequestError};
 use crate::config::hub::MAX_ROTATION_GRACE_MS;
 use crate::runtime::hub::{ControllerHub, CONTROLLER_ID};
-use crate::runtime::machines::*;
+use crate::runtime::machines::{
+    status_from_health, ListingFilter, MachineListing, Registration, RegistrationRequest,
+    ReportError, RotateRequest, RotatedKey, DEFAULT_CAPACITY,
+};
 use crate::store::{self, SqlMachineStore, StoreError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
