@@ -2,6 +2,8 @@
 //! (the judge alone, and the controller's whole path: stats read, SQLite, judge, restart replay).
 //!
 //! `cargo run --release -p understudy --example bench_controller [-- --jobs N --runs N]`
+//! `... --example bench_controller -- --stores N`: only the reconcile tick on SQLite against
+//! PostgreSQL (a server the bench starts on a free loopback port), N interleaved repeats.
 //! Figures are recorded in docs/benchmarks.md (controller section).
 
 use std::collections::BTreeMap;
@@ -23,6 +25,8 @@ struct Args {
     jobs: u64,
     runs: usize,
     services: usize,
+    /// Repeats of the SQLite/PostgreSQL tick comparison (0: the other sections instead).
+    stores: usize,
 }
 
 fn args() -> Args {
@@ -30,6 +34,7 @@ fn args() -> Args {
         jobs: 1_000_000,
         runs: 20,
         services: 200,
+        stores: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -38,8 +43,11 @@ fn args() -> Args {
             ("--jobs", Some(v)) => out.jobs = v,
             ("--runs", Some(v)) => out.runs = v.max(1) as usize,
             ("--services", Some(v)) => out.services = v.max(2) as usize,
+            ("--stores", Some(v)) => out.stores = v.max(1) as usize,
             _ => {
-                eprintln!("usage: bench_controller [--jobs N] [--runs N] [--services N]");
+                eprintln!(
+                    "usage: bench_controller [--jobs N] [--runs N] [--services N] | --stores N"
+                );
                 std::process::exit(2);
             }
         }
@@ -67,10 +75,11 @@ fn cluster_text(services: usize, seed: u64) -> String {
         ));
     }
     for i in 0..services {
-        for (version, config) in [("v1", "active"), ("v2", "simulation")] {
+        for (k, (version, config)) in [("v1", "active"), ("v2", "simulation")].iter().enumerate() {
+            // Each machine at its own address (a machine is declared once).
             text.push_str(&format!(
                 "[[machines]]\nid = \"s{i:03}-{version}\"\nservice = \"s{i:03}\"\nversion = \"{version}\"\naddress = \"127.0.0.1:{}\"\nconfig = \"{config}\"\n",
-                10_000 + i
+                10_000 + 2 * i + k
             ));
         }
     }
@@ -291,9 +300,84 @@ async fn bench_controller_path(a: &Args) {
     );
 }
 
+/// One release on a fresh store: 50 ticks of 1,000 mirrored pairs each (a service mirroring
+/// 10,000 jobs a second at the default 100 ms tick), then 50 ticks with nothing new. Returns the
+/// tick times of both kinds.
+async fn store_ticks(store: Store) -> (Vec<Duration>, Vec<Duration>) {
+    let text = cluster_text(2, 1).replace(
+        "[controller]\ntick_ms = 100\n",
+        "[controller]\ntick_ms = 100\n[defaults.condition]\nfalse_fail_rate = 0.000001\nfalse_pass_rate = 0.000001\n",
+    );
+    let cluster = cluster::parse("bench.toml", &text).expect("valid");
+    let fake = Arc::new(FakeBalancer::new());
+    let core = Core::open(cluster, store, fake.clone(), "t".into()).expect("core");
+    core.release(&ReleaseRequest {
+        services: BTreeMap::from([("s000".to_string(), "v2".to_string())]),
+        ..ReleaseRequest::default()
+    })
+    .expect("release");
+    core.tick().await;
+    let mut rng = StdRng::seed_from_u64(9);
+    let (mut busy, mut idle) = (Vec::new(), Vec::new());
+    for i in 0..50 {
+        fake.add_pairs("s000", job_pairs(&mut rng, i * 1000 + 1, 1000));
+        let t = Instant::now();
+        core.tick().await;
+        busy.push(t.elapsed());
+    }
+    for _ in 0..50 {
+        let t = Instant::now();
+        core.tick().await;
+        idle.push(t.elapsed());
+    }
+    (busy, idle)
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// The reconcile tick on SQLite and on PostgreSQL, side by side in interleaved repeats.
+async fn bench_stores(a: &Args) {
+    let server = understudy_testkit::postgres::PgServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut sqlite, mut postgres) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for run in 0..a.stores {
+        let file = Store::open(&dir.path().join(format!("run{run}.db"))).expect("sqlite");
+        let (busy, idle) = store_ticks(file).await;
+        sqlite.0.push(median(busy));
+        sqlite.1.push(median(idle));
+        server.psql(&format!("CREATE DATABASE run{run}"));
+        let url = server.url().replace("/understudy", &format!("/run{run}"));
+        let shared = Store::open_postgres(&url.parse().expect("url")).expect("postgres");
+        let (busy, idle) = store_ticks(shared).await;
+        postgres.0.push(median(busy));
+        postgres.1.push(median(idle));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for (what, s, p) in [
+        ("tick with 1,000 new pairs", sqlite.0, postgres.0),
+        ("tick with nothing new", sqlite.1, postgres.1),
+    ] {
+        let (s, p) = (median(s), median(p));
+        println!(
+            "{what}: SQLite {:.3} ms, PostgreSQL {:.3} ms, PostgreSQL/SQLite {:.2}x (median of {} runs' medians)",
+            ms(s),
+            ms(p),
+            p.as_secs_f64() / s.as_secs_f64(),
+            a.stores
+        );
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let a = args();
+    if a.stores > 0 {
+        bench_stores(&a).await;
+        return;
+    }
     bench_plan(&a);
     bench_judge(&a);
     bench_window(&a);

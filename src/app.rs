@@ -3,7 +3,6 @@
 //! stopped together.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::cluster::Cluster;
+use crate::config::store::{LeaseSettings, StoreLocation};
 use crate::runtime::balancer::{BalancerClient, HttpBalancerClient};
 use crate::runtime::clock::Clock;
 use crate::runtime::controller::{ControllerError, Core};
@@ -22,8 +22,10 @@ use crate::store::Store;
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     pub cluster: Cluster,
-    /// SQLite file; created when missing. `:memory:` keeps the state in memory (lost on exit).
-    pub database: PathBuf,
+    /// Where the state is kept: SQLite (one controller) or PostgreSQL (shared).
+    pub store: StoreLocation,
+    /// The lease controllers sharing the store hold to lead; none: this one always leads.
+    pub lease: Option<LeaseSettings>,
     /// Admin endpoint address; port 0 picks a free one (see [`ControllerHandle::admin_addr`]).
     pub admin_addr: SocketAddr,
     /// Bearer token for mutating admin calls.
@@ -33,10 +35,11 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// Takes address, database and tick from the cluster's `[controller]` table.
+    /// Takes address, store, lease and tick from the cluster's `[controller]` table.
     pub fn from_cluster(cluster: Cluster, token: String) -> ControllerConfig {
         ControllerConfig {
-            database: cluster.controller.database.clone(),
+            store: cluster.controller.store.clone(),
+            lease: cluster.controller.lease.clone(),
             admin_addr: cluster.controller.admin_addr,
             tick: cluster.controller.tick,
             cluster,
@@ -86,13 +89,15 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, Control
 }
 
 /// Starts the controller with a given balancer client (tests use
-/// [`crate::runtime::balancer::FakeBalancer`]).
+/// [`crate::runtime::balancer::FakeBalancer`]). With a lease it asks for it once before returning:
+/// it leads at once when nobody else does, and stands by otherwise.
 pub async fn start_with_client(
     config: ControllerConfig,
     client: Arc<dyn BalancerClient>,
 ) -> Result<ControllerHandle, ControllerError> {
     let tick = config.tick;
     let wanted = config.admin_addr;
+    let lease = config.lease.clone();
     let core = Arc::new(open_core(config, client).await?);
     let bind = |source| ControllerError::Bind {
         addr: wanted,
@@ -101,15 +106,30 @@ pub async fn start_with_client(
     let listener = TcpListener::bind(wanted).await.map_err(bind)?;
     let admin_addr = listener.local_addr().map_err(bind)?;
     let (shutdown, watcher) = watch::channel(false);
-    core.hub()
-        .set_advertised_url(format!("http://{admin_addr}"));
-    let mut tasks = vec![
-        spawn_reconcile(core.clone(), tick, watcher.clone()),
-        serve_admin(core.clone(), listener, watcher.clone()),
-        crate::runtime::controller::recording::spawn_recorder(core.clone(), watcher.clone()),
-    ];
+    let url = format!("http://{admin_addr}");
+    core.hub().set_advertised_url(url.clone());
+    let mut tasks = vec![serve_admin(core.clone(), listener, watcher.clone())];
+    match lease {
+        None => {
+            tasks.push(crate::runtime::leader::spawn_reconcile(
+                core.clone(),
+                tick,
+                watcher.clone(),
+            ));
+            tasks.push(crate::runtime::controller::recording::spawn_recorder(
+                core.clone(),
+                watcher.clone(),
+            ));
+        }
+        Some(lease) => {
+            let url = lease.advertise_url.clone().unwrap_or(url);
+            let mut leader = crate::runtime::leader::Leader::new(core.clone(), lease, url, tick);
+            leader.step().await;
+            tasks.push(tokio::spawn(leader.run(watcher.clone())));
+        }
+    }
     tasks.extend(core.predictions.start(core.hub_backend(), watcher));
-    tracing::info!(%admin_addr, "controller started");
+    tracing::info!(%admin_addr, leading = core.is_leading(), "controller started");
     Ok(ControllerHandle {
         admin_addr,
         core,
@@ -118,7 +138,8 @@ pub async fn start_with_client(
     })
 }
 
-/// The store, the hub and the core over them, refusing a config that cannot run.
+/// The store, the hub and the core over them, refusing a config that cannot run. Without a lease
+/// the core leads at once; with one it waits for [`crate::runtime::leader::Leader`].
 async fn open_core(
     config: ControllerConfig,
     client: Arc<dyn BalancerClient>,
@@ -130,34 +151,17 @@ async fn open_core(
     if let Some(s) = services.into_iter().find(|s| s.balancer.is_none()) {
         return Err(ControllerError::NoBalancer(s.name.clone()));
     }
-    let store = if config.database.as_os_str() == ":memory:" {
-        Store::open_in_memory()?
-    } else {
-        Store::open(&config.database)?
-    };
+    let location = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open_location(&location))
+        .await
+        .map_err(|e| ControllerError::Inconsistent(format!("opening the store: {e}")))??;
     let hub = ControllerHub::connect(&config.cluster.hub, &store, Clock::new().now_ms()).await?;
     hub.install_balancer_subscribers(&config.cluster);
-    Core::open_with_hub(config.cluster, store, client, config.token, hub)
-}
-
-/// The reconcile loop: a tick every period, or sooner when something wakes it.
-fn spawn_reconcile(
-    core: Arc<Core>,
-    tick: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                _ = core.woken() => {}
-                _ = stop.changed() => break,
-            }
-            core.tick().await;
-        }
-    })
+    if config.lease.is_some() {
+        Core::load(config.cluster, store, client, config.token, hub)
+    } else {
+        Core::open_with_hub(config.cluster, store, client, config.token, hub)
+    }
 }
 
 /// The admin endpoint, until shutdown (graceful: answers in flight are finished).

@@ -107,7 +107,8 @@ async fn start_controller(state: &Path) -> ControllerHandle {
         understudy::config::cluster::parse("api_fuzz.toml", CLUSTER).expect("valid cluster");
     let config = ControllerConfig {
         tick: cluster.controller.tick,
-        database: state.join("understudy.db"),
+        store: understudy::config::store::StoreLocation::Sqlite(state.join("understudy.db")),
+        lease: None,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         token: TOKEN.to_string(),
         cluster,

@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 use crate::api::auth::require_token;
 use crate::api::error::{parse_body, ApiError, ErrorBody};
 use crate::api::extract::{ApiBody, ApiPath, ApiQuery};
+use crate::api::leader::require_leader;
 use crate::api::{machines, monitor};
 use crate::runtime::controller::{
     BalancerView, Core, OpsAction, ReleaseAnswer, ReleaseRequest, ReleaseView, RolloutDetail,
@@ -32,8 +33,12 @@ pub fn router(core: Arc<Core>) -> Router {
     let (routes, served) = documented_routes(core.clone()).split_for_parts();
     let document = crate::api::openapi::document(served);
     routes
-        // The hub's publish/subscribe routes (their own auth: signed messages).
-        .merge(core.hub().router())
+        // The hub's publish/subscribe routes (their own auth: signed messages), on the leader.
+        .merge(
+            core.hub()
+                .router()
+                .route_layer(middleware::from_fn_with_state(core.clone(), require_leader)),
+        )
         .merge(crate::api::openapi::router(&document))
         .fallback(no_such_endpoint)
         // After every merge: it applies to the routes registered so far.
@@ -46,6 +51,7 @@ fn documented_routes(core: Arc<Core>) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(healthz))
         .routes(routes!(metrics))
+        .routes(routes!(crate::api::leader::leader))
         .routes(routes!(services))
         .routes(routes!(machines::list))
         .routes(routes!(machines::history))
@@ -74,6 +80,8 @@ fn mutations(core: Arc<Core>) -> OpenApiRouter {
         .routes(routes!(abort))
         .routes(routes!(rollback))
         .route_layer(middleware::from_fn_with_state(core.clone(), require_token))
+        // Outside the token check: a standby answers 503 whatever the token.
+        .route_layer(middleware::from_fn_with_state(core.clone(), require_leader))
         .with_state(core)
 }
 

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod extract;
+pub mod leader;
 pub mod machines;
 pub mod monitor;
 pub mod openapi;

@@ -75,6 +75,7 @@ async fn the_document_describes_every_route_of_the_admin_endpoint() {
         ("GET", "/api/v1/predictions/alerts"),
         ("GET", "/api/v1/predictions/{service}"),
         ("GET", "/api/v1/predictions/{service}/{version}"),
+        ("GET", "/api/v1/leader"),
         ("POST", "/api/v1/hub/publish"),
         ("GET", "/api/v1/hub/subscribe"),
     ]

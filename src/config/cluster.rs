@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::config::source::{ConfigError, Source};
+use crate::config::store::{LeaseSettings, PgTarget, StoreLocation};
 use crate::config::toml_spans::Spanned;
 use serde::Deserialize;
 use understudy_judge::Condition;
@@ -46,6 +47,15 @@ pub struct ControllerSpec {
     pub admin_addr: Option<Spanned<String>>,
     /// SQLite file (default `understudy.db` beside the working directory).
     pub database: Option<PathBuf>,
+    /// A store shared by several controllers instead: `postgres://user@host:port/database`.
+    pub store: Option<Spanned<String>>,
+    /// The lease period in milliseconds (default 10000 with a shared store; a SQLite store has
+    /// no lease unless given one).
+    pub lease_ms: Option<Spanned<u64>>,
+    /// This controller's name in the lease (default: host name and process id).
+    pub name: Option<Spanned<String>>,
+    /// The admin URL standbys send callers to while this controller leads.
+    pub advertise_url: Option<Spanned<String>>,
     /// Admin bearer token; `UNDERSTUDY_TOKEN` overrides it.
     pub token: Option<String>,
     /// Reconcile period in milliseconds (default 500).
@@ -160,7 +170,9 @@ pub struct Machine {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControllerSettings {
     pub admin_addr: std::net::SocketAddr,
-    pub database: PathBuf,
+    pub store: crate::config::store::StoreLocation,
+    /// The lease controllers sharing the store hold to lead; none: this one always leads.
+    pub lease: Option<crate::config::store::LeaseSettings>,
     pub token: Option<String>,
     pub tick: Duration,
 }
@@ -721,16 +733,87 @@ fn controller_settings(
         Some(t) => Duration::from_millis(*t.get_ref()),
         None => Duration::from_millis(500),
     };
+    let store = store_location(spec, source)?;
+    let lease = lease_settings(spec, source, store.is_shared())?;
     Ok(ControllerSettings {
         admin_addr,
-        database: spec
-            .database
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("understudy.db")),
+        store,
+        lease,
         token: spec.token.clone(),
         tick,
     })
 }
+
+fn store_location(
+    spec: &ControllerSpec,
+    source: &Source<'_>,
+) -> Result<StoreLocation, ConfigError> {
+    match (&spec.store, &spec.database) {
+        (Some(url), Some(_)) => Err(source.invalid(
+            url.span().start,
+            "controller.store",
+            "give `store` (PostgreSQL) or `database` (SQLite), not both",
+        )),
+        (Some(url), None) => url
+            .get_ref()
+            .parse::<PgTarget>()
+            .map(|t| StoreLocation::Postgres(Box::new(t)))
+            .map_err(|reason| source.invalid(url.span().start, "controller.store", reason)),
+        (None, database) => Ok(StoreLocation::sqlite(
+            database
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("understudy.db")),
+        )),
+    }
+}
+
+fn lease_settings(
+    spec: &ControllerSpec,
+    source: &Source<'_>,
+    shared: bool,
+) -> Result<Option<LeaseSettings>, ConfigError> {
+    let period = match &spec.lease_ms {
+        Some(p) if !(300..=600_000).contains(p.get_ref()) => {
+            return Err(source.invalid(
+                p.span().start,
+                "controller.lease_ms",
+                "must be within 300..=600000",
+            ))
+        }
+        Some(p) => Duration::from_millis(*p.get_ref()),
+        None if shared => DEFAULT_LEASE,
+        None => return Ok(None),
+    };
+    let name = match &spec.name {
+        Some(n) if n.get_ref().trim().is_empty() || n.get_ref().len() > 200 => {
+            return Err(source.invalid(
+                n.span().start,
+                "controller.name",
+                "must be 1 to 200 characters, not blank",
+            ))
+        }
+        Some(n) => n.get_ref().clone(),
+        None => crate::config::store::default_name(),
+    };
+    let advertise_url = match &spec.advertise_url {
+        Some(u) => {
+            let reason = check_balancer_url(u.get_ref()).err();
+            if let Some(reason) = reason {
+                return Err(source.invalid(u.span().start, "controller.advertise_url", reason));
+            }
+            Some(u.get_ref().trim_end_matches('/').to_string())
+        }
+        None => None,
+    };
+    Ok(Some(LeaseSettings {
+        period,
+        name,
+        advertise_url,
+    }))
+}
+
+/// The lease period when a shared store is given without one.
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 #[path = "cluster_tests.rs"]

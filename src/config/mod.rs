@@ -7,4 +7,5 @@ pub mod hub;
 pub mod monitor;
 pub mod predict;
 pub mod source;
+pub mod store;
 pub mod toml_spans;

@@ -1110,7 +1110,8 @@ mod tests {
             .unwrap();
         let controller = crate::app::start(crate::app::ControllerConfig {
             cluster,
-            database: ":memory:".into(),
+            store: crate::config::store::StoreLocation::Memory,
+            lease: None,
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             token: "t0ken".into(),
             tick: Duration::from_millis(50),

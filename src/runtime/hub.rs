@@ -233,6 +233,31 @@ impl ControllerHub {
             .rotate(id, key, grace, Instant::now())
     }
 
+    /// Takes the keys and sequence floors the store holds (a new leader takes over what the
+    /// previous one registered, rotated and accepted): each sender's floor is the larger of its
+    /// saved number and the clock less `max_clock_skew`, as at a start.
+    pub fn load_from(&self, store: &Store, now_ms: u64) -> Result<(), HubError> {
+        store.limit_machine_history(self.settings.history_per_machine)?;
+        let saved: BTreeMap<String, u64> = store.hub_sequences()?;
+        let clock_floor = restart_floor(self.settings.max_clock_skew);
+        let mut verifier = self.lock_verifier();
+        for row in store.machine_keys()? {
+            let floor = saved
+                .get(&row.id)
+                .map_or(clock_floor, |s| clock_floor.max(*s));
+            install_stored(&mut verifier, row, floor, now_ms)?;
+        }
+        for (sender, seq) in &saved {
+            verifier.restore_floor(sender, clock_floor.max(*seq));
+        }
+        drop(verifier);
+        *self
+            .saved_sequences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = saved.into_iter().collect();
+        Ok(())
+    }
+
     /// Senders whose last accepted sequence number moved past what was last saved.
     pub(crate) fn unsaved_sequences(&self) -> Vec<(String, u64)> {
         let saved = self

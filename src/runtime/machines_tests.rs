@@ -584,7 +584,8 @@ async fn over_nats_reports_are_verified_and_recorded_the_same_way() {
 async fn hosts_the_hub(cluster_text: String) -> String {
     let cluster = crate::config::cluster::parse("t.toml", &cluster_text).unwrap();
     let config = crate::app::ControllerConfig {
-        database: std::path::PathBuf::from(":memory:"),
+        store: crate::config::store::StoreLocation::Memory,
+        lease: None,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         token: TOKEN.into(),
         tick: Duration::from_millis(50),

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub monitor_actions: CounterVec,
     /// The fencing epoch this controller pushes configs with.
     pub epoch: IntGauge,
+    /// 1 while this controller leads, 0 while it stands by.
+    pub leader: IntGauge,
     /// Pushes a balancer refused because it applied a newer epoch: another controller leads.
     pub fenced: CounterVec,
 }
@@ -110,6 +112,11 @@ const EPOCH: Def = Def {
            start or takeover).",
     labels: &[],
 };
+const LEADER: Def = Def {
+    name: "understudy_controller_leader",
+    help: "1 while this controller leads (acts), 0 while it stands by behind the one that holds            the lease.",
+    labels: &[],
+};
 const FENCED: Def = Def {
     name: "understudy_balancer_push_fenced_total",
     help: "Config pushes a balancer refused for a newer fencing epoch it applied: another \
@@ -173,6 +180,7 @@ impl Metrics {
             judge_starved: r.int_gauge(&JUDGE_STARVED)?,
             monitor_actions: r.counter(&MONITOR_ACTIONS)?,
             epoch: r.register(IntGauge::new(EPOCH.name, EPOCH.help)?)?,
+            leader: r.register(IntGauge::new(LEADER.name, LEADER.help)?)?,
             fenced: r.counter(&FENCED)?,
             registry,
         };

@@ -5,6 +5,7 @@ pub mod balancer;
 pub mod clock;
 pub mod controller;
 pub mod hub;
+pub mod leader;
 pub mod machines;
 pub mod metrics;
 pub mod monitor;

@@ -190,7 +190,8 @@ async fn start_cluster(scenario: &Scenario, token: &str) -> Result<Running, RunE
     let state_dir = tempfile::tempdir().map_err(RunError::StateDir)?;
     let config = ControllerConfig {
         tick: cluster.controller.tick,
-        database: state_dir.path().join("understudy.db"),
+        store: crate::config::store::StoreLocation::Sqlite(state_dir.path().join("understudy.db")),
+        lease: None,
         admin_addr: any,
         token: token.to_string(),
         cluster,

@@ -1,4 +1,4 @@
-//! The controller's state in SQLite: releases, rollouts, their transitions, the mirrored pairs
+//! The controller's state in SQLite or PostgreSQL ([`sql`] gives both one surface): releases, rollouts, their transitions, the mirrored pairs
 //! behind every verdict, balancer config versions and stats cursors, machines and their history,
 //! the hub keys of registered machines and the machine registry's revisions ([`SqlMachineStore`]).
 //!
@@ -7,21 +7,30 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::Connection;
 use serde::Serialize;
 use understudy_hub::registry::{MachineRevision, MachineUpdate, Registry, RegistryError};
 use understudy_hub::{MachineStore, SecretKey};
 use understudy_judge::PairSample;
 use understudy_wire::BalancerConfig;
 
+use crate::config::store::{PgTarget, StoreLocation};
 use crate::core::pairing::StoredPair;
 use crate::core::roles::MachineRole;
 use crate::core::rollout::{Actor, Phase, TransitionRecord};
 use crate::core::verdict::RolloutVerdict;
+use postgres::PgConn;
+use sql::{vals, Conn};
+pub use sql::{Dialect, Row, Sql, Value};
 
+pub mod lease;
 pub mod monitor;
 pub mod plans;
+pub mod postgres;
+mod schema;
+pub mod sql;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +44,19 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database holds unreadable data: {0}")]
     Corrupt(String),
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    #[error("store {store} cannot be reached: {reason}")]
+    Unreachable { store: String, reason: String },
+    #[error("store {store} gave no answer in {after:?}")]
+    Timeout {
+        store: String,
+        after: std::time::Duration,
+    },
+    #[error("fenced off: this controller's epoch {mine} is no longer the store's ({current}); another controller leads")]
+    Fenced { mine: u64, current: u64 },
+    #[error("this controller stands by: it writes nothing until it leads")]
+    ReadOnly,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,117 +108,31 @@ pub struct MachineKeyRow {
     pub issued_ms: u64,
 }
 
+/// The controller's store: SQLite on one host, or PostgreSQL shared by several controllers.
 pub struct Store {
-    conn: Connection,
+    db: Db,
+    /// What every write checks first.
+    fence: Fence,
+    /// Registry revisions kept per machine (0: all), see [`Store::limit_machine_history`].
+    keep_revisions: AtomicI64,
 }
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS releases(
-    id INTEGER PRIMARY KEY,
-    created_ms INTEGER NOT NULL,
-    rollback_on_failure INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rollouts(
-    id INTEGER PRIMARY KEY,
-    release_id INTEGER NOT NULL REFERENCES releases(id),
-    service TEXT NOT NULL,
-    from_version TEXT NOT NULL,
-    to_version TEXT NOT NULL,
-    after_json TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    phase_detail INTEGER NOT NULL,
-    entered_ms INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL,
-    verdict_json TEXT,
-    machines_before_json TEXT NOT NULL
-);
--- The machines a rollout moves (src/core/plan.rs `Selection`: its sub-group, replaced, joining).
--- A rollout without a row here predates sub-groups: it moves the whole service.
-CREATE TABLE IF NOT EXISTS rollout_selections(
-    rollout_id INTEGER PRIMARY KEY REFERENCES rollouts(id),
-    selection_json TEXT NOT NULL
-);
--- Machines the monitor took out of their balancer (src/runtime/monitor.rs), and since when.
-CREATE TABLE IF NOT EXISTS monitor_held_out(
-    machine TEXT PRIMARY KEY,
-    service TEXT NOT NULL,
-    since_ms INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS transitions(
-    id INTEGER PRIMARY KEY,
-    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
-    at_ms INTEGER NOT NULL,
-    from_phase TEXT NOT NULL,
-    to_phase TEXT NOT NULL,
-    cause TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    details_json TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pairs(
-    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
-    seq INTEGER NOT NULL,
-    control INTEGER NOT NULL,
-    v1_latency_us INTEGER NOT NULL,
-    v1_ok INTEGER NOT NULL,
-    v2_latency_us INTEGER NOT NULL,
-    v2_ok INTEGER NOT NULL,
-    matched INTEGER,
-    job INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (rollout_id, seq)
-);
-CREATE TABLE IF NOT EXISTS services(
-    name TEXT PRIMARY KEY,
-    version TEXT NOT NULL,
-    stats_cursor INTEGER NOT NULL,
-    config_json TEXT
-);
-CREATE TABLE IF NOT EXISTS machines(
-    id TEXT PRIMARY KEY,
-    service TEXT NOT NULL,
-    version TEXT NOT NULL,
-    role TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS machine_history(
-    id INTEGER PRIMARY KEY,
-    machine TEXT NOT NULL,
-    at_ms INTEGER NOT NULL,
-    role TEXT NOT NULL,
-    version TEXT NOT NULL,
-    rollout_id INTEGER,
-    cause TEXT NOT NULL
-);
--- Hub keys of registered machines (HMAC secrets: the controller must hold them to verify).
--- `previous_*`: the key replaced by a rotation, accepted until `previous_until_ms`.
-CREATE TABLE IF NOT EXISTS machine_keys(
-    id TEXT PRIMARY KEY,
-    key_b64 TEXT NOT NULL,
-    previous_b64 TEXT,
-    previous_until_ms INTEGER,
-    issued_ms INTEGER NOT NULL
-);
--- The machine registry: every change of a machine's reported state is a new revision.
-CREATE TABLE IF NOT EXISTS machine_revisions(
-    id TEXT NOT NULL,
-    revision INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL,
-    record_json TEXT NOT NULL,
-    PRIMARY KEY (id, revision)
-);
--- The last hub sequence number accepted per sender (saved about once a second): after a restart
--- the verifier refuses anything at or below it, so a message captured before is not accepted again.
--- `seq` is the u64 stored bit for bit in SQLite's i64.
-CREATE TABLE IF NOT EXISTS hub_sequences(
-    sender TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL
-);
--- The fencing epoch: one more at each controller start (each takeover), sent in every config so
--- a balancer refuses the configs of a controller that no longer leads.
-CREATE TABLE IF NOT EXISTS controller_epoch(
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    epoch INTEGER NOT NULL
-);
-"#;
+enum Db {
+    Sqlite(Connection),
+    Postgres(Box<PgConn>),
+}
+
+/// What a write of this controller checks before it changes anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Nothing (tools and tests working on a store directly).
+    Open,
+    /// That this is still the store's fencing epoch: a controller that lost its lead cannot write
+    /// after its successor took over.
+    Epoch(u64),
+    /// Refused: a standby that never led writes nothing.
+    ReadOnly,
+}
 
 /// Low bits of a fencing epoch that tell apart controllers of the same takeover count.
 pub const EPOCH_SALT_BITS: u32 = 16;
@@ -216,18 +152,24 @@ fn json_err(e: serde_json::Error) -> StoreError {
     corrupt(e.to_string())
 }
 
-/// Databases written before pairs carried their balancer job number get the column (0: unknown).
-fn add_pair_job_column(conn: &Connection) -> rusqlite::Result<()> {
-    let has_job = conn
-        .prepare("SELECT 1 FROM pragma_table_info('pairs') WHERE name = 'job'")?
-        .exists([])?;
-    if !has_job {
-        conn.execute_batch("ALTER TABLE pairs ADD COLUMN job INTEGER NOT NULL DEFAULT 0")?;
-    }
-    Ok(())
+fn to_json(value: &impl Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(json_err)
 }
 
+/// Serializes schema creation of controllers starting together on one PostgreSQL database.
+const SCHEMA_LOCK: i64 = 0x756e_6465_7273_7475;
+
 impl Store {
+    /// Opens the store at `location`: a SQLite file or memory, or a PostgreSQL database (an error
+    /// names a server that cannot be reached).
+    pub fn open_location(location: &StoreLocation) -> Result<Store, StoreError> {
+        match location {
+            StoreLocation::Sqlite(path) => Store::open(path),
+            StoreLocation::Memory => Store::open_in_memory(),
+            StoreLocation::Postgres(target) => Store::open_postgres(target),
+        }
+    }
+
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
@@ -246,61 +188,168 @@ impl Store {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
-            conn.execute_batch(SCHEMA)?;
-            add_pair_job_column(conn)
+            // Controllers sharing a file wait for each other's writes instead of failing at once.
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.execute_batch(schema::SQLITE)?;
+            schema::add_pair_job_column(conn)
         };
         setup(&conn).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Store { conn })
+        Ok(Store::over(Db::Sqlite(conn)))
+    }
+
+    /// Connects to a PostgreSQL database and creates the tables it lacks.
+    pub fn open_postgres(target: &PgTarget) -> Result<Store, StoreError> {
+        let store = Store::over(Db::Postgres(Box::new(PgConn::connect(target)?)));
+        let Db::Postgres(pg) = &store.db else {
+            unreachable!("just made")
+        };
+        pg.transaction(0, |sql| {
+            sql.execute("SELECT pg_advisory_xact_lock(?1)", vals![SCHEMA_LOCK])?;
+            for statement in schema::POSTGRES.split(';').filter(|s| has_sql(s)) {
+                sql.execute(statement, &[])?;
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(store)
+    }
+
+    fn over(db: Db) -> Store {
+        Store {
+            db,
+            fence: Fence::Open,
+            keep_revisions: AtomicI64::new(0),
+        }
+    }
+
+    /// Where the store is, for logs (a PostgreSQL URL without its password).
+    pub fn shown(&self) -> String {
+        match &self.db {
+            Db::Sqlite(conn) => conn.path().unwrap_or(":memory:").to_string(),
+            Db::Postgres(pg) => pg.shown().to_string(),
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.db {
+            Db::Sqlite(_) => Dialect::Sqlite,
+            Db::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// What every write checks from now on ([`StoreError::Fenced`], [`StoreError::ReadOnly`]).
+    pub fn set_fence(&mut self, fence: Fence) {
+        self.fence = fence;
+    }
+
+    fn keep(&self) -> i64 {
+        self.keep_revisions.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the store outside any transaction (reads).
+    pub fn read<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Sql<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        match &self.db {
+            Db::Sqlite(conn) => f(&Sql {
+                conn: Conn::Sqlite(conn),
+                keep_revisions: self.keep(),
+            }),
+            Db::Postgres(pg) => pg.read(self.keep(), |sql| f(&sql)),
+        }
     }
 
     /// Runs `f` in one transaction: all of it is committed, or none.
     pub fn write<T>(
         &mut self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&Sql<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let tx = self.conn.transaction()?;
-        let value = f(&tx)?;
-        tx.commit()?;
-        Ok(value)
+        self.write_with(f)
     }
 
     /// [`Store::write`] for callers with their own error type (a refusal decided inside the
     /// transaction rolls it back too).
     pub fn write_with<T, E: From<StoreError>>(
         &mut self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+        f: impl FnOnce(&Sql<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let tx = self.conn.transaction().map_err(StoreError::from)?;
-        let value = f(&tx)?;
-        tx.commit().map_err(StoreError::from)?;
-        Ok(value)
+        let fence = self.fence;
+        let guarded = |sql: &Sql<'_>| -> Result<T, E> {
+            match fence {
+                Fence::Open => {}
+                Fence::Epoch(epoch) => check_fence(sql, epoch)?,
+                Fence::ReadOnly => return Err(StoreError::ReadOnly.into()),
+            }
+            f(sql)
+        };
+        self.transaction(guarded)
     }
 
-    pub fn conn(&self) -> &Connection {
-        &self.conn
+    /// A transaction without the fence check (taking the lease).
+    fn transaction<T, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&Sql<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let keep = self.keep();
+        match &mut self.db {
+            Db::Sqlite(conn) => {
+                let tx = conn.transaction().map_err(StoreError::from)?;
+                let value = f(&Sql {
+                    conn: Conn::Sqlite(&tx),
+                    keep_revisions: keep,
+                })?;
+                tx.commit().map_err(StoreError::from)?;
+                Ok(value)
+            }
+            Db::Postgres(pg) => pg.transaction(keep, |sql| f(&sql)),
+        }
+    }
+}
+
+fn has_sql(statement: &str) -> bool {
+    statement
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+}
+
+/// Refuses the write of a controller whose epoch is no longer the store's. On PostgreSQL the row
+/// is read `FOR SHARE`: a takeover's update waits until this transaction ends, and a transaction
+/// begun after it sees the new epoch.
+fn check_fence(sql: &Sql<'_>, mine: u64) -> Result<(), StoreError> {
+    let query = match sql.dialect() {
+        Dialect::Sqlite => "SELECT epoch FROM controller_epoch WHERE id = 1",
+        Dialect::Postgres => "SELECT epoch FROM controller_epoch WHERE id = 1 FOR SHARE",
+    };
+    let current = sql.query_opt(query, &[])?.map(|r| r.u64(0)).transpose()?;
+    match current {
+        Some(current) if current == mine => Ok(()),
+        current => Err(StoreError::Fenced {
+            mine,
+            current: current.unwrap_or(0),
+        }),
     }
 }
 
 // ---- writes (inside a transaction) ----
 
 pub fn insert_release(
-    tx: &Connection,
+    tx: &Sql<'_>,
     at_ms: u64,
     rollback_on_failure: bool,
 ) -> Result<i64, StoreError> {
-    tx.execute(
-        "INSERT INTO releases(created_ms, rollback_on_failure) VALUES (?1, ?2)",
-        params![at_ms as i64, rollback_on_failure],
-    )?;
-    Ok(tx.last_insert_rowid())
+    tx.query_one(
+        "INSERT INTO releases(created_ms, rollback_on_failure) VALUES (?1, ?2) RETURNING id",
+        vals![at_ms, rollback_on_failure],
+    )?
+    .i64(0)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn insert_rollout(
-    tx: &Connection,
+    tx: &Sql<'_>,
     release: i64,
     service: &str,
     from_version: &str,
@@ -309,25 +358,25 @@ pub fn insert_rollout(
     at_ms: u64,
     machines_before: &BTreeMap<String, MachineRole>,
 ) -> Result<i64, StoreError> {
-    tx.execute(
+    tx.query_one(
         "INSERT INTO rollouts(release_id, service, from_version, to_version, after_json, phase,
              phase_detail, entered_ms, created_ms, machines_before_json)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6, ?7)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6, ?7) RETURNING id",
+        vals![
             release,
             service,
             from_version,
             to_version,
-            serde_json::to_string(after).map_err(json_err)?,
-            at_ms as i64,
-            serde_json::to_string(machines_before).map_err(json_err)?,
+            to_json(&after)?,
+            at_ms,
+            to_json(machines_before)?,
         ],
-    )?;
-    Ok(tx.last_insert_rowid())
+    )?
+    .i64(0)
 }
 
 pub fn record_transition(
-    tx: &Connection,
+    tx: &Sql<'_>,
     rollout: i64,
     record: &TransitionRecord,
 ) -> Result<(), StoreError> {
@@ -335,19 +384,19 @@ pub fn record_transition(
     tx.execute(
         "INSERT INTO transitions(rollout_id, at_ms, from_phase, to_phase, cause, actor, details_json)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
+        vals![
             rollout,
-            record.at_ms as i64,
+            record.at_ms,
             record.from.to_string(),
             record.to.to_string(),
-            record.cause,
+            &record.cause,
             record.actor.as_str(),
             record.details.to_string(),
         ],
     )?;
     let changed = tx.execute(
         "UPDATE rollouts SET phase = ?2, phase_detail = ?3, entered_ms = ?4 WHERE id = ?1",
-        params![rollout, to.name(), to.detail(), record.at_ms as i64],
+        vals![rollout, to.name(), to.detail(), record.at_ms],
     )?;
     if changed != 1 {
         return Err(corrupt(format!("rollout {rollout} missing")));
@@ -355,79 +404,92 @@ pub fn record_transition(
     Ok(())
 }
 
-pub fn set_verdict(
-    tx: &Connection,
-    rollout: i64,
-    verdict: &RolloutVerdict,
-) -> Result<(), StoreError> {
-    let json = serde_json::to_string(verdict).map_err(json_err)?;
+pub fn set_verdict(tx: &Sql<'_>, rollout: i64, verdict: &RolloutVerdict) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE rollouts SET verdict_json = ?2 WHERE id = ?1",
-        params![rollout, json],
+        vals![rollout, to_json(verdict)?],
     )?;
     Ok(())
+}
+
+/// Rows per `INSERT` of pairs: one statement (one round trip to PostgreSQL) per hundred pairs
+/// instead of one per pair.
+const PAIRS_PER_STATEMENT: usize = 100;
+
+/// `INSERT INTO pairs ... VALUES (?1, ..., ?9), (?10, ...)` for `rows` rows.
+fn insert_pairs_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO pairs(rollout_id, seq, control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job) VALUES ",
+    );
+    for row in 0..rows {
+        let first = row * 9 + 1;
+        let marks: Vec<String> = (first..first + 9).map(|n| format!("?{n}")).collect();
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("({})", marks.join(", ")));
+    }
+    sql
 }
 
 /// Appends pairs to a rollout, numbered from `first_seq`.
 pub fn insert_pairs(
-    tx: &Connection,
+    tx: &Sql<'_>,
     rollout: i64,
     first_seq: u64,
     pairs: &[StoredPair],
 ) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO pairs(rollout_id, seq, control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
-    for (i, p) in pairs.iter().enumerate() {
-        let s = &p.sample;
-        stmt.execute(params![
-            rollout,
-            (first_seq + i as u64) as i64,
-            p.control,
-            s.v1_latency_us as i64,
-            s.v1_ok,
-            s.v2_latency_us as i64,
-            s.v2_ok,
-            s.matched,
-            p.job as i64,
-        ])?;
+    for (c, chunk) in pairs.chunks(PAIRS_PER_STATEMENT).enumerate() {
+        let mut params = Vec::with_capacity(chunk.len() * 9);
+        for (i, p) in chunk.iter().enumerate() {
+            let s = &p.sample;
+            let seq = first_seq + (c * PAIRS_PER_STATEMENT + i) as u64;
+            params.extend_from_slice(vals![
+                rollout,
+                seq,
+                p.control,
+                s.v1_latency_us,
+                s.v1_ok,
+                s.v2_latency_us,
+                s.v2_ok,
+                s.matched,
+                p.job,
+            ]);
+        }
+        tx.execute(&insert_pairs_sql(chunk.len()), &params)?;
     }
     Ok(())
 }
 
-pub fn upsert_service(tx: &Connection, name: &str, version: &str) -> Result<(), StoreError> {
+pub fn upsert_service(tx: &Sql<'_>, name: &str, version: &str) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO services(name, version, stats_cursor) VALUES (?1, ?2, 0)
          ON CONFLICT(name) DO NOTHING",
-        params![name, version],
+        vals![name, version],
     )?;
     Ok(())
 }
 
-pub fn set_service_version(tx: &Connection, name: &str, version: &str) -> Result<(), StoreError> {
+pub fn set_service_version(tx: &Sql<'_>, name: &str, version: &str) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE services SET version = ?2 WHERE name = ?1",
-        params![name, version],
+        vals![name, version],
     )?;
     Ok(())
 }
 
-pub fn set_cursor(tx: &Connection, service: &str, cursor: u64) -> Result<(), StoreError> {
+pub fn set_cursor(tx: &Sql<'_>, service: &str, cursor: u64) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE services SET stats_cursor = ?2 WHERE name = ?1",
-        params![service, cursor as i64],
+        vals![service, cursor],
     )?;
     Ok(())
 }
 
-pub fn set_config(tx: &Connection, config: &BalancerConfig) -> Result<(), StoreError> {
+pub fn set_config(tx: &Sql<'_>, config: &BalancerConfig) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE services SET config_json = ?2 WHERE name = ?1",
-        params![
-            config.service,
-            serde_json::to_string(config).map_err(json_err)?
-        ],
+        vals![&config.service, to_json(config)?],
     )?;
     Ok(())
 }
@@ -435,7 +497,7 @@ pub fn set_config(tx: &Connection, config: &BalancerConfig) -> Result<(), StoreE
 /// Records a machine's role; `declare` only inserts it when unknown (startup from the cluster file).
 #[allow(clippy::too_many_arguments)]
 pub fn set_machine_role(
-    tx: &Connection,
+    tx: &Sql<'_>,
     id: &str,
     service: &str,
     version: &str,
@@ -447,12 +509,12 @@ pub fn set_machine_role(
     tx.execute(
         "INSERT INTO machines(id, service, version, role) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(id) DO UPDATE SET role = excluded.role, version = excluded.version",
-        params![id, service, version, role.as_str()],
+        vals![id, service, version, role.as_str()],
     )?;
     tx.execute(
         "INSERT INTO machine_history(machine, at_ms, role, version, rollout_id, cause)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![id, at_ms as i64, role.as_str(), version, rollout, cause],
+        vals![id, at_ms, role.as_str(), version, rollout, cause],
     )?;
     record_role_in_registry(tx, id, role, at_ms)
 }
@@ -460,7 +522,7 @@ pub fn set_machine_role(
 /// The controller assigns roles; a machine known to the registry gets a revision with its new role
 /// (in the same transaction as the role change), so its history shows every change.
 fn record_role_in_registry(
-    tx: &Connection,
+    tx: &Sql<'_>,
     id: &str,
     role: MachineRole,
     at_ms: u64,
@@ -478,7 +540,7 @@ fn record_role_in_registry(
 
 /// Registers a machine's hub key, replacing any it had (a re-registration: no grace for the old one).
 pub fn put_machine_key(
-    tx: &Connection,
+    tx: &Sql<'_>,
     id: &str,
     key: &SecretKey,
     at_ms: u64,
@@ -488,7 +550,7 @@ pub fn put_machine_key(
          VALUES (?1, ?2, NULL, NULL, ?3)
          ON CONFLICT(id) DO UPDATE SET key_b64 = excluded.key_b64, previous_b64 = NULL,
              previous_until_ms = NULL, issued_ms = excluded.issued_ms",
-        params![id, key.to_base64(), at_ms as i64],
+        vals![id, key.to_base64(), at_ms],
     )?;
     Ok(())
 }
@@ -496,7 +558,7 @@ pub fn put_machine_key(
 /// Rotates a machine's key: the current one becomes the previous, accepted until
 /// `previous_until_ms`. False when the machine has no key.
 pub fn rotate_machine_key(
-    tx: &Connection,
+    tx: &Sql<'_>,
     id: &str,
     key: &SecretKey,
     previous_until_ms: u64,
@@ -506,19 +568,23 @@ pub fn rotate_machine_key(
         "UPDATE machine_keys SET previous_b64 = key_b64, previous_until_ms = ?3, key_b64 = ?2,
              issued_ms = ?4
          WHERE id = ?1",
-        params![id, key.to_base64(), previous_until_ms as i64, at_ms as i64],
+        vals![id, key.to_base64(), previous_until_ms, at_ms],
     )?;
     Ok(changed == 1)
 }
 
-/// Saves the last accepted hub sequence number of each sender given (replacing what was saved).
-pub fn save_hub_sequences(tx: &Connection, sequences: &[(String, u64)]) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO hub_sequences(sender, seq) VALUES (?1, ?2)
-         ON CONFLICT(sender) DO UPDATE SET seq = excluded.seq",
-    )?;
+/// Saves the last accepted hub sequence number of each sender given; a number never moves back
+/// (two controllers saving at once keep the higher). The numbers are u64 stored bit for bit, so
+/// they are compared as unsigned: a negative i64 is the larger when the other is not.
+pub fn save_hub_sequences(tx: &Sql<'_>, sequences: &[(String, u64)]) -> Result<(), StoreError> {
     for (sender, seq) in sequences {
-        stmt.execute(params![sender, *seq as i64])?;
+        tx.execute(
+            "INSERT INTO hub_sequences(sender, seq) VALUES (?1, ?2)
+             ON CONFLICT(sender) DO UPDATE SET seq = excluded.seq
+             WHERE (excluded.seq < 0 AND hub_sequences.seq >= 0)
+                OR ((excluded.seq < 0) = (hub_sequences.seq < 0) AND excluded.seq > hub_sequences.seq)",
+            vals![sender, *seq],
+        )?;
     }
     Ok(())
 }
@@ -527,308 +593,297 @@ pub fn save_hub_sequences(tx: &Connection, sequences: &[(String, u64)]) -> Resul
 
 impl Store {
     pub fn releases(&self) -> Result<Vec<ReleaseRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, created_ms, rollback_on_failure FROM releases ORDER BY id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ReleaseRow {
-                id: r.get(0)?,
-                created_ms: r.get::<_, i64>(1)? as u64,
-                rollback_on_failure: r.get(2)?,
+        self.read(|sql| {
+            sql.query(
+                "SELECT id, created_ms, rollback_on_failure FROM releases ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(ReleaseRow {
+                    id: r.i64(0)?,
+                    created_ms: r.u64(1)?,
+                    rollback_on_failure: r.bool(2)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
+        })
     }
 
     pub fn rollouts(&self) -> Result<Vec<RolloutRow>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, release_id, service, from_version, to_version, after_json, phase, phase_detail,
-                    entered_ms, verdict_json, machines_before_json, created_ms
-             FROM rollouts ORDER BY id",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            let id: i64 = r.get(0)?;
-            let phase: String = r.get(6)?;
-            let verdict: Option<String> = r.get(9)?;
-            out.push(RolloutRow {
-                id,
-                release: r.get(1)?,
-                service: r.get(2)?,
-                from_version: r.get(3)?,
-                to_version: r.get(4)?,
-                after: serde_json::from_str(&r.get::<_, String>(5)?).map_err(json_err)?,
-                phase: Phase::from_parts(&phase, r.get(7)?)
-                    .ok_or_else(|| corrupt(format!("rollout {id}: phase `{phase}`")))?,
-                entered_ms: r.get::<_, i64>(8)? as u64,
-                verdict: verdict
-                    .map(|v| serde_json::from_str(&v))
-                    .transpose()
-                    .map_err(json_err)?,
-                machines_before: serde_json::from_str(&r.get::<_, String>(10)?)
-                    .map_err(json_err)?,
-                created_ms: r.get::<_, i64>(11)? as u64,
-            });
-        }
-        Ok(out)
+        let rows = self.read(|sql| {
+            sql.query(
+                "SELECT id, release_id, service, from_version, to_version, after_json, phase,
+                        phase_detail, entered_ms, verdict_json, machines_before_json, created_ms
+                 FROM rollouts ORDER BY id",
+                &[],
+            )
+        })?;
+        rows.iter().map(rollout_row).collect()
     }
 
     pub fn transitions(&self, rollout: i64) -> Result<Vec<TransitionRecord>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT at_ms, from_phase, to_phase, cause, actor, details_json FROM transitions
-             WHERE rollout_id = ?1 ORDER BY id",
-        )?;
-        let mut rows = stmt.query([rollout])?;
+        let rows = self.read(|sql| {
+            sql.query(
+                "SELECT at_ms, from_phase, to_phase, cause, actor, details_json FROM transitions
+                 WHERE rollout_id = ?1 ORDER BY id",
+                vals![rollout],
+            )
+        })?;
         let phase = |text: String| {
             text.parse::<Phase>()
                 .map_err(|_| corrupt(format!("rollout {rollout}: transition phase `{text}`")))
         };
-        let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            let actor: String = r.get(4)?;
-            out.push(TransitionRecord {
-                at_ms: r.get::<_, i64>(0)? as u64,
-                from: phase(r.get(1)?)?,
-                to: phase(r.get(2)?)?,
-                cause: r.get(3)?,
-                actor: Actor::parse(&actor).ok_or_else(|| corrupt(format!("actor `{actor}`")))?,
-                details: serde_json::from_str(&r.get::<_, String>(5)?).map_err(json_err)?,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|r| {
+                let actor = r.text(4)?;
+                Ok(TransitionRecord {
+                    at_ms: r.u64(0)?,
+                    from: phase(r.text(1)?)?,
+                    to: phase(r.text(2)?)?,
+                    cause: r.text(3)?,
+                    actor: Actor::parse(&actor)
+                        .ok_or_else(|| corrupt(format!("actor `{actor}`")))?,
+                    details: serde_json::from_str(&r.text(5)?).map_err(json_err)?,
+                })
+            })
+            .collect()
     }
 
     /// A rollout's pairs in arrival order.
     pub fn pairs(&self, rollout: i64) -> Result<Vec<StoredPair>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job FROM pairs
-             WHERE rollout_id = ?1 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map([rollout], |r| {
-            Ok(StoredPair {
-                control: r.get(0)?,
-                job: r.get::<_, i64>(6)? as u64,
-                sample: PairSample {
-                    v1_latency_us: r.get::<_, i64>(1)? as u64,
-                    v1_ok: r.get(2)?,
-                    v2_latency_us: r.get::<_, i64>(3)? as u64,
-                    v2_ok: r.get(4)?,
-                    matched: r.get(5)?,
-                },
-            })
+        let rows = self.read(|sql| {
+            sql.query(
+                "SELECT control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job FROM pairs
+                 WHERE rollout_id = ?1 ORDER BY seq",
+                vals![rollout],
+            )
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rows.iter()
+            .map(|r| {
+                Ok(StoredPair {
+                    control: r.bool(0)?,
+                    job: r.u64(6)?,
+                    sample: PairSample {
+                        v1_latency_us: r.u64(1)?,
+                        v1_ok: r.bool(2)?,
+                        v2_latency_us: r.u64(3)?,
+                        v2_ok: r.bool(4)?,
+                        matched: r.opt_bool(5)?,
+                    },
+                })
+            })
+            .collect()
     }
 
     pub fn services(&self) -> Result<Vec<ServiceRow>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT name, version, stats_cursor, config_json FROM services ORDER BY name",
-        )?;
-        let raw = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<String>>(3)?,
-            ))
+        let rows = self.read(|sql| {
+            sql.query(
+                "SELECT name, version, stats_cursor, config_json FROM services ORDER BY name",
+                &[],
+            )
         })?;
-        let mut out = Vec::new();
-        for row in raw {
-            let (name, version, cursor, config) = row?;
-            out.push(ServiceRow {
-                name,
-                version,
-                stats_cursor: cursor as u64,
-                config: config
-                    .map(|c| serde_json::from_str(&c))
-                    .transpose()
-                    .map_err(json_err)?,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|r| {
+                Ok(ServiceRow {
+                    name: r.text(0)?,
+                    version: r.text(1)?,
+                    stats_cursor: r.u64(2)?,
+                    config: r
+                        .opt_text(3)?
+                        .map(|c| serde_json::from_str(&c))
+                        .transpose()
+                        .map_err(json_err)?,
+                })
+            })
+            .collect()
     }
 
     /// Machine id -> role.
     pub fn machine_roles(&self) -> Result<BTreeMap<String, MachineRole>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT id, role FROM machines")?;
-        let raw = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        let mut out = BTreeMap::new();
-        for row in raw {
-            let (id, role) = row?;
-            let role =
-                MachineRole::parse(&role).ok_or_else(|| corrupt(format!("role `{role}`")))?;
-            out.insert(id, role);
-        }
-        Ok(out)
+        let rows = self.read(|sql| sql.query("SELECT id, role FROM machines", &[]))?;
+        rows.iter()
+            .map(|r| {
+                let role = r.text(1)?;
+                let role =
+                    MachineRole::parse(&role).ok_or_else(|| corrupt(format!("role `{role}`")))?;
+                Ok((r.text(0)?, role))
+            })
+            .collect()
     }
 
     pub fn machine_history(&self, machine: &str) -> Result<Vec<MachineHistoryRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT at_ms, role, version, rollout_id, cause FROM machine_history
-             WHERE machine = ?1 ORDER BY id",
-        )?;
-        let raw = stmt.query_map([machine], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, String>(4)?,
-            ))
+        let rows = self.read(|sql| {
+            sql.query(
+                "SELECT at_ms, role, version, rollout_id, cause FROM machine_history
+                 WHERE machine = ?1 ORDER BY id",
+                vals![machine],
+            )
         })?;
-        let mut out = Vec::new();
-        for row in raw {
-            let (at, role, version, rollout, cause) = row?;
-            out.push(MachineHistoryRow {
-                at_ms: at as u64,
-                role: MachineRole::parse(&role).ok_or_else(|| corrupt(format!("role `{role}`")))?,
-                version,
-                rollout,
-                cause,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|r| {
+                let role = r.text(1)?;
+                Ok(MachineHistoryRow {
+                    at_ms: r.u64(0)?,
+                    role: MachineRole::parse(&role)
+                        .ok_or_else(|| corrupt(format!("role `{role}`")))?,
+                    version: r.text(2)?,
+                    rollout: r.opt_i64(3)?,
+                    cause: r.text(4)?,
+                })
+            })
+            .collect()
     }
 
     /// Every registered machine's keys, by id.
     pub fn machine_keys(&self) -> Result<Vec<MachineKeyRow>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, key_b64, previous_b64, previous_until_ms, issued_ms FROM machine_keys
-             ORDER BY id",
-        )?;
-        let raw = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, i64>(4)?,
-            ))
+        let rows = self.read(|sql| {
+            sql.query(
+                "SELECT id, key_b64, previous_b64, previous_until_ms, issued_ms FROM machine_keys
+                 ORDER BY id",
+                &[],
+            )
         })?;
-        let mut out = Vec::new();
-        for row in raw {
-            let (id, key, previous, until, issued) = row?;
-            // The key itself never goes into an error message.
-            let decode = |text: &str| {
-                SecretKey::from_base64(text)
-                    .map_err(|e| corrupt(format!("hub key of machine `{id}`: {e}")))
-            };
-            let previous = match (previous, until) {
-                (Some(p), Some(until)) => Some((decode(&p)?, until as u64)),
-                _ => None,
-            };
-            out.push(MachineKeyRow {
-                key: decode(&key)?,
-                id,
-                previous,
-                issued_ms: issued as u64,
-            });
-        }
-        Ok(out)
+        rows.iter().map(machine_key_row).collect()
     }
 
-    /// Takes the next fencing epoch and records it: the caller now leads. Its high bits count
-    /// the takeovers of this store, so each is above every earlier one; its low 16 bits are
-    /// random, so two controllers wrongly given different stores but the same balancers still
-    /// hold different epochs, and the balancers refuse one of them instead of obeying both.
+    /// Takes the next fencing epoch and records it: the caller now leads (a controller without a
+    /// lease, alone on its store). See [`next_epoch`].
     pub fn take_epoch(&mut self) -> Result<u64, StoreError> {
-        let salt: u64 = rand::random::<u16>().into();
-        self.write(|tx| {
-            let last: Option<i64> = tx
-                .query_row("SELECT epoch FROM controller_epoch WHERE id = 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let takeovers = (last.unwrap_or(0) as u64 >> EPOCH_SALT_BITS) + 1;
-            let epoch = takeovers << EPOCH_SALT_BITS | salt;
-            tx.execute(
-                "INSERT INTO controller_epoch(id, epoch) VALUES (1, ?1)
-                 ON CONFLICT(id) DO UPDATE SET epoch = excluded.epoch",
-                params![epoch as i64],
-            )?;
-            Ok(epoch)
+        let salt: u16 = rand::random();
+        self.transaction(|tx| {
+            let epoch = next_epoch(current_epoch(tx)?, salt);
+            set_epoch(tx, epoch)?;
+            Ok::<_, StoreError>(epoch)
         })
     }
 
     /// The hub sequence numbers saved by [`save_hub_sequences`], by sender.
     pub fn hub_sequences(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT sender, seq FROM hub_sequences")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        let mut out = BTreeMap::new();
-        for row in rows {
-            let (sender, seq) = row?;
-            out.insert(sender, seq as u64);
-        }
-        Ok(out)
+        let rows = self.read(|sql| sql.query("SELECT sender, seq FROM hub_sequences", &[]))?;
+        rows.iter().map(|r| Ok((r.text(0)?, r.u64(1)?))).collect()
     }
 
     /// Keeps the newest `keep` registry revisions of each machine: older ones are deleted now,
-    /// and from now on by a trigger of this connection in the very transaction that appends one
-    /// (whichever code path appends). `keep` must be at least 1 (the latest stays).
+    /// and from now on in the very transaction that appends one ([`SqlMachineStore`]).
+    /// `keep` must be at least 1 (the latest stays).
     pub fn limit_machine_history(&self, keep: u64) -> Result<(), StoreError> {
         let keep = keep.max(1) as i64;
-        self.conn.execute_batch(&format!(
-            "DROP TRIGGER IF EXISTS temp.machine_revisions_retention;
-             CREATE TEMP TRIGGER machine_revisions_retention
-             AFTER INSERT ON main.machine_revisions
-             BEGIN
-                 DELETE FROM machine_revisions
-                 WHERE id = NEW.id AND revision <= NEW.revision - {keep};
-             END;
-             DELETE FROM main.machine_revisions
-             WHERE revision <= (SELECT MAX(m.revision) FROM main.machine_revisions m
-                                WHERE m.id = machine_revisions.id) - {keep};"
-        ))?;
+        self.keep_revisions.store(keep, Ordering::Relaxed);
+        self.read(|sql| {
+            sql.execute(
+                "DELETE FROM machine_revisions
+                 WHERE revision <= (SELECT MAX(m.revision) FROM machine_revisions m
+                                    WHERE m.id = machine_revisions.id) - ?1",
+                vals![keep],
+            )
+        })?;
         Ok(())
     }
 
     pub fn rollout_exists(&self, id: i64) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT 1 FROM rollouts WHERE id = ?1", [id], |_| Ok(()))
-            .optional()?
-            .is_some())
+        self.read(|sql| {
+            Ok(sql
+                .query_opt("SELECT 1 FROM rollouts WHERE id = ?1", vals![id])?
+                .is_some())
+        })
     }
 }
 
-/// The machine registry's storage ([`understudy_hub::MachineStore`]) over the controller's database:
+fn rollout_row(r: &Row) -> Result<RolloutRow, StoreError> {
+    let id = r.i64(0)?;
+    let phase = r.text(6)?;
+    let detail = r.i64(7)?;
+    Ok(RolloutRow {
+        id,
+        release: r.i64(1)?,
+        service: r.text(2)?,
+        from_version: r.text(3)?,
+        to_version: r.text(4)?,
+        after: serde_json::from_str(&r.text(5)?).map_err(json_err)?,
+        phase: Phase::from_parts(&phase, detail)
+            .ok_or_else(|| corrupt(format!("rollout {id}: phase `{phase}`")))?,
+        entered_ms: r.u64(8)?,
+        verdict: r
+            .opt_text(9)?
+            .map(|v| serde_json::from_str(&v))
+            .transpose()
+            .map_err(json_err)?,
+        machines_before: serde_json::from_str(&r.text(10)?).map_err(json_err)?,
+        created_ms: r.u64(11)?,
+    })
+}
+
+fn machine_key_row(r: &Row) -> Result<MachineKeyRow, StoreError> {
+    let id = r.text(0)?;
+    // The key itself never goes into an error message.
+    let decode = |text: &str| {
+        SecretKey::from_base64(text).map_err(|e| corrupt(format!("hub key of machine `{id}`: {e}")))
+    };
+    let previous = match (r.opt_text(2)?, r.opt_i64(3)?) {
+        (Some(p), Some(until)) => Some((decode(&p)?, until as u64)),
+        _ => None,
+    };
+    Ok(MachineKeyRow {
+        key: decode(&r.text(1)?)?,
+        previous,
+        issued_ms: r.u64(4)?,
+        id,
+    })
+}
+
+/// The fencing epoch after `last`: its high bits count the takeovers of this store, so it is above
+/// every earlier one; its low [`EPOCH_SALT_BITS`] are `salt` (random), so two controllers wrongly
+/// given different stores but the same balancers still hold different epochs, and the balancers
+/// refuse one of them instead of obeying both.
+pub fn next_epoch(last: u64, salt: u16) -> u64 {
+    let takeovers = (last >> EPOCH_SALT_BITS) + 1;
+    takeovers << EPOCH_SALT_BITS | u64::from(salt)
+}
+
+fn current_epoch(tx: &Sql<'_>) -> Result<u64, StoreError> {
+    Ok(tx
+        .query_opt("SELECT epoch FROM controller_epoch WHERE id = 1", &[])?
+        .map(|r| r.u64(0))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+fn set_epoch(tx: &Sql<'_>, epoch: u64) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO controller_epoch(id, epoch) VALUES (1, ?1)
+         ON CONFLICT(id) DO UPDATE SET epoch = excluded.epoch",
+        vals![epoch],
+    )?;
+    Ok(())
+}
+
+/// The machine registry's storage ([`understudy_hub::MachineStore`]) over the controller's store:
 /// one row per revision in `machine_revisions`. Borrowing a connection (or a transaction) lets a
 /// registry change commit together with the rest of a controller write.
 pub struct SqlMachineStore<'c> {
-    conn: &'c Connection,
+    sql: Sql<'c>,
 }
 
 impl<'c> SqlMachineStore<'c> {
-    pub fn new(conn: &'c Connection) -> SqlMachineStore<'c> {
-        SqlMachineStore { conn }
+    pub fn new(sql: &Sql<'c>) -> SqlMachineStore<'c> {
+        SqlMachineStore { sql: *sql }
     }
 
-    fn revisions(
-        &self,
-        sql: &str,
-        args: impl rusqlite::Params,
-    ) -> Result<Vec<MachineRevision>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let raw = stmt.query_map(args, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in raw {
-            let (id, revision, at_ms, json) = row?;
-            out.push(MachineRevision {
-                revision: revision as u64,
-                at_ms: at_ms as u64,
-                record: serde_json::from_str(&json)
-                    .map_err(|e| corrupt(format!("registry record of `{id}`: {e}")))?,
-            });
-        }
-        Ok(out)
+    fn revisions(&self, sql: &str, args: &[Value]) -> Result<Vec<MachineRevision>, StoreError> {
+        self.sql
+            .query(sql, args)?
+            .iter()
+            .map(|r| {
+                let id = r.text(0)?;
+                Ok(MachineRevision {
+                    revision: r.u64(1)?,
+                    at_ms: r.u64(2)?,
+                    record: serde_json::from_str(&r.text(3)?)
+                        .map_err(|e| corrupt(format!("registry record of `{id}`: {e}")))?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -840,21 +895,23 @@ impl MachineStore for SqlMachineStore<'_> {
             .revisions(
                 "SELECT id, revision, at_ms, record_json FROM machine_revisions
                  WHERE id = ?1 ORDER BY revision DESC LIMIT 1",
-                [id],
+                vals![id],
             )?
             .pop())
     }
 
     fn append(&mut self, revision: MachineRevision) -> Result<(), StoreError> {
-        self.conn.execute(
+        let id = &revision.record.id;
+        self.sql.execute(
             "INSERT INTO machine_revisions(id, revision, at_ms, record_json) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                revision.record.id,
-                revision.revision as i64,
-                revision.at_ms as i64,
-                serde_json::to_string(&revision.record).map_err(json_err)?,
-            ],
+            vals![id, revision.revision, revision.at_ms, to_json(&revision.record)?],
         )?;
+        if self.sql.keep_revisions > 0 {
+            self.sql.execute(
+                "DELETE FROM machine_revisions WHERE id = ?1 AND revision <= ?2",
+                vals![id, revision.revision as i64 - self.sql.keep_revisions],
+            )?;
+        }
         Ok(())
     }
 
@@ -862,7 +919,7 @@ impl MachineStore for SqlMachineStore<'_> {
         self.revisions(
             "SELECT id, revision, at_ms, record_json FROM machine_revisions
              WHERE id = ?1 ORDER BY revision",
-            [id],
+            vals![id],
         )
     }
 
@@ -871,10 +928,13 @@ impl MachineStore for SqlMachineStore<'_> {
             "SELECT r.id, r.revision, r.at_ms, r.record_json FROM machine_revisions r
              WHERE r.revision = (SELECT MAX(revision) FROM machine_revisions WHERE id = r.id)
              ORDER BY r.id",
-            [],
+            &[],
         )
     }
 }
+
+#[cfg(test)]
+mod postgres_tests;
 
 #[cfg(test)]
 mod tests {
@@ -897,7 +957,11 @@ mod tests {
 
     #[test]
     fn rollout_round_trip_and_atomic_write() {
-        let mut store = Store::open_in_memory().unwrap();
+        round_trip(&mut Store::open_in_memory().unwrap());
+    }
+
+    /// What every store must do alike (SQLite here, PostgreSQL in `postgres_tests`).
+    pub(super) fn round_trip(store: &mut Store) {
         let id = store
             .write(|tx| {
                 upsert_service(tx, "db", "v1")?;
@@ -943,6 +1007,11 @@ mod tests {
             .unwrap();
         assert_eq!(store.pairs(id).unwrap(), vec![pair, pair]);
         assert!(store.write(|tx| insert_pairs(tx, id, 1, &[pair])).is_err());
+        // More pairs than one statement carries keep their numbers and order.
+        let many: Vec<StoredPair> = (0..250).map(|job| StoredPair { job, ..pair }).collect();
+        store.write(|tx| insert_pairs(tx, id, 2, &many)).unwrap();
+        let jobs: Vec<u64> = store.pairs(id).unwrap().iter().map(|p| p.job).collect();
+        assert_eq!(jobs[2..], (0..250).collect::<Vec<u64>>()[..]);
     }
 
     fn record(id: &str, service: &str, version: &str, role: Role) -> understudy_hub::MachineRecord {
@@ -986,7 +1055,9 @@ mod tests {
                     Ok::<_, RegistryError<StoreError>>(())
                 })
                 .unwrap();
-            put_machine_key(store.conn(), "m-1", &SecretKey::generate(), 1).unwrap();
+            store
+                .write(|tx| put_machine_key(tx, "m-1", &SecretKey::generate(), 1))
+                .unwrap();
             // A refusal inside a transaction leaves nothing behind.
             let refused = store.write_with(|tx| {
                 let mut registry = Registry::new(SqlMachineStore::new(tx));
@@ -996,45 +1067,50 @@ mod tests {
             assert!(matches!(refused, Err(RegistryError::ServiceChanged { .. })));
         }
         let store = Store::open(&path).unwrap();
-        let registry = Registry::new(SqlMachineStore::new(store.conn()));
-        let history = registry.history("m-1").unwrap();
-        assert_eq!(
-            history
-                .iter()
-                .map(|r| (r.revision, r.at_ms, r.record.status))
-                .collect::<Vec<_>>(),
-            vec![(1, 10, Status::Running), (2, 10, Status::Down)]
-        );
-        assert!(registry.get("m-3").unwrap().is_none());
-        let ids = |filter: MachineFilter| -> Vec<String> {
-            registry
-                .list(&filter)
-                .unwrap()
-                .into_iter()
-                .map(|r| r.record.id)
-                .collect()
-        };
-        assert_eq!(ids(MachineFilter::default()), ["d-1", "m-1", "m-2"]);
-        let media = MachineFilter {
-            service: Some("media".into()),
-            ..MachineFilter::default()
-        };
-        assert_eq!(ids(media.clone()), ["m-1", "m-2"]);
-        assert_eq!(
-            ids(MachineFilter {
-                status: Some(Status::Running),
-                ..media.clone()
-            }),
-            ["m-2"]
-        );
-        assert_eq!(
-            ids(MachineFilter {
-                role: Some(Role::Active),
-                version: Some("v1".into()),
-                ..MachineFilter::default()
-            }),
-            ["d-1", "m-1"]
-        );
+        store
+            .read(|sql| {
+                let registry = Registry::new(SqlMachineStore::new(sql));
+                let history = registry.history("m-1").unwrap();
+                assert_eq!(
+                    history
+                        .iter()
+                        .map(|r| (r.revision, r.at_ms, r.record.status))
+                        .collect::<Vec<_>>(),
+                    vec![(1, 10, Status::Running), (2, 10, Status::Down)]
+                );
+                assert!(registry.get("m-3").unwrap().is_none());
+                let ids = |filter: MachineFilter| -> Vec<String> {
+                    registry
+                        .list(&filter)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| r.record.id)
+                        .collect()
+                };
+                assert_eq!(ids(MachineFilter::default()), ["d-1", "m-1", "m-2"]);
+                let media = MachineFilter {
+                    service: Some("media".into()),
+                    ..MachineFilter::default()
+                };
+                assert_eq!(ids(media.clone()), ["m-1", "m-2"]);
+                assert_eq!(
+                    ids(MachineFilter {
+                        status: Some(Status::Running),
+                        ..media.clone()
+                    }),
+                    ["m-2"]
+                );
+                assert_eq!(
+                    ids(MachineFilter {
+                        role: Some(Role::Active),
+                        version: Some("v1".into()),
+                        ..MachineFilter::default()
+                    }),
+                    ["d-1", "m-1"]
+                );
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
         let keys = store.machine_keys().unwrap();
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].id, "m-1");

@@ -1,7 +1,6 @@
 //! Controller tests: whole releases against the in-memory balancer, with tokio's paused clock and
 //! SQLite in a temporary directory; restarts; the joining condition through the judge crate.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -678,7 +677,8 @@ async fn a_later_release_brings_retired_machines_back() {
 async fn in_process_start_serves_the_admin_endpoint_and_shuts_down() {
     let rig = Rig::new(SAMPLE);
     let config = ControllerConfig {
-        database: PathBuf::from(":memory:"),
+        store: crate::config::store::StoreLocation::Memory,
+        lease: None,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         token: "tok".into(),
         tick: Duration::from_millis(20),
@@ -1190,10 +1190,8 @@ async fn a_judge_that_gets_no_pairs_while_copies_flow_is_shown_as_starved() {
 #[tokio::test(start_paused = true)]
 async fn a_controller_that_lost_its_lead_is_fenced_off_and_switches_nothing() {
     let rig = Rig::new(SAMPLE);
+    // The old leader committed its configs but froze before pushing them.
     let old = rig.open();
-    old.tick().await;
-    let first = rig.fake.config("media").expect("pushed");
-    assert_eq!(first.epoch, old.epoch(), "every config carries the epoch");
     // A second controller takes over the store: a higher epoch, which its first push applies.
     let new = rig.open();
     assert!(new.epoch() > old.epoch());
@@ -1203,9 +1201,17 @@ async fn a_controller_that_lost_its_lead_is_fenced_off_and_switches_nothing() {
         "one more takeover"
     );
     new.tick().await;
+    let first = rig.fake.config("media").expect("pushed");
+    assert_eq!(first.epoch, new.epoch(), "every config carries the epoch");
     assert_eq!(rig.fake.epoch("media"), new.epoch());
-    // The old one wakes up and starts a release: the balancers refuse every config it pushes.
-    old.release(&release_of(&[("media", "v2")], false)).unwrap();
+    // The old one wakes up: the store refuses the release it starts (nothing of it is kept) ...
+    let refused = old
+        .release(&release_of(&[("media", "v2")], false))
+        .unwrap_err();
+    assert!(refused.to_string().contains("fenced off"), "{refused}");
+    let store = Store::open(&rig.dir.path().join("state.db")).unwrap();
+    assert!(store.releases().unwrap().is_empty());
+    // ... and the balancers refuse the config it still had to push.
     let accepted = rig.fake.accepted("media").len();
     old.tick().await;
     assert_eq!(

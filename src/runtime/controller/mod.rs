@@ -353,8 +353,8 @@ pub struct Core {
     client: Arc<dyn BalancerClient>,
     pub(crate) metrics: Metrics,
     pub(super) clock: Clock,
-    /// The fencing epoch every config is pushed with.
-    epoch: u64,
+    /// Whether it leads, and with which fencing epoch (every config is pushed with it).
+    pub(super) leadership: leadership::Leadership,
     token: String,
     wake: Notify,
     /// The hub it hosts and the keys of registered machines (src/runtime/hub.rs, src/runtime/machines.rs).
@@ -728,6 +728,21 @@ impl State {
 impl State {
     /// Every service of the file, and every machine the store does not know yet with the role
     /// the file gives it.
+    /// Everything in memory read again from the store, as at a start: a standby's view, and the
+    /// state a new leader takes over.
+    fn reload(&mut self, metrics: &Metrics) -> Result<(), ControllerError> {
+        self.services.clear();
+        self.rollouts.clear();
+        self.releases.clear();
+        self.roles = self.store.machine_roles()?;
+        self.monitor = monitor::MonitorState::default();
+        self.monitor.held_out = self.store.read(crate::store::monitor::held_out)?;
+        // Counted again from the stored transitions.
+        metrics.transitions.reset();
+        self.load_services(metrics)?;
+        self.load_rollouts(metrics)
+    }
+
     fn declare_machines(&mut self, now: u64) -> Result<(), StoreError> {
         let known = self.store.machine_roles()?;
         let declared = crate::core::plan::declared_roles(&self.cluster);
@@ -779,7 +794,7 @@ impl State {
             };
             self.releases.insert(row.id, release);
         }
-        let mut selections = crate::store::plans::all(self.store.conn())?;
+        let mut selections = self.store.read(crate::store::plans::all)?;
         for row in self.store.rollouts()? {
             if !row.phase.is_finished() && !self.cluster.services.contains_key(&row.service) {
                 return Err(ControllerError::Inconsistent(format!(
@@ -989,8 +1004,24 @@ impl Core {
         Self::open_with_hub(cluster, store, client, token, hub)
     }
 
-    /// [`Core::open`] with a hub built by the caller (e.g. connected to NATS).
+    /// [`Core::open`] with a hub built by the caller (e.g. connected to NATS): a controller alone
+    /// on its store, leading from the start with the store's next epoch.
     pub fn open_with_hub(
+        cluster: Cluster,
+        store: Store,
+        client: Arc<dyn BalancerClient>,
+        token: String,
+        hub: crate::runtime::hub::ControllerHub,
+    ) -> Result<Core, ControllerError> {
+        let core = Core::load(cluster, store, client, token, hub)?;
+        let epoch = lock(&core.state).store.take_epoch()?;
+        core.lead(epoch)?;
+        Ok(core)
+    }
+
+    /// The controller over what its store holds, not leading yet: it answers reads, writes
+    /// nothing and pushes nothing until [`Core::lead`].
+    pub fn load(
         cluster: Cluster,
         store: Store,
         client: Arc<dyn BalancerClient>,
@@ -999,6 +1030,8 @@ impl Core {
     ) -> Result<Core, ControllerError> {
         let clock = Clock::new();
         let metrics = Metrics::new()?;
+        let mut store = store;
+        store.set_fence(crate::store::Fence::ReadOnly);
         let mut state = State {
             cluster,
             store,
@@ -1008,35 +1041,22 @@ impl Core {
             roles: BTreeMap::new(),
             monitor: monitor::MonitorState::default(),
         };
-        let epoch = state.store.take_epoch()?;
-        metrics.epoch.set(epoch as i64);
-        state.declare_machines(clock.now_ms())?;
-        state.roles = state.store.machine_roles()?;
-        state.monitor.held_out = crate::store::monitor::held_out(state.store.conn())?;
-        state.load_services(&metrics)?;
-        state.load_rollouts(&metrics)?;
+        state.reload(&metrics)?;
         let predictions = Arc::new(crate::runtime::predictions::Predictions::new(
             state.cluster.predict.clone(),
             clock,
         )?);
-        let core = Core {
+        Ok(Core {
             state: Mutex::new(state),
             client,
             metrics,
             clock,
-            epoch,
+            leadership: leadership::Leadership::default(),
             token,
             wake: Notify::new(),
             hub,
             predictions,
-        };
-        core.commit_configs()?;
-        Ok(core)
-    }
-
-    /// The fencing epoch this controller pushes configs with.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+        })
     }
 
     pub fn token(&self) -> &str {
@@ -1518,6 +1538,9 @@ impl Core {
     /// One reconcile round: read stats, move rollouts, push what changed.
     pub async fn tick(&self) {
         self.predictions.tick();
+        if !self.is_leading() {
+            return;
+        }
         let reads = lock(&self.state).stats_reads();
         let mut replies = tokio::task::JoinSet::new();
         for read in reads {
@@ -1614,8 +1637,11 @@ impl Core {
         let pushes = lock(&self.state).pending_pushes();
         for push in pushes {
             let started = std::time::Instant::now();
+            if !self.is_leading() {
+                return;
+            }
             let sent = BalancerConfig {
-                epoch: self.epoch,
+                epoch: self.epoch(),
                 ..push.config.clone()
             };
             let result = self.client.push(&push.url, &sent).await;
@@ -2009,6 +2035,7 @@ impl Core {
 }
 
 pub use crate::core::rollout::OpsAction;
+pub use leadership::LeaderView;
 
 #[derive(Debug, thiserror::Error)]
 enum ApplyError {
@@ -2149,6 +2176,7 @@ fn detail(state: &State, r: &RolloutState) -> RolloutDetail {
 }
 
 // The controller's operations by concern, each on the state behind the one lock.
+mod leadership;
 mod monitoring;
 pub mod recording;
 mod registry;

@@ -11,7 +11,6 @@ use crate::runtime::monitor::{
 };
 use crate::store::monitor::{drop_held_out, put_held_out};
 use crate::store::{self, SqlMachineStore, StoreError};
-use rusqlite::Connection;
 use std::collections::{BTreeMap, BTreeSet};
 use understudy_hub::monitor::{
     evaluate, Action, ActualState, DesiredService, DesiredState, ObservedMachine,
@@ -69,7 +68,9 @@ fn desired_state(state: &State) -> DesiredState {
 /// (the fewer of what its balancer pins to it and what it reports: either reaching 0 ends a wait).
 /// Also gives the machines seen only through their balancer.
 fn actual_state(state: &State, now_ms: u64) -> Result<(ActualState, BTreeSet<String>), StoreError> {
-    let latest = SqlMachineStore::new(state.store.conn()).all_latest()?;
+    let latest = state
+        .store
+        .read(|sql| SqlMachineStore::new(sql).all_latest())?;
     let mut machines = Vec::with_capacity(latest.len());
     for revision in latest {
         let mut record: MachineRecord = revision.record;
@@ -357,7 +358,7 @@ impl Core {
         &self,
         state: &mut State,
         service: &str,
-        write: impl FnOnce(&Connection) -> Result<(), StoreError>,
+        write: impl FnOnce(&store::Sql<'_>) -> Result<(), StoreError>,
     ) -> Result<String, String> {
         let rollout = state
             .open_rollout(service)
@@ -445,8 +446,9 @@ impl Core {
 
 /// Every declared machine's place on its balancer, as last seen.
 fn presence(state: &State) -> Vec<MachinePresence> {
-    let reported: BTreeMap<String, u32> = SqlMachineStore::new(state.store.conn())
-        .all_latest()
+    let reported: BTreeMap<String, u32> = state
+        .store
+        .read(|sql| SqlMachineStore::new(sql).all_latest())
         .unwrap_or_default()
         .into_iter()
         .map(|r| (r.record.id, r.record.sessions))

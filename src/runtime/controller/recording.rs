@@ -47,7 +47,20 @@ const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 /// registry revision until `stop`; then closes the embedded hub so SSE subscribers end. Every
 /// second, and once more at the end, it saves the senders' last sequence numbers
 /// ([`Core::save_hub_sequences`]).
-pub fn spawn_recorder(core: Arc<Core>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn_recorder(core: Arc<Core>, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    spawn_recording(core, stop, true)
+}
+
+/// [`spawn_recorder`] for one term of a leader: the hub stays open when it ends, for the next.
+pub fn spawn_term_recorder(core: Arc<Core>, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    spawn_recording(core, stop, false)
+}
+
+fn spawn_recording(
+    core: Arc<Core>,
+    mut stop: watch::Receiver<bool>,
+    close_hub: bool,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let filter = Filter {
             topic: Some(STATE_TOPIC.to_string()),
@@ -90,7 +103,9 @@ pub fn spawn_recorder(core: Arc<Core>, mut stop: watch::Receiver<bool>) -> JoinH
                 }
             }
         }
-        core.hub().close();
+        if close_hub {
+            core.hub().close();
+        }
         save_sequences(&core);
     })
 }

@@ -175,11 +175,15 @@ impl Core {
             });
         }
         let now = self.now_ms();
-        self.with_store(|store, roles, _| {
+        // The sender's sequence number is saved with the report it allowed: a controller that
+        // takes over refuses this very message if it is replayed, whenever the leader fell.
+        let seq = vec![(envelope.sender.clone(), envelope.seq)];
+        let change = self.with_store(|store, roles, _| {
             if let Some(role) = roles.get(&record.id) {
                 record.role = role.hub_role();
             }
             store.write_with(|tx| {
+                crate::store::save_hub_sequences(tx, &seq)?;
                 Registry::new(SqlMachineStore::new(tx))
                     .register(record, now)
                     .map_err(|e| match e {
@@ -187,15 +191,18 @@ impl Core {
                         other => ReportError::Refused(other.to_string()),
                     })
             })
-        })
+        })?;
+        self.hub.mark_saved(seq);
+        Ok(change)
     }
 
     /// Latest registry record of every machine that registered or reported, sorted by id; the
     /// role is the controller's where it assigns one.
     pub fn machine_records(&self) -> Vec<MachineRecord> {
         self.with_store(|store, roles, _| {
-            let latest =
-                Registry::new(SqlMachineStore::new(store.conn())).list(&MachineFilter::default());
+            let latest = store.read(|sql| {
+                Registry::new(SqlMachineStore::new(sql)).list(&MachineFilter::default())
+            });
             match latest {
                 Ok(revisions) => revisions
                     .into_iter()
@@ -219,8 +226,9 @@ impl Core {
     /// registered nor reported); 404 for an id the controller does not know at all.
     pub fn machine_revisions(&self, id: &str) -> Result<Vec<MachineRevision>, RequestError> {
         self.with_store(|store, _, cluster| {
-            let history =
-                understudy_hub::MachineStore::history(&SqlMachineStore::new(store.conn()), id)?;
+            let history = store.read(|sql| {
+                understudy_hub::MachineStore::history(&SqlMachineStore::new(sql), id)
+            })?;
             if history.is_empty() && !cluster.machines.iter().any(|m| m.id == id) {
                 return Err(RequestError::NotFound(format!("no machine `{id}`")));
             }
@@ -235,7 +243,8 @@ impl Core {
     ) -> Result<Vec<MachineListing>, RequestError> {
         let declared = self.machines()?;
         let reported: BTreeMap<String, MachineRevision> = self.with_store(|store, _, _| {
-            understudy_hub::MachineStore::all_latest(&SqlMachineStore::new(store.conn()))
+            store
+                .read(|sql| understudy_hub::MachineStore::all_latest(&SqlMachineStore::new(sql)))
                 .map(|all| all.into_iter().map(|r| (r.record.id.clone(), r)).collect())
         })?;
         let mut out: BTreeMap<String, MachineListing> = BTreeMap::new();
