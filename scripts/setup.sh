@@ -4,6 +4,9 @@
 # - promtool (Debian's `prometheus`): tests check every /metrics page with `promtool check metrics`;
 # - nats-server (Debian's `nats-server`): the hub's NATS backend tests and the NATS release test
 #   start a real server on a free loopback port;
+# - PostgreSQL server binaries (Debian's `postgresql`): tests/failover.rs runs two controllers on
+#   one shared store, a throwaway server that understudy-testkit's `postgres` module starts
+#   (as the `postgres` user when run as root) in a temporary directory on a free loopback port;
 # - schemathesis (PyPI, for the machine's python3): tests/api_fuzz.rs fuzzes the admin endpoint
 #   from its OpenAPI document.
 # Benchmarks install their own extra tools (nginx, wrk) in bench/*.sh.
@@ -15,6 +18,20 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+
+# The server binaries, not only the client: Debian keeps them off PATH, in
+# /usr/lib/postgresql/<major>/bin.
+postgres_bin() {
+  local dir
+  for dir in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V -r); do
+    if [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then echo "$dir"; return 0; fi
+  done
+  if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+    dirname "$(command -v initdb)"; return 0
+  fi
+  return 1
+}
+postgres_bin >/dev/null || need+=(postgresql)
 
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
@@ -33,4 +50,5 @@ if ! python3 -c 'import schemathesis, sys; sys.exit(schemathesis.__version__.spl
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is not installed (install Rust with rustup)" >&2; exit 1; }
-echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), nats-server $(nats-server --version 2>&1 | awk '{print $NF}'), schemathesis $(python3 -c 'import schemathesis; print(schemathesis.__version__)'))"
+pg_bin="$(postgres_bin)" || { echo "setup: the PostgreSQL server binaries are still missing" >&2; exit 1; }
+echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), nats-server $(nats-server --version 2>&1 | awk '{print $NF}'), schemathesis $(python3 -c 'import schemathesis; print(schemathesis.__version__)'), PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}'))"

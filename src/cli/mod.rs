@@ -577,4 +577,46 @@ mod tests {
         assert!(err.contains("bad.toml:2") && err.contains("foo"), "{err}");
         assert_eq!(exit_code(check(CheckArgs { file: bad })), 2);
     }
+
+    /// A controller file whose `[controller]` table is `table`; the controller's result.
+    fn controller_with(table: &str) -> CliResult {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster.toml");
+        let text = crate::testing::SAMPLE.replace(
+            "[controller]\ntick_ms = 100\n",
+            &format!("[controller]\ntick_ms = 100\ntoken = \"t\"\nadmin_addr = \"127.0.0.1:0\"\n{table}\n"),
+        );
+        std::fs::write(&file, text).unwrap();
+        controller(ControllerArgs { config: file })
+    }
+
+    #[test]
+    fn a_store_url_that_does_not_parse_or_answer_stops_the_controller_naming_it() {
+        let err = controller_with("store = \"mysql://db/understudy\"").unwrap_err();
+        assert_eq!(err.code(), 2);
+        let shown = err.to_string();
+        assert!(
+            shown.contains("controller.store") && shown.contains("postgres://"),
+            "{shown}"
+        );
+        let both =
+            controller_with("store = \"postgres://u@h/d\"\ndatabase = \"x.db\"").unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        // A port where nothing listens: refused at start, the message names the store.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("postgres://ops:secret@127.0.0.1:{port}/understudy");
+        let err = controller_with(&format!("store = \"{url}\"")).unwrap_err();
+        assert_eq!(err.code(), 2);
+        let shown = err.to_string();
+        let named = format!("postgres://ops@127.0.0.1:{port}/understudy");
+        assert!(
+            shown.contains(&named) && shown.contains("cannot be reached"),
+            "{shown}"
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+    }
 }

@@ -132,8 +132,11 @@ impl Leader {
             .core
             .with_lease_store(|store| store.renew_lease(name, epoch, period));
         match renewed {
-            Ok(true) => self.core.act_until(Some(asked + acting_window(period))),
-            Ok(false) => {
+            Ok(Some(lease)) => {
+                self.core.act_until(Some(asked + acting_window(period)));
+                self.core.saw_lease(Some(lease));
+            }
+            Ok(None) => {
                 tracing::warn!(epoch, "another controller took the lease: standing by");
                 self.core.stand_down();
             }
@@ -162,6 +165,15 @@ impl Leader {
         for task in term.tasks {
             let _ = task.await;
         }
+        // Not this controller any more: whoever the store names, or nobody known while the
+        // store is away.
+        let seen = self
+            .core
+            .with_lease_store(|store| store.lease())
+            .ok()
+            .flatten();
+        self.core
+            .saw_lease(seen.filter(|l| !(l.holder == self.lease.name && l.epoch == term.epoch)));
         tracing::info!(epoch = term.epoch, "term ended");
         Some(term.epoch)
     }

@@ -85,21 +85,25 @@ impl Store {
         })
     }
 
-    /// Extends `me`'s lease of `epoch` by a period from the store's now; false when it is no
-    /// longer `me`'s (another controller took it).
+    /// Extends `me`'s lease of `epoch` by a period from the store's now: the lease as renewed, or
+    /// none when it is no longer `me`'s (another controller took it).
     pub fn renew_lease(
         &mut self,
         me: &str,
         epoch: u64,
         period: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Lease>, StoreError> {
         self.transaction(|tx| {
             let until = now_ms(tx)? + period_ms(period);
             let changed = tx.execute(
                 "UPDATE controller_lease SET expires_ms = ?3 WHERE id = 1 AND holder = ?1 AND epoch = ?2",
                 vals![me, epoch, until],
             )?;
-            Ok::<_, StoreError>(changed == 1)
+            if changed == 1 {
+                stored(tx)
+            } else {
+                Ok(None)
+            }
         })
     }
 
@@ -150,16 +154,19 @@ pub(crate) mod tests {
         };
         let held = b.claim_lease("b", "http://b", period).unwrap();
         assert_eq!(held, Claim::Held(first.clone()));
-        assert!(a.renew_lease("a", first.epoch, period).unwrap());
+        let renewed = a
+            .renew_lease("a", first.epoch, period)
+            .unwrap()
+            .expect("a's");
+        assert!(renewed.expires_ms >= first.expires_ms);
+        assert_eq!(renewed.epoch, first.epoch);
         std::thread::sleep(period + Duration::from_millis(50));
         let Claim::Leading(second) = b.claim_lease("b", "http://b", period).unwrap() else {
             panic!("a lease that ran out is taken")
         };
         assert!(second.epoch > first.epoch);
-        assert!(
-            !a.renew_lease("a", first.epoch, period).unwrap(),
-            "a lost it"
-        );
+        let lost = a.renew_lease("a", first.epoch, period).unwrap();
+        assert_eq!(lost, None, "a lost it");
         // a's writes are fenced from now on; b's go through.
         a.set_fence(crate::store::Fence::Epoch(first.epoch));
         let fenced = a.write(|tx| crate::store::upsert_service(tx, "db", "v1"));

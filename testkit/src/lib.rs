@@ -1,4 +1,5 @@
-//! Helpers for property tests of the config parsers (dev-dependency only).
+//! Test helpers (dev-dependency only): property tests of the config parsers, and a throwaway
+//! PostgreSQL server.
 //!
 //! A config file can say the same thing in several TOML forms: a table as `[a.b]` with its keys
 //! below, as an implicit table (only its sub-tables have headers), as dotted keys (`b.c = 1`), or
@@ -6,9 +7,13 @@
 //! float as `2` or `2.0`; a string as `"..."` or `'...'`. [`render`] writes a [`toml::Table`] in a
 //! chosen [`Style`] and tells the line each leaf landed on; [`mutate`] changes a table the ways a
 //! person gets a file wrong; [`garble`] breaks the text itself.
+//!
+//! [`postgres::PgServer`] starts a PostgreSQL server of its own (temporary directory, free
+//! loopback port, stopped and removed on drop) for tests of the shared store.
 
 mod breaks;
 mod mutate;
+pub mod postgres;
 mod render;
 
 pub use breaks::{breaks, check_break, Break, Naming};

@@ -133,6 +133,19 @@ impl Core {
     pub fn stand_down(&self) {
         self.leadership.leading.store(false, Ordering::SeqCst);
         self.metrics.leader.set(0);
+        // The lease as last seen names this controller: who leads now is unknown until the
+        // store is read again.
+        let mut seen = self
+            .leadership
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mine = seen.as_ref().is_some_and(|l| {
+            Some(&l.holder) == self.leadership.name.get() && l.epoch == self.epoch()
+        });
+        if mine {
+            *seen = None;
+        }
     }
 
     /// A standby's view read again from the store (nothing while it leads: then memory is ahead).
