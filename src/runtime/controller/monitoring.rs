@@ -404,9 +404,16 @@ impl Core {
                 Signer::new(crate::runtime::hub::CONTROLLER_ID, SecretKey::generate())
                     .expect("the controller id is a valid sender name")
             });
+            // Each request carries the fencing epoch it was decided under, so whoever acts on
+            // it can ignore a controller that no longer leads.
             outbox
                 .into_iter()
-                .map(|o| signer.sign(o.topic, o.payload))
+                .map(|mut o| {
+                    if let Some(fields) = o.payload.as_object_mut() {
+                        fields.insert("epoch".into(), self.epoch().into());
+                    }
+                    signer.sign(o.topic, o.payload)
+                })
                 .collect()
         };
         let backend = self.hub_backend();
@@ -711,6 +718,7 @@ min_running_active = 3
         assert_eq!(rig.fake.config("media").unwrap().version, 2);
         let asked = scale.recv().await.expect("published");
         assert_eq!(asked.sender, crate::runtime::hub::CONTROLLER_ID);
+        assert_eq!(asked.payload["epoch"], core.epoch());
         assert_eq!(asked.payload["service"], "media");
         assert_eq!(asked.payload["missing"], 1);
         assert_eq!(
