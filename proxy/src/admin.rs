@@ -255,6 +255,9 @@ async fn put_config(
         }
         Err(e @ PushError::Stale { .. }) => refusal(e, RefusalReason::StaleVersion),
         Err(e @ PushError::StaleEpoch { .. }) => refusal(e, RefusalReason::StaleEpoch),
+        Err(e @ PushError::FloorNotSaved { .. }) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
         Err(e) => error(StatusCode::BAD_REQUEST, format!("bad config: {e}")),
     }
 }

@@ -225,6 +225,51 @@ async fn epoch_metrics(running: &RunningBalancers) -> (String, String) {
     )
 }
 
+/// A keyless `media` balancer keeping its epoch floor at `file`.
+fn keyless_with_floor(file: &std::path::Path) -> RunningBalancers {
+    let mut cfg = process();
+    cfg.balancers[0].epoch_file = Some(file.to_path_buf());
+    let options = SpawnOptions {
+        insecure_no_key: true,
+        ..SpawnOptions::default()
+    };
+    crate::spawn_with(cfg, options).unwrap()
+}
+
+#[tokio::test]
+async fn a_restarted_balancer_still_refuses_an_epoch_below_the_one_it_obeyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("media.epoch");
+    let at = |version, epoch| BalancerConfig {
+        epoch,
+        ..media_config(version)
+    };
+    let running = keyless_with_floor(&file);
+    assert_eq!(push(&running, &at(2, 7)).await.0, 200);
+    running.shutdown();
+    // Back from its file (version 1, epoch 0), it remembers epoch 7.
+    let running = keyless_with_floor(&file);
+    let (epoch, _) = epoch_metrics(&running).await;
+    assert!(epoch.ends_with(" 7"), "{epoch}");
+    let (status, body) = push(&running, &at(3, 6)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["reason"], "stale_epoch");
+    assert_eq!(push(&running, &at(3, 7)).await.0, 200);
+    // A floor that cannot be recorded applies nothing.
+    drop(running);
+    let unwritable = dir.path().join("missing-dir").join("media.epoch");
+    let running = keyless_with_floor(&unwritable);
+    let (status, body) = push(&running, &at(2, 9)).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("missing-dir"),
+        "{body}"
+    );
+    let (_, _, config) = call(&running, "GET", "/api/v1/balancers/media/config", "").await;
+    let config: Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(config["version"], 1, "nothing was switched");
+}
+
 #[tokio::test]
 async fn a_config_from_an_older_fencing_epoch_is_refused_whatever_its_version() {
     let running = keyless();

@@ -38,6 +38,10 @@ pub struct BalancerSpec {
     /// there may carry the simulation marker. Port 0 picks a free port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_listen: Option<SocketAddr>,
+    /// Where the highest controller fencing epoch applied is kept, so a restart still refuses
+    /// the configs of a controller that lost its lead (none: in memory only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_file: Option<std::path::PathBuf>,
     pub config: BalancerConfig,
 }
 
@@ -47,6 +51,7 @@ impl BalancerSpec {
         BalancerSpec {
             listen,
             internal_listen: None,
+            epoch_file: None,
             config,
         }
     }
@@ -747,6 +752,7 @@ machines = []
         let spec = BalancerSpec {
             listen: "127.0.0.1:0".parse().unwrap(),
             internal_listen: None,
+            epoch_file: None,
             config: config(),
         };
         let mut bad = spec.clone();
@@ -788,6 +794,7 @@ machines = []
             balancers: vec![BalancerSpec {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+                epoch_file: None,
                 config: config(),
             }],
         };

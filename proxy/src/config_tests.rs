@@ -58,6 +58,7 @@ fn balancer(index: usize) -> impl Strategy<Value = BalancerSpec> {
             move |(internal, (version, fraction, compare, drain), machines)| BalancerSpec {
                 listen: "127.0.0.1:0".parse().expect("an address"),
                 internal_listen: internal,
+                epoch_file: None,
                 config: BalancerConfig {
                     service: format!("service-{index}"),
                     version,

@@ -12,6 +12,7 @@ mod admin;
 mod caller;
 mod config;
 mod draft;
+mod epoch_floor;
 mod extract;
 mod fault;
 mod h1;
@@ -76,6 +77,8 @@ pub enum ProxyError {
     Metrics(#[from] prometheus::Error),
     #[error("signed configs: {0}")]
     Signing(#[from] SigningError),
+    #[error(transparent)]
+    EpochFloor(#[from] epoch_floor::FloorError),
     /// Keys are required unless the process runs explicitly without them.
     #[error(
         "{0}: a balancer takes configs and simulation jobs only when authenticated; give the \
@@ -251,6 +254,11 @@ pub fn spawn_with(
     options: SpawnOptions,
 ) -> Result<RunningBalancers, ProxyError> {
     let configs = cfg.validated()?;
+    let floors = cfg
+        .balancers
+        .iter()
+        .map(|b| epoch_floor::EpochFloor::open(b.epoch_file.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     check_keys(&cfg, &options)?;
     let limits = cfg.limits.validated()?;
     let marker = Arc::new(MarkerPolicy::new(
@@ -302,7 +310,7 @@ pub fn spawn_with(
             mirror_body_limit: options.mirror_body_limit,
         },
     };
-    let services = shared.services(configs, &options);
+    let services = shared.services(configs.into_iter().zip(floors).collect(), &options);
     start_background(&services, &options, limits, &gates, &admin_runtime);
     let admin_state = Arc::new(admin::AdminState {
         services: services.clone(),
@@ -336,10 +344,11 @@ struct Shared {
 }
 
 impl Shared {
-    /// One service (routing, stats, links) per validated balancer config, by name.
+    /// One service (routing, stats, links) per validated balancer config and its stored epoch
+    /// floor, by name.
     fn services(
         &self,
-        configs: Vec<config::ValidConfig>,
+        configs: Vec<(config::ValidConfig, epoch_floor::EpochFloor)>,
         options: &SpawnOptions,
     ) -> HashMap<String, Arc<service::Service>> {
         let retention = stats::Retention {
@@ -348,7 +357,7 @@ impl Shared {
         };
         configs
             .into_iter()
-            .map(|valid| {
+            .map(|(valid, floor)| {
                 let stats = Arc::new(stats::Stats::new(
                     valid.service.clone(),
                     self.metrics.clone(),
@@ -361,6 +370,7 @@ impl Shared {
                     self.mirror.clone(),
                     self.data_plane,
                     self.marker.clone(),
+                    floor,
                 ));
                 (service.name.to_string(), service)
             })

@@ -52,6 +52,9 @@ pub enum PushError {
          (another controller has taken over)"
     )]
     StaleEpoch { pushed: u64, highest: u64 },
+    /// The new floor could not be recorded: nothing was applied.
+    #[error("the fencing epoch {epoch} cannot be recorded, nothing applied: {reason}")]
+    FloorNotSaved { epoch: u64, reason: String },
 }
 
 pub(crate) struct Service {
@@ -72,6 +75,8 @@ pub(crate) struct Service {
     config_version: IntGauge,
     /// The highest fencing epoch applied; a config from a lower one is refused.
     epoch: AtomicU64,
+    /// Where that epoch is kept across restarts.
+    floor: crate::epoch_floor::EpochFloor,
     config_epoch: IntGauge,
     stale_epoch: IntCounter,
     /// Serializes pushes so that the version check, the name lookups and the swap are one step.
@@ -86,13 +91,15 @@ impl Service {
         mirror: Mirror,
         limits: DataPlaneLimits,
         marker: Arc<MarkerPolicy>,
+        floor: crate::epoch_floor::EpochFloor,
     ) -> Self {
         let name = config.service.clone();
         let config_version = metrics.config_version(&name);
         config_version.set(config.version as i64);
         let config_epoch = metrics.config_epoch(&name);
-        config_epoch.set(config.raw.epoch as i64);
-        let epoch = AtomicU64::new(config.raw.epoch);
+        let highest = config.raw.epoch.max(floor.stored());
+        config_epoch.set(highest as i64);
+        let epoch = AtomicU64::new(highest);
         let stale_epoch = metrics.config_refused(&name, "stale_epoch");
         let active_in_flight: Arc<ActiveInFlight> = Arc::default();
         let links = MachineLinks {
@@ -122,6 +129,7 @@ impl Service {
             links,
             config_version,
             epoch,
+            floor,
             config_epoch,
             stale_epoch,
             push: tokio::sync::Mutex::new(()),
@@ -147,6 +155,15 @@ impl Service {
                 pushed: config.epoch,
                 highest,
             });
+        }
+        if config.epoch > highest {
+            // Recorded before anything is applied: a restart never forgets a floor it obeyed.
+            self.floor
+                .save(config.epoch)
+                .map_err(|e| PushError::FloorNotSaved {
+                    epoch: config.epoch,
+                    reason: e.to_string(),
+                })?;
         }
         let result = self.push_version(checked).await?;
         // An idempotent push from a newer leader fences the old one as surely as a new version.
