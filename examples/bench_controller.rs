@@ -225,29 +225,29 @@ fn job_pairs(rng: &mut StdRng, first: u64, n: u64) -> Vec<JobPair> {
         .collect()
 }
 
-async fn bench_controller_path(a: &Args) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("bench.db");
-    // A condition that never decides, so every one of the jobs goes the whole way.
+/// A two-service cluster whose condition never decides (every job goes the whole way), a
+/// controller over `store` and the in-memory balancer, and a release of `s000` begun (one tick).
+async fn releasing(store: Store) -> (cluster::Cluster, Arc<FakeBalancer>, Core) {
     let text = cluster_text(2, 1).replace(
         "[controller]\ntick_ms = 100\n",
         "[controller]\ntick_ms = 100\n[defaults.condition]\nfalse_fail_rate = 0.000001\nfalse_pass_rate = 0.000001\n",
     );
     let cluster = cluster::parse("bench.toml", &text).expect("valid");
     let fake = Arc::new(FakeBalancer::new());
-    let core = Core::open(
-        cluster.clone(),
-        Store::open(&db).expect("store"),
-        fake.clone(),
-        "t".into(),
-    )
-    .expect("core");
+    let core = Core::open(cluster.clone(), store, fake.clone(), "t".into()).expect("core");
     core.release(&ReleaseRequest {
         services: BTreeMap::from([("s000".to_string(), "v2".to_string())]),
         ..ReleaseRequest::default()
     })
     .expect("release");
     core.tick().await;
+    (cluster, fake, core)
+}
+
+async fn bench_controller_path(a: &Args) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("bench.db");
+    let (cluster, fake, core) = releasing(Store::open(&db).expect("store")).await;
     let mut rng = StdRng::seed_from_u64(9);
     let batch = 10_000.min(a.jobs);
     let mut fed = 0;
@@ -304,19 +304,7 @@ async fn bench_controller_path(a: &Args) {
 /// 10,000 jobs a second at the default 100 ms tick), then 50 ticks with nothing new. Returns the
 /// tick times of both kinds.
 async fn store_ticks(store: Store) -> (Vec<Duration>, Vec<Duration>) {
-    let text = cluster_text(2, 1).replace(
-        "[controller]\ntick_ms = 100\n",
-        "[controller]\ntick_ms = 100\n[defaults.condition]\nfalse_fail_rate = 0.000001\nfalse_pass_rate = 0.000001\n",
-    );
-    let cluster = cluster::parse("bench.toml", &text).expect("valid");
-    let fake = Arc::new(FakeBalancer::new());
-    let core = Core::open(cluster, store, fake.clone(), "t".into()).expect("core");
-    core.release(&ReleaseRequest {
-        services: BTreeMap::from([("s000".to_string(), "v2".to_string())]),
-        ..ReleaseRequest::default()
-    })
-    .expect("release");
-    core.tick().await;
+    let (_, fake, core) = releasing(store).await;
     let mut rng = StdRng::seed_from_u64(9);
     let (mut busy, mut idle) = (Vec::new(), Vec::new());
     for i in 0..50 {

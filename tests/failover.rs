@@ -452,17 +452,20 @@ async fn the_standby_takes_over_a_leader_killed_mid_release() {
     assert_eq!(errors, 0, "seed {SEED}: a caller saw an error");
 }
 
-/// A leader frozen with SIGSTOP past two lease periods mid-release: the standby takes over and
-/// the release goes on under it. Woken with SIGCONT, the old leader must find it lost the lease
-/// and stand by: no transition doubled, the balancer left on the new leader's config (a config
-/// the old one pushes after waking is refused for its stale epoch), its own changes refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_leader_is_fenced_when_it_wakes() {
-    const SEED: u64 = 31;
-    let _serial = SERIAL.lock().await;
-    println!("seed {SEED}");
-    let mut rng = StdRng::seed_from_u64(SEED);
-    let shared = Shared::start().await;
+/// Controller A leading and B standing by on `shared`, callers sending jobs, and the first
+/// release of [`CYCLE`] through A at a seeded phase (simulating or joining[0]).
+struct MidRelease {
+    a: Controller,
+    a_epoch: u64,
+    b: Controller,
+    load: Load,
+    id: i64,
+    expected: &'static str,
+    phase: String,
+}
+
+async fn mid_release(shared: &Shared, seed: u64) -> MidRelease {
+    let mut rng = StdRng::seed_from_u64(seed);
     let a = shared.controller("a");
     let (a_view, _) = a
         .wait_role("leader", Duration::from_secs(10))
@@ -472,14 +475,44 @@ async fn a_frozen_leader_is_fenced_when_it_wakes() {
     let b = shared.controller("b");
     check_standby(&b, &a).await;
     let load = Load::start(shared.deployment.listen);
-
     let (target, expected) = CYCLE[0];
     release(a.url(), target);
     let id = latest_id(&a.client).await;
-    // Mid-release, where the leader has work left to do when it wakes.
     let aim = ["simulating", "joining[0]"][rng.gen_range(0..2)];
     let phase = phase_reached(&a.client, id, aim).await;
     tokio::time::sleep(Duration::from_millis(rng.gen_range(0..100))).await;
+    MidRelease {
+        a,
+        a_epoch,
+        b,
+        load,
+        id,
+        expected,
+        phase,
+    }
+}
+
+/// A leader frozen with SIGSTOP past two lease periods mid-release: the standby takes over and
+/// the release goes on under it. Woken with SIGCONT, the old leader must find it lost the lease
+/// and stand by: no transition doubled, the balancer left on the new leader's config (a config
+/// the old one pushes after waking is refused for its stale epoch), its own changes refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_fenced_when_it_wakes() {
+    const SEED: u64 = 31;
+    let _serial = SERIAL.lock().await;
+    println!("seed {SEED}");
+    let shared = Shared::start().await;
+    // Mid-release, where the leader has work left to do when it wakes.
+    let MidRelease {
+        a,
+        a_epoch,
+        b,
+        load,
+        id,
+        expected,
+        phase,
+        ..
+    } = mid_release(&shared, SEED).await;
     let refused_before = shared.stale_refusals().await;
 
     a.process.signal("STOP");
@@ -547,22 +580,16 @@ async fn the_leader_pauses_while_the_store_restarts() {
     const SEED: u64 = 37;
     let _serial = SERIAL.lock().await;
     println!("seed {SEED}");
-    let mut rng = StdRng::seed_from_u64(SEED);
     let mut shared = Shared::start().await;
-    let a = shared.controller("a");
-    a.wait_role("leader", Duration::from_secs(10))
-        .await
-        .unwrap();
-    let b = shared.controller("b");
-    check_standby(&b, &a).await;
-    let load = Load::start(shared.deployment.listen);
-
-    let (target, expected) = CYCLE[0];
-    release(a.url(), target);
-    let id = latest_id(&a.client).await;
-    let aim = ["simulating", "joining[0]"][rng.gen_range(0..2)];
-    let phase = phase_reached(&a.client, id, aim).await;
-    tokio::time::sleep(Duration::from_millis(rng.gen_range(0..100))).await;
+    let MidRelease {
+        a,
+        b,
+        load,
+        id,
+        expected,
+        phase,
+        ..
+    } = mid_release(&shared, SEED).await;
 
     shared.store.stop();
     let stopped = Instant::now();

@@ -237,16 +237,9 @@ impl ControllerHub {
     /// previous one registered, rotated and accepted): each sender's floor is the larger of its
     /// saved number and the clock less `max_clock_skew`, as at a start.
     pub fn load_from(&self, store: &Store, now_ms: u64) -> Result<(), HubError> {
-        store.limit_machine_history(self.settings.history_per_machine)?;
-        let saved: BTreeMap<String, u64> = store.hub_sequences()?;
-        let clock_floor = restart_floor(self.settings.max_clock_skew);
         let mut verifier = self.lock_verifier();
-        for row in store.machine_keys()? {
-            let floor = saved
-                .get(&row.id)
-                .map_or(clock_floor, |s| clock_floor.max(*s));
-            install_stored(&mut verifier, row, floor, now_ms)?;
-        }
+        let saved = install_stored_keys(&mut verifier, &self.settings, store, now_ms)?;
+        let clock_floor = restart_floor(self.settings.max_clock_skew);
         for (sender, seq) in &saved {
             verifier.restore_floor(sender, clock_floor.max(*seq));
         }
@@ -322,17 +315,30 @@ fn new_verifier(
     now_ms: u64,
     registry: &Registry,
 ) -> Result<(Arc<Mutex<Verifier>>, SavedSequences), HubError> {
-    store.limit_machine_history(settings.history_per_machine)?;
     let mut verifier = Verifier::new(Keyring::new(), settings.max_message_bytes, registry)?;
+    let saved = install_stored_keys(&mut verifier, settings, store, now_ms)?;
+    Ok((Arc::new(Mutex::new(verifier)), saved.into_iter().collect()))
+}
+
+/// Installs every key `store` holds in `verifier`, each sender with its floor (the larger of its
+/// saved sequence number and the clock less `max_clock_skew`), after applying the registry's
+/// retention; returns the saved sequence numbers.
+fn install_stored_keys(
+    verifier: &mut Verifier,
+    settings: &HubSettings,
+    store: &Store,
+    now_ms: u64,
+) -> Result<BTreeMap<String, u64>, HubError> {
+    store.limit_machine_history(settings.history_per_machine)?;
     let saved: BTreeMap<String, u64> = store.hub_sequences()?;
     let clock_floor = restart_floor(settings.max_clock_skew);
     for row in store.machine_keys()? {
         let floor = saved
             .get(&row.id)
             .map_or(clock_floor, |s| clock_floor.max(*s));
-        install_stored(&mut verifier, row, floor, now_ms)?;
+        install_stored(verifier, row, floor, now_ms)?;
     }
-    Ok((Arc::new(Mutex::new(verifier)), saved.into_iter().collect()))
+    Ok(saved)
 }
 
 fn install_stored(

@@ -208,7 +208,7 @@ impl Store {
         };
         pg.transaction(0, |sql| {
             sql.execute("SELECT pg_advisory_xact_lock(?1)", vals![SCHEMA_LOCK])?;
-            for statement in schema::POSTGRES.split(';').filter(|s| has_sql(s)) {
+            for statement in schema::postgres().split(';').filter(|s| has_sql(s)) {
                 sql.execute(statement, &[])?;
             }
             Ok::<_, StoreError>(())
@@ -644,7 +644,7 @@ impl Store {
                     cause: r.text(3)?,
                     actor: Actor::parse(&actor)
                         .ok_or_else(|| corrupt(format!("actor `{actor}`")))?,
-                    details: serde_json::from_str(&r.text(5)?).map_err(json_err)?,
+                    details: r.json(5)?,
                 })
             })
             .collect()
@@ -689,11 +689,7 @@ impl Store {
                     name: r.text(0)?,
                     version: r.text(1)?,
                     stats_cursor: r.u64(2)?,
-                    config: r
-                        .opt_text(3)?
-                        .map(|c| serde_json::from_str(&c))
-                        .transpose()
-                        .map_err(json_err)?,
+                    config: r.opt_json(3)?,
                 })
             })
             .collect()
@@ -800,16 +796,12 @@ fn rollout_row(r: &Row) -> Result<RolloutRow, StoreError> {
         service: r.text(2)?,
         from_version: r.text(3)?,
         to_version: r.text(4)?,
-        after: serde_json::from_str(&r.text(5)?).map_err(json_err)?,
+        after: r.json(5)?,
         phase: Phase::from_parts(&phase, detail)
             .ok_or_else(|| corrupt(format!("rollout {id}: phase `{phase}`")))?,
         entered_ms: r.u64(8)?,
-        verdict: r
-            .opt_text(9)?
-            .map(|v| serde_json::from_str(&v))
-            .transpose()
-            .map_err(json_err)?,
-        machines_before: serde_json::from_str(&r.text(10)?).map_err(json_err)?,
+        verdict: r.opt_json(9)?,
+        machines_before: r.json(10)?,
         created_ms: r.u64(11)?,
     })
 }

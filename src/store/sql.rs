@@ -129,6 +129,22 @@ impl Row {
     pub fn text(&self, i: usize) -> Result<String, StoreError> {
         self.opt_text(i)?.ok_or_else(|| self.wrong(i, "text"))
     }
+
+    /// A column of JSON text, or none when null.
+    pub fn opt_json<T: serde::de::DeserializeOwned>(
+        &self,
+        i: usize,
+    ) -> Result<Option<T>, StoreError> {
+        self.opt_text(i)?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// A column of JSON text.
+    pub fn json<T: serde::de::DeserializeOwned>(&self, i: usize) -> Result<T, StoreError> {
+        self.opt_json(i)?.ok_or_else(|| self.wrong(i, "JSON text"))
+    }
 }
 
 /// Which database a statement goes to, for the few statements their dialects write differently.
