@@ -235,11 +235,11 @@ async fn releasing(store: Store) -> (cluster::Cluster, Arc<FakeBalancer>, Core) 
     let cluster = cluster::parse("bench.toml", &text).expect("valid");
     let fake = Arc::new(FakeBalancer::new());
     let core = Core::open(cluster.clone(), store, fake.clone(), "t".into()).expect("core");
-    core.release(&ReleaseRequest {
+    let request = ReleaseRequest {
         services: BTreeMap::from([("s000".to_string(), "v2".to_string())]),
         ..ReleaseRequest::default()
-    })
-    .expect("release");
+    };
+    core.release(&request, "bench").expect("release");
     core.tick().await;
     (cluster, fake, core)
 }

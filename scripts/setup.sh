@@ -8,7 +8,12 @@
 #   one shared store, a throwaway server that understudy-testkit's `postgres` module starts
 #   (as the `postgres` user when run as root) in a temporary directory on a free loopback port;
 # - schemathesis (PyPI, for the machine's python3): tests/api_fuzz.rs fuzzes the admin endpoint
-#   from its OpenAPI document.
+#   from its OpenAPI document;
+# - Chromium and its WebDriver server (Debian's `chromium` and `chromium-driver`, the same build
+#   of one version): tests/dashboard.rs drives the ops dashboard in headless Chromium through
+#   chromedriver on a free loopback port against a running scenario, and takes the screenshots
+#   in docs/screenshots/. A test framework's own browser download would not work offline, and
+#   Debian's driver always matches Debian's browser.
 # Benchmarks install their own extra tools (nginx, wrk) in bench/*.sh.
 # Idempotent: it installs only what is missing.
 set -euo pipefail
@@ -18,6 +23,8 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 # The server binaries, not only the client: Debian keeps them off PATH, in
 # /usr/lib/postgresql/<major>/bin.
@@ -51,4 +58,4 @@ fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is not installed (install Rust with rustup)" >&2; exit 1; }
 pg_bin="$(postgres_bin)" || { echo "setup: the PostgreSQL server binaries are still missing" >&2; exit 1; }
-echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), nats-server $(nats-server --version 2>&1 | awk '{print $NF}'), schemathesis $(python3 -c 'import schemathesis; print(schemathesis.__version__)'), PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}'))"
+echo "setup: ready ($(cargo --version), $(cmake --version | head -n1), promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), nats-server $(nats-server --version 2>&1 | awk '{print $NF}'), schemathesis $(python3 -c 'import schemathesis; print(schemathesis.__version__)'), PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}'), $(chromium --version 2>/dev/null | awk '{print $1, $2}'))"

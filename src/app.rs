@@ -28,7 +28,8 @@ pub struct ControllerConfig {
     pub lease: Option<LeaseSettings>,
     /// Admin endpoint address; port 0 picks a free one (see [`ControllerHandle::admin_addr`]).
     pub admin_addr: SocketAddr,
-    /// Bearer token for mutating admin calls.
+    /// Bearer token for mutating admin calls (the operator `ops`; empty: only the operators of
+    /// `[controller] operators_file`).
     pub token: String,
     /// Reconcile period.
     pub tick: Duration,
@@ -144,7 +145,14 @@ async fn open_core(
     config: ControllerConfig,
     client: Arc<dyn BalancerClient>,
 ) -> Result<Core, ControllerError> {
-    if config.token.is_empty() {
+    // The operators file's names, and the single token as `ops`.
+    let operators = config
+        .cluster
+        .controller
+        .operators
+        .clone()
+        .with_token(&config.token);
+    if operators.is_empty() {
         return Err(ControllerError::NoToken);
     }
     let services = config.cluster.services.values();
@@ -158,9 +166,9 @@ async fn open_core(
     let hub = ControllerHub::connect(&config.cluster.hub, &store, Clock::new().now_ms()).await?;
     hub.install_balancer_subscribers(&config.cluster);
     if config.lease.is_some() {
-        Core::load(config.cluster, store, client, config.token, hub)
+        Core::load(config.cluster, store, client, operators, hub)
     } else {
-        Core::open_with_hub(config.cluster, store, client, config.token, hub)
+        Core::open_with_hub(config.cluster, store, client, operators, hub)
     }
 }
 

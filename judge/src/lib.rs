@@ -20,7 +20,8 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 pub use condition::{read_toml, Baseline, Condition, ConditionError, LatencyLimit};
-use sequential::{Evidence, MarginReport, MarginTest};
+use sequential::MarginTest;
+pub use sequential::{Evidence, MarginReport};
 pub use window::{judge_window, QuantileComparison, WindowOutcomes, WindowVerdict};
 
 /// One mirrored job: the active (v1) answer and the simulation (v2 or A/A control) answer.
@@ -69,6 +70,13 @@ pub struct Verdict {
     pub jobs: u64,
     /// Numbers behind the verdict (estimates, intervals, counts), free-form but stable keys.
     pub details: serde_json::Value,
+}
+
+/// One test of the condition by name (`errors`, `latency p99`, ...) and its evidence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TestReport {
+    pub name: String,
+    pub report: MarginReport,
 }
 
 /// Latencies are recorded up to an hour; two significant digits keep quantile look-ups cheap.
@@ -344,14 +352,25 @@ impl Judge {
         self.jobs
     }
 
-    /// Whether Pass or Fail has been reached (it never changes afterwards).
+    /// Whether Pass or Fail has been reached. A fail never changes afterwards; a pass is still
+    /// watched (see [`Judge::observe`]) and turns into a fail if a fail test crosses later.
     pub fn is_final(&self) -> bool {
         self.final_verdict.is_some()
     }
 
-    /// Feeds one v1-active / v2-simulation pair.
+    /// Whether the judge failed v2: nothing it is fed changes anything any more.
+    fn has_failed(&self) -> bool {
+        self.final_verdict
+            .as_ref()
+            .is_some_and(|v| v.decision == Decision::Fail)
+    }
+
+    /// Feeds one v1-active / v2-simulation pair. After a pass the pairs are still judged (a v2
+    /// that awaits approval keeps being compared): each fail test is an e-process whose
+    /// false-fail bound holds over the whole unbounded sequence, so watching on after the pass
+    /// spends no more than the budget already granted to it.
     pub fn observe(&mut self, pair: &PairSample) {
-        if self.final_verdict.is_some() {
+        if self.has_failed() {
             return;
         }
         self.jobs += 1;
@@ -407,7 +426,7 @@ impl Judge {
 
     /// Feeds one v1-active / v1-simulation pair (A/A control, the noise baseline).
     pub fn observe_control(&mut self, pair: &PairSample) {
-        if self.final_verdict.is_some() {
+        if self.has_failed() {
             return;
         }
         self.control_jobs += 1;
@@ -474,6 +493,54 @@ impl Judge {
             jobs: self.jobs,
             details: self.details(),
         }
+    }
+
+    /// The decision as it stands (cheap: no details are built).
+    pub fn decision(&self) -> Decision {
+        self.final_verdict
+            .as_ref()
+            .map_or(Decision::NotEnoughData, |v| v.decision)
+    }
+
+    /// The decision as it stands, with the numbers as they are now (a pass's own `details` and
+    /// `jobs` are those of the moment it was reached; these go on moving while it is watched).
+    pub fn live_verdict(&self) -> Verdict {
+        match &self.final_verdict {
+            Some(decided) if decided.decision == Decision::Pass => Verdict {
+                jobs: self.jobs,
+                details: self.details(),
+                ..decided.clone()
+            },
+            _ => self.verdict(),
+        }
+    }
+
+    /// Each latency quantile of the condition by name (`p99`), as it stands now.
+    pub fn quantiles(&self) -> Vec<(String, QuantileReport)> {
+        self.latency
+            .iter()
+            .map(|test| (test.name.clone(), self.latency_details(test)))
+            .collect()
+    }
+
+    /// Every test of the condition and where its evidence stands now, in a fixed order.
+    pub fn tests(&self) -> Vec<TestReport> {
+        let named = |name: &str, stream: &ControlledStream| TestReport {
+            name: name.to_string(),
+            report: stream.test.report(),
+        };
+        let mut tests = vec![
+            named("errors", &self.errors),
+            named("hard errors", &self.hard_errors),
+            named("mismatches", &self.mismatches),
+            named("paired shift", &self.paired_shift),
+        ];
+        tests.extend(
+            self.latency
+                .iter()
+                .map(|t| named(&format!("latency {}", t.name), &t.stream)),
+        );
+        tests
     }
 
     /// Thresholds move on a geometric schedule (every 1/16 more pairs, at least every 32), so
@@ -599,9 +666,19 @@ impl Judge {
             && self.latency.iter().all(|test| stream_passes(&test.stream))
     }
 
-    /// The one place a decision is taken (and made final).
+    /// The one place a decision is taken: a fail is final; a pass stands until a fail test
+    /// crosses.
     fn decide(&mut self) {
-        if self.final_verdict.is_some() || self.judged_jobs < self.condition.min_jobs {
+        if let Some(decided) = &self.final_verdict {
+            if decided.decision == Decision::Pass {
+                if let Some((hard, rule)) = self.failing_reason() {
+                    let rule = format!("fail after passing: {rule}");
+                    self.conclude(Decision::Fail, hard, rule);
+                }
+            }
+            return;
+        }
+        if self.judged_jobs < self.condition.min_jobs {
             return;
         }
         if let Some((hard, rule)) = self.failing_reason() {
@@ -686,7 +763,7 @@ impl Judge {
     }
 
     fn details(&self) -> serde_json::Value {
-        let latency: BTreeMap<String, LatencyDetails> = self
+        let latency: BTreeMap<String, QuantileReport> = self
             .latency
             .iter()
             .map(|test| (test.name.clone(), self.latency_details(test)))
@@ -712,12 +789,12 @@ impl Judge {
         serde_json::to_value(details).expect("details serialize to JSON")
     }
 
-    fn latency_details(&self, test: &LatencyTest) -> LatencyDetails {
+    fn latency_details(&self, test: &LatencyTest) -> QuantileReport {
         let q = test.limit.quantile;
         let v1 = quantile_with_interval(&self.v1_judged, q);
         let v2 = quantile_with_interval(&self.v2_judged, q);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-        LatencyDetails {
+        QuantileReport {
             quantile: q,
             max_ratio: test.limit.max_ratio,
             floor_jobs: test.floor_jobs,
@@ -823,7 +900,7 @@ struct Details {
     consecutive_passes_needed: u32,
     errors: ErrorDetails,
     mismatches: MismatchDetails,
-    latency: BTreeMap<String, LatencyDetails>,
+    latency: BTreeMap<String, QuantileReport>,
     paired_ratio: Option<PairedRatio>,
 }
 
@@ -851,22 +928,24 @@ struct MismatchDetails {
     test: MarginReport,
 }
 
-#[derive(Serialize)]
-struct LatencyDetails {
-    quantile: f64,
-    max_ratio: f64,
-    floor_jobs: u64,
-    judged: bool,
-    v1_us: f64,
-    v2_us: f64,
-    ratio: f64,
-    ratio_interval: [f64; 2],
-    control_us: Option<f64>,
-    threshold_us: Option<f64>,
-    v2_only_exceed: u64,
-    v1_only_exceed: u64,
-    control_exceedance_difference: Option<f64>,
-    test: MarginReport,
+/// One latency quantile of the condition: v1's and v2's values, their ratio with its interval,
+/// and the test's evidence (in verdict details under `latency`, and [`Judge::quantiles`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuantileReport {
+    pub quantile: f64,
+    pub max_ratio: f64,
+    pub floor_jobs: u64,
+    pub judged: bool,
+    pub v1_us: f64,
+    pub v2_us: f64,
+    pub ratio: f64,
+    pub ratio_interval: [f64; 2],
+    pub control_us: Option<f64>,
+    pub threshold_us: Option<f64>,
+    pub v2_only_exceed: u64,
+    pub v1_only_exceed: u64,
+    pub control_exceedance_difference: Option<f64>,
+    pub test: MarginReport,
 }
 
 /// Quantiles of the per-job ratio v2/v1: the paired shift (p50 is the typical per-job slowdown).

@@ -147,7 +147,7 @@ fn reported_evidence(log_wealth: f64) -> f64 {
 }
 
 /// Where one metric's evidence stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Evidence {
     /// The fail test crossed its threshold: v2 breaks the margin.

@@ -123,14 +123,7 @@ fn clear_regression_stops_early_as_a_hard_failure_and_stays_final() {
 }
 
 #[test]
-fn pass_is_final_too() {
-    let verdict_before = run(&Condition::default(), Family::AA, 3, 40_000);
-    assert_eq!(
-        verdict_before.decision,
-        Decision::Pass,
-        "{}",
-        verdict_before.rule
-    );
+fn a_pass_is_watched_on_and_a_v2_that_turns_bad_fails_later() {
     let model = LatencyModel::default();
     let cuts = model.cuts();
     let mut stream = PairStream::new(&model, &cuts, Family::AA, 3);
@@ -138,10 +131,46 @@ fn pass_is_final_too() {
     while !judge.is_final() {
         judge.observe(&stream.next_pair());
     }
+    let passed = judge.verdict();
+    assert_eq!(passed.decision, Decision::Pass, "{}", passed.rule);
+    // More healthy pairs: still a pass, with live numbers that move on.
+    for _ in 0..3_000 {
+        judge.observe(&stream.next_pair());
+    }
+    assert_eq!(judge.verdict(), passed, "the pass itself keeps its moment");
+    let live = judge.live_verdict();
+    assert_eq!(live.decision, Decision::Pass);
+    assert_eq!(live.jobs, passed.jobs + 3_000);
+    assert!(judge
+        .tests()
+        .iter()
+        .all(|t| t.report.estimate <= t.report.margin));
+    // v2 turns bad while it waits: the error test crosses and the pass becomes a fail.
     for _ in 0..2_000 {
         judge.observe(&pair(1_000, true, 100_000, false));
     }
-    assert_eq!(judge.verdict(), verdict_before);
+    let failed = judge.verdict();
+    assert_eq!(failed.decision, Decision::Fail, "{}", failed.rule);
+    assert!(
+        failed.rule.starts_with("fail after passing"),
+        "{}",
+        failed.rule
+    );
+    let tests = judge.tests();
+    let crossed: Vec<_> = tests
+        .iter()
+        .filter(|t| t.report.evidence == Evidence::Fail)
+        .collect();
+    assert!(!crossed.is_empty(), "{tests:?}");
+    assert!(
+        crossed.iter().all(|t| t.report.estimate > t.report.margin),
+        "{crossed:?}"
+    );
+    // A fail is final.
+    for _ in 0..2_000 {
+        judge.observe(&stream.next_pair());
+    }
+    assert_eq!(judge.verdict(), failed);
 }
 
 #[test]

@@ -9,20 +9,21 @@ use axum::extract::State;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::auth::require_token;
+use crate::api::auth::{require_token, OperatorName};
 use crate::api::error::{parse_body, ApiError, ErrorBody};
 use crate::api::extract::{ApiBody, ApiPath, ApiQuery};
 use crate::api::leader::require_leader;
 use crate::api::{machines, monitor};
 use crate::runtime::controller::{
-    BalancerView, Core, OpsAction, ReleaseAnswer, ReleaseRequest, ReleaseView, RolloutDetail,
-    RolloutView, ServiceView,
+    BalancerView, Core, OpsAction, OpsRequest, ReleaseAnswer, ReleaseRequest, ReleaseView,
+    RolloutCharts, RolloutDetail, RolloutView, ServiceView,
 };
 
 type Shared = State<Arc<Core>>;
@@ -40,6 +41,7 @@ pub fn router(core: Arc<Core>) -> Router {
                 .route_layer(middleware::from_fn_with_state(core.clone(), require_leader)),
         )
         .merge(crate::api::openapi::router(&document))
+        .merge(crate::api::dashboard::router())
         .fallback(no_such_endpoint)
         // After every merge: it applies to the routes registered so far.
         .method_not_allowed_fallback(method_not_allowed)
@@ -60,11 +62,43 @@ fn documented_routes(core: Arc<Core>) -> OpenApiRouter {
         .routes(routes!(monitor::actions_route))
         .routes(routes!(rollouts))
         .routes(routes!(rollout))
+        .routes(routes!(charts))
         .routes(routes!(pairs_csv))
         .routes(routes!(releases))
         .with_state(core.clone())
+        .merge(signed_in(core.clone()))
         .merge(mutations(core.clone()))
         .merge(crate::api::predictions::router(core.predictions.clone()))
+}
+
+/// Reads that need a token (who the token belongs to), answered by a standby as well.
+fn signed_in(core: Arc<Core>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(session))
+        .route_layer(middleware::from_fn_with_state(core.clone(), require_token))
+        .with_state(core)
+}
+
+/// `GET /api/v1/session`.
+#[derive(Serialize, ToSchema)]
+struct Session {
+    /// The operator the token belongs to.
+    #[schema(example = "alice")]
+    operator: String,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/session",
+    tag = "controller",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The operator the bearer token belongs to", body = Session),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+    )
+)]
+async fn session(Extension(OperatorName(operator)): Extension<OperatorName>) -> Json<Session> {
+    Json(Session { operator })
 }
 
 /// Every route that changes something: behind the bearer token, checked by a layer that runs
@@ -207,6 +241,26 @@ async fn rollout(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Re
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no rollout {id}")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}/charts",
+    tag = "releases",
+    params(("id" = i64, Path, description = "Rollout id", example = 1)),
+    responses(
+        (status = 200, description = "What the dashboard draws: latency histograms of v1, v2 and \
+            the control on shared log-spaced buckets, quantile ratios with their intervals, \
+            rates, each test's evidence against pairs judged, and traffic", body = RolloutCharts),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+    )
+)]
+async fn charts(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    core.charts(id)
+        .map(|c| Json(c).into_response())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no rollout {id}")))
+}
+
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct CsvQuery {
@@ -256,10 +310,14 @@ async fn pairs_csv(
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn release(State(core): Shared, ApiBody(body): ApiBody) -> Result<Response, ApiError> {
+async fn release(
+    State(core): Shared,
+    Extension(OperatorName(operator)): Extension<OperatorName>,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
     // Parsed by hand so a bad body is a 400 with serde's message, not axum's 415/422.
     let request: ReleaseRequest = parse_body("release", &body)?;
-    let answer = core.release(&request)?;
+    let answer = core.release(&request, &operator)?;
     let status = if answer.dry_run {
         StatusCode::OK
     } else {
@@ -291,9 +349,42 @@ async fn rotate_balancer_key(
     Ok(Json(core.rotate_balancer_key(&service).await?).into_response())
 }
 
-async fn act(core: Arc<Core>, id: String, action: OpsAction) -> Result<Response, ApiError> {
+async fn act(
+    core: Arc<Core>,
+    id: String,
+    operator: &str,
+    action: OpsAction,
+    evidence: Option<&str>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(core.act(id, action)?).into_response())
+    let request = OpsRequest {
+        action,
+        operator,
+        evidence,
+    };
+    Ok(Json(core.act(id, &request)?).into_response())
+}
+
+/// `POST /api/v1/rollouts/{id}/approve`: the evidence approved.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ApproveRequest {
+    /// The `evidence.id` that `GET /api/v1/rollouts/{id}` showed.
+    #[schema(example = "3.0.1764688000000")]
+    evidence: String,
+}
+
+/// An empty body or `{}` (abort and rollback take nothing).
+fn no_body(what: &str, body: &[u8]) -> Result<(), ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    serde_json::from_slice::<Empty>(body)
+        .map(|_| ())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad {what} body: {e}")))
 }
 
 #[utoipa::path(
@@ -302,17 +393,34 @@ async fn act(core: Arc<Core>, id: String, action: OpsAction) -> Result<Response,
     tag = "releases",
     security(("bearer" = [])),
     params(("id" = i64, Path, description = "Rollout id", example = 1)),
+    request_body = ApproveRequest,
     responses(
-        (status = 200, description = "Approved: the rollout joins", body = RolloutDetail),
-        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 200, description = "Approved: the rollout joins, or (a service asking for two \
+            operators) the approval is recorded in `approvals` and waits for another operator's",
+            body = RolloutDetail),
+        (status = 400, description = "The id is not a number, or a bad body or evidence id",
+            body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such rollout", body = ErrorBody),
-        (status = 409, description = "It does not await approval", body = ErrorBody),
+        (status = 409, description = "It does not await approval; the evidence changed \
+            materially since it was shown; the approval expired; or this operator already \
+            approved", body = ErrorBody),
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn approve(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    act(core, id, OpsAction::Approve).await
+async fn approve(
+    State(core): Shared,
+    Extension(OperatorName(operator)): Extension<OperatorName>,
+    ApiPath(id): ApiPath<String>,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let request: Option<ApproveRequest> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(parse_body("approve", &body)?)
+    };
+    let evidence = request.as_ref().map(|r| r.evidence.as_str());
+    act(core, id, &operator, OpsAction::Approve, evidence).await
 }
 
 #[utoipa::path(
@@ -330,8 +438,14 @@ async fn approve(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Re
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn abort(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    act(core, id, OpsAction::Abort).await
+async fn abort(
+    State(core): Shared,
+    Extension(OperatorName(operator)): Extension<OperatorName>,
+    ApiPath(id): ApiPath<String>,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    no_body("abort", &body)?;
+    act(core, id, &operator, OpsAction::Abort, None).await
 }
 
 #[utoipa::path(
@@ -350,8 +464,14 @@ async fn abort(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Resp
         (status = 500, description = "Storage failure", body = ErrorBody),
     )
 )]
-async fn rollback(State(core): Shared, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    act(core, id, OpsAction::Rollback).await
+async fn rollback(
+    State(core): Shared,
+    Extension(OperatorName(operator)): Extension<OperatorName>,
+    ApiPath(id): ApiPath<String>,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    no_body("rollback", &body)?;
+    act(core, id, &operator, OpsAction::Rollback, None).await
 }
 
 #[cfg(test)]
@@ -541,6 +661,107 @@ mod tests {
         let (status, body) = call(&core, "GET", "/api/v1/nothing", None, "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(!error_of(&body).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn operators_act_by_name_and_approvals_name_their_evidence() {
+        use crate::config::operators::{file_entry, Operators};
+        let rig = crate::testing::Rig::new(crate::testing::SAMPLE);
+        let (core, id, _) = crate::runtime::controller::approval_tests::awaiting(&rig).await;
+        let text = format!(
+            "{}{}",
+            file_entry("alice", "tok-a"),
+            file_entry("bob", "tok-b")
+        );
+        let mut core = core;
+        core.set_operators(Operators::parse(&text).unwrap().with_token("s3cret"));
+        let core = Arc::new(core);
+        for (token, name) in [("tok-a", "alice"), ("tok-b", "bob"), ("s3cret", "ops")] {
+            let (status, body) = call(&core, "GET", "/api/v1/session", Some(token), "").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, format!(r#"{{"operator":"{name}"}}"#));
+        }
+        let (status, _) = call(&core, "GET", "/api/v1/session", Some("tok-c"), "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(&core, "GET", "/api/v1/session", None, "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        let path = format!("/api/v1/rollouts/{id}/approve");
+        let (_, shown) = call(&core, "GET", &format!("/api/v1/rollouts/{id}"), None, "").await;
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        let evidence = shown["evidence"]["id"]
+            .as_str()
+            .expect("evidence id")
+            .to_string();
+        let body = format!(r#"{{"evidence": "{evidence}"}}"#);
+        for (token, request, status, expected) in [
+            (
+                Some("tok-c"),
+                body.as_str(),
+                StatusCode::UNAUTHORIZED,
+                "wrong bearer token",
+            ),
+            (
+                Some("tok-a"),
+                "",
+                StatusCode::BAD_REQUEST,
+                "needs the evidence",
+            ),
+            (
+                Some("tok-a"),
+                "{}",
+                StatusCode::BAD_REQUEST,
+                "missing field `evidence`",
+            ),
+            (
+                Some("tok-a"),
+                r#"{"evidence": "1.2.3", "x": 1}"#,
+                StatusCode::BAD_REQUEST,
+                "unknown field",
+            ),
+            (
+                Some("tok-a"),
+                r#"{"evidence": "nope"}"#,
+                StatusCode::BAD_REQUEST,
+                "not an evidence id",
+            ),
+        ] {
+            let (got, answer) = call(&core, "POST", &path, token, request).await;
+            assert_eq!(got, status, "{request}: {answer}");
+            assert!(error_of(&answer).contains(expected), "{answer}");
+        }
+        let (status, _) = call(
+            &core,
+            "POST",
+            "/api/v1/rollouts/999/approve",
+            Some("tok-a"),
+            &body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, answer) = call(
+            &core,
+            "POST",
+            &format!("/api/v1/rollouts/{id}/abort"),
+            Some("tok-a"),
+            r#"{"x":1}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(core.rollout(id).unwrap().rollout.phase, "awaiting_approval");
+
+        let (status, answer) = call(&core, "POST", &path, Some("tok-b"), &body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let detail: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(detail["phase"], "joining");
+        let transitions = detail["transitions"].as_array().unwrap();
+        assert_eq!(transitions.last().unwrap()["operator"], "bob");
+        // No answer ever carries a token or its digest.
+        for secret in ["tok-a", "tok-b", "s3cret"] {
+            let digest = crate::config::operators::token_digest(secret);
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            assert!(!answer.contains(secret) && !answer.contains(&hex));
+        }
     }
 
     #[tokio::test]

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::core::rollout::OpsAction;
 use crate::http_json::{self, ExchangeError, JsonClient};
+use crate::runtime::controller::RolloutDetail;
 
 /// How long the CLI waits for the admin endpoint's whole answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,5 +110,37 @@ impl AdminClient {
             )
             .await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// An operator's action on a rollout. An approval names the evidence it approves: `evidence`
+    /// when given, else the `evidence.id` the endpoint shows now (the caller prints what it
+    /// approved from the answer).
+    pub async fn act(
+        &self,
+        rollout: i64,
+        action: OpsAction,
+        evidence: Option<String>,
+    ) -> Result<RolloutDetail, ClientError> {
+        let path = format!("/api/v1/rollouts/{rollout}/{}", action.as_str());
+        let body = match (action, evidence) {
+            (OpsAction::Approve, Some(id)) => serde_json::json!({ "evidence": id }),
+            (OpsAction::Approve, None) => {
+                let shown: RolloutDetail = self.get(&format!("/api/v1/rollouts/{rollout}")).await?;
+                match shown.evidence.and_then(|e| e.id) {
+                    Some(id) => serde_json::json!({ "evidence": id }),
+                    None => {
+                        return Err(ClientError::Refused {
+                            status: 409,
+                            message: format!(
+                                "rollout {rollout} is {}: it has no evidence to approve",
+                                shown.rollout.phase
+                            ),
+                        })
+                    }
+                }
+            }
+            _ => serde_json::json!({}),
+        };
+        self.post(&path, &body).await
     }
 }

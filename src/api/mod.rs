@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod client;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod leader;

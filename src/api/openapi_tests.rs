@@ -66,6 +66,8 @@ async fn the_document_describes_every_route_of_the_admin_endpoint() {
         ("GET", "/api/v1/rollouts"),
         ("GET", "/api/v1/rollouts/{id}"),
         ("GET", "/api/v1/rollouts/{id}/pairs.csv"),
+        ("GET", "/api/v1/rollouts/{id}/charts"),
+        ("GET", "/api/v1/session"),
         ("GET", "/api/v1/releases"),
         ("POST", "/api/v1/releases"),
         ("POST", "/api/v1/rollouts/{id}/approve"),
@@ -124,8 +126,10 @@ async fn the_bearer_scheme_guards_exactly_the_token_calls() {
     for (method, path) in operations(&document) {
         let operation = &document["paths"][&path][method.to_lowercase()];
         let guarded = operation["security"] == serde_json::json!([{ super::BEARER: [] }]);
-        // The hub's publish is authenticated by the envelope's signature instead.
-        let needs_token = method == "POST" && path != "/api/v1/hub/publish";
+        // The hub's publish is authenticated by the envelope's signature instead; the session
+        // read says whose the token is.
+        let needs_token =
+            (method == "POST" && path != "/api/v1/hub/publish") || path == "/api/v1/session";
         assert_eq!(guarded, needs_token, "{method} {path}");
         if needs_token {
             assert!(operation["responses"]["401"].is_object(), "{method} {path}");

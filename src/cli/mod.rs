@@ -35,6 +35,9 @@ pub enum Command {
     Controller(ControllerArgs),
     /// Write a fresh secret key file (a balancer's key, or the cluster's marker key).
     Keygen(KeygenArgs),
+    /// Operators files (`[controller] operators_file`).
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Show services and rollouts (admin endpoint client).
     Status(StatusArgs),
     /// Start a release, or show its plan with --dry-run.
@@ -73,6 +76,7 @@ pub fn run(command: Command) -> CliResult {
         Command::Check(args) => check(args),
         Command::Controller(args) => controller(args),
         Command::Keygen(args) => keygen(args),
+        Command::Operator(OperatorCommand::Add(args)) => operator(args),
         Command::Status(args) => status(args),
         Command::Release(args) => release(args),
         Command::Approve(args) => rollout_action(args, OpsAction::Approve),
@@ -144,6 +148,10 @@ pub struct ReleaseArgs {
 pub struct RolloutIdArgs {
     /// Rollout id (see `understudy status`).
     pub id: String,
+    /// (approve) The evidence id approved, as `GET /api/v1/rollouts/{id}` showed it; by default
+    /// the evidence the endpoint shows now, printed with the answer.
+    #[arg(long)]
+    pub evidence: Option<String>,
     #[command(flatten)]
     pub endpoint: EndpointArgs,
 }
@@ -191,6 +199,57 @@ pub struct KeygenArgs {
     /// Replace the file when it exists (whoever holds the old key then refuses the new one).
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum OperatorCommand {
+    /// Add an operator: a fresh token, printed once; only its SHA-256 is written to the file.
+    Add(OperatorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OperatorArgs {
+    /// The operator's name (letters, digits, '-', '_', '.', '@').
+    pub name: String,
+    /// The operators file (`[controller] operators_file`), created with mode 0600 if missing.
+    #[arg(long)]
+    pub file: PathBuf,
+}
+
+/// Adds an operator: a fresh token printed once, only its SHA-256 appended to the file. The
+/// whole file is checked with the new entry before it is written, so a clash changes nothing.
+pub fn operator(args: OperatorArgs) -> CliResult {
+    use crate::config::operators::{file_entry, new_token, Operators};
+    use std::io::Write;
+    let path = args.file.display();
+    let existing = match std::fs::read_to_string(&args.file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(CliError::usage(format!("cannot read {path}: {e}"))),
+    };
+    let token = new_token();
+    let entry = file_entry(&args.name, &token);
+    let separator = if existing.is_empty() || existing.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    let updated = format!("{existing}{separator}{entry}");
+    Operators::parse(&updated).map_err(|e| CliError::usage(format!("{path}: {e}")))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(&args.file)
+        .and_then(|mut f| f.write_all(format!("{separator}{entry}").as_bytes()))
+        .map_err(|e| CliError::usage(format!("cannot write {path}: {e}")))?;
+    eprintln!(
+        "operator `{}` added to {path}; their token (shown once):",
+        args.name
+    );
+    println!("{token}");
+    Ok(())
 }
 
 /// Writes a fresh secret key: a balancer's key (`balancer_key_file`, `--key-file`) or the
@@ -542,10 +601,46 @@ pub fn rollout_action(args: RolloutIdArgs, action: OpsAction) -> CliResult {
         )));
     }
     let client = admin(&args.endpoint)?;
-    let path = format!("/api/v1/rollouts/{}/{}", args.id, action.as_str());
-    let detail: RolloutDetail = runtime()?.block_on(client.post(&path, &serde_json::json!({})))?;
+    let id = args.id.parse::<i64>().unwrap_or_default();
+    let detail = runtime()?.block_on(client.act(id, action, args.evidence.clone()))?;
     print!("{}", rollouts_table(std::slice::from_ref(&detail.rollout)));
+    if action == OpsAction::Approve {
+        print!("{}", approval_lines(&detail));
+    }
     Ok(())
+}
+
+/// What an approval approved: the evidence's tests, and the approvals standing.
+fn approval_lines(detail: &RolloutDetail) -> String {
+    let mut out = String::new();
+    if let Some(e) = &detail.evidence {
+        out.push_str(&format!(
+            "evidence {} ({} pairs, decision {}):\n",
+            e.id.as_deref().unwrap_or("-"),
+            e.jobs,
+            e.decision.as_str()
+        ));
+        for t in &e.tests {
+            out.push_str(&format!(
+                "  {:<14} estimate {:>9.5}  margin {:>9.5}  {}\n",
+                t.name,
+                t.estimate,
+                t.margin,
+                if t.beyond_margin {
+                    "PAST its margin"
+                } else {
+                    "within"
+                }
+            ));
+        }
+    }
+    for a in &detail.approvals {
+        out.push_str(&format!(
+            "approved by {} (evidence {})\n",
+            a.operator, a.evidence
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -560,6 +655,37 @@ mod tests {
         assert!(parse_release_targets(&["db".into()]).is_err());
         assert!(parse_release_targets(&["db=v2".into(), "db=v3".into()]).is_err());
         assert!(parse_release_targets(&["=v2".into()]).is_err());
+    }
+
+    #[test]
+    fn operators_are_added_by_name_and_a_clash_changes_nothing() {
+        use crate::config::operators::Operators;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("operators.toml");
+        let add = |name: &str| {
+            operator(OperatorArgs {
+                name: name.into(),
+                file: file.clone(),
+            })
+        };
+        add("alice").unwrap();
+        add("bob").unwrap();
+        let written = std::fs::read_to_string(&file).unwrap();
+        let operators = Operators::parse(&written).unwrap();
+        assert_eq!(operators.names().collect::<Vec<_>>(), ["alice", "bob"]);
+        assert!(add("alice").is_err(), "a name twice");
+        assert!(add("no way").is_err(), "a bad name");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            written,
+            "nothing half-written"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 
     #[test]

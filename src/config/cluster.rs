@@ -37,6 +37,9 @@ pub struct ClusterSpec {
     /// `[monitor]`: the monitor loop's when/then rules (src/runtime/monitor.rs).
     #[serde(default)]
     pub monitor: Option<Spanned<crate::config::monitor::MonitorSection>>,
+    /// `[notify]`: webhooks told of every rollout phase change (src/runtime/notify.rs).
+    #[serde(default)]
+    pub notify: Option<Spanned<crate::config::notify::NotifySpec>>,
 }
 
 /// `[controller]`: where the controller listens and keeps its state.
@@ -56,8 +59,11 @@ pub struct ControllerSpec {
     pub name: Option<Spanned<String>>,
     /// The admin URL standbys send callers to while this controller leads.
     pub advertise_url: Option<Spanned<String>>,
-    /// Admin bearer token; `UNDERSTUDY_TOKEN` overrides it.
+    /// Admin bearer token; `UNDERSTUDY_TOKEN` overrides it. It acts as the operator `ops`.
     pub token: Option<String>,
+    /// Operators by name: a file of names and SHA-256 digests of their tokens
+    /// (src/config/operators.rs), relative to this file.
+    pub operators_file: Option<Spanned<PathBuf>>,
     /// Reconcile period in milliseconds (default 500).
     pub tick_ms: Option<Spanned<u64>>,
 }
@@ -67,6 +73,8 @@ pub struct ControllerSpec {
 #[serde(deny_unknown_fields)]
 pub struct DefaultsSpec {
     pub requires_approval: Option<bool>,
+    pub approvers: Option<Spanned<u8>>,
+    pub approval_ttl_ms: Option<Spanned<u64>>,
     pub join_steps: Option<Spanned<Vec<u32>>>,
     pub join_step_ms: Option<u64>,
     pub simulation_timeout_ms: Option<u64>,
@@ -87,6 +95,11 @@ pub struct ServiceSpec {
     /// May be left out in a scenario file and set once the balancer is up.
     pub balancer: Option<String>,
     pub requires_approval: Option<bool>,
+    /// How many distinct operators must approve (1 or 2; with `requires_approval`).
+    pub approvers: Option<Spanned<u8>>,
+    /// How long an approval stays good: the evidence it names must have been shown within it,
+    /// and a first approval waits that long for a second (default 15 minutes).
+    pub approval_ttl_ms: Option<Spanned<u64>>,
     /// v2's share of new sessions, in percent, at each joining step (each below 100).
     pub join_steps: Option<Spanned<Vec<u32>>>,
     /// How long each joining step is held.
@@ -124,6 +137,9 @@ pub struct MachineSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutPolicy {
     pub requires_approval: bool,
+    /// Distinct operators whose approvals it takes (1 or 2).
+    pub approvers: u8,
+    pub approval_ttl: Duration,
     /// v2 share in percent per joining step; empty = one step at the declared weights.
     pub join_steps: Vec<u32>,
     pub join_step: Duration,
@@ -174,6 +190,8 @@ pub struct ControllerSettings {
     /// The lease controllers sharing the store hold to lead; none: this one always leads.
     pub lease: Option<crate::config::store::LeaseSettings>,
     pub token: Option<String>,
+    /// Operators named in `operators_file` (the single token is added where it is read).
+    pub operators: crate::config::operators::Operators,
     pub tick: Duration,
 }
 
@@ -187,6 +205,8 @@ pub struct Cluster {
     pub predict: crate::config::predict::PredictionSettings,
     /// The monitor's rules (the standard ones when the file has no `[monitor]`).
     pub monitor: understudy_hub::Rules,
+    /// The webhooks told of phase changes (none when the file has no `[notify]`).
+    pub notify: crate::config::notify::NotifySettings,
 }
 
 /// Reads and validates a cluster file.
@@ -316,6 +336,9 @@ fn balancer_of(
     Ok(balancer_key)
 }
 
+/// How long an approval stays good unless the service says otherwise.
+pub const DEFAULT_APPROVAL_TTL: Duration = Duration::from_secs(15 * 60);
+
 /// The rollout policy: the service's own settings, else `[defaults]`, else the built-in ones.
 fn policy_of(
     name: &str,
@@ -323,11 +346,28 @@ fn policy_of(
     defaults: &DefaultsSpec,
     source: &Source<'_>,
 ) -> Result<RolloutPolicy, ConfigError> {
+    let approvers = source.in_range(
+        s.approvers.as_ref().or(defaults.approvers.as_ref()),
+        format!("services.{name}.approvers"),
+        1..=2,
+        1,
+    )?;
+    let ttl_ms = source.in_range(
+        s.approval_ttl_ms
+            .as_ref()
+            .or(defaults.approval_ttl_ms.as_ref()),
+        format!("services.{name}.approval_ttl_ms"),
+        1_000..=86_400_000,
+        DEFAULT_APPROVAL_TTL.as_millis() as u64,
+    )?;
+    let approval_ttl = Duration::from_millis(ttl_ms);
     Ok(RolloutPolicy {
         requires_approval: s
             .requires_approval
             .or(defaults.requires_approval)
             .unwrap_or(false),
+        approvers,
+        approval_ttl,
         join_steps: join_steps_of(name, s, defaults, source)?,
         join_step: Duration::from_millis(s.join_step_ms.or(defaults.join_step_ms).unwrap_or(1_000)),
         simulation_timeout: s
@@ -554,6 +594,12 @@ impl Cluster {
                 })?,
             None => understudy_hub::Rules::standard(),
         };
+        let notify = match &spec.notify {
+            Some(section) => {
+                crate::config::notify::NotifySettings::from_spec(section.get_ref(), source)?
+            }
+            None => crate::config::notify::NotifySettings::default(),
+        };
         let defaults = &spec.defaults;
         if let Some(c) = &defaults.condition {
             c.get_ref()
@@ -596,6 +642,7 @@ impl Cluster {
             hub,
             predict,
             monitor,
+            notify,
         };
         if let Some(cycle) = cluster.find_cycle() {
             return Err(ConfigError::Cycle {
@@ -735,11 +782,24 @@ fn controller_settings(
     };
     let store = store_location(spec, source)?;
     let lease = lease_settings(spec, source, store.is_shared())?;
+    let operators = match &spec.operators_file {
+        Some(file) => {
+            let path = Path::new(source.file)
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join(file.get_ref());
+            crate::config::operators::Operators::from_file(&path).map_err(|reason| {
+                source.invalid(file.span().start, "controller.operators_file", reason)
+            })?
+        }
+        None => crate::config::operators::Operators::default(),
+    };
     Ok(ControllerSettings {
         admin_addr,
         store,
         lease,
         token: spec.token.clone(),
+        operators,
         tick,
     })
 }

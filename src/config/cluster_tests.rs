@@ -68,13 +68,20 @@ fn service() -> impl Strategy<Value = Table> {
         (any::<bool>(), steps, 1i64..10_000, 1i64..100_000),
         (0.01..=1.0, any::<bool>(), 1i64..100_000),
         condition(),
-        any::<u32>(),
+        (any::<u32>(), 1i64..=2, 1_000i64..=86_400_000),
     )
         .prop_map(
-            |((approval, steps, step_ms, sim_ms), (mirror, body, drain), cond, keep)| {
+            |(
+                (approval, steps, step_ms, sim_ms),
+                (mirror, body, drain),
+                cond,
+                (keep, approvers, ttl),
+            )| {
                 some_of(
                     vec![
                         ("requires_approval", Value::Boolean(approval)),
+                        ("approvers", Value::Integer(approvers)),
+                        ("approval_ttl_ms", Value::Integer(ttl)),
                         ("join_steps", steps),
                         ("join_step_ms", Value::Integer(step_ms)),
                         ("simulation_timeout_ms", Value::Integer(sim_ms)),
@@ -412,6 +419,50 @@ fn a_balancer_url_with_a_trailing_slash_reads_as_without() {
         cluster.services["db"].balancer.as_deref(),
         Some("http://127.0.0.1:9001")
     );
+}
+
+#[test]
+fn approvals_and_operators_are_checked_by_name() {
+    for (from, to, expected) in [
+        (
+            "requires_approval = true",
+            "requires_approval = true\napprovers = 3",
+            "services.router.approvers",
+        ),
+        (
+            "requires_approval = true",
+            "requires_approval = true\napproval_ttl_ms = 10",
+            "services.router.approval_ttl_ms",
+        ),
+        (
+            "[controller]",
+            "[controller]\noperators_file = \"missing.toml\"",
+            "controller.operators_file",
+        ),
+    ] {
+        let text = SAMPLE.replacen(from, to, 1);
+        assert_ne!(text, SAMPLE);
+        let err = parse("sample.toml", &text).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let entry = crate::config::operators::file_entry("alice", "tok");
+    std::fs::write(dir.path().join("ops.toml"), &entry).unwrap();
+    let text = SAMPLE.replacen(
+        "[controller]",
+        "[controller]\noperators_file = \"ops.toml\"",
+        1,
+    );
+    let cluster = parse(dir.path().join("c.toml").to_str().unwrap(), &text).expect("valid");
+    assert_eq!(cluster.controller.operators.identify("tok"), Some("alice"));
+    let router = &cluster.services["router"].policy;
+    assert_eq!(
+        (router.approvers, router.approval_ttl),
+        (1, super::DEFAULT_APPROVAL_TTL)
+    );
+    std::fs::write(dir.path().join("ops.toml"), entry.replace("alice", "ops")).unwrap();
+    let err = parse(dir.path().join("c.toml").to_str().unwrap(), &text).unwrap_err();
+    assert!(err.to_string().contains("operator[0].name `ops`"), "{err}");
 }
 
 #[test]

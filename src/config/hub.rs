@@ -96,31 +96,27 @@ impl HubSettings {
     /// Validates `[hub]`; errors name the file, line and field.
     pub fn from_spec(spec: &HubSpec, source: &Source<'_>) -> Result<HubSettings, ConfigError> {
         let backend = backend_of(spec, source)?;
-        let max_message_bytes = in_range(
-            source,
-            &spec.max_message_bytes,
-            "max_message_bytes",
+        let max_message_bytes = source.in_range(
+            spec.max_message_bytes.as_ref(),
+            "hub.max_message_bytes",
             MAX_MESSAGE_BYTES_RANGE,
             DEFAULT_MAX_MESSAGE_BYTES,
         )?;
-        let subscriber_queue = in_range(
-            source,
-            &spec.subscriber_queue,
-            "subscriber_queue",
+        let subscriber_queue = source.in_range(
+            spec.subscriber_queue.as_ref(),
+            "hub.subscriber_queue",
             SUBSCRIBER_QUEUE_RANGE,
             DEFAULT_SUBSCRIBER_QUEUE,
         )?;
-        let max_clock_skew_ms = in_range(
-            source,
-            &spec.max_clock_skew_ms,
-            "max_clock_skew_ms",
+        let max_clock_skew_ms = source.in_range(
+            spec.max_clock_skew_ms.as_ref(),
+            "hub.max_clock_skew_ms",
             MAX_CLOCK_SKEW_MS_RANGE,
             DEFAULT_MAX_CLOCK_SKEW_MS,
         )?;
-        let history_per_machine = in_range(
-            source,
-            &spec.history_per_machine,
-            "history_per_machine",
+        let history_per_machine = source.in_range(
+            spec.history_per_machine.as_ref(),
+            "hub.history_per_machine",
             HISTORY_PER_MACHINE_RANGE,
             DEFAULT_HISTORY_PER_MACHINE,
         )?;
@@ -183,26 +179,6 @@ fn nats_backend(url: &Spanned<String>, source: &Source<'_>) -> Result<HubBackend
     Ok(HubBackend::Nats {
         url: text.to_string(),
     })
-}
-
-/// An optional bound checked against its range, or its default when not written.
-fn in_range<T: PartialOrd + Copy + std::fmt::Display>(
-    source: &Source<'_>,
-    value: &Option<Spanned<T>>,
-    field: &str,
-    range: std::ops::RangeInclusive<T>,
-    default: T,
-) -> Result<T, ConfigError> {
-    match value {
-        Some(v) if !range.contains(v.get_ref()) => Err(invalid(
-            source,
-            v.span().start,
-            field,
-            format!("must be within {}..={}", range.start(), range.end()),
-        )),
-        Some(v) => Ok(*v.get_ref()),
-        None => Ok(default),
-    }
 }
 
 fn rotation_grace_of(spec: &HubSpec, source: &Source<'_>) -> Result<Duration, ConfigError> {

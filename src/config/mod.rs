@@ -5,6 +5,8 @@ pub mod balancer;
 pub mod cluster;
 pub mod hub;
 pub mod monitor;
+pub mod notify;
+pub mod operators;
 pub mod predict;
 pub mod source;
 pub mod store;

@@ -76,6 +76,31 @@ impl Source<'_> {
         }
     }
 
+    /// An optional bound checked against its range (an error names `field` and the value), or
+    /// `default` when it is not written.
+    pub(crate) fn in_range<T: PartialOrd + Copy + std::fmt::Display>(
+        &self,
+        value: Option<&crate::config::toml_spans::Spanned<T>>,
+        field: impl Into<String>,
+        range: std::ops::RangeInclusive<T>,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        match value {
+            Some(v) if !range.contains(v.get_ref()) => Err(self.invalid(
+                v.span().start,
+                field,
+                format!(
+                    "must be within {}..={}, got {}",
+                    range.start(),
+                    range.end(),
+                    v.get_ref()
+                ),
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        }
+    }
+
     /// An error about `field`, on the line of the deepest part of `path` (the field's key path,
     /// or a part of it) that is written in the text, else at `fallback`.
     pub fn invalid_near(

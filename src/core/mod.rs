@@ -2,6 +2,7 @@
 //! modules what to do, and performs it.
 
 pub mod consequences;
+pub mod evidence;
 pub mod lease;
 pub mod monitor;
 pub mod pairing;

@@ -187,6 +187,9 @@ pub struct TransitionRecord {
     /// Numbers behind the move (the verdict, for a judgement).
     #[schema(value_type = Object)]
     pub details: serde_json::Value,
+    /// The operator whose call caused it (null for the controller's own moves).
+    #[serde(default)]
+    pub operator: Option<String>,
 }
 
 /// A phase as its display text in JSON.
@@ -285,6 +288,15 @@ pub fn transition(
         }
         (P::Judged { passed: true }, Event::Route) => P::Joining { step: 0 },
         (P::AwaitingApproval, Event::Approve) => P::Joining { step: 0 },
+        // Still judged while it waits: a v2 that turns bad is pulled before anyone approves it
+        // (it never served a caller).
+        (
+            P::AwaitingApproval,
+            Event::Verdict {
+                decision: Decision::Fail,
+                ..
+            },
+        ) => P::RolledBack,
         (P::Joining { step }, Event::StepHeld) if step + 1 < policy.step_count() => {
             P::Joining { step: step + 1 }
         }
@@ -307,6 +319,8 @@ mod tests {
     fn policy(requires_approval: bool, steps: Vec<u32>) -> RolloutPolicy {
         RolloutPolicy {
             requires_approval,
+            approvers: 1,
+            approval_ttl: crate::config::cluster::DEFAULT_APPROVAL_TTL,
             join_steps: steps,
             join_step: Duration::from_millis(100),
             simulation_timeout: None,
@@ -396,6 +410,24 @@ mod tests {
                 Phase::Complete
             ]
         );
+    }
+
+    #[test]
+    fn a_v2_that_fails_while_awaiting_approval_is_rolled_back_and_a_pass_moves_nothing() {
+        let p = policy(true, vec![]);
+        let fail = |hard| Event::Verdict {
+            decision: Decision::Fail,
+            hard,
+        };
+        for hard in [false, true] {
+            assert_eq!(
+                transition(Phase::AwaitingApproval, fail(hard), &p),
+                Ok(Phase::RolledBack)
+            );
+        }
+        assert!(transition(Phase::AwaitingApproval, PASS, &p).is_err());
+        // Once joining, a verdict is no longer what moves it (the live guard is).
+        assert!(transition(Phase::Joining { step: 0 }, fail(false), &p).is_err());
     }
 
     #[test]

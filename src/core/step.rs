@@ -269,6 +269,8 @@ mod tests {
     fn policy() -> RolloutPolicy {
         RolloutPolicy {
             requires_approval: false,
+            approvers: 1,
+            approval_ttl: crate::config::cluster::DEFAULT_APPROVAL_TTL,
             join_steps: Vec::new(),
             join_step: Duration::from_millis(500),
             simulation_timeout: Some(Duration::from_secs(10)),

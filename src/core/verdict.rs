@@ -89,11 +89,23 @@ pub struct PairSummary {
     pub control_error_rate: f64,
 }
 
+/// Latency histograms on shared log-spaced buckets: `bounds_us` has one more entry than each
+/// count list; bucket i holds latencies in `[bounds_us[i], bounds_us[i + 1])`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LatencyBuckets {
+    pub bounds_us: Vec<u64>,
+    pub v1: Vec<u64>,
+    pub v2: Vec<u64>,
+    pub control: Vec<u64>,
+}
+
 /// Display numbers of the pairs a rollout compared (the judge keeps the statistics that decide).
 #[derive(Debug, Clone)]
 pub struct PairNumbers {
     v1: Histogram<u64>,
     v2: Histogram<u64>,
+    /// The A/A control's copies (v1 in the simulation pool).
+    control: Histogram<u64>,
     pub jobs: u64,
     pub v1_errors: u64,
     pub v2_errors: u64,
@@ -113,6 +125,7 @@ impl Default for PairNumbers {
         PairNumbers {
             v1: histogram(),
             v2: histogram(),
+            control: histogram(),
             jobs: 0,
             v1_errors: 0,
             v2_errors: 0,
@@ -130,6 +143,7 @@ impl PairNumbers {
         if pair.control {
             self.control_jobs += 1;
             self.control_errors += u64::from(!s.v2_ok);
+            self.control.saturating_record(s.v2_latency_us);
             return;
         }
         self.jobs += 1;
@@ -169,6 +183,44 @@ impl PairNumbers {
         Self::ratio(self.mismatches, self.compared)
     }
 
+    /// v1's, v2's and the control's latencies counted in `bins` buckets spaced evenly on a log
+    /// scale, from the fastest job to the slowest of any of them (the dashboard's overlay).
+    pub fn latency_buckets(&self, bins: usize) -> LatencyBuckets {
+        let sides = [&self.v1, &self.v2, &self.control];
+        let seen = sides.iter().filter(|h| !h.is_empty());
+        let low = seen.clone().map(|h| h.min()).min().unwrap_or(0).max(1);
+        let high = seen.map(|h| h.max()).max().unwrap_or(0);
+        if high == 0 || bins == 0 {
+            return LatencyBuckets::default();
+        }
+        let high = high.max(low + 1) + 1;
+        let ratio = (high as f64 / low as f64).powf(1.0 / bins as f64);
+        let mut bounds: Vec<u64> = (0..=bins)
+            .map(|i| (low as f64 * ratio.powi(i as i32)).round() as u64)
+            .collect();
+        bounds.dedup();
+        if let Some(last) = bounds.last_mut() {
+            *last = (*last).max(high);
+        }
+        // Each recorded value counted once, in the bucket its (HDR-equivalent) value falls in.
+        let counts = |h: &Histogram<u64>| {
+            let mut counts = vec![0u64; bounds.len() - 1];
+            for v in h.iter_recorded() {
+                let value = h.highest_equivalent(v.value_iterated_to()).min(high - 1);
+                let i = bounds.partition_point(|&b| b <= value).saturating_sub(1);
+                let last = counts.len() - 1;
+                counts[i.min(last)] += v.count_at_value();
+            }
+            counts
+        };
+        LatencyBuckets {
+            v1: counts(&self.v1),
+            v2: counts(&self.v2),
+            control: counts(&self.control),
+            bounds_us: bounds,
+        }
+    }
+
     pub fn summary(&self) -> PairSummary {
         let side = |v2: bool| SideSummary {
             p50_us: (self.quantile_seconds(v2, 0.5) * 1e6).round(),
@@ -186,5 +238,49 @@ impl PairNumbers {
             control_jobs: self.control_jobs,
             control_error_rate: Self::ratio(self.control_errors, self.control_jobs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use understudy_judge::PairSample;
+
+    fn pair(control: bool, v1: u64, v2: u64) -> StoredPair {
+        StoredPair {
+            control,
+            job: 0,
+            sample: PairSample {
+                v1_latency_us: v1,
+                v1_ok: true,
+                v2_latency_us: v2,
+                v2_ok: true,
+                matched: None,
+            },
+        }
+    }
+
+    #[test]
+    fn latency_buckets_count_every_job_of_each_side_once() {
+        assert_eq!(
+            PairNumbers::default().latency_buckets(40),
+            LatencyBuckets::default()
+        );
+        let mut numbers = PairNumbers::default();
+        for i in 0..1_000u64 {
+            numbers.record(&pair(false, 1_000 + i, 2_000 + 3 * i));
+            numbers.record(&pair(true, 1_000 + i, 900 + i));
+        }
+        let b = numbers.latency_buckets(40);
+        assert_eq!(b.bounds_us.len(), b.v1.len() + 1);
+        assert!(b.bounds_us.windows(2).all(|w| w[0] < w[1]));
+        for side in [&b.v1, &b.v2, &b.control] {
+            assert_eq!(side.iter().sum::<u64>(), 1_000);
+        }
+        // v2 is slower: its mass sits in higher buckets than v1's.
+        let mean_bucket =
+            |c: &Vec<u64>| c.iter().enumerate().map(|(i, n)| i as u64 * n).sum::<u64>() / 1_000;
+        assert!(mean_bucket(&b.v2) > mean_bucket(&b.v1) + 5);
+        assert!(b.bounds_us[0] <= 900 && *b.bounds_us.last().unwrap() > 4_997);
     }
 }

@@ -9,4 +9,5 @@ pub mod leader;
 pub mod machines;
 pub mod metrics;
 pub mod monitor;
+pub mod notify;
 pub mod predictions;

@@ -741,7 +741,7 @@ async fn simulating_core(
         services: [("media".to_string(), "v2".to_string())].into(),
         ..Default::default()
     };
-    core.release(&request).expect("release");
+    core.release(&request, "ops").expect("release");
     core.tick().await;
     assert_eq!(core.rollouts()[0].phase, "simulating");
     // The first tick of the simulation is the early signal's first look at this rollout.

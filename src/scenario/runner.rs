@@ -538,11 +538,7 @@ impl Driver<'_> {
                 continue;
             }
             fired[n] = true;
-            let path = format!("/api/v1/rollouts/{}/{}", rollout.id, step.action.as_str());
-            let result = self
-                .client
-                .post::<serde_json::Value>(&path, &serde_json::json!({}))
-                .await;
+            let result = self.client.act(rollout.id, step.action, None).await;
             let at_s = self.start.elapsed().as_secs_f64();
             say!(
                 self.opts,

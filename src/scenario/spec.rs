@@ -755,6 +755,7 @@ fn cluster_spec(raw: ScenarioFile, addresses: &BTreeMap<String, String>) -> Clus
         hub: raw.hub,
         predict: raw.predict,
         monitor: raw.monitor,
+        notify: None,
     }
 }
 

@@ -25,6 +25,7 @@ use postgres::PgConn;
 use sql::{vals, Conn};
 pub use sql::{Dialect, Row, Sql, Value};
 
+pub mod approvals;
 pub mod lease;
 pub mod monitor;
 pub mod plans;
@@ -79,6 +80,8 @@ pub struct ReleaseRow {
     pub id: i64,
     pub created_ms: u64,
     pub rollback_on_failure: bool,
+    /// The operator who started it.
+    pub created_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -191,7 +194,7 @@ impl Store {
             // Controllers sharing a file wait for each other's writes instead of failing at once.
             conn.busy_timeout(std::time::Duration::from_secs(5))?;
             conn.execute_batch(schema::SQLITE)?;
-            schema::add_pair_job_column(conn)
+            schema::add_columns(conn)
         };
         setup(&conn).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
@@ -210,6 +213,9 @@ impl Store {
             sql.execute("SELECT pg_advisory_xact_lock(?1)", vals![SCHEMA_LOCK])?;
             for statement in schema::postgres().split(';').filter(|s| has_sql(s)) {
                 sql.execute(statement, &[])?;
+            }
+            for statement in schema::postgres_added_columns() {
+                sql.execute(&statement, &[])?;
             }
             Ok::<_, StoreError>(())
         })?;
@@ -339,10 +345,12 @@ pub fn insert_release(
     tx: &Sql<'_>,
     at_ms: u64,
     rollback_on_failure: bool,
+    created_by: Option<&str>,
 ) -> Result<i64, StoreError> {
     tx.query_one(
-        "INSERT INTO releases(created_ms, rollback_on_failure) VALUES (?1, ?2) RETURNING id",
-        vals![at_ms, rollback_on_failure],
+        "INSERT INTO releases(created_ms, rollback_on_failure, created_by) VALUES (?1, ?2, ?3)
+         RETURNING id",
+        vals![at_ms, rollback_on_failure, created_by],
     )?
     .i64(0)
 }
@@ -382,8 +390,9 @@ pub fn record_transition(
 ) -> Result<(), StoreError> {
     let to = record.to;
     tx.execute(
-        "INSERT INTO transitions(rollout_id, at_ms, from_phase, to_phase, cause, actor, details_json)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO transitions(rollout_id, at_ms, from_phase, to_phase, cause, actor, details_json,
+                                 operator)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         vals![
             rollout,
             record.at_ms,
@@ -392,6 +401,7 @@ pub fn record_transition(
             &record.cause,
             record.actor.as_str(),
             record.details.to_string(),
+            record.operator.as_deref(),
         ],
     )?;
     let changed = tx.execute(
@@ -595,7 +605,7 @@ impl Store {
     pub fn releases(&self) -> Result<Vec<ReleaseRow>, StoreError> {
         self.read(|sql| {
             sql.query(
-                "SELECT id, created_ms, rollback_on_failure FROM releases ORDER BY id",
+                "SELECT id, created_ms, rollback_on_failure, created_by FROM releases ORDER BY id",
                 &[],
             )?
             .iter()
@@ -604,6 +614,7 @@ impl Store {
                     id: r.i64(0)?,
                     created_ms: r.u64(1)?,
                     rollback_on_failure: r.bool(2)?,
+                    created_by: r.opt_text(3)?,
                 })
             })
             .collect()
@@ -625,8 +636,8 @@ impl Store {
     pub fn transitions(&self, rollout: i64) -> Result<Vec<TransitionRecord>, StoreError> {
         let rows = self.read(|sql| {
             sql.query(
-                "SELECT at_ms, from_phase, to_phase, cause, actor, details_json FROM transitions
-                 WHERE rollout_id = ?1 ORDER BY id",
+                "SELECT at_ms, from_phase, to_phase, cause, actor, details_json, operator
+                 FROM transitions WHERE rollout_id = ?1 ORDER BY id",
                 vals![rollout],
             )
         })?;
@@ -645,6 +656,7 @@ impl Store {
                     actor: Actor::parse(&actor)
                         .ok_or_else(|| corrupt(format!("actor `{actor}`")))?,
                     details: r.json(5)?,
+                    operator: r.opt_text(6)?,
                 })
             })
             .collect()
@@ -957,7 +969,7 @@ mod tests {
         let id = store
             .write(|tx| {
                 upsert_service(tx, "db", "v1")?;
-                let release = insert_release(tx, 5, true)?;
+                let release = insert_release(tx, 5, true, Some("alice"))?;
                 let before = BTreeMap::from([("db-1".to_string(), MachineRole::Active)]);
                 insert_rollout(tx, release, "db", "v1", "v2", &[], 5, &before)
             })
@@ -967,12 +979,17 @@ mod tests {
             from: Phase::Pending,
             to: Phase::Simulating,
             cause: "no dependency in the release".into(),
-            actor: Actor::Controller,
+            actor: Actor::Ops,
             details: serde_json::json!({}),
+            operator: Some("alice".into()),
         };
         store
             .write(|tx| record_transition(tx, id, &record))
             .unwrap();
+        assert_eq!(
+            store.releases().unwrap()[0].created_by.as_deref(),
+            Some("alice")
+        );
         // A failing transaction leaves nothing behind.
         let failed: Result<(), StoreError> = store.write(|tx| {
             record_transition(tx, id, &record)?;
@@ -1004,6 +1021,57 @@ mod tests {
         store.write(|tx| insert_pairs(tx, id, 2, &many)).unwrap();
         let jobs: Vec<u64> = store.pairs(id).unwrap().iter().map(|p| p.job).collect();
         assert_eq!(jobs[2..], (0..250).collect::<Vec<u64>>()[..]);
+        approvals_round_trip(store, id);
+    }
+
+    /// The evidence log and approvals come back as written; a snapshot is logged once per seq.
+    fn approvals_round_trip(store: &mut Store, id: i64) {
+        use crate::core::evidence::{Approval, EvidenceSnapshot};
+        let snapshot = |seq| EvidenceSnapshot {
+            id: None,
+            seq,
+            at_ms: 100 + seq,
+            jobs: 5_000,
+            decision: understudy_judge::Decision::Pass,
+            tests: Vec::new(),
+        };
+        let approval = Approval {
+            operator: "bob".into(),
+            at_ms: 7,
+            evidence: format!("{id}.1.5"),
+            seq: 1,
+            expires_at_ms: 60_007,
+        };
+        store
+            .write(|tx| {
+                approvals::log_evidence(tx, id, &snapshot(0))?;
+                approvals::log_evidence(tx, id, &snapshot(1))?;
+                approvals::insert_approval(tx, id, &approval)
+            })
+            .unwrap();
+        assert!(store
+            .write(|tx| approvals::log_evidence(tx, id, &snapshot(1)))
+            .is_err());
+        let log = store.read(|sql| approvals::evidence_log(sql, id)).unwrap();
+        assert_eq!(log, vec![snapshot(0), snapshot(1)]);
+        let stored = store.read(|sql| approvals::approvals(sql, id)).unwrap();
+        assert_eq!(stored, vec![approval]);
+    }
+
+    #[test]
+    fn a_database_written_before_operators_had_names_gets_their_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = schema::SQLITE
+            .replace(",\n    created_by TEXT\n)", "\n)")
+            .replace(",\n    operator TEXT\n)", "\n)");
+        assert!(!old.contains("created_by") && old.len() < schema::SQLITE.len());
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(&old)
+            .unwrap();
+        let mut store = Store::open(&path).unwrap();
+        round_trip(&mut store);
     }
 
     fn record(id: &str, service: &str, version: &str, role: Role) -> understudy_hub::MachineRecord {

@@ -56,6 +56,17 @@ async fn judge_until_decided(
     panic!("the judge never decided");
 }
 
+/// Approves a rollout as `operator` would from the page: naming the evidence it is shown now.
+pub(crate) fn approve(core: &Core, id: i64, operator: &str) -> Result<RolloutDetail, RequestError> {
+    let shown = core.rollout(id).and_then(|d| d.evidence).and_then(|e| e.id);
+    let request = OpsRequest {
+        action: OpsAction::Approve,
+        operator,
+        evidence: Some(shown.as_deref().unwrap_or("0.0.0")),
+    };
+    core.act(id, &request)
+}
+
 fn release_of(services: &[(&str, &str)], rollback_on_failure: bool) -> ReleaseRequest {
     ReleaseRequest {
         services: services
@@ -96,10 +107,10 @@ async fn whole_release_in_dependency_order() {
     assert_eq!(rest.mirror_fraction, 0.0);
 
     let answer = core
-        .release(&release_of(
-            &[("media", "v2"), ("db", "v2"), ("router", "v2")],
-            false,
-        ))
+        .release(
+            &release_of(&[("media", "v2"), ("db", "v2"), ("router", "v2")], false),
+            "ops",
+        )
         .expect("release");
     assert_eq!(answer.plan.len(), 3);
     core.tick().await;
@@ -167,11 +178,13 @@ async fn whole_release_in_dependency_order() {
     judge_until_decided(&core, fake, &["router"], &mut rng, &mut job).await;
     assert_eq!(phase(&core, "router"), "awaiting_approval");
     let id = rollout_id(&core, "router");
-    let detail = core.act(id, OpsAction::Approve).expect("approve");
+    let detail = approve(&core, id, "alice").expect("approve");
     assert_eq!(detail.rollout.phase, "joining");
     assert_eq!(
-        core.act(id, OpsAction::Approve).unwrap_err(),
-        RequestError::Conflict(format!("rollout {id} is joining[0]: cannot approve"))
+        approve(&core, id, "alice").unwrap_err(),
+        RequestError::Conflict(format!(
+            "rollout {id} is joining[0]: cannot approve (it does not await approval)"
+        ))
     );
     for _ in 0..3 {
         tokio::time::advance(Duration::from_millis(210)).await;
@@ -198,7 +211,10 @@ async fn whole_release_in_dependency_order() {
         ]
     );
     assert_eq!(detail.transitions[3].actor, Actor::Ops);
+    assert_eq!(detail.transitions[3].operator.as_deref(), Some("alice"));
+    assert_eq!(detail.transitions[3].cause, "approved by alice");
     assert_eq!(detail.transitions[1].actor, Actor::Controller);
+    assert_eq!(detail.transitions[1].operator, None);
     let verdict = json(&detail.rollout.verdict.expect("verdict kept"));
     assert_eq!(verdict["decision"], "pass");
     let numbers = &verdict["numbers"];
@@ -251,7 +267,8 @@ async fn drain_timeout_completes_retiring() {
     let core = rig.open();
     let mut rng = StdRng::seed_from_u64(1);
     let mut job = 1;
-    core.release(&release_of(&[("db", "v2")], false)).unwrap();
+    core.release(&release_of(&[("db", "v2")], false), "ops")
+        .unwrap();
     core.tick().await;
     rig.fake.set_sessions("db", "db-1", 5);
     judge_until_decided(&core, &rig.fake, &["db"], &mut rng, &mut job).await;
@@ -273,10 +290,10 @@ async fn drain_timeout_completes_retiring() {
 async fn hard_failure_rolls_back_and_stops_dependents() {
     let rig = Rig::new(SAMPLE);
     let core = rig.open();
-    core.release(&release_of(
-        &[("db", "v2"), ("router", "v2"), ("edge", "v2")],
-        false,
-    ))
+    core.release(
+        &release_of(&[("db", "v2"), ("router", "v2"), ("edge", "v2")], false),
+        "ops",
+    )
     .unwrap();
     core.tick().await;
     assert_eq!(phase(&core, "db"), "simulating");
@@ -305,7 +322,7 @@ async fn hard_failure_rolls_back_and_stops_dependents() {
     let csv = core.pairs_csv(detail.rollout.id, false).unwrap();
     assert!(csv.starts_with("v1_latency_us,v1_ok,v2_latency_us,v2_ok,match\n1000,1,1000,0,0\n"));
     // The service is free for another release.
-    core.release(&release_of(&[("db", "v2")], false))
+    core.release(&release_of(&[("db", "v2")], false), "ops")
         .expect("new release");
 }
 
@@ -315,10 +332,10 @@ async fn failure_unwinds_joined_services_in_reverse_order() {
     let core = rig.open();
     let mut rng = StdRng::seed_from_u64(3);
     let mut job = 1;
-    core.release(&release_of(
-        &[("db", "v2"), ("media", "v2"), ("router", "v2")],
-        true,
-    ))
+    core.release(
+        &release_of(&[("db", "v2"), ("media", "v2"), ("router", "v2")], true),
+        "ops",
+    )
     .unwrap();
     core.tick().await;
     judge_until_decided(&core, &rig.fake, &["db", "media"], &mut rng, &mut job).await;
@@ -331,7 +348,8 @@ async fn failure_unwinds_joined_services_in_reverse_order() {
     assert_eq!(phase(&core, "router"), "simulating");
     // Ops roll router back: the release unwinds db and media (v1 machines back to active).
     let router = rollout_id(&core, "router");
-    core.act(router, OpsAction::Rollback).unwrap();
+    core.act(router, &OpsRequest::by("ops", OpsAction::Rollback))
+        .unwrap();
     assert_eq!(phase(&core, "db"), "rolled_back");
     assert_eq!(phase(&core, "media"), "rolled_back");
     let services = core.services();
@@ -372,8 +390,11 @@ async fn restart_mid_release_resumes_where_it_stood() {
     let mut job = 1;
     let (media_id, pairs_before, transitions_before) = {
         let core = rig.open();
-        core.release(&release_of(&[("media", "v2"), ("router", "v2")], false))
-            .unwrap();
+        core.release(
+            &release_of(&[("media", "v2"), ("router", "v2")], false),
+            "ops",
+        )
+        .unwrap();
         core.tick().await;
         // Half-way through simulation: some pairs recorded, no verdict yet.
         rig.fake.add_pairs(
@@ -597,7 +618,7 @@ async fn dependents_wait_for_the_dependency_balancer_to_run_its_new_config() {
     let core = rig.open();
     let mut rng = StdRng::seed_from_u64(5);
     let mut job = 1;
-    core.release(&release_of(&[("db", "v2"), ("router", "v2")], false))
+    core.release(&release_of(&[("db", "v2"), ("router", "v2")], false), "ops")
         .unwrap();
     core.tick().await;
     judge_until_decided(&core, &rig.fake, &["db"], &mut rng, &mut job).await;
@@ -625,7 +646,8 @@ async fn a_later_release_brings_retired_machines_back() {
     let core = rig.open();
     let mut rng = StdRng::seed_from_u64(8);
     let mut job = 1;
-    core.release(&release_of(&[("db", "v2")], false)).unwrap();
+    core.release(&release_of(&[("db", "v2")], false), "ops")
+        .unwrap();
     core.tick().await;
     judge_until_decided(&core, &rig.fake, &["db"], &mut rng, &mut job).await;
     for _ in 0..3 {
@@ -635,14 +657,14 @@ async fn a_later_release_brings_retired_machines_back() {
     assert_eq!(phase(&core, "db"), "complete");
     // v2 now runs; v1 is retired. v9 does not exist; v2 already runs.
     let err = core
-        .release(&release_of(&[("db", "v9")], false))
+        .release(&release_of(&[("db", "v9")], false), "ops")
         .unwrap_err();
     assert!(matches!(err, RequestError::BadRequest(_)), "{err:?}");
     let err = core
-        .release(&release_of(&[("db", "v2")], false))
+        .release(&release_of(&[("db", "v2")], false), "ops")
         .unwrap_err();
     assert!(matches!(err, RequestError::Conflict(_)), "{err:?}");
-    core.release(&release_of(&[("db", "v1")], false))
+    core.release(&release_of(&[("db", "v1")], false), "ops")
         .expect("back to v1");
     core.tick().await;
     assert_eq!(phase(&core, "db"), "simulating");
@@ -750,7 +772,8 @@ async fn live_guard_pulls_a_v2_that_fails_callers_while_joining() {
     let core = rig.open();
     let mut rng = StdRng::seed_from_u64(4);
     let mut job = 1;
-    core.release(&release_of(&[("db", "v2")], false)).unwrap();
+    core.release(&release_of(&[("db", "v2")], false), "ops")
+        .unwrap();
     core.tick().await;
     judge_until_decided(&core, &rig.fake, &["db"], &mut rng, &mut job).await;
     assert_eq!(phase(&core, "db"), "joining[0]");
@@ -844,7 +867,7 @@ async fn display_numbers_follow_the_recorded_pairs_live_and_after_restart() {
     let mut job = 1;
     let (id, live) = {
         let core = rig.open();
-        core.release(&release_of(&[("media", "v2")], false))
+        core.release(&release_of(&[("media", "v2")], false), "ops")
             .unwrap();
         core.tick().await;
         // Latencies of a loaded telephony service: 5-37 ms.
@@ -918,7 +941,7 @@ async fn controls_answer_simulation_jobs_at_all_times_and_copies_flow_only_while
     );
 
     // A release of a service above (router) leaves media's pool as it is.
-    core.release(&release_of(&[("router", "v2")], false))
+    core.release(&release_of(&[("router", "v2")], false), "ops")
         .unwrap();
     core.tick().await;
     assert_eq!(phase(&core, "router"), "simulating");
@@ -926,12 +949,15 @@ async fn controls_answer_simulation_jobs_at_all_times_and_copies_flow_only_while
     assert!(places("media")
         .0
         .contains(&at("media-c", PoolRole::Simulation)));
-    core.act(rollout_id(&core, "router"), OpsAction::Abort)
-        .unwrap();
+    core.act(
+        rollout_id(&core, "router"),
+        &OpsRequest::by("ops", OpsAction::Abort),
+    )
+    .unwrap();
     core.tick().await;
 
     // Its own simulation: v2 joins the pool and the configured fraction is copied.
-    core.release(&release_of(&[("media", "v2")], false))
+    core.release(&release_of(&[("media", "v2")], false), "ops")
         .unwrap();
     core.tick().await;
     assert_eq!(phase(&core, "media"), "simulating");
@@ -983,7 +1009,7 @@ async fn pairs_the_store_refused_are_not_counted_twice_by_the_judge() {
     let rig = Rig::new(SAMPLE);
     let core = rig.open();
     let mut rng = StdRng::seed_from_u64(23);
-    core.release(&release_of(&[("media", "v2")], false))
+    core.release(&release_of(&[("media", "v2")], false), "ops")
         .unwrap();
     core.tick().await;
     let id = rollout_id(&core, "media");
@@ -1062,7 +1088,7 @@ async fn release_media(
     mut pairs: impl FnMut(u64) -> Vec<JobPair>,
     job: &mut u64,
 ) -> RolloutView {
-    core.release(&release_of(&[("media", to)], false))
+    core.release(&release_of(&[("media", to)], false), "ops")
         .expect("release");
     core.tick().await;
     for _ in 0..200 {
@@ -1141,7 +1167,7 @@ async fn release_after_release_falls_back_to_the_active_baseline() {
 async fn a_judge_that_gets_no_pairs_while_copies_flow_is_shown_as_starved() {
     let rig = Rig::new(RELEASES);
     let core = rig.open();
-    core.release(&release_of(&[("media", "v2")], false))
+    core.release(&release_of(&[("media", "v2")], false), "ops")
         .expect("release");
     core.tick().await;
     let id = rollout_id(&core, "media");
@@ -1206,7 +1232,7 @@ async fn a_controller_that_lost_its_lead_is_fenced_off_and_switches_nothing() {
     assert_eq!(rig.fake.epoch("media"), new.epoch());
     // The old one wakes up: the store refuses the release it starts (nothing of it is kept) ...
     let refused = old
-        .release(&release_of(&[("media", "v2")], false))
+        .release(&release_of(&[("media", "v2")], false), "ops")
         .unwrap_err();
     assert!(refused.to_string().contains("fenced off"), "{refused}");
     let store = Store::open(&rig.dir.path().join("state.db")).unwrap();

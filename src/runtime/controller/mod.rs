@@ -20,7 +20,9 @@ use understudy_wire::{
 use utoipa::ToSchema;
 
 use crate::config::cluster::{Cluster, Service};
+use crate::config::operators::Operators;
 use crate::core::consequences::{consequences, Consequences, RoleChange, RolloutMachines};
+use crate::core::evidence::{Approval, EvidenceRef, EvidenceSeries, EvidenceSnapshot};
 use crate::core::pairing::PairFeed;
 use crate::core::pairing::StoredPair;
 use crate::core::plan::{plan_release, PlanLine, Refusal, Selection};
@@ -41,7 +43,9 @@ pub enum ControllerError {
     Store(#[from] StoreError),
     #[error("service `{0}` has no balancer URL (set `balancer` in its table)")]
     NoBalancer(String),
-    #[error("the admin token is empty: set it in [controller] token or UNDERSTUDY_TOKEN")]
+    #[error(
+        "no operator may act: set [controller] token, UNDERSTUDY_TOKEN or [controller] operators_file"
+    )]
     NoToken,
     #[error("the database does not fit the cluster file: {0}")]
     Inconsistent(String),
@@ -76,9 +80,11 @@ impl From<StoreError> for RequestError {
     }
 }
 
-/// The rollout a stats report feeds: the one simulating on the report's service.
+/// The rollout a stats report feeds: the one being judged on the report's service (simulating,
+/// or awaiting approval: its copies are judged until it joins).
 struct Simulating {
     id: i64,
+    phase: Phase,
     service: String,
     from: String,
     to: String,
@@ -90,9 +96,10 @@ impl Simulating {
     fn of(state: &State, service: &str) -> Option<Simulating> {
         let r = state
             .open_rollout(service)
-            .filter(|r| r.phase == Phase::Simulating)?;
+            .filter(|r| matches!(r.phase, Phase::Simulating | Phase::AwaitingApproval))?;
         Some(Simulating {
             id: r.id,
+            phase: r.phase,
             service: r.service.clone(),
             from: r.from_version.clone(),
             to: r.to_version.clone(),
@@ -106,6 +113,30 @@ impl Simulating {
             .iter()
             .filter_map(|p| stored_pair(p, &self.from, &self.to))
             .collect()
+    }
+}
+
+/// Jobs of callers (the active configuration) in a balancer's series.
+fn active_jobs(series: &[SeriesStats]) -> u64 {
+    series
+        .iter()
+        .filter(|s| s.config == PoolRole::Active)
+        .map(series_jobs)
+        .sum()
+}
+
+/// Every job of one series, whatever its outcome.
+fn series_jobs(s: &SeriesStats) -> u64 {
+    let o = &s.outcomes;
+    o.ok + o.client_error + o.server_error + o.timeout + o.connect_failure
+}
+
+/// Whether a decision moves a rollout judged in `phase`: any decision while it simulates; only a
+/// fail once it passed and awaits approval.
+fn moves_rollout(phase: Phase, decision: Decision) -> bool {
+    match phase {
+        Phase::AwaitingApproval => decision == Decision::Fail,
+        _ => decision != Decision::NotEnoughData,
     }
 }
 
@@ -165,6 +196,18 @@ pub(super) struct RolloutState {
     pub(super) live: LiveCounts,
     /// Copies answered by v2 machines since the rollout (or the controller) started.
     pub(super) copies_seen: u64,
+    /// Callers' jobs the service's active machines answered meanwhile (the copies' source).
+    pub(super) callers_jobs: u64,
+    /// Where the judge's tests stand now.
+    pub(super) evidence: Option<EvidenceSnapshot>,
+    /// Each material change of the evidence while it awaits approval (what approvals name).
+    pub(super) evidence_log: Vec<EvidenceSnapshot>,
+    /// Each test's evidence against pairs judged, for the dashboard.
+    pub(super) series: EvidenceSeries,
+    /// The latency quantiles as the judge last saw them.
+    pub(super) quantiles: Vec<(String, understudy_judge::QuantileReport)>,
+    /// Operators' approvals so far.
+    pub(super) approvals: Vec<Approval>,
 }
 
 impl RolloutState {
@@ -175,9 +218,56 @@ impl RolloutState {
         self.phase = to;
         self.entered_ms = record.at_ms;
         self.transitions.push(record);
-        if to != Phase::Simulating && !matches!(to, Phase::Pending) {
+        // A passed v2 is still judged while it is routed to and awaits approval.
+        let judged = matches!(
+            to,
+            Phase::Pending
+                | Phase::Simulating
+                | Phase::Judged { passed: true }
+                | Phase::AwaitingApproval
+        );
+        if !judged {
             self.judge = None;
         }
+    }
+
+    /// Feeds one stored pair to the judge, sampling the evidence series when a point is due.
+    fn feed(&mut self, pair: &StoredPair) {
+        if let Some(judge) = self.judge.as_mut() {
+            feed_judge(judge, &mut self.feed, &mut self.series, pair);
+        }
+    }
+
+    /// The judge's tests and quantiles as they stand now (kept once the judge is dropped).
+    fn refresh_evidence(&mut self, now_ms: u64) {
+        let Some(judge) = self.judge.as_ref() else {
+            return;
+        };
+        let decision = judge.decision();
+        let mut snapshot = EvidenceSnapshot::of(decision, judge.jobs(), &judge.tests(), now_ms);
+        if let Some(last) = self.evidence_log.last() {
+            if !snapshot.differs_materially(last) {
+                snapshot.seq = last.seq;
+                snapshot.at_ms = last.at_ms;
+            }
+        }
+        self.evidence = Some(snapshot);
+        self.quantiles = judge.quantiles();
+    }
+}
+
+/// One pair into a judge through its feed, and a point of the evidence series when one is due.
+fn feed_judge(
+    judge: &mut Judge,
+    feed: &mut PairFeed,
+    series: &mut EvidenceSeries,
+    pair: &StoredPair,
+) {
+    let before = judge.jobs();
+    feed.feed(judge, pair);
+    let jobs = judge.jobs();
+    if jobs != before && series.due(jobs) {
+        series.push(jobs, &judge.tests());
     }
 }
 
@@ -212,6 +302,8 @@ pub(super) struct ReleaseState {
     pub(super) rollback_on_failure: bool,
     /// Rollout ids in plan order.
     pub(super) rollouts: Vec<i64>,
+    /// The operator who started it.
+    pub(super) created_by: Option<String>,
 }
 
 #[derive(Default)]
@@ -355,12 +447,15 @@ pub struct Core {
     pub(super) clock: Clock,
     /// Whether it leads, and with which fencing epoch (every config is pushed with it).
     pub(super) leadership: leadership::Leadership,
-    token: String,
+    /// Who may call the mutating endpoints, by name.
+    operators: Operators,
     wake: Notify,
     /// The hub it hosts and the keys of registered machines (src/runtime/hub.rs, src/runtime/machines.rs).
     pub(crate) hub: crate::runtime::hub::ControllerHub,
     /// Predictive monitoring of calls (src/runtime/predictions.rs).
     pub(crate) predictions: Arc<crate::runtime::predictions::Predictions>,
+    /// Webhooks told of every phase change (src/runtime/notify.rs); never blocks a transition.
+    pub(crate) notifier: crate::runtime::notify::Notifier,
 }
 
 /// `ReleaseRequest.services`: service -> version, at least one (utoipa has no field attribute for
@@ -435,8 +530,38 @@ pub struct RolloutView {
 pub struct RolloutDetail {
     #[serde(flatten)]
     pub rollout: RolloutView,
-    /// `{at_ms, from, to, cause, actor, details}`, oldest first.
+    /// `{at_ms, from, to, cause, actor, details, operator}`, oldest first.
     pub transitions: Vec<TransitionRecord>,
+    /// Where the judge's tests stand now. While the rollout awaits approval its `id` is what
+    /// `POST .../approve` names (`{"evidence": ID}`).
+    pub evidence: Option<EvidenceSnapshot>,
+    /// Operators' approvals so far (a service may ask for two).
+    pub approvals: Vec<Approval>,
+    /// Distinct operators whose approvals it takes.
+    pub approvals_required: u8,
+    /// How long an evidence id may be approved after it was shown, and a first approval waits.
+    pub approval_ttl_ms: u64,
+}
+
+/// What an operator asks of a rollout.
+#[derive(Debug, Clone, Copy)]
+pub struct OpsRequest<'a> {
+    pub action: OpsAction,
+    /// Who asks (from the bearer token).
+    pub operator: &'a str,
+    /// The evidence id an approval names.
+    pub evidence: Option<&'a str>,
+}
+
+impl<'a> OpsRequest<'a> {
+    /// An action that names no evidence (abort, rollback).
+    pub fn by(operator: &'a str, action: OpsAction) -> OpsRequest<'a> {
+        OpsRequest {
+            action,
+            operator,
+            evidence: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -447,6 +572,8 @@ pub struct ReleaseView {
     pub finished: bool,
     /// Rollout ids in plan order.
     pub rollouts: Vec<i64>,
+    /// The operator who started it (null: before operators had names).
+    pub created_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -791,6 +918,7 @@ impl State {
                 created_ms: row.created_ms,
                 rollback_on_failure: row.rollback_on_failure,
                 rollouts: Vec::new(),
+                created_by: row.created_by,
             };
             self.releases.insert(row.id, release);
         }
@@ -833,13 +961,20 @@ impl State {
         let mut judge = (!row.phase.is_finished()).then(|| Judge::new(condition));
         let mut numbers = PairNumbers::default();
         let mut next_seq = 0;
+        let mut series = EvidenceSeries::default();
         for pair in self.store.pairs(row.id)? {
             if let Some(j) = judge.as_mut() {
-                feed.feed(j, &pair);
+                feed_judge(j, &mut feed, &mut series, &pair);
             }
             numbers.record(&pair);
             next_seq += 1;
         }
+        let evidence_log = self
+            .store
+            .read(|sql| store::approvals::evidence_log(sql, row.id))?;
+        let approvals = self
+            .store
+            .read(|sql| store::approvals::approvals(sql, row.id))?;
         let transitions = self.store.transitions(row.id)?;
         for t in &transitions {
             metrics
@@ -871,6 +1006,16 @@ impl State {
             next_seq,
             live: LiveCounts::default(),
             copies_seen: 0,
+            callers_jobs: 0,
+            evidence: None,
+            evidence_log,
+            series,
+            quantiles: Vec::new(),
+            approvals,
+        })
+        .map(|mut r| {
+            r.refresh_evidence(r.entered_ms);
+            r
         })
     }
 }
@@ -994,14 +1139,14 @@ impl Core {
         cluster: Cluster,
         store: Store,
         client: Arc<dyn BalancerClient>,
-        token: String,
+        operators: Operators,
     ) -> Result<Core, ControllerError> {
         let hub = crate::runtime::hub::ControllerHub::embedded(
             &cluster.hub,
             &store,
             Clock::new().now_ms(),
         )?;
-        Self::open_with_hub(cluster, store, client, token, hub)
+        Self::open_with_hub(cluster, store, client, operators, hub)
     }
 
     /// [`Core::open`] with a hub built by the caller (e.g. connected to NATS): a controller alone
@@ -1010,10 +1155,10 @@ impl Core {
         cluster: Cluster,
         store: Store,
         client: Arc<dyn BalancerClient>,
-        token: String,
+        operators: Operators,
         hub: crate::runtime::hub::ControllerHub,
     ) -> Result<Core, ControllerError> {
-        let core = Core::load(cluster, store, client, token, hub)?;
+        let core = Core::load(cluster, store, client, operators, hub)?;
         let epoch = lock(&core.state).store.take_epoch()?;
         core.lead(epoch)?;
         Ok(core)
@@ -1025,7 +1170,7 @@ impl Core {
         cluster: Cluster,
         store: Store,
         client: Arc<dyn BalancerClient>,
-        token: String,
+        operators: Operators,
         hub: crate::runtime::hub::ControllerHub,
     ) -> Result<Core, ControllerError> {
         let clock = Clock::new();
@@ -1046,21 +1191,29 @@ impl Core {
             state.cluster.predict.clone(),
             clock,
         )?);
+        let notifier = crate::runtime::notify::Notifier::start(&state.cluster.notify);
         Ok(Core {
             state: Mutex::new(state),
             client,
             metrics,
             clock,
             leadership: leadership::Leadership::default(),
-            token,
+            operators,
             wake: Notify::new(),
             hub,
             predictions,
+            notifier,
         })
     }
 
-    pub fn token(&self) -> &str {
-        &self.token
+    pub fn operators(&self) -> &Operators {
+        &self.operators
+    }
+
+    /// Replaces who may act (a test swaps in operators files).
+    #[cfg(test)]
+    pub(crate) fn set_operators(&mut self, operators: Operators) {
+        self.operators = operators;
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -1116,9 +1269,14 @@ impl Core {
         rollout_id: i64,
         event: Event,
         cause: &str,
-        actor: Actor,
+        operator: Option<&str>,
         details: serde_json::Value,
     ) -> Result<Phase, ApplyError> {
+        let actor = if operator.is_some() {
+            Actor::Ops
+        } else {
+            Actor::Controller
+        };
         let now = self.clock.now_ms();
         let r = state
             .rollouts
@@ -1153,6 +1311,7 @@ impl Core {
             cause: cause.to_string(),
             actor,
             details,
+            operator: operator.map(str::to_string),
         };
         state.commit_move(
             rollout_id,
@@ -1174,9 +1333,36 @@ impl Core {
         if let Some(r) = state.rollouts.get_mut(&rollout_id) {
             r.enter(record);
         }
+        if to == Phase::AwaitingApproval {
+            self.log_evidence(state, rollout_id);
+        }
         self.count_transition(&service, rollout_id, from, to);
+        self.notify_transition(state, rollout_id);
         tracing::info!(rollout = rollout_id, %service, %from, %to, cause, actor = actor.as_str(), "transition");
         Ok(to)
+    }
+
+    /// Tells the webhooks of the transition a rollout just entered (src/runtime/notify.rs): only
+    /// queued, so a slow webhook never holds the state lock.
+    fn notify_transition(&self, state: &State, rollout_id: i64) {
+        let Some(r) = state.rollouts.get(&rollout_id) else {
+            return;
+        };
+        let Some(record) = r.transitions.last() else {
+            return;
+        };
+        self.notifier
+            .phase_changed(crate::runtime::notify::PhaseChange {
+                rollout: r.id,
+                release: r.release,
+                service: r.service.clone(),
+                from: record.from.to_string(),
+                to: record.to.to_string(),
+                cause: record.cause.clone(),
+                actor: record.actor.as_str().to_string(),
+                operator: record.operator.clone(),
+                at_ms: record.at_ms,
+            });
     }
 
     /// A transition on `/metrics`: the phase gauge, the counter, and a starved judge no longer so
@@ -1220,14 +1406,7 @@ impl Core {
         } in moves
         {
             // A move computed above may no longer apply after an earlier one in this pass.
-            match self.apply(
-                state,
-                id,
-                event,
-                &cause,
-                Actor::Controller,
-                serde_json::json!({}),
-            ) {
+            match self.apply(state, id, event, &cause, None, serde_json::json!({})) {
                 Ok(_) => moved = true,
                 Err(ApplyError::Transition(e)) => tracing::debug!(rollout = id, "skipped: {e}"),
                 Err(e) => {
@@ -1261,6 +1440,10 @@ impl Core {
         )?;
         if let Some(s) = &simulating {
             self.keep_judged(state, s.id, &pairs, &judgement);
+            self.log_evidence(state, s.id);
+            if let Some(r) = state.rollouts.get_mut(&s.id) {
+                r.callers_jobs += active_jobs(&report.series);
+            }
         }
         let guard = self.live_guard(state, &report.series, &service);
         self.keep_stats_view(state, &service, report);
@@ -1268,14 +1451,7 @@ impl Core {
             .zip(judgement.decided)
             .map(|(s, verdict)| Move::of_verdict(s.id, &verdict, &judgement.shown));
         for ask in judged.into_iter().chain(guard) {
-            self.apply(
-                state,
-                ask.rollout,
-                ask.event,
-                &ask.cause,
-                Actor::Controller,
-                ask.details,
-            )?;
+            self.apply(state, ask.rollout, ask.event, &ask.cause, None, ask.details)?;
         }
         Ok(())
     }
@@ -1290,24 +1466,24 @@ impl Core {
         copies: &[JobPair],
     ) -> Judgement {
         let mut judgement = Judgement::default();
+        let now = self.clock.now_ms();
         if let Some(r) = state.rollouts.get_mut(&s.id) {
-            if let Some(judge) = r.judge.as_mut() {
-                for p in pairs {
-                    r.feed.feed(judge, p);
-                }
+            for p in pairs {
+                r.feed(p);
             }
             let answered = copies.iter().filter(|p| p.simulation.version == s.to);
             self.count_copies(r, answered.count() as u64);
-            if let Some(judge) = r.judge.as_mut() {
+            r.refresh_evidence(now);
+            if let Some(judge) = r.judge.as_ref() {
                 if !pairs.is_empty() || r.verdict.is_none() {
                     let mut numbers = r.numbers.clone();
                     for p in pairs {
                         numbers.record(p);
                     }
-                    let verdict = judge.verdict();
+                    // The live verdict: while v2 awaits approval the pass's numbers move on.
+                    let verdict = judge.live_verdict();
                     judgement.shown = Some(RolloutVerdict::of(&verdict, &numbers, &r.feed));
-                    judgement.decided =
-                        (verdict.decision != Decision::NotEnoughData).then_some(verdict);
+                    judgement.decided = moves_rollout(s.phase, verdict.decision).then_some(verdict);
                 }
             }
         }
@@ -1430,12 +1606,14 @@ impl Core {
         match state.store.pairs(id) {
             Ok(pairs) => {
                 let mut judge = Judge::new(condition);
+                let mut series = EvidenceSeries::default();
                 for pair in &pairs {
-                    feed.feed(&mut judge, pair);
+                    feed_judge(&mut judge, &mut feed, &mut series, pair);
                 }
                 if let Some(r) = state.rollouts.get_mut(&id) {
                     r.judge = Some(judge);
                     r.feed = feed;
+                    r.series = series;
                 }
             }
             Err(e) => tracing::error!(rollout = id, "judge not rebuilt: {e}"),
@@ -1453,14 +1631,13 @@ impl Core {
             .id;
         let r = state.rollouts.get_mut(&id)?;
         for s in series.iter().filter(|s| s.config == PoolRole::Active) {
-            let o = &s.outcomes;
-            let total = o.ok + o.client_error + o.server_error + o.timeout + o.connect_failure;
+            let (total, ok) = (series_jobs(s), s.outcomes.ok);
             if s.version == r.to_version {
                 r.live.v2_jobs += total;
-                r.live.v2_errors += total - o.ok;
+                r.live.v2_errors += total - ok;
             } else if s.version == r.from_version {
                 r.live.v1_jobs += total;
-                r.live.v1_errors += total - o.ok;
+                r.live.v1_errors += total - ok;
             }
         }
         let (v1, v2) = r.live.excess_error_rate(condition.min_jobs)?;
@@ -1695,7 +1872,12 @@ impl Core {
 
     // ---- admin operations ----
 
-    pub fn release(&self, request: &ReleaseRequest) -> Result<ReleaseAnswer, RequestError> {
+    /// Starts a release (or shows its plan), as `operator` asks.
+    pub fn release(
+        &self,
+        request: &ReleaseRequest,
+        operator: &str,
+    ) -> Result<ReleaseAnswer, RequestError> {
         let mut state = lock(&self.state);
         let current: BTreeMap<String, String> = state
             .services
@@ -1723,7 +1905,7 @@ impl Core {
             });
         }
         let now = self.clock.now_ms();
-        let (release_id, ids) = Self::store_release(&mut state, request, &lines, now)?;
+        let (release_id, ids) = Self::store_release(&mut state, request, &lines, now, operator)?;
         for (line, id) in lines.iter().zip(&ids) {
             let rollout = Self::new_rollout(&state, line, *id, release_id, now);
             state.rollouts.insert(*id, rollout);
@@ -1736,6 +1918,7 @@ impl Core {
                 created_ms: now,
                 rollback_on_failure: request.rollback_on_failure,
                 rollouts: ids.clone(),
+                created_by: Some(operator.to_string()),
             },
         );
         let rollouts = ids
@@ -1744,7 +1927,7 @@ impl Core {
             .collect();
         drop(state);
         self.wake();
-        tracing::info!(release = release_id, "release started");
+        tracing::info!(release = release_id, operator, "release started");
         Ok(ReleaseAnswer {
             release: Some(release_id),
             dry_run: false,
@@ -1760,13 +1943,15 @@ impl Core {
         request: &ReleaseRequest,
         lines: &[PlanLine],
         now: u64,
+        operator: &str,
     ) -> Result<(i64, Vec<i64>), StoreError> {
         let befores: Vec<_> = lines
             .iter()
             .map(|line| roles_before(state, &line.service))
             .collect();
         state.store.write(|tx| {
-            let release = store::insert_release(tx, now, request.rollback_on_failure)?;
+            let release =
+                store::insert_release(tx, now, request.rollback_on_failure, Some(operator))?;
             let mut ids = Vec::new();
             for (line, before) in lines.iter().zip(&befores) {
                 let id = store::insert_rollout(
@@ -1820,17 +2005,28 @@ impl Core {
             next_seq: 0,
             live: LiveCounts::default(),
             copies_seen: 0,
+            callers_jobs: 0,
+            evidence: None,
+            evidence_log: Vec::new(),
+            series: EvidenceSeries::default(),
+            quantiles: Vec::new(),
+            approvals: Vec::new(),
         }
     }
 
-    /// Ops action on a rollout: approve, abort or rollback.
-    pub fn act(&self, rollout: i64, action: OpsAction) -> Result<RolloutDetail, RequestError> {
+    /// An operator's action on a rollout: approve (bound to the evidence it names), abort or
+    /// rollback.
+    pub fn act(
+        &self,
+        rollout: i64,
+        request: &OpsRequest<'_>,
+    ) -> Result<RolloutDetail, RequestError> {
         let mut state = lock(&self.state);
         let r = state
             .rollouts
             .get(&rollout)
             .ok_or_else(|| RequestError::NotFound(format!("no rollout {rollout}")))?;
-        if action == OpsAction::Rollback && r.phase == Phase::Complete {
+        if request.action == OpsAction::Rollback && r.phase == Phase::Complete {
             let newest = state
                 .rollouts
                 .values()
@@ -1844,25 +2040,24 @@ impl Core {
                 )));
             }
         }
-        let (event, cause) = match action {
-            OpsAction::Approve => (Event::Approve, "approved by ops"),
-            OpsAction::Abort => (Event::Abort, "aborted by ops"),
-            OpsAction::Rollback => (Event::Rollback, "rolled back by ops"),
+        let operator = request.operator;
+        let (event, cause) = match request.action {
+            OpsAction::Approve => match self.approve(&mut state, rollout, request)? {
+                Some(cause) => (Event::Approve, cause),
+                // Recorded; it waits for another operator.
+                None => return Ok(detail(&state, &state.rollouts[&rollout], self.now_ms())),
+            },
+            OpsAction::Abort => (Event::Abort, format!("aborted by {operator}")),
+            OpsAction::Rollback => (Event::Rollback, format!("rolled back by {operator}")),
         };
-        match self.apply(
-            &mut state,
-            rollout,
-            event,
-            cause,
-            Actor::Ops,
-            serde_json::json!({}),
-        ) {
+        let details = serde_json::json!({});
+        match self.apply(&mut state, rollout, event, &cause, Some(operator), details) {
             Ok(_) => {}
             Err(ApplyError::Transition(e)) => {
                 return Err(RequestError::Conflict(format!(
                     "rollout {rollout} is {}: cannot {}",
                     e.from,
-                    action.as_str()
+                    request.action.as_str()
                 )))
             }
             Err(ApplyError::NotFound(_)) => {
@@ -1871,7 +2066,7 @@ impl Core {
             Err(ApplyError::Store(e)) => return Err(e.into()),
         }
         self.advance(&mut state);
-        let detail = detail(&state, &state.rollouts[&rollout]);
+        let detail = detail(&state, &state.rollouts[&rollout], self.now_ms());
         drop(state);
         self.wake();
         Ok(detail)
@@ -1895,13 +2090,15 @@ impl Core {
                 rollback_on_failure: r.rollback_on_failure,
                 finished: state.release_finished(r),
                 rollouts: r.rollouts.clone(),
+                created_by: r.created_by.clone(),
             })
             .collect()
     }
 
     pub fn rollout(&self, id: i64) -> Option<RolloutDetail> {
         let state = lock(&self.state);
-        state.rollouts.get(&id).map(|r| detail(&state, r))
+        let now = self.now_ms();
+        state.rollouts.get(&id).map(|r| detail(&state, r, now))
     }
 
     pub fn services(&self) -> Vec<ServiceView> {
@@ -2030,11 +2227,13 @@ impl Core {
         let mut text = self.metrics.render();
         text.push_str(&self.hub_metrics_text());
         text.push_str(&self.predictions.render_metrics());
+        text.push_str(&self.notifier.render_metrics());
         text
     }
 }
 
 pub use crate::core::rollout::OpsAction;
+pub use approvals::RolloutCharts;
 pub use leadership::LeaderView;
 
 #[derive(Debug, thiserror::Error)]
@@ -2168,14 +2367,34 @@ fn starved(r: &RolloutState) -> Option<String> {
     ))
 }
 
-fn detail(state: &State, r: &RolloutState) -> RolloutDetail {
+/// A rollout's detail as shown at `now_ms`: while it awaits approval its evidence carries the id
+/// an approval names, stamped with that moment.
+fn detail(state: &State, r: &RolloutState, now_ms: u64) -> RolloutDetail {
+    let policy = state.cluster.services.get(&r.service).map(|s| &s.policy);
+    let mut evidence = r.evidence.clone();
+    if let (Some(e), Phase::AwaitingApproval) = (evidence.as_mut(), r.phase) {
+        let logged = r.evidence_log.last().map(|l| l.seq);
+        e.id = logged.map(|seq| {
+            EvidenceRef {
+                rollout: r.id,
+                seq,
+                shown_ms: now_ms,
+            }
+            .to_string()
+        });
+    }
     RolloutDetail {
         rollout: view(state, r),
         transitions: r.transitions.clone(),
+        evidence,
+        approvals: r.approvals.clone(),
+        approvals_required: policy.map_or(1, |p| p.approvers),
+        approval_ttl_ms: policy.map_or(0, |p| p.approval_ttl.as_millis() as u64),
     }
 }
 
 // The controller's operations by concern, each on the state behind the one lock.
+mod approvals;
 mod leadership;
 mod monitoring;
 pub mod recording;
@@ -2187,3 +2406,6 @@ pub(crate) mod tests;
 
 #[cfg(test)]
 mod subgroup_tests;
+
+#[cfg(test)]
+pub(crate) mod approval_tests;

@@ -1071,7 +1071,7 @@ min_running_active = 3
             )]),
             ..Default::default()
         };
-        core.release(&request).expect("release");
+        core.release(&request, "ops").expect("release");
         // Two calls stay on media-2 (the machine replaced) through the whole release.
         rig.fake.set_sessions("media", "media-2", 2);
         report(&core, "media-2", "v1", Status::Running, 2);

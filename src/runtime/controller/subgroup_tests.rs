@@ -266,20 +266,22 @@ async fn a_sub_group_release_moves_only_its_machines() {
         .subgroup
         .insert("db".into(), spec(serde_json::json!({"count": 1})));
     assert_eq!(
-        core.release(&stray).unwrap_err(),
+        core.release(&stray, "ops").unwrap_err(),
         RequestError::BadRequest("subgroup.db: service `db` is not in this release".into())
     );
     assert!(matches!(
-        core.release(&release(Some(serde_json::json!({"count": 0})), false)),
+        core.release(&release(Some(serde_json::json!({"count": 0})), false), "ops"),
         Err(RequestError::BadRequest(m)) if m.starts_with("subgroup.media.count")
     ));
     assert!(core.rollouts().is_empty());
 
     let half = serde_json::json!({"percent": 50});
-    let plan = core.release(&release(Some(half.clone()), true)).unwrap();
+    let plan = core
+        .release(&release(Some(half.clone()), true), "ops")
+        .unwrap();
     assert_eq!(plan.plan[0].machines.replaced, ids(&["media-1", "media-2"]));
     assert!(core.rollouts().is_empty());
-    let started = core.release(&release(Some(half), false)).unwrap();
+    let started = core.release(&release(Some(half), false), "ops").unwrap();
     assert_eq!(
         started.rollouts[0].machines.joining,
         ids(&["media-v2a", "media-v2b"])
@@ -381,7 +383,7 @@ async fn a_sub_group_release_moves_only_its_machines() {
 
     // A second release moves the rest (the remaining v2 machine joins), keeping the v2
     // machines that already serve.
-    core.release(&release(None, false)).unwrap();
+    core.release(&release(None, false), "ops").unwrap();
     let second = core.rollouts().into_iter().last().unwrap();
     assert_eq!(second.machines.replaced, ids(&["media-3", "media-4"]));
     assert_eq!(second.machines.joining, ids(&["media-v2c"]));
