@@ -111,6 +111,16 @@ async fn drive_dashboard(chromedriver: PathBuf) {
     approval_on_the_page_moves_the_rollout(page, &api, id, &signed_in).await;
     machines_page_lists_the_registry(page).await;
 
+    // The page never shows the token: not in its markup, its text, an input or the URL.
+    let shown = page
+        .js(&format!(
+            "const t = {TOKEN:?}; return document.documentElement.outerHTML.includes(t) \
+             || document.body.innerText.includes(t) || location.href.includes(t) \
+             || [...document.querySelectorAll('input')].some(i => i.value.includes(t));"
+        ))
+        .await;
+    assert_eq!(shown, json!(false), "the page shows the token");
+
     // No console error, seen from the page and from the browser's log.
     let errors = page.js("return window.__understudyErrors").await;
     assert_eq!(

@@ -1,6 +1,8 @@
 //! What approvals are bound to: a rollout's log of material changes of its evidence (table
 //! `evidence_log`) and the operators' approvals (table `approvals`), see src/core/evidence.rs.
 
+use std::collections::BTreeMap;
+
 use crate::core::evidence::{Approval, EvidenceSnapshot};
 use crate::store::sql::{vals, Sql};
 use crate::store::StoreError;
@@ -18,13 +20,17 @@ pub fn log_evidence(
     Ok(())
 }
 
-/// A rollout's logged evidence, oldest first.
-pub fn evidence_log(sql: &Sql<'_>, rollout: i64) -> Result<Vec<EvidenceSnapshot>, StoreError> {
+/// Every rollout's logged evidence, oldest first, by rollout id (one read at a start or reload).
+pub fn evidence_logs(sql: &Sql<'_>) -> Result<BTreeMap<i64, Vec<EvidenceSnapshot>>, StoreError> {
     let rows = sql.query(
-        "SELECT snapshot_json FROM evidence_log WHERE rollout_id = ?1 ORDER BY seq",
-        vals![rollout],
+        "SELECT rollout_id, snapshot_json FROM evidence_log ORDER BY rollout_id, seq",
+        &[],
     )?;
-    rows.iter().map(|r| r.json(0)).collect()
+    let mut out: BTreeMap<i64, Vec<EvidenceSnapshot>> = BTreeMap::new();
+    for r in &rows {
+        out.entry(r.i64(0)?).or_default().push(r.json(1)?);
+    }
+    Ok(out)
 }
 
 pub fn insert_approval(tx: &Sql<'_>, rollout: i64, approval: &Approval) -> Result<(), StoreError> {
@@ -43,22 +49,22 @@ pub fn insert_approval(tx: &Sql<'_>, rollout: i64, approval: &Approval) -> Resul
     Ok(())
 }
 
-/// A rollout's approvals, oldest first.
-pub fn approvals(sql: &Sql<'_>, rollout: i64) -> Result<Vec<Approval>, StoreError> {
+/// Every rollout's approvals, oldest first, by rollout id.
+pub fn approvals(sql: &Sql<'_>) -> Result<BTreeMap<i64, Vec<Approval>>, StoreError> {
     let rows = sql.query(
-        "SELECT operator, at_ms, evidence, seq, expires_ms FROM approvals
-         WHERE rollout_id = ?1 ORDER BY id",
-        vals![rollout],
+        "SELECT rollout_id, operator, at_ms, evidence, seq, expires_ms FROM approvals ORDER BY id",
+        &[],
     )?;
-    rows.iter()
-        .map(|r| {
-            Ok(Approval {
-                operator: r.text(0)?,
-                at_ms: r.u64(1)?,
-                evidence: r.text(2)?,
-                seq: r.u64(3)?,
-                expires_at_ms: r.u64(4)?,
-            })
-        })
-        .collect()
+    let mut out: BTreeMap<i64, Vec<Approval>> = BTreeMap::new();
+    for r in &rows {
+        let approval = Approval {
+            operator: r.text(1)?,
+            at_ms: r.u64(2)?,
+            evidence: r.text(3)?,
+            seq: r.u64(4)?,
+            expires_at_ms: r.u64(5)?,
+        };
+        out.entry(r.i64(0)?).or_default().push(approval);
+    }
+    Ok(out)
 }

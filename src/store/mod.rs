@@ -1052,10 +1052,10 @@ mod tests {
         assert!(store
             .write(|tx| approvals::log_evidence(tx, id, &snapshot(1)))
             .is_err());
-        let log = store.read(|sql| approvals::evidence_log(sql, id)).unwrap();
-        assert_eq!(log, vec![snapshot(0), snapshot(1)]);
-        let stored = store.read(|sql| approvals::approvals(sql, id)).unwrap();
-        assert_eq!(stored, vec![approval]);
+        let logs = store.read(approvals::evidence_logs).unwrap();
+        assert_eq!(logs[&id], vec![snapshot(0), snapshot(1)]);
+        let stored = store.read(approvals::approvals).unwrap();
+        assert_eq!(stored[&id], vec![approval]);
     }
 
     #[test]

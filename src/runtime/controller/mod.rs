@@ -851,6 +851,13 @@ impl State {
     }
 }
 
+/// What the store keeps of a rollout beside its row: its machines, evidence log and approvals.
+struct Kept {
+    selection: Option<Selection>,
+    evidence_log: Vec<EvidenceSnapshot>,
+    approvals: Vec<Approval>,
+}
+
 /// Opening: the state rebuilt from the store and the cluster file.
 impl State {
     /// Every service of the file, and every machine the store does not know yet with the role
@@ -923,6 +930,8 @@ impl State {
             self.releases.insert(row.id, release);
         }
         let mut selections = self.store.read(crate::store::plans::all)?;
+        let mut logs = self.store.read(store::approvals::evidence_logs)?;
+        let mut approvals = self.store.read(store::approvals::approvals)?;
         for row in self.store.rollouts()? {
             if !row.phase.is_finished() && !self.cluster.services.contains_key(&row.service) {
                 return Err(ControllerError::Inconsistent(format!(
@@ -934,8 +943,12 @@ impl State {
             if let Some(release) = self.releases.get_mut(&row.release) {
                 release.rollouts.push(row.id);
             }
-            let selection = selections.remove(&row.id);
-            let rollout = self.restore_rollout(row, selection, metrics)?;
+            let kept = Kept {
+                selection: selections.remove(&row.id),
+                evidence_log: logs.remove(&row.id).unwrap_or_default(),
+                approvals: approvals.remove(&row.id).unwrap_or_default(),
+            };
+            let rollout = self.restore_rollout(row, kept, metrics)?;
             self.rollouts.insert(rollout.id, rollout);
         }
         Ok(())
@@ -947,7 +960,7 @@ impl State {
     fn restore_rollout(
         &self,
         row: store::RolloutRow,
-        selection: Option<Selection>,
+        kept: Kept,
         metrics: &Metrics,
     ) -> Result<RolloutState, StoreError> {
         let condition = self
@@ -969,12 +982,6 @@ impl State {
             numbers.record(&pair);
             next_seq += 1;
         }
-        let evidence_log = self
-            .store
-            .read(|sql| store::approvals::evidence_log(sql, row.id))?;
-        let approvals = self
-            .store
-            .read(|sql| store::approvals::approvals(sql, row.id))?;
         let transitions = self.store.transitions(row.id)?;
         for t in &transitions {
             metrics
@@ -983,7 +990,7 @@ impl State {
                 .inc();
         }
         // A rollout stored before sub-groups moved the whole service as it stood then.
-        let selection = selection.unwrap_or_else(|| {
+        let selection = kept.selection.unwrap_or_else(|| {
             whole_service_selection(&self.cluster, &row.machines_before, &row.to_version)
         });
         Ok(RolloutState {
@@ -1008,10 +1015,10 @@ impl State {
             copies_seen: 0,
             callers_jobs: 0,
             evidence: None,
-            evidence_log,
+            evidence_log: kept.evidence_log,
             series,
             quantiles: Vec::new(),
-            approvals,
+            approvals: kept.approvals,
         })
         .map(|mut r| {
             r.refresh_evidence(r.entered_ms);
