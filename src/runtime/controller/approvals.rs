@@ -61,7 +61,7 @@ impl Core {
         request: &OpsRequest<'_>,
     ) -> Result<Option<String>, RequestError> {
         let now = self.now_ms();
-        let Some(r) = state.rollouts.get_mut(&rollout) else {
+        let Some(r) = state.rollouts.get(&rollout) else {
             return Err(RequestError::NotFound(format!("no rollout {rollout}")));
         };
         if r.phase != Phase::AwaitingApproval {
@@ -77,7 +77,11 @@ impl Core {
             ))
         })?;
         let policy = state.cluster.services[&r.service].policy.clone();
-        r.refresh_evidence(now);
+        // The evidence as it stands this moment, logged if it changed materially.
+        self.log_evidence(state, rollout);
+        let Some(r) = state.rollouts.get_mut(&rollout) else {
+            return Err(RequestError::NotFound(format!("no rollout {rollout}")));
+        };
         let current = r.evidence.clone().ok_or_else(|| {
             RequestError::Conflict(format!("rollout {rollout} has no evidence to approve yet"))
         })?;
