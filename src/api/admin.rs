@@ -374,9 +374,14 @@ struct ApproveRequest {
     evidence: String,
 }
 
+/// No body, or only blanks.
+fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
+
 /// An empty body or `{}` (abort and rollback take nothing).
 fn no_body(what: &str, body: &[u8]) -> Result<(), ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if is_blank(body) {
         return Ok(());
     }
     #[derive(Deserialize)]
@@ -414,7 +419,7 @@ async fn approve(
     ApiPath(id): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let request: Option<ApproveRequest> = if body.iter().all(u8::is_ascii_whitespace) {
+    let request: Option<ApproveRequest> = if is_blank(&body) {
         None
     } else {
         Some(parse_body("approve", &body)?)

@@ -18,8 +18,8 @@ use crate::store::approvals as stored;
 const LATENCY_BINS: usize = 48;
 
 impl Core {
-    /// Logs a rollout's evidence while it awaits approval, when none is logged yet or it changed
-    /// materially since the last entry.
+    /// Logs a rollout's evidence (as its last refresh left it) while it awaits approval, when
+    /// none is logged yet or it changed materially since the last entry.
     pub(super) fn log_evidence(&self, state: &mut State, id: i64) {
         let now = self.now_ms();
         let Some(r) = state.rollouts.get_mut(&id) else {
@@ -28,7 +28,6 @@ impl Core {
         if r.phase != Phase::AwaitingApproval {
             return;
         }
-        r.refresh_evidence(now);
         let Some(current) = r.evidence.clone() else {
             return;
         };
@@ -78,6 +77,9 @@ impl Core {
         })?;
         let policy = state.cluster.services[&r.service].policy.clone();
         // The evidence as it stands this moment, logged if it changed materially.
+        if let Some(r) = state.rollouts.get_mut(&rollout) {
+            r.refresh_evidence(now);
+        }
         self.log_evidence(state, rollout);
         let Some(r) = state.rollouts.get_mut(&rollout) else {
             return Err(RequestError::NotFound(format!("no rollout {rollout}")));
