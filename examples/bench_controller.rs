@@ -21,38 +21,25 @@ use understudy::store::Store;
 use understudy_judge::{judge_window, Condition, Judge, PairSample, WindowOutcomes};
 use understudy_wire::{JobObservation, JobPair, Outcome};
 
+/// The controller's speed: judging, ticking and store figures.
+#[derive(clap::Parser)]
 struct Args {
+    /// Jobs judged per run.
+    #[arg(long, default_value_t = 1_000_000)]
     jobs: u64,
+    /// Runs per figure.
+    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     runs: usize,
+    /// Services in the seeded cluster.
+    #[arg(long, default_value_t = 200, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     services: usize,
     /// Repeats of the SQLite/PostgreSQL tick comparison (0: the other sections instead).
+    #[arg(long, default_value_t = 0)]
     stores: usize,
 }
 
 fn args() -> Args {
-    let mut out = Args {
-        jobs: 1_000_000,
-        runs: 20,
-        services: 200,
-        stores: 0,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().and_then(|v| v.parse::<u64>().ok());
-        match (flag.as_str(), value) {
-            ("--jobs", Some(v)) => out.jobs = v,
-            ("--runs", Some(v)) => out.runs = v.max(1) as usize,
-            ("--services", Some(v)) => out.services = v.max(2) as usize,
-            ("--stores", Some(v)) => out.stores = v.max(1) as usize,
-            _ => {
-                eprintln!(
-                    "usage: bench_controller [--jobs N] [--runs N] [--services N] | --stores N"
-                );
-                std::process::exit(2);
-            }
-        }
-    }
-    out
+    <Args as clap::Parser>::parse()
 }
 
 /// A seeded random DAG: service i depends on up to 3 services of lower index.
@@ -220,6 +207,7 @@ fn job_pairs(rng: &mut StdRng, first: u64, n: u64) -> Vec<JobPair> {
                 active: obs("s000-v1", "v1", p.v1_latency_us),
                 simulation: obs("s000-v2", "v2", p.v2_latency_us),
                 matched: true,
+                diff: None,
             }
         })
         .collect()

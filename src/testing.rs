@@ -137,6 +137,7 @@ pub(crate) fn identical_pairs(
             active: obs("a", from),
             simulation: obs("s", to),
             matched: true,
+            diff: None,
         });
         if control {
             out.push(JobPair {
@@ -145,6 +146,7 @@ pub(crate) fn identical_pairs(
                 active: obs("a", from),
                 simulation: obs("c", from),
                 matched: true,
+                diff: None,
             });
         }
     }
@@ -170,6 +172,7 @@ pub(crate) fn failing_pairs(first: u64, n: u64, from: &str, to: &str) -> Vec<Job
                     active: active.clone(),
                     simulation: observation("s", to, Outcome::ServerError, 500),
                     matched: false,
+                    diff: None,
                 },
                 JobPair {
                     job: first + i,
@@ -177,6 +180,7 @@ pub(crate) fn failing_pairs(first: u64, n: u64, from: &str, to: &str) -> Vec<Job
                     active,
                     simulation: observation("c", from, Outcome::Ok, 200),
                     matched: true,
+                    diff: None,
                 },
             ]
         })

@@ -142,6 +142,8 @@ fn start_balancer(keyed: bool) -> RunningBalancers {
         epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
+        compare: None,
+        compare_headers: Vec::new(),
         drain_timeout_ms: 30_000,
         machines: vec![MachineEntry {
             id: "media-1".into(),

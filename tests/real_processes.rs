@@ -18,9 +18,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use understudy::api::client::AdminClient;
 
+use understudy::runtime::controller::RolloutDetail;
+
 use support::{
-    free_port, joined, latest_id, phase_chain, phase_reached, release, wait_finished, Deployment,
-    Load, CYCLE, FINISHED,
+    free_port, joined, latest_id, phase_chain, phase_reached, release, wait_finished, Answer,
+    Deployment, Load, CYCLE, FINISHED,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,4 +265,74 @@ async fn a_machine_that_does_not_answer_is_named_and_costs_callers_nothing() {
         errors, 0,
         "callers paid for the machine that does not answer"
     );
+}
+
+/// Plain JSON services with `compare = "fields"`: v3 adds 1.00 to every item's price (rolled
+/// back, the rule and the rollout's `fields` naming `items[].price` with a sample of its
+/// values); v2 differs from v1 only in `generated_at`, a timestamp two v1s differ in too (noise:
+/// it joins). The diff is the balancer process's, the tests the controller process's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_json_field_is_named_across_processes_and_a_timestamp_is_noise() {
+    let json = |price_cents| Answer::Json { price_cents };
+    let deployment = Deployment::start_with(
+        &[
+            ("media-1", "v1", "active", json(1_000)),
+            ("media-c", "v1", "simulation", json(1_000)),
+            ("media-2", "v2", "simulation", json(1_000)),
+            ("media-3", "v3", "simulation", json(1_100)),
+        ],
+        Some("fields"),
+    )
+    .await;
+    let (_controller, client) = deployment.controller();
+    let url = client.base().to_string();
+    let load = Load::start(deployment.listen);
+
+    release(&url, "media=v3");
+    let changed = wait_finished(&client, latest_id(&client).await, Duration::from_secs(60)).await;
+    assert_eq!(changed.phase, "rolled_back", "{:?}", changed.verdict);
+    let verdict = serde_json::to_value(changed.verdict.expect("judged")).unwrap();
+    let rule = verdict["rule"].as_str().unwrap();
+    assert!(rule.contains("items[].price"), "{verdict}");
+    assert!(!rule.contains("generated_at"), "{verdict}");
+    let fields = fields_of(&client, changed.id).await;
+    let price = field(&fields, "items[].price");
+    assert_eq!(price["class"], "regression", "{fields:?}");
+    assert_eq!(price["v2_sample"]["v1"], "\"10.00\"", "{fields:?}");
+    assert_eq!(price["v2_sample"]["copy"], "\"11.00\"", "{fields:?}");
+    assert_eq!(price["control_differs"], 0, "{fields:?}");
+    assert_eq!(
+        field(&fields, "generated_at")["class"],
+        "noise",
+        "{fields:?}"
+    );
+
+    release(&url, "media=v2");
+    let noisy = wait_finished(&client, latest_id(&client).await, Duration::from_secs(60)).await;
+    assert_eq!(noisy.phase, "complete", "{:?}", noisy.verdict);
+    let fields = fields_of(&client, noisy.id).await;
+    assert_eq!(
+        field(&fields, "generated_at")["class"],
+        "noise",
+        "{fields:?}"
+    );
+    assert!(
+        fields.iter().all(|f| f["class"] != "regression"),
+        "{fields:?}"
+    );
+
+    let (sent, errors) = load.finish().await;
+    println!("callers: {sent} jobs sent, {errors} errors");
+    assert_eq!(errors, 0, "a caller saw an error");
+}
+
+async fn fields_of(client: &AdminClient, id: i64) -> Vec<serde_json::Value> {
+    let detail: RolloutDetail = client.get(&format!("/api/v1/rollouts/{id}")).await.unwrap();
+    let fields = serde_json::to_value(detail.fields.expect("compared field by field")).unwrap();
+    fields["fields"].as_array().expect("fields").clone()
+}
+
+fn field<'a>(fields: &'a [serde_json::Value], path: &str) -> &'a serde_json::Value {
+    let found = fields.iter().find(|f| f["path"] == path);
+    found.unwrap_or_else(|| panic!("no field {path} in {fields:?}"))
 }

@@ -183,6 +183,45 @@ fn response_mismatch_is_rolled_back() {
     assert_eq!(outcome(&report, "media"), Expected::RolledBack);
 }
 
+/// v2 changes `price` in its JSON answers, which also carry a per-answer timestamp: rolled
+/// back, the rule naming the changed field (with a sample of its values), never the timestamp.
+#[test]
+fn a_changed_json_field_is_rolled_back_and_named() {
+    let report = play("field-diff.toml");
+    assert_callers_unhurt_and_as_expected(&report);
+    assert_eq!(outcome(&report, "media"), Expected::RolledBack);
+    let verdict = verdict_of(&report.services["media"]);
+    let rule = verdict["rule"].as_str().unwrap_or_default();
+    assert!(rule.contains("items[].price"), "{verdict}");
+    assert!(!rule.contains("generated_at"), "{verdict}");
+    let fields = &verdict["details"]["mismatches"]["fields"]["fields"];
+    let class = |path: &str| {
+        let all = fields.as_array().expect("fields in the verdict");
+        let field = all.iter().find(|f| f["path"] == path);
+        field.map(|f| f["class"].clone()).unwrap_or_default()
+    };
+    assert_eq!(class("items[].price"), "regression", "{fields}");
+    assert_eq!(class("generated_at"), "noise", "{fields}");
+}
+
+/// v2 differs from v1 only in a timestamp that two v1s differ in too: the noise is subtracted
+/// and v2 joins.
+#[test]
+fn a_field_that_differs_between_two_v1s_is_noise_and_v2_joins() {
+    let report = play("field-noise.toml");
+    assert_callers_unhurt_and_as_expected(&report);
+    assert_eq!(outcome(&report, "media"), Expected::Promoted);
+    let verdict = verdict_of(&report.services["media"]);
+    let fields = &verdict["details"]["mismatches"]["fields"]["fields"];
+    let all = fields.as_array().expect("fields in the verdict");
+    assert!(
+        all.iter()
+            .any(|f| f["path"] == "generated_at" && f["class"] == "noise"),
+        "{fields}"
+    );
+    assert!(all.iter().all(|f| f["class"] != "regression"), "{fields}");
+}
+
 #[test]
 fn hanging_v2_is_rolled_back_without_hurting_callers() {
     let report = play("hang.toml");
@@ -323,6 +362,21 @@ fn late_failure_is_rolled_back_by_the_prediction_before_the_error_rate() {
     let rule = verdict["rule"].as_str().unwrap_or_default();
     assert!(rule.starts_with("prediction:"), "decided by: {rule}");
     let numbers = &verdict["details"]["prediction"];
+    // Decided by the test (its fail evidence past 1/alpha, on pairs of ended calls), the chain's
+    // estimates shown beside it.
+    let evidence = numbers["fail_evidence"].as_f64().unwrap_or_default();
+    assert!(
+        evidence >= numbers["threshold"].as_f64().unwrap_or(f64::MAX),
+        "{numbers}"
+    );
+    assert!(
+        numbers["pairs"].as_f64() >= numbers["min_starts"].as_f64(),
+        "{numbers}"
+    );
+    assert!(
+        numbers["v2_failed"].as_u64() > numbers["v1_failed"].as_u64(),
+        "{numbers}"
+    );
     assert!(numbers["v2_failure"].as_f64() > numbers["v1_failure"].as_f64());
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/late-failure.toml");

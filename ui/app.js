@@ -870,6 +870,7 @@
     renderVerdict(root, d);
     renderActions(root, d);
     renderEvidence(root, d);
+    renderFields(root, d);
     renderApprovals(root, d);
     renderTransitions(root, d.transitions || []);
   }
@@ -973,6 +974,43 @@
         el('td', { class: 'num', text: fmtInterval(t.interval, (x) => fmtNum(x, 4)) }),
         el('td', { text: t.beyond_margin ? 'yes' : 'no' }),
         el('td', {}, el('span', { class: 'evidence-badge', 'data-evidence': t.evidence, text: t.evidence })))));
+  }
+
+  // The fields where copies' answers differ (compare = "fields"): regressions and noise, with
+  // a sample of the values; the table is made on first use, after the evidence table.
+  function renderFields(root, d) {
+    let box = $('.r-fields', root);
+    const fields = (d.fields && d.fields.fields) || [];
+    const shown = fields.filter((f) => f.class === 'regression' || f.class === 'noise');
+    if (!box) {
+      if (!shown.length) return;
+      box = el('div', { class: 'r-fields' },
+        el('h3', { text: 'Fields' }),
+        el('p', { class: 'r-fields-summary hint' }),
+        el('table', { id: 'fields', class: 'data' },
+          el('thead', {}, el('tr', {},
+            el('th', { text: 'field' }), el('th', { text: 'class' }),
+            el('th', { class: 'num', text: 'v2 differs' }), el('th', { class: 'num', text: 'control differs' }),
+            el('th', { text: 'sample (v1 → copy)' }))),
+          el('tbody')));
+      $('#evidence-tests', root).after(box);
+    }
+    const others = fields.length - shown.length;
+    setText($('.r-fields-summary', box),
+      `${fmtNum(d.fields.jobs)} jobs compared field by field (${fmtNum(d.fields.control_jobs)} with the control)` +
+      (others > 0 ? `; ${others} other field(s) ok or open` : ''));
+    const value = (v) => (v === null || v === undefined ? 'absent' : v);
+    const sample = (f) => {
+      const s = f.class === 'regression' ? f.v2_sample : (f.control_sample || f.v2_sample);
+      return s ? `${value(s.v1)} → ${value(s.copy)}` : '';
+    };
+    replaceIfChanged($('tbody', box), JSON.stringify(shown), () => shown.map((f) =>
+      el('tr', { 'data-class': f.class },
+        el('td', {}, el('code', { text: f.path })),
+        el('td', {}, el('span', { class: 'evidence-badge', 'data-evidence': f.class === 'regression' ? 'fail' : 'open', text: f.class })),
+        el('td', { class: 'num', text: fmtRate(f.v2_rate) }),
+        el('td', { class: 'num', text: f.control_rate === null ? '—' : fmtRate(f.control_rate) }),
+        el('td', {}, el('code', { text: sample(f) })))));
   }
 
   function renderApprovals(root, d) {

@@ -16,7 +16,7 @@ use rand_distr::{Distribution, Exp, LogNormal, Pareto};
 use serde::Serialize;
 
 use crate::unpaired::UnpairedJudge;
-use crate::{Condition, Decision, Judge, PairSample};
+use crate::{Betting, Condition, Decision, Judge, PairSample, Sharing, Tuning};
 
 /// The parameters of the job-pair model.
 #[derive(Debug, Clone, PartialEq)]
@@ -440,6 +440,8 @@ pub struct JudgeFigures {
     /// pass for A/A).
     pub median_jobs: Option<u64>,
     pub p90_jobs: Option<u64>,
+    /// Runs still undecided after [`DECIDED_BY_JOBS`] pairs (whatever they decided later).
+    pub undecided_at_20k: usize,
 }
 
 impl JudgeFigures {
@@ -468,6 +470,10 @@ impl JudgeFigures {
             fail_rate: count(Decision::Fail) as f64 / outcomes.len().max(1) as f64,
             median_jobs: at(0.5),
             p90_jobs: at(0.9),
+            undecided_at_20k: outcomes
+                .iter()
+                .filter(|o| o.decision == Decision::NotEnoughData || o.jobs > DECIDED_BY_JOBS)
+                .count(),
         }
     }
 }
@@ -633,4 +639,181 @@ pub fn run_battery(
             }
         })
         .collect()
+}
+
+/// Pairs by which every family whose difference is at least twice its margin must be decided.
+pub const DECIDED_BY_JOBS: u64 = 20_000;
+
+/// One variant of the paired judge in an ablation: what it changes from the default.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: &'static str,
+    pub tuning: Tuning,
+    pub condition: Condition,
+}
+
+impl Variant {
+    /// The judge as it stood before (aGRAPA bets, every test the same share, p99.9 judged from
+    /// 5,000 pairs), then each change added one at a time, then all of them (the default).
+    pub fn ablations() -> Vec<Variant> {
+        let before = Tuning {
+            betting: Betting::Agrapa,
+            sharing: Sharing {
+                equal_split: true,
+                ..Sharing::default()
+            },
+        };
+        let old_floor = Condition {
+            min_tail_exceedances: 5,
+            ..Condition::default()
+        };
+        let new_floor = Condition {
+            min_tail_exceedances: 2,
+            ..Condition::default()
+        };
+        let with = |name, tuning: Tuning, condition: &Condition| Variant {
+            name,
+            tuning,
+            condition: condition.clone(),
+        };
+        vec![
+            with(
+                "before (aGRAPA, equal shares, tail floor 5)",
+                before,
+                &old_floor,
+            ),
+            with(
+                "+ uniform mixture bets",
+                Tuning {
+                    betting: Betting::UniformMixture,
+                    ..before
+                },
+                &old_floor,
+            ),
+            with(
+                "+ size-weighted mixture bets",
+                Tuning {
+                    betting: Betting::Mixture,
+                    ..before
+                },
+                &old_floor,
+            ),
+            with(
+                "+ weighted shares",
+                Tuning {
+                    sharing: Sharing::default(),
+                    ..before
+                },
+                &old_floor,
+            ),
+            with("+ tail floor 2", before, &new_floor),
+            with("all (default)", Tuning::default(), &new_floor),
+        ]
+    }
+}
+
+/// One variant's figures per family.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VariantFigures {
+    pub variant: &'static str,
+    pub families: Vec<(Family, JudgeFigures)>,
+}
+
+/// The paired judge alone, under each variant, on every family (deterministic for a seed).
+pub fn run_ablations(
+    config: &BatteryConfig,
+    families: &[Family],
+    variants: &[Variant],
+    threads: usize,
+) -> Vec<VariantFigures> {
+    let prepared = match &config.source {
+        PairSource::Model(model) => Prepared::Model(model, model.cuts()),
+        PairSource::Replay(recording) => Prepared::Replay(recording),
+    };
+    let cases: Vec<(usize, usize, u64)> = (0..variants.len())
+        .flat_map(|v| {
+            families.iter().enumerate().flat_map(move |(f, _)| {
+                (0..config.runs).map(move |run| (v, f, case_seed(config.seed, f, run)))
+            })
+        })
+        .collect();
+    let outcomes = run_parallel(&cases, threads, |&(v, f, seed)| {
+        run_paired(config, &prepared, &variants[v], families[f], seed)
+    });
+    variants
+        .iter()
+        .enumerate()
+        .map(|(v, variant)| VariantFigures {
+            variant: variant.name,
+            families: families
+                .iter()
+                .enumerate()
+                .map(|(f, &family)| {
+                    let picked: Vec<RunOutcome> = cases
+                        .iter()
+                        .zip(&outcomes)
+                        .filter(|((cv, cf, _), _)| *cv == v && *cf == f)
+                        .map(|(_, outcome)| *outcome)
+                        .collect();
+                    (family, JudgeFigures::from_outcomes(family, &picked))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The seed of one run: the same for a family and run whatever the judge or variant.
+fn case_seed(seed: u64, family_index: usize, run: usize) -> u64 {
+    seed.wrapping_mul(1_000_003)
+        .wrapping_add((family_index * 100_000 + run) as u64)
+}
+
+/// `work` over `cases` on `threads` threads, results in the cases' order.
+fn run_parallel<C: Sync, R: Send + Copy, F: Fn(&C) -> R + Sync>(
+    cases: &[C],
+    threads: usize,
+    work: F,
+) -> Vec<R> {
+    let chunk = cases.len().div_ceil(threads.max(1)).max(1);
+    let mut results: Vec<Option<R>> = (0..cases.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        for (slots, inputs) in results.chunks_mut(chunk).zip(cases.chunks(chunk)) {
+            let work = &work;
+            scope.spawn(move || {
+                for (slot, case) in slots.iter_mut().zip(inputs) {
+                    *slot = Some(work(case));
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| r.expect("every case ran"))
+        .collect()
+}
+
+/// One seeded run of the paired judge under `variant`.
+fn run_paired(
+    config: &BatteryConfig,
+    prepared: &Prepared<'_>,
+    variant: &Variant,
+    family: Family,
+    seed: u64,
+) -> RunOutcome {
+    let mut stream = prepared.stream(family, seed);
+    let mut judge = Judge::tuned(variant.condition.clone(), variant.tuning);
+    for _ in 0..config.budget_jobs {
+        judge.observe(&stream.next_pair());
+        if judge.is_final() {
+            let verdict = judge.verdict();
+            return RunOutcome {
+                decision: verdict.decision,
+                jobs: verdict.jobs,
+            };
+        }
+    }
+    RunOutcome {
+        decision: Decision::NotEnoughData,
+        jobs: config.budget_jobs,
+    }
 }

@@ -115,7 +115,7 @@ impl Default for Condition {
             min_jobs: 200,
             latency: default_latency(),
             max_paired_ratio: 1.10,
-            min_tail_exceedances: 5,
+            min_tail_exceedances: 2,
             max_error_rate_increase: 0.005,
             hard_error_rate_increase: 0.05,
             max_mismatch_rate: 0.005,
@@ -126,6 +126,59 @@ impl Default for Condition {
             require_control: false,
             baseline: Baseline::Control,
         }
+    }
+}
+
+/// Which tests share the condition's false-fail rate beside the judge's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sharing {
+    /// The rule `prediction` may roll back (the `[predict]` section's `rollback`): its test takes
+    /// a share of the budget.
+    pub prediction: bool,
+    /// Every test the same share instead of the weighted split (an ablation).
+    pub equal_split: bool,
+}
+
+/// How the condition's false-fail rate (alpha) is shared among the tests that can roll back a v2
+/// that meets the condition. Any test crossing rolls back, so the shares add up to at most alpha
+/// (a weighted Bonferroni split); weights favour the tests whose statistic is rarest (errors,
+/// answers), which need the most jobs per unit of evidence. The hard-error test shares the error
+/// test's share: it can only fail when the error test fails too.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailBudget {
+    pub errors: f64,
+    pub mismatches: f64,
+    pub paired_shift: f64,
+    /// One share per latency quantile, in the condition's order.
+    pub latency: Vec<f64>,
+    /// The prediction rule's share; 0 when it cannot roll back.
+    pub prediction: f64,
+}
+
+/// Relative weights of the shares (see [`FailBudget`]).
+const ERRORS_WEIGHT: f64 = 0.35;
+const MISMATCHES_WEIGHT: f64 = 0.15;
+const PAIRED_SHIFT_WEIGHT: f64 = 0.05;
+const LATENCY_WEIGHT: f64 = 0.35;
+const PREDICTION_WEIGHT: f64 = 0.10;
+
+impl FailBudget {
+    /// The sum of the shares: never more than the condition's false-fail rate.
+    pub fn total(&self) -> f64 {
+        self.errors
+            + self.mismatches
+            + self.paired_shift
+            + self.latency.iter().sum::<f64>()
+            + self.prediction
+    }
+
+    /// The smallest share among the judge's own tests.
+    pub fn smallest_share(&self) -> f64 {
+        self.latency
+            .iter()
+            .copied()
+            .chain([self.errors, self.mismatches, self.paired_shift])
+            .fold(f64::INFINITY, f64::min)
     }
 }
 
@@ -156,6 +209,52 @@ impl Condition {
         let condition: Condition = read_toml(text)?;
         condition.validate()?;
         Ok(condition)
+    }
+
+    /// The false-fail rate shared among the tests that can roll back (see [`FailBudget`]).
+    pub fn fail_budget(&self, sharing: Sharing) -> FailBudget {
+        if sharing.equal_split {
+            return self.equal_fail_budget(sharing);
+        }
+        let prediction_weight = if sharing.prediction {
+            PREDICTION_WEIGHT
+        } else {
+            0.0
+        };
+        let total_weight = ERRORS_WEIGHT
+            + MISMATCHES_WEIGHT
+            + PAIRED_SHIFT_WEIGHT
+            + LATENCY_WEIGHT
+            + prediction_weight;
+        let share = |weight: f64| self.false_fail_rate * weight / total_weight;
+        // Within latency, a quantile's share grows with how rare its tail is (-ln(1 - q): p50
+        // 0.7, p99 4.6, p99.9 6.9): a tail test sees one informative pair in 1/(1 - q).
+        let rarity = |limit: &LatencyLimit| -(1.0 - limit.quantile).ln();
+        let total_rarity: f64 = self.latency.iter().map(rarity).sum();
+        FailBudget {
+            errors: share(ERRORS_WEIGHT),
+            mismatches: share(MISMATCHES_WEIGHT),
+            paired_shift: share(PAIRED_SHIFT_WEIGHT),
+            latency: self
+                .latency
+                .iter()
+                .map(|limit| share(LATENCY_WEIGHT) * rarity(limit) / total_rarity)
+                .collect(),
+            prediction: share(prediction_weight),
+        }
+    }
+
+    /// Every test the same share (plain Bonferroni; the ablation in `judge-bench`).
+    fn equal_fail_budget(&self, sharing: Sharing) -> FailBudget {
+        let tests = 3 + self.latency.len() + usize::from(sharing.prediction);
+        let share = self.false_fail_rate / tests as f64;
+        FailBudget {
+            errors: share,
+            mismatches: share,
+            paired_shift: share,
+            latency: vec![share; self.latency.len()],
+            prediction: if sharing.prediction { share } else { 0.0 },
+        }
     }
 
     /// Checks ranges and coherence; the error names the field.
@@ -399,6 +498,23 @@ mod tests {
             match condition.validate() {
                 Err(ConditionError::Invalid { field: named, .. }) => assert_eq!(named, field),
                 other => panic!("{field}: expected an invalid-field error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_budget_adds_up_to_the_false_fail_rate() {
+        let condition = Condition::default();
+        for prediction in [false, true] {
+            for equal_split in [false, true] {
+                let sharing = Sharing {
+                    prediction,
+                    equal_split,
+                };
+                let budget = condition.fail_budget(sharing);
+                assert!((budget.total() - condition.false_fail_rate).abs() < 1e-12);
+                assert_eq!(budget.latency.len(), condition.latency.len());
+                assert_eq!(budget.prediction > 0.0, prediction);
             }
         }
     }

@@ -10,6 +10,7 @@
 
 pub mod bench;
 mod condition;
+mod fields;
 pub mod sequential;
 pub mod unpaired;
 pub mod window;
@@ -19,9 +20,15 @@ use std::collections::{BTreeMap, VecDeque};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-pub use condition::{read_toml, Baseline, Condition, ConditionError, LatencyLimit};
-use sequential::MarginTest;
-pub use sequential::{Evidence, MarginReport};
+pub use condition::{
+    read_toml, Baseline, Condition, ConditionError, FailBudget, LatencyLimit, Sharing,
+};
+pub use fields::{
+    AnswerFields, FieldClass, FieldReport, FieldTests, FieldValues, FieldsReport, ValuePair,
+    MAX_FIELDS, OTHER_FIELD,
+};
+use sequential::{Alphas, MarginTest};
+pub use sequential::{Betting, Evidence, MarginReport};
 pub use window::{judge_window, QuantileComparison, WindowOutcomes, WindowVerdict};
 
 /// One mirrored job: the active (v1) answer and the simulation (v2 or A/A control) answer.
@@ -109,23 +116,27 @@ struct ControlledStream {
 }
 
 impl ControlledStream {
-    /// `low`/`high` bound the per-pair statistic; differencing doubles the range.
-    fn new(condition: &Condition, margin: f64, low: f64, high: f64, fail_alpha: f64) -> Self {
+    /// `bounds` (low, high) bound the per-pair statistic; differencing doubles the range.
+    fn new(
+        condition: &Condition,
+        margin: f64,
+        (low, high): (f64, f64),
+        fail_alpha: f64,
+        betting: Betting,
+    ) -> Self {
         let differenced = condition.require_control;
         let (low, high) = if differenced {
             (low - high, high - low)
         } else {
             (low, high)
         };
+        let alphas = Alphas {
+            fail: fail_alpha,
+            pass: condition.false_pass_rate,
+            interval: condition.false_fail_rate,
+        };
         ControlledStream {
-            test: MarginTest::new(
-                margin,
-                low,
-                high,
-                fail_alpha,
-                condition.false_pass_rate,
-                condition.false_fail_rate,
-            ),
+            test: MarginTest::with_betting(margin, low, high, alphas, betting),
             differenced,
             pending_v2: VecDeque::new(),
             pending_control: VecDeque::new(),
@@ -251,11 +262,19 @@ impl OutcomeCounts {
     }
 }
 
+/// The statistical choices `judge-bench`'s ablations vary; the default is what the controller
+/// runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tuning {
+    pub sharing: Sharing,
+    pub betting: Betting,
+}
+
 /// Sequential judge fed pairs in arrival order.
 #[derive(Debug, Clone)]
 pub struct Judge {
     condition: Condition,
-    per_test_false_fail_rate: f64,
+    budget: FailBudget,
     jobs: u64,
     judged_jobs: u64,
     control_jobs: u64,
@@ -277,6 +296,8 @@ pub struct Judge {
     errors: ControlledStream,
     hard_errors: ControlledStream,
     mismatches: ControlledStream,
+    /// Answers compared field by field (see `fields.rs`): then the mismatch rule's test.
+    fields: Option<FieldTests>,
     /// Sign test of v2 against `max_paired_ratio` x v1 on each job: its mean is positive exactly
     /// when the median per-job ratio v2/v1 exceeds the limit.
     paired_shift: ControlledStream,
@@ -287,18 +308,37 @@ pub struct Judge {
 
 impl Judge {
     /// A judge for `condition`, which should have been validated (`Condition::validate`); an
-    /// invalid condition still judges, with its values clamped by the statistics.
+    /// invalid condition still judges, with its values clamped by the statistics. The judge's
+    /// tests take the whole false-fail rate: see [`Judge::with_sharing`].
     pub fn new(condition: Condition) -> Self {
-        // Any failing test rolls back, so the false-fail budget is split among them (Bonferroni);
-        // a pass needs every pass test, so each may use the whole false-pass budget.
-        let fail_capable_tests = 4 + condition.latency.len();
-        let per_test_false_fail_rate = condition.false_fail_rate / fail_capable_tests as f64;
-        let stream = |margin: f64, low: f64, high: f64| {
-            ControlledStream::new(&condition, margin, low, high, per_test_false_fail_rate)
+        Judge::with_sharing(condition, Sharing::default())
+    }
+
+    /// A judge whose tests share the condition's false-fail rate with the rules in `sharing`
+    /// (the prediction rule's test), as [`Condition::fail_budget`] splits it.
+    pub fn with_sharing(condition: Condition, sharing: Sharing) -> Self {
+        Judge::tuned(
+            condition,
+            Tuning {
+                sharing,
+                ..Tuning::default()
+            },
+        )
+    }
+
+    /// A judge with the choices `judge-bench`'s ablations vary.
+    pub fn tuned(condition: Condition, tuning: Tuning) -> Self {
+        // Any failing test rolls back, so the false-fail budget is split among them; a pass
+        // needs every pass test, so each may use the whole false-pass budget.
+        let budget = condition.fail_budget(tuning.sharing);
+        let stream = |margin: f64, low: f64, high: f64, alpha: f64| {
+            ControlledStream::new(&condition, margin, (low, high), alpha, tuning.betting)
         };
-        let errors = stream(condition.max_error_rate_increase, -1.0, 1.0);
-        let hard_errors = stream(condition.hard_error_rate_increase, -1.0, 1.0);
-        let mismatches = stream(condition.max_mismatch_rate, 0.0, 1.0);
+        let errors = stream(condition.max_error_rate_increase, -1.0, 1.0, budget.errors);
+        // The hard test fails only when the error test fails too (see `failing_reason`), so it
+        // spends no budget of its own: it may use the error test's share.
+        let hard_errors = stream(condition.hard_error_rate_increase, -1.0, 1.0, budget.errors);
+        let mismatches = stream(condition.max_mismatch_rate, 0.0, 1.0, budget.mismatches);
         // Latency statistics against a control compare v2 with the control directly: each side
         // is an indicator in [0, 1] (see `observe_control`); without one they are in [-1, 1].
         let (side_low, side_high) = if condition.require_control {
@@ -306,17 +346,18 @@ impl Judge {
         } else {
             (-1.0, 1.0)
         };
-        let paired_shift = stream(0.0, side_low, side_high);
+        let paired_shift = stream(0.0, side_low, side_high, budget.paired_shift);
         let latency = condition
             .latency
             .iter()
-            .map(|limit| {
-                let stream = stream(0.0, side_low, side_high);
+            .zip(&budget.latency)
+            .map(|(limit, &alpha)| {
+                let stream = stream(0.0, side_low, side_high, alpha);
                 LatencyTest::new(limit, condition.min_tail_exceedances, stream)
             })
             .collect();
         Judge {
-            per_test_false_fail_rate,
+            budget,
             jobs: 0,
             judged_jobs: 0,
             control_jobs: 0,
@@ -335,6 +376,7 @@ impl Judge {
             errors,
             hard_errors,
             mismatches,
+            fields: None,
             paired_shift,
             latency,
             consecutive_passes: 0,
@@ -532,7 +574,10 @@ impl Judge {
         let mut tests = vec![
             named("errors", &self.errors),
             named("hard errors", &self.hard_errors),
-            named("mismatches", &self.mismatches),
+            TestReport {
+                name: "mismatches".to_string(),
+                report: self.mismatch_test().report(),
+            },
             named("paired shift", &self.paired_shift),
         ];
         tests.extend(
@@ -575,24 +620,14 @@ impl Judge {
     /// The first test that shows v2 beyond its limit, most severe first: whether the failure is
     /// hard, and the rule in words.
     fn failing_reason(&self) -> Option<(bool, String)> {
-        if let Some(report) = self.hard_errors.failed() {
+        if let (Some(report), Some(_)) = (self.hard_errors.failed(), self.errors.failed()) {
             return Some((true, self.error_rate_reason("hard failure", &report)));
         }
         if let Some(report) = self.errors.failed() {
             return Some((false, self.error_rate_reason("errors", &report)));
         }
-        if let Some(report) = self.mismatches.failed() {
-            return Some((
-                false,
-                format!(
-                    "mismatches: v2's answers differ from v1's in more than {:.2}% of jobs \
-                     (estimated {:.2}%, evidence {} >= {:.0})",
-                    report.margin * 100.0,
-                    report.estimate * 100.0,
-                    evidence_text(report.fail_evidence),
-                    report.fail_threshold
-                ),
-            ));
+        if let Some(rule) = self.mismatch_reason() {
+            return Some((false, rule));
         }
         if let Some(report) = self.paired_shift.failed() {
             return Some((false, self.paired_shift_reason(&report)));
@@ -659,7 +694,8 @@ impl Judge {
     fn all_within_limits(&self) -> bool {
         let stream_passes = |stream: &ControlledStream| stream.test.evidence() == Evidence::Pass;
         let no_answers_compared = self.counts.compared == 0 && self.control_counts.compared == 0;
-        let mismatches_pass = no_answers_compared || stream_passes(&self.mismatches);
+        let mismatches_pass =
+            no_answers_compared || self.mismatch_test().evidence() == Evidence::Pass;
         stream_passes(&self.errors)
             && mismatches_pass
             && stream_passes(&self.paired_shift)
@@ -746,7 +782,7 @@ impl Judge {
         if self.errors.test.evidence() != Evidence::Pass {
             waiting.push("errors".to_string());
         }
-        if self.counts.compared > 0 && self.mismatches.test.evidence() != Evidence::Pass {
+        if self.counts.compared > 0 && self.mismatch_test().evidence() != Evidence::Pass {
             waiting.push("mismatches".to_string());
         }
         if waiting.is_empty() {
@@ -777,7 +813,8 @@ impl Judge {
             require_control: self.condition.require_control,
             false_fail_rate: self.condition.false_fail_rate,
             false_pass_rate: self.condition.false_pass_rate,
-            per_test_false_fail_rate: self.per_test_false_fail_rate,
+            per_test_false_fail_rate: self.budget.smallest_share(),
+            fail_budget: self.budget.clone(),
             window_jobs: self.condition.window_jobs,
             consecutive_passes: self.consecutive_passes,
             consecutive_passes_needed: self.condition.consecutive_passes,
@@ -835,7 +872,8 @@ impl Judge {
             rate: rate(self.counts.mismatched, self.counts.compared),
             control_rate: (self.control_counts.compared > 0)
                 .then(|| rate(self.control_counts.mismatched, self.control_counts.compared)),
-            test: self.mismatches.test.report(),
+            test: self.mismatch_test().report(),
+            fields: self.fields(),
         }
     }
 
@@ -894,7 +932,10 @@ struct Details {
     require_control: bool,
     false_fail_rate: f64,
     false_pass_rate: f64,
+    /// The smallest test's share of the false-fail rate.
     per_test_false_fail_rate: f64,
+    /// The false-fail rate's share of each test.
+    fail_budget: FailBudget,
     window_jobs: u64,
     consecutive_passes: u32,
     consecutive_passes_needed: u32,
@@ -926,6 +967,9 @@ struct MismatchDetails {
     rate: f64,
     control_rate: Option<f64>,
     test: MarginReport,
+    /// Per field, in fields mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fields: Option<FieldsReport>,
 }
 
 /// One latency quantile of the condition: v1's and v2's values, their ratio with its interval,

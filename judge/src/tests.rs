@@ -460,3 +460,34 @@ fn replayed_battery_passes_a_a_and_catches_a_slower_v2() {
     assert!(figures[0].paired.passes >= 2, "{:?}", figures[0]);
     assert_eq!(figures[1].paired.fails, 3, "{:?}", figures[1]);
 }
+
+#[test]
+fn each_test_bets_against_its_own_share_of_the_false_fail_rate() {
+    let condition = Condition::default();
+    let judge = Judge::new(condition.clone());
+    let details = judge.verdict().details;
+    let budget = condition.fail_budget(Sharing::default());
+    let threshold = |test: &serde_json::Value| test["fail_threshold"].as_f64().unwrap();
+    assert!((threshold(&details["errors"]["increase"]) - 1.0 / budget.errors).abs() < 1e-6);
+    // The hard test fails only with the error test, so it may use the same share.
+    assert!((threshold(&details["errors"]["hard"]) - 1.0 / budget.errors).abs() < 1e-6);
+    assert!((threshold(&details["mismatches"]["test"]) - 1.0 / budget.mismatches).abs() < 1e-6);
+    let p999 = &details["latency"]["p99.9"]["test"];
+    assert!((threshold(p999) - 1.0 / budget.latency[2]).abs() < 1e-3);
+    // Rarer tails get larger shares; with the prediction rule sharing, everyone gets less.
+    assert!(budget.latency[2] > budget.latency[1] && budget.latency[1] > budget.latency[0]);
+    let shared = condition.fail_budget(Sharing {
+        prediction: true,
+        ..Sharing::default()
+    });
+    assert!(shared.errors < budget.errors && shared.prediction > 0.0);
+    let with_prediction = Judge::with_sharing(
+        condition,
+        Sharing {
+            prediction: true,
+            ..Sharing::default()
+        },
+    );
+    let details = with_prediction.verdict().details;
+    assert!((threshold(&details["errors"]["increase"]) - 1.0 / shared.errors).abs() < 1e-6);
+}

@@ -22,9 +22,9 @@ pub use load::{
     Progress, SessionCounts, SESSION_EVENT_HEADER, SESSION_HEADER,
 };
 pub use machine::{
-    spawn_machine, spawn_machine_with_hub, FaultSpec, FaultTrigger, JobsInSecond, LatencyCreepSpec,
-    MachineError, MachineHandle, MachineSpec, MachineStats, SlowStartSpec, TailSpec,
-    SIMULATION_HEADER,
+    spawn_machine, spawn_machine_with_hub, AnswerFormat, AnswerSpec, FaultSpec, FaultTrigger,
+    JobsInSecond, LatencyCreepSpec, MachineError, MachineHandle, MachineSpec, MachineStats,
+    SlowStartSpec, TailSpec, SIMULATION_HEADER,
 };
 pub use publish::{
     CallEvent, CallStateBatch, HangReport, HubOptions, HubOptionsError, CALL_STATE_TOPIC,

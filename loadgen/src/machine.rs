@@ -75,6 +75,119 @@ pub struct MachineSpec {
     pub dependency_timeout_ms: u64,
     #[serde(default)]
     pub faults: FaultSpec,
+    /// How answers are written: a line of text (default) or a JSON object.
+    #[serde(default, skip_serializing_if = "AnswerSpec::is_text")]
+    pub answer: AnswerSpec,
+}
+
+/// How a machine writes a successful answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerSpec {
+    #[serde(default)]
+    pub format: AnswerFormat,
+    /// JSON only: a field whose value is new on every answer, so that it differs even between
+    /// two machines of one version answering the same job (a timestamp, a request id).
+    #[serde(default)]
+    pub volatile_field: Option<String>,
+    /// JSON only: fields of the answer this machine writes differently from other versions:
+    /// `price` (every item's price), `sku` (every item's sku) or `answer`.
+    #[serde(default)]
+    pub changed_fields: Vec<String>,
+}
+
+/// The body of a successful answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerFormat {
+    /// `SERVICE DIGEST`, one line.
+    #[default]
+    Text,
+    /// `{"service", "answer", "items": [{"sku", "price"}, ...]}` (and the volatile field).
+    Json,
+}
+
+/// The JSON answer's fields a machine may change.
+const CHANGEABLE_FIELDS: [&str; 3] = ["price", "sku", "answer"];
+
+impl AnswerSpec {
+    fn is_text(&self) -> bool {
+        *self == AnswerSpec::default()
+    }
+
+    fn validate(&self) -> Result<(), SpecError> {
+        let json = self.format == AnswerFormat::Json;
+        if let Some(field) = &self.volatile_field {
+            if !json {
+                return Err(SpecError::new(
+                    "answer.volatile_field",
+                    "needs format = \"json\"",
+                ));
+            }
+            let fixed = ["service", "items"].contains(&field.as_str());
+            if field.trim().is_empty() || fixed || CHANGEABLE_FIELDS.contains(&field.as_str()) {
+                return Err(SpecError::new(
+                    "answer.volatile_field",
+                    format!("{field:?} is empty or a field the answer already has"),
+                ));
+            }
+        }
+        for (i, field) in self.changed_fields.iter().enumerate() {
+            if !json {
+                return Err(SpecError::new(
+                    "answer.changed_fields",
+                    "needs format = \"json\"",
+                ));
+            }
+            if !CHANGEABLE_FIELDS.contains(&field.as_str()) {
+                return Err(SpecError::new(
+                    format!("answer.changed_fields[{i}]"),
+                    format!("{field:?} is not one of {CHANGEABLE_FIELDS:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A successful answer's body for `digest` (what determines the job's answer).
+    fn body(&self, service: &str, digest: u64) -> (Bytes, Option<&'static str>) {
+        if self.format == AnswerFormat::Text {
+            return (format!("{service} {digest:016x}\n").into(), None);
+        }
+        let changed = |field: &str| self.changed_fields.iter().any(|f| f == field);
+        let answer = if changed("answer") { !digest } else { digest };
+        let items: Vec<serde_json::Value> = (0..2u64)
+            .map(|i| {
+                let cents = (digest >> (16 * i)) % 10_000 + if changed("price") { 100 } else { 0 };
+                let sku = format!("sku-{:04x}", (digest >> (32 + 16 * i)) & 0xffff);
+                let sku = if changed("sku") {
+                    sku.to_uppercase()
+                } else {
+                    sku
+                };
+                serde_json::json!({"sku": sku, "price": cents as f64 / 100.0})
+            })
+            .collect();
+        let mut object = serde_json::json!({
+            "service": service,
+            "answer": format!("{answer:016x}"),
+            "items": items,
+        });
+        if let Some(field) = &self.volatile_field {
+            object[field.as_str()] = serde_json::Value::String(volatile_value());
+        }
+        let body = serde_json::to_vec(&object).expect("a JSON value serializes");
+        (body.into(), Some("application/json"))
+    }
+}
+
+/// A value no other answer has: the clock in nanoseconds and a process-wide sequence.
+fn volatile_value() -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos}-{}", SEQUENCE.fetch_add(1, Ordering::Relaxed))
 }
 
 fn default_version() -> String {
@@ -174,6 +287,7 @@ impl MachineSpec {
             dependencies: Vec::new(),
             dependency_timeout_ms: default_dependency_timeout_ms(),
             faults: FaultSpec::default(),
+            answer: AnswerSpec::default(),
         }
     }
 
@@ -210,6 +324,7 @@ impl MachineSpec {
                 )
             })?;
         self.validate_dependencies()?;
+        self.answer.validate()?;
         let f = &self.faults;
         let slow_start = f
             .slow_start
@@ -240,6 +355,7 @@ impl MachineSpec {
             creep,
             leaks_side_effects: f.leaks_side_effects,
             late_failure,
+            answer: self.answer.clone(),
         })
     }
 
@@ -350,6 +466,7 @@ struct Behaviour {
     creep: Option<(f64, f64)>,
     leaks_side_effects: bool,
     late_failure: Option<LateFailure>,
+    answer: AnswerSpec,
 }
 
 /// The fate of one job, decided from the seeded draws before anything happens.
@@ -1140,10 +1257,15 @@ fn answer_job(
         bump(&state.counters.simulation_side_effects);
     }
     bump(&state.counters.ok);
-    text(
-        StatusCode::OK,
-        format!("{} {:016x}\n", state.service, answer.finish()),
-    )
+    let (body, content_type) = state.behaviour.answer.body(&state.service, answer.finish());
+    let mut response = text(StatusCode::OK, body);
+    if let Some(content_type) = content_type {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+    }
+    response
 }
 
 /// Digest of what determines a job's answer: never the version, so versions answer alike.
@@ -1824,3 +1946,64 @@ late_failure = { fraction = 0.3, after_media_jobs = 6, after_media_ms = 3000, st
 #[cfg(test)]
 #[path = "machine_hub_tests.rs"]
 mod hub_tests;
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+
+    fn json(spec: &AnswerSpec, digest: u64) -> serde_json::Value {
+        let (body, content_type) = spec.body("media", digest);
+        assert_eq!(content_type, Some("application/json"));
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[test]
+    fn json_answers_differ_only_where_asked() {
+        let v1 = AnswerSpec {
+            format: AnswerFormat::Json,
+            volatile_field: Some("generated_at".into()),
+            changed_fields: Vec::new(),
+        };
+        let (a, b) = (json(&v1, 42), json(&v1, 42));
+        assert_eq!(a["items"], b["items"]);
+        assert_eq!(a["answer"], b["answer"]);
+        assert_ne!(a["generated_at"], b["generated_at"]);
+        let v2 = AnswerSpec {
+            changed_fields: vec!["price".into()],
+            ..v1.clone()
+        };
+        let c = json(&v2, 42);
+        assert_eq!(c["answer"], a["answer"]);
+        assert_eq!(c["items"][0]["sku"], a["items"][0]["sku"]);
+        let price = |v: &serde_json::Value| v["items"][1]["price"].as_f64().unwrap();
+        assert!((price(&c) - price(&a) - 1.0).abs() < 1e-9);
+        // The default stays a line of text.
+        let (text, content_type) = AnswerSpec::default().body("media", 42);
+        assert_eq!(
+            (&text[..], content_type),
+            (&b"media 000000000000002a\n"[..], None)
+        );
+    }
+
+    #[test]
+    fn json_options_are_checked() {
+        let text_with_field = AnswerSpec {
+            volatile_field: Some("t".into()),
+            ..AnswerSpec::default()
+        };
+        assert!(text_with_field.validate().is_err());
+        let bad_change = AnswerSpec {
+            format: AnswerFormat::Json,
+            volatile_field: None,
+            changed_fields: vec!["colour".into()],
+        };
+        let err = bad_change.validate().unwrap_err().to_string();
+        assert!(err.contains("changed_fields[0]"), "{err}");
+        let clash = AnswerSpec {
+            format: AnswerFormat::Json,
+            volatile_field: Some("price".into()),
+            changed_fields: Vec::new(),
+        };
+        assert!(clash.validate().is_err());
+    }
+}

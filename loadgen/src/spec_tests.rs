@@ -141,6 +141,7 @@ pub(crate) fn machine_spec() -> impl Strategy<Value = MachineSpec> {
                     dependencies: deps.into_iter().collect(),
                     dependency_timeout_ms: timeout,
                     faults: f,
+                    answer: Default::default(),
                 }
             },
         )

@@ -1,17 +1,22 @@
-//! The early signal for the joining condition: is v2's probability of failure from the start state
-//! clearly higher than v1's?
+//! The chain's picture of v2 against v1: each version's probability of failure from the start
+//! state, and an early warning when v2's looks clearly higher. It explains and warns; it decides
+//! nothing (the rule `prediction` decides on [`crate::signal::PairedFailureTest`], which is valid
+//! however often it is looked at, while this warning, re-read at every look, is not).
 //!
-//! Rule: v2 is clearly worse when both versions have at least `min_starts` (decayed) departures
-//! from the start state, v2's probability of ending in any artifact exceeds v1's by at least
-//! `margin`, and by at least `z` standard errors: (p2 - p1) / sqrt(se1² + se2²) >= z. Each standard
-//! error comes from the chain itself (`StateOutlook::failure_std_error`): a plain two-proportion
-//! test on the start state's departures would overstate the evidence, because the chain's estimate
-//! rests on the few objects that got far enough to fail late, not on every object that started.
+//! Warning: both versions have at least `min_starts` (decayed) departures from the start state,
+//! v2's probability of ending in any artifact exceeds v1's by at least `margin`, and by at least
+//! [`WARNING_Z`] standard errors: (p2 - p1) / sqrt(se1² + se2²) >= z. Each standard error comes from
+//! the chain itself (`StateOutlook::failure_std_error`): the chain's estimate rests on the few
+//! objects that got far enough to fail late, not on every object that started. The chain sees late
+//! failures coming before calls end, which is why it is shown beside the test.
 
 use serde::Serialize;
 
 use crate::chain::Outlook;
 use crate::config::CompareRule;
+
+/// Standard errors of the chain's early warning (one-sided, about 1 in 1000 at a single look).
+pub const WARNING_Z: f64 = 3.09;
 
 /// One version's side of a comparison.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -35,6 +40,7 @@ pub struct Comparison {
     pub difference: f64,
     /// The difference in standard errors (infinite when both are zero and v2 is worse).
     pub z: f64,
+    /// The chain's early warning (see the module doc): shown, never decides.
     pub clearly_higher: bool,
     /// Why `clearly_higher` is what it is, for logs and the API.
     pub reason: String,
@@ -92,20 +98,20 @@ pub fn compare(
                 v2.failure, v1.failure, rule.margin
             ),
         )
-    } else if z < rule.z {
+    } else if z < WARNING_Z {
         (
             false,
             format!(
-                "v2 fails {:.4} vs v1 {:.4}: {z:.2} standard errors, {} needed",
-                v2.failure, v1.failure, rule.z
+                "v2 fails {:.4} vs v1 {:.4}: {z:.2} standard errors, {WARNING_Z} needed",
+                v2.failure, v1.failure
             ),
         )
     } else {
         (
             true,
             format!(
-                "v2 fails {:.4} vs v1 {:.4}: {z:.2} standard errors (>= {}) and margin {} passed",
-                v2.failure, v1.failure, rule.z, rule.margin
+                "v2 fails {:.4} vs v1 {:.4}: {z:.2} standard errors (>= {WARNING_Z}) and margin {} passed",
+                v2.failure, v1.failure, rule.margin
             ),
         )
     };
@@ -147,7 +153,6 @@ mod tests {
         CompareRule {
             min_starts: 100.0,
             margin: 0.01,
-            z: 3.09,
         }
     }
 

@@ -125,19 +125,23 @@ pub struct DwellConfig {
     pub limits: BTreeMap<String, f64>,
 }
 
-/// When is v2's probability of failure "clearly higher" than v1's (see `compare.rs`).
+/// The rule `prediction`: when v2's probability of failure is more than `margin` above v1's
+/// (see `signal.rs`; its false-fail rate is a share of the joining condition's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompareConfig {
-    /// Both versions need this much (decayed) departure weight from the start state.
+    /// Pairs of ended objects (one of each version) the test needs before it may fail; also the
+    /// (decayed) departures the chain's early warning needs.
     #[serde(default = "default_min_starts")]
     pub min_starts: f64,
-    /// v2 must be worse by at least this absolute probability.
+    /// v2 must be worse by more than this absolute probability.
     #[serde(default = "default_margin")]
     pub margin: f64,
-    /// One-sided z the pooled two-proportion statistic must reach (3.09: about 1 in 1000).
-    #[serde(default = "default_z")]
-    pub z: f64,
+    /// Deprecated and ignored: the rule once failed v2 at a fixed z, re-tested at every look. The
+    /// test's error rate is now its share of the joining condition's `false_fail_rate`. Still
+    /// read so that older files load ([`Settings::warnings`] says it is ignored).
+    #[serde(default)]
+    pub z: Option<f64>,
 }
 
 impl Default for CompareConfig {
@@ -145,7 +149,7 @@ impl Default for CompareConfig {
         CompareConfig {
             min_starts: default_min_starts(),
             margin: default_margin(),
-            z: default_z(),
+            z: None,
         }
     }
 }
@@ -173,9 +177,6 @@ fn default_min_starts() -> f64 {
 }
 fn default_margin() -> f64 {
     0.01
-}
-fn default_z() -> f64 {
-    3.09
 }
 fn default_resolve_interval_ms() -> u64 {
     1000
@@ -218,7 +219,6 @@ pub struct AlertPolicy {
 pub struct CompareRule {
     pub min_starts: f64,
     pub margin: f64,
-    pub z: f64,
 }
 
 /// The configuration, validated into domain values.
@@ -235,6 +235,8 @@ pub struct Settings {
     pub dwell_limits: BTreeMap<String, Duration>,
     pub compare: CompareRule,
     pub resolve_interval: Duration,
+    /// Keys that were read but have no effect any more, each with why (for the caller to log).
+    pub warnings: Vec<String>,
 }
 
 impl Settings {
@@ -336,6 +338,7 @@ impl PredictConfig {
             dwell_limits,
             compare,
             resolve_interval: Duration::from_millis(self.resolve_interval_ms),
+            warnings: self.compare.warnings(),
         })
     }
 
@@ -464,17 +467,30 @@ impl CompareConfig {
                 format!("must be a probability in [0, 1), got {}", self.margin),
             ));
         }
-        if !(self.z.is_finite() && self.z > 0.0) {
+        // An old file's z is ignored, but a value no rule could ever have used is still refused.
+        if let Some(z) = self.z.filter(|z| !(z.is_finite() && *z > 0.0)) {
             return Err(invalid(
                 "compare.z",
-                format!("must be a positive number, got {}", self.z),
+                format!("must be a positive number, got {z} (and it is ignored: remove it)"),
             ));
         }
         Ok(CompareRule {
             min_starts: self.min_starts,
             margin: self.margin,
-            z: self.z,
         })
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.z
+            .map(|z| {
+                format!(
+                    "`compare.z` = {z} is ignored: the rule `prediction` is now a test valid at \
+                     every look, whose error rate is a share of the joining condition's \
+                     `false_fail_rate`; remove the key"
+                )
+            })
+            .into_iter()
+            .collect()
     }
 }
 
@@ -526,7 +542,16 @@ mod tests {
         );
         assert_eq!(settings.dwell_limit("completed"), None);
         assert_eq!(settings.compare.margin, 0.02);
-        assert_eq!(settings.compare.z, 3.09);
+        assert!(settings.warnings.is_empty());
+    }
+
+    #[test]
+    fn an_old_z_is_read_and_said_to_be_ignored() {
+        let settings = PredictConfig::from_toml_str("[compare]\nz = 2.5\nmargin = 0.02").unwrap();
+        assert_eq!(settings.compare.margin, 0.02);
+        assert_eq!(settings.warnings.len(), 1);
+        assert!(settings.warnings[0].contains("`compare.z` = 2.5 is ignored"));
+        assert!(settings.warnings[0].contains("false_fail_rate"));
     }
 
     #[test]

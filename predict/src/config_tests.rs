@@ -51,7 +51,7 @@ pub(crate) fn config() -> impl Strategy<Value = PredictConfig> {
             proptest::option::of(0.5..1_000.0),
             0.0..1_000.0,
             0.0..0.99,
-            0.1..5.0,
+            proptest::option::of(0.1..5.0),
         ),
         (0u64..10_000, proptest::collection::vec(0.5..1_000.0, 0..3)),
     )

@@ -8,10 +8,15 @@
 //! - [`chain`]: the absorbing Markov chain solved from a [`TransitionTable`].
 //! - [`model`]: one service version's decayed transition counts and dwell times.
 //! - [`predictor`]: the online part: tracks objects, records transitions, raises [`Alert`]s.
-//! - [`mod@compare`]: is v2's probability of failure from the start state clearly above v1's?
+//! - [`mod@compare`]: the chain's picture of v2 against v1 from the start state (shown, and an
+//!   early warning).
+//! - [`signal`]: the rule `prediction`: an anytime-valid test of v2's failure probability from the
+//!   start state against v1's, on ended objects paired as they start.
+//! - [`bench`]: the rule on seeded calls, for `understudy judge-bench`.
 //!
 //! The crate is pure: no clocks (callers pass [`Timestamp`]s), no I/O.
 
+pub mod bench;
 pub mod chain;
 pub mod compare;
 pub mod config;
@@ -19,6 +24,7 @@ pub mod decay;
 pub mod dwell;
 pub mod model;
 pub mod predictor;
+pub mod signal;
 
 pub use chain::{solve, Absorbing, Outlook, StateOutlook, StateRole, TransitionTable};
 pub use compare::{compare, Comparison};
@@ -29,3 +35,4 @@ pub use decay::{DecayedCount, HalfLife, Timestamp};
 pub use dwell::{DwellStats, DwellSummary};
 pub use model::{Model, ModelKey};
 pub use predictor::{Alert, AlertCause, Observed, Predictor, Update};
+pub use signal::{PairedFailureTest, Side, SignalReport};

@@ -19,6 +19,8 @@ pub(crate) fn media_config(version: u64) -> BalancerConfig {
         epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
+        compare: None,
+        compare_headers: Vec::new(),
         drain_timeout_ms: 30_000,
         machines: vec![MachineEntry {
             id: "media-1".into(),

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use understudy_wire::{check_health_path, BalancerConfig, PoolRole};
+use understudy_wire::{check_compare_headers, check_health_path, BalancerConfig, PoolRole};
+
+use crate::fields::Comparison;
 
 /// Weights outside this range are refused (0 would mean "remove the machine").
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
@@ -328,7 +330,8 @@ pub(crate) struct ValidConfig {
     pub service: Arc<str>,
     pub version: u64,
     pub mirror_fraction: f64,
-    pub compare_body: bool,
+    /// How the answers of a pair are compared.
+    pub compare: Comparison,
     pub drain_timeout: Duration,
     pub machines: Vec<ValidMachine>,
 }
@@ -423,6 +426,14 @@ impl CheckedConfig {
                 format!("{} is outside 0.0..=1.0", config.mirror_fraction),
             ));
         }
+        let compare = Comparison {
+            mode: config
+                .compare_mode()
+                .map_err(|problem| ConfigError::invalid("compare", problem))?,
+            headers: check_compare_headers(&config.compare_headers)
+                .map_err(|problem| ConfigError::invalid("compare_headers", problem))?
+                .into(),
+        };
         let mut ids = HashSet::new();
         let mut machines = Vec::with_capacity(config.machines.len());
         let mut names = Vec::new();
@@ -445,7 +456,7 @@ impl CheckedConfig {
             service: config.service.as_str().into(),
             version: config.version,
             mirror_fraction: config.mirror_fraction,
-            compare_body: config.compare_body,
+            compare,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             machines,
         };
@@ -607,6 +618,8 @@ mod tests {
             epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
+            compare: None,
+            compare_headers: Vec::new(),
             drain_timeout_ms: 1000,
             machines: vec![
                 machine("a", PoolRole::Active),
@@ -728,6 +741,45 @@ mod tests {
         let mut c = config();
         c.service = "".into();
         assert_eq!(field_of(ValidConfig::new(&c).unwrap_err()), "service");
+    }
+
+    #[test]
+    fn the_comparison_is_read_in_either_form_and_checked() {
+        use understudy_wire::CompareMode;
+        let mode = |compare_body: bool, compare: Option<CompareMode>| {
+            let mut c = config();
+            c.compare_body = compare_body;
+            c.compare = compare;
+            ValidConfig::new(&c).map(|v| v.compare.mode)
+        };
+        assert_eq!(mode(false, None).unwrap(), CompareMode::Status);
+        assert_eq!(mode(true, None).unwrap(), CompareMode::Body);
+        assert_eq!(
+            mode(true, Some(CompareMode::Body)).unwrap(),
+            CompareMode::Body
+        );
+        let fields = Some(CompareMode::Fields);
+        assert_eq!(mode(false, fields).unwrap(), CompareMode::Fields);
+        let err = mode(true, fields).unwrap_err().to_string();
+        assert!(
+            err.contains("compare") && err.contains("compare_body"),
+            "{err}"
+        );
+        // An old controller's JSON (compare_body only) still reads.
+        let old: BalancerConfig = serde_json::from_value(serde_json::json!({
+            "service": "media", "version": 1, "compare_body": true,
+            "machines": [{"id": "a", "version": "v1", "address": "127.0.0.1:9", "config": "active"}]
+        }))
+        .unwrap();
+        assert_eq!(old.compare_mode(), Ok(CompareMode::Body));
+        let mut c = config();
+        c.compare = fields;
+        c.compare_headers = vec!["ETag".into(), "X-Version".into()];
+        let valid = ValidConfig::new(&c).unwrap();
+        assert_eq!(&*valid.compare.headers, ["etag", "x-version"]);
+        c.compare_headers = vec!["bad header".into()];
+        let err = ValidConfig::new(&c).unwrap_err().to_string();
+        assert!(err.contains("compare_headers"), "{err}");
     }
 
     #[test]

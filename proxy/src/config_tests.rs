@@ -65,6 +65,8 @@ fn balancer(index: usize) -> impl Strategy<Value = BalancerSpec> {
                     epoch: 0,
                     mirror_fraction: fraction,
                     compare_body: compare,
+                    compare: None,
+                    compare_headers: Vec::new(),
                     drain_timeout_ms: drain,
                     machines,
                 },

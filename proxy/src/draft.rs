@@ -7,6 +7,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use http::{HeaderMap, Method};
 
+use crate::fields::Comparison;
 use crate::mirror::Copy;
 use crate::pool::Machine;
 use crate::stats::{PairSlot, Stats};
@@ -16,8 +17,8 @@ pub(crate) struct CopyDraft {
     method: Method,
     path_and_query: String,
     headers: HeaderMap,
-    /// The routing table's `compare_body` when the job was routed: the answers are digested.
-    pub compare_body: bool,
+    /// The routing table's comparison when the job was routed: what is kept of the answers.
+    pub compare: Comparison,
     body: BytesMut,
     over_limit: bool,
     /// The pair the copies and the active side report into, once the copies are queued.
@@ -29,14 +30,14 @@ impl CopyDraft {
     pub(crate) fn new(
         targets: Vec<Arc<Machine>>,
         (method, path_and_query, headers): (Method, String, HeaderMap),
-        compare_body: bool,
+        compare: Comparison,
     ) -> Self {
         CopyDraft {
             targets,
             method,
             path_and_query,
             headers,
-            compare_body,
+            compare,
             body: BytesMut::new(),
             over_limit: false,
             slot: None,
@@ -76,7 +77,7 @@ impl CopyDraft {
         let slot = Arc::new(PairSlot::new(
             job,
             session.clone(),
-            self.compare_body,
+            self.compare.clone(),
             stats.clone(),
         ));
         let body = std::mem::take(&mut self.body).freeze();
@@ -95,7 +96,7 @@ impl CopyDraft {
                 path_and_query: self.path_and_query.clone(),
                 headers: self.headers.clone(),
                 body: body.clone(),
-                compare_body: self.compare_body,
+                compare: self.compare.clone(),
                 slot: slot.clone(),
                 stats: stats.clone(),
                 queued_at,

@@ -15,6 +15,7 @@ mod draft;
 mod epoch_floor;
 mod extract;
 mod fault;
+mod fields;
 mod h1;
 mod health;
 mod marker;

@@ -6,7 +6,9 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use understudy_wire::{MachineHealth, MachineState, MachineStatus, Outcome, PoolRole};
+use understudy_wire::{
+    DigestReason, MachineHealth, MachineState, MachineStatus, Outcome, PoolRole,
+};
 
 pub(crate) const OUTCOMES: [Outcome; 5] = [
     Outcome::Ok,
@@ -33,6 +35,7 @@ pub(crate) struct Metrics {
     mirror_dropped: IntCounterVec,
     mirror_held: IntCounterVec,
     mismatch: IntCounterVec,
+    field_digest: IntCounterVec,
     refused: IntCounterVec,
     limit_hits: IntCounterVec,
     marker_stripped: IntCounterVec,
@@ -153,6 +156,12 @@ impl Metrics {
                 "Mirrored jobs whose simulation answer differed from the active answer.",
                 &["service", "version"],
             )?,
+            field_digest: counters(
+                "understudy_balancer_field_digest_total",
+                "Answers of compare = \"fields\" pairs compared by body digest instead, by \
+                 reason (not_json, too_large, over_budget).",
+                &["service", "reason"],
+            )?,
             refused: counters(
                 "understudy_balancer_refused_total",
                 "Jobs refused by the balancer itself, by reason.",
@@ -220,6 +229,11 @@ impl Metrics {
 
     pub(crate) fn mismatch(&self, service: &str, version: &str) -> IntCounter {
         self.mismatch.with_label_values(&[service, version])
+    }
+
+    pub(crate) fn field_digest(&self, service: &str, reason: DigestReason) -> IntCounter {
+        self.field_digest
+            .with_label_values(&[service, reason.as_str()])
     }
 
     pub(crate) fn refused(&self, service: &str, reason: &str) -> IntCounter {

@@ -24,6 +24,7 @@ use prometheus::IntCounter;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use understudy_wire::{JobObservation, Outcome};
 
+use crate::fields::{header_values, Comparison, Kept};
 use crate::marker::{MarkerPolicy, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 use crate::stats::{PairSlot, SeriesHandle, Stats};
 
@@ -58,7 +59,8 @@ pub(crate) struct Copy {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
-    pub compare_body: bool,
+    /// What is kept of the answer for its pair's comparison.
+    pub compare: Comparison,
     pub slot: Arc<PairSlot>,
     pub stats: Arc<Stats>,
     /// When the copy was queued: its timeout runs from here, so a copy that waited in its
@@ -241,7 +243,7 @@ async fn send(
         path_and_query,
         mut headers,
         body,
-        compare_body,
+        compare,
         slot,
         stats,
         queued_at: _,
@@ -277,31 +279,32 @@ async fn send(
             }
         })?;
         let status = response.status().as_u16();
-        let mut digest = compare_body.then(BodyDigest::new);
+        let head = response.headers();
+        let mut kept = compare.capture(&stats.capture_budget, |names| header_values(head, names));
         let mut body = response.into_body();
         while let Some(frame) = body.frame().await {
             // A body cut short is a failed answer even though a status came.
             let frame = frame.map_err(|_| Outcome::ServerError)?;
-            if let (Some(d), Some(data)) = (digest.as_mut(), frame.data_ref()) {
-                d.update(data);
+            if let Some(data) = frame.data_ref() {
+                kept.update(data);
             }
         }
-        Ok::<_, Outcome>((status, digest.map(BodyDigest::finish)))
+        Ok::<_, Outcome>((status, kept))
     })
     .await;
     let latency_us = start.elapsed().as_micros() as u64;
-    let (outcome, status, digest) = match answer {
-        Ok(Ok((status, digest))) => (outcome_of_status(status), Some(status), digest),
-        Ok(Err(outcome)) => (outcome, None, None),
-        Err(_elapsed) => (Outcome::Timeout, None, None),
+    let (outcome, status, kept) = match answer {
+        Ok(Ok((status, kept))) => (outcome_of_status(status), Some(status), kept.finish()),
+        Ok(Err(outcome)) => (outcome, None, Kept::Nothing),
+        Err(_elapsed) => (Outcome::Timeout, None, Kept::Nothing),
     };
-    record(&*target, &stats, &slot, latency_us, outcome, status, digest);
+    record(&*target, &stats, &slot, latency_us, outcome, status, kept);
 }
 
 /// A copy that could not be built: its side of the pair completes as failed, so the pair is
 /// not left waiting.
 fn expire_now(target: &dyn CopyTarget, stats: &Stats, slot: &PairSlot, outcome: Outcome) {
-    record(target, stats, slot, 0, outcome, None, None);
+    record(target, stats, slot, 0, outcome, None, Kept::Nothing);
 }
 
 /// A copy whose timeout ran out while it waited in its queue: a timeout, never sent.
@@ -320,7 +323,7 @@ fn expire(copy: Copy) {
         latency_us,
         Outcome::Timeout,
         None,
-        None,
+        Kept::Nothing,
     );
 }
 
@@ -331,7 +334,7 @@ fn record(
     latency_us: u64,
     outcome: Outcome,
     status: Option<u16>,
-    digest: Option<u64>,
+    kept: Kept,
 ) {
     stats.record(target.series(), latency_us, outcome);
     slot.complete_simulation((
@@ -342,7 +345,7 @@ fn record(
             outcome,
             status,
         },
-        digest,
+        kept,
     ));
 }
 

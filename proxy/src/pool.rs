@@ -586,6 +586,8 @@ mod tests {
             epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
+            compare: None,
+            compare_headers: Vec::new(),
             drain_timeout_ms: 1000,
             machines,
         };

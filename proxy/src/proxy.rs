@@ -26,10 +26,11 @@ use understudy_wire::{JobObservation, Outcome, PoolRole};
 use crate::caller::Caller;
 use crate::draft::CopyDraft;
 use crate::fault::{within, Fault};
+use crate::fields::{head_values, Capture, Kept};
 use crate::h1::{self, AnswerTo, BodyRelay, Framing, Output, Request};
 use crate::marker::{Verdict, SIMULATION_AUTH_HEADER, SIMULATION_HEADER};
 use crate::metrics::Limit;
-use crate::mirror::{outcome_of_status, ActiveJobGuard, BodyDigest};
+use crate::mirror::{outcome_of_status, ActiveJobGuard};
 use crate::pool::Machine;
 use crate::service::Service;
 use crate::timing::UpstreamTiming;
@@ -129,7 +130,8 @@ struct Job {
     machine: Arc<Machine>,
     /// Status of the machine's answer (not of an error page the balancer wrote itself).
     status: Option<u16>,
-    digest: Option<BodyDigest>,
+    /// What is kept of the answer for its pair's comparison.
+    capture: Option<Capture>,
     draft: Option<CopyDraft>,
     /// Something of the answer has been written to the caller (no error page is possible).
     answer_started: bool,
@@ -346,8 +348,8 @@ impl Balancer {
             // caller's marker. `OPTIONS *` has no path to copy to.
             match h1::copy_parts(&caller.to_machine) {
                 Ok(parts) if !request.asterisk => {
-                    let compare_body = table.config.compare_body;
-                    job.draft = Some(CopyDraft::new(route.mirror, parts, compare_body));
+                    let compare = table.config.compare.clone();
+                    job.draft = Some(CopyDraft::new(route.mirror, parts, compare));
                 }
                 _ => self.service.stats.mirror_dropped(route.mirror.len() as u64),
             }
@@ -623,15 +625,17 @@ impl Balancer {
                 Err(fault) => return Err(machine_failed(fault)),
             }
         };
+        if let Some(draft) = job.draft.as_ref().filter(|d| d.slot.is_some() || !d.fired) {
+            let head = &machine.buf[..answer.head_len];
+            let budget = &self.service.stats.capture_budget;
+            job.capture = Some(
+                draft
+                    .compare
+                    .capture(budget, |names| head_values(head, names)),
+            );
+        }
         machine.buf.advance(answer.head_len);
         job.status = Some(answer.status);
-        if job
-            .draft
-            .as_ref()
-            .is_some_and(|d| d.compare_body && (d.slot.is_some() || !d.fired))
-        {
-            job.digest = Some(BodyDigest::new());
-        }
         self.relay_answer(caller, job, machine, &answer, timeout)
             .await?;
         let caller_keep_alive = match caller.flush().await {
@@ -660,11 +664,11 @@ impl Balancer {
         let mut relay = BodyRelay::new(answer.framing, answer.output);
         loop {
             {
-                let digest = &mut job.digest;
+                let capture = &mut job.capture;
                 relay
                     .relay(&mut machine.buf, &mut caller.to_caller, |data| {
-                        if let Some(digest) = digest.as_mut() {
-                            digest.update(data);
+                        if let Some(capture) = capture.as_mut() {
+                            capture.update(data);
                         }
                     })
                     .map_err(|e| machine_failed(e.into()))?;
@@ -758,7 +762,7 @@ impl Balancer {
                     outcome,
                     status: job.status,
                 },
-                job.digest.take().map(BodyDigest::finish),
+                job.capture.take().map_or(Kept::Nothing, Capture::finish),
             ));
         }
     }
@@ -786,7 +790,7 @@ impl Job {
             session,
             machine,
             status: None,
-            digest: None,
+            capture: None,
             draft: None,
             answer_started: false,
             _active: None,

@@ -729,6 +729,8 @@ mod tests {
             epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
+            compare: None,
+            compare_headers: Vec::new(),
             drain_timeout_ms: 30_000,
             machines: vec![understudy_wire::MachineEntry {
                 id: "media-1".into(),

@@ -12,8 +12,11 @@ use base64::Engine;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use prometheus::IntCounter;
-use understudy_wire::{JobObservation, JobPair, Outcome, OutcomeCounts, PoolRole, SeriesStats};
+use understudy_wire::{
+    CompareMode, JobObservation, JobPair, Outcome, OutcomeCounts, PoolRole, SeriesStats,
+};
 
+use crate::fields::{self, CaptureBudget, Compared, Comparison, Kept, SERVICE_BODY_BUDGET};
 use crate::metrics::{Metrics, SeriesMetrics};
 
 /// Latency range recorded, in microseconds: 1 us .. 1 hour, 3 significant digits.
@@ -142,6 +145,8 @@ pub(crate) struct Stats {
     inner: Mutex<Inner>,
     mirror_dropped_metric: IntCounter,
     mismatch_metrics: Mutex<HashMap<Arc<str>, IntCounter>>,
+    /// Bytes of answer bodies the service's open pairs keep for field comparisons.
+    pub(crate) capture_budget: Arc<CaptureBudget>,
 }
 
 /// A window of measurements, ready to send.
@@ -179,6 +184,7 @@ impl Stats {
             }),
             mirror_dropped_metric,
             mismatch_metrics: Mutex::new(HashMap::new()),
+            capture_budget: Arc::new(CaptureBudget::new(SERVICE_BODY_BUDGET)),
         }
     }
 
@@ -225,6 +231,9 @@ impl Stats {
     }
 
     pub(crate) fn push_pair(&self, pair: JobPair) {
+        if let Some(reason) = pair.diff.as_ref().and_then(|d| d.digest_reason) {
+            self.metrics.field_digest(&self.service, reason).inc();
+        }
         if !pair.matched {
             let mut mismatch = self.mismatch_metrics.lock().expect("mismatch lock");
             let version: &str = &pair.simulation.version;
@@ -417,13 +426,13 @@ pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, String> {
 pub(crate) struct PairSlot {
     job: u64,
     session: Option<String>,
-    compare_body: bool,
+    compare: Comparison,
     stats: Arc<Stats>,
     state: Mutex<PairState>,
 }
 
-/// One finished side: what was observed and a digest of the answer's body (when compared).
-pub(crate) type Side = (JobObservation, Option<u64>);
+/// One finished side: what was observed and what was kept of its answer for the comparison.
+pub(crate) type Side = (JobObservation, Kept);
 
 #[derive(Default)]
 struct PairState {
@@ -440,13 +449,13 @@ impl PairSlot {
     pub(crate) fn new(
         job: u64,
         session: Option<String>,
-        compare_body: bool,
+        compare: Comparison,
         stats: Arc<Stats>,
     ) -> Self {
         PairSlot {
             job,
             session,
-            compare_body,
+            compare,
             stats,
             state: Mutex::new(PairState::default()),
         }
@@ -479,14 +488,40 @@ impl PairSlot {
 
     fn emit(&self, active: &Side, simulation: Side) {
         let status_matched = active.0.status.is_some() && active.0.status == simulation.0.status;
-        let body_matched = !self.compare_body || active.1 == simulation.1;
+        let (matched, diff) = match self.compare.mode {
+            CompareMode::Status => (status_matched, None),
+            CompareMode::Body => (
+                status_matched && active.1.digest() == simulation.1.digest(),
+                None,
+            ),
+            CompareMode::Fields => {
+                let diff = fields::diff(
+                    compared(active),
+                    compared(&simulation),
+                    &self.compare.headers,
+                );
+                (status_matched && diff.paths.is_empty(), Some(diff))
+            }
+        };
         self.stats.push_pair(JobPair {
             job: self.job,
             session: self.session.clone(),
             active: active.0.clone(),
             simulation: simulation.0,
-            matched: status_matched && body_matched,
+            matched,
+            diff,
         });
+    }
+}
+
+/// One side of a pair as the field comparison reads it.
+fn compared(side: &Side) -> Compared<'_> {
+    Compared {
+        status: side.0.status,
+        answer: match &side.1 {
+            Kept::Answer(a) => Some(a),
+            _ => None,
+        },
     }
 }
 
@@ -576,10 +611,15 @@ mod tests {
     #[test]
     fn pairs_join_in_either_order_and_overflow_is_counted() {
         let stats = stats(3, 100);
-        let slot = PairSlot::new(7, Some("call-1".into()), false, stats.clone());
-        slot.complete_simulation((obs("v2", Some(200)), None));
-        slot.complete_active((obs("v1", Some(200)), None));
-        slot.complete_simulation((obs("v1", Some(500)), None));
+        let slot = PairSlot::new(
+            7,
+            Some("call-1".into()),
+            Comparison::default(),
+            stats.clone(),
+        );
+        slot.complete_simulation((obs("v2", Some(200)), Kept::Nothing));
+        slot.complete_active((obs("v1", Some(200)), Kept::Nothing));
+        slot.complete_simulation((obs("v1", Some(500)), Kept::Nothing));
         let w = stats.read_since(0).unwrap();
         assert_eq!(w.pairs.len(), 2);
         assert!(w.pairs.iter().all(|p| p.job == 7));
@@ -587,9 +627,9 @@ mod tests {
         assert!(!w.pairs[1].matched);
 
         for job in 0..4 {
-            let slot = PairSlot::new(job, None, false, stats.clone());
-            slot.complete_active((obs("v1", Some(200)), None));
-            slot.complete_simulation((obs("v2", Some(200)), None));
+            let slot = PairSlot::new(job, None, Comparison::default(), stats.clone());
+            slot.complete_active((obs("v1", Some(200)), Kept::Nothing));
+            slot.complete_simulation((obs("v2", Some(200)), Kept::Nothing));
         }
         let w2 = stats.read_since(w.cursor).unwrap();
         assert_eq!(w2.pairs.len(), 3);
@@ -601,9 +641,13 @@ mod tests {
     #[test]
     fn body_digests_decide_the_match_when_asked() {
         let stats = stats(10, 10);
-        let slot = PairSlot::new(1, None, true, stats.clone());
-        slot.complete_active((obs("v1", Some(200)), Some(1)));
-        slot.complete_simulation((obs("v2", Some(200)), Some(2)));
+        let body = Comparison {
+            mode: CompareMode::Body,
+            headers: Arc::new([]),
+        };
+        let slot = PairSlot::new(1, None, body, stats.clone());
+        slot.complete_active((obs("v1", Some(200)), Kept::Digest(1)));
+        slot.complete_simulation((obs("v2", Some(200)), Kept::Digest(2)));
         let w = stats.read_since(0).unwrap();
         assert!(!w.pairs[0].matched);
     }

@@ -377,15 +377,7 @@ async fn each_simulation_version_gets_a_copy_and_its_own_pair() {
     let v1 = Machine::start("v1", Behaviour::Echo).await;
     let v2 = Machine::start("v2", Behaviour::Echo).await;
     let control = Machine::start("v1", Behaviour::Echo).await;
-    let running = start(vec![config(
-        "svc",
-        1,
-        vec![
-            entry("a", "v1", &v1, PoolRole::Active),
-            entry("s2", "v2", &v2, PoolRole::Simulation),
-            entry("c1", "v1", &control, PoolRole::Simulation),
-        ],
-    )]);
+    let running = start(vec![with_control(&v1, &v2, &control)]);
     let http = Http::new();
     for _ in 0..10 {
         http.job(running.listen_addr("svc").unwrap(), None, "x")
@@ -416,15 +408,7 @@ async fn body_digests_are_compared_when_the_service_asks() {
     let v1 = Machine::start("v1", Behaviour::Echo).await;
     let v2 = Machine::start("v2", Behaviour::Echo).await;
     let same = Machine::start("v1", Behaviour::Echo).await;
-    let mut c = config(
-        "svc",
-        1,
-        vec![
-            entry("a", "v1", &v1, PoolRole::Active),
-            entry("s2", "v2", &v2, PoolRole::Simulation),
-            entry("c1", "v1", &same, PoolRole::Simulation),
-        ],
-    );
+    let mut c = with_control(&v1, &v2, &same);
     c.compare_body = true;
     let running = start(vec![c]);
     let http = Http::new();
@@ -443,6 +427,87 @@ async fn body_digests_are_compared_when_the_service_asks() {
         .body;
     assert!(metrics
         .contains("understudy_balancer_response_mismatch_total{service=\"svc\",version=\"v2\"} 5"));
+    running.shutdown();
+}
+
+/// Answers compared field by field: v2 changes a price (and the etag naming it), every answer
+/// carries its own `seq`; the control differs in `seq` only. Answers that are not JSON are
+/// compared by digest and counted.
+#[tokio::test]
+async fn json_answers_are_compared_field_by_field() {
+    use understudy_wire::{CompareMode, DiffKind, DigestReason};
+    let v1 = Machine::start("v1", Behaviour::Json { price: 10 }).await;
+    let v2 = Machine::start("v2", Behaviour::Json { price: 11 }).await;
+    let same = Machine::start("v1", Behaviour::Json { price: 10 }).await;
+    let mut c = with_control(&v1, &v2, &same);
+    c.compare = Some(CompareMode::Fields);
+    c.compare_headers = vec!["ETag".into()];
+    let text_v1 = Machine::start("v1", Behaviour::Echo).await;
+    let text_v2 = Machine::start("v2", Behaviour::Echo).await;
+    let mut text = config(
+        "text",
+        1,
+        vec![
+            entry("a", "v1", &text_v1, PoolRole::Active),
+            entry("s2", "v2", &text_v2, PoolRole::Simulation),
+        ],
+    );
+    text.compare = Some(CompareMode::Fields);
+    let running = start(vec![c, text]);
+    let http = Http::new();
+    for _ in 0..5 {
+        http.job(running.listen_addr("svc").unwrap(), None, "x")
+            .await;
+        http.job(running.listen_addr("text").unwrap(), None, "x")
+            .await;
+    }
+    let report = pairs_after(&http, running.admin_addr(), "svc", 10).await;
+    for p in &report.pairs {
+        let diff = p.diff.as_ref().expect("a field diff");
+        assert_eq!((diff.kind, diff.digest_reason), (DiffKind::Fields, None));
+        let mut paths: Vec<&str> = diff.paths.iter().map(|d| d.path.as_str()).collect();
+        paths.sort();
+        assert!(!p.matched);
+        if p.simulation.version == "v2" {
+            assert_eq!(
+                paths,
+                ["header:etag", "items[].price", "name", "seq"],
+                "{p:?}"
+            );
+            let price = diff
+                .paths
+                .iter()
+                .find(|d| d.path == "items[].price")
+                .unwrap();
+            assert_eq!(
+                (price.active.as_deref(), price.simulation.as_deref()),
+                (Some("10"), Some("11"))
+            );
+        } else {
+            assert_eq!(paths, ["seq"], "{p:?}");
+        }
+    }
+    let report = pairs_after(&http, running.admin_addr(), "text", 5).await;
+    for p in &report.pairs {
+        let diff = p.diff.as_ref().expect("a digest diff");
+        assert_eq!(
+            (diff.kind, diff.digest_reason),
+            (DiffKind::Digest, Some(DigestReason::NotJson))
+        );
+        // "v1:x" and "v2:x".
+        assert_eq!(diff.paths[0].path, "(body)");
+    }
+    let metrics = http
+        .get(&format!("http://{}/metrics", running.admin_addr()))
+        .await
+        .body;
+    let counted = metrics.lines().any(|l| {
+        l.starts_with("understudy_balancer_field_digest_total{")
+            && l.contains("reason=\"not_json\"")
+            && l.contains("service=\"text\"")
+            && l.ends_with(" 5")
+    });
+    assert!(counted, "{metrics}");
     running.shutdown();
 }
 

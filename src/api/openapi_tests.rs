@@ -262,3 +262,75 @@ async fn an_alert_record_shows_the_fields_its_schema_names() {
     documented.extend(["at_ms".to_string(), "config".to_string()]);
     assert_eq!(documented, keys(&record));
 }
+
+#[tokio::test]
+async fn a_rollout_detail_shows_its_mirror_as_its_schema_names_it() {
+    use crate::core::mirror::{BudgetView, MirrorReason, MirrorView};
+    let document = served_document().await;
+    // The detail flattens the rollout's view: its own fields are one part of an `allOf`.
+    let detail = &document["components"]["schemas"]["RolloutDetail"];
+    let parts = detail["allOf"].as_array().expect("allOf");
+    assert!(
+        parts.iter().any(|p| p["properties"]["mirror"].is_object()),
+        "{detail}"
+    );
+    let budget = BudgetView {
+        copies_per_second: 200.0,
+        max_fraction: 1.0,
+        watch_fraction: 0.05,
+    };
+    let view = MirrorView {
+        fraction: 0.2,
+        reason: MirrorReason::Judging,
+        since_ms: 1,
+        budget: Some(budget.clone()),
+        caller_rate: Some(1_000.0),
+        open_tests: vec!["errors".into()],
+    };
+    assert_eq!(properties(&document, "MirrorView"), keys(&view));
+    assert_eq!(properties(&document, "BudgetView"), keys(&budget));
+    let reasons = &document["components"]["schemas"]["MirrorReason"]["enum"];
+    assert_eq!(
+        reasons,
+        &serde_json::json!([
+            "not_judging",
+            "fixed",
+            "measuring",
+            "judging",
+            "watching",
+            "failed"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_rollout_detail_shows_its_fields_as_their_schemas_name_them() {
+    use crate::core::fields::{FieldsView, SampleValues};
+    let document = served_document().await;
+    let detail = &document["components"]["schemas"]["RolloutDetail"];
+    let parts = detail["allOf"].as_array().expect("allOf");
+    assert!(
+        parts.iter().any(|p| p["properties"]["fields"].is_object()),
+        "{detail}"
+    );
+    let mut tests = understudy_judge::FieldTests::new(0.005, 0.0025, 0.05, 0.01);
+    let price = understudy_judge::FieldValues {
+        path: "items[].price".into(),
+        v1: Some("12.5".into()),
+        copy: Some("13.0".into()),
+    };
+    for _ in 0..300 {
+        let v2 = understudy_judge::AnswerFields {
+            paths: vec![price.clone()],
+        };
+        tests.observe(&v2, None);
+    }
+    let view = FieldsView::of(&tests.report());
+    assert_eq!(properties(&document, "FieldsView"), keys(&view));
+    assert_eq!(properties(&document, "FieldView"), keys(&view.fields[0]));
+    let sample = SampleValues {
+        v1: None,
+        copy: Some("1".into()),
+    };
+    assert_eq!(properties(&document, "SampleValues"), keys(&sample));
+}

@@ -13,7 +13,7 @@ use crate::config::store::{LeaseSettings, PgTarget, StoreLocation};
 use crate::config::toml_spans::Spanned;
 use serde::Deserialize;
 use understudy_judge::Condition;
-use understudy_wire::PoolRole;
+use understudy_wire::{check_compare_headers, resolve_compare, CompareMode, PoolRole};
 
 /// Whole cluster file. A scenario file may embed [`ServiceSpec`], [`MachineSpec`], [`DefaultsSpec`] and
 /// [`ControllerSpec`] under the same keys and assemble a `ClusterSpec` itself.
@@ -79,7 +79,14 @@ pub struct DefaultsSpec {
     pub join_step_ms: Option<u64>,
     pub simulation_timeout_ms: Option<u64>,
     pub mirror_fraction: Option<Spanned<f64>>,
+    /// Copies steered by the evidence within a budget, instead of `mirror_fraction`.
+    pub mirror_budget: Option<Spanned<MirrorBudgetSpec>>,
+    /// The older form of `compare = "body"`.
     pub compare_body: Option<bool>,
+    /// How copies' answers are compared: `status`, `body` or `fields`.
+    pub compare: Option<Spanned<CompareMode>>,
+    /// Answer headers compared as fields (`header:NAME`) in `fields` mode.
+    pub compare_headers: Option<Spanned<Vec<String>>>,
     pub drain_timeout_ms: Option<u64>,
     pub condition: Option<Spanned<Condition>>,
 }
@@ -107,7 +114,16 @@ pub struct ServiceSpec {
     /// Give up (roll back) when the judge still lacks data after this long; none by default.
     pub simulation_timeout_ms: Option<u64>,
     pub mirror_fraction: Option<Spanned<f64>>,
+    /// Copies steered by the evidence within a budget (src/core/mirror.rs), instead of a fixed
+    /// `mirror_fraction`.
+    pub mirror_budget: Option<Spanned<MirrorBudgetSpec>>,
+    /// The older form of `compare = "body"`.
     pub compare_body: Option<bool>,
+    /// How copies' answers are compared: `status` (default), `body` (and a digest of the body)
+    /// or `fields` (JSON field by field, see docs/judge.md).
+    pub compare: Option<Spanned<CompareMode>>,
+    /// Answer headers compared as fields (`header:NAME`) in `fields` mode (at most 16).
+    pub compare_headers: Option<Spanned<Vec<String>>>,
     pub drain_timeout_ms: Option<u64>,
     pub condition: Option<Spanned<Condition>>,
     /// Signed configs: file holding the balancer's secret key (base64), relative to this file;
@@ -116,6 +132,32 @@ pub struct ServiceSpec {
     /// How signed configs reach the balancer: `http` (PUT, default) or `hub`.
     pub config_delivery: Option<crate::config::balancer::ConfigDelivery>,
 }
+
+/// `mirror_budget` of a service or of `[defaults]`: how far the controller may raise the copy
+/// rate while the judge's tests are open, and what it keeps once they decided.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorBudgetSpec {
+    /// The most copies per second each simulation version (v2, the A/A control) should take.
+    pub copies_per_second: Spanned<f64>,
+    /// The largest share of callers' jobs ever copied (default 1.0).
+    pub max_fraction: Option<Spanned<f64>>,
+    /// The share copied once the judge decided while the rollout waits (approval), so the
+    /// judging goes on; also the least copied while tests are open (default 0.05, at most
+    /// `max_fraction`).
+    pub watch_fraction: Option<Spanned<f64>>,
+}
+
+/// A validated mirror budget (see [`MirrorBudgetSpec`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MirrorBudget {
+    pub copies_per_second: f64,
+    pub max_fraction: f64,
+    pub watch_fraction: f64,
+}
+
+/// `watch_fraction` unless written (bounded by `max_fraction`).
+pub const DEFAULT_WATCH_FRACTION: f64 = 0.05;
 
 /// `[[machines]]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -160,8 +202,15 @@ pub struct Service {
     pub balancer: Option<String>,
     pub policy: RolloutPolicy,
     pub condition: Condition,
+    /// The share of callers' jobs copied while the service's rollout is judged; with a
+    /// `mirror_budget`, the most ever copied (the controller steers below it).
     pub mirror_fraction: f64,
-    pub compare_body: bool,
+    /// Set: the copy rate follows the evidence within it (src/core/mirror.rs).
+    pub mirror_budget: Option<MirrorBudget>,
+    /// How copies' answers are compared.
+    pub compare: CompareMode,
+    /// Lower-case header names compared as fields (`fields` mode).
+    pub compare_headers: Vec<String>,
     pub drain_timeout: Duration,
     /// Version of the active machines declared in the file.
     pub declared_version: String,
@@ -258,8 +307,9 @@ fn service_from_spec(
         return Err(source.invalid(at, format!("services.{name}"), NAME_RULE));
     }
     let depends_on = depends_on_of(name, s, spec, source)?;
-    let mirror_fraction = mirror_fraction_of(name, s, defaults, source)?;
+    let (mirror_fraction, mirror_budget) = mirror_of(name, s, defaults, source)?;
     let condition = condition_of(name, s, defaults, source)?;
+    let (compare, compare_headers) = compare_of(name, at, s, defaults, source)?;
     let balancer_key = balancer_of(name, at, s, source)?;
     let (declared_version, problem) = match declared_version_of(name, machines) {
         Ok(version) => (version, None),
@@ -278,7 +328,9 @@ fn service_from_spec(
         policy: policy_of(name, s, defaults, source)?,
         condition,
         mirror_fraction,
-        compare_body: s.compare_body.or(defaults.compare_body).unwrap_or(false),
+        mirror_budget,
+        compare,
+        compare_headers,
         drain_timeout: Duration::from_millis(
             s.drain_timeout_ms
                 .or(defaults.drain_timeout_ms)
@@ -398,6 +450,121 @@ fn mirror_fraction_of(
         Some(f) => Ok(*f.get_ref()),
         None => Ok(1.0),
     }
+}
+
+/// How much is copied while the service is judged: a fixed share, or a budget the controller
+/// steers within. The service's own setting (either) wins over `[defaults]`; one table setting
+/// both is refused.
+fn mirror_of(
+    name: &str,
+    s: &ServiceSpec,
+    defaults: &DefaultsSpec,
+    source: &Source<'_>,
+) -> Result<(f64, Option<MirrorBudget>), ConfigError> {
+    let tables = [
+        (
+            &s.mirror_fraction,
+            &s.mirror_budget,
+            format!("services.{name}"),
+        ),
+        (
+            &defaults.mirror_fraction,
+            &defaults.mirror_budget,
+            "defaults".to_string(),
+        ),
+    ];
+    for (fraction, budget, table) in &tables {
+        if let (Some(_), Some(b)) = (fraction, budget) {
+            return Err(source.invalid(
+                b.span().start,
+                format!("{table}.mirror_budget"),
+                "set either `mirror_fraction` or `mirror_budget`, not both: a budget steers the fraction itself",
+            ));
+        }
+    }
+    let own = s.mirror_fraction.is_some() || s.mirror_budget.is_some();
+    let budget = if own {
+        &s.mirror_budget
+    } else {
+        &defaults.mirror_budget
+    };
+    match budget {
+        Some(b) => {
+            let budget = mirror_budget_of(name, b.get_ref(), source)?;
+            Ok((budget.max_fraction, Some(budget)))
+        }
+        None => Ok((mirror_fraction_of(name, s, defaults, source)?, None)),
+    }
+}
+
+/// How the service's copies are compared: its own `compare` / `compare_body` (the same setting
+/// in two forms, which must agree), else `[defaults]`'s; and the headers compared as fields.
+fn compare_of(
+    name: &str,
+    at: usize,
+    s: &ServiceSpec,
+    defaults: &DefaultsSpec,
+    source: &Source<'_>,
+) -> Result<(CompareMode, Vec<String>), ConfigError> {
+    let own = s.compare.is_some() || s.compare_body.is_some();
+    let (table, compare, compare_body) = if own {
+        (format!("services.{name}"), &s.compare, s.compare_body)
+    } else {
+        (
+            "defaults".to_string(),
+            &defaults.compare,
+            defaults.compare_body,
+        )
+    };
+    let place = compare.as_ref().map_or(at, |c| c.span().start);
+    let mode = resolve_compare(
+        compare_body.unwrap_or(false),
+        compare.as_ref().map(|c| *c.get_ref()),
+    )
+    .map_err(|problem| source.invalid(place, format!("{table}.compare"), problem))?;
+    let (table, headers) = match (&s.compare_headers, &defaults.compare_headers) {
+        (Some(h), _) => (format!("services.{name}"), Some(h)),
+        (None, h) => ("defaults".to_string(), h.as_ref()),
+    };
+    let headers = match headers {
+        Some(h) => check_compare_headers(h.get_ref()).map_err(|problem| {
+            source.invalid(h.span().start, format!("{table}.compare_headers"), problem)
+        })?,
+        None => Vec::new(),
+    };
+    Ok((mode, headers))
+}
+
+/// A mirror budget checked field by field.
+fn mirror_budget_of(
+    name: &str,
+    b: &MirrorBudgetSpec,
+    source: &Source<'_>,
+) -> Result<MirrorBudget, ConfigError> {
+    let field = |key: &str| format!("services.{name}.mirror_budget.{key}");
+    let copies_per_second = source.in_range(
+        Some(&b.copies_per_second),
+        field("copies_per_second"),
+        0.001..=1e9,
+        0.0,
+    )?;
+    let max_fraction = source.in_range(
+        b.max_fraction.as_ref(),
+        field("max_fraction"),
+        0.0001..=1.0,
+        1.0,
+    )?;
+    let watch_fraction = source.in_range(
+        b.watch_fraction.as_ref(),
+        field("watch_fraction"),
+        0.0001..=max_fraction,
+        DEFAULT_WATCH_FRACTION.min(max_fraction),
+    )?;
+    Ok(MirrorBudget {
+        copies_per_second,
+        max_fraction,
+        watch_fraction,
+    })
 }
 
 /// The services `name` depends on: known, not itself, each once.

@@ -60,20 +60,50 @@ pub(crate) fn condition() -> impl Strategy<Value = Table> {
     )
 }
 
+/// What a service copies while judged: a fixed `mirror_fraction` or a `mirror_budget` (never
+/// both: that is refused).
+fn mirror() -> impl Strategy<Value = (&'static str, Value)> {
+    let budget =
+        (1.0..1e6, 0.01..=1.0, 0.01..=1.0, any::<u32>()).prop_map(|(cps, max, share, keep)| {
+            let mut t = some_of(
+                vec![
+                    ("max_fraction", Value::Float(max)),
+                    ("watch_fraction", Value::Float(max * share)),
+                ],
+                keep,
+            );
+            t.insert("copies_per_second".into(), Value::Float(cps));
+            ("mirror_budget", Value::Table(t))
+        });
+    prop_oneof![
+        (0.01..=1.0).prop_map(|f| ("mirror_fraction", Value::Float(f))),
+        budget,
+    ]
+}
+
+/// How a service compares answers: `compare`, or its older form `compare_body`.
+fn compare() -> impl Strategy<Value = (&'static str, Value)> {
+    prop_oneof![
+        any::<bool>().prop_map(|b| ("compare_body", Value::Boolean(b))),
+        prop::sample::select(vec!["status", "body", "fields"])
+            .prop_map(|m| ("compare", Value::from(m))),
+    ]
+}
+
 /// A service's own keys (`depends_on` is added by [`cluster`]).
 fn service() -> impl Strategy<Value = Table> {
     let steps = proptest::collection::btree_set(1i64..99, 1..3)
         .prop_map(|s| Value::Array(s.into_iter().map(Value::Integer).collect()));
     (
         (any::<bool>(), steps, 1i64..10_000, 1i64..100_000),
-        (0.01..=1.0, any::<bool>(), 1i64..100_000),
+        (mirror(), compare(), 1i64..100_000),
         condition(),
         (any::<u32>(), 1i64..=2, 1_000i64..=86_400_000),
     )
         .prop_map(
             |(
                 (approval, steps, step_ms, sim_ms),
-                (mirror, body, drain),
+                (mirror, compare, drain),
                 cond,
                 (keep, approvers, ttl),
             )| {
@@ -85,8 +115,9 @@ fn service() -> impl Strategy<Value = Table> {
                         ("join_steps", steps),
                         ("join_step_ms", Value::Integer(step_ms)),
                         ("simulation_timeout_ms", Value::Integer(sim_ms)),
-                        ("mirror_fraction", Value::Float(mirror)),
-                        ("compare_body", Value::Boolean(body)),
+                        mirror,
+                        compare,
+                        ("compare_headers", strings(&["etag", "x-version"])),
                         ("drain_timeout_ms", Value::Integer(drain)),
                         ("condition", Value::Table(cond)),
                         ("balancer", Value::from("http://127.0.0.1:9001")),
@@ -506,4 +537,187 @@ fn a_health_path_reaches_the_balancer_config_and_a_bad_one_is_refused_by_line() 
             "{path:?}: {err}"
         );
     }
+}
+
+#[test]
+fn a_mirror_budget_reads_alike_inline_or_as_a_table_and_is_checked_by_name() {
+    let with = |router: &str| {
+        let text = SAMPLE.replacen(
+            "requires_approval = true\n",
+            &format!("requires_approval = true\n{router}\n"),
+            1,
+        );
+        assert_ne!(text, SAMPLE);
+        parse("sample.toml", &text)
+    };
+    let inline = with("mirror_budget = { copies_per_second = 200.0, max_fraction = 0.5 }").unwrap();
+    let table = SAMPLE.replacen(
+        "[services.media]",
+        "[services.router.mirror_budget]\ncopies_per_second = 200.0\nmax_fraction = 0.5\n\n[services.media]",
+        1,
+    );
+    assert_eq!(parse("sample.toml", &table).unwrap(), inline);
+    let router = &inline.services["router"];
+    assert_eq!(
+        router.mirror_budget,
+        Some(super::MirrorBudget {
+            copies_per_second: 200.0,
+            max_fraction: 0.5,
+            watch_fraction: super::DEFAULT_WATCH_FRACTION,
+        })
+    );
+    assert_eq!(router.mirror_fraction, 0.5, "the most it copies");
+    assert_eq!(inline.services["media"].mirror_budget, None);
+
+    for (router, field, problem) in [
+        (
+            "mirror_fraction = 0.5\nmirror_budget = { copies_per_second = 1.0 }",
+            "services.router.mirror_budget",
+            "`mirror_fraction` or `mirror_budget`",
+        ),
+        (
+            "mirror_budget = { copies_per_second = 0.0 }",
+            "services.router.mirror_budget.copies_per_second",
+            "within",
+        ),
+        (
+            "mirror_budget = { copies_per_second = nan }",
+            "services.router.mirror_budget.copies_per_second",
+            "within",
+        ),
+        (
+            "mirror_budget = { copies_per_second = 1.0, max_fraction = 1.5 }",
+            "services.router.mirror_budget.max_fraction",
+            "within",
+        ),
+        (
+            "mirror_budget = { copies_per_second = 1.0, max_fraction = 0.1, watch_fraction = 0.2 }",
+            "services.router.mirror_budget.watch_fraction",
+            "within 0.0001..=0.1",
+        ),
+        (
+            "mirror_budget = { copies_per_second = 1.0, watch_fraction = 0.0 }",
+            "services.router.mirror_budget.watch_fraction",
+            "within",
+        ),
+        (
+            "mirror_budget = { max_fraction = 0.5 }",
+            "services.router.mirror_budget.copies_per_second",
+            "missing field",
+        ),
+        (
+            "mirror_budget = { copies_per_second = 1.0, copies = 2 }",
+            "services.router.mirror_budget",
+            "unknown field `copies`",
+        ),
+    ] {
+        let err = with(router).unwrap_err().to_string();
+        assert!(
+            err.contains(field) && err.contains(problem),
+            "{router}: {err}"
+        );
+        assert!(err.contains("sample.toml:"), "{err}");
+    }
+}
+
+#[test]
+fn a_default_mirror_budget_applies_unless_the_service_says_otherwise() {
+    let text = SAMPLE
+        .replacen(
+            "[defaults]\n",
+            "[defaults]\nmirror_budget = { copies_per_second = 50.0, watch_fraction = 0.1 }\n",
+            1,
+        )
+        .replacen(
+            "join_steps = [10, 50]\n",
+            "join_steps = [10, 50]\nmirror_fraction = 0.3\n",
+            1,
+        );
+    let cluster = parse("sample.toml", &text).unwrap();
+    let budget = cluster.services["router"]
+        .mirror_budget
+        .expect("the default budget");
+    assert_eq!(
+        (budget.copies_per_second, budget.watch_fraction),
+        (50.0, 0.1)
+    );
+    let media = &cluster.services["media"];
+    assert_eq!((media.mirror_budget, media.mirror_fraction), (None, 0.3));
+    let both = text.replacen("[defaults]\n", "[defaults]\nmirror_fraction = 0.2\n", 1);
+    let err = parse("sample.toml", &both).unwrap_err().to_string();
+    assert!(
+        err.contains("defaults.mirror_budget") && err.contains("not both"),
+        "{err}"
+    );
+}
+
+#[test]
+fn compare_reads_alike_in_either_form_and_a_disagreement_names_both() {
+    use understudy_wire::CompareMode;
+    let with = |media: &str, defaults: &str| {
+        SAMPLE
+            .replacen("[defaults]\n", &format!("[defaults]\n{defaults}\n"), 1)
+            .replacen(
+                "join_steps = [10, 50]\n",
+                &format!("join_steps = [10, 50]\n{media}\n"),
+                1,
+            )
+    };
+    let mode = |media: &str, defaults: &str| {
+        let cluster = parse("sample.toml", &with(media, defaults)).expect("valid");
+        let m = &cluster.services["media"];
+        (m.compare, m.compare_headers.clone())
+    };
+    let status = (CompareMode::Status, Vec::<String>::new());
+    assert_eq!(mode("", ""), status);
+    let body = (CompareMode::Body, Vec::new());
+    assert_eq!(mode("compare_body = true", ""), body);
+    assert_eq!(mode("compare = \"body\"", ""), body);
+    assert_eq!(mode("compare = \"body\"\ncompare_body = true", ""), body);
+    assert_eq!(mode("compare_body = false", ""), status);
+    // A service's own setting wins over the defaults'; the headers come lower-cased.
+    assert_eq!(
+        mode("", "compare = \"fields\"\ncompare_headers = [\"ETag\"]"),
+        (CompareMode::Fields, vec!["etag".to_string()])
+    );
+    assert_eq!(
+        mode("compare_body = true", "compare = \"fields\""),
+        (CompareMode::Body, Vec::new())
+    );
+    let other = parse("sample.toml", &with("", "compare = \"fields\"")).unwrap();
+    assert_eq!(other.services["router"].compare, CompareMode::Fields);
+    // The balancer is told the same, in the form every balancer reads.
+    assert_eq!(CompareMode::Body.wire_form(), (true, None));
+    assert_eq!(
+        CompareMode::Fields.wire_form(),
+        (false, Some(CompareMode::Fields))
+    );
+    for (media, problem) in [
+        (
+            "compare = \"fields\"\ncompare_body = true",
+            "compare_body = true means compare = \"body\", but compare = \"fields\"",
+        ),
+        ("compare = \"digest\"", "unknown variant"),
+        ("compare_headers = [\"e tag\"]", "is not a header name"),
+        ("compare_headers = [\"etag\", \"ETag\"]", "named twice"),
+    ] {
+        let err = parse("sample.toml", &with(media, ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sample.toml:") && err.contains(problem),
+            "{media}: {err}"
+        );
+    }
+    let many: Vec<String> = (0..17).map(|i| format!("\"h{i}\"")).collect();
+    let err = parse(
+        "sample.toml",
+        &with(&format!("compare_headers = [{}]", many.join(", ")), ""),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("services.media.compare_headers") && err.contains("more than the 16"),
+        "{err}"
+    );
 }

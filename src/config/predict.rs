@@ -131,6 +131,18 @@ pub struct PredictionSettings {
     pub model: Settings,
 }
 
+impl PredictionSettings {
+    /// Whether the rule `prediction` takes a share of each condition's false-fail rate: when it
+    /// may roll back (predictions on, `rollback` on). The judge is built with the same sharing,
+    /// so that the two together never exceed the condition's `false_fail_rate`.
+    pub fn sharing(&self) -> understudy_judge::Sharing {
+        understudy_judge::Sharing {
+            prediction: self.enabled && self.rollback,
+            ..understudy_judge::Sharing::default()
+        }
+    }
+}
+
 impl Default for PredictionSettings {
     fn default() -> Self {
         PredictSection::default()

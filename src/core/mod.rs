@@ -3,7 +3,9 @@
 
 pub mod consequences;
 pub mod evidence;
+pub mod fields;
 pub mod lease;
+pub mod mirror;
 pub mod monitor;
 pub mod pairing;
 pub mod plan;

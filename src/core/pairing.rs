@@ -5,11 +5,17 @@
 //! number, possibly in different stats windows. [`PairFeed`] joins them into one same-path pair
 //! (control as v1, v2 as v2), so what the path adds (mirror queueing, a burst on a busy host) hits
 //! both halves alike instead of being blamed on v2.
+//!
+//! Answers compared field by field (`compare = "fields"`) are judged job by job against the
+//! control's answer to the same job whenever a control runs, whatever the baseline: the field
+//! differences both copies show (timestamps, ids) are the noise subtracted from v2's. A v2 copy
+//! whose control copy never came (dropped) is then not judged.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use understudy_judge::{Baseline, Judge, PairSample};
-use understudy_wire::JobPair;
+use understudy_judge::{AnswerFields, Baseline, FieldValues, Judge, PairSample};
+use understudy_wire::{AnswerDiff, JobPair};
 
 /// Halves kept while waiting for their partner; a half whose partner was dropped (mirror queue
 /// full) is forgotten oldest first beyond this.
@@ -19,27 +25,32 @@ const PENDING_LIMIT: usize = 65_536;
 #[derive(Debug)]
 pub struct PairFeed {
     against_control: bool,
+    /// A control runs the rollout's from-version: field differences are judged against its.
+    has_control: bool,
     /// The condition asked for the control but no control runs the rollout's from-version.
     fell_back: bool,
-    joiner: JobJoiner,
+    joiner: JobJoiner<StoredPair>,
 }
 
 /// The two balancer pairs of one job (v2's copy and the control's copy, each against the active
 /// answer) brought together by job number, in whatever order and window they arrive.
-#[derive(Debug, Default)]
-pub struct JobJoiner {
+#[derive(Debug)]
+pub struct JobJoiner<T = PairSample> {
     /// Job number -> the half that came first (`true`: the control's).
-    pending: BTreeMap<u64, (bool, PairSample)>,
+    pending: BTreeMap<u64, (bool, T)>,
 }
 
-impl JobJoiner {
+impl<T> Default for JobJoiner<T> {
+    fn default() -> Self {
+        JobJoiner {
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> JobJoiner<T> {
     /// Takes one half; gives `(control's pair, v2's pair)` once both halves of the job came.
-    pub fn offer(
-        &mut self,
-        job: u64,
-        control: bool,
-        sample: PairSample,
-    ) -> Option<(PairSample, PairSample)> {
+    pub fn offer(&mut self, job: u64, control: bool, sample: T) -> Option<(T, T)> {
         match self.pending.remove(&job) {
             Some((first_is_control, first)) if first_is_control != control => Some(if control {
                 (sample, first)
@@ -65,6 +76,7 @@ impl PairFeed {
     pub fn new(baseline: Baseline, has_control: bool) -> PairFeed {
         PairFeed {
             against_control: baseline == Baseline::Control && has_control,
+            has_control,
             fell_back: baseline == Baseline::Control && !has_control,
             joiner: JobJoiner::default(),
         }
@@ -81,11 +93,12 @@ impl PairFeed {
     }
 
     pub fn feed(&mut self, judge: &mut Judge, pair: &StoredPair) {
-        if !self.against_control {
-            if pair.control {
-                judge.observe_control(&pair.sample);
-            } else {
-                judge.observe(&pair.sample);
+        let by_fields = pair.fields.is_some() && self.has_control;
+        if !self.against_control && !by_fields {
+            match (&pair.fields, pair.control) {
+                (_, true) => judge.observe_control(&pair.sample),
+                (Some(fields), false) => judge.observe_with_fields(&pair.sample, fields, None),
+                (None, false) => judge.observe(&pair.sample),
             }
             return;
         }
@@ -93,15 +106,48 @@ impl PairFeed {
             // Still the noise baseline of the details (control vs active).
             judge.observe_control(&pair.sample);
         }
-        if let Some(joined) = self.join(pair) {
-            judge.observe(&joined);
+        let Some((control, candidate)) = self.joiner.offer(pair.job, pair.control, pair.clone())
+        else {
+            return;
+        };
+        let sample = if self.against_control {
+            same_path_pair(&control.sample, &candidate.sample)
+        } else {
+            candidate.sample
+        };
+        match (&candidate.fields, &control.fields) {
+            // Only a successful control answer is a baseline for v2's fields.
+            (Some(v2), Some(noise)) if control.sample.v2_ok => {
+                judge.observe_with_fields(&sample, v2, Some(noise))
+            }
+            _ => judge.observe(&sample),
         }
     }
 
+    #[cfg(test)]
     fn join(&mut self, pair: &StoredPair) -> Option<PairSample> {
         self.joiner
-            .offer(pair.job, pair.control, pair.sample)
-            .map(|(control, candidate)| same_path_pair(&control, &candidate))
+            .offer(pair.job, pair.control, pair.clone())
+            .map(|(control, candidate)| same_path_pair(&control.sample, &candidate.sample))
+    }
+}
+
+/// A balancer's field differences as the judge reads them.
+pub fn fields_of(pair: &JobPair) -> Option<Arc<AnswerFields>> {
+    pair.diff.as_ref().map(|d| Arc::new(answer_fields(d)))
+}
+
+fn answer_fields(diff: &AnswerDiff) -> AnswerFields {
+    AnswerFields {
+        paths: diff
+            .paths
+            .iter()
+            .map(|p| FieldValues {
+                path: p.path.clone(),
+                v1: p.active.clone(),
+                copy: p.simulation.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -130,13 +176,15 @@ pub fn same_path_pair(control: &PairSample, candidate: &PairSample) -> PairSampl
 }
 
 /// One recorded pair of a rollout.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredPair {
     /// A v1/v1 A/A control pair rather than v1/v2.
     pub control: bool,
     /// The balancer's job number: a v2 pair and a control pair of one job share it.
     pub job: u64,
     pub sample: PairSample,
+    /// Where the copy's answer differs from the active one (`compare = "fields"` only).
+    pub fields: Option<Arc<AnswerFields>>,
 }
 
 #[cfg(test)]
@@ -155,6 +203,7 @@ mod tests {
                 v2_ok: sim_ok,
                 matched: Some(true),
             },
+            fields: None,
         }
     }
 
@@ -181,6 +230,104 @@ mod tests {
         }
         assert_eq!(feed.joiner.pending.len(), PENDING_LIMIT);
         assert_eq!(feed.joiner.pending.keys().next(), Some(&10));
+    }
+
+    fn with_fields(mut pair: StoredPair, paths: &[(&str, &str, &str)]) -> StoredPair {
+        let paths = paths
+            .iter()
+            .map(|(path, v1, copy)| FieldValues {
+                path: path.to_string(),
+                v1: Some(v1.to_string()),
+                copy: Some(copy.to_string()),
+            })
+            .collect();
+        pair.sample.matched = Some(false);
+        pair.fields = Some(Arc::new(AnswerFields { paths }));
+        pair
+    }
+
+    /// Field differences are judged job by job against the control's copy of the same job,
+    /// with either baseline: a timestamp both copies differ in is noise, a price only v2
+    /// changed fails the rollout and is named.
+    #[test]
+    fn field_differences_are_judged_against_the_controls_copy_of_the_same_job() {
+        let condition = Condition {
+            warmup_jobs: 10,
+            min_jobs: 50,
+            ..Condition::default()
+        };
+        for baseline in [Baseline::Active, Baseline::Control] {
+            let run = |price: bool| {
+                let mut judge = Judge::new(condition.clone());
+                let mut feed = PairFeed::new(baseline, true);
+                for job in 0..3_000u64 {
+                    let stamp = ("generated_at", "1", "2");
+                    let v2 = if price {
+                        vec![stamp, ("items[].price", "12.5", "13.0")]
+                    } else {
+                        vec![stamp]
+                    };
+                    let work = 1_000 + (job * 7_919) % 3_000;
+                    // The control's half first on odd jobs, v2's on even ones.
+                    let halves = [
+                        with_fields(stored(job, false, work, work, true), &v2),
+                        with_fields(stored(job, true, work, work, true), &[stamp]),
+                    ];
+                    let order = if job % 2 == 0 { [0, 1] } else { [1, 0] };
+                    for i in order {
+                        feed.feed(&mut judge, &halves[i]);
+                    }
+                    if judge.decision() == Decision::Fail {
+                        break;
+                    }
+                }
+                judge
+            };
+            let changed = run(true).verdict();
+            assert_eq!(changed.decision, Decision::Fail, "{baseline:?}");
+            assert!(changed.rule.contains("items[].price"), "{}", changed.rule);
+            let noisy = run(false);
+            assert_ne!(noisy.decision(), Decision::Fail, "{}", noisy.verdict().rule);
+            assert_eq!(noisy.fields().unwrap().jobs, 3_000 - 10);
+        }
+    }
+
+    #[test]
+    fn a_balancers_diff_becomes_the_judges_fields() {
+        let observation = |version: &str| understudy_wire::JobObservation {
+            machine: "m".into(),
+            version: version.into(),
+            latency_us: 1,
+            outcome: understudy_wire::Outcome::Ok,
+            status: Some(200),
+        };
+        let mut pair = JobPair {
+            job: 1,
+            session: None,
+            active: observation("v1"),
+            simulation: observation("v2"),
+            matched: false,
+            diff: None,
+        };
+        assert_eq!(fields_of(&pair), None);
+        pair.diff = Some(AnswerDiff {
+            kind: understudy_wire::DiffKind::Fields,
+            digest_reason: None,
+            paths: vec![understudy_wire::FieldDifference {
+                path: "a.b".into(),
+                active: Some("1".into()),
+                simulation: None,
+            }],
+        });
+        let fields = fields_of(&pair).unwrap();
+        assert_eq!(
+            fields.paths,
+            [FieldValues {
+                path: "a.b".into(),
+                v1: Some("1".into()),
+                copy: None
+            }]
+        );
     }
 
     /// The mirror path is 30% slower than the active one for both copies: against the active

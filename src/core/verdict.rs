@@ -257,6 +257,7 @@ mod tests {
                 v2_ok: true,
                 matched: None,
             },
+            fields: None,
         }
     }
 

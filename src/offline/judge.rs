@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use understudy_judge::bench::{
-    run_battery, BatteryConfig, Family, FamilyFigures, PairSource, Recording,
+    run_ablations, run_battery, BatteryConfig, Family, FamilyFigures, PairSource, Recording,
+    Variant, VariantFigures,
 };
 use understudy_judge::{Condition, Decision, Judge, PairSample, Verdict};
 
@@ -55,6 +56,10 @@ pub struct JudgeBenchArgs {
     /// PREFIX-active-pairs.csv, and exit (see docs/judge.md).
     #[arg(long, value_name = "PREFIX")]
     pub record: Option<PathBuf>,
+    /// Run the paired judge alone under each ablation variant (the judge before, each change
+    /// alone, all of them) instead of the three judges.
+    #[arg(long)]
+    pub ablations: bool,
     /// Seconds of load for `--record`.
     #[arg(long, default_value_t = 60.0)]
     pub record_seconds: f64,
@@ -544,6 +549,13 @@ pub fn judge_bench(args: JudgeBenchArgs) -> u8 {
             ..BatteryConfig::default()
         };
         let started = Instant::now();
+        if args.ablations {
+            let variants = Variant::ablations();
+            let figures = run_ablations(&config, &Family::ALL, &variants, threads);
+            print_out(&render_ablations(&origin, &figures));
+            reports.push(serde_json::json!({"origin": origin, "ablations": figures}));
+            continue;
+        }
         let figures = run_battery(&config, &Family::ALL, threads);
         let elapsed = started.elapsed().as_secs_f64();
         print_out(&render_bench(&config, &origin, &figures, elapsed));
@@ -558,6 +570,22 @@ pub fn judge_bench(args: JudgeBenchArgs) -> u8 {
             "families": figures,
         }));
     }
+    // The rule `prediction` on seeded calls (predict/src/bench.rs): its test and the old z-rule.
+    if !args.ablations {
+        use understudy_predict::bench;
+        let config = bench::BenchConfig {
+            runs: args.runs.max(1),
+            seed: args.seed,
+            ..bench::BenchConfig::default()
+        };
+        let started = Instant::now();
+        let figures = bench::run_battery(&config);
+        let elapsed = started.elapsed().as_secs_f64();
+        print_out(&bench::render(&config, &figures, elapsed));
+        reports.push(serde_json::json!({
+            "source": "prediction", "seconds": elapsed, "config": config, "families": figures,
+        }));
+    }
     if let Some(path) = &args.json {
         let json = serde_json::json!({ "batteries": reports });
         let text = serde_json::to_string_pretty(&json).expect("figures serialize");
@@ -567,6 +595,38 @@ pub fn judge_bench(args: JudgeBenchArgs) -> u8 {
         }
     }
     0
+}
+
+/// The ablation table: one row per variant and family.
+fn render_ablations(origin: &str, figures: &[VariantFigures]) -> String {
+    let mut out = format!(
+        "\nAblations, paired judge, {origin}\n\n| family | variant | fails | passes | undecided | undecided at 20k | median jobs | p90 jobs |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    let families: Vec<Family> = figures
+        .first()
+        .map(|v| v.families.iter().map(|(f, _)| *f).collect())
+        .unwrap_or_default();
+    let jobs = |value: Option<u64>| value.map_or("-".to_string(), |j| j.to_string());
+    for family in families {
+        for variant in figures {
+            let Some((_, f)) = variant.families.iter().find(|(fam, _)| *fam == family) else {
+                continue;
+            };
+            out.push_str(&format!(
+                "| {} | {} | {}/{} | {} | {} | {} | {} | {} |\n",
+                family.name(),
+                variant.variant,
+                f.fails,
+                f.runs,
+                f.passes,
+                f.undecided,
+                f.undecided_at_20k,
+                jobs(f.median_jobs),
+                jobs(f.p90_jobs)
+            ));
+        }
+    }
+    out
 }
 
 /// The batteries to run, each with where its pairs came from.

@@ -140,6 +140,8 @@ impl Machines {
                     epoch: 0,
                     mirror_fraction: 1.0,
                     compare_body: true,
+                    compare: None,
+                    compare_headers: Vec::new(),
                     drain_timeout_ms: 1_000,
                     machines: vec![
                         entry("media-active", "v1", self.active.addr(), PoolRole::Active),

@@ -567,6 +567,7 @@ impl FakeBalancer {
                             ..pair.active.clone()
                         },
                         matched: true,
+                        diff: None,
                         ..pair.clone()
                     });
                 }
@@ -808,6 +809,8 @@ mod tests {
             epoch: 0,
             mirror_fraction: 1.0,
             compare_body: false,
+            compare: None,
+            compare_headers: Vec::new(),
             drain_timeout_ms: 1000,
             machines: vec![MachineEntry {
                 id: "db-1".into(),

@@ -31,6 +31,12 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Pushes a balancer refused because it applied a newer epoch: another controller leads.
     pub fenced: CounterVec,
+    /// Field differences of copies' answers (`compare = "fields"`), by field and side.
+    pub field_differences: FieldDifferences,
+    /// The share of callers' jobs each balancer copies, as it last acknowledged.
+    pub mirror_fraction: GaugeVec,
+    /// Copies answered by simulation machines (v2 and the control), from the balancers' pairs.
+    pub mirror_copies: CounterVec,
 }
 
 /// One metric family: its name, help text and label names.
@@ -123,11 +129,72 @@ const FENCED: Def = Def {
            controller has taken over.",
     labels: &["service"],
 };
+const MIRROR_FRACTION: Def = Def {
+    name: "understudy_mirror_fraction",
+    help: "Share of callers' jobs the service's balancer copies to its simulation pool, as it \
+           last acknowledged (a mirror budget steers it by the judge's evidence).",
+    labels: &["service"],
+};
+const MIRROR_COPIES: Def = Def {
+    name: "understudy_mirror_copies_total",
+    help: "Copies of callers' jobs answered by the service's simulation machines (v2 and the \
+           A/A control), as the balancer reported them in pairs.",
+    labels: &["service"],
+};
 const MONITOR_ACTIONS: Def = Def {
     name: "understudy_monitor_actions_total",
     help: "Actions the monitor loop took, by the rule that asked for them and the action.",
     labels: &["rule", "action"],
 };
+
+const FIELD_DIFFERENCES: Def = Def {
+    name: "understudy_field_differences_total",
+    help: "Copies whose answer differed from the active answer in a field (compare = \
+           \"fields\"), by field path and side (v2, or the A/A control); at most 64 fields per \
+           service, the rest counted as (other).",
+    labels: &["service", "field", "side"],
+};
+
+/// The most field labels per service; later fields count under `(other)`.
+const FIELD_LABELS_PER_SERVICE: usize = 64;
+
+/// `understudy_field_differences_total`, its label set bounded per service.
+pub struct FieldDifferences {
+    counter: CounterVec,
+    seen: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
+}
+
+impl FieldDifferences {
+    fn new(counter: CounterVec) -> Self {
+        FieldDifferences {
+            counter,
+            seen: Default::default(),
+        }
+    }
+
+    /// Counts each differing field of each pair (v2's or the control's copy).
+    pub fn count(&self, service: &str, pairs: &[crate::core::pairing::StoredPair]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let known = seen.entry(service.to_string()).or_default();
+        for pair in pairs {
+            let Some(fields) = &pair.fields else { continue };
+            let side = if pair.control { "control" } else { "v2" };
+            for p in &fields.paths {
+                let field = if known.contains(&p.path) {
+                    p.path.as_str()
+                } else if known.len() < FIELD_LABELS_PER_SERVICE {
+                    known.insert(p.path.clone());
+                    p.path.as_str()
+                } else {
+                    understudy_judge::OTHER_FIELD
+                };
+                self.counter
+                    .with_label_values(&[service, field, side])
+                    .inc();
+            }
+        }
+    }
+}
 
 /// Creates each metric from its [`Def`] and registers it at once, so `Metrics::new` reads as a
 /// list of the families rather than pairs of constructor and registration calls.
@@ -182,6 +249,9 @@ impl Metrics {
             epoch: r.register(IntGauge::new(EPOCH.name, EPOCH.help)?)?,
             leader: r.register(IntGauge::new(LEADER.name, LEADER.help)?)?,
             fenced: r.counter(&FENCED)?,
+            field_differences: FieldDifferences::new(r.counter(&FIELD_DIFFERENCES)?),
+            mirror_fraction: r.gauge(&MIRROR_FRACTION)?,
+            mirror_copies: r.counter(&MIRROR_COPIES)?,
             registry,
         };
         // Every rule/action pair shows (at 0) before the monitor first acts.
@@ -205,6 +275,8 @@ impl Metrics {
     pub fn register_service(&self, service: &str) {
         self.push_failures.with_label_values(&[service]);
         self.stats_failures.with_label_values(&[service]);
+        self.mirror_fraction.with_label_values(&[service]);
+        self.mirror_copies.with_label_values(&[service]);
     }
 
     pub fn render(&self) -> String {
@@ -239,4 +311,55 @@ pub(crate) fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[cfg(test)]
+mod field_difference_tests {
+    use super::*;
+    use crate::core::pairing::StoredPair;
+    use std::sync::Arc;
+    use understudy_judge::{AnswerFields, FieldValues, PairSample};
+
+    fn pair(control: bool, paths: &[String]) -> StoredPair {
+        StoredPair {
+            control,
+            job: 1,
+            sample: PairSample {
+                v1_latency_us: 1,
+                v1_ok: true,
+                v2_latency_us: 1,
+                v2_ok: true,
+                matched: Some(false),
+            },
+            fields: Some(Arc::new(AnswerFields {
+                paths: paths
+                    .iter()
+                    .map(|p| FieldValues {
+                        path: p.clone(),
+                        v1: None,
+                        copy: None,
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    #[test]
+    fn field_labels_are_bounded_per_service() {
+        let metrics = Metrics::new().unwrap();
+        let many: Vec<String> = (0..100).map(|i| format!("f{i}")).collect();
+        metrics
+            .field_differences
+            .count("media", &[pair(false, &many), pair(true, &many[..1])]);
+        let c = &metrics.field_differences.counter;
+        assert_eq!(c.with_label_values(&["media", "f0", "v2"]).get(), 1.0);
+        assert_eq!(c.with_label_values(&["media", "f0", "control"]).get(), 1.0);
+        assert_eq!(c.with_label_values(&["media", "f63", "v2"]).get(), 1.0);
+        assert_eq!(c.with_label_values(&["media", "(other)", "v2"]).get(), 36.0);
+        // Another service has labels of its own.
+        metrics
+            .field_differences
+            .count("web", &[pair(false, &many[99..])]);
+        assert_eq!(c.with_label_values(&["web", "f99", "v2"]).get(), 1.0);
+    }
 }

@@ -6,9 +6,11 @@
 //! active machines, mirrored copies on simulation machines: a v1 control and a v1 active machine
 //! see the same session ids, and must not be taken for one object), moves objects that dwell too
 //! long each controller tick, and routes alerts to the log, the metrics, a bounded list for the API
-//! and an optional webhook. During a rollout's simulation it compares v2's model (simulation) with
-//! v1's (active): when v2's probability of failure from the start state is clearly higher, the
-//! rollout fails with the rule `prediction` ([`Predictions::early_fail`]).
+//! and an optional webhook. During a rollout's simulation it follows v2's calls (simulation) and
+//! v1's (active) from the start state in a test valid at every look
+//! ([`understudy_predict::PairedFailureTest`]): when it shows v2's probability of failure more than
+//! the margin above v1's, the rollout fails with the rule `prediction`
+//! ([`Predictions::early_fail`]); the chain's estimates are shown beside it.
 //!
 //! Configuration: the cluster file's `[predict]` section ([`PredictSection`]).
 
@@ -21,9 +23,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use understudy_hub::{Backend, Envelope, Filter};
-use understudy_judge::{Decision, Verdict};
+use understudy_judge::{Condition, Decision, Verdict};
 use understudy_predict::{
-    Alert, Comparison, DwellSummary, Observed, Outlook, Predictor, Timestamp, Update,
+    Alert, Comparison, DwellSummary, Observed, Outlook, PairedFailureTest, Predictor,
+    Side as TestSide, SignalReport, Timestamp, Update,
 };
 use understudy_wire::PoolRole;
 use utoipa::ToSchema;
@@ -230,10 +233,42 @@ struct Inner {
     /// Per alert key: when it was last logged, and how many were raised since.
     logged: BTreeMap<AlertKey, (u64, u64)>,
     /// Per service, the rollout whose simulation the early signal last looked at.
-    simulating: BTreeMap<String, i64>,
+    simulating: BTreeMap<String, Simulation>,
+}
+
+/// A rollout's simulation as the rule `prediction` follows it.
+struct Simulation {
+    rollout: i64,
+    baseline: String,
+    candidate: String,
+    /// None when the rule may not roll back (nothing to decide) or there is no start state.
+    test: Option<PairedFailureTest>,
 }
 
 impl Inner {
+    /// `object` of `service` `version` entered `state` in `config`: the simulating rollout's test
+    /// (if any) takes it when it is v1 on the active machines or v2 on the simulation ones.
+    fn follow(
+        &mut self,
+        config: PoolRole,
+        service: &str,
+        version: &str,
+        object: &str,
+        state: &str,
+    ) {
+        let Some(simulation) = self.simulating.get_mut(service) else {
+            return;
+        };
+        let side = match config {
+            PoolRole::Active if version == simulation.baseline => TestSide::Baseline,
+            PoolRole::Simulation if version == simulation.candidate => TestSide::Candidate,
+            _ => return,
+        };
+        if let Some(test) = simulation.test.as_mut() {
+            test.observe(side, object, state);
+        }
+    }
+
     fn predictor(&mut self, config: PoolRole) -> &mut Predictor {
         match config {
             PoolRole::Active => &mut self.active,
@@ -299,9 +334,15 @@ pub struct ComparisonView {
     pub baseline: Side,
     pub candidate: Side,
     /// Each side's P(failure) from the start state, its standard error and departures; the
-    /// difference in standard errors, and whether v2 is clearly worse (see the predict crate).
+    /// difference in standard errors, and the chain's early warning `clearly_higher` (shown,
+    /// never decides; see the predict crate).
     #[schema(value_type = Object)]
     pub comparison: Comparison,
+    /// The rule `prediction`'s test, while a rollout simulates this pair and the rule may roll
+    /// back: pairs of ended calls, failures of each, fail evidence against its threshold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub test: Option<SignalReport>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -338,6 +379,9 @@ impl Predictions {
             }
             None => (None, None),
         };
+        for warning in &settings.model.warnings {
+            tracing::warn!("[predict] {warning}");
+        }
         Ok(Predictions {
             inner: Mutex::new(Inner {
                 active: Predictor::new(settings.model.clone()),
@@ -430,11 +474,21 @@ impl Predictions {
         let mut alerts = Vec::new();
         let mut inner = lock(&self.inner);
         for (update, at_ms) in updates_of(&batch, now_ms) {
-            if let Observed::Entered { alerts: raised, .. } = inner
+            if let Observed::Entered {
+                state,
+                alerts: raised,
+            } = inner
                 .predictor(batch.config)
                 .observe(&update, timestamp(at_ms))
             {
                 alerts.extend(raised);
+                inner.follow(
+                    batch.config,
+                    &update.service,
+                    &update.version,
+                    &update.object,
+                    &state,
+                );
             }
         }
         self.route(&mut inner, batch.config, alerts, now_ms);
@@ -452,7 +506,15 @@ impl Predictions {
         let mut inner = lock(&self.inner);
         for config in [PoolRole::Active, PoolRole::Simulation] {
             let report = inner.predictor(config).tick(now);
+            let artifact = &self.settings.model.time_threshold_artifact;
             for timed_out in &report.timed_out {
+                inner.follow(
+                    config,
+                    &timed_out.service,
+                    &timed_out.version,
+                    &timed_out.object,
+                    artifact,
+                );
                 tracing::debug!(
                     service = %timed_out.service,
                     version = %timed_out.version,
@@ -553,62 +615,138 @@ impl Predictions {
     }
 
     /// The early signal for `rollout`, simulating `service` from `baseline` to `candidate`:
-    /// `Some` when rollback is enabled and v2's probability of failure from the start state is
-    /// clearly higher than v1's. `judge` is the judge's current verdict JSON: its numbers and
-    /// details are kept beside the prediction's, so the report shows how far the error-rate
-    /// condition still was. The first look at a new rollout forgets what an earlier run of the
-    /// same candidate version taught (a version released again after a roll-back is judged on
-    /// its new run).
+    /// `Some` when rollback is enabled and the rule's test shows v2's probability of failure from
+    /// the start state more than the margin above v1's, at the rule's share of `condition`'s
+    /// false-fail rate (`Condition::fail_budget`). `judge` is the judge's current
+    /// verdict JSON: its numbers and details are kept beside the prediction's, so the report shows
+    /// how far the error-rate condition still was. The first look at a new rollout starts its
+    /// test (calls that start from then on count) and forgets what an earlier run of the same
+    /// candidate version taught (a version released again after a roll-back is judged on its new
+    /// run).
     pub fn early_fail(
         &self,
         rollout: i64,
         service: &str,
         baseline: &str,
         candidate: &str,
+        condition: &Condition,
         judge: Option<&RolloutVerdict>,
     ) -> Option<EarlyFail> {
         if !self.settings.enabled {
             return None;
         }
-        {
+        let report = {
             let mut inner = lock(&self.inner);
-            if inner.simulating.insert(service.to_string(), rollout) != Some(rollout) {
+            if inner.simulating.get(service).map(|s| s.rollout) != Some(rollout) {
                 inner.simulation.forget(service, candidate);
+                let alpha = condition.fail_budget(self.settings.sharing()).prediction;
+                let simulation = self.follow_simulation(rollout, baseline, candidate, alpha);
+                inner.simulating.insert(service.to_string(), simulation);
             }
+            let test = inner.simulating.get(service)?.test.as_ref()?;
+            test.fails().then(|| test.report())?
+        };
+        let comparison = self.compare(service, baseline, candidate);
+        let verdict =
+            self.prediction_verdict(baseline, candidate, &report, comparison.as_ref(), judge);
+        self.metrics.signals.with_label_values(&[service]).inc();
+        tracing::warn!(%service, %baseline, %candidate, jobs = verdict.jobs, "early signal: {}", verdict.rule);
+        let shown = RolloutVerdict {
+            numbers: judge.and_then(|j| j.numbers.clone()),
+            ..RolloutVerdict::bare(verdict.clone())
+        };
+        Some(EarlyFail { verdict, shown })
+    }
+
+    /// What the rule follows for a new rollout: a test when it may roll back.
+    fn follow_simulation(
+        &self,
+        rollout: i64,
+        baseline: &str,
+        candidate: &str,
+        alpha: f64,
+    ) -> Simulation {
+        let model = &self.settings.model;
+        let may_decide = self.settings.rollback && alpha > 0.0 && alpha < 1.0;
+        let test = model
+            .start_state
+            .as_deref()
+            .filter(|_| may_decide)
+            .map(|start| {
+                PairedFailureTest::new(
+                    start,
+                    model.absorbing(),
+                    model.compare.margin,
+                    alpha,
+                    model.compare.min_starts,
+                )
+            });
+        Simulation {
+            rollout,
+            baseline: baseline.to_string(),
+            candidate: candidate.to_string(),
+            test,
         }
-        if !self.settings.rollback {
-            return None;
-        }
-        let comparison = self.compare(service, baseline, candidate)?;
-        if !comparison.clearly_higher {
-            return None;
-        }
-        let jobs = judge.map_or(0, |j| j.jobs);
-        let rule = format!(
-            "{PREDICTION_RULE}: from `{}`, {candidate}'s calls end in a failure with probability {:.4} \
-             against {:.4} for {baseline} ({:.2} standard errors, {} needed; margin {})",
-            comparison.start_state,
-            comparison.candidate.failure,
-            comparison.baseline.failure,
-            comparison.z,
-            self.settings.model.compare.z,
-            self.settings.model.compare.margin,
-        );
-        let prediction = serde_json::json!({
-            "start_state": comparison.start_state,
-            "v1_failure": comparison.baseline.failure,
-            "v2_failure": comparison.candidate.failure,
-            "v1_std_error": comparison.baseline.std_error,
-            "v2_std_error": comparison.candidate.std_error,
-            "v1_starts": comparison.baseline.starts,
-            "v2_starts": comparison.candidate.starts,
-            "difference": comparison.difference,
-            "z": comparison.z,
-            "z_needed": self.settings.model.compare.z,
-            "margin": self.settings.model.compare.margin,
-            "min_starts": self.settings.model.compare.min_starts,
-            "reason": comparison.reason,
+    }
+
+    /// The failing verdict of the rule: the test's figures, the chain's estimates beside them.
+    fn prediction_verdict(
+        &self,
+        baseline: &str,
+        candidate: &str,
+        report: &SignalReport,
+        comparison: Option<&Comparison>,
+        judge: Option<&RolloutVerdict>,
+    ) -> Verdict {
+        let start = self.settings.model.start_state.as_deref().unwrap_or("");
+        let chain = comparison.map_or_else(String::new, |c| {
+            format!(
+                "; the chain predicts {:.4} against {:.4}",
+                c.candidate.failure, c.baseline.failure
+            )
         });
+        let rule = format!(
+            "{PREDICTION_RULE}: from `{start}`, {} of {} {candidate} calls ended in a failure \
+             against {} of {} for {baseline} (fail evidence {:.0} >= {:.0} = 1/alpha, margin {}){chain}",
+            report.v2_failed,
+            report.pairs,
+            report.v1_failed,
+            report.pairs,
+            report.fail_evidence,
+            report.threshold,
+            report.margin,
+        );
+        let mut prediction = serde_json::json!({
+            "start_state": start,
+            "fail_evidence": report.fail_evidence,
+            "threshold": report.threshold,
+            "alpha": report.alpha,
+            "pairs": report.pairs,
+            "estimate": report.estimate,
+            "interval": report.interval,
+            "v1_ended": report.v1_ended.ended,
+            "v2_ended": report.v2_ended.ended,
+            "v1_failed": report.v1_failed,
+            "v2_failed": report.v2_failed,
+            "margin": report.margin,
+            "min_starts": report.min_pairs,
+        });
+        if let (Some(c), Some(obj)) = (comparison, prediction.as_object_mut()) {
+            for (key, value) in [
+                ("v1_failure", c.baseline.failure),
+                ("v2_failure", c.candidate.failure),
+                ("v1_std_error", c.baseline.std_error),
+                ("v2_std_error", c.candidate.std_error),
+                ("v1_starts", c.baseline.starts),
+                ("v2_starts", c.candidate.starts),
+                ("difference", c.difference),
+                // JSON has no infinity: a z over every bound shows as the largest finite one.
+                ("z", c.z.min(f64::MAX)),
+            ] {
+                obj.insert(key.to_string(), value.into());
+            }
+            obj.insert("reason".to_string(), c.reason.clone().into());
+        }
         let mut details = judge
             .map(|j| j.details.clone())
             .filter(serde_json::Value::is_object)
@@ -619,20 +757,13 @@ impl Predictions {
                 obj.insert("judge_rule".to_string(), j.rule.clone().into());
             }
         }
-        let verdict = Verdict {
+        Verdict {
             decision: Decision::Fail,
             hard: true,
             rule,
-            jobs,
+            jobs: judge.map_or(0, |j| j.jobs),
             details,
-        };
-        self.metrics.signals.with_label_values(&[service]).inc();
-        tracing::warn!(%service, %baseline, %candidate, jobs, "early signal: {}", verdict.rule);
-        let shown = RolloutVerdict {
-            numbers: judge.and_then(|j| j.numbers.clone()),
-            ..RolloutVerdict::bare(verdict.clone())
-        };
-        Some(EarlyFail { verdict, shown })
+        }
     }
 
     /// Every model (optionally of one service, one version), with the v2-against-v1 comparisons.
@@ -694,6 +825,12 @@ impl Predictions {
                             start,
                             &self.settings.model.compare,
                         ),
+                        test: inner
+                            .simulating
+                            .get(&v2.service)
+                            .filter(|s| s.baseline == v1.version && s.candidate == v2.version)
+                            .and_then(|s| s.test.as_ref())
+                            .map(PairedFailureTest::report),
                     });
                 }
             }

@@ -13,6 +13,7 @@ use crate::config::predict::{PredictSection, PredictSectionError, PredictionSett
 use crate::testing::json;
 use axum::http::StatusCode;
 use axum::Json;
+use understudy_judge::Condition;
 
 fn section(text: &str) -> Result<PredictionSettings, PredictSectionError> {
     let section: PredictSection = toml::from_str(text).map_err(|e| PredictSectionError {
@@ -475,7 +476,9 @@ async fn disabled_predictions_start_nothing() {
     let p = predictions("enabled = false");
     let (_stop, shutdown) = watch::channel(false);
     assert!(p.start(hub(), shutdown).is_empty());
-    assert!(p.early_fail(1, "media", "v1", "v2", None).is_none());
+    assert!(p
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
 }
 
 // ---- API ----
@@ -595,18 +598,34 @@ fn judge_json() -> RolloutVerdict {
 async fn v2_failing_late_in_its_calls_is_failed_by_the_prediction() {
     let p = predictions("resolve_interval_ms = 0");
     // The controller looks at rollout 1 from the moment it simulates.
-    assert!(p.early_fail(1, "media", "v1", "v2", None).is_none());
+    assert!(p
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
     // Not enough calls yet: no signal.
     calls(&p, "media", "v1", "active", "a", 50, None);
     calls(&p, "media", "v2", "simulation", "b", 50, Some(3));
     assert!(p
-        .early_fail(1, "media", "v1", "v2", Some(&judge_json()))
+        .early_fail(
+            1,
+            "media",
+            "v1",
+            "v2",
+            &Condition::default(),
+            Some(&judge_json())
+        )
         .is_none());
     // 150 calls each; one v2 call in three fails after its media stay, v1's never do.
     calls(&p, "media", "v1", "active", "c", 100, None);
     calls(&p, "media", "v2", "simulation", "d", 100, Some(3));
     let early = p
-        .early_fail(1, "media", "v1", "v2", Some(&judge_json()))
+        .early_fail(
+            1,
+            "media",
+            "v1",
+            "v2",
+            &Condition::default(),
+            Some(&judge_json()),
+        )
         .expect("clearly higher");
     assert_eq!(early.verdict.decision, Decision::Fail);
     assert!(early.verdict.hard);
@@ -617,9 +636,23 @@ async fn v2_failing_late_in_its_calls_is_failed_by_the_prediction() {
     );
     assert_eq!(early.verdict.jobs, 640);
     let numbers = &json(&early.shown)["details"]["prediction"];
+    // The chain's estimates, shown beside the test that decided.
     assert!((numbers["v2_failure"].as_f64().unwrap() - 51.0 / 150.0).abs() < 1e-9);
     assert_eq!(numbers["v1_failure"].as_f64(), Some(0.0));
-    assert!(numbers["z"].as_f64().unwrap() >= 3.09);
+    // The test: 150 pairs of ended calls, its evidence past 1/alpha at the default condition's
+    // share (0.1 x 0.01).
+    assert_eq!(numbers["pairs"], 150);
+    assert_eq!(
+        (numbers["v1_ended"].as_u64(), numbers["v2_ended"].as_u64()),
+        (Some(150), Some(150))
+    );
+    assert_eq!(
+        (numbers["v1_failed"].as_u64(), numbers["v2_failed"].as_u64()),
+        (Some(0), Some(51))
+    );
+    assert!((numbers["alpha"].as_f64().unwrap() - 0.001).abs() < 1e-12);
+    assert!((numbers["threshold"].as_f64().unwrap() - 1000.0).abs() < 1e-6);
+    assert!(numbers["fail_evidence"].as_f64().unwrap() >= 1000.0);
     assert_eq!(
         json(&early.shown)["details"]["errors"]["v2_rate"].as_f64(),
         Some(0.004)
@@ -628,21 +661,73 @@ async fn v2_failing_late_in_its_calls_is_failed_by_the_prediction() {
     assert_eq!(json(&early.shown)["decision"], "fail");
     assert_eq!(json(&early.shown)["numbers"]["jobs"], 640);
     assert_eq!(p.metrics.signals.with_label_values(&["media"]).get(), 1);
+    // The API shows the test beside the chain's comparison while the rollout simulates.
+    let view = p.view(Some("media"), None);
+    let test = view.comparisons[0]
+        .test
+        .as_ref()
+        .expect("the rollout's test");
+    assert_eq!((test.pairs, test.v2_failed, test.fails), (150, 51, true));
+}
+
+#[test]
+fn the_rule_takes_a_share_of_the_false_fail_rate_only_when_it_may_roll_back() {
+    let condition = Condition::default();
+    let on = settings("").sharing();
+    assert!(on.prediction);
+    let share = condition.fail_budget(on).prediction;
+    assert!(share > 0.0 && share < condition.false_fail_rate, "{share}");
+    for off in ["rollback = false", "enabled = false"] {
+        let sharing = settings(off).sharing();
+        assert!(!sharing.prediction, "{off}");
+        assert_eq!(condition.fail_budget(sharing).prediction, 0.0);
+    }
+    // An old file's `compare.z` still loads, said to be ignored.
+    let old = settings("[compare]\nz = 3.09");
+    assert!(
+        old.model.warnings[0].contains("ignored"),
+        "{:?}",
+        old.model.warnings
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_that_started_before_the_first_look_do_not_count() {
+    let p = predictions("resolve_interval_ms = 0");
+    calls(&p, "media", "v1", "active", "a", 300, None);
+    calls(&p, "media", "v2", "simulation", "b", 300, Some(2));
+    // The chain saw it all; the rule's test starts at its first look and has no pair yet.
+    assert!(p.compare("media", "v1", "v2").unwrap().clearly_higher);
+    assert!(p
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
+    calls(&p, "media", "v1", "active", "c", 300, None);
+    calls(&p, "media", "v2", "simulation", "d", 300, Some(2));
+    let early = p
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .expect("failed on the calls after the first look");
+    let numbers = &early.verdict.details["prediction"];
+    assert_eq!(numbers["pairs"], 300);
+    assert_eq!(numbers["v2_failed"], 150);
 }
 
 #[tokio::test(start_paused = true)]
 async fn no_early_signal_for_an_equal_v2_or_when_rollback_is_off() {
     let equal = predictions("resolve_interval_ms = 0");
-    assert!(equal.early_fail(1, "media", "v1", "v2", None).is_none());
+    assert!(equal
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
     calls(&equal, "media", "v1", "active", "a", 300, Some(20));
     calls(&equal, "media", "v2", "simulation", "b", 300, Some(20));
-    assert!(equal.early_fail(1, "media", "v1", "v2", None).is_none());
+    assert!(equal
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
     let comparison = equal.compare("media", "v1", "v2").expect("both seen");
     assert!(!comparison.clearly_higher);
 
     let report_only = predictions("rollback = false\nresolve_interval_ms = 0");
     assert!(report_only
-        .early_fail(1, "media", "v1", "v2", None)
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
         .is_none());
     calls(&report_only, "media", "v1", "active", "a", 300, None);
     calls(&report_only, "media", "v2", "simulation", "b", 300, Some(2));
@@ -653,7 +738,7 @@ async fn no_early_signal_for_an_equal_v2_or_when_rollback_is_off() {
             .clearly_higher
     );
     assert!(report_only
-        .early_fail(1, "media", "v1", "v2", None)
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
         .is_none());
     // v2 seen only as a control copy of v1, or v1 only in simulation: nothing to compare.
     assert!(report_only.compare("media", "v2", "v1").is_none());
@@ -662,15 +747,23 @@ async fn no_early_signal_for_an_equal_v2_or_when_rollback_is_off() {
 #[tokio::test(start_paused = true)]
 async fn a_new_rollout_of_the_same_candidate_starts_from_its_new_run() {
     let p = predictions("resolve_interval_ms = 0");
-    assert!(p.early_fail(1, "media", "v1", "v2", None).is_none());
+    assert!(p
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
     calls(&p, "media", "v1", "active", "a", 300, None);
     calls(&p, "media", "v2", "simulation", "b", 300, Some(2));
-    assert!(p.early_fail(1, "media", "v1", "v2", None).is_some());
+    assert!(p
+        .early_fail(1, "media", "v1", "v2", &Condition::default(), None)
+        .is_some());
     // v2 fixed and released again as rollout 2: the first look forgets the failed run.
-    assert!(p.early_fail(2, "media", "v1", "v2", None).is_none());
+    assert!(p
+        .early_fail(2, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
     assert!(p.view(Some("media"), Some("v2")).models.is_empty());
     calls(&p, "media", "v2", "simulation", "c", 300, None);
-    assert!(p.early_fail(2, "media", "v1", "v2", None).is_none());
+    assert!(p
+        .early_fail(2, "media", "v1", "v2", &Condition::default(), None)
+        .is_none());
     let comparison = p.compare("media", "v1", "v2").expect("both seen");
     assert_eq!(comparison.candidate.failure, 0.0);
     // v1's model (active) is kept across rollouts.
@@ -721,6 +814,7 @@ fn alike_pairs(first: u64, n: u64) -> Vec<understudy_wire::JobPair> {
             active: observation("media-1", "v1", job),
             simulation: observation("media-2", "v2", job),
             matched: true,
+            diff: None,
         })
         .collect()
 }

@@ -316,7 +316,9 @@ fn initial_balancer_config(cluster: &Cluster, service: &str) -> BalancerConfig {
         version: 0,
         epoch: 0,
         mirror_fraction: spec.mirror_fraction,
-        compare_body: spec.compare_body,
+        compare_body: spec.compare.wire_form().0,
+        compare: spec.compare.wire_form().1,
+        compare_headers: spec.compare_headers.clone(),
         drain_timeout_ms: spec.drain_timeout.as_millis() as u64,
         machines: cluster
             .machines_of(service)

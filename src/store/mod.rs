@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 use rusqlite::Connection;
 use serde::Serialize;
 use understudy_hub::registry::{MachineRevision, MachineUpdate, Registry, RegistryError};
 use understudy_hub::{MachineStore, SecretKey};
-use understudy_judge::PairSample;
+use understudy_judge::{AnswerFields, PairSample};
 use understudy_wire::BalancerConfig;
 
 use crate::config::store::{PgTarget, StoreLocation};
@@ -429,11 +430,11 @@ const PAIRS_PER_STATEMENT: usize = 100;
 /// `INSERT INTO pairs ... VALUES (?1, ..., ?9), (?10, ...)` for `rows` rows.
 fn insert_pairs_sql(rows: usize) -> String {
     let mut sql = String::from(
-        "INSERT INTO pairs(rollout_id, seq, control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job) VALUES ",
+        "INSERT INTO pairs(rollout_id, seq, control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job, diff) VALUES ",
     );
     for row in 0..rows {
-        let first = row * 9 + 1;
-        let marks: Vec<String> = (first..first + 9).map(|n| format!("?{n}")).collect();
+        let first = row * 10 + 1;
+        let marks: Vec<String> = (first..first + 10).map(|n| format!("?{n}")).collect();
         if row > 0 {
             sql.push_str(", ");
         }
@@ -450,9 +451,10 @@ pub fn insert_pairs(
     pairs: &[StoredPair],
 ) -> Result<(), StoreError> {
     for (c, chunk) in pairs.chunks(PAIRS_PER_STATEMENT).enumerate() {
-        let mut params = Vec::with_capacity(chunk.len() * 9);
+        let mut params = Vec::with_capacity(chunk.len() * 10);
         for (i, p) in chunk.iter().enumerate() {
             let s = &p.sample;
+            let diff = p.fields.as_deref().map(to_json).transpose()?;
             let seq = first_seq + (c * PAIRS_PER_STATEMENT + i) as u64;
             params.extend_from_slice(vals![
                 rollout,
@@ -464,6 +466,7 @@ pub fn insert_pairs(
                 s.v2_ok,
                 s.matched,
                 p.job,
+                diff,
             ]);
         }
         tx.execute(&insert_pairs_sql(chunk.len()), &params)?;
@@ -666,7 +669,7 @@ impl Store {
     pub fn pairs(&self, rollout: i64) -> Result<Vec<StoredPair>, StoreError> {
         let rows = self.read(|sql| {
             sql.query(
-                "SELECT control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job FROM pairs
+                "SELECT control, v1_latency_us, v1_ok, v2_latency_us, v2_ok, matched, job, diff FROM pairs
                  WHERE rollout_id = ?1 ORDER BY seq",
                 vals![rollout],
             )
@@ -683,6 +686,7 @@ impl Store {
                         v2_ok: r.bool(4)?,
                         matched: r.opt_bool(5)?,
                     },
+                    fields: r.opt_json::<AnswerFields>(7)?.map(Arc::new),
                 })
             })
             .collect()
@@ -1010,14 +1014,33 @@ mod tests {
                 v2_ok: false,
                 matched: None,
             },
+            fields: None,
+        };
+        // A pair compared field by field keeps its differences.
+        let compared = StoredPair {
+            fields: Some(Arc::new(AnswerFields {
+                paths: vec![understudy_judge::FieldValues {
+                    path: "items[].price".into(),
+                    v1: Some("12.5".into()),
+                    copy: None,
+                }],
+            })),
+            ..pair.clone()
         };
         store
-            .write(|tx| insert_pairs(tx, id, 0, &[pair, pair]))
+            .write(|tx| insert_pairs(tx, id, 0, &[pair.clone(), compared.clone()]))
             .unwrap();
-        assert_eq!(store.pairs(id).unwrap(), vec![pair, pair]);
-        assert!(store.write(|tx| insert_pairs(tx, id, 1, &[pair])).is_err());
+        assert_eq!(store.pairs(id).unwrap(), vec![pair.clone(), compared]);
+        assert!(store
+            .write(|tx| insert_pairs(tx, id, 1, std::slice::from_ref(&pair)))
+            .is_err());
         // More pairs than one statement carries keep their numbers and order.
-        let many: Vec<StoredPair> = (0..250).map(|job| StoredPair { job, ..pair }).collect();
+        let many: Vec<StoredPair> = (0..250)
+            .map(|job| StoredPair {
+                job,
+                ..pair.clone()
+            })
+            .collect();
         store.write(|tx| insert_pairs(tx, id, 2, &many)).unwrap();
         let jobs: Vec<u64> = store.pairs(id).unwrap().iter().map(|p| p.job).collect();
         assert_eq!(jobs[2..], (0..250).collect::<Vec<u64>>()[..]);

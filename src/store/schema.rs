@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS pairs(
     v2_ok INTEGER NOT NULL,
     matched INTEGER,
     job INTEGER NOT NULL DEFAULT 0,
+    diff TEXT,
     PRIMARY KEY (rollout_id, seq)
 );
 CREATE TABLE IF NOT EXISTS services(
@@ -156,8 +157,10 @@ pub(super) fn postgres() -> String {
 /// Columns added to a table after databases were written without them: (table, column, its
 /// SQLite declaration). Pairs got their balancer job number (0: unknown); transitions and
 /// releases the operator who caused them (null: the controller, or before operators had names).
-pub(super) const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+pub(super) const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
     ("pairs", "job", "INTEGER NOT NULL DEFAULT 0"),
+    // Where a copy's answer differs, field by field (JSON; `compare = "fields"` only).
+    ("pairs", "diff", "TEXT"),
     ("transitions", "operator", "TEXT"),
     ("releases", "created_by", "TEXT"),
 ];

@@ -29,8 +29,17 @@ pub fn proxy_binary() -> PathBuf {
     path
 }
 
-/// An ordinary HTTP server: `200 ok` to everything after 1.5-2.5 ms, or `500` to every
-/// `fail_every`-th job.
+/// What a plain machine answers.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer {
+    /// `200 ok`, or `500` to every `fail_every`-th job.
+    Text { fail_every: Option<u64> },
+    /// A JSON object naming the job's path, with two items at the version's price (in cents)
+    /// and a `generated_at` fresh on every answer: two machines of one version differ there only.
+    Json { price_cents: u64 },
+}
+
+/// An ordinary HTTP server answering after 1.5-2.5 ms, as its [`Answer`] says.
 pub struct PlainMachine {
     pub addr: SocketAddr,
     pub jobs: Arc<AtomicU64>,
@@ -38,27 +47,59 @@ pub struct PlainMachine {
 
 impl PlainMachine {
     pub async fn start(fail_every: Option<u64>) -> PlainMachine {
+        PlainMachine::answering(Answer::Text { fail_every }).await
+    }
+
+    pub async fn answering(answer: Answer) -> PlainMachine {
         let jobs = Arc::new(AtomicU64::new(0));
         let counter = jobs.clone();
-        let app = axum::Router::new().fallback(move || {
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
             let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
             async move {
                 // Milliseconds of work, as a real service takes: the few microseconds the mirror
                 // path adds to a copy are then noise, as they are in production.
                 let work_us = 1_500 + (n.wrapping_mul(7_919) % 1_000);
                 tokio::time::sleep(Duration::from_micros(work_us)).await;
-                match fail_every {
-                    Some(every) if n.is_multiple_of(every) => {
-                        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "failed")
-                    }
-                    _ => (axum::http::StatusCode::OK, "ok"),
-                }
+                plain_answer(answer, n, uri.path())
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         PlainMachine { addr, jobs }
+    }
+}
+
+fn plain_answer(answer: Answer, n: u64, path: &str) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    match answer {
+        Answer::Text {
+            fail_every: Some(every),
+        } if n.is_multiple_of(every) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "failed").into_response()
+        }
+        Answer::Text { .. } => (StatusCode::OK, "ok").into_response(),
+        Answer::Json { price_cents } => {
+            let price = |extra: u64| {
+                let cents = price_cents + extra;
+                format!("{}.{:02}", cents / 100, cents % 100)
+            };
+            let generated_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let body = serde_json::json!({
+                "answer": path,
+                "items": [{"sku": "a", "price": price(0)}, {"sku": "b", "price": price(250)}],
+                "generated_at": format!("{generated_at}-{n}"),
+            });
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
     }
 }
 
@@ -145,7 +186,12 @@ pub struct Deployment {
     pub silent: Vec<(&'static str, SocketAddr)>,
     /// `health_path` of declared machines, by id.
     pub health_paths: Vec<(&'static str, &'static str)>,
+    /// The service's `compare` in the cluster file, when not the default.
+    pub compare: Option<&'static str>,
 }
+
+/// A declared machine: id, version, configuration and what it answers.
+pub type MachineSpec = (&'static str, &'static str, &'static str, Answer);
 
 /// A port free at the time of asking (for a balancer restarted on the same addresses).
 pub fn free_port() -> u16 {
@@ -157,20 +203,32 @@ pub fn free_port() -> u16 {
 }
 
 impl Deployment {
+    /// v1 active and as the control, v2 alike, v3 failing every 20th job: all answering text.
     pub async fn start() -> Deployment {
+        let text = |fail_every| Answer::Text { fail_every };
+        Deployment::start_with(
+            &[
+                ("media-1", "v1", "active", text(None)),
+                ("media-c", "v1", "simulation", text(None)),
+                ("media-2", "v2", "simulation", text(None)),
+                ("media-3", "v3", "simulation", text(Some(20))),
+            ],
+            None,
+        )
+        .await
+    }
+
+    /// The machines of `specs` (the first one active: the balancer starts with it) and a
+    /// balancer, the service comparing answers by `compare`.
+    pub async fn start_with(specs: &[MachineSpec], compare: Option<&'static str>) -> Deployment {
         let dir = tempfile::tempdir().unwrap();
         for name in ["media.key", "marker.key"] {
             let key = understudy_hub::SecretKey::generate();
             understudy_wire::write_key_file(&dir.path().join(name), &key).unwrap();
         }
         let mut machines = Vec::new();
-        for (id, version, config, fail_every) in [
-            ("media-1", "v1", "active", None),
-            ("media-c", "v1", "simulation", None),
-            ("media-2", "v2", "simulation", None),
-            ("media-3", "v3", "simulation", Some(20)),
-        ] {
-            machines.push((id, version, config, PlainMachine::start(fail_every).await));
+        for &(id, version, config, answer) in specs {
+            machines.push((id, version, config, PlainMachine::answering(answer).await));
         }
         // Fixed ports, so that a restarted balancer is where the controller and callers know it.
         let balancer_toml = format!(
@@ -192,6 +250,7 @@ impl Deployment {
             listen,
             silent: Vec::new(),
             health_paths: Vec::new(),
+            compare,
         };
         deployment.write_cluster();
         deployment
@@ -235,6 +294,9 @@ balancer_key_file = "media.key"
 "#,
             self.balancer_admin
         );
+        if let Some(compare) = self.compare {
+            text.push_str(&format!("compare = \"{compare}\"\n"));
+        }
         let declared = self
             .machines
             .iter()

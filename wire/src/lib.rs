@@ -146,10 +146,20 @@ pub struct BalancerConfig {
     #[serde(default = "default_mirror_fraction")]
     #[schema(minimum = 0.0, maximum = 1.0, default = 1.0)]
     pub mirror_fraction: f64,
-    /// Compare a digest of the answers' bodies as well as their status.
+    /// Compare a digest of the answers' bodies as well as their status: the older form of
+    /// `compare = "body"`, still accepted (both given must agree).
     #[serde(default)]
     #[schema(default = false)]
     pub compare_body: bool,
+    /// How a copy's answer is compared with the active one; absent: `status` (or `body` when
+    /// `compare_body` is true). See [`BalancerConfig::compare_mode`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<CompareMode>,
+    /// Answer headers compared as fields named `header:NAME` when `compare = "fields"`:
+    /// names, lower case, at most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 16, example = json!(["etag"]))]
+    pub compare_headers: Vec<String>,
     /// How long a removed machine that still holds sessions is kept for them.
     #[serde(default = "default_drain_timeout_ms")]
     #[schema(default = 30000)]
@@ -157,6 +167,100 @@ pub struct BalancerConfig {
     /// At least one `active`; ids unique.
     #[schema(min_items = 1)]
     pub machines: Vec<MachineEntry>,
+}
+
+/// How a mirrored copy's answer is compared with the active machine's answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CompareMode {
+    /// The status alone.
+    #[default]
+    Status,
+    /// The status and a digest of the whole body.
+    Body,
+    /// The status, the named headers and, for JSON bodies, each field (a body that is not JSON
+    /// or is too large is compared by digest): see [`AnswerDiff`].
+    Fields,
+}
+
+impl CompareMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompareMode::Status => "status",
+            CompareMode::Body => "body",
+            CompareMode::Fields => "fields",
+        }
+    }
+
+    /// The `(compare_body, compare)` pair a config carries for this mode: `body` is sent in its
+    /// older form, which balancers of every age read.
+    pub fn wire_form(self) -> (bool, Option<CompareMode>) {
+        match self {
+            CompareMode::Status => (false, None),
+            CompareMode::Body => (true, None),
+            CompareMode::Fields => (false, Some(CompareMode::Fields)),
+        }
+    }
+}
+
+impl std::fmt::Display for CompareMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl BalancerConfig {
+    /// The comparison asked for: `compare`, or its older form `compare_body`; both given must
+    /// agree.
+    pub fn compare_mode(&self) -> Result<CompareMode, String> {
+        resolve_compare(self.compare_body, self.compare)
+    }
+}
+
+/// `compare_body` and `compare` read together (the cluster file and the balancer's config both
+/// accept either): equivalent forms agree, disagreeing ones are an error naming both.
+pub fn resolve_compare(
+    compare_body: bool,
+    compare: Option<CompareMode>,
+) -> Result<CompareMode, String> {
+    match (compare_body, compare) {
+        (false, None) => Ok(CompareMode::Status),
+        (true, None) | (true, Some(CompareMode::Body)) => Ok(CompareMode::Body),
+        (false, Some(mode)) => Ok(mode),
+        (true, Some(mode)) => Err(format!(
+            "compare_body = true means compare = \"body\", but compare = \"{mode}\" is given too: \
+             keep one of them"
+        )),
+    }
+}
+
+/// The most answer headers compared (`compare_headers`).
+pub const MAX_COMPARE_HEADERS: usize = 16;
+
+/// Checks the header names of `compare_headers`: HTTP tokens, at most [`MAX_COMPARE_HEADERS`],
+/// no duplicates; returned in lower case, in the given order.
+pub fn check_compare_headers(names: &[String]) -> Result<Vec<String>, String> {
+    if names.len() > MAX_COMPARE_HEADERS {
+        return Err(format!(
+            "{} header names, more than the {MAX_COMPARE_HEADERS} allowed",
+            names.len()
+        ));
+    }
+    let mut checked: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if name.is_empty() || name.len() > 128 || !name.chars().all(token) {
+            return Err(format!(
+                "{name:?} is not a header name (1 to 128 of letters, digits and !#$%&'*+-.^_`|~)"
+            ));
+        }
+        let lower = name.to_ascii_lowercase();
+        if checked.contains(&lower) {
+            return Err(format!("header {lower:?} is named twice"));
+        }
+        checked.push(lower);
+    }
+    Ok(checked)
 }
 
 /// A balancer's refusal of a pushed config (409): the message, and why, for the controller to act
@@ -254,8 +358,78 @@ pub struct JobPair {
     pub session: Option<String>,
     pub active: JobObservation,
     pub simulation: JobObservation,
-    /// Status equal (and body digest equal, when the config asks for it).
+    /// Status equal (and body digest equal, or no field differing, as the config asks).
     pub matched: bool,
+    /// Where the answers differ, field by field (`compare = "fields"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<AnswerDiff>,
+}
+
+/// The differences between a copy's answer and the active one, field by field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "kind": "fields",
+    "paths": [{"path": "items[].price", "active": "12.5", "simulation": "13.0"}]
+}))]
+pub struct AnswerDiff {
+    pub kind: DiffKind,
+    /// Why the bodies were compared by digest (`kind = "digest"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_reason: Option<DigestReason>,
+    /// The paths where the answers differ, empty when they agree: JSON paths (`user.name`,
+    /// `items[].price`: array indexes collapse to `[]`, id-like object keys to `{}`),
+    /// `header:NAME`, `(status)`, `(body)` (bodies compared by digest) and `(more)` (past the
+    /// first [`MAX_DIFF_PATHS`]).
+    #[serde(default)]
+    pub paths: Vec<FieldDifference>,
+}
+
+/// The most differing paths a pair reports; more are reported as one `(more)` entry.
+pub const MAX_DIFF_PATHS: usize = 16;
+
+/// How the bodies of a pair were compared in `fields` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiffKind {
+    /// Both bodies were JSON (or both empty): compared field by field.
+    Fields,
+    /// By a digest of the whole body (see `digest_reason`).
+    Digest,
+}
+
+/// Why a `fields` comparison fell back to the body's digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DigestReason {
+    /// A body is not JSON.
+    NotJson,
+    /// A body is larger than the balancer keeps (256 KiB).
+    TooLarge,
+    /// The balancer held as many answer bodies as it allows at once.
+    OverBudget,
+}
+
+impl DigestReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DigestReason::NotJson => "not_json",
+            DigestReason::TooLarge => "too_large",
+            DigestReason::OverBudget => "over_budget",
+        }
+    }
+}
+
+/// One differing path of a pair, with a sample of both values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FieldDifference {
+    pub path: String,
+    /// The active answer's value, as JSON text cut to 80 characters; absent where the
+    /// answer has no such field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
+    /// The copy's value, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulation: Option<String>,
 }
 
 /// Whether a machine takes new work.

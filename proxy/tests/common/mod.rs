@@ -34,7 +34,13 @@ pub enum Behaviour {
     Reset,
     /// 500.
     Fail,
+    /// 200 with a JSON body `{"name", "echo", "items": [{"price"}], "seq"}` and an `etag` header
+    /// naming the price; `seq` is new on every answer of the process (a timestamp's stand-in).
+    Json { price: u32 },
 }
+
+/// Numbers the JSON answers: no two are alike in `seq`.
+static JSON_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What a machine saw of one request.
 #[derive(Clone, Debug)]
@@ -144,6 +150,21 @@ impl Machine {
                                     unreachable!()
                                 }
                                 Behaviour::Fail => answer(StatusCode::INTERNAL_SERVER_ERROR),
+                                Behaviour::Json { price } => {
+                                    let seq =
+                                        JSON_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    let json = serde_json::json!({
+                                        "name": name,
+                                        "echo": String::from_utf8_lossy(&body),
+                                        "items": [{"sku": "a", "price": price}, {"sku": "b", "price": 1}],
+                                        "seq": seq,
+                                    });
+                                    Response::builder()
+                                        .header("content-type", "application/json")
+                                        .header("etag", format!("\"{price}\""))
+                                        .body(Full::new(Bytes::from(json.to_string())))
+                                        .unwrap()
+                                }
                                 Behaviour::Reset => unreachable!(),
                             };
                             Ok::<_, Infallible>(response)
@@ -179,6 +200,19 @@ pub fn entry(id: &str, version: &str, machine: &Machine, role: PoolRole) -> Mach
     }
 }
 
+/// Service `svc`, config version 1: `v1` active, `v2` and a v1 `control` in simulation.
+pub fn with_control(v1: &Machine, v2: &Machine, control: &Machine) -> BalancerConfig {
+    config(
+        "svc",
+        1,
+        vec![
+            entry("a", "v1", v1, PoolRole::Active),
+            entry("s2", "v2", v2, PoolRole::Simulation),
+            entry("c1", "v1", control, PoolRole::Simulation),
+        ],
+    )
+}
+
 pub fn config(service: &str, version: u64, machines: Vec<MachineEntry>) -> BalancerConfig {
     BalancerConfig {
         service: service.into(),
@@ -186,6 +220,8 @@ pub fn config(service: &str, version: u64, machines: Vec<MachineEntry>) -> Balan
         epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
+        compare: None,
+        compare_headers: Vec::new(),
         drain_timeout_ms: 30_000,
         machines,
     }

@@ -197,3 +197,144 @@ async fn a_service_asking_for_two_approvers_joins_on_the_second_operator_only() 
         Some("alice")
     );
 }
+
+/// SAMPLE with a mirror budget on the router: at most 2,000 copies a second, 5% once decided.
+fn budgeted() -> String {
+    let text = SAMPLE.replacen(
+        "requires_approval = true\n",
+        "requires_approval = true\n\
+         mirror_budget = { copies_per_second = 2000.0, watch_fraction = 0.05 }\n",
+        1,
+    );
+    assert_ne!(text, SAMPLE);
+    text
+}
+
+/// Callers' jobs the router's active pool served since the last read.
+fn callers(jobs: u64) -> Vec<SeriesStats> {
+    vec![SeriesStats {
+        version: "v1".into(),
+        config: PoolRole::Active,
+        outcomes: understudy_wire::OutcomeCounts {
+            ok: jobs,
+            ..Default::default()
+        },
+        histogram: String::new(),
+    }]
+}
+
+/// One reconcile round 100 ms after the last, with `jobs` callers' jobs and `copies` of them
+/// answered by v2 (identical answers) since.
+async fn round(rig: &Rig, core: &Core, jobs: u64, copies: u64, job: &mut u64, rng: &mut StdRng) {
+    tokio::time::advance(Duration::from_millis(100)).await;
+    rig.fake.add_series("router", callers(jobs));
+    rig.fake.add_pairs(
+        "router",
+        identical_pairs(rng, *job, copies, "v1", "v2", false),
+    );
+    *job += copies.max(1);
+    core.tick().await;
+}
+
+fn fraction_in_force(rig: &Rig) -> f64 {
+    rig.fake.config("router").expect("pushed").mirror_fraction
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mirror_budget_copies_by_the_evidence_and_keeps_watching_while_approval_waits() {
+    let rig = Rig::new(&budgeted());
+    let core = rig.open();
+    let (mut rng, mut job) = (StdRng::seed_from_u64(7), 1);
+    // Callers at 10,000 jobs a second, measured before the release.
+    for _ in 0..5 {
+        round(&rig, &core, 1_000, 0, &mut job, &mut rng).await;
+    }
+    let request = ReleaseRequest {
+        services: BTreeMap::from([("router".to_string(), "v2".to_string())]),
+        ..ReleaseRequest::default()
+    };
+    let id = core.release(&request, "carol").unwrap().rollouts[0].id;
+    round(&rig, &core, 1_000, 0, &mut job, &mut rng).await;
+    // Tests open: as much as the budget allows, 2,000 of 10,000 a second.
+    assert_eq!(fraction_in_force(&rig), 0.2);
+    let mirror = core.rollout(id).unwrap().mirror.expect("mirror");
+    assert_eq!(mirror.reason, mirror::MirrorReason::Judging);
+    assert_eq!(mirror.caller_rate, Some(10_000.0));
+    assert_eq!(mirror.budget.map(|b| b.copies_per_second), Some(2000.0));
+
+    // Callers double: the fraction halves, but not before 5 s since it was set (paused clock).
+    for _ in 0..30 {
+        round(&rig, &core, 2_000, 0, &mut job, &mut rng).await;
+        assert_eq!(fraction_in_force(&rig), 0.2, "held within the interval");
+    }
+    let open = core.rollout(id).unwrap().mirror.unwrap().open_tests;
+    assert!(open.contains(&"errors".to_string()), "{open:?}");
+    for _ in 0..30 {
+        round(&rig, &core, 2_000, 0, &mut job, &mut rng).await;
+    }
+    assert!(
+        (fraction_in_force(&rig) - 0.1).abs() < 0.01,
+        "{}",
+        fraction_in_force(&rig)
+    );
+
+    // Identical answers until the judge passes v2: the watch fraction from then on.
+    for _ in 0..400 {
+        let copies = (2_000.0 * fraction_in_force(&rig)) as u64;
+        round(&rig, &core, 2_000, copies, &mut job, &mut rng).await;
+        if core.rollout(id).unwrap().rollout.phase != "simulating" {
+            break;
+        }
+    }
+    let waiting = core.rollout(id).unwrap();
+    assert_eq!(waiting.rollout.phase, "awaiting_approval");
+    assert_eq!(fraction_in_force(&rig), 0.05);
+    assert_eq!(
+        waiting.mirror.unwrap().reason,
+        mirror::MirrorReason::Watching
+    );
+
+    // Copies keep flowing at the watch fraction and are judged: the verdict shown is live.
+    let judged = waiting.evidence.unwrap().jobs;
+    for _ in 0..10 {
+        round(&rig, &core, 2_000, 100, &mut job, &mut rng).await;
+    }
+    let still = core.rollout(id).unwrap();
+    assert_eq!(still.rollout.phase, "awaiting_approval");
+    assert_eq!(still.evidence.unwrap().jobs, judged + 1_000);
+    assert!(still.rollout.verdict.unwrap().jobs >= judged + 1_000);
+
+    // v2 turns bad while it waits: pulled, and nothing is copied any more.
+    rig.fake
+        .add_pairs("router", failing_pairs(job, 100, "v1", "v2"));
+    core.tick().await;
+    let detail = core.rollout(id).unwrap();
+    assert_eq!(detail.rollout.phase, "rolled_back");
+    assert_eq!(
+        detail.transitions.last().unwrap().from,
+        Phase::AwaitingApproval
+    );
+    assert_eq!(router_machines_active(&rig), ["v1"]);
+    assert_eq!(fraction_in_force(&rig), 0.0);
+
+    // Each move of the fraction was one new config: no flapping between them.
+    let fractions: Vec<f64> = rig
+        .fake
+        .accepted("router")
+        .iter()
+        .map(|c| c.mirror_fraction)
+        .collect();
+    let mut moves = fractions.clone();
+    moves.dedup();
+    assert_eq!(moves.len(), 5, "{fractions:?}");
+    assert_eq!(
+        [moves[0], moves[1], moves[3], moves[4]],
+        [0.0, 0.2, 0.05, 0.0]
+    );
+    let metrics = core.metrics_text();
+    assert!(
+        metrics.contains("understudy_mirror_fraction{service=\"router\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("understudy_mirror_copies_total{service=\"router\"}"));
+}

@@ -466,6 +466,8 @@ async fn stale_balancer_version_is_overtaken() {
         epoch: 0,
         mirror_fraction: 1.0,
         compare_body: false,
+        compare: None,
+        compare_headers: Vec::new(),
         drain_timeout_ms: 1,
         machines: vec![],
     };
@@ -826,6 +828,7 @@ fn pairs_with_latencies(first: u64, latencies: &[u64], from: &str, to: &str) -> 
             active: obs("a", from, l),
             simulation: obs("s", to, l),
             matched: true,
+            diff: None,
         })
         .collect()
 }

@@ -23,6 +23,7 @@ use crate::config::cluster::{Cluster, Service};
 use crate::config::operators::Operators;
 use crate::core::consequences::{consequences, Consequences, RoleChange, RolloutMachines};
 use crate::core::evidence::{Approval, EvidenceRef, EvidenceSeries, EvidenceSnapshot};
+use crate::core::mirror::{self, CallerRate, JudgeState, MirrorChoice, MirrorView};
 use crate::core::pairing::PairFeed;
 use crate::core::pairing::StoredPair;
 use crate::core::plan::{plan_release, PlanLine, Refusal, Selection};
@@ -206,8 +207,12 @@ pub(super) struct RolloutState {
     pub(super) series: EvidenceSeries,
     /// The latency quantiles as the judge last saw them.
     pub(super) quantiles: Vec<(String, understudy_judge::QuantileReport)>,
+    /// The field tests as the judge last saw them (`compare = "fields"`).
+    pub(super) fields: Option<crate::core::fields::FieldsView>,
     /// Operators' approvals so far.
     pub(super) approvals: Vec<Approval>,
+    /// The copy rate steered within the service's mirror budget (none yet, or a fixed fraction).
+    pub(super) mirror: Option<MirrorChoice>,
 }
 
 impl RolloutState {
@@ -253,6 +258,9 @@ impl RolloutState {
         }
         self.evidence = Some(snapshot);
         self.quantiles = judge.quantiles();
+        self.fields = judge
+            .fields()
+            .map(|f| crate::core::fields::FieldsView::of(&f));
     }
 }
 
@@ -322,6 +330,8 @@ pub(super) struct ServiceState {
     /// from before the acknowledgement shows the config it replaced, not a lost one.
     pub(super) stats_reads: u64,
     pub(super) reads_at_ack: u64,
+    /// Callers' jobs per stats read: their rate steers a mirror budget.
+    pub(super) callers: CallerRate,
 }
 
 impl ServiceState {
@@ -541,6 +551,14 @@ pub struct RolloutDetail {
     pub approvals_required: u8,
     /// How long an evidence id may be approved after it was shown, and a first approval waits.
     pub approval_ttl_ms: u64,
+    /// The share of callers' jobs its balancer is told to copy now, and why (a mirror budget
+    /// steers it by the evidence).
+    #[serde(default)]
+    pub mirror: Option<MirrorView>,
+    /// Per field path, where copies' answers differ from v1's and each field's test
+    /// (`compare = "fields"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<crate::core::fields::FieldsView>,
 }
 
 /// What an operator asks of a rollout.
@@ -971,7 +989,8 @@ impl State {
             .unwrap_or_default();
         let against_control = has_control(&self.cluster, &row.machines_before, &row.from_version);
         let mut feed = PairFeed::new(condition.baseline, against_control);
-        let mut judge = (!row.phase.is_finished()).then(|| Judge::new(condition));
+        let sharing = self.cluster.predict.sharing();
+        let mut judge = (!row.phase.is_finished()).then(|| Judge::with_sharing(condition, sharing));
         let mut numbers = PairNumbers::default();
         let mut next_seq = 0;
         let mut series = EvidenceSeries::default();
@@ -1018,7 +1037,9 @@ impl State {
             evidence_log: kept.evidence_log,
             series,
             quantiles: Vec::new(),
+            fields: None,
             approvals: kept.approvals,
+            mirror: None,
         })
         .map(|mut r| {
             r.refresh_evidence(r.entered_ms);
@@ -1028,6 +1049,21 @@ impl State {
 }
 
 impl State {
+    /// Commits a new config version for `service` when its config differs from what it should be.
+    fn commit_config(&mut self, service: &str) -> Result<(), StoreError> {
+        let rollout = self
+            .open_rollout(service)
+            .map(|r| (r.phase, r.selection.clone()));
+        let next = self.next_config(service, &self.roles, rollout.as_ref().map(|(p, s)| (*p, s)));
+        if let Some(config) = next {
+            self.store.write(|tx| store::set_config(tx, &config))?;
+            if let Some(s) = self.services.get_mut(service) {
+                s.desired = Some(config);
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn service(&self, name: &str) -> &Service {
         &self.cluster.services[name]
     }
@@ -1064,6 +1100,104 @@ impl State {
             .collect()
     }
 
+    /// What `service`'s balancer should copy with its rollout in `phase`: nothing unless the
+    /// rollout is judged; then the service's fixed fraction, or within its budget the choice
+    /// steered last (src/core/mirror.rs), else the one the evidence asks for now.
+    pub(super) fn mirror_choice(&self, service: &str, phase: Option<Phase>) -> MirrorChoice {
+        let spec = self.service(service);
+        if !is_judging(phase) {
+            return MirrorChoice::not_judging();
+        }
+        let Some(budget) = &spec.mirror_budget else {
+            return MirrorChoice::fixed(spec.mirror_fraction);
+        };
+        let r = self.open_rollout(service);
+        if let Some(choice) = r.and_then(|r| r.mirror.clone()) {
+            return choice;
+        }
+        let judge = JudgeState::of(r.and_then(|r| r.evidence.as_ref()));
+        mirror::target(budget, &judge, self.caller_rate(service), 0)
+    }
+
+    /// Callers' jobs per second on `service`'s active pool, as last measured.
+    fn caller_rate(&self, service: &str) -> Option<f64> {
+        self.services.get(service)?.callers.per_second()
+    }
+
+    /// A rollout's `mirror` in the API: what its balancer is told to copy, and why.
+    fn mirror_view(&self, r: &RolloutState) -> MirrorView {
+        let open = (!r.phase.is_finished()).then_some(r.phase);
+        let choice = self.mirror_choice(&r.service, open);
+        let open_tests = match JudgeState::of(r.evidence.as_ref()) {
+            JudgeState::Open { open_tests } if choice.reason != mirror::MirrorReason::Fixed => {
+                open_tests
+            }
+            _ => Vec::new(),
+        };
+        MirrorView {
+            fraction: choice.fraction,
+            reason: choice.reason,
+            since_ms: choice.since_ms,
+            budget: self
+                .service(&r.service)
+                .mirror_budget
+                .as_ref()
+                .map(Into::into),
+            caller_rate: self.caller_rate(&r.service),
+            open_tests,
+        }
+    }
+
+    /// Records the budget's choice a config was just committed with (the first one is computed
+    /// from the evidence then), so the next steer moves from it rather than from nothing.
+    fn pin_mirror(&mut self, service: &str, now_ms: u64) {
+        if self.service(service).mirror_budget.is_none() {
+            return;
+        }
+        let Some(r) = self
+            .open_rollout(service)
+            .filter(|r| is_judging(Some(r.phase)))
+        else {
+            return;
+        };
+        if r.mirror.is_some() {
+            return;
+        }
+        let (id, phase) = (r.id, r.phase);
+        let choice = MirrorChoice {
+            since_ms: now_ms,
+            ..self.mirror_choice(service, Some(phase))
+        };
+        if let Some(r) = self.rollouts.get_mut(&id) {
+            r.mirror = Some(choice);
+        }
+    }
+
+    /// Steers the judged rollout's copy rate by its evidence within the service's budget;
+    /// true when the service's balancer config should change.
+    fn steer_mirror(&mut self, service: &str, now_ms: u64) -> bool {
+        let Some(budget) = self.service(service).mirror_budget else {
+            return false;
+        };
+        let rate = self.caller_rate(service);
+        let Some(r) = self
+            .open_rollout(service)
+            .filter(|r| is_judging(Some(r.phase)))
+        else {
+            return false;
+        };
+        let judge = JudgeState::of(r.evidence.as_ref());
+        let Some(next) = mirror::steer(&budget, &judge, rate, r.mirror.as_ref(), now_ms) else {
+            return false;
+        };
+        let id = r.id;
+        tracing::info!(rollout = id, service, fraction = next.fraction, reason = ?next.reason, "mirror fraction steered");
+        if let Some(r) = self.rollouts.get_mut(&id) {
+            r.mirror = Some(next);
+        }
+        true
+    }
+
     /// Computes the config for `service` under `roles` and `rollout`; returns it with a new version
     /// when it differs from the committed one.
     pub(super) fn next_config(
@@ -1081,12 +1215,12 @@ impl State {
             version: current.map_or(1, |c| c.version + 1),
             // Stamped with the controller's fencing epoch when pushed.
             epoch: 0,
-            mirror_fraction: if is_judging(rollout.map(|(p, _)| p)) {
-                spec.mirror_fraction
-            } else {
-                0.0
-            },
-            compare_body: spec.compare_body,
+            mirror_fraction: self
+                .mirror_choice(service, rollout.map(|(p, _)| p))
+                .fraction,
+            compare_body: spec.compare.wire_form().0,
+            compare: spec.compare.wire_form().1,
+            compare_headers: spec.compare_headers.clone(),
             drain_timeout_ms: spec.drain_timeout.as_millis() as u64,
             machines,
         };
@@ -1253,17 +1387,7 @@ impl Core {
         let mut state = lock(&self.state);
         let names: Vec<String> = state.cluster.services.keys().cloned().collect();
         for name in names {
-            let rollout = state
-                .open_rollout(&name)
-                .map(|r| (r.phase, r.selection.clone()));
-            let next =
-                state.next_config(&name, &state.roles, rollout.as_ref().map(|(p, s)| (*p, s)));
-            if let Some(config) = next {
-                state.store.write(|tx| store::set_config(tx, &config))?;
-                if let Some(s) = state.services.get_mut(&name) {
-                    s.desired = Some(config);
-                }
-            }
+            state.commit_config(&name)?;
         }
         Ok(())
     }
@@ -1340,6 +1464,7 @@ impl Core {
         if let Some(r) = state.rollouts.get_mut(&rollout_id) {
             r.enter(record);
         }
+        state.pin_mirror(&service, now);
         if to == Phase::AwaitingApproval {
             self.log_evidence(state, rollout_id);
         }
@@ -1453,6 +1578,7 @@ impl Core {
             }
         }
         let guard = self.live_guard(state, &report.series, &service);
+        let steered = self.measure_mirror(state, &report);
         self.keep_stats_view(state, &service, report);
         let judged = simulating
             .zip(judgement.decided)
@@ -1460,7 +1586,26 @@ impl Core {
         for ask in judged.into_iter().chain(guard) {
             self.apply(state, ask.rollout, ask.event, &ask.cause, None, ask.details)?;
         }
+        if steered {
+            // A move above may already have committed the steered fraction: then nothing differs.
+            state.commit_config(&service)?;
+        }
         Ok(())
+    }
+
+    /// The report's copies counted and its callers' jobs measured; the service's copy rate
+    /// steered by the evidence when it has a mirror budget (true: its config should change).
+    fn measure_mirror(&self, state: &mut State, report: &StatsReport) -> bool {
+        let now = self.clock.now_ms();
+        let service = report.service.as_str();
+        self.metrics
+            .mirror_copies
+            .with_label_values(&[service])
+            .inc_by(report.pairs.len() as f64);
+        if let Some(s) = state.services.get_mut(service) {
+            s.callers.record(now, active_jobs(&report.series));
+        }
+        state.steer_mirror(service, now)
     }
 
     /// Feeds the report's pairs to the simulating rollout's judge, then the early signal
@@ -1499,9 +1644,17 @@ impl Core {
                 .shown
                 .clone()
                 .or_else(|| state.rollouts.get(&s.id).and_then(|r| r.verdict.clone()));
-            let early =
-                self.predictions
-                    .early_fail(s.id, &s.service, &s.from, &s.to, judged.as_ref());
+            let condition = (state.cluster.services.get(&s.service))
+                .map(|service| service.condition.clone())
+                .unwrap_or_default();
+            let early = self.predictions.early_fail(
+                s.id,
+                &s.service,
+                &s.from,
+                &s.to,
+                &condition,
+                judged.as_ref(),
+            );
             if let Some(early) = early {
                 judgement.shown = Some(early.shown);
                 judgement.decided = Some(early.verdict);
@@ -1551,6 +1704,7 @@ impl Core {
                 r.numbers.record(p);
             }
             r.next_seq += pairs.len() as u64;
+            self.metrics.field_differences.count(&r.service, pairs);
             if let Some(v) = judgement.shown.clone() {
                 r.verdict = Some(v);
             }
@@ -1612,7 +1766,7 @@ impl Core {
         );
         match state.store.pairs(id) {
             Ok(pairs) => {
-                let mut judge = Judge::new(condition);
+                let mut judge = Judge::with_sharing(condition, state.cluster.predict.sharing());
                 let mut series = EvidenceSeries::default();
                 for pair in &pairs {
                     feed_judge(&mut judge, &mut feed, &mut series, pair);
@@ -1837,6 +1991,10 @@ impl Core {
             let now = self.clock.now_ms();
             let failure = match result {
                 Ok(ack) if ack.version == push.config.version => {
+                    self.metrics
+                        .mirror_fraction
+                        .with_label_values(&[&push.service])
+                        .set(push.config.mirror_fraction);
                     if let Some(s) = state.services.get_mut(&push.service) {
                         s.acked = Some(ack.version);
                         s.reads_at_ack = s.stats_reads;
@@ -2007,7 +2165,10 @@ impl Core {
             transitions: Vec::new(),
             verdict: None,
             feed,
-            judge: Some(Judge::new(condition)),
+            judge: Some(Judge::with_sharing(
+                condition,
+                state.cluster.predict.sharing(),
+            )),
             numbers: PairNumbers::default(),
             next_seq: 0,
             live: LiveCounts::default(),
@@ -2017,7 +2178,9 @@ impl Core {
             evidence_log: Vec::new(),
             series: EvidenceSeries::default(),
             quantiles: Vec::new(),
+            fields: None,
             approvals: Vec::new(),
+            mirror: None,
         }
     }
 
@@ -2316,6 +2479,7 @@ fn stored_pair(pair: &JobPair, from: &str, to: &str) -> Option<StoredPair> {
         control,
         job: pair.job,
         sample: crate::core::pairing::sample_of(pair),
+        fields: crate::core::pairing::fields_of(pair),
     })
 }
 
@@ -2397,6 +2561,8 @@ fn detail(state: &State, r: &RolloutState, now_ms: u64) -> RolloutDetail {
         approvals: r.approvals.clone(),
         approvals_required: policy.map_or(1, |p| p.approvers),
         approval_ttl_ms: policy.map_or(0, |p| p.approval_ttl.as_millis() as u64),
+        mirror: Some(state.mirror_view(r)),
+        fields: r.fields.clone(),
     }
 }
 
