@@ -458,10 +458,7 @@ impl JudgeFigures {
             .map(|o| o.jobs)
             .collect();
         jobs.sort_unstable();
-        let at = |q: f64| {
-            (!jobs.is_empty())
-                .then(|| jobs[((jobs.len() as f64 * q).ceil() as usize).clamp(1, jobs.len()) - 1])
-        };
+        let at = |q: f64| nearest_rank(&jobs, q);
         JudgeFigures {
             runs: outcomes.len(),
             fails: count(Decision::Fail),
@@ -643,6 +640,12 @@ pub fn run_battery(
 
 /// Pairs by which every family whose difference is at least twice its margin must be decided.
 pub const DECIDED_BY_JOBS: u64 = 20_000;
+
+/// The nearest-rank `q` quantile of `sorted` (none when empty).
+pub fn nearest_rank(sorted: &[u64], q: f64) -> Option<u64> {
+    let at = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
+    sorted.get(at).copied()
+}
 
 /// One variant of the paired judge in an ablation: what it changes from the default.
 #[derive(Debug, Clone)]

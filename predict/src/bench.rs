@@ -15,6 +15,7 @@ use std::time::Duration;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, LogNormal};
 use serde::Serialize;
+use understudy_judge::bench::nearest_rank;
 use understudy_judge::{Condition, Sharing};
 
 use crate::compare::compare;
@@ -289,22 +290,14 @@ fn run_once(config: &BenchConfig, family: Family, seed: u64) -> RunOutcome {
     outcome
 }
 
-fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let at = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    Some(sorted[at])
-}
-
 fn figures(runs: usize, decided: impl Iterator<Item = Option<u64>>) -> RuleFigures {
     let mut calls: Vec<u64> = decided.flatten().collect();
     calls.sort_unstable();
     RuleFigures {
         runs,
         fails: calls.len(),
-        median_calls: quantile(&calls, 0.5),
-        p90_calls: quantile(&calls, 0.9),
+        median_calls: nearest_rank(&calls, 0.5),
+        p90_calls: nearest_rank(&calls, 0.9),
     }
 }
 
@@ -319,7 +312,7 @@ pub fn run_family(config: &BenchConfig, family: Family, index: u64) -> FamilyFig
         family,
         test: figures(config.runs, outcomes.iter().map(|o| o.test)),
         old_z_rule: figures(config.runs, outcomes.iter().map(|o| o.old_z_rule)),
-        median_looks: quantile(&looks, 0.5).unwrap_or(0),
+        median_looks: nearest_rank(&looks, 0.5).unwrap_or(0),
     }
 }
 

@@ -12,11 +12,10 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use serde_json::Value;
+use std::hash::Hasher;
 use understudy_wire::{
     AnswerDiff, CompareMode, DiffKind, DigestReason, FieldDifference, MAX_DIFF_PATHS,
 };
-
-use crate::mirror::BodyDigest;
 
 /// The largest body kept for a field comparison; a larger one is compared by digest.
 pub(crate) const MAX_BODY: usize = 256 * 1024;
@@ -426,6 +425,22 @@ impl Paths {
             });
         }
         self.found
+    }
+}
+
+/// Digest of an answer's body, fed chunk by chunk. SipHash with fixed keys: both answers are
+/// digested in this process, so only equality matters.
+pub(crate) struct BodyDigest(std::collections::hash_map::DefaultHasher);
+
+impl BodyDigest {
+    pub(crate) fn new() -> Self {
+        BodyDigest(std::collections::hash_map::DefaultHasher::new())
+    }
+    pub(crate) fn update(&mut self, chunk: &[u8]) {
+        self.0.write(chunk);
+    }
+    pub(crate) fn finish(self) -> u64 {
+        self.0.finish()
     }
 }
 

@@ -268,3 +268,19 @@ fn status_and_body_modes_keep_no_answer() {
     assert_eq!(a.digest(), c.digest());
     assert_eq!(budget.held(), 0);
 }
+
+#[test]
+fn digest_does_not_depend_on_chunking() {
+    let mut whole = BodyDigest::new();
+    whole.update(b"hello world, this is a body");
+    let mut parts = BodyDigest::new();
+    parts.update(b"hello wo");
+    parts.update(b"rld, this is");
+    parts.update(b" a body");
+    assert_eq!(whole.finish(), parts.finish());
+    let mut other = BodyDigest::new();
+    other.update(b"hello world, this is a bodY");
+    let mut again = BodyDigest::new();
+    again.update(b"hello world, this is a body");
+    assert_ne!(other.finish(), again.finish());
+}

@@ -32,10 +32,7 @@ pub(crate) struct Metrics {
     registry: Registry,
     jobs: IntCounterVec,
     duration: HistogramVec,
-    mirror_dropped: IntCounterVec,
-    mirror_held: IntCounterVec,
-    mismatch: IntCounterVec,
-    field_digest: IntCounterVec,
+    mirror: MirrorCounters,
     refused: IntCounterVec,
     limit_hits: IntCounterVec,
     marker_stripped: IntCounterVec,
@@ -44,6 +41,57 @@ pub(crate) struct Metrics {
     config_refused: IntCounterVec,
     sessions: IntGaugeVec,
     machine_failing: IntGaugeVec,
+}
+
+/// The counters of mirrored copies and their comparison.
+struct MirrorCounters {
+    dropped: IntCounterVec,
+    held: IntCounterVec,
+    mismatch: IntCounterVec,
+    field_digest: IntCounterVec,
+}
+
+impl MirrorCounters {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            register_counters(registry, name, help, labels)
+        };
+        Ok(MirrorCounters {
+            dropped: counters(
+                "understudy_balancer_mirror_dropped_total",
+                "Mirror copies not sent: queue full, or request body over the copy limit.",
+                &["service"],
+            )?,
+            held: counters(
+                "understudy_balancer_mirror_held_total",
+                "Mirror copies that waited in their queue because the simulation version had its \
+                 cap of copies in flight (a multiple of the service's active jobs in flight).",
+                &["service", "version"],
+            )?,
+            mismatch: counters(
+                "understudy_balancer_response_mismatch_total",
+                "Mirrored jobs whose simulation answer differed from the active answer.",
+                &["service", "version"],
+            )?,
+            field_digest: counters(
+                "understudy_balancer_field_digest_total",
+                "Answers of compare = \"fields\" pairs compared by body digest instead, by \
+                 reason (not_json, too_large, over_budget).",
+                &["service", "reason"],
+            )?,
+        })
+    }
+}
+
+fn register_counters(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(vec.clone()))?;
+    Ok(vec)
 }
 
 /// A deadline or cap of `[limits]` (see `config::LimitsSpec`), as counted when hit.
@@ -124,9 +172,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(duration.clone()))?;
         let counters = |name: &str, help: &str, labels: &[&str]| {
-            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok::<_, prometheus::Error>(vec)
+            register_counters(&registry, name, help, labels)
         };
         let gauges = |name: &str, help: &str, labels: &[&str]| {
             let vec = IntGaugeVec::new(Opts::new(name, help), labels)?;
@@ -140,28 +186,7 @@ impl Metrics {
                 &["service", "version", "config", "outcome"],
             )?,
             duration,
-            mirror_dropped: counters(
-                "understudy_balancer_mirror_dropped_total",
-                "Mirror copies not sent: queue full, or request body over the copy limit.",
-                &["service"],
-            )?,
-            mirror_held: counters(
-                "understudy_balancer_mirror_held_total",
-                "Mirror copies that waited in their queue because the simulation version had its \
-                 cap of copies in flight (a multiple of the service's active jobs in flight).",
-                &["service", "version"],
-            )?,
-            mismatch: counters(
-                "understudy_balancer_response_mismatch_total",
-                "Mirrored jobs whose simulation answer differed from the active answer.",
-                &["service", "version"],
-            )?,
-            field_digest: counters(
-                "understudy_balancer_field_digest_total",
-                "Answers of compare = \"fields\" pairs compared by body digest instead, by \
-                 reason (not_json, too_large, over_budget).",
-                &["service", "reason"],
-            )?,
+            mirror: MirrorCounters::new(&registry)?,
             refused: counters(
                 "understudy_balancer_refused_total",
                 "Jobs refused by the balancer itself, by reason.",
@@ -220,19 +245,20 @@ impl Metrics {
     }
 
     pub(crate) fn mirror_dropped(&self, service: &str) -> IntCounter {
-        self.mirror_dropped.with_label_values(&[service])
+        self.mirror.dropped.with_label_values(&[service])
     }
 
     pub(crate) fn mirror_held(&self, service: &str, version: &str) -> IntCounter {
-        self.mirror_held.with_label_values(&[service, version])
+        self.mirror.held.with_label_values(&[service, version])
     }
 
     pub(crate) fn mismatch(&self, service: &str, version: &str) -> IntCounter {
-        self.mismatch.with_label_values(&[service, version])
+        self.mirror.mismatch.with_label_values(&[service, version])
     }
 
     pub(crate) fn field_digest(&self, service: &str, reason: DigestReason) -> IntCounter {
-        self.field_digest
+        self.mirror
+            .field_digest
             .with_label_values(&[service, reason.as_str()])
     }
 

@@ -8,7 +8,6 @@
 //! copies (inflating its own tail and costing the process CPU), and a fast one is never held back
 //! by a slow one. All lanes together also stay under one global cap (`concurrency`).
 
-use std::hash::Hasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -357,41 +356,9 @@ pub(crate) fn outcome_of_status(status: u16) -> Outcome {
     }
 }
 
-/// Digest of an answer's body, fed chunk by chunk. SipHash with fixed keys: both answers are
-/// digested in this process, so only equality matters.
-pub(crate) struct BodyDigest(std::collections::hash_map::DefaultHasher);
-
-impl BodyDigest {
-    pub(crate) fn new() -> Self {
-        BodyDigest(std::collections::hash_map::DefaultHasher::new())
-    }
-    pub(crate) fn update(&mut self, chunk: &[u8]) {
-        self.0.write(chunk);
-    }
-    pub(crate) fn finish(self) -> u64 {
-        self.0.finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn digest_does_not_depend_on_chunking() {
-        let mut whole = BodyDigest::new();
-        whole.update(b"hello world, this is a body");
-        let mut parts = BodyDigest::new();
-        parts.update(b"hello wo");
-        parts.update(b"rld, this is");
-        parts.update(b" a body");
-        assert_eq!(whole.finish(), parts.finish());
-        let mut other = BodyDigest::new();
-        other.update(b"hello world, this is a bodY");
-        let mut again = BodyDigest::new();
-        again.update(b"hello world, this is a body");
-        assert_ne!(other.finish(), again.finish());
-    }
 
     #[test]
     fn status_classes() {
